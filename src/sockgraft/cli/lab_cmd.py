@@ -1,0 +1,180 @@
+"""`sockgraft lab ...` and `sockgraft demo`: argument handling and output."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import ConfigError, LabError
+from ..kernel import netns
+from ..lab import builder, traffic
+from ..lab import state as lab_state
+from ..model import topology
+from ..model.paths import PathSpec, plan_paths
+
+DEFAULT_LAB = "demo"
+
+LAB_EXAMPLES = """\
+examples:
+  sockgraft lab up                          the embedded default: 2 hosts x 2 containers
+  sockgraft lab up --config my-lab.toml     a topology of your own (see docs/architecture.md)
+  sockgraft lab status                      table of hosts and containers
+  sockgraft lab status --json               the same, machine-readable
+  sockgraft lab exec h1-c1 -- ping -c1 198.19.2.2    container to container over VXLAN
+  sockgraft lab exec h1 -- nft list ruleset          a host's NAT rules
+  sockgraft lab down                        remove every namespace of the lab (idempotent)
+"""
+
+
+def _progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def register(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    lab = sub.add_parser("lab", help="build and inspect the namespace testbed",
+                         description="A small cluster on one machine: hosts and containers "
+                                     "are network namespaces; bridge+NAT, published ports "
+                                     "and a VXLAN overlay are the baseline paths.",
+                         epilog=LAB_EXAMPLES, formatter_class=fmt)
+    labsub = lab.add_subparsers(dest="lab_command", metavar="ACTION")
+
+    p = labsub.add_parser("up", help="create the lab", epilog=LAB_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--config", metavar="FILE", help="topology TOML (default: embedded 2x2)")
+    p.add_argument("--name", help="lab name (overrides the file's name)")
+    p.set_defaults(func=cmd_up, needs_root=True)
+
+    p = labsub.add_parser("down", help="remove everything the lab created",
+                          epilog=LAB_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--name", default=None, help=f"lab name (default: {DEFAULT_LAB})")
+    p.add_argument("--all", action="store_true", help="every lab with a state file")
+    p.set_defaults(func=cmd_down, needs_root=True)
+
+    p = labsub.add_parser("status", help="show hosts, containers and addresses",
+                          epilog=LAB_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--name", default=DEFAULT_LAB)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = labsub.add_parser("exec", help="run a command in a host's or container's namespace",
+                          epilog=LAB_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--name", default=DEFAULT_LAB)
+    p.add_argument("node", help="host or container name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(func=cmd_exec, needs_root=True)
+
+    p = sub.add_parser("demo", help="the main job: lab up, status, iperf3 on each path, down",
+                       description="Brings the default lab up, shows it, runs a short iperf3 "
+                                   "over every baseline path and tears the lab down again.",
+                       epilog="examples:\n  sockgraft demo\n  sockgraft demo --seconds 5 "
+                              "--keep\n", formatter_class=fmt)
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--name", help="lab name (default: the topology's, 'demo')")
+    p.add_argument("--seconds", type=float, default=2.0, help="iperf3 duration per path")
+    p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p.set_defaults(func=cmd_demo, needs_root=True)
+
+
+def load_plan(config: str | None, name: str | None = None):
+    if config:
+        try:
+            with open(config) as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read topology: {exc.strerror}", source=config) from exc
+        return topology.parse_topology(text, config, name=name), text, config
+    text = topology.default_text()
+    return topology.parse_topology(text, "<default>", name=name), text, "<default>"
+
+
+def cmd_up(args) -> int:
+    plan, text, source = load_plan(args.config, args.name)
+    builder.up(plan, text, source, progress=_progress)
+    print(f"lab {plan.name} is up: {len(plan.hosts)} hosts, {len(plan.containers)} containers")
+    return 0
+
+
+def cmd_down(args) -> int:
+    names = lab_state.list_labs() if args.all else [args.name or DEFAULT_LAB]
+    for name in names:
+        if builder.down(name, progress=_progress):
+            print(f"lab {name} is down")
+        else:
+            print(f"lab {name} was not up; nothing to do")
+    return 0
+
+
+def cmd_status(args) -> int:
+    st = builder.status(args.name)
+    if args.json:
+        from .main import print_json
+        print_json(st)
+        return 0
+    print(f"lab {st['name']} ({st['status']}): underlay {st['underlay']}, "
+          f"containers {st['container_v4']} {st['container_v6']}")
+    rows = [("NODE", "KIND", "HOST", "NETNS", "IPV4", "IPV6", "PUBLISH", "UP")]
+    for h in st["hosts"]:
+        rows.append((h["name"], "host", "-", h["netns"], h["underlay_ip"], "-", "-",
+                     "yes" if h["present"] else "NO"))
+        for c in h["containers"]:
+            rows.append((c["name"], "container", h["name"], c["netns"], c["ipv4"], c["ipv6"],
+                         ",".join(c["publish"]) or "-", "yes" if c["present"] else "NO"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def node_netns(lab: str, node: str) -> str:
+    st = lab_state.read(lab)
+    if st is None:
+        raise LabError(f"lab {lab!r} is not up; run `sockgraft lab up` first")
+    return st.plan().node(node).netns
+
+
+def cmd_exec(args) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ConfigError("missing command; usage: sockgraft lab exec NODE -- CMD [ARGS...]")
+    ns_name = node_netns(args.name, args.node)
+    sys.stdout.flush()
+    netns.enter(ns_name)
+    os.environ["SOCKGRAFT_NODE"] = args.node
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        raise ConfigError(f"cannot execute {cmd[0]!r}: {exc.strerror}") from exc
+    return 127  # not reached
+
+
+def cmd_demo(args) -> int:
+    plan, text, source = load_plan(args.config, args.name)
+    if lab_state.read(plan.name) is not None:
+        raise LabError(f"lab {plan.name!r} is already up; `sockgraft lab down` first")
+    print(f"== sockgraft demo: lab {plan.name}, {len(plan.hosts)} hosts, "
+          f"{len(plan.containers)} containers")
+    builder.up(plan, text, source, progress=_progress)
+    try:
+        cmd_status(argparse.Namespace(name=plan.name, json=False))
+        print(f"\n== iperf3, 1 TCP stream, {args.seconds:g} s per path "
+              "(only ratios within one run are meaningful)")
+        results = {}
+        for name, spec in plan_paths(plan).items():
+            if not isinstance(spec, PathSpec):
+                print(f"  {name:14s} skipped: {spec}")
+                continue
+            server_ns = plan.node(spec.server_node).netns
+            client_ns = plan.node(spec.client_node).netns
+            res = traffic.iperf3(spec, server_ns, client_ns, args.seconds)
+            results[name] = res["gbit_per_s"]
+            print(f"  {name:14s} {res['gbit_per_s']:7.2f} Gbit/s   {spec.description}")
+        ref = results.get("host-loopback")
+        if ref:
+            print("\n  ratio to host-loopback: " + ", ".join(
+                f"{k} {v / ref:.2f}" for k, v in results.items()))
+    finally:
+        if not args.keep:
+            builder.down(plan.name, progress=_progress)
+            print(f"\nlab {plan.name} is down")
+    return 0

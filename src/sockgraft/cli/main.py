@@ -1,0 +1,69 @@
+"""The `sockgraft` command line: argument parsing and output only.
+
+Every sub-command is a thin wrapper over a library call; errors from the one
+exception tree are printed as one line `sockgraft: error: ...` with exit
+status 2 for bad input (ConfigError) and 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ..errors import ConfigError, SockgraftError
+from . import lab_cmd
+
+EXAMPLES = """\
+examples:
+  sockgraft demo                           bring the default lab up, measure each path, tear down
+  sockgraft lab up                         build the embedded default lab (2 hosts x 2 containers)
+  sockgraft lab status --json              hosts, containers and their addresses
+  sockgraft lab exec h1-c1 -- ip addr      run a command inside a container (or a host)
+  sockgraft lab down                       remove everything the lab created
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockgraft", description="Graft container sockets onto host sockets.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    lab_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if os.geteuid() != 0 and getattr(args, "needs_root", False):
+        print("sockgraft: error: this command needs root (network namespaces, netlink)",
+              file=sys.stderr)
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"sockgraft: error: {exc}", file=sys.stderr)
+        return 2
+    except SockgraftError as exc:
+        print(f"sockgraft: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The one exception tree of sockgraft.
+
+    SockgraftError                 base; every error the CLI reports cleanly
+    +-- ConfigError                a user-supplied file/argument is invalid
+    |                              (carries source, field, value)
+    +-- KernelError                a kernel call failed (carries errno, op)
+    |   +-- NotFound               the object is gone (ENOENT/ENODEV/ESRCH)
+    |   +-- Exists                 the object already exists (EEXIST)
+    +-- LabError                   the lab is in a state that forbids the action
+    +-- AgentError                 talking to / running the node agent failed
+    +-- PolicyDenied               a socket operation was denied by policy
+
+OSError is translated into KernelError at the adapter boundary with
+`from_oserror`, which branches on errno only, never on message text.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class SockgraftError(Exception):
+    """Base class of every sockgraft error."""
+
+
+class ConfigError(SockgraftError):
+    """Invalid user input: says where (source, field), what (value), and what is accepted."""
+
+    def __init__(self, message: str, *, source: str | None = None,
+                 field: str | None = None, value: object = None) -> None:
+        self.source = source
+        self.field = field
+        self.value = value
+        where = ""
+        if source:
+            where += f"{source}: "
+        if field:
+            where += f"{field}: "
+        super().__init__(f"{where}{message}")
+
+
+class KernelError(SockgraftError):
+    def __init__(self, op: str, err: int, detail: str = "") -> None:
+        self.op = op
+        self.errno = err
+        self.detail = detail
+        name = _errno.errorcode.get(err, str(err))
+        msg = f"{op} failed: {name} ({_errno_strerror(err)})"
+        if detail:
+            msg += f" [{detail}]"
+        super().__init__(msg)
+
+
+class NotFound(KernelError):
+    pass
+
+
+class Exists(KernelError):
+    pass
+
+
+class LabError(SockgraftError):
+    pass
+
+
+class AgentError(SockgraftError):
+    pass
+
+
+class PolicyDenied(SockgraftError):
+    def __init__(self, message: str, *, errno: int = _errno.EACCES, rule: str = "") -> None:
+        self.errno = errno
+        self.rule = rule
+        super().__init__(message)
+
+
+def _errno_strerror(err: int) -> str:
+    import os
+    try:
+        return os.strerror(err)
+    except ValueError:
+        return "unknown error"
+
+
+_NOT_FOUND = {_errno.ENOENT, _errno.ENODEV, _errno.ESRCH, _errno.EADDRNOTAVAIL}
+
+
+def from_oserror(op: str, exc: OSError, detail: str = "") -> KernelError:
+    """Translate an OSError (or pyroute2 NetlinkError, which has .code) into the tree."""
+    err = getattr(exc, "errno", None) or getattr(exc, "code", None) or 0
+    if err in _NOT_FOUND:
+        return NotFound(op, err, detail)
+    if err == _errno.EEXIST:
+        return Exists(op, err, detail)
+    return KernelError(op, err, detail)

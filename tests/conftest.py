@@ -1,0 +1,38 @@
+import os
+import secrets
+import socket
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    monkeypatch.setenv("SOCKGRAFT_STATE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def lab_name():
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture
+def lab(state_dir, lab_name):
+    """The default topology brought up under a unique lab name, always torn down."""
+    from sockgraft.kernel import netns
+    from sockgraft.lab import builder
+    from sockgraft.model.topology import default_text, parse_topology
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    plan = parse_topology(default_text(), name=lab_name)
+    builder.up(plan, default_text(), "<default>")
+    try:
+        yield plan
+    finally:
+        builder.down(lab_name)
+        left = [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]
+        assert not left, f"lab left namespaces behind: {left}"

@@ -1,0 +1,159 @@
+"""The lab on the real kernel: namespaces, veth, bridges, VXLAN, nftables NAT."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nettools import EchoServer, echo
+from sockgraft.cli.main import main as cli
+from sockgraft.errors import KernelError, LabError
+from sockgraft.kernel import netns
+from sockgraft.lab import builder
+from sockgraft.model.topology import default_text, parse_topology
+
+pytestmark = pytest.mark.priv
+SG = [sys.executable, "-m", "sockgraft.cli.main"]
+
+
+def vxlan_tx(ns):
+    return builder.interface_counters(ns)["sg-vx0"]["tx_packets"]
+
+
+def test_status_json_lists_hosts_containers_addresses(lab, capsys):
+    assert cli(["lab", "status", "--json", "--name", lab.name]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["status"] == "up"
+    assert [h["name"] for h in st["hosts"]] == ["h1", "h2"]
+    containers = [c for h in st["hosts"] for c in h["containers"]]
+    assert len(containers) == 4 and all(c["present"] for c in containers)
+    assert {c["name"]: c["ipv4"] for c in containers} == {
+        "h1-c1": "198.19.1.2", "h1-c2": "198.19.1.3", "h2-c1": "198.19.2.2",
+        "h2-c2": "198.19.2.3"}
+    assert containers[3]["ipv6"] == "fd53:6700:0:2::3"
+    assert cli(["lab", "status", "--name", lab.name]) == 0
+    table = capsys.readouterr().out
+    assert "h2-c1" in table and "8080:80/tcp" in table
+
+
+def test_bridge_path_same_host(lab):
+    c1, c2 = lab.node("h1-c1"), lab.node("h1-c2")
+    h1 = lab.hosts[0]
+    before = vxlan_tx(h1.netns)
+    with EchoServer(c2.netns, "0.0.0.0", 7001) as srv:
+        assert echo(c1.netns, str(c2.ipv4.ip), 7001) == b"hello sockgraft"
+        assert srv.peer() == str(c1.ipv4.ip)
+    assert vxlan_tx(h1.netns) == before  # same host never touches the overlay
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_vxlan_path_cross_host_by_container_ip(lab, family):
+    src, dst = lab.node("h1-c1"), lab.node("h2-c2")
+    h1 = lab.hosts[0]
+    addr = str(getattr(dst, family).ip)
+    before = vxlan_tx(h1.netns)
+    with EchoServer(dst.netns, "::" if family == "ipv6" else "0.0.0.0", 7002) as srv:
+        assert echo(src.netns, addr, 7002, b"over the overlay") == b"over the overlay"
+        assert srv.peer() == str(getattr(src, family).ip)  # no NAT on the overlay
+    assert vxlan_tx(h1.netns) > before
+
+
+def test_vxlan_udp(lab):
+    src, dst = lab.node("h1-c2"), lab.node("h2-c1")
+    with EchoServer(dst.netns, "0.0.0.0", 7003, proto="udp") as srv:
+        assert echo(src.netns, str(dst.ipv4.ip), 7003, b"dgram", proto="udp") == b"dgram"
+        assert srv.peer() == str(src.ipv4.ip)
+
+
+def test_nat_published_port_and_masquerade(lab):
+    src, dst = lab.node("h1-c1"), lab.node("h2-c1")
+    h1, h2 = lab.hosts
+    with EchoServer(dst.netns, "0.0.0.0", 80) as srv:  # published as h2:8080
+        assert echo(src.netns, str(h2.underlay.ip), 8080) == b"hello sockgraft"
+        assert srv.peer() == str(h1.underlay.ip)  # masqueraded to h1's underlay address
+
+
+def test_host_underlay_path(lab):
+    h1, h2 = lab.hosts
+    with EchoServer(h2.netns, "0.0.0.0", 7004) as srv:
+        assert echo(h1.netns, str(h2.underlay.ip), 7004) == b"hello sockgraft"
+        assert srv.peer() == str(h1.underlay.ip)
+
+
+def test_containers_have_loopback_up(lab):
+    c = lab.node("h2-c2")
+    with EchoServer(c.netns, "127.0.0.1", 7005):
+        assert echo(c.netns, "127.0.0.1", 7005) == b"hello sockgraft"
+
+
+def test_exec_runs_in_the_node_namespace(lab, state_dir):
+    env = dict(os.environ, SOCKGRAFT_STATE_DIR=str(state_dir))
+    out = subprocess.run(SG + ["lab", "exec", "--name", lab.name, "h1-c1", "--", "ip", "-br",
+                               "addr"], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "198.19.1.2/24" in out.stdout and "fd53:6700:0:1::2/64" in out.stdout
+    bad = subprocess.run(SG + ["lab", "exec", "--name", lab.name, "nope", "--", "true"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert bad.returncode == 2 and "no host or container named 'nope'" in bad.stderr
+
+
+def test_up_twice_is_refused_and_leaves_first_lab(lab):
+    with pytest.raises(LabError, match="already up"):
+        builder.up(lab, default_text(), "<default>")
+    assert all(netns.exists(n) for n in lab.namespaces)
+
+
+def test_down_removes_everything_and_is_idempotent(state_dir, lab_name):
+    plan = parse_topology(default_text(), name=lab_name)
+    builder.up(plan, default_text(), "<default>")
+    # a process left running inside the lab must not keep a namespace alive
+    stray = subprocess.Popen(["sleep", "60"],
+                             preexec_fn=lambda: netns.enter(plan.node("h1-c1").netns))
+    assert builder.down(lab_name) is True
+    assert stray.wait(timeout=10) is not None
+    assert not [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]
+    assert not (state_dir / "labs" / f"{lab_name}.json").exists()
+    assert builder.down(lab_name) is False
+
+
+def test_broken_topology_changes_nothing(state_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[hosts]]\nname='h1'\ncontainers=[{name='c1', publish=['x']}]\n")
+    before = netns.list_names()
+    assert cli(["lab", "up", "--config", str(bad), "--name", "tbroken"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "hosts[0].containers[0].publish[0]" in err and "'x'" in err
+    assert netns.list_names() == before
+    assert not (state_dir / "labs").exists() or not list((state_dir / "labs").iterdir())
+
+
+def test_failure_in_the_middle_rolls_back(state_dir, lab_name, monkeypatch):
+    plan = parse_topology(default_text(), name=lab_name)
+    calls = []
+
+    def boom(plan_, host):
+        calls.append(host.name)
+        raise KernelError("vxlan add", 17, "injected")
+
+    monkeypatch.setattr(builder, "_build_overlay", boom)
+    before = netns.list_names()
+    with pytest.raises(KernelError, match="injected"):
+        builder.up(plan, default_text(), "<default>")
+    assert calls == ["h1"]  # hosts and containers had been built by then
+    assert netns.list_names() == before
+    assert not (state_dir / "labs" / f"{lab_name}.json").exists()
+
+
+def test_existing_namespace_of_the_same_name_is_not_touched(state_dir, lab_name):
+    plan = parse_topology(default_text(), name=lab_name)
+    squatter = plan.node("h2").netns
+    netns.create(squatter)
+    try:
+        before = netns.list_names()
+        with pytest.raises(LabError, match=squatter):
+            builder.up(plan, default_text(), "<default>")
+        assert netns.list_names() == before
+    finally:
+        netns.delete(squatter)
