@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import ConfigError, SockgraftError
-from . import lab_cmd
+from . import graft_cmd, lab_cmd
 
 EXAMPLES = """\
 examples:
@@ -23,6 +23,11 @@ examples:
   sockgraft lab status --json              hosts, containers and their addresses
   sockgraft lab exec h1-c1 -- ip addr      run a command inside a container (or a host)
   sockgraft lab down                       remove everything the lab created
+  sockgraft agent --host h1 &              the node agent of lab host h1
+  sockgraft ep add ep-out --container h1-c1 type ipv4 addr 198.18.0.1 port dynamic
+  sockgraft rule add --container h1-c1 egress 198.18.0.0/24=ep-out
+  sockgraft run --container h1-c1 -- iperf3 -c 198.18.0.2     grafted: never touches the veth
+  sockgraft sockets                        grafted sockets with container, pid, fd, endpoint
 """
 
 
@@ -33,12 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     lab_cmd.register(sub)
+    graft_cmd.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `ep add NAME --container C type ipv4 ...`: words after an option belong
+        # to the endpoint spec; anything else unknown is an error as usual.
+        if hasattr(args, "spec") and not any(w.startswith("-") for w in extra):
+            args.spec = list(args.spec) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not getattr(args, "func", None):

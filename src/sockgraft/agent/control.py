@@ -1,0 +1,145 @@
+"""The agent's control protocol: framed JSON over a unix stream socket, with
+file descriptors passed by SCM_RIGHTS.
+
+Frame: 4-byte big-endian length, then that many bytes of UTF-8 JSON (an
+object with an "op" key). At most MAX_FDS descriptors ride on the first byte
+of a frame. Frames over MAX_FRAME are refused and the connection dropped, so a
+hostile peer cannot make the agent buffer without bound.
+
+Ops (request -> reply, every reply has "ok" and on failure "error"):
+  register   {container, pid, netns?} + listener fd  -> {ok}
+  reload     {container?}                            -> {ok}  (config files changed)
+  sockets    {}                                      -> {ok, sockets: [...]}
+  stats      {}                                      -> {ok, counters: {...}, containers: [...]}
+  ping       {}                                      -> {ok, pid}
+Must not: decide anything about sockets (agent/engine does).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import socket
+import struct
+
+from ..errors import AgentError
+
+MAX_FRAME = 1 << 20
+MAX_FDS = 4
+_LEN = struct.Struct("!I")
+
+
+def default_socket_path(host: str = "default") -> str:
+    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+    return os.path.join(base, f"agent-{host}.sock")
+
+
+def encode(msg: dict) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    if len(body) > MAX_FRAME:
+        raise AgentError(f"control message too large ({len(body)} bytes)")
+    return _LEN.pack(len(body)) + body
+
+
+def send(sock: socket.socket, msg: dict, fds: list[int] | None = None) -> None:
+    data = encode(msg)
+    if fds:
+        sent = socket.send_fds(sock, [data[:1]], fds)
+        data = data[sent:]
+    sock.sendall(data)
+
+
+class FrameReader:
+    """Incremental frame decoder for a (possibly non-blocking) connection."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.fds: list[int] = []
+
+    def feed(self, sock: socket.socket) -> bool:
+        """Read what is available. False on EOF."""
+        fds = array.array("i")
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        except (BlockingIOError, InterruptedError):
+            return True
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+        self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            self.close_fds()
+            raise AgentError("control message carried too many file descriptors")
+        if not data:
+            return False
+        self.buf.extend(data)
+        if len(self.buf) >= 4 and _LEN.unpack_from(self.buf)[0] > MAX_FRAME:
+            self.close_fds()
+            raise AgentError("control frame too large")
+        return True
+
+    def frames(self):
+        """Yield (msg, fds) for each complete frame; fds attach to the first frame."""
+        while len(self.buf) >= 4:
+            n = _LEN.unpack_from(self.buf)[0]
+            if len(self.buf) < 4 + n:
+                return
+            body = bytes(self.buf[4:4 + n])
+            del self.buf[:4 + n]
+            fds, self.fds = self.fds, []
+            try:
+                msg = json.loads(body)
+                if not isinstance(msg, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise AgentError(f"malformed control message: {exc}") from exc
+            yield msg, fds
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def connect(path: str, timeout: float = 5.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        hint = " (is `sockgraft agent` running?)" if exc.errno in (
+            errno.ENOENT, errno.ECONNREFUSED) else ""
+        raise AgentError(f"cannot reach the agent at {path}: {exc.strerror}{hint}") from exc
+    return sock
+
+
+def recv_reply(sock: socket.socket) -> dict:
+    reader = FrameReader()
+    while True:
+        for msg, fds in reader.frames():
+            for fd in fds:
+                os.close(fd)
+            return msg
+        try:
+            if not reader.feed(sock):
+                raise AgentError("the agent closed the connection")
+        except socket.timeout as exc:
+            raise AgentError("the agent did not answer in time") from exc
+
+
+def request(path: str, msg: dict, fds: list[int] | None = None, timeout: float = 10.0) -> dict:
+    """One request/reply exchange; raises AgentError on a failed reply."""
+    with connect(path, timeout) as sock:
+        send(sock, msg, fds)
+        reply = recv_reply(sock)
+    if not reply.get("ok"):
+        raise AgentError(reply.get("error", "the agent refused the request"))
+    return reply

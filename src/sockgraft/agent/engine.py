@@ -1,0 +1,705 @@
+"""The node agent: services seccomp notifications of registered containers.
+
+One thread, one epoll. Sources: the control socket (registrations, reloads,
+queries), one seccomp listener per registered process tree, and host sockets
+whose non-blocking connect is in flight for a blocked application thread.
+
+The notify loop per notification (seccompagent's shape):
+  recv -> read the sockaddr from target memory -> re-check the id is valid
+  -> decide (model/graft, pure) -> act on the checked copy -> respond.
+ENOENT from any step means "the target is gone": drop quietly.
+
+Never switches namespaces: it lives in the host namespace it was started in
+(`sockgraft agent --netns` enters it before anything else runs).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from ..errors import AgentError, KernelError, NotFound, SockgraftError
+from ..kernel import nft, seccomp
+from ..kernel import sockets as ksock
+from ..model import graft
+from ..model.graft import (ConnectGrafted, Continue, Deny, Fail, GraftBind, GraftConnect,
+                           GraftSend, SockInfo)
+from ..model.nftpolicy import plan_ruleset
+from ..model.sockaddr import InetAddr
+from . import control
+from .store import ConfigStore
+
+log = logging.getLogger("sockgraft.agent")
+
+SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
+                 seccomp.SYS_SENDTO: "sendto"}
+CONNECT_TIMEOUT = 130.0   # about what the kernel's SYN retries take
+MAX_CLIENTS = 256
+
+
+@dataclass
+class Counters:
+    grafted: int = 0
+    passed: int = 0
+    denied: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Session:
+    """One registered process tree (one seccomp listener)."""
+    container: str
+    pid: int
+    listener: seccomp.Listener
+    mark: int
+    config: graft.GraftConfig | None
+    buffers: dict[int, int]                 # container defaults of SO_SNDBUF/SO_RCVBUF
+    conn: socket.socket | None = None       # the launcher's control connection
+    counters: Counters = field(default_factory=Counters)
+
+
+@dataclass
+class GraftedSocket:
+    container: str
+    pid: int
+    fd: int
+    inode: int
+    proto: str
+    kind: str            # "ingress" | "egress" | "sendto"
+    endpoint: str
+    local: str
+    remote: str
+    since: float
+
+
+@dataclass
+class PendingConnect:
+    session: Session
+    notif_id: int
+    tid: int
+    fd: int                      # the application's fd number
+    sock: socket.socket          # our host socket (or a dup of the grafted one)
+    inject: bool                 # install sock at fd when done (False: it is already there)
+    cloexec: bool
+    app_nonblocking: bool
+    record: GraftedSocket | None
+    deadline: float
+
+
+class Agent:
+    def __init__(self, socket_path: str, store: ConfigStore, *, name: str = "default",
+                 audit_path: str | None = None, manage_nft: bool = True) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.store = store
+        self.audit_path = audit_path
+        self.manage_nft = manage_nft
+        self.ep = select.epoll()
+        self.sessions: dict[int, Session] = {}          # listener fd -> session
+        self.clients: dict[int, tuple[socket.socket, control.FrameReader]] = {}
+        self.pending: dict[int, PendingConnect] = {}    # host socket fd -> pending connect
+        self.grafted: dict[tuple[int, int], GraftedSocket] = {}
+        self.totals = Counters()
+        self.mem = seccomp.TargetMemory(max_entries=256)
+        self.pidfds: dict[int, int] = {}                # tid -> pidfd (small LRU)
+        self.copier = ksock.OptionCopier()
+        self.server: socket.socket | None = None
+        self._audit = None
+        self._stop = False
+        self._applied_policies: dict[int, object] | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.socket_path)
+        except OSError:
+            pass
+        else:
+            probe.close()
+            raise AgentError(f"another agent is already serving {self.socket_path}")
+        finally:
+            probe.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                            | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            srv.bind(self.socket_path)
+        finally:
+            os.umask(old)
+        srv.listen(128)
+        self.server = srv
+        self.ep.register(srv.fileno(), select.EPOLLIN)
+        if self.audit_path:
+            self._audit = open(self.audit_path, "a", buffering=1)
+        self.sync_nft()
+        log.info("agent %s listening on %s", self.name, self.socket_path)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        for pc in list(self.pending.values()):
+            self._finish_pending(pc, errno.ECONNABORTED)
+        for fd in list(self.sessions):
+            self._drop_session(fd)
+        for fd in list(self.clients):
+            self._drop_client(fd)
+        if self.server is not None:
+            self.ep.unregister(self.server.fileno())
+            self.server.close()
+            self.server = None
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        for pidfd in self.pidfds.values():
+            os.close(pidfd)
+        self.pidfds.clear()
+        self.mem.close()
+        self.ep.close()
+        if self._audit:
+            self._audit.close()
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        next_sweep = time.monotonic() + 1.0
+        while not self._stop:
+            try:
+                events = self.ep.poll(0.5)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                self.dispatch(fd, ev)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self.sweep(now)
+                next_sweep = now + 1.0
+
+    def dispatch(self, fd: int, ev: int) -> None:
+        if self.server is not None and fd == self.server.fileno():
+            self._accept_clients()
+        elif fd in self.sessions:
+            self._on_listener(fd, ev)
+        elif fd in self.pending:
+            self._on_connect_ready(fd)
+        elif fd in self.clients:
+            self._on_client(fd)
+
+    # --- control connections -------------------------------------------------
+
+    def _accept_clients(self) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                conn.close()
+                log.warning("control: too many clients, refused one")
+                continue
+            uid = _peer_uid(conn)
+            if uid != 0 and uid != os.geteuid():
+                log.warning("control: refused a client with uid %s", uid)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.clients[conn.fileno()] = (conn, control.FrameReader())
+            self.ep.register(conn.fileno(), select.EPOLLIN)
+
+    def _on_client(self, fd: int) -> None:
+        conn, reader = self.clients[fd]
+        try:
+            alive = reader.feed(conn)
+            for msg, fds in reader.frames():
+                self._handle_request(conn, msg, fds)
+        except (AgentError, OSError) as exc:
+            log.warning("control: dropping a client: %s", exc)
+            alive = False
+        if not alive:
+            self._drop_client(fd)
+
+    def _drop_client(self, fd: int) -> None:
+        conn, reader = self.clients.pop(fd)
+        reader.close_fds()
+        try:
+            self.ep.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        conn.close()
+
+    def _reply(self, conn: socket.socket, msg: dict) -> None:
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            control.send(conn, msg)
+        except OSError as exc:
+            log.warning("control: reply failed: %s", exc)
+        finally:
+            try:
+                conn.setblocking(False)
+            except OSError:
+                pass
+
+    def _handle_request(self, conn: socket.socket, msg: dict, fds: list[int]) -> None:
+        op = msg.get("op")
+        try:
+            if op == "register":
+                reply = self._register(conn, msg, fds)
+                fds = []
+            elif op == "reload":
+                reply = self._reload(msg.get("container"))
+            elif op == "sockets":
+                reply = {"ok": True, "sockets": self.list_sockets()}
+            elif op == "stats":
+                reply = {"ok": True, **self.stats()}
+            elif op == "ping":
+                reply = {"ok": True, "pid": os.getpid(), "name": self.name}
+            else:
+                reply = {"ok": False, "error": f"unknown op {op!r}"}
+        except SockgraftError as exc:
+            log.warning("control: %s failed: %s", op, exc)
+            reply = {"ok": False, "error": str(exc)}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._reply(conn, reply)
+
+    def _register(self, conn: socket.socket, msg: dict, fds: list[int]) -> dict:
+        container, pid = msg.get("container"), msg.get("pid")
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise AgentError(f"register needs exactly one listener fd, got {len(fds)}")
+        if not isinstance(container, str) or not isinstance(pid, int):
+            os.close(fds[0])
+            raise AgentError("register needs a container name and a pid")
+        buffers = msg.get("buffers") or {}
+        try:
+            cfg = self.store.load(container)
+            mark = self.store.mark(container)
+        except SockgraftError:
+            os.close(fds[0])
+            raise
+        listener = seccomp.Listener(fds[0])
+        sess = Session(container, pid, listener, mark, cfg,
+                       {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
+                        ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn)
+        self.sessions[listener.fileno()] = sess
+        self.ep.register(listener.fileno(), select.EPOLLIN)
+        self.sync_nft()
+        log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
+                 "configured" if cfg else "no graft config: everything passes through")
+        return {"ok": True, "mark": mark}
+
+    def _reload(self, container: str | None) -> dict:
+        n = 0
+        for sess in self.sessions.values():
+            if container is None or sess.container == container:
+                sess.config = self.store.load(sess.container)
+                n += 1
+        self.sync_nft()
+        return {"ok": True, "reloaded": n}
+
+    def sync_nft(self) -> None:
+        """Load the per-container policy chains for every registered container."""
+        if not self.manage_nft:
+            return
+        policies = {}
+        for sess in self.sessions.values():
+            policies[sess.mark] = (sess.config.policy if sess.config else
+                                   graft.GraftConfig(sess.container).policy)
+        if policies == self._applied_policies:
+            return
+        nft.apply(None, plan_ruleset(policies))
+        self._applied_policies = policies
+
+    # --- notifications -------------------------------------------------------
+
+    def _on_listener(self, fd: int, ev: int) -> None:
+        sess = self.sessions[fd]
+        if ev & select.EPOLLIN:
+            try:
+                n = sess.listener.recv()
+            except NotFound:
+                n = None
+            except KernelError as exc:
+                log.warning("%s: NOTIF_RECV failed: %s", sess.container, exc)
+                n = None
+            if n is not None:
+                self.handle(sess, n)
+                return
+        if ev & (select.EPOLLHUP | select.EPOLLERR):
+            log.info("container %s pid %d: every filtered task exited", sess.container,
+                     sess.pid)
+            self._drop_session(fd)
+
+    def _drop_session(self, fd: int) -> None:
+        sess = self.sessions.pop(fd)
+        try:
+            self.ep.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        sess.listener.close()
+        for key in [k for k, g in self.grafted.items() if g.pid == sess.pid]:
+            del self.grafted[key]
+
+    def handle(self, sess: Session, n: seccomp.Notification) -> None:
+        """Service one notification. Never raises: every path answers or drops."""
+        name = SYSCALL_NAMES.get(n.nr, str(n.nr))
+        try:
+            self._handle(sess, n, name)
+        except NotFound:
+            pass  # the target died or was interrupted: nothing to answer
+        except KernelError as exc:
+            sess.counters.errors += 1
+            self.totals.errors += 1
+            log.warning("%s pid %d %s: %s", sess.container, n.pid, name, exc)
+            self._respond(sess, n.id, error=exc.errno or errno.EIO)
+        except Exception:  # noqa: BLE001 - the agent keeps serving whatever happens
+            sess.counters.errors += 1
+            self.totals.errors += 1
+            log.exception("%s pid %d %s: internal error", sess.container, n.pid, name)
+            self._respond(sess, n.id, error=errno.EIO)
+
+    def _respond(self, sess: Session, nid: int, *, val: int = 0, error: int = 0) -> None:
+        try:
+            sess.listener.respond(nid, val=val, error=error)
+        except NotFound:
+            pass
+
+    def _continue(self, sess: Session, nid: int) -> None:
+        sess.counters.passed += 1
+        self.totals.passed += 1
+        try:
+            sess.listener.continue_(nid)
+        except NotFound:
+            pass
+
+    def _handle(self, sess: Session, n: seccomp.Notification, name: str) -> None:
+        if n.arch != seccomp.AUDIT_ARCH_X86_64:
+            self._respond(sess, n.id, error=errno.ENOSYS)
+            return
+        if n.nr == seccomp.SYS_SENDTO:
+            fd, ptr, alen, flags = n.args[0], n.args[4], n.args[5], n.args[3]
+        else:
+            fd, ptr, alen, flags = n.args[0], n.args[1], n.args[2], 0
+        fd &= 0xFFFFFFFF
+        alen &= 0xFFFFFFFF
+        if sess.config is None:
+            self._continue(sess, n.id)
+            return
+        data = self.mem.read(n.pid, ptr, min(alen, 128)) if alen else b""
+        if not sess.listener.id_valid(n.id):
+            return      # the thread was interrupted or died while we read
+        addr = graft.parse_trapped(data, alen)
+        if isinstance(addr, Fail):
+            self._respond(sess, n.id, error=addr.errno)
+            return
+        if not isinstance(addr, InetAddr):
+            self._continue(sess, n.id)
+            return
+        cfg = sess.config
+        if n.nr == seccomp.SYS_SENDTO and cfg.match_egress(addr) is None:
+            # No graft to start; a grafted socket's datagrams are judged by nftables.
+            self._continue(sess, n.id)
+            return
+        if n.nr == seccomp.SYS_BIND and cfg.match_ingress(addr) is None:
+            self._continue(sess, n.id)
+            return
+        dup = self._dup_target_fd(n.pid, fd)
+        if dup is None:
+            self._respond(sess, n.id, error=errno.EBADF)
+            return
+        keep = False
+        try:
+            family, type_, proto, mark = ksock.info(dup)
+            info = SockInfo(family, type_, graft.is_grafted_mark(mark))
+            if n.nr == seccomp.SYS_BIND:
+                action = graft.decide_bind(cfg, info, addr)
+            elif n.nr == seccomp.SYS_CONNECT:
+                action = graft.decide_connect(cfg, info, addr)
+            else:
+                action = graft.decide_sendto(cfg, info, addr, flags)
+            keep = self._act(sess, n, name, fd, dup, info, proto, action)
+        finally:
+            if not keep:
+                dup.close()
+
+    def _dup_target_fd(self, tid: int, fd: int) -> socket.socket | None:
+        pidfd = self._pidfd(tid)
+        try:
+            newfd = seccomp.pidfd_getfd(pidfd, fd)
+        except KernelError as exc:
+            if exc.errno == errno.EBADF:
+                return None
+            self._forget_pidfd(tid)
+            if exc.errno == errno.ESRCH:
+                raise NotFound("pidfd_getfd", exc.errno, f"tid {tid}") from None
+            raise
+        try:
+            return ksock.adopt(newfd)
+        except OSError:
+            os.close(newfd)
+            return None     # ENOTSOCK: the kernel will say so itself
+
+    def _pidfd(self, tid: int) -> int:
+        pidfd = self.pidfds.get(tid)
+        if pidfd is not None:
+            return pidfd
+        if len(self.pidfds) >= 256:
+            old_tid = next(iter(self.pidfds))
+            self._forget_pidfd(old_tid)
+        pidfd = seccomp.pidfd_open(tid)
+        self.pidfds[tid] = pidfd
+        return pidfd
+
+    def _forget_pidfd(self, tid: int) -> None:
+        pidfd = self.pidfds.pop(tid, None)
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def _audit_line(self, sess: Session, n: seccomp.Notification, name: str, verdict: str,
+                    addr: object, rule: str, errno_: int = 0) -> None:
+        line = {"time": round(time.time(), 6), "agent": self.name, "container": sess.container,
+                "pid": n.pid, "syscall": name, "address": str(addr), "verdict": verdict,
+                "rule": rule}
+        if errno_:
+            line["errno"] = errno.errorcode.get(errno_, errno_)
+        log.warning("audit: %s", json.dumps(line))
+        if self._audit:
+            self._audit.write(json.dumps(line) + "\n")
+
+    def _act(self, sess: Session, n: seccomp.Notification, name: str, fd: int,
+             dup: socket.socket, info: SockInfo, proto: int, action) -> bool:
+        """Carry out a decision. Returns True if `dup` was handed to a pending connect."""
+        if isinstance(action, Continue):
+            self._continue(sess, n.id)
+            return False
+        if isinstance(action, Fail):
+            sess.counters.errors += 1
+            self.totals.errors += 1
+            log.info("%s pid %d %s: %s", sess.container, n.pid, name, action.reason)
+            self._respond(sess, n.id, error=action.errno)
+            return False
+        if isinstance(action, Deny):
+            sess.counters.denied += 1
+            self.totals.denied += 1
+            self._audit_line(sess, n, name, "deny", action.dest, action.rule, action.errno)
+            self._respond(sess, n.id, error=action.errno)
+            return False
+        if isinstance(action, ConnectGrafted):
+            return self._start_connect(sess, n, fd, dup, action.dest, inject=False,
+                                       record=None)
+        host = ksock.host_socket(info.family, info.type, proto, sess.mark)
+        try:
+            self.copier.copy(dup, host, info.family, info.type, proto, sess.buffers)
+            if isinstance(action, GraftBind):
+                try:
+                    host.bind(ksock.sockaddr_tuple(action.local))
+                except OSError as exc:
+                    self._respond(sess, n.id, error=exc.errno or errno.EADDRNOTAVAIL)
+                    log.info("%s: bind %s for %s failed: %s", sess.container, action.local,
+                             action.requested, exc.strerror)
+                    return False
+                record = self._record(sess, n.pid, fd, info, "ingress", action.endpoint.name,
+                                      host, remote="")
+                self._inject_and_answer(sess, n, fd, host, dup, record)
+                return False
+            if isinstance(action, GraftConnect):
+                self._bind_local(host, action.local)
+                record = self._record(sess, n.pid, fd, info, "egress", action.endpoint.name,
+                                      host, remote=str(action.dest))
+                keep_host = self._start_connect(sess, n, fd, host, action.dest, inject=True,
+                                                record=record, app_sock=dup)
+                if keep_host:
+                    host = None  # owned by the pending connect now
+                return False
+            if isinstance(action, GraftSend):
+                self._bind_local(host, action.local)
+                record = self._record(sess, n.pid, fd, info, "sendto", action.endpoint.name,
+                                      host, remote=str(action.dest))
+                cloexec = ksock.target_fd_cloexec(n.pid, fd)
+                ksock.set_blocking(host, not ksock.file_nonblocking(dup.fileno()))
+                sess.listener.addfd(n.id, host.fileno(), newfd=fd, cloexec=cloexec)
+                self._count_graft(sess, record)
+                # The datagram itself goes through the kernel on the host
+                # socket; nftables judges it by the mark (no re-read hazard).
+                sess.listener.continue_(n.id)
+                return False
+            raise AssertionError(f"unknown action {action!r}")
+        finally:
+            if host is not None:
+                host.close()
+
+    def _bind_local(self, host: socket.socket, local: InetAddr) -> None:
+        try:
+            host.bind(ksock.sockaddr_tuple(local))
+        except OSError as exc:
+            raise KernelError("bind endpoint", exc.errno or errno.EADDRNOTAVAIL,
+                              str(local)) from None
+
+    def _record(self, sess: Session, tid: int, fd: int, info: SockInfo, kind: str,
+                endpoint: str, host: socket.socket, remote: str) -> GraftedSocket:
+        st = os.fstat(host.fileno())
+        try:
+            local = host.getsockname()
+            local_s = f"[{local[0]}]:{local[1]}" if ":" in local[0] else f"{local[0]}:{local[1]}"
+        except OSError:
+            local_s = "?"
+        return GraftedSocket(sess.container, _tgid(tid), fd, st.st_ino, info.proto, kind,
+                             endpoint, local_s, remote, time.time())
+
+    def _count_graft(self, sess: Session, record: GraftedSocket | None) -> None:
+        sess.counters.grafted += 1
+        self.totals.grafted += 1
+        if record is not None:
+            self.grafted[(record.pid, record.fd)] = record
+
+    def _inject_and_answer(self, sess: Session, n: seccomp.Notification, fd: int,
+                           host: socket.socket, app: socket.socket,
+                           record: GraftedSocket | None) -> None:
+        cloexec = ksock.target_fd_cloexec(n.pid, fd)
+        ksock.set_blocking(host, not ksock.file_nonblocking(app.fileno()))
+        sess.listener.addfd(n.id, host.fileno(), newfd=fd, cloexec=cloexec)
+        self._count_graft(sess, record)
+        self._respond(sess, n.id, val=0)
+
+    # --- connects ------------------------------------------------------------
+
+    def _start_connect(self, sess: Session, n: seccomp.Notification, fd: int,
+                       sock: socket.socket, dest: InetAddr, *, inject: bool,
+                       record: GraftedSocket | None, app_sock: socket.socket | None = None
+                       ) -> bool:
+        """Connect `sock` (non-blocking) to the checked `dest`. Returns True if
+        `sock` is now owned by a pending connect."""
+        app = app_sock if app_sock is not None else sock
+        app_nb = ksock.file_nonblocking(app.fileno())
+        cloexec = ksock.target_fd_cloexec(n.pid, fd) if inject else False
+        restore_blocking = False
+        if not inject and not app_nb:
+            # A grafted socket shared with the application: connect it without
+            # blocking the agent, then give the application its blocking mode back.
+            ksock.set_blocking(sock, False)
+            restore_blocking = True
+        err = sock.connect_ex(ksock.sockaddr_tuple(dest))
+        if err in (0,) or (err != errno.EINPROGRESS and err != errno.EAGAIN):
+            if restore_blocking:
+                ksock.set_blocking(sock, True)
+            if err == 0 and inject:
+                ksock.set_blocking(sock, not app_nb)
+                sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
+                self._count_graft(sess, record)
+            self._respond(sess, n.id, error=err)
+            return False
+        if app_nb:
+            # The application will poll for writability and read SO_ERROR itself.
+            if inject:
+                sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
+                self._count_graft(sess, record)
+            self._respond(sess, n.id, error=errno.EINPROGRESS)
+            return False
+        pc = PendingConnect(sess, n.id, n.pid, fd, sock, inject, cloexec, app_nb, record,
+                            time.monotonic() + CONNECT_TIMEOUT)
+        self.pending[sock.fileno()] = pc
+        self.ep.register(sock.fileno(), select.EPOLLOUT | select.EPOLLONESHOT)
+        return True
+
+    def _on_connect_ready(self, fd: int) -> None:
+        pc = self.pending[fd]
+        self._finish_pending(pc, ksock.so_error(pc.sock))
+
+    def _finish_pending(self, pc: PendingConnect, err: int) -> None:
+        fd = pc.sock.fileno()
+        self.pending.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        sess = pc.session
+        try:
+            if err == 0 and pc.inject:
+                ksock.set_blocking(pc.sock, True)
+                sess.listener.addfd(pc.notif_id, fd, newfd=pc.fd, cloexec=pc.cloexec)
+                self._count_graft(sess, pc.record)
+            elif not pc.inject:
+                ksock.set_blocking(pc.sock, True)
+            self._respond(sess, pc.notif_id, error=err)
+        except NotFound:
+            pass
+        except KernelError as exc:
+            log.warning("%s: finishing a connect failed: %s", sess.container, exc)
+        finally:
+            pc.sock.close()
+
+    def sweep(self, now: float) -> None:
+        """Expire connects whose application thread gave up or that time out."""
+        for pc in list(self.pending.values()):
+            if now > pc.deadline:
+                self._finish_pending(pc, errno.ETIMEDOUT)
+            elif pc.session.listener.closed or not pc.session.listener.id_valid(pc.notif_id):
+                self.pending.pop(pc.sock.fileno(), None)
+                try:
+                    self.ep.unregister(pc.sock.fileno())
+                except (KeyError, ValueError, OSError):
+                    pass
+                pc.sock.close()
+
+    # --- queries -------------------------------------------------------------
+
+    def list_sockets(self) -> list[dict]:
+        """Grafted sockets still open in their process (checked now via /proc)."""
+        out = []
+        for key, g in list(self.grafted.items()):
+            try:
+                link = os.readlink(f"/proc/{g.pid}/fd/{g.fd}")
+            except OSError:
+                link = ""
+            if link != f"socket:[{g.inode}]":
+                del self.grafted[key]
+                continue
+            out.append({k: v for k, v in g.__dict__.items()})
+        return out
+
+    def stats(self) -> dict:
+        return {"counters": self.totals.as_dict(),
+                "containers": [{"container": s.container, "pid": s.pid, "mark": s.mark,
+                                "configured": s.config is not None,
+                                **s.counters.as_dict()} for s in self.sessions.values()],
+                "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    import struct
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _tgid(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+

@@ -1,0 +1,169 @@
+"""`sockgraft run`: start a command in a container's network namespace under
+the graft seccomp filter, hand the listener to the node agent, and hold it.
+
+  parent (this process, host side)           child
+  --------------------------------           -----
+  connect to the agent (fail early)
+  fork  ------------------------------------> setns(container netns)
+                                              read the netns' socket buffer defaults
+                                              install filter (NEW_LISTENER)
+  <---------------- listener fd + defaults -- send over a socketpair
+  register with the agent (listener fd)
+  "go" -------------------------------------> exec CMD (the filter is inherited)
+  hold the listener; forward signals; re-register if the agent restarts;
+  exit with CMD's status once every filtered task is gone.
+
+Holding the listener is what makes agent restarts safe: while a holder keeps
+it open, trapped syscalls wait in the kernel queue instead of failing with
+ENOSYS, and a new agent picks them up after re-registration.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+from ..errors import AgentError, KernelError
+from ..kernel import netns, seccomp
+from . import control
+
+log = logging.getLogger("sockgraft.run")
+
+GO, ABORT = b"G", b"A"
+
+
+def _child(sp: socket.socket, ns_path: str | None, argv: list[str]) -> None:
+    """Runs in the forked child; never returns."""
+    try:
+        if ns_path:
+            netns.enter(ns_path)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            buffers = {"sndbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                       "rcvbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+        prog = seccomp.build_filter(seccomp.default_graft_filter())
+        listener = seccomp.install_filter(prog, listener=True)
+        socket.send_fds(sp, [json.dumps({"buffers": buffers}).encode()], [listener])
+        os.close(listener)
+        if sp.recv(1) != GO:
+            os._exit(125)
+        sp.close()
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        msg = f"sockgraft run: cannot execute {argv[0]!r}: {exc.strerror}\n"
+        os.write(2, msg.encode())
+        os._exit(127 if exc.errno == errno.ENOENT else 126)
+    except BaseException as exc:  # noqa: BLE001
+        os.write(2, f"sockgraft run: setup failed: {exc}\n".encode())
+        os._exit(125)
+
+
+def _register(agent_path: str, container: str, pid: int, listener: int,
+              buffers: dict) -> socket.socket:
+    sock = control.connect(agent_path)
+    control.send(sock, {"op": "register", "container": container, "pid": pid,
+                        "buffers": buffers}, [listener])
+    reply = control.recv_reply(sock)
+    if not reply.get("ok"):
+        sock.close()
+        raise AgentError(f"the agent refused container {container}: {reply.get('error')}")
+    sock.settimeout(None)
+    return sock
+
+
+def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str) -> int:
+    # Fail before anything starts if no agent answers.
+    control.request(agent_path, {"op": "ping"}, timeout=5)
+    parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        parent_sp.close()
+        _child(child_sp, ns_path, argv)
+    child_sp.close()
+    listener = -1
+    try:
+        parent_sp.settimeout(10)
+        msg, fds, _, _ = socket.recv_fds(parent_sp, 4096, 1)
+        if len(fds) != 1:
+            raise KernelError("seccomp listener hand-over", errno.EPROTO,
+                              "the child sent no listener (see its message above)")
+        listener = fds[0]
+        buffers = json.loads(msg or b"{}").get("buffers", {})
+        conn = _register(agent_path, container, pid, listener, buffers)
+        parent_sp.send(GO)
+    except BaseException:
+        try:
+            parent_sp.send(ABORT)
+        except OSError:
+            pass
+        _reap(pid)
+        if listener >= 0:
+            os.close(listener)
+        raise
+    finally:
+        parent_sp.close()
+    return _hold(container, pid, listener, conn, agent_path, buffers)
+
+
+def _reap(pid: int) -> int:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return 0
+    return os.waitstatus_to_exitcode(status)
+
+
+def _hold(container: str, pid: int, listener: int, conn: socket.socket | None,
+          agent_path: str, buffers: dict) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, lambda s, _f: _forward(pid, s))
+    code: int | None = None
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)   # POLLHUP: every filtered task is gone
+    next_retry = 0.0
+    while True:
+        if code is None:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+        hup = any(ev & select.POLLHUP for _, ev in poller.poll(0))
+        if code is not None and hup:
+            break
+        if conn is None and time.monotonic() >= next_retry:
+            try:
+                conn = _register(agent_path, container, pid, listener, buffers)
+                log.warning("re-registered %s with the restarted agent", container)
+            except (AgentError, OSError):
+                next_retry = time.monotonic() + 0.2
+        waits = [conn] if conn is not None else []
+        try:
+            ready, _, _ = select.select(waits, [], [], 0.05)
+        except InterruptedError:
+            continue
+        if ready:
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                conn.close()
+                conn = None      # the agent went away: keep holding, re-register
+                print("sockgraft run: lost the agent; holding the listener until it is back",
+                      file=sys.stderr)
+    if conn is not None:
+        conn.close()
+    os.close(listener)
+    return code if code is not None else 0
+
+
+def _forward(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

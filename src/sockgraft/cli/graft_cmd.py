@@ -1,0 +1,407 @@
+"""`sockgraft agent|run|ep|rule|policy|config|sockets|stats`: argument handling and output.
+
+Configuration commands edit the operator's store (agent/store.py) and then ask
+every running agent to reload, so changes apply to new sockets at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+
+from ..errors import AgentError, ConfigError, LabError
+from ..agent import control
+from ..agent.store import ConfigStore, default_dir
+from ..kernel import netns
+from ..lab import state as lab_state
+from ..model import graftconfig as gc
+from ..model.endpoint import parse_egress, parse_endpoint_args, parse_ingress
+from ..model.policy import parse_policy_rule
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+AGENT_EXAMPLES = """\
+examples:
+  sockgraft agent --host h1 &              the agent of lab host h1 (enters its namespace)
+  sockgraft agent --netns /run/netns/node1 --socket /run/sockgraft/agent-node1.sock
+  sockgraft lab up --agents                the lab with one agent per host, in the background
+"""
+
+RUN_EXAMPLES = """\
+examples:
+  sockgraft run --container h1-c1 -- iperf3 -c 198.18.0.2
+  sockgraft run --container h2-c1 -- nginx -g 'daemon off;'
+  sockgraft run --container web --netns /run/netns/web --agent /run/sockgraft/agent-n1.sock -- ./server
+"""
+
+EP_EXAMPLES = """\
+examples:
+  sockgraft ep add ep-http --container h2-c1 type ipv4 addr 198.18.0.2 port 8080
+  sockgraft ep add ep-out  --container h1-c1 type ipv4 addr 198.18.0.1 port dynamic
+  sockgraft ep add ep-v6   --container h1-c1 type ipv6 addr fd53:6700:ffff::1 port dynamic
+  sockgraft ep add ep-sock --container h1-c1 type unix path /run/app.sock
+  sockgraft ep del ep-out --container h1-c1
+  sockgraft ep show [--container h1-c1] [--json]
+"""
+
+RULE_EXAMPLES = """\
+examples:
+  sockgraft rule add --container h2-c1 ingress 0.0.0.0:80=ep-http
+  sockgraft rule add --container h2-c1 ingress '[::]:80=ep-http'
+  sockgraft rule add --container h1-c1 egress 198.18.0.0/24=ep-out
+  sockgraft rule add --container h1-c1 egress 198.18.0.0/24:5201=ep-out
+  sockgraft rule del --container h1-c1 egress 198.18.0.0/24=ep-out
+"""
+
+POLICY_EXAMPLES = """\
+examples:
+  sockgraft policy add --container h1-c1 deny tcp 198.18.0.2 22
+  sockgraft policy add --container h1-c1 allow tcp 198.18.0.0/24 1-65535
+  sockgraft policy add --container h1-c1 allow udp '[fd00::/8]' 53
+  sockgraft policy del --container h1-c1 deny tcp 198.18.0.2 22
+  sockgraft policy builtin --container h1-c1 off      (allow loopback/link-local/metadata)
+Rule syntax: ACTION PROTO DEST [PORTS]; built-in denies (loopback, link-local,
+cloud metadata, unspecified) apply unless an allow rule names them.
+"""
+
+CONFIG_EXAMPLES = """\
+examples:
+  sockgraft config load h1-c1.toml          replace a container's whole configuration
+  sockgraft config show --container h1-c1   print it as TOML
+  sockgraft config del --container h1-c1    forget it (new sockets pass through)
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("agent", help="run the node agent", epilog=AGENT_EXAMPLES,
+                       formatter_class=FMT,
+                       description="The privileged node agent: receives seccomp listeners "
+                                   "from `sockgraft run` (or an OCI runtime) and grafts "
+                                   "container sockets onto host sockets.")
+    p.add_argument("--host", help="lab host whose namespace the agent serves")
+    p.add_argument("--lab", default="demo")
+    p.add_argument("--netns", help="enter this network namespace (path or name) first")
+    p.add_argument("--socket", help="control socket path (default: agent-<host>.sock "
+                                    "in the state directory)")
+    p.add_argument("--config-dir", help=f"graft configuration store (default {default_dir()})")
+    p.add_argument("--audit-log", help="append audit lines (JSON) to this file")
+    p.add_argument("--no-nft", action="store_true",
+                   help="do not manage the nftables policy table (per-datagram UDP policy off)")
+    p.set_defaults(func=cmd_agent, needs_root=True)
+
+    p = sub.add_parser("run", help="run a command in a container with its sockets grafted",
+                       epilog=RUN_EXAMPLES, formatter_class=FMT)
+    p.add_argument("--container", required=True)
+    p.add_argument("--lab", default="demo")
+    p.add_argument("--netns", help="network namespace (path or name); default: the lab's")
+    p.add_argument("--agent", help="agent control socket; default: the container's host agent")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(func=cmd_run, needs_root=True)
+
+    p = sub.add_parser("ep", help="graft endpoints (per container, operator only)",
+                       epilog=EP_EXAMPLES, formatter_class=FMT)
+    epsub = p.add_subparsers(dest="ep_command", metavar="ACTION")
+    a = epsub.add_parser("add", help="add an endpoint", epilog=EP_EXAMPLES, formatter_class=FMT)
+    a.add_argument("name")
+    a.add_argument("--container", required=True)
+    a.add_argument("--replace", action="store_true")
+    a.add_argument("spec", nargs="*",
+                   help="type ipv4|ipv6 addr ADDR port PORT|dynamic  |  type unix path PATH")
+    a.set_defaults(func=cmd_ep_add)
+    d = epsub.add_parser("del", help="delete an endpoint", epilog=EP_EXAMPLES,
+                         formatter_class=FMT)
+    d.add_argument("name")
+    d.add_argument("--container", required=True)
+    d.set_defaults(func=cmd_ep_del)
+    s = epsub.add_parser("show", help="list endpoints and rules", epilog=EP_EXAMPLES,
+                         formatter_class=FMT)
+    s.add_argument("--container")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ep_show)
+    for q in (a, d, s):
+        q.add_argument("--config-dir")
+
+    p = sub.add_parser("rule", help="conversion rules: ingress ADDR:PORT=EP, egress PREFIX=EP",
+                       epilog=RULE_EXAMPLES, formatter_class=FMT)
+    rsub = p.add_subparsers(dest="rule_command", metavar="ACTION")
+    for verb in ("add", "del"):
+        r = rsub.add_parser(verb, epilog=RULE_EXAMPLES, formatter_class=FMT,
+                            help=f"{verb} a rule")
+        r.add_argument("--container", required=True)
+        r.add_argument("--config-dir")
+        r.add_argument("direction", choices=["ingress", "egress"])
+        r.add_argument("rule")
+        r.set_defaults(func=cmd_rule, verb=verb)
+
+    p = sub.add_parser("policy", help="per-container access control",
+                       epilog=POLICY_EXAMPLES, formatter_class=FMT)
+    psub = p.add_subparsers(dest="policy_command", metavar="ACTION")
+    for verb in ("add", "del"):
+        r = psub.add_parser(verb, epilog=POLICY_EXAMPLES, formatter_class=FMT,
+                            help=f"{verb} an allow/deny rule")
+        r.add_argument("--container", required=True)
+        r.add_argument("--config-dir")
+        r.add_argument("words", nargs="+", help="ACTION PROTO DEST [PORTS]")
+        r.set_defaults(func=cmd_policy, verb=verb)
+    r = psub.add_parser("builtin", help="turn the built-in denies on or off",
+                        epilog=POLICY_EXAMPLES, formatter_class=FMT)
+    r.add_argument("--container", required=True)
+    r.add_argument("--config-dir")
+    r.add_argument("state", choices=["on", "off"])
+    r.set_defaults(func=cmd_policy_builtin)
+
+    p = sub.add_parser("config", help="whole per-container configuration files (TOML)",
+                       epilog=CONFIG_EXAMPLES, formatter_class=FMT)
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    c = csub.add_parser("load", help="validate and install a TOML file", epilog=CONFIG_EXAMPLES,
+                        formatter_class=FMT)
+    c.add_argument("file")
+    c.add_argument("--config-dir")
+    c.set_defaults(func=cmd_config_load)
+    c = csub.add_parser("show", epilog=CONFIG_EXAMPLES, formatter_class=FMT,
+                        help="print a container's configuration")
+    c.add_argument("--container", required=True)
+    c.add_argument("--config-dir")
+    c.set_defaults(func=cmd_config_show)
+    c = csub.add_parser("del", epilog=CONFIG_EXAMPLES, formatter_class=FMT,
+                        help="delete a container's configuration")
+    c.add_argument("--container", required=True)
+    c.add_argument("--config-dir")
+    c.set_defaults(func=cmd_config_del)
+
+    for name, helptext, func in (("sockets", "list grafted sockets", cmd_sockets),
+                                 ("stats", "agent counters per container", cmd_stats)):
+        p = sub.add_parser(name, help=helptext, formatter_class=FMT,
+                           epilog=f"examples:\n  sockgraft {name}\n  sockgraft {name} --json\n"
+                                  f"  sockgraft {name} --agent /run/sockgraft/agent-h1.sock\n")
+        p.add_argument("--agent", action="append", help="agent socket (default: all running)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+def _store(args) -> ConfigStore:
+    return ConfigStore(getattr(args, "config_dir", None))
+
+
+def agent_sockets() -> list[str]:
+    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+    return sorted(glob.glob(os.path.join(base, "agent-*.sock")))
+
+
+def notify_agents(container: str | None) -> int:
+    """Ask every running agent to reload; returns how many answered."""
+    n = 0
+    for path in agent_sockets():
+        try:
+            control.request(path, {"op": "reload", "container": container}, timeout=3)
+            n += 1
+        except AgentError as exc:
+            logging.getLogger("sockgraft").info("reload via %s: %s", path, exc)
+    return n
+
+
+def _edit(args, change, what: str) -> int:
+    cfg = _store(args).edit(args.container, change)
+    n = notify_agents(args.container)
+    print(f"{what} (container {cfg.container}; {n} agent(s) reloaded)")
+    return 0
+
+
+# --- commands -------------------------------------------------------------------------
+
+def cmd_agent(args) -> int:
+    from ..agent.engine import Agent
+    name = args.host or "default"
+    ns = args.netns
+    if args.host and not ns:
+        st = lab_state.read(args.lab)
+        if st is None:
+            raise LabError(f"lab {args.lab!r} is not up; start it or pass --netns")
+        ns = st.plan().node(args.host).netns
+    if ns:
+        netns.enter(ns)   # before anything else runs: the agent stays single-threaded
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    path = args.socket or control.default_socket_path(name)
+    agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
+                  manage_nft=not args.no_nft)
+    agent.start()
+    print(f"sockgraft agent {name}: serving {path} (pid {os.getpid()})", flush=True)
+    try:
+        agent.serve_forever()
+    finally:
+        agent.close()
+    return 0
+
+
+def container_location(lab: str, container: str) -> tuple[str, str]:
+    """(netns path, host name) of a lab container."""
+    st = lab_state.read(lab)
+    if st is None:
+        raise LabError(f"lab {lab!r} is not up; pass --netns and --agent for a container "
+                       "outside the lab")
+    plan = st.plan()
+    node = plan.node(container)
+    if not hasattr(node, "host"):
+        raise ConfigError(f"{container!r} is a host, not a container")
+    return netns.path(node.netns), node.host
+
+
+def cmd_run(args) -> int:
+    from ..agent.launcher import run
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ConfigError("missing command; usage: sockgraft run --container C -- CMD [ARGS]")
+    ns_path = args.netns
+    agent = args.agent
+    if not ns_path or not agent:
+        lab_ns, host = container_location(args.lab, args.container)
+        ns_path = ns_path or lab_ns
+        agent = agent or control.default_socket_path(host)
+    if ns_path and not ns_path.startswith("/"):
+        ns_path = netns.path(ns_path)
+    return run(args.container, cmd, ns_path=ns_path, agent_path=agent)
+
+
+def cmd_ep_add(args) -> int:
+    spec = args.spec[1:] if args.spec[:1] == ["--"] else args.spec
+    ep = parse_endpoint_args(args.name, spec)
+    return _edit(args, lambda cfg: gc.with_endpoint(cfg, ep, replace=args.replace),
+                 f"endpoint {ep}")
+
+
+def cmd_ep_del(args) -> int:
+    return _edit(args, lambda cfg: gc.without_endpoint(cfg, args.name),
+                 f"endpoint {args.name} deleted")
+
+
+def cmd_ep_show(args) -> int:
+    store = _store(args)
+    names = [args.container] if args.container else store.containers()
+    configs = [c for c in (store.load(n) for n in names) if c is not None]
+    if args.json:
+        out = [{"container": c.container,
+                "endpoints": [{"name": e.name, "type": e.kind,
+                               "addr": str(e.addr) if e.addr else None,
+                               "port": "dynamic" if e.is_dynamic else e.port,
+                               "path": e.path} for e in c.endpoints.values()],
+                "ingress": [str(r) for r in c.ingress], "egress": [str(r) for r in c.egress],
+                "policy": {"allow": [str(r) for r in c.policy.allow],
+                           "deny": [str(r) for r in c.policy.deny],
+                           "builtin_denies": c.policy.builtin_denies}} for c in configs]
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    if not configs:
+        print("no graft configuration" + (f" for {args.container}" if args.container else ""))
+    for c in configs:
+        print(f"container {c.container}")
+        for e in c.endpoints.values():
+            print(f"  ep {e}")
+        for r in c.ingress:
+            print(f"  ingress {r}")
+        for r in c.egress:
+            print(f"  egress {r}")
+        for r in c.policy.deny + c.policy.allow:
+            print(f"  policy {r}")
+        print(f"  builtin denies {'on' if c.policy.builtin_denies else 'off'}")
+    return 0
+
+
+def cmd_rule(args) -> int:
+    rule = parse_ingress(args.rule) if args.direction == "ingress" else parse_egress(args.rule)
+    change = gc.with_rule if args.verb == "add" else gc.without_rule
+    return _edit(args, lambda cfg: change(cfg, rule),
+                 f"{args.direction} rule {rule} {'added' if args.verb == 'add' else 'deleted'}")
+
+
+def cmd_policy(args) -> int:
+    rule = parse_policy_rule(" ".join(args.words))
+    change = gc.with_policy_rule if args.verb == "add" else gc.without_policy_rule
+    return _edit(args, lambda cfg: change(cfg, rule),
+                 f"policy {rule} {'added' if args.verb == 'add' else 'deleted'}")
+
+
+def cmd_policy_builtin(args) -> int:
+    from dataclasses import replace
+    on = args.state == "on"
+    return _edit(args, lambda cfg: gc.with_policy(cfg, replace(cfg.policy, builtin_denies=on)),
+                 f"built-in denies {args.state}")
+
+
+def cmd_config_load(args) -> int:
+    try:
+        with open(args.file) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=args.file) from exc
+    cfg = gc.load_config(text, args.file)
+    _store(args).save(cfg)
+    n = notify_agents(cfg.container)
+    print(f"configuration of {cfg.container} installed ({n} agent(s) reloaded)")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    cfg = _store(args).load(args.container)
+    if cfg is None:
+        raise ConfigError(f"no configuration for container {args.container!r}")
+    sys.stdout.write(gc.dump_config(cfg))
+    return 0
+
+
+def cmd_config_del(args) -> int:
+    existed = _store(args).delete(args.container)
+    notify_agents(args.container)
+    print(f"configuration of {args.container} " + ("deleted" if existed else "did not exist"))
+    return 0
+
+
+def _query(args, op: str) -> list[tuple[str, dict]]:
+    paths = args.agent or agent_sockets()
+    if not paths:
+        raise AgentError("no running agent found (start one with `sockgraft agent`)")
+    out = []
+    for path in paths:
+        out.append((path, control.request(path, {"op": op})))
+    return out
+
+
+def cmd_sockets(args) -> int:
+    rows = [dict(s, agent=os.path.basename(p)) for p, r in _query(args, "sockets")
+            for s in r["sockets"]]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    table = [("CONTAINER", "PID", "FD", "PROTO", "KIND", "ENDPOINT", "LOCAL", "REMOTE")]
+    for s in rows:
+        table.append((s["container"], str(s["pid"]), str(s["fd"]), s["proto"], s["kind"],
+                      s["endpoint"], s["local"], s["remote"] or "-"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_stats(args) -> int:
+    results = _query(args, "stats")
+    if args.json:
+        json.dump({p: {k: v for k, v in r.items() if k != "ok"} for p, r in results},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    for path, r in results:
+        c = r["counters"]
+        print(f"{path}: grafted {c['grafted']}  passed {c['passed']}  denied {c['denied']}  "
+              f"errors {c['errors']}  pending connects {r['pending_connects']}")
+        for s in r["containers"]:
+            print(f"  {s['container']:12s} pid {s['pid']:<7d} grafted {s['grafted']}  "
+                  f"passed {s['passed']}  denied {s['denied']}  errors {s['errors']}")
+    return 0

@@ -1,0 +1,170 @@
+"""Host sockets for grafting: inspect a target's socket (through a pidfd_getfd
+duplicate), create its host twin, carry its options over.
+
+Owns the option list that is copied and the reading of a target fd's flags.
+Must not: decide whether to graft (model/graft) or talk to the notify fd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+
+from ..model.sockaddr import AF_INET, InetAddr
+
+SOL_SOCKET = socket.SOL_SOCKET
+SO_DOMAIN, SO_TYPE, SO_PROTOCOL, SO_MARK, SO_ERROR = 39, 3, 38, 36, 4
+SO_SNDBUF, SO_RCVBUF = 7, 8
+IPPROTO_IP, IPPROTO_TCP, IPPROTO_IPV6 = 0, 6, 41
+O_CLOEXEC = 0o2000000
+
+# (level, option, size in bytes or 0 for int, families it applies to or None for all,
+#  socket types or None for all). Options an application sets before connect()
+# or bind() that change behaviour; each is copied only when it differs from a
+# fresh host socket's value, so untouched defaults (and buffer autotuning) stay.
+_I = 0
+OPTIONS: tuple[tuple[int, int, int, tuple[int, ...] | None, tuple[int, ...] | None], ...] = (
+    (SOL_SOCKET, 2, _I, None, None),            # SO_REUSEADDR
+    (SOL_SOCKET, 15, _I, None, None),           # SO_REUSEPORT
+    (SOL_SOCKET, 9, _I, None, None),            # SO_KEEPALIVE
+    (SOL_SOCKET, 6, _I, None, None),            # SO_BROADCAST
+    (SOL_SOCKET, 12, _I, None, None),           # SO_PRIORITY
+    (SOL_SOCKET, 10, _I, None, None),           # SO_OOBINLINE
+    (SOL_SOCKET, 13, 8, None, None),            # SO_LINGER (struct linger)
+    (SOL_SOCKET, 18, _I, None, None),           # SO_RCVLOWAT
+    (SOL_SOCKET, 20, 16, None, None),           # SO_RCVTIMEO_OLD (struct timeval)
+    (SOL_SOCKET, 21, 16, None, None),           # SO_SNDTIMEO_OLD
+    (SOL_SOCKET, SO_SNDBUF, _I, None, None),
+    (SOL_SOCKET, SO_RCVBUF, _I, None, None),
+    (IPPROTO_TCP, 1, _I, None, (1,)),           # TCP_NODELAY
+    (IPPROTO_TCP, 4, _I, None, (1,)),           # TCP_KEEPIDLE
+    (IPPROTO_TCP, 5, _I, None, (1,)),           # TCP_KEEPINTVL
+    (IPPROTO_TCP, 6, _I, None, (1,)),           # TCP_KEEPCNT
+    (IPPROTO_TCP, 18, _I, None, (1,)),          # TCP_USER_TIMEOUT
+    (IPPROTO_TCP, 25, _I, None, (1,)),          # TCP_NOTSENT_LOWAT
+    (IPPROTO_TCP, 9, _I, None, (1,)),           # TCP_DEFER_ACCEPT
+    (IPPROTO_TCP, 13, 16, None, (1,)),          # TCP_CONGESTION (name)
+    (IPPROTO_IP, 1, _I, (socket.AF_INET,), None),     # IP_TOS
+    (IPPROTO_IP, 2, _I, (socket.AF_INET,), None),     # IP_TTL
+    (IPPROTO_IP, 11, _I, (socket.AF_INET,), None),    # IP_RECVERR
+    (IPPROTO_IP, 8, _I, (socket.AF_INET,), None),     # IP_PKTINFO
+    (IPPROTO_IPV6, 26, _I, (socket.AF_INET6,), None),  # IPV6_V6ONLY
+    (IPPROTO_IPV6, 67, _I, (socket.AF_INET6,), None),  # IPV6_TCLASS
+    (IPPROTO_IPV6, 16, _I, (socket.AF_INET6,), None),  # IPV6_UNICAST_HOPS
+    (IPPROTO_IPV6, 25, _I, (socket.AF_INET6,), None),  # IPV6_RECVERR
+    (IPPROTO_IPV6, 49, _I, (socket.AF_INET6,), None),  # IPV6_RECVPKTINFO
+)
+_BUFFERS = {(SOL_SOCKET, SO_SNDBUF), (SOL_SOCKET, SO_RCVBUF)}
+
+
+def _get(sock: socket.socket, level: int, opt: int, size: int):
+    try:
+        return sock.getsockopt(level, opt, size) if size else sock.getsockopt(level, opt)
+    except OSError:
+        return None
+
+
+class OptionCopier:
+    """Copies options that differ from a fresh socket's defaults. The defaults
+    of each (family, type, proto) are read once and cached."""
+
+    def __init__(self) -> None:
+        self._defaults: dict[tuple[int, int, int], list] = {}
+
+    def defaults(self, family: int, type_: int, proto: int) -> list:
+        key = (family, type_, proto)
+        found = self._defaults.get(key)
+        if found is None:
+            with socket.socket(family, type_, proto) as fresh:
+                found = [_get(fresh, lvl, opt, size) if _applies(spec, family, type_) else None
+                         for spec in OPTIONS for lvl, opt, size in [spec[:3]]]
+            self._defaults[key] = found
+        return found
+
+    def copy(self, src: socket.socket, dst: socket.socket, family: int, type_: int,
+             proto: int, container_buffers: dict[int, int] | None = None) -> int:
+        """Returns how many options were set."""
+        n = 0
+        defaults = self.defaults(family, type_, proto)
+        for spec, default in zip(OPTIONS, defaults):
+            if not _applies(spec, family, type_):
+                continue
+            lvl, opt, size = spec[:3]
+            val = _get(src, lvl, opt, size)
+            if val is None or val == default:
+                continue
+            if (lvl, opt) in _BUFFERS:
+                # The kernel reports twice what was set; an unchanged container
+                # default must not be pinned (that would disable autotuning).
+                if container_buffers and container_buffers.get(opt) == val:
+                    continue
+                val //= 2
+            try:
+                dst.setsockopt(lvl, opt, val)
+                n += 1
+            except OSError:
+                pass  # e.g. a congestion control not available on the host
+        return n
+
+
+def _applies(spec, family: int, type_: int) -> bool:
+    fams, types = spec[3], spec[4]
+    return (fams is None or family in fams) and (types is None or type_ in types)
+
+
+def adopt(fd: int) -> socket.socket:
+    """Wrap a socket fd we own (e.g. from pidfd_getfd) as a socket object."""
+    return socket.socket(fileno=fd)
+
+
+def info(sock: socket.socket) -> tuple[int, int, int, int]:
+    """(family, type, protocol, mark) of a socket."""
+    return (sock.getsockopt(SOL_SOCKET, SO_DOMAIN), sock.getsockopt(SOL_SOCKET, SO_TYPE),
+            sock.getsockopt(SOL_SOCKET, SO_PROTOCOL), sock.getsockopt(SOL_SOCKET, SO_MARK))
+
+
+def file_nonblocking(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+def target_fd_cloexec(tid: int, fd: int) -> bool:
+    """Close-on-exec is a per-fd-table flag, not visible through a dup: read
+    it from /proc/<tid>/fdinfo/<fd>."""
+    try:
+        with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"flags:"):
+                    return bool(int(line.split()[1], 8) & O_CLOEXEC)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def host_socket(family: int, type_: int, proto: int, mark: int) -> socket.socket:
+    """A non-blocking, close-on-exec host socket carrying the container's mark."""
+    s = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+    try:
+        s.setsockopt(SOL_SOCKET, SO_MARK, mark)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def sockaddr_tuple(addr: InetAddr) -> tuple:
+    if addr.family == AF_INET:
+        return (str(addr.ip), addr.port)
+    return (str(addr.ip), addr.port, addr.flowinfo, addr.scope_id)
+
+
+def set_blocking(sock: socket.socket, blocking: bool) -> None:
+    flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
+    new = flags & ~os.O_NONBLOCK if blocking else flags | os.O_NONBLOCK
+    if new != flags:
+        fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, new)
+
+
+def so_error(sock: socket.socket) -> int:
+    return sock.getsockopt(SOL_SOCKET, SO_ERROR)
+

@@ -1,0 +1,219 @@
+"""The graft decision: what the agent does with one trapped bind/connect/sendto.
+
+Pure: takes the parsed sockaddr, what the agent learned about the target's
+socket (family, type, whether it is already a grafted host socket) and the
+container's GraftConfig, and returns an Action. The agent (agent/engine.py)
+carries the action out; nothing here touches a socket or the notify fd.
+
+Actions:
+  Continue        let the kernel run the syscall unchanged in the container's
+                  own namespace (nothing grafted, nothing to check), or on an
+                  already grafted socket where the kernel's per-packet nftables
+                  policy (keyed by the socket mark) still applies (UDP sendto)
+  Fail(errno)     answer the syscall with this errno (what the kernel would
+                  answer for a malformed sockaddr, or a config mismatch)
+  Deny(errno)     refused by policy; audited
+  GraftBind       create a host socket bound to `local`, inject it at the fd
+  GraftConnect    create a host socket bound to `local`, connect it to `dest`
+                  (the address that was checked: never re-read), inject it
+  ConnectGrafted  the fd already is a host socket: connect it to `dest` ourselves
+  GraftSend       create a host UDP socket bound to `local`, inject it, then let
+                  the kernel send (its nftables policy checks every datagram)
+
+Race freedom: every action that moves traffic onto the host carries the
+address the decision was made on; the agent acts on that copy only.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from .endpoint import Endpoint
+from .graftconfig import GraftConfig, ingress_host_port
+from .policy import decide
+from .sockaddr import (AF_INET, AF_INET6, InetAddr, OtherAddr, Sockaddr, SockaddrError,
+                       UnixAddr, UnspecAddr, parse_sockaddr)
+
+SOCK_STREAM = 1
+SOCK_DGRAM = 2
+MSG_FASTOPEN = 0x20000000
+
+MARK_MASK = 0xFFFF0000
+MARK_BASE = 0x53470000  # "SG": every grafted socket carries MARK_BASE | container id
+
+
+@dataclass(frozen=True, slots=True)
+class SockInfo:
+    family: int
+    type: int          # SOCK_STREAM / SOCK_DGRAM / other
+    grafted: bool      # already a host socket (carries a sockgraft mark)
+
+    @property
+    def proto(self) -> str:
+        return {SOCK_STREAM: "tcp", SOCK_DGRAM: "udp"}.get(self.type, "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    errno: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    errno: int
+    rule: str
+    dest: InetAddr
+
+
+@dataclass(frozen=True, slots=True)
+class GraftBind:
+    endpoint: Endpoint
+    local: InetAddr      # host address to bind (in the socket's family)
+    requested: InetAddr
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class GraftConnect:
+    endpoint: Endpoint
+    local: InetAddr
+    dest: InetAddr
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectGrafted:
+    dest: InetAddr
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class GraftSend:
+    endpoint: Endpoint
+    local: InetAddr
+    dest: InetAddr
+    rule: str
+
+
+Action = Continue | Fail | Deny | GraftBind | GraftConnect | ConnectGrafted | GraftSend
+
+
+def is_grafted_mark(mark: int) -> bool:
+    return mark & MARK_MASK == MARK_BASE
+
+
+def parse_trapped(data: bytes, addrlen: int) -> Sockaddr | Fail:
+    try:
+        return parse_sockaddr(data, addrlen)
+    except SockaddrError as exc:
+        return Fail(exc.errno, str(exc))
+
+
+def local_for(ep: Endpoint, family: int, port: int | None = None) -> InetAddr | Fail:
+    """The endpoint's host address expressed in the socket's family."""
+    assert ep.addr is not None
+    p = (ep.port or 0) if port is None else port
+    if family == AF_INET:
+        if not isinstance(ep.addr, IPv4Address):
+            return Fail(errno.EAFNOSUPPORT, f"endpoint {ep.name} is IPv6 but the socket is IPv4")
+        return InetAddr(AF_INET, ep.addr, p)
+    if isinstance(ep.addr, IPv4Address):
+        return InetAddr(AF_INET6, IPv6Address("::ffff:" + str(ep.addr)), p)
+    return InetAddr(AF_INET6, ep.addr, p)
+
+
+def _family_ok(sock: SockInfo, addr: InetAddr) -> bool:
+    return sock.family == addr.family
+
+
+def _keeps_loopback(rule, addr: InetAddr) -> bool:
+    """A container's loopback is its own (sidecars, local services): a broad
+    egress rule such as 0.0.0.0/0 never moves it onto the host's loopback.
+    Only a rule whose prefix lies inside the loopback range grafts it."""
+    ip = addr.unmapped().ip
+    if not ip.is_loopback:
+        return False
+    return not rule.network.subnet_of(IPv4Network("127.0.0.0/8") if ip.version == 4
+                                      else IPv6Network("::1/128"))
+
+
+def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr) -> Action:
+    if not isinstance(addr, InetAddr) or cfg is None or not _family_ok(sock, addr):
+        return Continue("not an inet bind of a configured container")
+    hit = cfg.match_ingress(addr)
+    if hit is None:
+        return Continue("no ingress rule")
+    if sock.grafted:
+        return Fail(errno.EINVAL, "socket is already bound on the host")
+    rule, ep = hit
+    if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
+        return Continue("not a TCP or UDP socket")
+    port = 0 if ep.is_dynamic else ingress_host_port(rule, ep, addr.unmapped().port)
+    local = local_for(ep, sock.family, port)
+    if isinstance(local, Fail):
+        return local
+    return GraftBind(ep, local, addr, f"ingress {rule}")
+
+
+def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr) -> Action:
+    if isinstance(addr, (UnixAddr, UnspecAddr, OtherAddr)) or cfg is None:
+        return Continue("not an inet destination of a configured container")
+    if not _family_ok(sock, addr):
+        return Continue("address family differs from the socket's; the kernel decides")
+    if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
+        return Continue("not a TCP or UDP socket")
+    hit = cfg.match_egress(addr)
+    if sock.grafted:
+        # Already on the host (bound through an ingress rule, or a UDP socket
+        # reconnecting): the destination is checked and connected by the agent.
+        verdict = decide(cfg.policy, sock.proto, addr.unmapped())
+        if not verdict.allowed:
+            return Deny(verdict.errno, verdict.rule, addr)
+        return ConnectGrafted(addr, verdict.rule)
+    if hit is None:
+        return Continue("no egress rule")
+    rule, ep = hit
+    if _keeps_loopback(rule, addr):
+        return Continue("container loopback stays in the container")
+    verdict = decide(cfg.policy, sock.proto, addr.unmapped())
+    if not verdict.allowed:
+        return Deny(verdict.errno, verdict.rule, addr)
+    local = local_for(ep, sock.family, 0 if ep.is_dynamic else ep.port)
+    if isinstance(local, Fail):
+        return local
+    return GraftConnect(ep, local, addr, f"egress {rule}")
+
+
+def decide_sendto(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
+                  flags: int = 0) -> Action:
+    if not isinstance(addr, InetAddr) or cfg is None or not _family_ok(sock, addr):
+        return Continue("not an inet destination of a configured container")
+    if sock.grafted:
+        return Continue("grafted socket: nftables checks each datagram")
+    hit = cfg.match_egress(addr)
+    if hit is None:
+        return Continue("no egress rule")
+    if sock.type == SOCK_STREAM:
+        if flags & MSG_FASTOPEN:
+            return Fail(errno.EOPNOTSUPP, "TCP fast open to a grafted destination")
+        return Continue("sendto on a stream socket ignores the address")
+    if sock.type != SOCK_DGRAM:
+        return Continue("not a UDP socket")
+    rule, ep = hit
+    if _keeps_loopback(rule, addr):
+        return Continue("container loopback stays in the container")
+    verdict = decide(cfg.policy, "udp", addr.unmapped())
+    if not verdict.allowed:
+        return Deny(verdict.errno, verdict.rule, addr)
+    local = local_for(ep, sock.family, 0 if ep.is_dynamic else ep.port)
+    if isinstance(local, Fail):
+        return local
+    return GraftSend(ep, local, addr, f"egress {rule}")

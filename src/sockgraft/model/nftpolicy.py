@@ -1,0 +1,121 @@
+"""Render the per-container policies as one nftables table, the in-kernel
+per-packet enforcement for grafted sockets.
+
+Every grafted socket carries SO_MARK = MARK_BASE | container id. The table's
+output chain sends packets with a sockgraft mark to their container's chain,
+which mirrors `policy.decide` rule for rule, so a UDP datagram sent on a
+grafted socket (or anything else a grafted socket emits) is judged in the
+kernel without a round trip to the agent. Replies on flows the other side
+started (a grafted server answering a client) are `ct state established`.
+
+Order inside a container chain, the same as `decide`:
+  1. deny rules                              -> drop
+  2. for each built-in category, most specific first (if builtin_denies):
+     allow rules that name the category      -> accept
+     the category's ranges                   -> drop
+  3. the remaining allow rules               -> accept
+  4. allow list non-empty ? drop : accept
+
+A mark in sockgraft's range with no chain (unknown container) is dropped.
+Pure: returns text; kernel/nft.py loads it atomically.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, IPv6Network
+
+from .graft import MARK_BASE, MARK_MASK
+from .policy import BUILTIN_DENIES, Policy, PolicyRule
+
+TABLE = "sockgraft"
+FAMILY = "inet"
+_MAPPED = IPv6Network("::ffff:0:0/96")
+
+
+def chain_name(mark: int) -> str:
+    return f"c_{mark & 0xFFFF:04x}"
+
+
+def _proto_match(r: PolicyRule) -> str:
+    if r.proto == "any":
+        return "" if r.all_ports else "meta l4proto { tcp, udp } "
+    return f"meta l4proto {r.proto} "
+
+
+def _ports(r: PolicyRule) -> str:
+    if r.all_ports:
+        return ""
+    return f"th dport {r.port_lo} " if r.port_lo == r.port_hi else \
+        f"th dport {r.port_lo}-{r.port_hi} "
+
+
+def _dests(net: IPv4Network | IPv6Network | None, with_mapped: bool) -> list[str]:
+    """Address matches for a rule. A mapped IPv6 destination leaves as an IPv4
+    packet, so a deny of a v6 range covering ::ffff:0:0/96 also denies the v4 form."""
+    if net is None:
+        return [""]
+    if net.version == 4:
+        return [f"ip daddr {net} "]
+    out = [f"ip6 daddr {net} "]
+    if with_mapped and net.overlaps(_MAPPED):
+        if _MAPPED.subnet_of(net):
+            out.append("ip daddr 0.0.0.0/0 ")
+        else:
+            v4 = IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+            out.append(f"ip daddr {v4} ")
+    return out
+
+
+def _rule_lines(r: PolicyRule, verdict: str, with_mapped: bool) -> list[str]:
+    return [f"{d}{_proto_match(r)}{_ports(r)}{verdict}".strip()
+            for d in _dests(r.network, with_mapped)]
+
+
+def _first_category(r: PolicyRule) -> str | None:
+    if r.network is None:
+        return None
+    for name, nets in BUILTIN_DENIES:
+        if any(n.version == r.network.version and r.network.subnet_of(n) for n in nets):
+            return name
+    return None
+
+
+def plan_chain(policy: Policy) -> list[str]:
+    lines: list[str] = []
+    for r in policy.deny:
+        lines += _rule_lines(r, "counter drop", with_mapped=True)
+    generic = list(policy.allow)
+    if policy.builtin_denies:
+        for name, nets in BUILTIN_DENIES:
+            named = [r for r in generic if _first_category(r) == name]
+            for r in named:
+                lines += _rule_lines(r, "accept", with_mapped=False)
+                generic.remove(r)
+            for n in nets:
+                lines.append(f"{'ip' if n.version == 4 else 'ip6'} daddr {n} counter drop")
+    for r in generic:
+        lines += _rule_lines(r, "accept", with_mapped=False)
+    lines.append("counter drop" if policy.allow else "accept")
+    return lines
+
+
+def plan_ruleset(policies: dict[int, Policy]) -> str:
+    """The whole table for a node: {mark: policy}. Loaded with `nft -f`, the
+    leading add+delete makes it replace any previous version atomically."""
+    out = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
+           f"table {FAMILY} {TABLE} {{"]
+    out.append("  chain output {")
+    out.append("    type filter hook output priority filter; policy accept;")
+    out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")
+    out.append("    ct state established,related accept")
+    if policies:
+        vmap = ", ".join(f"0x{m:08x} : jump {chain_name(m)}" for m in sorted(policies))
+        out.append(f"    meta mark vmap {{ {vmap} }}")
+    out.append("    counter drop")
+    out.append("  }")
+    for mark in sorted(policies):
+        out.append(f"  chain {chain_name(mark)} {{")
+        out += [f"    {line}" for line in plan_chain(policies[mark])]
+        out.append("  }")
+    out.append("}")
+    return "\n".join(out) + "\n"
