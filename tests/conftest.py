@@ -36,3 +36,16 @@ def lab(state_dir, lab_name):
         builder.down(lab_name)
         left = [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]
         assert not left, f"lab left namespaces behind: {left}"
+
+
+@pytest.fixture
+def glab(lab, state_dir):
+    """The default lab with a real agent on each host."""
+    from grafting import GraftLab
+    g = GraftLab(lab, state_dir)
+    try:
+        for h in lab.hosts:
+            g.start_agent(h.name)
+        yield g
+    finally:
+        g.close()

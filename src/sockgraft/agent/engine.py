@@ -66,6 +66,7 @@ class Session:
     buffers: dict[int, int]                 # container defaults of SO_SNDBUF/SO_RCVBUF
     conn: socket.socket | None = None       # the launcher's control connection
     counters: Counters = field(default_factory=Counters)
+    tids: set[int] = field(default_factory=set)   # threads we cached pidfd/mem fds for
 
 
 @dataclass
@@ -359,7 +360,11 @@ class Agent:
         except (KeyError, ValueError, OSError):
             pass
         sess.listener.close()
-        for key in [k for k, g in self.grafted.items() if g.pid == sess.pid]:
+        for tid in sess.tids:
+            self.mem.forget(tid)
+            self._forget_pidfd(tid)
+        for key in [k for k, g in self.grafted.items() if g.container == sess.container
+                    and not os.path.exists(f"/proc/{g.pid}")]:
             del self.grafted[key]
 
     def handle(self, sess: Session, n: seccomp.Notification) -> None:
@@ -407,12 +412,13 @@ class Agent:
         if sess.config is None:
             self._continue(sess, n.id)
             return
+        sess.tids.add(n.pid)
         data = self.mem.read(n.pid, ptr, min(alen, 128)) if alen else b""
         if not sess.listener.id_valid(n.id):
             return      # the thread was interrupted or died while we read
         addr = graft.parse_trapped(data, alen)
         if isinstance(addr, Fail):
-            self._respond(sess, n.id, error=addr.errno)
+            self._malformed(sess, n, fd, addr)
             return
         if not isinstance(addr, InetAddr):
             self._continue(sess, n.id)
@@ -443,6 +449,22 @@ class Agent:
         finally:
             if not keep:
                 dup.close()
+
+    def _malformed(self, sess: Session, n: seccomp.Notification, fd: int, fail: Fail) -> None:
+        """A sockaddr the kernel would refuse. On a container socket the kernel
+        gives its own (exact) errno; on a grafted host socket we answer, so the
+        kernel never re-reads a buffer we did not check."""
+        dup = self._dup_target_fd(n.pid, fd)
+        grafted = False
+        if dup is not None:
+            try:
+                grafted = graft.is_grafted_mark(ksock.info(dup)[3])
+            finally:
+                dup.close()
+        if grafted:
+            self._respond(sess, n.id, error=fail.errno)
+        else:
+            self._continue(sess, n.id)
 
     def _dup_target_fd(self, tid: int, fd: int) -> socket.socket | None:
         pidfd = self._pidfd(tid)
@@ -651,7 +673,13 @@ class Agent:
             pc.sock.close()
 
     def sweep(self, now: float) -> None:
-        """Expire connects whose application thread gave up or that time out."""
+        """Expire connects whose application thread gave up or that time out;
+        close cached pidfds and memory fds of threads that exited."""
+        for sess in self.sessions.values():
+            for tid in [t for t in sess.tids if t in self.pidfds and _exited(self.pidfds[t])]:
+                self.mem.forget(tid)
+                self._forget_pidfd(tid)
+                sess.tids.discard(tid)
         for pc in list(self.pending.values()):
             if now > pc.deadline:
                 self._finish_pending(pc, errno.ETIMEDOUT)
@@ -685,6 +713,11 @@ class Agent:
                                 "configured": s.config is not None,
                                 **s.counters.as_dict()} for s in self.sessions.values()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its task exited."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _peer_uid(conn: socket.socket) -> int:

@@ -1,0 +1,163 @@
+"""Test harness for the grafting engine: a lab with one real agent per host,
+and helpers to run unmodified programs grafted inside its containers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sockgraft.agent import control
+from sockgraft.kernel import netns
+from sockgraft.lab import builder
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROBE = [sys.executable, os.path.join(HERE, "apps", "sockprobe.py")]
+SG = [sys.executable, "-m", "sockgraft.cli.main"]
+
+
+class GraftLab:
+    def __init__(self, plan, state_dir):
+        self.plan = plan
+        self.state_dir = str(state_dir)
+        self.env = dict(os.environ, SOCKGRAFT_STATE_DIR=self.state_dir)
+        self.agents = {}
+        self.procs = []
+
+    # --- agents --------------------------------------------------------------
+    def agent_socket(self, host):
+        return os.path.join(self.state_dir, f"agent-{host}.sock")
+
+    def audit_path(self, host):
+        return os.path.join(self.state_dir, f"audit-{host}.log")
+
+    def start_agent(self, host):
+        log = open(os.path.join(self.state_dir, f"agent-{host}.log"), "ab")
+        p = subprocess.Popen(SG + ["agent", "--host", host, "--lab", self.plan.name,
+                                   "--audit-log", self.audit_path(host)],
+                             env=self.env, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                control.request(self.agent_socket(host), {"op": "ping"}, timeout=1)
+                break
+            except Exception:
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"agent {host} did not start: {self.agent_log(host)}")
+                time.sleep(0.05)
+        self.agents[host] = p
+        return p
+
+    def stop_agent(self, host, sig=signal.SIGTERM):
+        p = self.agents.pop(host)
+        p.send_signal(sig)
+        p.wait(timeout=10)
+
+    def agent_log(self, host):
+        try:
+            with open(os.path.join(self.state_dir, f"agent-{host}.log")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def audit(self, host):
+        try:
+            with open(self.audit_path(host)) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def agent_fds(self, host):
+        return len(os.listdir(f"/proc/{self.agents[host].pid}/fd"))
+
+    def rss_kib(self, host):
+        with open(f"/proc/{self.agents[host].pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    # --- configuration -------------------------------------------------------
+    def sg(self, *args, check=True, timeout=30):
+        proc = subprocess.run(SG + list(args), env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"sockgraft {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+    def configure(self, container, toml_text):
+        path = os.path.join(self.state_dir, f"{container}.toml")
+        with open(path, "w") as f:
+            f.write(toml_text)
+        self.sg("config", "load", path)
+
+    # --- programs ------------------------------------------------------------
+    def run(self, container, argv, timeout=30):
+        """Run argv grafted in a container; returns (returncode, parsed JSON lines, stderr)."""
+        proc = subprocess.run(SG + ["run", "--container", container, "--lab", self.plan.name,
+                                    "--"] + argv, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        return proc.returncode, _json_lines(proc.stdout), proc.stderr
+
+    def probe(self, container, *args, timeout=30):
+        rc, lines, err = self.run(container, PROBE + [str(a) for a in args], timeout)
+        assert rc == 0, f"probe failed rc={rc}: {err}\n{self.agent_log(self.host_of(container))}"
+        assert lines, f"probe printed nothing: {err}"
+        return lines[-1]
+
+    def spawn(self, container, argv):
+        """Start a grafted program in the background (stdout is JSON lines)."""
+        p = subprocess.Popen(SG + ["run", "--container", container, "--lab", self.plan.name,
+                                   "--"] + argv, env=self.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def spawn_plain(self, node, argv):
+        """Start a program in a node's namespace without grafting."""
+        ns = self.plan.node(node).netns
+        argv = [str(a) for a in argv]
+        p = subprocess.Popen(argv, preexec_fn=lambda: netns.enter(ns), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def host_of(self, container):
+        return self.plan.node(container).host
+
+    def veth_rx(self, container):
+        c = self.plan.node(container)
+        host = self.plan.node(c.host)
+        return builder.interface_counters(host.netns)[c.veth_host]["rx_bytes"]
+
+    def close(self):
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.communicate(timeout=10)
+        for host in list(self.agents):
+            self.stop_agent(host)
+
+
+def read_json_line(proc, timeout=10):
+    import select
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError("no output from the process in time")
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"process ended: {proc.stderr.read()}")
+    return json.loads(line)
+
+
+def _json_lines(text):
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out

@@ -1,0 +1,232 @@
+"""The grafting engine on the real kernel: agents in lab hosts, unmodified
+programs under `sockgraft run` in lab containers."""
+
+import errno
+import os
+import signal
+import time
+
+import pytest
+
+from grafting import PROBE, read_json_line
+from nettools import EchoServer, echo
+
+pytestmark = pytest.mark.priv
+
+EGRESS_V4 = """
+container = "h1-c1"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "198.18.0.1"
+port = "dynamic"
+[endpoints.ep-out6]
+type = "ipv6"
+addr = "fd53:6700:0:1::1"
+port = "dynamic"
+[rules]
+egress = ["198.18.0.0/24=ep-out", "fd53:6700:0:1::1/128=ep-out6", "127.0.0.0/8=ep-out"]
+[policy]
+deny = ["deny tcp 198.18.0.2 7199"]
+"""
+
+
+def test_egress_tcp_is_grafted_and_skips_the_veth(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    h2 = glab.plan.node("h2")
+    before = glab.veth_rx("h1-c1")
+    with EchoServer(h2.netns, "0.0.0.0", 7100) as srv:
+        r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7100)
+        assert srv.peer() == "198.18.0.1"          # left from the endpoint, not the container
+    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+    assert r["fd_same"] and r["replaced"]            # same fd number, now a host socket
+    assert r["local"][0] == "198.18.0.1" and r["peer"] == ["198.18.0.2", 7100]
+    assert glab.veth_rx("h1-c1") - before < 400      # nothing but stray ND/MLD at most
+
+
+def test_plain_container_traffic_still_uses_the_container_network(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    c2 = glab.plan.node("h1-c2")
+    before = glab.veth_rx("h1-c1")
+    with EchoServer(c2.netns, "0.0.0.0", 7101) as srv:
+        r = glab.probe("h1-c1", "tcp-client", "198.19.1.3", 7101)   # no egress rule
+        assert srv.peer() == "198.19.1.2"
+    assert r["echo"] == "ping" and not r["replaced"]
+    assert glab.veth_rx("h1-c1") > before
+
+
+def test_egress_ipv6_and_mapped(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    h1, h2 = glab.plan.node("h1"), glab.plan.node("h2")
+    with EchoServer(h1.netns, "::", 7102) as srv:
+        r = glab.probe("h1-c1", "tcp-client", "fd53:6700:0:1::1", 7102)
+        assert srv.peer() == "fd53:6700:0:1::1"
+    assert r["replaced"] and r["echo"] == "ping"
+    with EchoServer(h2.netns, "0.0.0.0", 7103) as srv:
+        r = glab.probe("h1-c1", "tcp-client", "::ffff:198.18.0.2", 7103)
+        assert srv.peer() == "198.18.0.1"
+    assert r["replaced"] and r["echo"] == "ping" and r["peer"][0] == "::ffff:198.18.0.2"
+
+
+def test_denied_connect_gets_eacces_and_an_audit_line(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7199)
+    assert r["connect_errno"] == "EACCES" and not r["replaced"]
+    r = glab.probe("h1-c1", "tcp-client", "127.0.0.1", 7198)   # grafted loopback: builtin
+    assert r["connect_errno"] == "EACCES"
+    lines = glab.audit("h1")
+    assert {(a["syscall"], a["address"], a["rule"], a["verdict"]) for a in lines} >= {
+        ("connect", "198.18.0.2:7199", "deny[0]", "deny"),
+        ("connect", "127.0.0.1:7198", "builtin:loopback", "deny")}
+    assert all(a["container"] == "h1-c1" for a in lines)
+
+
+def test_nonblocking_threaded_and_options(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    h2 = glab.plan.node("h2")
+    with EchoServer(h2.netns, "0.0.0.0", 7104):
+        r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7104, "--nonblock")
+    assert r["connect_errno"] in ("EINPROGRESS", 0) and r["so_error"] == 0
+    assert r["replaced"] and r["echo"] == "ping"
+    with EchoServer(h2.netns, "0.0.0.0", 7105):
+        r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7105, "--thread", "--opts")
+    assert r["thread"] and r["replaced"] and r["echo"] == "ping"
+    assert r["opts"]["SO_REUSEADDR"] == 1 and r["opts"]["SO_KEEPALIVE"] == 1
+    assert r["opts"]["TCP_NODELAY"] == 1 and r["opts"]["TCP_KEEPIDLE"] == 77
+    assert r["opts"]["SO_SNDBUF"] == 131072           # the kernel doubles what was set
+    assert r["cloexec"] is True
+    with EchoServer(h2.netns, "0.0.0.0", 7106):
+        r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7106, "--cloexec", "0")
+    assert r["replaced"] and r["cloexec"] is False
+
+
+INGRESS = """
+container = "h2-c1"
+[endpoints.ep-http]
+type = "ipv4"
+addr = "198.18.0.2"
+port = 8081
+[endpoints.ep-udp]
+type = "ipv4"
+addr = "198.18.0.2"
+port = 5353
+[rules]
+ingress = ["0.0.0.0:80=ep-http", "[::]:81=ep-http", "0.0.0.0:53=ep-udp"]
+"""
+
+
+def test_ingress_tcp_server_serves_host_clients(glab):
+    glab.configure("h2-c1", INGRESS)
+    h1 = glab.plan.node("h1")
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "1"])
+    ready = read_json_line(srv)
+    assert ready["local"] == ["198.18.0.2", 8081]     # what getsockname shows: the host side
+    assert echo(h1.netns, "198.18.0.2", 8081, b"hi") == b"hi"
+    assert read_json_line(srv)["accepted"][0] == "198.18.0.1"
+    assert srv.wait(timeout=10) == 0
+
+
+def test_ingress_dual_stack_wildcard_with_ipv4_endpoint(glab):
+    glab.configure("h2-c1", INGRESS)
+    h1 = glab.plan.node("h1")
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "::", "81", "--count", "1"])
+    ready = read_json_line(srv)
+    assert ready["local"] == ["::ffff:198.18.0.2", 8081]   # AF_INET6 host socket, v4 endpoint
+    assert echo(h1.netns, "198.18.0.2", 8081, b"v4 to dual") == b"v4 to dual"
+    assert read_json_line(srv)["accepted"][0] == "::ffff:198.18.0.1"
+
+
+def test_ingress_udp_server(glab):
+    glab.configure("h2-c1", INGRESS)
+    h1 = glab.plan.node("h1")
+    srv = glab.spawn("h2-c1", PROBE + ["udp-server", "0.0.0.0", "53"])
+    assert read_json_line(srv)["local"] == ["198.18.0.2", 5353]
+    assert echo(h1.netns, "198.18.0.2", 5353, b"q", proto="udp") == b"q"
+    assert read_json_line(srv)["from"][0] == "198.18.0.1"
+
+
+UDP_CLIENT = """
+container = "h1-c2"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "198.18.0.1"
+port = "dynamic"
+[rules]
+egress = ["198.18.0.0/24=ep-out"]
+[policy]
+deny = ["deny udp 198.18.0.2 7301"]
+"""
+
+
+def test_udp_egress_graft_and_per_datagram_policy_in_the_kernel(glab):
+    glab.configure("h1-c2", UDP_CLIENT)
+    h2 = glab.plan.node("h2")
+    with EchoServer(h2.netns, "0.0.0.0", 7300, proto="udp") as srv:
+        r = glab.probe("h1-c2", "udp-client", "198.18.0.2", 7300, "--connect")
+        assert srv.peer() == "198.18.0.1"
+    assert r["replies"] == 1 and r["local"][0] == "198.18.0.1"
+    # sendto an allowed destination grafts the socket; later datagrams to a
+    # denied one are dropped by nftables (EPERM), with no agent round trip.
+    code = (
+        "import socket,errno,json\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "s.sendto(b'a',('198.18.0.2',7300))\n"
+        "try:\n s.sendto(b'b',('198.18.0.2',7301)); r='sent'\n"
+        "except OSError as e: r=errno.errorcode[e.errno]\n"
+        "print(json.dumps({'local':s.getsockname()[0],'second':r}))\n")
+    import sys
+    rc, lines, err = glab.run("h1-c2", [sys.executable, "-c", code])
+    assert rc == 0, err
+    assert lines[-1] == {"local": "198.18.0.1", "second": "EPERM"}
+
+
+HOSTILE = [
+    (2, 128, "0200"),                          # sockaddr_storage-sized, port 0, 0.0.0.0
+    (2, 16, "ffff" + "00" * 14),               # unknown family
+    (2, 16, "0a00" + "00" * 14),               # AF_INET6 family on an AF_INET socket
+    (10, 28, "0a00" + "00" * 26),              # AF_INET6 socket... of the wrong type
+    (2, 28, "0200" + "1f90" + "c6120002" + "ff" * 20),   # grafted dest, junk tail
+]
+
+
+@pytest.mark.parametrize("family,addrlen,hexdata", HOSTILE)
+def test_hostile_sockaddrs_get_the_kernels_errno_and_the_agent_keeps_serving(
+        glab, family, addrlen, hexdata):
+    glab.configure("h1-c1", EGRESS_V4)
+    h2 = glab.plan.node("h2")
+    grafted = glab.probe("h1-c1", "connect-raw", family, addrlen, hexdata)
+    plain = glab.spawn_plain("h1-c2", PROBE + ["connect-raw", family, addrlen, hexdata])
+    expected = read_json_line(plain)["errno"]      # what the kernel says without sockgraft
+    assert grafted["errno"] == expected
+    assert glab.probe("h1-c1", "connect-badptr")["errno"] == "EFAULT"
+    with EchoServer(h2.netns, "0.0.0.0", 7107):
+        assert glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7107)["echo"] == "ping"
+
+
+def test_no_fd_leak_after_many_grafts(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    h2 = glab.plan.node("h2")
+    srv = glab.spawn_plain("h2", PROBE + ["tcp-server", "0.0.0.0", "7108", "--count", "100000"])
+    read_json_line(srv)
+    glab.probe("h1-c1", "loop", "198.18.0.2", 7108, 5)      # warm caches
+    fds = glab.agent_fds("h1")
+    r = glab.probe("h1-c1", "loop", "198.18.0.2", 7108, 300)
+    assert r["ok"] == 300
+    time.sleep(0.3)
+    assert glab.agent_fds("h1") <= fds
+    stats = glab.sg("stats", "--json").stdout
+    assert '"grafted"' in stats
+
+
+def test_sockets_lists_grafted_sockets(glab):
+    glab.configure("h2-c1", INGRESS)
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "1"])
+    ready = read_json_line(srv)
+    import json
+    rows = json.loads(glab.sg("sockets", "--json").stdout)
+    mine = [r for r in rows if r["container"] == "h2-c1"]
+    assert len(mine) == 1
+    assert mine[0]["pid"] == ready["pid"] and mine[0]["fd"] == ready["fd"]
+    assert mine[0]["endpoint"] == "ep-http" and mine[0]["local"] == "198.18.0.2:8081"
+    assert mine[0]["kind"] == "ingress" and mine[0]["proto"] == "tcp"
+    table = glab.sg("sockets").stdout
+    assert "ep-http" in table and "h2-c1" in table
