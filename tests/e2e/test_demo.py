@@ -24,5 +24,12 @@ def test_demo_measures_every_baseline_path_and_cleans_up(state_dir, lab_name):
         assert m, f"no figure for {path} in:\n{out}"
         assert float(m.group(1)) > 0.05
     assert "ratio to host-loopback" in out
+    grafted = re.findall(r"^  (.*grafted.*?)\s+([\d.]+) Gbit/s\s+([\d.]+) MB on", out, re.M)
+    plain = re.findall(r"^  (.*plain.*?)\s+([\d.]+) Gbit/s\s+([\d.]+) MB on", out, re.M)
+    assert len(grafted) == 2 and len(plain) == 2, out
+    for _, gbit, mb in grafted:
+        assert float(gbit) > 0.05 and float(mb) < 0.1     # nothing crossed the veth
+    for _, gbit, mb in plain:
+        assert float(mb) > 10                             # the plain path does cross it
     assert f"lab {lab_name} is down" in out
     assert not [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]

@@ -230,3 +230,72 @@ def test_sockets_lists_grafted_sockets(glab):
     assert mine[0]["kind"] == "ingress" and mine[0]["proto"] == "tcp"
     table = glab.sg("sockets").stdout
     assert "ep-http" in table and "h2-c1" in table
+
+
+def test_bind_of_an_unclaimed_host_address_is_denied(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    r = glab.probe("h1-c1", "tcp-server", "198.18.0.1", 7500)
+    assert r["bind_errno"] == "EACCES"
+    assert any(a["syscall"] == "bind" and a["rule"] == "bind:no-endpoint" and
+               a["address"] == "198.18.0.1:7500" for a in glab.audit("h1"))
+    # the container's own addresses and wildcards are untouched
+    srv = glab.spawn("h1-c1", PROBE + ["tcp-server", "198.19.1.2", "7501", "--count", "0"])
+    assert read_json_line(srv)["local"] == ["198.19.1.2", 7501]
+
+
+def test_exit_while_a_connect_is_pending_leaks_nothing(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    h2 = glab.plan.node("h2")
+    with EchoServer(h2.netns, "0.0.0.0", 7401):
+        glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7401)    # warm up
+    time.sleep(1.2)                                              # let the sweep run
+    fds = glab.agent_fds("h1")
+    # 198.18.0.99 does not exist: the blocking connect waits for ARP to fail
+    p = glab.spawn("h1-c1", PROBE + ["tcp-client", "198.18.0.99", "7402"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        import json
+        st = json.loads(glab.sg("stats", "--json").stdout)
+        if any(v["pending_connects"] for v in st.values()):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the connect never became pending")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    time.sleep(2.5)
+    import json
+    st = json.loads(glab.sg("stats", "--json", "--agent", glab.agent_socket("h1")).stdout)
+    assert list(st.values())[0]["pending_connects"] == 0
+    assert glab.agent_fds("h1") <= fds
+    with EchoServer(h2.netns, "0.0.0.0", 7403):
+        assert glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7403)["echo"] == "ping"
+
+
+RESTART = INGRESS.replace('ingress = [', 'egress = ["198.18.0.1/32=ep-out"]\ningress = [') + """
+[endpoints.ep-out]
+type = "ipv4"
+addr = "198.18.0.2"
+port = "dynamic"
+"""
+
+
+def test_agent_restart_keeps_grafted_sockets_and_queues_new_calls(glab):
+    glab.configure("h2-c1", RESTART)
+    h1 = glab.plan.node("h1")
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "2"])
+    assert read_json_line(srv)["local"] == ["198.18.0.2", 8081]
+    # a client in the same container that connects only after the agent is gone
+    late = glab.spawn("h2-c1", ["sh", "-c", "sleep 2; exec " + " ".join(
+        PROBE + ["tcp-client", "198.18.0.1", "7404"])])
+    time.sleep(0.5)
+    glab.stop_agent("h2", signal.SIGKILL)
+    assert echo(h1.netns, "198.18.0.2", 8081, b"no agent") == b"no agent"   # still served
+    with EchoServer(h1.netns, "0.0.0.0", 7404) as peer:
+        time.sleep(2.5)               # the late connect is trapped and waits in the kernel
+        assert late.poll() is None
+        glab.start_agent("h2")        # the holder re-registers; the call completes grafted
+        r = read_json_line(late, timeout=15)
+        assert peer.peer() == "198.18.0.2"
+    assert r["connect_errno"] == 0 and r["replaced"] and r["echo"] == "ping"
+    assert echo(h1.netns, "198.18.0.2", 8081, b"new agent") == b"new agent"

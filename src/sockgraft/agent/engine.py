@@ -118,6 +118,7 @@ class Agent:
         self._audit = None
         self._stop = False
         self._applied_policies: dict[int, object] | None = None
+        self.host_addrs: frozenset = frozenset()
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -149,6 +150,7 @@ class Agent:
         self.ep.register(srv.fileno(), select.EPOLLIN)
         if self.audit_path:
             self._audit = open(self.audit_path, "a", buffering=1)
+        self.host_addrs = host_addresses()
         self.sync_nft()
         log.info("agent %s listening on %s", self.name, self.socket_path)
 
@@ -317,6 +319,7 @@ class Agent:
             if container is None or sess.container == container:
                 sess.config = self.store.load(sess.container)
                 n += 1
+        self.host_addrs = host_addresses()
         self.sync_nft()
         return {"ok": True, "reloaded": n}
 
@@ -429,7 +432,11 @@ class Agent:
             self._continue(sess, n.id)
             return
         if n.nr == seccomp.SYS_BIND and cfg.match_ingress(addr) is None:
-            self._continue(sess, n.id)
+            if graft.unclaimed_host_bind(addr, self.host_addrs):
+                self._act(sess, n, "bind", fd, None, None, 0,
+                          Deny(errno.EACCES, "bind:no-endpoint", addr))
+            else:
+                self._continue(sess, n.id)
             return
         dup = self._dup_target_fd(n.pid, fd)
         if dup is None:
@@ -440,7 +447,7 @@ class Agent:
             family, type_, proto, mark = ksock.info(dup)
             info = SockInfo(family, type_, graft.is_grafted_mark(mark))
             if n.nr == seccomp.SYS_BIND:
-                action = graft.decide_bind(cfg, info, addr)
+                action = graft.decide_bind(cfg, info, addr, self.host_addrs)
             elif n.nr == seccomp.SYS_CONNECT:
                 action = graft.decide_connect(cfg, info, addr)
             else:
@@ -713,6 +720,20 @@ class Agent:
                                 "configured": s.config is not None,
                                 **s.counters.as_dict()} for s in self.sessions.values()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
+
+
+def host_addresses() -> frozenset:
+    """Addresses of the namespace the agent serves (refreshed on reload)."""
+    import ipaddress
+    import subprocess
+    try:
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                             timeout=10).stdout
+        return frozenset(ipaddress.ip_address(a["local"]) for link in json.loads(out or "[]")
+                         for a in link.get("addr_info", []) if "local" in a)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.warning("cannot list host addresses: %s", exc)
+        return frozenset()
 
 
 def _exited(pidfd: int) -> bool:

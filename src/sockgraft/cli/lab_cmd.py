@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from ..errors import ConfigError, LabError
+from ..errors import ConfigError, LabError, SockgraftError
 from ..kernel import netns
-from ..lab import builder, traffic
+from ..lab import agents, builder, traffic
 from ..lab import state as lab_state
 from ..model import topology
 from ..model.paths import PathSpec, plan_paths
@@ -43,6 +43,8 @@ def register(sub) -> None:
     p = labsub.add_parser("up", help="create the lab", epilog=LAB_EXAMPLES, formatter_class=fmt)
     p.add_argument("--config", metavar="FILE", help="topology TOML (default: embedded 2x2)")
     p.add_argument("--name", help="lab name (overrides the file's name)")
+    p.add_argument("--agents", action="store_true",
+                   help="also start one sockgraft agent per host, in the background")
     p.set_defaults(func=cmd_up, needs_root=True)
 
     p = labsub.add_parser("down", help="remove everything the lab created",
@@ -92,6 +94,13 @@ def cmd_up(args) -> int:
     plan, text, source = load_plan(args.config, args.name)
     builder.up(plan, text, source, progress=_progress)
     print(f"lab {plan.name} is up: {len(plan.hosts)} hosts, {len(plan.containers)} containers")
+    if args.agents:
+        try:
+            pids = agents.start_agents(plan)
+        except SockgraftError:
+            builder.down(plan.name)
+            raise
+        print("agents: " + ", ".join(f"{h} (pid {p})" for h, p in pids.items()))
     return 0
 
 
@@ -148,6 +157,28 @@ def cmd_exec(args) -> int:
     return 127  # not reached
 
 
+DEMO_CONFIGS = {
+    # h1-c1 reaches the underlay through a host socket bound to h1's address
+    "h1-c1": """container = "h1-c1"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "{h1}"
+port = "dynamic"
+[rules]
+egress = ["{underlay}=ep-out"]
+""",
+    # a server in h2-c1 binding 0.0.0.0:5201 really listens on h2's address, port 5202
+    "h2-c1": """container = "h2-c1"
+[endpoints.ep-iperf]
+type = "ipv4"
+addr = "{h2}"
+port = 5202
+[rules]
+ingress = ["0.0.0.0:5201=ep-iperf", "[::]:5201=ep-iperf"]
+""",
+}
+
+
 def cmd_demo(args) -> int:
     plan, text, source = load_plan(args.config, args.name)
     if lab_state.read(plan.name) is not None:
@@ -155,9 +186,10 @@ def cmd_demo(args) -> int:
     print(f"== sockgraft demo: lab {plan.name}, {len(plan.hosts)} hosts, "
           f"{len(plan.containers)} containers")
     builder.up(plan, text, source, progress=_progress)
+    store = None
     try:
         cmd_status(argparse.Namespace(name=plan.name, json=False))
-        print(f"\n== iperf3, 1 TCP stream, {args.seconds:g} s per path "
+        print(f"\n== baseline paths: iperf3, 1 TCP stream, {args.seconds:g} s each "
               "(only ratios within one run are meaningful)")
         results = {}
         for name, spec in plan_paths(plan).items():
@@ -166,15 +198,70 @@ def cmd_demo(args) -> int:
                 continue
             server_ns = plan.node(spec.server_node).netns
             client_ns = plan.node(spec.client_node).netns
-            res = traffic.iperf3(spec, server_ns, client_ns, args.seconds)
+            res = traffic.iperf3_path(spec, server_ns, client_ns, args.seconds)
             results[name] = res["gbit_per_s"]
             print(f"  {name:14s} {res['gbit_per_s']:7.2f} Gbit/s   {spec.description}")
         ref = results.get("host-loopback")
         if ref:
             print("\n  ratio to host-loopback: " + ", ".join(
                 f"{k} {v / ref:.2f}" for k, v in results.items()))
+        if len(plan.hosts) >= 2 and all(plan.hosts[i].containers for i in (0, 1)):
+            store = _demo_graft(plan, args.seconds)
     finally:
+        if store is not None:
+            for c in DEMO_CONFIGS:
+                store.delete(c)
         if not args.keep:
             builder.down(plan.name, progress=_progress)
             print(f"\nlab {plan.name} is down")
     return 0
+
+
+def _demo_graft(plan, seconds: float):
+    """Grafted against plain, side by side: the same unmodified iperf3."""
+    from ..agent.store import ConfigStore
+    from ..model.graftconfig import load_config
+    from ..lab.traffic import Place
+    h1, h2 = plan.hosts[0], plan.hosts[1]
+    client, server = h1.containers[0], h2.containers[0]
+    print(f"\n== grafting: agents on {h1.name} and {h2.name}")
+    agents.start_agents(plan)
+    store = ConfigStore()
+    names = {h1.containers[0].name: "h1-c1", h2.containers[0].name: "h2-c1"}
+    for real, template in names.items():
+        text = DEMO_CONFIGS[template].format(h1=h1.underlay.ip, h2=h2.underlay.ip,
+                                             underlay=plan.underlay)
+        store.save(load_config(text.replace(f'"{template}"', f'"{real}"'), "<demo>"))
+        print(f"  config {real}: " + " ".join(
+            line for line in text.splitlines() if "=" in line and "[" in line))
+    target = str(h2.underlay.ip)
+    rows = []
+
+    def measure(label, srv, sport, cli, tport, listen, veth_of):
+        before = _veth_rx(plan, veth_of)
+        res = traffic.iperf3(srv, sport, cli, target, tport, seconds, listen=listen, name=label)
+        delta = _veth_rx(plan, veth_of) - before
+        rows.append((label, res["gbit_per_s"], res["bytes"], delta))
+        print(f"  {label:52s} {res['gbit_per_s']:7.2f} Gbit/s   "
+              f"{delta / 1e6:10.1f} MB on {veth_of}'s veth")
+
+    host2 = Place(h2.netns)
+    measure(f"{client.name} -> {h2.name}:5301, plain (NAT)", host2, 5301,
+            Place(client.netns), 5301, None, client.name)
+    measure(f"{client.name} -> {h2.name}:5301, grafted", host2, 5301,
+            Place(client.netns, client.name, plan.name), 5301, None, client.name)
+    pub = next((p for p in server.publish if p.container_port == 5201), None)
+    if pub:
+        measure(f"{h1.name} -> {server.name}:5201, plain (DNAT {pub.host_port})",
+                Place(server.netns), 5201, Place(h1.netns), pub.host_port, None, server.name)
+    measure(f"{h1.name} -> {server.name}:5201, grafted (ingress {target}:5202)",
+            Place(server.netns, server.name, plan.name), 5201, Place(h1.netns), 5202,
+            (h2.netns, 5202), server.name)
+    print("  grafted sockets skip the container's veth, bridge, NAT: one network stack.")
+    return store
+
+
+def _veth_rx(plan, container: str) -> int:
+    c = plan.node(container)
+    counters = builder.interface_counters(plan.node(c.host).netns)[c.veth_host]
+    return counters["rx_bytes"] + counters["tx_bytes"]

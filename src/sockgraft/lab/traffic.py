@@ -10,21 +10,48 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 from ..errors import KernelError
 from ..kernel import netns
 from ..model.paths import PathSpec
 
 
-def popen_in(ns_name: str, argv: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(argv, preexec_fn=lambda: netns.enter(ns_name), **kw)
+@dataclass(frozen=True)
+class Place:
+    """Where a traffic process runs: a namespace, optionally grafted through
+    `sockgraft run --container` (which enters the container namespace itself)."""
+    netns: str
+    graft: str | None = None
+    lab: str = "demo"
+
+    def command(self, argv: list[str]) -> list[str]:
+        if self.graft is None:
+            return argv
+        return [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", self.graft,
+                "--lab", self.lab, "--"] + argv
+
+    def preexec(self):
+        if self.graft is not None:
+            return None
+        ns = self.netns
+        return lambda: netns.enter(ns)
 
 
-def run_in(ns_name: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, preexec_fn=lambda: netns.enter(ns_name), capture_output=True,
+def popen_in(place: Place | str, argv: list[str], **kw) -> subprocess.Popen:
+    place = Place(place) if isinstance(place, str) else place
+    return subprocess.Popen(place.command(argv), preexec_fn=place.preexec(), **kw)
+
+
+def run_in(place: Place | str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    place = Place(place) if isinstance(place, str) else place
+    return subprocess.run(place.command(argv), preexec_fn=place.preexec(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -39,31 +66,46 @@ def wait_listening(ns_name: str, port: int, timeout: float = 5.0) -> None:
     raise KernelError("wait for listener", errno.ETIMEDOUT, f"{ns_name} port {port}")
 
 
-def iperf3(path: PathSpec, server_ns: str, client_ns: str, seconds: float = 2.0) -> dict:
-    """One iperf3 TCP single-stream run; returns the parsed JSON summary plus
-    `gbit_per_s` (receiver side) and the raw JSON text."""
+def iperf3(server: Place, server_port: int, client: Place, target: str, target_port: int,
+           seconds: float = 2.0, listen: tuple[str, int] | None = None, name: str = "") -> dict:
+    """One iperf3 TCP single-stream run; returns `gbit_per_s` (receiver side),
+    `bytes` and the raw JSON text. `listen` is (netns, port) where the server's
+    socket really listens (a grafted server listens on the host side)."""
     if not shutil.which("iperf3"):
         raise KernelError("iperf3", errno.ENOENT, "iperf3 is not installed")
-    server = popen_in(server_ns, ["iperf3", "-s", "-1", "-p", str(path.server_port)],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = popen_in(server, ["iperf3", "-s", "-1", "-p", str(server_port)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_listening(server_ns, path.server_port)
-        proc = run_in(client_ns, ["iperf3", "-c", path.target, "-p", str(path.target_port),
-                                  "-t", str(seconds), "-J"], timeout=seconds + 20)
+        wait_listening(*(listen or (server.netns, server_port)))
+        proc = run_in(client, ["iperf3", "-c", target, "-p", str(target_port),
+                               "-t", str(seconds), "-J"], timeout=seconds + 30)
         try:
             data = json.loads(proc.stdout)
         except ValueError:
             data = {"error": (proc.stdout + proc.stderr)[-500:]}
         if proc.returncode != 0 or "error" in data:
             raise KernelError("iperf3 client", errno.EIO,
-                              f"{path.name}: {data.get('error', proc.stderr[-500:])}")
-        bps = data["end"]["sum_received"]["bits_per_second"]
-        return {"gbit_per_s": bps / 1e9, "raw": proc.stdout}
+                              f"{name}: {data.get('error', proc.stderr[-500:])}")
+        recv = data["end"]["sum_received"]
+        return {"gbit_per_s": recv["bits_per_second"] / 1e9, "bytes": recv["bytes"],
+                "raw": proc.stdout}
     finally:
-        if server.poll() is None:
-            server.terminate()
+        _stop(srv)
+
+
+def iperf3_path(path: PathSpec, server_ns: str, client_ns: str, seconds: float = 2.0) -> dict:
+    return iperf3(Place(server_ns), path.server_port, Place(client_ns), path.target,
+                  path.target_port, seconds, name=path.name)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
         try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

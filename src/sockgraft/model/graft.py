@@ -145,11 +145,22 @@ def _keeps_loopback(rule, addr: InetAddr) -> bool:
                                       else IPv6Network("::1/128"))
 
 
-def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr) -> Action:
+def unclaimed_host_bind(addr: InetAddr, host_addrs: frozenset) -> bool:
+    """A bind to one of the host's own addresses that no ingress rule grants:
+    an attempt to take a host address, refused (EACCES) and audited. Loopback
+    and wildcards are the container's own."""
+    ip = addr.unmapped().ip
+    return not ip.is_unspecified and not ip.is_loopback and ip in host_addrs
+
+
+def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
+                host_addrs: frozenset = frozenset()) -> Action:
     if not isinstance(addr, InetAddr) or cfg is None or not _family_ok(sock, addr):
         return Continue("not an inet bind of a configured container")
     hit = cfg.match_ingress(addr)
     if hit is None:
+        if unclaimed_host_bind(addr, host_addrs):
+            return Deny(errno.EACCES, "bind:no-endpoint", addr)
         return Continue("no ingress rule")
     if sock.grafted:
         return Fail(errno.EINVAL, "socket is already bound on the host")

@@ -1,0 +1,53 @@
+"""Start the node agents of a lab (`lab up --agents`, the demo, the benchmarks).
+
+Each agent runs detached in its host's namespace with its log and audit file
+in the state directory. `lab down` stops them like any process left in the
+lab's namespaces (SIGTERM, then SIGKILL), which also removes their sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from ..agent import control
+from ..errors import AgentError
+from ..model.topology import LabPlan
+
+
+def state_base() -> str:
+    return os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+
+
+def start_agents(plan: LabPlan, timeout: float = 15.0) -> dict[str, int]:
+    """Start one agent per host; returns {host: pid}. Waits until each answers."""
+    os.makedirs(state_base(), exist_ok=True)
+    pids = {}
+    for host in plan.hosts:
+        path = control.default_socket_path(host.name)
+        if answers(path):
+            raise AgentError(f"an agent already serves {path}")
+        with open(os.path.join(state_base(), f"agent-{host.name}.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sockgraft.cli.main", "agent", "--host", host.name,
+                 "--lab", plan.name, "--audit-log",
+                 os.path.join(state_base(), f"audit-{host.name}.log")],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        pids[host.name] = proc.pid
+        deadline = time.monotonic() + timeout
+        while not answers(path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AgentError(f"the agent of {host.name} did not start; see "
+                                 f"{os.path.join(state_base(), f'agent-{host.name}.log')}")
+            time.sleep(0.05)
+    return pids
+
+
+def answers(path: str) -> bool:
+    try:
+        control.request(path, {"op": "ping"}, timeout=1)
+        return True
+    except AgentError:
+        return False
