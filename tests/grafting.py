@@ -94,10 +94,10 @@ class GraftLab:
         self.sg("config", "load", path)
 
     # --- programs ------------------------------------------------------------
-    def run(self, container, argv, timeout=30):
+    def run(self, container, argv, timeout=30, options=()):
         """Run argv grafted in a container; returns (returncode, parsed JSON lines, stderr)."""
         proc = subprocess.run(SG + ["run", "--container", container, "--lab", self.plan.name,
-                                    "--"] + argv, env=self.env, capture_output=True, text=True,
+                                    *options, "--"] + argv, env=self.env, capture_output=True, text=True,
                               timeout=timeout)
         return proc.returncode, _json_lines(proc.stdout), proc.stderr
 

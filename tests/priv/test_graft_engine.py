@@ -174,9 +174,13 @@ def test_udp_egress_graft_and_per_datagram_policy_in_the_kernel(glab):
         "except OSError as e: r=errno.errorcode[e.errno]\n"
         "print(json.dumps({'local':s.getsockname()[0],'second':r}))\n")
     import sys
-    rc, lines, err = glab.run("h1-c2", [sys.executable, "-c", code])
+    rc, lines, err = glab.run("h1-c2", [sys.executable, "-c", code], options=["--udp-sendto"])
     assert rc == 0, err
     assert lines[-1] == {"local": "198.18.0.1", "second": "EPERM"}
+    # without --udp-sendto an unconnected sender stays on the container network
+    rc, lines, err = glab.run("h1-c2", [sys.executable, "-c", code])
+    assert rc == 0, err
+    assert lines[-1]["local"] == "0.0.0.0"
 
 
 HOSTILE = [

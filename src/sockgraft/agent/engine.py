@@ -588,14 +588,10 @@ class Agent:
 
     def _record(self, sess: Session, tid: int, fd: int, info: SockInfo, kind: str,
                 endpoint: str, host: socket.socket, remote: str) -> GraftedSocket:
-        st = os.fstat(host.fileno())
-        try:
-            local = host.getsockname()
-            local_s = f"[{local[0]}]:{local[1]}" if ":" in local[0] else f"{local[0]}:{local[1]}"
-        except OSError:
-            local_s = "?"
-        return GraftedSocket(sess.container, _tgid(tid), fd, st.st_ino, info.proto, kind,
-                             endpoint, local_s, remote, time.time())
+        """What `sockgraft sockets` shows. Cheap on purpose (one fstat): the
+        process id and the addresses are resolved when somebody lists them."""
+        return GraftedSocket(sess.container, tid, fd, os.fstat(host.fileno()).st_ino,
+                             info.proto, kind, endpoint, "", remote, time.time())
 
     def _count_graft(self, sess: Session, record: GraftedSocket | None) -> None:
         sess.counters.grafted += 1
@@ -635,6 +631,17 @@ class Agent:
                 ksock.set_blocking(sock, True)
             if err == 0 and inject:
                 ksock.set_blocking(sock, not app_nb)
+                sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
+                self._count_graft(sess, record)
+            self._respond(sess, n.id, error=err)
+            return False
+        if not app_nb and _writable(sock):
+            # Loopback and local peers usually finish the handshake inside
+            # connect(): answer now instead of after another epoll round.
+            err = ksock.so_error(sock)
+            if restore_blocking or inject:
+                ksock.set_blocking(sock, True)
+            if err == 0 and inject:
                 sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
                 self._count_graft(sess, record)
             self._respond(sess, n.id, error=err)
@@ -701,18 +708,41 @@ class Agent:
     # --- queries -------------------------------------------------------------
 
     def list_sockets(self) -> list[dict]:
-        """Grafted sockets still open in their process (checked now via /proc)."""
+        """Grafted sockets still open in their process (checked now via /proc),
+        with their process id and current addresses."""
         out = []
         for key, g in list(self.grafted.items()):
+            pid = _tgid(g.pid)
             try:
-                link = os.readlink(f"/proc/{g.pid}/fd/{g.fd}")
+                link = os.readlink(f"/proc/{pid}/fd/{g.fd}")
             except OSError:
                 link = ""
             if link != f"socket:[{g.inode}]":
                 del self.grafted[key]
                 continue
-            out.append({k: v for k, v in g.__dict__.items()})
+            row = dict(g.__dict__, pid=pid)
+            row["local"], peer = self._addresses(pid, g.fd)
+            row["remote"] = g.remote or peer
+            out.append(row)
         return out
+
+    def _addresses(self, pid: int, fd: int) -> tuple[str, str]:
+        try:
+            pidfd = seccomp.pidfd_open(pid)
+        except KernelError:
+            return "", ""
+        try:
+            with ksock.adopt(seccomp.pidfd_getfd(pidfd, fd)) as s:
+                local = _fmt(s.getsockname())
+                try:
+                    peer = _fmt(s.getpeername())
+                except OSError:
+                    peer = ""
+                return local, peer
+        except (KernelError, OSError):
+            return "", ""
+        finally:
+            os.close(pidfd)
 
     def stats(self) -> dict:
         return {"counters": self.totals.as_dict(),
@@ -720,6 +750,10 @@ class Agent:
                                 "configured": s.config is not None,
                                 **s.counters.as_dict()} for s in self.sessions.values()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
+
+
+def _fmt(addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def host_addresses() -> frozenset:
@@ -734,6 +768,12 @@ def host_addresses() -> frozenset:
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         log.warning("cannot list host addresses: %s", exc)
         return frozenset()
+
+
+def _writable(sock: socket.socket) -> bool:
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLOUT)
+    return bool(p.poll(0))
 
 
 def _exited(pidfd: int) -> bool:

@@ -39,7 +39,7 @@ log = logging.getLogger("sockgraft.run")
 GO, ABORT = b"G", b"A"
 
 
-def _child(sp: socket.socket, ns_path: str | None, argv: list[str]) -> None:
+def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto: bool) -> None:
     """Runs in the forked child; never returns."""
     try:
         if ns_path:
@@ -47,7 +47,7 @@ def _child(sp: socket.socket, ns_path: str | None, argv: list[str]) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             buffers = {"sndbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                        "rcvbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
-        prog = seccomp.build_filter(seccomp.default_graft_filter())
+        prog = seccomp.build_filter(seccomp.default_graft_filter(trap_sendto))
         listener = seccomp.install_filter(prog, listener=True)
         socket.send_fds(sp, [json.dumps({"buffers": buffers}).encode()], [listener])
         os.close(listener)
@@ -77,14 +77,15 @@ def _register(agent_path: str, container: str, pid: int, listener: int,
     return sock
 
 
-def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str) -> int:
+def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str,
+        trap_sendto: bool = False) -> int:
     # Fail before anything starts if no agent answers.
     control.request(agent_path, {"op": "ping"}, timeout=5)
     parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         parent_sp.close()
-        _child(child_sp, ns_path, argv)
+        _child(child_sp, ns_path, argv, trap_sendto)
     child_sp.close()
     listener = -1
     try:

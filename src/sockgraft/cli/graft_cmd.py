@@ -99,6 +99,9 @@ def register(sub) -> None:
     p.add_argument("--lab", default="demo")
     p.add_argument("--netns", help="network namespace (path or name); default: the lab's")
     p.add_argument("--agent", help="agent control socket; default: the container's host agent")
+    p.add_argument("--udp-sendto", action="store_true",
+                   help="also graft unconnected UDP senders at sendto() (traps every sendto "
+                        "that carries an address, including TCP sends some programs make)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run, needs_root=True)
 
@@ -266,7 +269,8 @@ def cmd_run(args) -> int:
         agent = agent or control.default_socket_path(host)
     if ns_path and not ns_path.startswith("/"):
         ns_path = netns.path(ns_path)
-    return run(args.container, cmd, ns_path=ns_path, agent_path=agent)
+    return run(args.container, cmd, ns_path=ns_path, agent_path=agent,
+               trap_sendto=args.udp_sendto)
 
 
 def cmd_ep_add(args) -> int:

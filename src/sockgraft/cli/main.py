@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import ConfigError, SockgraftError
-from . import graft_cmd, lab_cmd
+from . import bench_cmd, graft_cmd, lab_cmd
 
 EXAMPLES = """\
 examples:
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     lab_cmd.register(sub)
     graft_cmd.register(sub)
+    bench_cmd.register(sub)
     return parser
 
 

@@ -275,8 +275,13 @@ def build_filter(spec: FilterSpec) -> bytes:
 _ADDRLEN_IN_IN6_STORAGE = frozenset({16, 28, 128})  # sockaddr_in, _in6, _storage
 
 
-def default_graft_filter() -> FilterSpec:
+def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
     """Trap bind/connect/sendto carrying an inet-sized sockaddr; deny io_uring.
+
+    trap_sendto=False leaves sendto alone: some programs (sockperf, for one)
+    pass the peer address on every send of a connected TCP socket, which would
+    cost a round trip to the agent per message. `sockgraft run` traps sendto
+    only when asked (--udp-sendto) to graft unconnected UDP senders.
 
     addrlen 16/28/128 (sockaddr_in, sockaddr_in6, sockaddr_storage) selects
     inet sockets without reading memory; unix (addrlen 110 or path-sized) and
@@ -284,12 +289,14 @@ def default_graft_filter() -> FilterSpec:
     would issue connect/bind without a syscall: ENOSYS makes libraries (liburing
     users, tokio, libuv) fall back to plain syscalls.
     """
+    trap: dict[int, ArgMatch | None] = {
+        SYS_BIND: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
+        SYS_CONNECT: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
+    }
+    if trap_sendto:
+        trap[SYS_SENDTO] = ArgMatch(5, _ADDRLEN_IN_IN6_STORAGE)
     return FilterSpec(
-        trap={
-            SYS_BIND: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
-            SYS_CONNECT: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
-            SYS_SENDTO: ArgMatch(5, _ADDRLEN_IN_IN6_STORAGE),
-        },
+        trap=trap,
         deny_errno={
             SYS_IO_URING_SETUP: errno.ENOSYS,
             SYS_IO_URING_ENTER: errno.ENOSYS,

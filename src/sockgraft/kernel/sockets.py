@@ -28,9 +28,9 @@ OPTIONS: tuple[tuple[int, int, int, tuple[int, ...] | None, tuple[int, ...] | No
     (SOL_SOCKET, 2, _I, None, None),            # SO_REUSEADDR
     (SOL_SOCKET, 15, _I, None, None),           # SO_REUSEPORT
     (SOL_SOCKET, 9, _I, None, None),            # SO_KEEPALIVE
-    (SOL_SOCKET, 6, _I, None, None),            # SO_BROADCAST
+    (SOL_SOCKET, 6, _I, None, (2,)),            # SO_BROADCAST
     (SOL_SOCKET, 12, _I, None, None),           # SO_PRIORITY
-    (SOL_SOCKET, 10, _I, None, None),           # SO_OOBINLINE
+    (SOL_SOCKET, 10, _I, None, (1,)),           # SO_OOBINLINE
     (SOL_SOCKET, 13, 8, None, None),            # SO_LINGER (struct linger)
     (SOL_SOCKET, 18, _I, None, None),           # SO_RCVLOWAT
     (SOL_SOCKET, 20, 16, None, None),           # SO_RCVTIMEO_OLD (struct timeval)
@@ -47,13 +47,13 @@ OPTIONS: tuple[tuple[int, int, int, tuple[int, ...] | None, tuple[int, ...] | No
     (IPPROTO_TCP, 13, 16, None, (1,)),          # TCP_CONGESTION (name)
     (IPPROTO_IP, 1, _I, (socket.AF_INET,), None),     # IP_TOS
     (IPPROTO_IP, 2, _I, (socket.AF_INET,), None),     # IP_TTL
-    (IPPROTO_IP, 11, _I, (socket.AF_INET,), None),    # IP_RECVERR
-    (IPPROTO_IP, 8, _I, (socket.AF_INET,), None),     # IP_PKTINFO
+    (IPPROTO_IP, 11, _I, (socket.AF_INET,), (2,)),    # IP_RECVERR
+    (IPPROTO_IP, 8, _I, (socket.AF_INET,), (2,)),     # IP_PKTINFO
     (IPPROTO_IPV6, 26, _I, (socket.AF_INET6,), None),  # IPV6_V6ONLY
     (IPPROTO_IPV6, 67, _I, (socket.AF_INET6,), None),  # IPV6_TCLASS
     (IPPROTO_IPV6, 16, _I, (socket.AF_INET6,), None),  # IPV6_UNICAST_HOPS
-    (IPPROTO_IPV6, 25, _I, (socket.AF_INET6,), None),  # IPV6_RECVERR
-    (IPPROTO_IPV6, 49, _I, (socket.AF_INET6,), None),  # IPV6_RECVPKTINFO
+    (IPPROTO_IPV6, 25, _I, (socket.AF_INET6,), (2,)),  # IPV6_RECVERR
+    (IPPROTO_IPV6, 49, _I, (socket.AF_INET6,), (2,)),  # IPV6_RECVPKTINFO
 )
 _BUFFERS = {(SOL_SOCKET, SO_SNDBUF), (SOL_SOCKET, SO_RCVBUF)}
 
@@ -66,31 +66,29 @@ def _get(sock: socket.socket, level: int, opt: int, size: int):
 
 
 class OptionCopier:
-    """Copies options that differ from a fresh socket's defaults. The defaults
-    of each (family, type, proto) are read once and cached."""
+    """Copies options that differ from a fresh socket's defaults. The options
+    that apply to each (family, type, proto) and their defaults are computed
+    once and cached: the per-graft cost is one getsockopt per applicable option."""
 
     def __init__(self) -> None:
-        self._defaults: dict[tuple[int, int, int], list] = {}
+        self._plans: dict[tuple[int, int, int], list[tuple[int, int, int, object]]] = {}
 
-    def defaults(self, family: int, type_: int, proto: int) -> list:
+    def plan(self, family: int, type_: int, proto: int) -> list[tuple[int, int, int, object]]:
         key = (family, type_, proto)
-        found = self._defaults.get(key)
+        found = self._plans.get(key)
         if found is None:
             with socket.socket(family, type_, proto) as fresh:
-                found = [_get(fresh, lvl, opt, size) if _applies(spec, family, type_) else None
-                         for spec in OPTIONS for lvl, opt, size in [spec[:3]]]
-            self._defaults[key] = found
+                found = [(lvl, opt, size, _get(fresh, lvl, opt, size))
+                         for lvl, opt, size, fams, types in OPTIONS
+                         if (fams is None or family in fams) and (types is None or type_ in types)]
+            self._plans[key] = found
         return found
 
     def copy(self, src: socket.socket, dst: socket.socket, family: int, type_: int,
              proto: int, container_buffers: dict[int, int] | None = None) -> int:
         """Returns how many options were set."""
         n = 0
-        defaults = self.defaults(family, type_, proto)
-        for spec, default in zip(OPTIONS, defaults):
-            if not _applies(spec, family, type_):
-                continue
-            lvl, opt, size = spec[:3]
+        for lvl, opt, size, default in self.plan(family, type_, proto):
             val = _get(src, lvl, opt, size)
             if val is None or val == default:
                 continue
@@ -106,11 +104,6 @@ class OptionCopier:
             except OSError:
                 pass  # e.g. a congestion control not available on the host
         return n
-
-
-def _applies(spec, family: int, type_: int) -> bool:
-    fams, types = spec[3], spec[4]
-    return (fams is None or family in fams) and (types is None or type_ in types)
 
 
 def adopt(fd: int) -> socket.socket:
@@ -130,15 +123,22 @@ def file_nonblocking(fd: int) -> bool:
 
 def target_fd_cloexec(tid: int, fd: int) -> bool:
     """Close-on-exec is a per-fd-table flag, not visible through a dup: read
-    it from /proc/<tid>/fdinfo/<fd>."""
+    it from /proc/<tid>/fdinfo/<fd> (its second line is "flags:\t0NNNNNN")."""
     try:
-        with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return bool(int(line.split()[1], 8) & O_CLOEXEC)
-    except (OSError, ValueError):
-        pass
-    return False
+        f = os.open(f"/proc/{tid}/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = os.read(f, 256)
+    finally:
+        os.close(f)
+    i = data.find(b"flags:")
+    if i < 0:
+        return False
+    try:
+        return bool(int(data[i + 6:data.index(b"\n", i)], 8) & O_CLOEXEC)
+    except ValueError:
+        return False
 
 
 def host_socket(family: int, type_: int, proto: int, mark: int) -> socket.socket:

@@ -311,7 +311,10 @@ NAT_TABLE = "sockgraft_lab"
 
 def plan_host_sysctls(is_host: bool) -> dict[str, str]:
     """Per-namespace sysctls: no DAD wait anywhere; hosts route and forward."""
-    values = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+    # tcp_tw_reuse=1: connection-rate loops must not stall on TIME_WAIT ports
+    # (the kernel default reuses them on loopback only).
+    values = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+              "net.ipv4.tcp_tw_reuse": "1"}
     if is_host:
         values.update({"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
     return values

@@ -1,0 +1,320 @@
+"""`sockgraft bench engine`: the grafting engine's own figures, side by side in
+one run, rounds interleaved (this machine is noisy: only ratios are stable).
+
+  throughput   iperf3, 1 TCP stream: grafted container client vs host client,
+               both to a server on the same host (host-loopback limit)
+  latency      sockperf TCP ping-pong 64 B: grafted vs host (avg, p99)
+  connect      crr (connect/send/recv/close loop): grafted client vs the same
+               client on the plain container path, and vs a host client
+  accept       crr from the host: to a grafted server vs to a host server
+  scale        C containers x S grafted sockets on one agent: agent RSS and
+               fd count before, at peak, and after everything closed
+
+Raw tool output and results.json go to --out. Must not: decide what a graft
+is (the engine does); it only drives real programs through `sockgraft run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from importlib import resources
+from typing import Callable
+
+from ..agent import control
+from ..agent.store import ConfigStore
+from ..errors import KernelError
+from ..kernel import netns
+from ..lab import agents, builder
+from ..lab.traffic import Place, iperf3, popen_in, run_in, wait_listening
+from ..model.graftconfig import load_config
+from ..model.topology import default_text, parse_topology
+
+Progress = Callable[[str], None]
+
+
+def build_tools(dest: str) -> dict[str, str]:
+    """Compile the C workloads shipped with the package (crr, holdsocks)."""
+    os.makedirs(dest, exist_ok=True)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelError("build benchmark tools", 2, "no C compiler (apt-get install gcc)")
+    out = {}
+    for name in ("crr", "holdsocks"):
+        src = resources.files("sockgraft").joinpath(f"bench/{name}.c")
+        binary = os.path.join(dest, name)
+        with resources.as_file(src) as path:
+            if not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(path):
+                subprocess.run([cc, "-O2", "-o", binary, str(path)], check=True,
+                               capture_output=True, timeout=120)
+        out[name] = binary
+    return out
+
+
+def _configs(h1_ip: str) -> dict[str, str]:
+    return {
+        "h1-c1": f"""container = "h1-c1"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "{h1_ip}"
+port = "dynamic"
+[rules]
+egress = ["{h1_ip}/32=ep-out"]
+""",
+        "h1-c2": f"""container = "h1-c2"
+[endpoints.ep-crr]
+type = "ipv4"
+addr = "{h1_ip}"
+port = 9201
+[rules]
+ingress = ["0.0.0.0:9200=ep-crr", "[::]:9200=ep-crr"]
+""",
+    }
+
+
+_SOCKPERF_AVG = re.compile(r"avg-latency=([\d.]+)")
+_SOCKPERF_P99 = re.compile(r"percentile 99\.000 =\s+([\d.]+)")
+
+
+def _sockperf(place: Place, target: str, port: int, seconds: float) -> dict:
+    proc = run_in(place, ["sockperf", "pp", "--tcp", "-i", target, "-p", str(port), "-t",
+                          str(seconds), "-m", "64"], timeout=seconds + 30)
+    text = proc.stdout + proc.stderr
+    avg, p99 = _SOCKPERF_AVG.search(text), _SOCKPERF_P99.search(text)
+    if proc.returncode != 0 or not avg or not p99:
+        raise KernelError("sockperf", 5, text[-400:])
+    # sockperf reports half the round trip; the report uses the round trip.
+    return {"rtt_avg_us": 2 * float(avg.group(1)), "rtt_p99_us": 2 * float(p99.group(1)),
+            "raw": text}
+
+
+def _crr(place: Place, crr: str, target: str, port: int, seconds: float) -> dict:
+    proc = run_in(place, [crr, "client", target, str(port), str(seconds)], timeout=seconds + 30)
+    try:
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise KernelError("crr", 5, (proc.stdout + proc.stderr)[-400:]) from None
+    if proc.returncode != 0:
+        raise KernelError("crr", 5, proc.stderr[-400:])
+    return {"conn_per_s": res["conn_per_s"], "raw": proc.stdout}
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {"fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                out["rss_kib"] = int(line.split()[1])
+    return out
+
+
+def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
+        scale: tuple[int, int] = (100, 100), progress: Progress = print) -> dict:
+    lab = "b" + secrets.token_hex(3)
+    text = default_text()
+    plan = parse_topology(text, "<default>", name=lab)
+    h1 = plan.hosts[0]
+    client, server = h1.containers[0], h1.containers[1]
+    h1_ip = str(h1.underlay.ip)
+    state = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+    tools = build_tools(os.path.join(state, "bench-bin"))
+    raw: list[dict] = []
+    series: dict[str, list[float]] = {}
+    store = ConfigStore()
+    names = {"h1-c1": client.name, "h1-c2": server.name}
+    procs: list[subprocess.Popen] = []
+
+    def record(key: str, value: float, rnd: int, raw_text: str = "") -> None:
+        series.setdefault(key, []).append(value)
+        raw.append({"round": rnd, "measure": key, "value": value, "raw": raw_text})
+
+    progress(f"bench engine: lab {lab}, {rounds} round(s) of {seconds:g} s, "
+             f"scale {scale[0]}x{scale[1]}")
+    builder.up(plan, text, "<default>")
+    try:
+        agent_pids = agents.start_agents(plan)
+        for tmpl, real in names.items():
+            store.save(load_config(_configs(h1_ip)[tmpl].replace(f'"{tmpl}"', f'"{real}"'),
+                                   "<bench>"))
+        control.request(control.default_socket_path(h1.name), {"op": "reload"})
+        host = Place(h1.netns)
+        plain_c = Place(client.netns)
+        graft_c = Place(client.netns, client.name, lab)
+        procs.append(popen_in(host, [tools["crr"], "server", "9100"],
+                              stdout=subprocess.DEVNULL, start_new_session=True))
+        procs.append(popen_in(host, ["sockperf", "sr", "--tcp", "-i", h1_ip, "-p", "11111"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True))
+        procs.append(popen_in(Place(server.netns, server.name, lab),
+                              [tools["crr"], "server", "9200"], stdout=subprocess.DEVNULL,
+                              start_new_session=True))
+        wait_listening(h1.netns, 9100)
+        wait_listening(h1.netns, 11111)
+        wait_listening(h1.netns, 9201)      # the grafted server listens on the host side
+        for rnd in range(1, rounds + 1):
+            progress(f"  round {rnd}/{rounds}: iperf3")
+            for key, place in (("tput_host", host), ("tput_graft", graft_c)):
+                r = iperf3(host, 5301, place, h1_ip, 5301, seconds, name=key)
+                record(key, r["gbit_per_s"], rnd, r["raw"])
+            progress(f"  round {rnd}/{rounds}: sockperf")
+            for key, place in (("rtt_host", host), ("rtt_graft", graft_c)):
+                r = _sockperf(place, h1_ip, 11111, seconds)
+                record(key, r["rtt_avg_us"], rnd, r["raw"])
+                record(key.replace("rtt", "p99"), r["rtt_p99_us"], rnd)
+            progress(f"  round {rnd}/{rounds}: connect rate")
+            for key, place in (("conn_plain", plain_c), ("conn_graft", graft_c),
+                               ("conn_host", host)):
+                r = _crr(place, tools["crr"], h1_ip, 9100, seconds)
+                record(key, r["conn_per_s"], rnd, r["raw"])
+            progress(f"  round {rnd}/{rounds}: accept rate")
+            for key, port in (("accept_host", 9100), ("accept_graft", 9201)):
+                r = _crr(host, tools["crr"], h1_ip, port, seconds)
+                record(key, r["conn_per_s"], rnd, r["raw"])
+        scale_res = _scale(plan, lab, tools["holdsocks"], agent_pids[h1.name], *scale,
+                           progress=progress) if scale[0] > 0 else {}
+    finally:
+        for p in procs:
+            _kill(p)
+        for real in names.values():
+            store.delete(real)
+        builder.down(lab)
+    result = summarize(series, rounds, seconds)
+    result["scale"] = scale_res
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "engine-raw.json"), "w") as f:
+            json.dump(raw, f)
+        with open(os.path.join(out_dir, "engine-results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _ratio_med(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b) if y)
+
+
+def summarize(series: dict[str, list[float]], rounds: int, seconds: float) -> dict:
+    med = {k: statistics.median(v) for k, v in series.items()}
+    ratios = {
+        "throughput graft/host": _ratio_med(series["tput_graft"], series["tput_host"]),
+        "rtt avg graft/host": _ratio_med(series["rtt_graft"], series["rtt_host"]),
+        "rtt p99 graft/host": _ratio_med(series["p99_graft"], series["p99_host"]),
+        "connect rate graft/plain container": _ratio_med(series["conn_graft"],
+                                                         series["conn_plain"]),
+        "connect rate graft/host": _ratio_med(series["conn_graft"], series["conn_host"]),
+        "accept rate graft server/host server": _ratio_med(series["accept_graft"],
+                                                           series["accept_host"]),
+    }
+    return {"rounds": rounds, "seconds": seconds, "series": series, "median": med,
+            "ratios": ratios}
+
+
+def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sockets: int,
+           progress: Progress) -> dict:
+    """`containers` registered containers, each a process holding `sockets`
+    grafted UDP sockets, all on one agent."""
+    h1 = plan.hosts[0]
+    ns_path = netns.path(h1.containers[0].netns)
+    agent_path = control.default_socket_path(h1.name)
+    store = ConfigStore()
+    names = [f"scale-{i:03d}" for i in range(containers)]
+    cfg = """container = "{name}"
+[endpoints.ep]
+type = "ipv4"
+addr = "{ip}"
+port = "dynamic"
+[rules]
+ingress = ["0.0.0.0:20000-{hi}=ep"]
+"""
+    for n in names:
+        store.save(load_config(cfg.format(name=n, ip=h1.underlay.ip, hi=20000 + sockets - 1),
+                               "<bench>"))
+    time.sleep(1.5)        # let the agent's sweep settle before the baseline
+    before = _proc_status(agent_pid)
+    progress(f"  scale: starting {containers} containers x {sockets} sockets")
+    t0 = time.monotonic()
+    procs = []
+    try:
+        for n in names:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", n, "--netns",
+                 ns_path, "--agent", agent_path, "--", holdsocks, str(sockets), "20000"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, start_new_session=True))
+        ready = 0
+        for p in procs:
+            line = p.stdout.readline()
+            if line.startswith("ready"):
+                ready += int(line.split()[1])
+        setup = time.monotonic() - t0
+        stats = control.request(agent_path, {"op": "stats"})
+        peak = _proc_status(agent_pid)
+        progress(f"  scale: {ready} sockets grafted in {setup:.1f} s; closing")
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=60)
+        time.sleep(2.5)    # one sweep interval and then some
+        after = _proc_status(agent_pid)
+    finally:
+        for p in procs:
+            _kill(p)
+        for n in names:
+            store.delete(n)
+    return {"containers": containers, "sockets_per_container": sockets,
+            "sockets_grafted": ready, "setup_s": setup,
+            "grafted_counter": stats["counters"]["grafted"],
+            "agent_before": before, "agent_peak": peak, "agent_after": after}
+
+
+def _kill(p: subprocess.Popen) -> None:
+    import signal
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def render(result: dict) -> str:
+    med = result["median"]
+    lines = [f"sockgraft engine benchmark: {result['rounds']} round(s), "
+             f"{result['seconds']:g} s each; medians (ratios are medians of per-round ratios)",
+             "",
+             "| measure | host | plain container | grafted | ratio |",
+             "|---|---|---|---|---|"]
+    r = result["ratios"]
+    lines.append(f"| iperf3 Gbit/s | {med['tput_host']:.2f} | | {med['tput_graft']:.2f} | "
+                 f"{r['throughput graft/host']:.2f}x host |")
+    lines.append(f"| TCP RTT avg us | {med['rtt_host']:.1f} | | {med['rtt_graft']:.1f} | "
+                 f"{r['rtt avg graft/host']:.2f}x host |")
+    lines.append(f"| TCP RTT p99 us | {med['p99_host']:.1f} | | {med['p99_graft']:.1f} | "
+                 f"{r['rtt p99 graft/host']:.2f}x host |")
+    lines.append(f"| client conn/s | {med['conn_host']:.0f} | {med['conn_plain']:.0f} | "
+                 f"{med['conn_graft']:.0f} | {r['connect rate graft/plain container']:.2f}x "
+                 f"plain |")
+    lines.append(f"| server accept/s | {med['accept_host']:.0f} | | {med['accept_graft']:.0f} "
+                 f"| {r['accept rate graft server/host server']:.2f}x host |")
+    s = result.get("scale") or {}
+    if s:
+        b, p, a = s["agent_before"], s["agent_peak"], s["agent_after"]
+        lines += ["", f"scale: {s['containers']} containers x {s['sockets_per_container']} "
+                      f"sockets = {s['sockets_grafted']} grafted in {s['setup_s']:.1f} s",
+                  "",
+                  "| agent | before | peak | after close |", "|---|---|---|---|",
+                  f"| RSS MiB | {b['rss_kib'] / 1024:.1f} | {p['rss_kib'] / 1024:.1f} | "
+                  f"{a['rss_kib'] / 1024:.1f} |",
+                  f"| open fds | {b['fds']} | {p['fds']} | {a['fds']} |"]
+    return "\n".join(lines) + "\n"
