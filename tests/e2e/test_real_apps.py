@@ -28,8 +28,8 @@ from sockgraft.lab import builder
 
 pytestmark = pytest.mark.e2e
 
-# A grafted iperf3 run moves only the control traffic of sockgraft itself
-# (nothing) through the veth: what is left is stray ND/MLD/ARP at most.
+# While a container's sockets are grafted none of their traffic crosses its
+# veth; what is left there is stray ND/MLD/ARP at most.
 VETH_QUIET = 64 * 1024
 
 
@@ -129,7 +129,7 @@ def _iperf_json(out, err):
     return data
 
 
-# --- 1. iperf3 TCP ---------------------------------------------------------------
+# --- iperf3 TCP ---------------------------------------------------------------
 
 EGRESS_H1C1 = """
 container = "h1-c1"
@@ -185,7 +185,7 @@ def test_iperf3_tcp_grafted_bypasses_the_container_veth(glab):
     finish(srv, 10)
 
 
-# --- 5. iperf3 UDP ---------------------------------------------------------------
+# --- iperf3 UDP ---------------------------------------------------------------
 
 def test_iperf3_udp_grafted(glab):
     _need("iperf3", "iperf3")
@@ -210,7 +210,7 @@ def test_iperf3_udp_grafted(glab):
     assert delta < VETH_QUIET, f"{delta} bytes crossed the veth while grafted"
 
 
-# --- 2. nginx --------------------------------------------------------------------
+# --- nginx --------------------------------------------------------------------
 
 NGINX_CFG = """
 worker_processes 1;
@@ -308,12 +308,15 @@ def test_nginx_master_binds_grafted_and_its_worker_serves(glab, tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "sockgraft bug: a socket the application registered with epoll BEFORE connect() "
-    "loses that registration when the agent replaces it (SECCOMP_ADDFD_FLAG_SETFD closes "
-    "the original file, which removes it from the epoll set; the host socket is never "
-    "added), so epoll never reports the connect. nginx's ngx_event_connect_peer() does "
-    "epoll_ctl(ADD) before connect(): every proxied upstream connection from the worker "
-    "stalls until proxy_connect_timeout (504)."))
+    "sockgraft bug: a socket registered with epoll BEFORE connect() loses that registration "
+    "when the agent grafts it: SECCOMP_IOCTL_NOTIF_ADDFD with SETFD replaces the fd, the "
+    "original container socket is released (which drops its epoll item) and the host socket "
+    "is never added to the application's epoll sets. nginx's ngx_event_connect_peer() does "
+    "epoll_ctl(ADD, EPOLLIN|EPOLLOUT|EPOLLET) before connect(): the worker gets one stale "
+    "EPOLLOUT|EPOLLHUP of the discarded socket, sends the request on the host socket, and "
+    "never sees the reply (EPOLLIN) -> 'upstream timed out while reading response header', "
+    "504. Fix idea: on a grafted connect, re-register the new file in every epoll instance "
+    "of the target that watched the old one (tfd/events/data from /proc/PID/fdinfo)."))
 def test_nginx_worker_proxies_to_an_upstream_through_an_egress_graft(glab, tmp_path):
     h1 = glab.plan.node("h1").netns
     up_dir = tmp_path / "upstream"
@@ -356,7 +359,7 @@ def _children_of(pid):
     return out
 
 
-# --- 3. busybox httpd (static) --------------------------------------------------------
+# --- busybox httpd (static) --------------------------------------------------------
 
 def _elf_has_interp(path):
     """True if the ELF file has a PT_INTERP program header (dynamically linked)."""
@@ -409,7 +412,7 @@ def test_static_busybox_httpd_grafted(glab, tmp_path, listen, host_port):
     assert srv.poll() is None
 
 
-# --- 4. a static Go program ------------------------------------------------------------
+# --- a static Go program ------------------------------------------------------------
 
 GO_SRC = r"""
 package main

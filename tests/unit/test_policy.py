@@ -146,8 +146,9 @@ DECIDE = [
     (P("allow any ::/0"), "tcp", "[::ffff:8.8.8.8]:80", False, "default:allowlist"),
     (P("allow any ::/0"), "tcp", "[2001:db8::1]:80", True, "allow[0]"),
     (P("allow tcp 8.8.8.0/24"), "tcp", "[::ffff:8.8.8.8]:80", True, "allow[0]"),
-    # ... deny rules see both forms
-    (P("deny any ::/0"), "tcp", "[::ffff:8.8.8.8]:80", False, "deny[0]"),
+    # ... and so do deny rules: on the wire a mapped destination is IPv4
+    (P("deny any ::/0"), "tcp", "[::ffff:8.8.8.8]:80", True, "default:allow"),
+    (P("deny any ::/0"), "tcp", "[2001:db8::1]:80", False, "deny[0]"),
     (P("deny tcp 10.0.0.0/8"), "tcp", "[::ffff:10.9.9.9]:80", False, "deny[0]"),
     # deny beats allow, including allows that name a built-in
     (P("allow tcp 10.0.0.0/8", "deny tcp 10.1.0.0/16 443"), "tcp", "10.1.2.3:443", False, "deny[0]"),

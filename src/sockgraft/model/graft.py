@@ -137,8 +137,11 @@ def _family_ok(sock: SockInfo, addr: InetAddr) -> bool:
 def _keeps_loopback(rule, addr: InetAddr) -> bool:
     """A container's loopback is its own (sidecars, local services): a broad
     egress rule such as 0.0.0.0/0 never moves it onto the host's loopback.
-    Only a rule whose prefix lies inside the loopback range grafts it."""
+    Only a rule whose prefix lies inside the loopback range grafts it.
+    connect() to 0.0.0.0 / :: means "this host" to Linux: the container's own."""
     ip = addr.unmapped().ip
+    if ip.is_unspecified:
+        return True
     if not ip.is_loopback:
         return False
     return not rule.network.subnet_of(IPv4Network("127.0.0.0/8") if ip.version == 4
@@ -212,15 +215,15 @@ def decide_sendto(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     hit = cfg.match_egress(addr)
     if hit is None:
         return Continue("no egress rule")
+    rule, ep = hit
+    if _keeps_loopback(rule, addr):
+        return Continue("container loopback stays in the container")
     if sock.type == SOCK_STREAM:
         if flags & MSG_FASTOPEN:
             return Fail(errno.EOPNOTSUPP, "TCP fast open to a grafted destination")
         return Continue("sendto on a stream socket ignores the address")
     if sock.type != SOCK_DGRAM:
         return Continue("not a UDP socket")
-    rule, ep = hit
-    if _keeps_loopback(rule, addr):
-        return Continue("container loopback stays in the container")
     verdict = decide(cfg.policy, "udp", addr.unmapped())
     if not verdict.allowed:
         return Deny(verdict.errno, verdict.rule, addr)

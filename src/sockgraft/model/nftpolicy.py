@@ -29,7 +29,6 @@ from .policy import BUILTIN_DENIES, Policy, PolicyRule
 
 TABLE = "sockgraft"
 FAMILY = "inet"
-_MAPPED = IPv6Network("::ffff:0:0/96")
 
 
 def chain_name(mark: int) -> str:
@@ -49,26 +48,16 @@ def _ports(r: PolicyRule) -> str:
         f"th dport {r.port_lo}-{r.port_hi} "
 
 
-def _dests(net: IPv4Network | IPv6Network | None, with_mapped: bool) -> list[str]:
-    """Address matches for a rule. A mapped IPv6 destination leaves as an IPv4
-    packet, so a deny of a v6 range covering ::ffff:0:0/96 also denies the v4 form."""
+def _dest(net: IPv4Network | IPv6Network | None) -> str:
+    """A mapped destination leaves as an IPv4 packet, which IPv4 rules judge
+    (policy.decide judges it by its IPv4 form too)."""
     if net is None:
-        return [""]
-    if net.version == 4:
-        return [f"ip daddr {net} "]
-    out = [f"ip6 daddr {net} "]
-    if with_mapped and net.overlaps(_MAPPED):
-        if _MAPPED.subnet_of(net):
-            out.append("ip daddr 0.0.0.0/0 ")
-        else:
-            v4 = IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-            out.append(f"ip daddr {v4} ")
-    return out
+        return ""
+    return f"{'ip' if net.version == 4 else 'ip6'} daddr {net} "
 
 
-def _rule_lines(r: PolicyRule, verdict: str, with_mapped: bool) -> list[str]:
-    return [f"{d}{_proto_match(r)}{_ports(r)}{verdict}".strip()
-            for d in _dests(r.network, with_mapped)]
+def _rule_lines(r: PolicyRule, verdict: str) -> list[str]:
+    return [f"{_dest(r.network)}{_proto_match(r)}{_ports(r)}{verdict}".strip()]
 
 
 def _first_category(r: PolicyRule) -> str | None:
@@ -83,18 +72,18 @@ def _first_category(r: PolicyRule) -> str | None:
 def plan_chain(policy: Policy) -> list[str]:
     lines: list[str] = []
     for r in policy.deny:
-        lines += _rule_lines(r, "counter drop", with_mapped=True)
+        lines += _rule_lines(r, "counter drop")
     generic = list(policy.allow)
     if policy.builtin_denies:
         for name, nets in BUILTIN_DENIES:
             named = [r for r in generic if _first_category(r) == name]
             for r in named:
-                lines += _rule_lines(r, "accept", with_mapped=False)
+                lines += _rule_lines(r, "accept")
                 generic.remove(r)
             for n in nets:
                 lines.append(f"{'ip' if n.version == 4 else 'ip6'} daddr {n} counter drop")
     for r in generic:
-        lines += _rule_lines(r, "accept", with_mapped=False)
+        lines += _rule_lines(r, "accept")
     lines.append("counter drop" if policy.allow else "accept")
     return lines
 

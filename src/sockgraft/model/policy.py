@@ -43,9 +43,11 @@ Decision order for `decide(policy, proto, dest)`:
 
 IPv4-mapped destinations (::ffff:a.b.c.d): a v6 socket sending there really
 sends IPv4, so the IPv4 form is what allow rules and built-in categories see.
-Deny rules are checked against both forms (so `deny any ::/0` also catches
-mapped destinations); allow rules only against the IPv4 form (so
-`allow any ::/0` cannot be used to reach IPv4 destinations).
+Deny and allow rules alike see only the IPv4 form: on the wire (and so in
+the kernel's per-packet nftables enforcement) a mapped destination is an IPv4
+packet, indistinguishable from one an AF_INET socket sends. `allow any ::/0`
+therefore cannot reach IPv4 destinations, and `deny any ::/0` denies IPv6
+only: write IPv4 rules for IPv4 traffic.
 
 A `proto` other than tcp/udp (e.g. "sctp") is matched only by PROTO `any`.
 """
@@ -273,11 +275,10 @@ def decide(policy: Policy, proto: str, dest: InetAddr) -> Decision:
     mapped = ip.ipv4_mapped if ip.version == 6 else None
     if mapped is not None:
         effective = ((4, int(mapped)),)
-        both = ((4, int(mapped)), (6, int(ip)))
     else:
-        effective = both = ((ip.version, int(ip)),)
+        effective = ((ip.version, int(ip)),)
 
-    i = _first_match(policy._deny_c, both, port, proto)
+    i = _first_match(policy._deny_c, effective, port, proto)
     if i >= 0:
         return Decision(False, f"deny[{i}]", _errno.EACCES)
 
