@@ -160,21 +160,21 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
         wait_listening(h1.netns, 9201)      # the grafted server listens on the host side
         for rnd in range(1, rounds + 1):
             progress(f"  round {rnd}/{rounds}: iperf3")
-            for key, place in (("tput_host", host), ("tput_graft", graft_c)):
+            for key, place in _order(rnd, ("tput_host", host), ("tput_graft", graft_c)):
                 r = iperf3(host, 5301, place, h1_ip, 5301, seconds, name=key)
                 record(key, r["gbit_per_s"], rnd, r["raw"])
             progress(f"  round {rnd}/{rounds}: sockperf")
-            for key, place in (("rtt_host", host), ("rtt_graft", graft_c)):
+            for key, place in _order(rnd, ("rtt_host", host), ("rtt_graft", graft_c)):
                 r = _sockperf(place, h1_ip, 11111, seconds)
                 record(key, r["rtt_avg_us"], rnd, r["raw"])
                 record(key.replace("rtt", "p99"), r["rtt_p99_us"], rnd)
             progress(f"  round {rnd}/{rounds}: connect rate")
-            for key, place in (("conn_plain", plain_c), ("conn_graft", graft_c),
-                               ("conn_host", host)):
+            for key, place in _order(rnd, ("conn_plain", plain_c), ("conn_graft", graft_c),
+                                     ("conn_host", host)):
                 r = _crr(place, tools["crr"], h1_ip, 9100, seconds)
                 record(key, r["conn_per_s"], rnd, r["raw"])
             progress(f"  round {rnd}/{rounds}: accept rate")
-            for key, port in (("accept_host", 9100), ("accept_graft", 9201)):
+            for key, port in _order(rnd, ("accept_host", 9100), ("accept_graft", 9201)):
                 r = _crr(host, tools["crr"], h1_ip, port, seconds)
                 record(key, r["conn_per_s"], rnd, r["raw"])
         scale_res = _scale(plan, lab, tools["holdsocks"], agent_pids[h1.name], *scale,
@@ -194,6 +194,11 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
         with open(os.path.join(out_dir, "engine-results.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _order(rnd: int, *items):
+    """Alternate the order within a round so neither side always goes first."""
+    return items if rnd % 2 else tuple(reversed(items))
 
 
 def _ratio_med(a: list[float], b: list[float]) -> float:
