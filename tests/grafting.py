@@ -138,7 +138,10 @@ class GraftLab:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            p.communicate(timeout=10)
+            p.wait(timeout=10)
+            for pipe in (p.stdin, p.stdout, p.stderr):
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
         for host in list(self.agents):
             self.stop_agent(host)
 

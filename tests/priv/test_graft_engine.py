@@ -303,3 +303,38 @@ def test_agent_restart_keeps_grafted_sockets_and_queues_new_calls(glab):
         assert peer.peer() == "198.18.0.2"
     assert r["connect_errno"] == 0 and r["replaced"] and r["echo"] == "ping"
     assert echo(h1.netns, "198.18.0.2", 8081, b"new agent") == b"new agent"
+
+
+def test_thousand_sockets_in_several_containers_then_nothing_left(glab, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from sockgraft.bench.engine import build_tools
+    from sockgraft.kernel import netns
+    holdsocks = build_tools(str(tmp_path / "bin"))["holdsocks"]
+    ns_path = netns.path(glab.plan.node("h1-c2").netns)
+    names = [f"many-{i}" for i in range(5)]
+    for n in names:
+        glab.configure(n, f'container = "{n}"\n[endpoints.ep]\ntype = "ipv4"\n'
+                          f'addr = "198.18.0.1"\nport = "dynamic"\n[rules]\n'
+                          f'ingress = ["0.0.0.0:30000-30199=ep"]\n')
+    time.sleep(1.2)
+    fds = glab.agent_fds("h1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", n, "--netns",
+         ns_path, "--agent", glab.agent_socket("h1"), "--", holdsocks, "200", "30000"],
+        env=glab.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=True) for n in names]
+    glab.procs.extend(procs)
+    assert [p.stdout.readline().strip() for p in procs] == ["ready 200"] * 5
+    rows = json.loads(glab.sg("sockets", "--json", "--agent", glab.agent_socket("h1")).stdout)
+    assert len([r for r in rows if r["container"].startswith("many-")]) == 1000
+    assert len({r["local"] for r in rows if r["container"].startswith("many-")}) == 1000
+    for p in procs:
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(timeout=30) == 0
+    time.sleep(1.5)
+    assert glab.agent_fds("h1") <= fds
+    rows = json.loads(glab.sg("sockets", "--json", "--agent", glab.agent_socket("h1")).stdout)
+    assert not [r for r in rows if r["container"].startswith("many-")]
