@@ -1,6 +1,5 @@
 import os
 import secrets
-import socket
 import sys
 
 import pytest

@@ -181,7 +181,10 @@ def test_iperf3_tcp_grafted_bypasses_the_container_veth(glab):
     assert data["start"]["connected"][0]["local_host"] == "198.19.1.2"
     sent = data["end"]["sum_sent"]["bytes"]
     assert sent > 10 * 1024 * 1024
-    assert plain_delta >= sent, (plain_delta, sent)
+    # Headers make the veth count exceed `sent`, but the veth's stats and
+    # iperf3's byte count are read at slightly different moments (seen 0.2%
+    # short): the point is the order of magnitude against VETH_QUIET.
+    assert plain_delta > 0.9 * sent, (plain_delta, sent)
     finish(srv, 10)
 
 

@@ -1,7 +1,6 @@
 """The grafting engine on the real kernel: agents in lab hosts, unmodified
 programs under `sockgraft run` in lab containers."""
 
-import errno
 import os
 import signal
 import time
@@ -208,7 +207,6 @@ def test_hostile_sockaddrs_get_the_kernels_errno_and_the_agent_keeps_serving(
 
 def test_no_fd_leak_after_many_grafts(glab):
     glab.configure("h1-c1", EGRESS_V4)
-    h2 = glab.plan.node("h2")
     srv = glab.spawn_plain("h2", PROBE + ["tcp-server", "0.0.0.0", "7108", "--count", "100000"])
     read_json_line(srv)
     glab.probe("h1-c1", "loop", "198.18.0.2", 7108, 5)      # warm caches

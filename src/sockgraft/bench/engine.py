@@ -32,9 +32,8 @@ from ..agent import control
 from ..agent.store import ConfigStore
 from ..errors import KernelError
 from ..kernel import netns
-from ..lab import agents, builder
+from ..lab import agents, builder, grafts
 from ..lab.traffic import Place, iperf3, popen_in, run_in, wait_listening
-from ..model.graftconfig import load_config
 from ..model.topology import default_text, parse_topology
 
 Progress = Callable[[str], None]
@@ -56,27 +55,6 @@ def build_tools(dest: str) -> dict[str, str]:
                                capture_output=True, timeout=120)
         out[name] = binary
     return out
-
-
-def _configs(h1_ip: str) -> dict[str, str]:
-    return {
-        "h1-c1": f"""container = "h1-c1"
-[endpoints.ep-out]
-type = "ipv4"
-addr = "{h1_ip}"
-port = "dynamic"
-[rules]
-egress = ["{h1_ip}/32=ep-out"]
-""",
-        "h1-c2": f"""container = "h1-c2"
-[endpoints.ep-crr]
-type = "ipv4"
-addr = "{h1_ip}"
-port = 9201
-[rules]
-ingress = ["0.0.0.0:9200=ep-crr", "[::]:9200=ep-crr"]
-""",
-    }
 
 
 _SOCKPERF_AVG = re.compile(r"avg-latency=([\d.]+)")
@@ -128,7 +106,6 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
     raw: list[dict] = []
     series: dict[str, list[float]] = {}
     store = ConfigStore()
-    names = {"h1-c1": client.name, "h1-c2": server.name}
     procs: list[subprocess.Popen] = []
 
     def record(key: str, value: float, rnd: int, raw_text: str = "") -> None:
@@ -140,9 +117,8 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
     builder.up(plan, text, "<default>")
     try:
         agent_pids = agents.start_agents(plan)
-        for tmpl, real in names.items():
-            store.save(load_config(_configs(h1_ip)[tmpl].replace(f'"{tmpl}"', f'"{real}"'),
-                                   "<bench>"))
+        store.save(grafts.egress_via(client.name, h1_ip, f"{h1_ip}/32"))
+        store.save(grafts.ingress_on(server.name, 9200, h1_ip, 9201))
         control.request(control.default_socket_path(h1.name), {"op": "reload"})
         host = Place(h1.netns)
         plain_c = Place(client.netns)
@@ -182,8 +158,8 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
     finally:
         for p in procs:
             _kill(p)
-        for real in names.values():
-            store.delete(real)
+        for c in (client, server):
+            store.delete(c.name)
         builder.down(lab)
     result = summarize(series, rounds, seconds)
     result["scale"] = scale_res
@@ -230,17 +206,9 @@ def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sock
     agent_path = control.default_socket_path(h1.name)
     store = ConfigStore()
     names = [f"scale-{i:03d}" for i in range(containers)]
-    cfg = """container = "{name}"
-[endpoints.ep]
-type = "ipv4"
-addr = "{ip}"
-port = "dynamic"
-[rules]
-ingress = ["0.0.0.0:20000-{hi}=ep"]
-"""
     for n in names:
-        store.save(load_config(cfg.format(name=n, ip=h1.underlay.ip, hi=20000 + sockets - 1),
-                               "<bench>"))
+        store.save(grafts.ingress_on(n, f"20000-{20000 + sockets - 1}", str(h1.underlay.ip),
+                                     "dynamic"))
     time.sleep(1.5)        # let the agent's sweep settle before the baseline
     before = _proc_status(agent_pid)
     progress(f"  scale: starting {containers} containers x {sockets} sockets")

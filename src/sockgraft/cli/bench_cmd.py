@@ -25,7 +25,7 @@ def register(sub) -> None:
     e = bsub.add_parser("engine", help="the grafting engine against host and plain paths",
                         epilog=ENGINE_EXAMPLES, formatter_class=FMT)
     e.add_argument("--rounds", type=int, default=3)
-    e.add_argument("--seconds", type=float, default=2.0)
+    e.add_argument("--seconds", type=int, default=2, help="per measure (whole seconds)")
     e.add_argument("--scale", type=int, nargs=2, default=(100, 100),
                    metavar=("CONTAINERS", "SOCKETS"), help="0 0 skips the scale test")
     e.add_argument("--out", help="directory for raw output and results.json")
@@ -35,8 +35,8 @@ def register(sub) -> None:
 def cmd_engine(args) -> int:
     from ..bench import engine
     from ..errors import ConfigError
-    if args.rounds < 1 or args.seconds <= 0 or min(args.scale) < 0:
-        raise ConfigError("--rounds >= 1, --seconds > 0, --scale >= 0 0")
+    if args.rounds < 1 or args.seconds < 1 or min(args.scale) < 0:
+        raise ConfigError("accepted: --rounds >= 1, --seconds >= 1, --scale >= 0 0")
     result = engine.run(args.rounds, args.seconds, args.out, tuple(args.scale),
                         progress=lambda m: print(m, file=sys.stderr, flush=True))
     report = engine.render(result)

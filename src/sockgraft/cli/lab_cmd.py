@@ -157,28 +157,6 @@ def cmd_exec(args) -> int:
     return 127  # not reached
 
 
-DEMO_CONFIGS = {
-    # h1-c1 reaches the underlay through a host socket bound to h1's address
-    "h1-c1": """container = "h1-c1"
-[endpoints.ep-out]
-type = "ipv4"
-addr = "{h1}"
-port = "dynamic"
-[rules]
-egress = ["{underlay}=ep-out"]
-""",
-    # a server in h2-c1 binding 0.0.0.0:5201 really listens on h2's address, port 5202
-    "h2-c1": """container = "h2-c1"
-[endpoints.ep-iperf]
-type = "ipv4"
-addr = "{h2}"
-port = 5202
-[rules]
-ingress = ["0.0.0.0:5201=ep-iperf", "[::]:5201=ep-iperf"]
-""",
-}
-
-
 def cmd_demo(args) -> int:
     plan, text, source = load_plan(args.config, args.name)
     if lab_state.read(plan.name) is not None:
@@ -209,8 +187,8 @@ def cmd_demo(args) -> int:
             store = _demo_graft(plan, args.seconds)
     finally:
         if store is not None:
-            for c in DEMO_CONFIGS:
-                store.delete(c)
+            for c in (plan.hosts[0].containers[0], plan.hosts[1].containers[0]):
+                store.delete(c.name)
         if not args.keep:
             builder.down(plan.name, progress=_progress)
             print(f"\nlab {plan.name} is down")
@@ -220,20 +198,21 @@ def cmd_demo(args) -> int:
 def _demo_graft(plan, seconds: float):
     """Grafted against plain, side by side: the same unmodified iperf3."""
     from ..agent.store import ConfigStore
-    from ..model.graftconfig import load_config
+    from ..lab import grafts
     from ..lab.traffic import Place
     h1, h2 = plan.hosts[0], plan.hosts[1]
     client, server = h1.containers[0], h2.containers[0]
     print(f"\n== grafting: agents on {h1.name} and {h2.name}")
     agents.start_agents(plan)
     store = ConfigStore()
-    names = {h1.containers[0].name: "h1-c1", h2.containers[0].name: "h2-c1"}
-    for real, template in names.items():
-        text = DEMO_CONFIGS[template].format(h1=h1.underlay.ip, h2=h2.underlay.ip,
-                                             underlay=plan.underlay)
-        store.save(load_config(text.replace(f'"{template}"', f'"{real}"'), "<demo>"))
-        print(f"  config {real}: " + " ".join(
-            line for line in text.splitlines() if "=" in line and "[" in line))
+    # client: its traffic to the underlay leaves from h1's address; server: a
+    # bind to 0.0.0.0:5201 / [::]:5201 really listens on h2's address, port 5202
+    for cfg in (grafts.egress_via(client.name, str(h1.underlay.ip), str(plan.underlay)),
+                grafts.ingress_on(server.name, 5201, str(h2.underlay.ip), 5202)):
+        store.save(cfg)
+        rules = [str(r) for r in (*cfg.egress, *cfg.ingress)]
+        eps = [str(e) for e in cfg.endpoints.values()]
+        print(f"  config {cfg.container}: {'; '.join(eps)}; rules {', '.join(rules)}")
     target = str(h2.underlay.ip)
     rows = []
 

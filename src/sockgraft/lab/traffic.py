@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -77,8 +78,10 @@ def iperf3(server: Place, server_port: int, client: Place, target: str, target_p
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_listening(*(listen or (server.netns, server_port)))
+        # iperf3 takes whole seconds; 0 would mean "forever"
+        secs = max(1, math.ceil(seconds))
         proc = run_in(client, ["iperf3", "-c", target, "-p", str(target_port),
-                               "-t", str(seconds), "-J"], timeout=seconds + 30)
+                               "-t", str(secs), "-J"], timeout=secs + 30)
         try:
             data = json.loads(proc.stdout)
         except ValueError:
