@@ -474,16 +474,22 @@ class Agent:
             self._continue(sess, n.id)
 
     def _dup_target_fd(self, tid: int, fd: int) -> socket.socket | None:
-        pidfd = self._pidfd(tid)
-        try:
-            newfd = seccomp.pidfd_getfd(pidfd, fd)
-        except KernelError as exc:
-            if exc.errno == errno.EBADF:
-                return None
-            self._forget_pidfd(tid)
-            if exc.errno == errno.ESRCH:
-                raise NotFound("pidfd_getfd", exc.errno, f"tid {tid}") from None
-            raise
+        for attempt in (1, 2):
+            pidfd = self._pidfd(tid)
+            try:
+                newfd = seccomp.pidfd_getfd(pidfd, fd)
+                break
+            except KernelError as exc:
+                if exc.errno == errno.EBADF:
+                    return None
+                self._forget_pidfd(tid)
+                # ESRCH from a cached pidfd: that task exited and its tid now
+                # belongs to the task that trapped (id_valid said it waits): retry
+                # once with a fresh pidfd. ESRCH again: the target is gone.
+                if exc.errno != errno.ESRCH:
+                    raise
+                if attempt == 2:
+                    raise NotFound("pidfd_getfd", exc.errno, f"tid {tid}") from None
         try:
             return ksock.adopt(newfd)
         except OSError:
