@@ -175,6 +175,28 @@ def connect_badptr():
     out({"rc": rc, "errno": errno.errorcode.get(err, err)})
 
 
+def epoll_client(host, port):
+    """Registers with epoll BEFORE connect (as nginx does), then MODs the
+    registration (which needs the item keyed by this fd number)."""
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    s.setblocking(False)
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLIN | select.EPOLLET)
+    err = s.connect_ex((host, int(port)))
+    res = {"connect_errno": errno.errorcode.get(err, err)}
+    res["out"] = bool(ep.poll(5))
+    s.send(b"ping")
+    try:
+        ep.modify(s.fileno(), select.EPOLLIN)
+        res["modify"] = "ok"
+    except OSError as exc:
+        res["modify"] = errno.errorcode.get(exc.errno, exc.errno)
+    res["in"] = bool(ep.poll(5))
+    res["echo"] = s.recv(100).decode() if res["in"] else None
+    res["local"] = name(s.getsockname())
+    out(res)
+
+
 def loop(host, port, n):
     ok = 0
     for _ in range(int(n)):
@@ -198,6 +220,8 @@ def main(argv):
         connect_raw(*rest)
     elif cmd == "connect-badptr":
         connect_badptr()
+    elif cmd == "epoll-client":
+        epoll_client(*rest)
     elif cmd == "loop":
         loop(*rest)
     else:

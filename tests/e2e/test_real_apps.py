@@ -310,16 +310,8 @@ def test_nginx_master_binds_grafted_and_its_worker_serves(glab, tmp_path):
     assert ngx.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sockgraft bug: a socket registered with epoll BEFORE connect() loses that registration "
-    "when the agent grafts it: SECCOMP_IOCTL_NOTIF_ADDFD with SETFD replaces the fd, the "
-    "original container socket is released (which drops its epoll item) and the host socket "
-    "is never added to the application's epoll sets. nginx's ngx_event_connect_peer() does "
-    "epoll_ctl(ADD, EPOLLIN|EPOLLOUT|EPOLLET) before connect(): the worker gets one stale "
-    "EPOLLOUT|EPOLLHUP of the discarded socket, sends the request on the host socket, and "
-    "never sees the reply (EPOLLIN) -> 'upstream timed out while reading response header', "
-    "504. Fix idea: on a grafted connect, re-register the new file in every epoll instance "
-    "of the target that watched the old one (tfd/events/data from /proc/PID/fdinfo)."))
+# nginx adds its upstream socket to epoll before connect(): the graft must carry
+# that registration over to the host socket (kernel/epollfix.py).
 def test_nginx_worker_proxies_to_an_upstream_through_an_egress_graft(glab, tmp_path):
     h1 = glab.plan.node("h1").netns
     up_dir = tmp_path / "upstream"

@@ -336,3 +336,13 @@ def test_thousand_sockets_in_several_containers_then_nothing_left(glab, tmp_path
     assert glab.agent_fds("h1") <= fds
     rows = json.loads(glab.sg("sockets", "--json", "--agent", glab.agent_socket("h1")).stdout)
     assert not [r for r in rows if r["container"].startswith("many-")]
+
+
+def test_epoll_registration_made_before_connect_survives_the_graft(glab):
+    glab.configure("h1-c1", EGRESS_V4)
+    h2 = glab.plan.node("h2")
+    with EchoServer(h2.netns, "0.0.0.0", 7600):
+        r = glab.probe("h1-c1", "epoll-client", "198.18.0.2", 7600)
+    assert r["local"][0] == "198.18.0.1"                 # grafted
+    assert r["out"] and r["in"] and r["echo"] == "ping"   # events of the new socket arrive
+    assert r["modify"] == "ok"                            # keyed by the app's fd number

@@ -138,8 +138,12 @@ def recv_reply(sock: socket.socket) -> dict:
 def request(path: str, msg: dict, fds: list[int] | None = None, timeout: float = 10.0) -> dict:
     """One request/reply exchange; raises AgentError on a failed reply."""
     with connect(path, timeout) as sock:
-        send(sock, msg, fds)
-        reply = recv_reply(sock)
+        try:
+            send(sock, msg, fds)
+            reply = recv_reply(sock)
+        except OSError as exc:   # reset, broken pipe: the agent went away mid-request
+            raise AgentError(f"the agent at {path} dropped the request: "
+                             f"{exc.strerror or exc}") from exc
     if not reply.get("ok"):
         raise AgentError(reply.get("error", "the agent refused the request"))
     return reply

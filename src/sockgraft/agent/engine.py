@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import AgentError, KernelError, NotFound, SockgraftError
-from ..kernel import nft, seccomp
+from ..kernel import epollfix, nft, seccomp
 from ..kernel import sockets as ksock
 from ..model import graft
 from ..model.graft import (ConnectGrafted, Continue, Deny, Fail, GraftBind, GraftConnect,
@@ -95,6 +95,7 @@ class PendingConnect:
     app_nonblocking: bool
     record: GraftedSocket | None
     deadline: float
+    watch: list = field(default_factory=list)   # target epoll items to carry over
 
 
 class Agent:
@@ -119,6 +120,7 @@ class Agent:
         self._stop = False
         self._applied_policies: dict[int, object] | None = None
         self.host_addrs: frozenset = frozenset()
+        self.epolls = epollfix.EpollIndex()
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -574,7 +576,8 @@ class Agent:
                                       host, remote=str(action.dest))
                 cloexec = ksock.target_fd_cloexec(n.pid, fd)
                 ksock.set_blocking(host, not ksock.file_nonblocking(dup.fileno()))
-                sess.listener.addfd(n.id, host.fileno(), newfd=fd, cloexec=cloexec)
+                self._install(sess, n.id, n.pid, host, fd, cloexec,
+                              self._watchers(n.pid, fd, dup))
                 self._count_graft(sess, record)
                 # The datagram itself goes through the kernel on the host
                 # socket; nftables judges it by the mark (no re-read hazard).
@@ -584,6 +587,23 @@ class Agent:
         finally:
             if host is not None:
                 host.close()
+
+    def _watchers(self, tid: int, fd: int, app: socket.socket) -> list:
+        """The target's epoll items on fd, read before the swap. Only sockets
+        in non-blocking mode are looked at: a blocking socket in an epoll set
+        before connect()/bind() is not a pattern event loops use."""
+        if not ksock.file_nonblocking(app.fileno()):
+            return []
+        return epollfix.watchers(tid, fd, self.epolls)
+
+    def _install(self, sess: Session, nid: int, tid: int, host: socket.socket, fd: int,
+                 cloexec: bool, watch: list) -> None:
+        """ADDFD the host socket at the application's fd number, then carry the
+        application's epoll registrations of the old socket over to it."""
+        sess.listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
+        if watch and not epollfix.reregister(self._pidfd(tid), host.fileno(), fd, watch):
+            log.warning("%s tid %d fd %d: could not carry %d epoll registration(s) over",
+                        sess.container, tid, fd, len(watch))
 
     def _bind_local(self, host: socket.socket, local: InetAddr) -> None:
         try:
@@ -610,7 +630,7 @@ class Agent:
                            record: GraftedSocket | None) -> None:
         cloexec = ksock.target_fd_cloexec(n.pid, fd)
         ksock.set_blocking(host, not ksock.file_nonblocking(app.fileno()))
-        sess.listener.addfd(n.id, host.fileno(), newfd=fd, cloexec=cloexec)
+        self._install(sess, n.id, n.pid, host, fd, cloexec, self._watchers(n.pid, fd, app))
         self._count_graft(sess, record)
         self._respond(sess, n.id, val=0)
 
@@ -625,6 +645,7 @@ class Agent:
         app = app_sock if app_sock is not None else sock
         app_nb = ksock.file_nonblocking(app.fileno())
         cloexec = ksock.target_fd_cloexec(n.pid, fd) if inject else False
+        watch = self._watchers(n.pid, fd, app) if inject else []
         restore_blocking = False
         if not inject and not app_nb:
             # A grafted socket shared with the application: connect it without
@@ -637,7 +658,7 @@ class Agent:
                 ksock.set_blocking(sock, True)
             if err == 0 and inject:
                 ksock.set_blocking(sock, not app_nb)
-                sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
+                self._install(sess, n.id, n.pid, sock, fd, cloexec, watch)
                 self._count_graft(sess, record)
             self._respond(sess, n.id, error=err)
             return False
@@ -648,19 +669,19 @@ class Agent:
             if restore_blocking or inject:
                 ksock.set_blocking(sock, True)
             if err == 0 and inject:
-                sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
+                self._install(sess, n.id, n.pid, sock, fd, cloexec, watch)
                 self._count_graft(sess, record)
             self._respond(sess, n.id, error=err)
             return False
         if app_nb:
             # The application will poll for writability and read SO_ERROR itself.
             if inject:
-                sess.listener.addfd(n.id, sock.fileno(), newfd=fd, cloexec=cloexec)
+                self._install(sess, n.id, n.pid, sock, fd, cloexec, watch)
                 self._count_graft(sess, record)
             self._respond(sess, n.id, error=errno.EINPROGRESS)
             return False
         pc = PendingConnect(sess, n.id, n.pid, fd, sock, inject, cloexec, app_nb, record,
-                            time.monotonic() + CONNECT_TIMEOUT)
+                            time.monotonic() + CONNECT_TIMEOUT, watch)
         self.pending[sock.fileno()] = pc
         self.ep.register(sock.fileno(), select.EPOLLOUT | select.EPOLLONESHOT)
         return True
@@ -680,7 +701,7 @@ class Agent:
         try:
             if err == 0 and pc.inject:
                 ksock.set_blocking(pc.sock, True)
-                sess.listener.addfd(pc.notif_id, fd, newfd=pc.fd, cloexec=pc.cloexec)
+                self._install(sess, pc.notif_id, pc.tid, pc.sock, pc.fd, pc.cloexec, pc.watch)
                 self._count_graft(sess, pc.record)
             elif not pc.inject:
                 ksock.set_blocking(pc.sock, True)
