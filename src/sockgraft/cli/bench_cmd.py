@@ -18,10 +18,38 @@ Only ratios within one run are meaningful on a shared or small machine.
 """
 
 
+BENCH_EXAMPLES = """\
+examples:
+  sockgraft bench --quick --out /tmp/quick      iperf3, sockperf-tcp, crr; 1 round on every path
+  sockgraft bench --out results                 every workload, 3 rounds (about 15 minutes)
+  sockgraft bench --paths graft-remote vxlan host-underlay --workloads iperf3 redis
+  sockgraft bench report results                re-render report.md and plots from results.json
+  sockgraft bench engine                        the grafting engine's own figures
+
+Paths: host-loopback host-underlay bridge nat vxlan graft-local graft-remote.
+Workloads: iperf3 sockperf-tcp sockperf-udp crr http-close http-keepalive memcached redis.
+Writes DIR/raw/* (every tool's output), DIR/results.json, DIR/report.md, DIR/plots/*.png.
+Only ratios within one run are meaningful on a shared or small machine.
+"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks", formatter_class=FMT,
-                       epilog=ENGINE_EXAMPLES)
+    from ..bench.harness import PATHS
+    p = sub.add_parser("bench", help="benchmarks: every path, real workloads",
+                       formatter_class=FMT, epilog=BENCH_EXAMPLES)
+    p.add_argument("--quick", action="store_true",
+                   help="one 1 s round of iperf3, sockperf-tcp and crr on every path")
+    p.add_argument("--paths", nargs="+", choices=PATHS, metavar="PATH")
+    p.add_argument("--workloads", nargs="+", metavar="WORKLOAD")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--seconds", type=int, help="per run (whole seconds)")
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.set_defaults(func=cmd_bench, needs_root=True)
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    r = bsub.add_parser("report", help="re-render report and plots from DIR/results.json",
+                        formatter_class=FMT, epilog=BENCH_EXAMPLES)
+    r.add_argument("dir")
+    r.set_defaults(func=cmd_report, needs_root=False)
     e = bsub.add_parser("engine", help="the grafting engine against host and plain paths",
                         epilog=ENGINE_EXAMPLES, formatter_class=FMT)
     e.add_argument("--rounds", type=int, default=3)
@@ -44,4 +72,35 @@ def cmd_engine(args) -> int:
     if args.out:
         with open(f"{args.out}/engine-report.md", "w") as f:
             f.write(report)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ..bench import harness
+    from ..errors import ConfigError
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (1 if args.quick else 3)
+    if rounds < 1 or seconds < 1:
+        raise ConfigError("accepted: --rounds >= 1, --seconds >= 1")
+    workloads = args.workloads or (list(harness.QUICK_WORKLOADS) if args.quick else None)
+    results = harness.run(tuple(args.paths or harness.PATHS), workloads, rounds, seconds,
+                          args.out)
+    print(f"{len(results['runs'])} runs, {len(results['failures'])} failed, "
+          f"{results['duration_s']:.0f} s; report: {args.out}/report.md")
+    for r in results["ratios"]:
+        print(f"  {r['workload']:15s} {r['metric']:14s} {r['path']:13s} vs "
+              f"{r['reference']:14s} {r['median_ratio']:.2f}x")
+    return 1 if results["failures"] and not results["runs"] else 0
+
+
+def cmd_report(args) -> int:
+    import os
+    from ..bench import report
+    from ..errors import ConfigError
+    if not os.path.exists(os.path.join(args.dir, "results.json")):
+        raise ConfigError("no results.json here; run `sockgraft bench --out DIR` first",
+                          source=args.dir)
+    results = report.rerender(args.dir)
+    print(f"re-rendered {args.dir}/report.md and {len(results['summary'])} summary rows "
+          f"into {args.dir}/plots/")
     return 0

@@ -56,11 +56,12 @@ def run_in(place: Place | str, argv: list[str], timeout: float) -> subprocess.Co
                           text=True, timeout=timeout)
 
 
-def wait_listening(ns_name: str, port: int, timeout: float = 5.0) -> None:
-    """Poll the namespace's TCP listeners (ss) until port is bound."""
+def wait_listening(ns_name: str, port: int, timeout: float = 5.0, proto: str = "tcp") -> None:
+    """Poll the namespace's listeners (ss) until port is bound (TCP listen or UDP bind)."""
+    flags = "-Htln" if proto == "tcp" else "-Huln"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = run_in(ns_name, ["ss", "-Htln", f"sport = :{port}"], timeout=5).stdout
+        out = run_in(ns_name, ["ss", flags, f"sport = :{port}"], timeout=5).stdout
         if out.strip():
             return
         time.sleep(0.05)
