@@ -9,6 +9,8 @@
     +-- LabError                   the lab is in a state that forbids the action
     +-- AgentError                 talking to / running the node agent failed
     +-- PolicyDenied               a socket operation was denied by policy
+    +-- SockaddrError              (model/sockaddr) a sockaddr the kernel would refuse
+    +-- BenchParseError            (bench/workloads) a tool's output is not a success
 
 OSError is translated into KernelError at the adapter boundary with
 `from_oserror`, which branches on errno only, never on message text.

@@ -15,7 +15,9 @@ Never switches namespaces: it lives in the host namespace it was started in
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
 import json
 import logging
 import os
@@ -69,7 +71,7 @@ class Session:
     tids: set[int] = field(default_factory=set)   # threads we cached pidfd/mem fds for
 
 
-@dataclass
+@dataclass(slots=True)
 class GraftedSocket:
     container: str
     pid: int
@@ -121,6 +123,7 @@ class Agent:
         self._applied_policies: dict[int, object] | None = None
         self.host_addrs: frozenset = frozenset()
         self.epolls = epollfix.EpollIndex()
+        self._trim_due = False
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -371,6 +374,7 @@ class Agent:
         for key in [k for k, g in self.grafted.items() if g.container == sess.container
                     and not os.path.exists(f"/proc/{g.pid}")]:
             del self.grafted[key]
+        self._trim_due = True
 
     def handle(self, sess: Session, n: seccomp.Notification) -> None:
         """Service one notification. Never raises: every path answers or drops."""
@@ -716,6 +720,18 @@ class Agent:
     def sweep(self, now: float) -> None:
         """Expire connects whose application thread gave up or that time out;
         close cached pidfds and memory fds of threads that exited."""
+        if self._trim_due and not self.pending:
+            # Containers went away: hand the memory their records used back to
+            # the system (CPython and malloc keep freed memory otherwise).
+            self._trim_due = False
+            try:
+                self.sync_nft()       # drop the chains of containers that are gone
+            except SockgraftError as exc:
+                log.warning("nftables: %s", exc)
+            if len(self.grafted) < 64:
+                self.grafted = dict(self.grafted)   # a dict never shrinks in place
+            gc.collect()
+            _malloc_trim()
         for sess in self.sessions.values():
             for tid in [t for t in sess.tids if t in self.pidfds and _exited(self.pidfds[t])]:
                 self.mem.forget(tid)
@@ -747,7 +763,8 @@ class Agent:
             if link != f"socket:[{g.inode}]":
                 del self.grafted[key]
                 continue
-            row = dict(g.__dict__, pid=pid)
+            row = {f: getattr(g, f) for f in g.__slots__}
+            row["pid"] = pid
             row["local"], peer = self._addresses(pid, g.fd)
             row["remote"] = g.remote or peer
             out.append(row)
@@ -795,6 +812,13 @@ def host_addresses() -> frozenset:
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         log.warning("cannot list host addresses: %s", exc)
         return frozenset()
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _writable(sock: socket.socket) -> bool:

@@ -112,7 +112,7 @@ def graft_configs(plan, ports: dict[str, int]) -> list[gc.GraftConfig]:
 
 
 def _cpu_busy_jiffies() -> int:
-    with open("/proc/stat") as f:
+    with open("/proc/stat") as f:   # the aggregate "cpu" line, in clock ticks
         vals = [int(v) for v in f.readline().split()[1:]]
     return sum(vals) - vals[3] - vals[4]        # all but idle and iowait
 
@@ -190,7 +190,6 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
     os.makedirs(os.path.join(out_dir, "raw"), exist_ok=True)
     state = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
     tools = build_tools(os.path.join(state, "bench-bin"))
-    wmod.configure_tools(tools) if hasattr(wmod, "configure_tools") else None
     store = ConfigStore()
     configs = graft_configs(plan, {n: PORTS[n] for n in names})
     runs: list[dict] = []
@@ -208,7 +207,7 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
                 control.request(control.default_socket_path(h.name), {"op": "reload"})
         for rnd in range(1, rounds + 1):
             for name in names:
-                wl = wmod.WORKLOADS[name]
+                wl = wmod.WORKLOADS[name].with_tools(tools)
                 order = paths if rnd % 2 else tuple(reversed(paths))
                 runs_of = plan_runs(plan, lab, PORTS[name])
                 for path in order:
