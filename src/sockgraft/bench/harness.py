@@ -32,7 +32,7 @@ from typing import Callable
 from ..agent.store import ConfigStore
 from ..errors import SockgraftError
 from ..lab import agents, builder, grafts
-from ..lab.traffic import Place, popen_in, run_in, wait_listening
+from ..lab.traffic import Place, popen_in, wait_listening
 from ..model import graftconfig as gc
 from ..model.endpoint import make_endpoint, parse_ingress
 from ..model.topology import parse_topology
