@@ -78,4 +78,13 @@ def test_bench_paths_ports_and_graft_configs():
     rule, ep = cfgs["h1-c1"].match_egress(InetAddr.of("198.18.0.2", 6382))
     assert str(ep.addr) == "198.18.0.1" and ep.port is None
     pubs = {str(p) for p in plan.node("h2-c1").publish}
-    assert "11112:11112/udp" in pubs and "6379:6379/tcp" in pubs
+    assert "11121:11121/udp" in pubs and "6379:6379/tcp" in pubs
+
+
+def test_port_offsets_never_hit_another_published_port():
+    used = {}
+    for w, p in harness.PORTS.items():
+        for off in range(4):
+            assert (p + off) not in used, (w, p + off, used.get(p + off))
+        for off in range(4):
+            used[p + off] = w

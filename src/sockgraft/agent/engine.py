@@ -566,7 +566,7 @@ class Agent:
                 self._inject_and_answer(sess, n, fd, host, dup, record)
                 return False
             if isinstance(action, GraftConnect):
-                self._bind_local(host, action.local)
+                self._bind_local(host, action.local, defer_port=True)
                 record = self._record(sess, n.pid, fd, info, "egress", action.endpoint.name,
                                       host, remote=str(action.dest))
                 keep_host = self._start_connect(sess, n, fd, host, action.dest, inject=True,
@@ -609,8 +609,15 @@ class Agent:
             log.warning("%s tid %d fd %d: could not carry %d epoll registration(s) over",
                         sess.container, tid, fd, len(watch))
 
-    def _bind_local(self, host: socket.socket, local: InetAddr) -> None:
+    def _bind_local(self, host: socket.socket, local: InetAddr, *,
+                    defer_port: bool = False) -> None:
+        """Bind to the endpoint. defer_port (a connect to come, dynamic port):
+        IP_BIND_ADDRESS_NO_PORT leaves the port to connect(), which picks it
+        knowing the destination and may reuse TIME_WAIT ports; a bind to port 0
+        would reserve one per socket and exhaust the range under connection churn."""
         try:
+            if defer_port and local.port == 0:
+                host.setsockopt(ksock.IPPROTO_IP, ksock.IP_BIND_ADDRESS_NO_PORT, 1)
             host.bind(ksock.sockaddr_tuple(local))
         except OSError as exc:
             raise KernelError("bind endpoint", exc.errno or errno.EADDRNOTAVAIL,

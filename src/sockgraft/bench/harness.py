@@ -12,7 +12,9 @@ Paths (names as in the report):
 
 Ports: a workload's base port P is what every server binds. Published ports
 take P on h2's address (like docker -p), so host-underlay serves on P+1; the
-grafted servers' ingress endpoints are P+2 on h1 and P+3 on h2.
+grafted servers' ingress endpoints are P+2 on h1 and P+3 on h2. Base ports
+are at least 4 apart so no offset lands on another workload's published port
+(a unit test checks it).
 Must not: parse tool output (bench/workloads) or render reports (bench/report).
 """
 
@@ -42,8 +44,8 @@ from .engine import build_tools
 PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
          "graft-remote")
 QUICK_WORKLOADS = ("iperf3", "sockperf-tcp", "crr")
-PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11112, "crr": 9100,
-         "http-close": 8080, "http-keepalive": 8081, "memcached": 11211, "redis": 6379}
+PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121, "crr": 9100,
+         "http-close": 8080, "http-keepalive": 8090, "memcached": 11211, "redis": 6379}
 
 Progress = Callable[[str], None]
 

@@ -17,6 +17,7 @@ SOL_SOCKET = socket.SOL_SOCKET
 SO_DOMAIN, SO_TYPE, SO_PROTOCOL, SO_MARK, SO_ERROR = 39, 3, 38, 36, 4
 SO_SNDBUF, SO_RCVBUF = 7, 8
 IPPROTO_IP, IPPROTO_TCP, IPPROTO_IPV6 = 0, 6, 41
+IP_BIND_ADDRESS_NO_PORT = 24     # linux/in.h; also applies to AF_INET6 sockets
 O_CLOEXEC = 0o2000000
 
 # (level, option, size in bytes or 0 for int, families it applies to or None for all,
