@@ -38,14 +38,15 @@ class GraftLab:
                                    "--audit-log", self.audit_path(host)],
                              env=self.env, stdout=log, stderr=log)
         log.close()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while True:
             try:
                 control.request(self.agent_socket(host), {"op": "ping"}, timeout=1)
                 break
             except Exception:
                 if p.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"agent {host} did not start: {self.agent_log(host)}")
+                    raise RuntimeError(f"agent {host} did not start (rc={p.poll()}): "
+                                       f"{self.agent_log(host)} {_where(p.pid)}")
                 time.sleep(0.05)
         self.agents[host] = p
         return p
@@ -164,3 +165,15 @@ def _json_lines(text):
         if line.startswith("{"):
             out.append(json.loads(line))
     return out
+
+
+def _where(pid):
+    """What a stuck process is doing (kernel stack, wchan), for failure messages."""
+    out = []
+    for name in ("wchan", "stack"):
+        try:
+            with open(f"/proc/{pid}/{name}") as f:
+                out.append(f"{name}: {f.read().strip()[:600]}")
+        except OSError:
+            pass
+    return " | ".join(out)

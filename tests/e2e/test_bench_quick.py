@@ -24,9 +24,11 @@ def test_bench_quick_produces_everything_for_every_path(state_dir, tmp_path):
     assert res["failures"] == []
     have = {(s["workload"], s["path"]) for s in res["summary"]}
     assert have == {(w, p) for w in QUICK_WORKLOADS for p in PATHS}
+    from sockgraft.bench.workloads import WORKLOADS
     for s in res["summary"]:
         assert set(s) >= {"workload", "path", "metric", "min", "median", "max", "rounds"}
-        assert s["median"] > 0
+        if s["metric"] in WORKLOADS[s["workload"]].metrics + ("cpu_us_per_op",):
+            assert s["median"] > 0, s          # counters such as "failed" may be 0
     pairs = {(r["path"], r["reference"]) for r in res["ratios"]}
     assert pairs == {("graft-local", "host-loopback"), ("graft-local", "bridge"),
                      ("graft-remote", "host-underlay"), ("graft-remote", "vxlan"),
