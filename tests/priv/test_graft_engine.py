@@ -290,11 +290,19 @@ def test_agent_restart_keeps_grafted_sockets_and_queues_new_calls(glab):
     # a client in the same container that connects only after the agent is gone
     late = glab.spawn("h2-c1", ["sh", "-c", "sleep 2; exec " + " ".join(
         PROBE + ["tcp-client", "198.18.0.1", "7404"])])
-    time.sleep(0.5)
+    import json
+    deadline = time.monotonic() + 20       # both launchers registered before the kill
+    while time.monotonic() < deadline:
+        st = json.loads(glab.sg("stats", "--json", "--agent", glab.agent_socket("h2")).stdout)
+        if sum(c["container"] == "h2-c1" for c in list(st.values())[0]["containers"]) == 2:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the late client never registered")
     glab.stop_agent("h2", signal.SIGKILL)
     assert echo(h1.netns, "198.18.0.2", 8081, b"no agent") == b"no agent"   # still served
     with EchoServer(h1.netns, "0.0.0.0", 7404) as peer:
-        time.sleep(2.5)               # the late connect is trapped and waits in the kernel
+        time.sleep(3)                 # the late connect is trapped and waits in the kernel
         assert late.poll() is None
         glab.start_agent("h2")        # the holder re-registers; the call completes grafted
         r = read_json_line(late, timeout=15)
