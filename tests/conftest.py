@@ -35,6 +35,9 @@ def lab(state_dir, lab_name):
         builder.down(lab_name)
         left = [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]
         assert not left, f"lab left namespaces behind: {left}"
+        from sockgraft.kernel import bpf
+        bpf_left = [p for h in plan.hosts for p in bpf.leftovers(f"{lab_name}-{h.name}")]
+        assert not bpf_left, f"lab left BPF pins or cgroups behind: {bpf_left}"
 
 
 @pytest.fixture

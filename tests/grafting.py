@@ -32,10 +32,10 @@ class GraftLab:
     def audit_path(self, host):
         return os.path.join(self.state_dir, f"audit-{host}.log")
 
-    def start_agent(self, host):
+    def start_agent(self, host, *extra):
         log = open(os.path.join(self.state_dir, f"agent-{host}.log"), "ab")
         p = subprocess.Popen(SG + ["agent", "--host", host, "--lab", self.plan.name,
-                                   "--audit-log", self.audit_path(host)],
+                                   "--audit-log", self.audit_path(host), *extra],
                              env=self.env, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 30
@@ -108,10 +108,11 @@ class GraftLab:
         assert lines, f"probe printed nothing: {err}"
         return lines[-1]
 
-    def spawn(self, container, argv):
+    def spawn(self, container, argv, options=()):
         """Start a grafted program in the background (stdout is JSON lines)."""
         p = subprocess.Popen(SG + ["run", "--container", container, "--lab", self.plan.name,
-                                   "--"] + argv, env=self.env, stdout=subprocess.PIPE,
+                                   *options, "--"] + argv, env=self.env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.procs.append(p)
         return p
@@ -124,6 +125,22 @@ class GraftLab:
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.procs.append(p)
         return p
+
+    def services(self, host="h1"):
+        import json as _json
+        out = self.sg("services", "--json", "--agent", self.agent_socket(host)).stdout
+        return _json.loads(out)
+
+    def wait_services(self, pred, host="h1", timeout=10):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.services(host)
+            if pred(got["services"]) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+    def counters(self, node):
+        return builder.interface_counters(self.plan.node(node).netns)
 
     def host_of(self, container):
         return self.plan.node(container).host

@@ -82,6 +82,7 @@ def tcp_client(host, port, args):
         do_connect()
     result["fd_same"] = s.fileno() == fd
     result["replaced"] = os.fstat(fd).st_ino != ino_before
+    result["mark"] = s.getsockopt(socket.SOL_SOCKET, 36)    # SO_MARK: sockgraft's = a host socket
     result["cloexec"] = cloexec_of(fd)
     if result["connect_errno"] in (0, "EINPROGRESS") and result.get("so_error", 0) == 0:
         result["local"] = name(s.getsockname())
@@ -138,6 +139,7 @@ def udp_client(host, port, args):
         except OSError as exc:
             res["errors"].append(errno.errorcode.get(exc.errno, str(exc)))
     res["local"] = name(s.getsockname())
+    res["mark"] = s.getsockopt(socket.SOL_SOCKET, 36)
     out(res)
 
 
@@ -206,6 +208,44 @@ def loop(host, port, n):
     out({"ok": ok})
 
 
+def echo_server(addr, port):
+    """Echo every connection until it closes (a thread each); reports peers."""
+    s = socket.socket(fam(addr), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, int(port)))
+    s.listen(64)
+    out({"ready": True, "local": name(s.getsockname())})
+
+    def serve(c):
+        with c:
+            while True:
+                data = c.recv(4096)
+                if not data:
+                    return
+                c.sendall(data)
+
+    while True:
+        c, peer = s.accept()
+        out({"accepted": name(peer)})
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def chat(host, port):
+    """One long-lived connection: each stdin line is sent and its echo printed."""
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    err = s.connect_ex((host, int(port)))
+    out({"connect_errno": errno.errorcode.get(err, err),
+         "peer": name(s.getpeername()) if err == 0 else None,
+         "local": name(s.getsockname())})
+    s.settimeout(5)
+    for line in sys.stdin:
+        try:
+            s.sendall(line.strip().encode())
+            out({"echo": s.recv(4096).decode()})
+        except OSError as exc:
+            out({"error": errno.errorcode.get(exc.errno, str(exc))})
+
+
 def main(argv):
     cmd, rest = argv[0], argv[1:]
     if cmd == "tcp-client":
@@ -222,6 +262,10 @@ def main(argv):
         connect_badptr()
     elif cmd == "epoll-client":
         epoll_client(*rest)
+    elif cmd == "echo-server":
+        echo_server(*rest)
+    elif cmd == "chat":
+        chat(*rest)
     elif cmd == "loop":
         loop(*rest)
     else:

@@ -106,7 +106,7 @@ def test_dump_is_deterministic_in_endpoint_order() -> None:
 
 @pytest.mark.parametrize("toml, field, needle", [
     ('container = "c"\ncolour = 1', "colour",
-     "unknown key 'colour'; accepted: version, container, endpoints, rules, policy"),
+     "unknown key 'colour'; accepted: version, container, graft_at, endpoints, rules, policy"),
     ('container = "c"\n[endpoints.e]\ntype = "ipv4"\naddr = "1.2.3.4"\nport = 1\nprt = 2',
      "endpoints.e.prt", "accepted: type, addr, port, path"),
     ('container = "c"\n[rules]\ningres = []', "rules.ingres", "accepted: ingress, egress"),

@@ -28,20 +28,28 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import AgentError, KernelError, NotFound, SockgraftError
+from ..kernel import bpf as kbpf
 from ..kernel import epollfix, nft, seccomp
 from ..kernel import sockets as ksock
-from ..model import graft
-from ..model.graft import (ConnectGrafted, Continue, Deny, Fail, GraftBind, GraftConnect,
+from ..model import bpfmaps, graft
+from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind, GraftConnect,
                            GraftSend, SockInfo)
 from ..model.nftpolicy import plan_ruleset
 from ..model.sockaddr import InetAddr
-from . import control
+from ..model import directory as mdir
+from ..model import oci as moci
+from ..model.graftconfig import dump_config, load_config
+from . import control, oci
+from .directory import Backend as DirectoryBackend
 from .store import ConfigStore
 
 log = logging.getLogger("sockgraft.agent")
 
 SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
-                 seccomp.SYS_SENDTO: "sendto"}
+                 seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket"}
+SOCK_TYPE_MASK = 0xF
+SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+GRAFT_AT = ("syscall", "socket")
 CONNECT_TIMEOUT = 130.0   # about what the kernel's SYN retries take
 MAX_CLIENTS = 256
 
@@ -69,6 +77,9 @@ class Session:
     conn: socket.socket | None = None       # the launcher's control connection
     counters: Counters = field(default_factory=Counters)
     tids: set[int] = field(default_factory=set)   # threads we cached pidfd/mem fds for
+    graft_at: str = "syscall"               # what the process's filter traps
+    addresses: tuple[str, ...] = ()         # the container's own (overlay) addresses
+    inline: graft.GraftConfig | None = None  # from OCI annotations (the store wins)
 
 
 @dataclass(slots=True)
@@ -83,6 +94,17 @@ class GraftedSocket:
     local: str
     remote: str
     since: float
+
+
+@dataclass
+class BpfApplied:
+    """What the agent last wrote to the kernel maps for one container."""
+    cfg: graft.GraftConfig
+    gen: int
+    keys4: list[bytes]
+    keys6: list[bytes]
+    labels: tuple[str, ...]         # policy label index -> rule name
+    egress_labels: list[str]
 
 
 @dataclass
@@ -102,8 +124,29 @@ class PendingConnect:
 
 class Agent:
     def __init__(self, socket_path: str, store: ConfigStore, *, name: str = "default",
-                 audit_path: str | None = None, manage_nft: bool = True) -> None:
+                 audit_path: str | None = None, manage_nft: bool = True,
+                 bpf: str = "off", bpf_name: str | None = None,
+                 directory: DirectoryBackend | None = None, node: str | None = None,
+                 oci_socket: str | None = None) -> None:
+        if bpf not in ("auto", "on", "off"):
+            raise AgentError(f"bpf mode {bpf!r} unknown; accepted: auto, on, off")
         self.name = name
+        self.bpf_mode = bpf
+        self.bpf_name = bpf_name or name
+        self.bpf: kbpf.Programs | None = None
+        self.bpf_error = "disabled (--bpf off)" if bpf == "off" else ""
+        self._bpf_applied: dict[int, BpfApplied] = {}
+        self._bpf_gen = 0
+        self._bpf_events_fd = -1
+        self.directory = directory
+        self.node = node or name
+        self.published: dict[str, dict] = {}    # our records: key -> record
+        self.services: dict = {}                # (proto, overlay ip, port) -> (host ip, port)
+        self._bpf_services: dict[bytes, bytes] = {}
+        self._bpf_services_rev: dict[bytes, bytes] = {}
+        self.oci_socket = oci_socket
+        self.oci: oci.OciServer | None = None
+        self.holders: list = []
         self.socket_path = socket_path
         self.store = store
         self.audit_path = audit_path
@@ -157,7 +200,38 @@ class Agent:
             self._audit = open(self.audit_path, "a", buffering=1)
         self.host_addrs = host_addresses()
         self.sync_nft()
+        if self.bpf_mode != "off":
+            self._start_bpf()
+        if self.oci_socket:
+            self.oci = oci.OciServer(self.oci_socket, self.ep, self._on_handoff)
+        if self.directory is not None:
+            self.directory.start()
+            self._readopt(self.directory.previous)
+            self.ep.register(self.directory.fileno(), select.EPOLLIN)
         log.info("agent %s listening on %s", self.name, self.socket_path)
+
+    def _start_bpf(self) -> None:
+        """Load the cgroup programs, fill their maps, then attach them (a
+        restarted agent swaps its programs into the pinned links only once
+        its maps hold every socket-mode container's policy)."""
+        progs = kbpf.Programs(self.bpf_name)
+        try:
+            progs.load()
+            self.bpf = progs
+            self.sync_bpf()
+            progs.attach()
+        except SockgraftError as exc:
+            progs.close()
+            self.bpf = None
+            self._bpf_applied.clear()
+            self.bpf_error = str(exc)
+            if self.bpf_mode == "on":
+                raise
+            log.warning("in-kernel graft programs unavailable (graft_at=socket refused): %s",
+                        exc)
+            return
+        self._bpf_events_fd = progs.events_fd()
+        self.ep.register(self._bpf_events_fd, select.EPOLLIN)
 
     def stop(self) -> None:
         self._stop = True
@@ -180,6 +254,25 @@ class Agent:
         for pidfd in self.pidfds.values():
             os.close(pidfd)
         self.pidfds.clear()
+        if self.oci is not None:
+            self.oci.close()
+            self.oci = None
+        if self.directory is not None:
+            try:
+                self.ep.unregister(self.directory.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            # A clean stop withdraws our records; a crash leaves them to expire.
+            self.directory.close(withdraw=True)
+            self.directory = None
+        if self.bpf is not None:
+            if self._bpf_events_fd >= 0:
+                try:
+                    self.ep.unregister(self._bpf_events_fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+            self.bpf.close()     # the pinned links stay: grafted sockets stay judged
+            self.bpf = None
         self.mem.close()
         self.ep.close()
         if self._audit:
@@ -210,6 +303,12 @@ class Agent:
             self._on_connect_ready(fd)
         elif fd in self.clients:
             self._on_client(fd)
+        elif fd == self._bpf_events_fd:
+            self._on_bpf_events()
+        elif self.directory is not None and fd == self.directory.fileno():
+            self._on_directory()
+        elif self.oci is not None and self.oci.owns(fd):
+            self.oci.dispatch(fd)
 
     # --- control connections -------------------------------------------------
 
@@ -279,6 +378,8 @@ class Agent:
                 reply = {"ok": True, "sockets": self.list_sockets()}
             elif op == "stats":
                 reply = {"ok": True, **self.stats()}
+            elif op == "services":
+                reply = {"ok": True, **self.list_services()}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name}
             else:
@@ -301,19 +402,37 @@ class Agent:
             os.close(fds[0])
             raise AgentError("register needs a container name and a pid")
         buffers = msg.get("buffers") or {}
+        graft_at = msg.get("graft_at", "syscall")
+        if graft_at not in GRAFT_AT:
+            os.close(fds[0])
+            raise AgentError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}")
+        if graft_at == "socket" and self.bpf is None:
+            os.close(fds[0])
+            raise AgentError(f"container {container}: graft_at=socket needs the in-kernel "
+                             f"graft programs, which are unavailable: {self.bpf_error}")
+        inline = None
         try:
-            cfg = self.store.load(container)
+            if msg.get("inline_config"):
+                inline = load_config(str(msg["inline_config"]), f"annotations of {container}")
+                if inline.container != container:
+                    raise AgentError(f"inline config is for {inline.container}, not {container}")
+            cfg = self.store.load(container) or inline
             mark = self.store.mark(container)
         except SockgraftError:
             os.close(fds[0])
             raise
         listener = seccomp.Listener(fds[0])
+        addresses = msg.get("addresses") or []
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            addresses = []
         sess = Session(container, pid, listener, mark, cfg,
                        {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
-                        ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn)
+                        ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn,
+                       graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline)
         self.sessions[listener.fileno()] = sess
         self.ep.register(listener.fileno(), select.EPOLLIN)
         self.sync_nft()
+        self.sync_bpf()
         log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
                  "configured" if cfg else "no graft config: everything passes through")
         return {"ok": True, "mark": mark}
@@ -322,10 +441,11 @@ class Agent:
         n = 0
         for sess in self.sessions.values():
             if container is None or sess.container == container:
-                sess.config = self.store.load(sess.container)
+                sess.config = self.store.load(sess.container) or sess.inline
                 n += 1
         self.host_addrs = host_addresses()
         self.sync_nft()
+        self.sync_bpf()
         return {"ok": True, "reloaded": n}
 
     def sync_nft(self) -> None:
@@ -340,6 +460,257 @@ class Agent:
             return
         nft.apply(None, plan_ruleset(policies))
         self._applied_policies = policies
+
+    # --- in-kernel programs (graft_at = socket) ------------------------------
+
+    def sync_bpf(self) -> None:
+        """Write the policy and egress rules of every socket-mode container
+        (registered here, or configured so in the store: a restarted agent
+        must judge sockets grafted before it started) into the kernel maps.
+        Egress rules change under a new generation, flipped atomically."""
+        if self.bpf is None:
+            return
+        wanted: dict[int, graft.GraftConfig] = {}
+        for sess in self.sessions.values():
+            if sess.graft_at == "socket" and sess.config is not None:
+                wanted[sess.mark] = sess.config
+        for name in self.store.containers():
+            try:
+                cfg = self.store.load(name)
+                if cfg is not None and cfg.graft_at == "socket":
+                    wanted.setdefault(self.store.mark(name), cfg)
+            except SockgraftError as exc:
+                log.warning("bpf: skipping container %s: %s", name, exc)
+        for mark, cfg in wanted.items():
+            old = self._bpf_applied.get(mark)
+            if old is not None and old.cfg == cfg:
+                continue
+            self._bpf_gen = self._bpf_gen % 0xFFFF + 1
+            gen = self._bpf_gen
+            try:
+                entry = bpfmaps.policy_entry(cfg.policy, gen)
+            except SockgraftError as exc:
+                log.warning("bpf: container %s keeps its previous policy: %s",
+                            cfg.container, exc)
+                continue
+            v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
+            for k, v in v4:
+                self.bpf.update("sg_egress4", k, v)
+            for k, v in v6:
+                self.bpf.update("sg_egress6", k, v)
+            self.bpf.update("sg_policy", _mark_key(mark), entry.value)
+            if old is not None:
+                self._bpf_forget_egress(old)
+            self._bpf_applied[mark] = BpfApplied(cfg, gen, [k for k, _ in v4],
+                                                 [k for k, _ in v6], entry.labels, elabels)
+        for mark in [m for m in self._bpf_applied if m not in wanted]:
+            self.bpf.delete("sg_policy", _mark_key(mark))
+            self._bpf_forget_egress(self._bpf_applied.pop(mark))
+
+    def _bpf_forget_egress(self, old: BpfApplied) -> None:
+        assert self.bpf is not None
+        for k in old.keys4:
+            self.bpf.delete("sg_egress4", k)
+        for k in old.keys6:
+            self.bpf.delete("sg_egress6", k)
+
+    def _on_bpf_events(self) -> None:
+        """Denials the programs made in the kernel: count them, audit them."""
+        assert self.bpf is not None
+        for raw in self.bpf.drain():
+            try:
+                ev = bpfmaps.decode_event(raw)
+            except ValueError as exc:
+                log.warning("bpf: bad event: %s", exc)
+                continue
+            applied = self._bpf_applied.get(ev.mark)
+            container = applied.cfg.container if applied else f"mark {ev.mark:#x}"
+            if ev.kind == bpfmaps.EV_DENY_POLICY and applied and ev.label < len(applied.labels):
+                rule = applied.labels[ev.label]
+            elif ev.kind == bpfmaps.EV_BIND_FAILED and applied and \
+                    ev.label < len(applied.egress_labels):
+                rule = f"{applied.egress_labels[ev.label]}: endpoint bind failed"
+            else:
+                rule = ev.reason
+            for sess in self.sessions.values():
+                if sess.mark == ev.mark:
+                    sess.counters.denied += 1
+                    break
+            self.totals.denied += 1
+            self._write_audit(container, ev.pid, ev.op, ev.address, "deny", rule, errno.EPERM,
+                        where="kernel")
+
+    def _on_socket(self, sess: Session, n: seccomp.Notification) -> None:
+        """graft_at = socket: answer socket() with a host socket carrying the
+        container's mark, installed and returned in one step (ADDFD_FLAG_SEND).
+        Only the registers are read: no target memory, no pidfd."""
+        domain = n.args[0] & 0xFFFFFFFF
+        typ = n.args[1] & 0xFFFFFFFF
+        proto = n.args[2] & 0xFFFFFFFF
+        base = typ & SOCK_TYPE_MASK
+        want_proto = {graft.SOCK_STREAM: ksock.IPPROTO_TCP, graft.SOCK_DGRAM: 17}.get(base)
+        if (sess.graft_at != "socket" or sess.config is None or self.bpf is None
+                or typ & ~(SOCK_TYPE_MASK | SOCK_FLAGS) or want_proto is None
+                or proto not in (0, want_proto)):
+            self._continue(sess, n.id)      # raw, SCTP, odd flags: the container's own
+            return
+        try:
+            host = socket.socket(domain, base | socket.SOCK_CLOEXEC
+                                 | (typ & socket.SOCK_NONBLOCK), proto)
+        except OSError as exc:
+            self._respond(sess, n.id, error=exc.errno or errno.EIO)
+            return
+        try:
+            host.setsockopt(socket.SOL_SOCKET, ksock.SO_MARK, sess.mark)
+            fd = sess.listener.addfd(n.id, host.fileno(), cloexec=bool(typ & socket.SOCK_CLOEXEC),
+                                     send=True)
+            self._count_graft(sess, GraftedSocket(
+                sess.container, n.pid, fd, os.fstat(host.fileno()).st_ino,
+                "tcp" if base == graft.SOCK_STREAM else "udp", "socket", "", "", "",
+                time.time()))
+        finally:
+            host.close()
+
+    # --- OCI runtimes --------------------------------------------------------
+
+    def _on_handoff(self, h, listener: int) -> None:
+        """A runtime handed over a container's listener: find its config (the
+        store first, then its annotations) and start its holder."""
+        try:
+            container = moci.container_name(h)
+        except SockgraftError as exc:
+            log.error("OCI container %s rejected: %s", h.container_id, exc)
+            return
+        cfg_text = None
+        if self.store.load(container) is None:
+            try:
+                cfg = moci.config_from_annotations(container, h.annotations)
+            except SockgraftError as exc:
+                log.error("container %s: annotations rejected, served without grafting: %s",
+                          container, exc)
+                self._write_audit(container, h.pid, "oci", h.container_id, "reject", str(exc))
+                cfg = None
+            cfg_text = dump_config(cfg) if cfg is not None else None
+        self.holders.append(oci.spawn_holder(self.socket_path, h, listener, container,
+                                             cfg_text))
+        log.info("OCI container %s (%s, pid %d, graft_at %s): holder started", container,
+                 h.container_id, h.pid, h.graft_at)
+
+    # --- the cluster directory (overlay bypass) -------------------------------
+
+    def _publish_bind(self, sess: Session, tid: int, fd: int, info: SockInfo,
+                      host: socket.socket, requested: InetAddr) -> None:
+        """A grafted server bound through an ingress rule: publish its overlay
+        address(es):port -> the host address:port it really listens on."""
+        if self.directory is None:
+            return
+        try:
+            local = host.getsockname()
+        except OSError:
+            return
+        import ipaddress
+        hip = ipaddress.ip_address(local[0])
+        if hip.version == 6 and hip.ipv4_mapped is not None:
+            hip = hip.ipv4_mapped
+        req = requested.unmapped()
+        if req.ip.is_unspecified:
+            overlay = [a for a in sess.addresses
+                       if ipaddress.ip_address(a).version == hip.version]
+        else:
+            overlay = [str(req.ip)] if str(req.ip) in sess.addresses else []
+        table = self.directory.table()
+        pid = _tgid(tid)
+        inode = os.fstat(host.fileno()).st_ino
+        changed = False
+        for ov in overlay:
+            rec = {"overlay": ov, "port": req.port, "proto": info.proto,
+                   "host_addr": str(hip), "host_port": local[1], "node": self.node,
+                   "owner": self.directory.owner, "container": sess.container,
+                   "since": time.time(), "pid": pid, "fd": fd, "inode": inode}
+            k = mdir.record_key(rec)
+            other = table.get(k)
+            mine = self.published.get(k)
+            if mine is not None and mine["container"] != rec["container"]:
+                other = mine
+            if other is not None and (other["owner"], other["container"]) != \
+                    (rec["owner"], rec["container"]):
+                log.error("directory: %s", mdir.Conflict(k, other, rec))
+                self._write_audit(sess.container, pid, "bind", f"{ov}:{req.port}", "conflict",
+                                  f"directory: already published by {other['node']}/"
+                                  f"{other['container']}")
+                continue
+            self.published[k] = rec
+            changed = True
+        if changed:
+            self.directory.publish(self.published)
+
+    def _sweep_published(self) -> None:
+        """Withdraw records whose socket is closed (or whose process is gone)."""
+        if self.directory is None or not self.published:
+            return
+        gone = [k for k, r in self.published.items() if not _socket_alive(r)]
+        for k in gone:
+            del self.published[k]
+        if gone:
+            self.directory.publish(self.published)
+
+    def _readopt(self, previous: list[dict]) -> None:
+        """A restarted agent: keep publishing what its predecessor published if
+        the socket still exists; everything else goes (no stale records)."""
+        kept = 0
+        for r in previous:
+            if r.get("owner") == self.directory.owner and _socket_alive(r):
+                self.published[mdir.record_key(r)] = r
+                kept += 1
+        self.directory.publish(self.published)
+        if previous:
+            log.info("directory: re-published %d of %d record(s) of the previous agent",
+                     kept, len(previous))
+
+    def _on_directory(self) -> None:
+        """The directory's view changed: refresh the connect-time lookups."""
+        import ipaddress
+        assert self.directory is not None
+        self.directory.drain()
+        services = {}
+        for r in self.directory.table().values():
+            services[(r["proto"], ipaddress.ip_address(r["overlay"]), r["port"])] = \
+                (ipaddress.ip_address(r["host_addr"]), r["host_port"])
+        self.services = services
+        for c in self.directory.conflicts():
+            if c.loser.get("owner") == self.directory.owner:
+                k = c.key
+                if self.published.get(k) is c.loser or self.published.get(k) == c.loser:
+                    log.error("directory: withdrawing %s: %s", k, c)
+                    del self.published[k]
+                    self.directory.publish(self.published)
+        self._sync_bpf_services()
+
+    def _sync_bpf_services(self) -> None:
+        if self.bpf is None:
+            return
+        fwd, rev = {}, {}
+        for (proto, ov, port), (hip, hport) in self.services.items():
+            fwd[bpfmaps.svc_key(ov, port, proto)] = bpfmaps.svc_val(hip, hport)
+            rev[bpfmaps.svc_key(hip, hport, proto)] = bpfmaps.svc_val(ov, port)
+        for m, want, have in (("sg_services", fwd, self._bpf_services),
+                              ("sg_services_rev", rev, self._bpf_services_rev)):
+            for k, v in want.items():
+                if have.get(k) != v:
+                    self.bpf.update(m, k, v)
+            for k in [k for k in have if k not in want]:
+                self.bpf.delete(m, k)
+            have.clear()
+            have.update(want)
+
+    def list_services(self) -> dict:
+        if self.directory is None:
+            return {"directory": None, "records": [], "conflicts": []}
+        return {"directory": self.directory.kind, "reachable": self.directory.reachable,
+                "last_error": self.directory.last_error or None,
+                "records": sorted(self.directory.table().values(), key=mdir.record_key),
+                "conflicts": [str(c) for c in self.directory.conflicts()],
+                "published_here": len(self.published)}
 
     # --- notifications -------------------------------------------------------
 
@@ -374,6 +745,7 @@ class Agent:
         for key in [k for k, g in self.grafted.items() if g.container == sess.container
                     and not os.path.exists(f"/proc/{g.pid}")]:
             del self.grafted[key]
+        self._sweep_published()
         self._trim_due = True
 
     def handle(self, sess: Session, n: seccomp.Notification) -> None:
@@ -412,6 +784,9 @@ class Agent:
         if n.arch != seccomp.AUDIT_ARCH_X86_64:
             self._respond(sess, n.id, error=errno.ENOSYS)
             return
+        if n.nr == seccomp.SYS_SOCKET:
+            self._on_socket(sess, n)
+            return
         if n.nr == seccomp.SYS_SENDTO:
             fd, ptr, alen, flags = n.args[0], n.args[4], n.args[5], n.args[3]
         else:
@@ -437,7 +812,8 @@ class Agent:
             # No graft to start; a grafted socket's datagrams are judged by nftables.
             self._continue(sess, n.id)
             return
-        if n.nr == seccomp.SYS_BIND and cfg.match_ingress(addr) is None:
+        if (n.nr == seccomp.SYS_BIND and sess.graft_at != "socket"
+                and cfg.match_ingress(addr) is None):
             if graft.unclaimed_host_bind(addr, self.host_addrs):
                 self._act(sess, n, "bind", fd, None, None, 0,
                           Deny(errno.EACCES, "bind:no-endpoint", addr))
@@ -451,11 +827,12 @@ class Agent:
         keep = False
         try:
             family, type_, proto, mark = ksock.info(dup)
-            info = SockInfo(family, type_, graft.is_grafted_mark(mark))
+            grafted = graft.is_grafted_mark(mark)
+            info = SockInfo(family, type_, grafted, _bound(dup) if grafted else True)
             if n.nr == seccomp.SYS_BIND:
                 action = graft.decide_bind(cfg, info, addr, self.host_addrs)
             elif n.nr == seccomp.SYS_CONNECT:
-                action = graft.decide_connect(cfg, info, addr)
+                action = graft.decide_connect(cfg, info, addr, self.services)
             else:
                 action = graft.decide_sendto(cfg, info, addr, flags)
             keep = self._act(sess, n, name, fd, dup, info, proto, action)
@@ -520,9 +897,13 @@ class Agent:
 
     def _audit_line(self, sess: Session, n: seccomp.Notification, name: str, verdict: str,
                     addr: object, rule: str, errno_: int = 0) -> None:
-        line = {"time": round(time.time(), 6), "agent": self.name, "container": sess.container,
-                "pid": n.pid, "syscall": name, "address": str(addr), "verdict": verdict,
-                "rule": rule}
+        self._write_audit(sess.container, n.pid, name, addr, verdict, rule, errno_)
+
+    def _write_audit(self, container: str, pid: int, name: str, addr: object, verdict: str,
+               rule: str, errno_: int = 0, where: str = "agent") -> None:
+        line = {"time": round(time.time(), 6), "agent": self.name, "container": container,
+                "pid": pid, "syscall": name, "address": str(addr), "verdict": verdict,
+                "rule": rule, "by": where}
         if errno_:
             line["errno"] = errno.errorcode.get(errno_, errno_)
         log.warning("audit: %s", json.dumps(line))
@@ -547,6 +928,18 @@ class Agent:
             self._audit_line(sess, n, name, "deny", action.dest, action.rule, action.errno)
             self._respond(sess, n.id, error=action.errno)
             return False
+        if isinstance(action, BindGrafted):
+            try:
+                dup.bind(ksock.sockaddr_tuple(action.local))
+            except OSError as exc:
+                self._respond(sess, n.id, error=exc.errno or errno.EADDRNOTAVAIL)
+                return False
+            if action.endpoint is not None:
+                self._count_graft(sess, self._record(sess, n.pid, fd, info, "ingress",
+                                                     action.endpoint.name, dup, remote=""))
+                self._publish_bind(sess, n.pid, fd, info, dup, action.requested)
+            self._respond(sess, n.id, val=0)
+            return False
         if isinstance(action, ConnectGrafted):
             return self._start_connect(sess, n, fd, dup, action.dest, inject=False,
                                        record=None)
@@ -564,11 +957,14 @@ class Agent:
                 record = self._record(sess, n.pid, fd, info, "ingress", action.endpoint.name,
                                       host, remote="")
                 self._inject_and_answer(sess, n, fd, host, dup, record)
+                self._publish_bind(sess, n.pid, fd, info, host, action.requested)
                 return False
             if isinstance(action, GraftConnect):
                 self._bind_local(host, action.local, defer_port=True)
+                remote = str(action.dest) if action.overlay is None else \
+                    f"{action.overlay} via {action.dest}"
                 record = self._record(sess, n.pid, fd, info, "egress", action.endpoint.name,
-                                      host, remote=str(action.dest))
+                                      host, remote=remote)
                 keep_host = self._start_connect(sess, n, fd, host, action.dest, inject=True,
                                                 record=record, app_sock=dup)
                 if keep_host:
@@ -744,6 +1140,10 @@ class Agent:
                 self.mem.forget(tid)
                 self._forget_pidfd(tid)
                 sess.tids.discard(tid)
+        self._sweep_published()
+        if self.oci is not None:
+            self.oci.sweep(now)
+        self.holders = [p for p in self.holders if p.poll() is None]
         for pc in list(self.pending.values()):
             if now > pc.deadline:
                 self._finish_pending(pc, errno.ETIMEDOUT)
@@ -796,11 +1196,41 @@ class Agent:
             os.close(pidfd)
 
     def stats(self) -> dict:
-        return {"counters": self.totals.as_dict(),
+        kernel = None
+        if self.bpf is not None:
+            judged, denied, redirected = self.bpf.counters()
+            kernel = {"connects_judged": judged, "connects_denied": denied,
+                      "redirected": redirected, "containers": len(self._bpf_applied),
+                      "cgroup": self.bpf.cgroup}
+        return {"counters": self.totals.as_dict(), "kernel": kernel,
+                "kernel_error": self.bpf_error or None,
                 "containers": [{"container": s.container, "pid": s.pid, "mark": s.mark,
                                 "configured": s.config is not None,
                                 **s.counters.as_dict()} for s in self.sessions.values()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
+
+
+def _socket_alive(r: dict) -> bool:
+    """Is the socket of a published record still open in its process?"""
+    try:
+        return os.readlink(f"/proc/{int(r['pid'])}/fd/{int(r['fd'])}") == \
+            f"socket:[{int(r['inode'])}]"
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _mark_key(mark: int) -> bytes:
+    return mark.to_bytes(4, "little")
+
+
+def _bound(sock: socket.socket) -> bool:
+    """Has the socket a local address or port? (getsockname of a fresh socket
+    is the wildcard with port 0)"""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return True
+    return name[1] != 0 or name[0] not in ("0.0.0.0", "::")
 
 
 def _fmt(addr) -> str:

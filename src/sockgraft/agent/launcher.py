@@ -31,7 +31,7 @@ import sys
 import time
 
 from ..errors import AgentError, KernelError
-from ..kernel import netns, seccomp
+from ..kernel import links, netns, seccomp
 from . import control
 
 log = logging.getLogger("sockgraft.run")
@@ -39,17 +39,20 @@ log = logging.getLogger("sockgraft.run")
 GO, ABORT = b"G", b"A"
 
 
-def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto: bool) -> None:
+def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto: bool,
+           graft_at: str) -> None:
     """Runs in the forked child; never returns."""
     try:
         if ns_path:
             netns.enter(ns_path)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            buffers = {"sndbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
-                       "rcvbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
-        prog = seccomp.build_filter(seccomp.default_graft_filter(trap_sendto))
+        facts = netns_facts()
+        buffers, addresses = facts["buffers"], facts["addresses"]
+        spec = (seccomp.socket_graft_filter() if graft_at == "socket"
+                else seccomp.default_graft_filter(trap_sendto))
+        prog = seccomp.build_filter(spec)
         listener = seccomp.install_filter(prog, listener=True)
-        socket.send_fds(sp, [json.dumps({"buffers": buffers}).encode()], [listener])
+        socket.send_fds(sp, [json.dumps({"buffers": buffers, "addresses": addresses}).encode()],
+                        [listener])
         os.close(listener)
         if sp.recv(1) != GO:
             os._exit(125)
@@ -64,11 +67,47 @@ def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto:
         os._exit(125)
 
 
+def netns_facts() -> dict:
+    """What the agent wants to know of the calling thread's network namespace:
+    its socket buffer defaults (so unchanged ones are not pinned on the host
+    socket) and its own addresses (what the directory publishes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        buffers = {"sndbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                   "rcvbuf": probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+    try:
+        addresses = links.own_addresses()
+    except Exception:   # noqa: BLE001 - the directory just will not know them
+        addresses = []
+    return {"buffers": buffers, "addresses": addresses}
+
+
+def hold_oci(listener: int, info: dict) -> int:
+    """`sockgraft oci-hold`: register a listener an OCI runtime handed to the
+    agent, and hold it like `sockgraft run` does (agent restarts are safe)."""
+    pid = int(info["pid"])
+    try:
+        facts = netns.run_in(f"/proc/{pid}/ns/net", netns_facts, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - the container may already be gone
+        log.warning("container %s: cannot read its namespace: %s", info["container"], exc)
+        facts = {"buffers": {}, "addresses": []}
+    hello = {**facts, "graft_at": info.get("graft_at", "syscall"),
+             "inline_config": info.get("config"), "oci_id": info.get("id")}
+    try:
+        conn = _register(info["agent"], info["container"], pid, listener, hello)
+    except (AgentError, OSError) as exc:
+        log.warning("container %s: registration failed (%s); retrying", info["container"],
+                    exc)
+        conn = None
+    return _hold(info["container"], pid, listener, conn, info["agent"], hello, child=False)
+
+
 def _register(agent_path: str, container: str, pid: int, listener: int,
-              buffers: dict) -> socket.socket:
+              hello: dict) -> socket.socket:
+    """hello: what the child learned in the container's namespace (socket
+    buffer defaults, its addresses) and the filter's graft_at."""
     sock = control.connect(agent_path)
-    control.send(sock, {"op": "register", "container": container, "pid": pid,
-                        "buffers": buffers}, [listener])
+    control.send(sock, {"op": "register", "container": container, "pid": pid, **hello},
+                 [listener])
     reply = control.recv_reply(sock)
     if not reply.get("ok"):
         sock.close()
@@ -78,14 +117,16 @@ def _register(agent_path: str, container: str, pid: int, listener: int,
 
 
 def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str,
-        trap_sendto: bool = False) -> int:
+        trap_sendto: bool = False, graft_at: str = "syscall") -> int:
+    if graft_at not in ("syscall", "socket"):
+        raise AgentError(f"graft_at {graft_at!r} unknown; accepted: syscall, socket")
     # Fail before anything starts if no agent answers.
     control.request(agent_path, {"op": "ping"}, timeout=5)
     parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         parent_sp.close()
-        _child(child_sp, ns_path, argv, trap_sendto)
+        _child(child_sp, ns_path, argv, trap_sendto, graft_at)
     child_sp.close()
     listener = -1
     try:
@@ -95,8 +136,10 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
             raise KernelError("seccomp listener hand-over", errno.EPROTO,
                               "the child sent no listener (see its message above)")
         listener = fds[0]
-        buffers = json.loads(msg or b"{}").get("buffers", {})
-        conn = _register(agent_path, container, pid, listener, buffers)
+        got = json.loads(msg or b"{}")
+        hello = {"buffers": got.get("buffers", {}), "addresses": got.get("addresses", []),
+                 "graft_at": graft_at}
+        conn = _register(agent_path, container, pid, listener, hello)
         parent_sp.send(GO)
     except BaseException:
         try:
@@ -109,7 +152,7 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
         raise
     finally:
         parent_sp.close()
-    return _hold(container, pid, listener, conn, agent_path, buffers)
+    return _hold(container, pid, listener, conn, agent_path, hello)
 
 
 def _reap(pid: int) -> int:
@@ -121,24 +164,25 @@ def _reap(pid: int) -> int:
 
 
 def _hold(container: str, pid: int, listener: int, conn: socket.socket | None,
-          agent_path: str, buffers: dict) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, lambda s, _f: _forward(pid, s))
+          agent_path: str, hello: dict, child: bool = True) -> int:
+    if child:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, lambda s, _f: _forward(pid, s))
     code: int | None = None
     poller = select.poll()
     poller.register(listener, select.POLLIN)   # POLLHUP: every filtered task is gone
     next_retry = 0.0
     while True:
-        if code is None:
+        if code is None and child:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 code = os.waitstatus_to_exitcode(status)
         hup = any(ev & select.POLLHUP for _, ev in poller.poll(0))
-        if code is not None and hup:
+        if hup and (code is not None or not child):
             break
         if conn is None and time.monotonic() >= next_retry:
             try:
-                conn = _register(agent_path, container, pid, listener, buffers)
+                conn = _register(agent_path, container, pid, listener, hello)
                 log.warning("re-registered %s with the restarted agent", container)
             except (AgentError, OSError):
                 next_retry = time.monotonic() + 0.2

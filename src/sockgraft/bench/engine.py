@@ -122,7 +122,8 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
         control.request(control.default_socket_path(h1.name), {"op": "reload"})
         host = Place(h1.netns)
         plain_c = Place(client.netns)
-        graft_c = Place(client.netns, client.name, lab)
+        graft_c = Place(client.netns, client.name, lab, graft_at="syscall")
+        sock_c = Place(client.netns, client.name, lab, graft_at="socket")
         procs.append(popen_in(host, [tools["crr"], "server", "9100"],
                               stdout=subprocess.DEVNULL, start_new_session=True))
         procs.append(popen_in(host, ["sockperf", "sr", "--tcp", "-i", h1_ip, "-p", "11111"],
@@ -136,17 +137,19 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
         wait_listening(h1.netns, 9201)      # the grafted server listens on the host side
         for rnd in range(1, rounds + 1):
             progress(f"  round {rnd}/{rounds}: iperf3")
-            for key, place in _order(rnd, ("tput_host", host), ("tput_graft", graft_c)):
+            for key, place in _order(rnd, ("tput_host", host), ("tput_graft", graft_c),
+                                     ("tput_socket", sock_c)):
                 r = iperf3(host, 5301, place, h1_ip, 5301, seconds, name=key)
                 record(key, r["gbit_per_s"], rnd, r["raw"])
             progress(f"  round {rnd}/{rounds}: sockperf")
-            for key, place in _order(rnd, ("rtt_host", host), ("rtt_graft", graft_c)):
+            for key, place in _order(rnd, ("rtt_host", host), ("rtt_graft", graft_c),
+                                     ("rtt_socket", sock_c)):
                 r = _sockperf(place, h1_ip, 11111, seconds)
                 record(key, r["rtt_avg_us"], rnd, r["raw"])
                 record(key.replace("rtt", "p99"), r["rtt_p99_us"], rnd)
             progress(f"  round {rnd}/{rounds}: connect rate")
             for key, place in _order(rnd, ("conn_plain", plain_c), ("conn_graft", graft_c),
-                                     ("conn_host", host)):
+                                     ("conn_socket", sock_c), ("conn_host", host)):
                 r = _crr(place, tools["crr"], h1_ip, 9100, seconds)
                 record(key, r["conn_per_s"], rnd, r["raw"])
             progress(f"  round {rnd}/{rounds}: accept rate")
@@ -190,6 +193,12 @@ def summarize(series: dict[str, list[float]], rounds: int, seconds: float) -> di
         "connect rate graft/plain container": _ratio_med(series["conn_graft"],
                                                          series["conn_plain"]),
         "connect rate graft/host": _ratio_med(series["conn_graft"], series["conn_host"]),
+        "throughput socket-graft/host": _ratio_med(series["tput_socket"], series["tput_host"]),
+        "rtt avg socket-graft/host": _ratio_med(series["rtt_socket"], series["rtt_host"]),
+        "connect rate socket-graft/plain container": _ratio_med(series["conn_socket"],
+                                                                series["conn_plain"]),
+        "connect rate socket-graft/host": _ratio_med(series["conn_socket"],
+                                                     series["conn_host"]),
         "accept rate graft server/host server": _ratio_med(series["accept_graft"],
                                                            series["accept_host"]),
     }
@@ -266,20 +275,24 @@ def render(result: dict) -> str:
     lines = [f"sockgraft engine benchmark: {result['rounds']} round(s), "
              f"{result['seconds']:g} s each; medians (ratios are medians of per-round ratios)",
              "",
-             "| measure | host | plain container | grafted | ratio |",
-             "|---|---|---|---|---|"]
+             "| measure | host | plain container | grafted at syscall | ratio | "
+             "grafted at socket | ratio |",
+             "|---|---|---|---|---|---|---|"]
     r = result["ratios"]
     lines.append(f"| iperf3 Gbit/s | {med['tput_host']:.2f} | | {med['tput_graft']:.2f} | "
-                 f"{r['throughput graft/host']:.2f}x host |")
+                 f"{r['throughput graft/host']:.2f}x host | {med['tput_socket']:.2f} | "
+                 f"{r['throughput socket-graft/host']:.2f}x host |")
     lines.append(f"| TCP RTT avg us | {med['rtt_host']:.1f} | | {med['rtt_graft']:.1f} | "
-                 f"{r['rtt avg graft/host']:.2f}x host |")
+                 f"{r['rtt avg graft/host']:.2f}x host | {med['rtt_socket']:.1f} | "
+                 f"{r['rtt avg socket-graft/host']:.2f}x host |")
     lines.append(f"| TCP RTT p99 us | {med['p99_host']:.1f} | | {med['p99_graft']:.1f} | "
-                 f"{r['rtt p99 graft/host']:.2f}x host |")
+                 f"{r['rtt p99 graft/host']:.2f}x host | {med['p99_socket']:.1f} | |")
     lines.append(f"| client conn/s | {med['conn_host']:.0f} | {med['conn_plain']:.0f} | "
                  f"{med['conn_graft']:.0f} | {r['connect rate graft/plain container']:.2f}x "
-                 f"plain |")
+                 f"plain | {med['conn_socket']:.0f} | "
+                 f"{r['connect rate socket-graft/plain container']:.2f}x plain |")
     lines.append(f"| server accept/s | {med['accept_host']:.0f} | | {med['accept_graft']:.0f} "
-                 f"| {r['accept rate graft server/host server']:.2f}x host |")
+                 f"| {r['accept rate graft server/host server']:.2f}x host | | |")
     s = result.get("scale") or {}
     if s:
         b, p, a = s["agent_before"], s["agent_peak"], s["agent_after"]

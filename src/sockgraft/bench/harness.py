@@ -7,8 +7,14 @@ Paths (names as in the report):
   bridge         h1-c1 -> h1-c2 by container IP
   nat            h1-c1 -> h2:PORT published, DNAT to h2-c1, masqueraded
   vxlan          h1-c1 -> h2-c2 by container IP over the overlay
-  graft-local    grafted h1-c1 -> grafted server in h1-c2 (ingress on h1's address)
-  graft-remote   grafted h1-c1 -> grafted server in h2-c2 (ingress on h2's address)
+  graft-local    grafted h1-c1 -> h1-c2 by container IP; h1-c2's server is grafted
+                 (ingress on h1's address), the directory sends the client there
+  graft-remote   grafted h1-c1 -> h2-c2 by container IP; h2-c2's server is grafted
+                 (ingress on h2's address): the cross-host overlay bypass
+
+The grafted client runs with graft_at = "socket" (every socket a host socket
+from birth, connects judged and redirected in the kernel); the grafted
+servers with the default graft_at = "syscall" (their bind() is grafted).
 
 Ports: a workload's base port P is what every server binds. Published ports
 take P on h2's address (like docker -p), so host-underlay serves on P+1; the
@@ -36,7 +42,7 @@ from ..errors import SockgraftError
 from ..lab import agents, builder, grafts
 from ..lab.traffic import Place, popen_in, wait_listening
 from ..model import graftconfig as gc
-from ..model.endpoint import make_endpoint, parse_ingress
+from ..model.endpoint import make_endpoint, parse_egress, parse_ingress
 from ..model.topology import parse_topology
 from . import report
 from .engine import build_tools
@@ -72,6 +78,7 @@ class Run:
     client: Place
     target: str
     target_port: int
+    overlay: bool = False       # the target is a container IP the directory must know
 
 
 def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
@@ -83,16 +90,18 @@ def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
     def at(node, graft=False):
         return Place(node.netns, node.name if graft else None, lab)
 
+    client = Place(c11.netns, c11.name, lab, graft_at="socket")
+
     return {
         "host-loopback": Run(at(h1), port, (h1.netns, port), at(h1), "127.0.0.1", port),
         "host-underlay": Run(at(h2), port + 1, (h2.netns, port + 1), at(h1), h2_ip, port + 1),
         "bridge": Run(at(c12), port, (c12.netns, port), at(c11), str(c12.ipv4.ip), port),
         "nat": Run(at(c21), port, (c21.netns, port), at(c11), h2_ip, port),
         "vxlan": Run(at(c22), port, (c22.netns, port), at(c11), str(c22.ipv4.ip), port),
-        "graft-local": Run(at(c12, True), port, (h1.netns, port + 2), at(c11, True), h1_ip,
-                           port + 2),
-        "graft-remote": Run(at(c22, True), port, (h2.netns, port + 3), at(c11, True), h2_ip,
-                            port + 3),
+        "graft-local": Run(at(c12, True), port, (h1.netns, port + 2), client,
+                           str(c12.ipv4.ip), port, overlay=True),
+        "graft-remote": Run(at(c22, True), port, (h2.netns, port + 3), client,
+                            str(c22.ipv4.ip), port, overlay=True),
     }
 
 
@@ -100,7 +109,9 @@ def graft_configs(plan, ports: dict[str, int]) -> list[gc.GraftConfig]:
     """h1-c1's traffic to the underlay leaves from h1's address; every base port
     bound in h1-c2 / h2-c2 really listens on P+2 on h1 / P+3 on h2."""
     h1, h2 = plan.hosts[0], plan.hosts[1]
-    out = [grafts.egress_via(h1.containers[0].name, str(h1.underlay.ip), str(plan.underlay))]
+    client = grafts.egress_via(h1.containers[0].name, str(h1.underlay.ip), str(plan.underlay))
+    client = gc.with_rule(client, parse_egress(f"{plan.container_v4}=ep-out"))
+    out = [gc.with_graft_at(client, "socket")]
     for container, host, offset in ((h1.containers[1], h1, 2), (h2.containers[1], h2, 3)):
         cfg = gc.GraftConfig(container.name)
         for name, port in ports.items():
@@ -159,9 +170,11 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> 
                       start_new_session=True, cwd=workdir)
     try:
         wait_listening(*run.listen, timeout=10, proto=wl.proto)
+        if run.overlay:
+            wait_published(run.client.lab, wl.proto, run.target, run.target_port)
         client = run.client
         cmd = client.command(wl.client_argv(run.target, run.target_port, seconds, workdir))
-        if client.graft is not None and wl.udp_sendto:
+        if client.graft is not None and wl.udp_sendto and client.graft_at != "socket":
             cmd.insert(cmd.index("--"), "--udp-sendto")   # an unconnected UDP sender
         before = _cpu_busy_jiffies()
         proc = subprocess.run(cmd, preexec_fn=client.preexec(), capture_output=True, text=True,
@@ -174,6 +187,23 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> 
         return {"metrics": metrics, "raw": f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"}
     finally:
         _stop(server)
+
+
+def wait_published(lab: str, proto: str, overlay: str, port: int, timeout: float = 10) -> None:
+    """Until the client host's agent knows the grafted server by its overlay
+    address (the directory's watch, ~0.1 s with the embedded one)."""
+    from ..agent import control
+    from ..errors import LabError
+    path = control.default_socket_path("h1")
+    deadline = time.monotonic() + timeout
+    while True:
+        got = control.request(path, {"op": "services"}, timeout=2)
+        if any(r["overlay"] == overlay and r["port"] == port and r["proto"] == proto
+               for r in got.get("records", [])):
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"the directory never published {proto} {overlay}:{port}")
+        time.sleep(0.05)
 
 
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,

@@ -16,6 +16,7 @@ import sys
 from ..errors import AgentError, ConfigError, LabError
 from ..agent import control
 from ..agent.store import ConfigStore, default_dir
+from .oci_cmd import default_oci_socket
 from ..kernel import netns
 from ..lab import state as lab_state
 from ..model import graftconfig as gc
@@ -91,6 +92,21 @@ def register(sub) -> None:
     p.add_argument("--audit-log", help="append audit lines (JSON) to this file")
     p.add_argument("--no-nft", action="store_true",
                    help="do not manage the nftables policy table (per-datagram UDP policy off)")
+    p.add_argument("--bpf", choices=("auto", "on", "off"), default="auto",
+                   help="in-kernel graft programs (cgroup connect/sendmsg hooks) needed by "
+                        "graft_at=socket containers: auto = use them if the machine can, "
+                        "on = fail without them, off = never (default auto)")
+    p.add_argument("--directory", default="embedded",
+                   help="cluster directory of grafted services: embedded[:PATH] (files on "
+                        "this machine, the default), etcd://HOST:PORT, or off")
+    p.add_argument("--directory-ttl", type=float, default=10.0,
+                   help="lease of this agent's directory records in seconds (default 10): "
+                        "records of an agent that died expire after it")
+    p.add_argument("--node", help="node name shown in the directory (default: --host)")
+    p.add_argument("--oci-socket",
+                   help="where OCI runtimes hand over seccomp listeners (the profile's "
+                        "listenerPath; default oci-<host>.sock in the state directory; "
+                        "'off' to disable)")
     p.set_defaults(func=cmd_agent, needs_root=True)
 
     p = sub.add_parser("run", help="run a command in a container with its sockets grafted",
@@ -102,6 +118,11 @@ def register(sub) -> None:
     p.add_argument("--udp-sendto", action="store_true",
                    help="also graft unconnected UDP senders at sendto() (traps every sendto "
                         "that carries an address, including TCP sends some programs make)")
+    p.add_argument("--graft-at", choices=("syscall", "socket"),
+                   help="trap bind()/connect() (syscall) or graft every TCP/UDP socket at "
+                        "socket() and judge connects in the kernel (socket); default: the "
+                        "container's graft_at setting")
+    p.add_argument("--config-dir", help=f"graft configuration store (default {default_dir()})")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run, needs_root=True)
 
@@ -177,7 +198,10 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_config_del)
 
     for name, helptext, func in (("sockets", "list grafted sockets", cmd_sockets),
-                                 ("stats", "agent counters per container", cmd_stats)):
+                                 ("stats", "agent counters per container", cmd_stats),
+                                 ("services", "grafted services in the cluster directory "
+                                              "(overlay address -> host address)",
+                                  cmd_services)):
         p = sub.add_parser(name, help=helptext, formatter_class=FMT,
                            epilog=f"examples:\n  sockgraft {name}\n  sockgraft {name} --json\n"
                                   f"  sockgraft {name} --agent /run/sockgraft/agent-h1.sock\n")
@@ -232,8 +256,15 @@ def cmd_agent(args) -> int:
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     path = args.socket or control.default_socket_path(name)
+    bpf_name = f"{args.lab}-{args.host}" if args.host else name
+    from ..agent.directory import open_backend
+    directory = open_backend(args.directory, bpf_name, args.directory_ttl,
+                             os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft"))
     agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
-                  manage_nft=not args.no_nft)
+                  manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
+                  directory=directory, node=args.node or name,
+                  oci_socket=None if args.oci_socket == "off" else
+                  (args.oci_socket or default_oci_socket(name)))
     agent.start()
     print(f"sockgraft agent {name}: serving {path} (pid {os.getpid()})", flush=True)
     try:
@@ -269,8 +300,12 @@ def cmd_run(args) -> int:
         agent = agent or control.default_socket_path(host)
     if ns_path and not ns_path.startswith("/"):
         ns_path = netns.path(ns_path)
+    graft_at = args.graft_at
+    if graft_at is None:
+        cfg = _store(args).load(args.container)
+        graft_at = cfg.graft_at if cfg is not None else "syscall"
     return run(args.container, cmd, ns_path=ns_path, agent_path=agent,
-               trap_sendto=args.udp_sendto)
+               trap_sendto=args.udp_sendto, graft_at=graft_at)
 
 
 def cmd_ep_add(args) -> int:
@@ -394,6 +429,40 @@ def cmd_sockets(args) -> int:
     return 0
 
 
+def cmd_services(args) -> int:
+    """The directory as the agents see it (one merged table per directory;
+    agents sharing one directory agree, so rows are de-duplicated)."""
+    results = _query(args, "services")
+    rows: dict[tuple, dict] = {}
+    conflicts: set[str] = set()
+    for _path, r in results:
+        for rec in r.get("records", []):
+            rows[(rec["proto"], rec["overlay"], rec["port"], rec["owner"])] = rec
+        conflicts.update(r.get("conflicts", []))
+    if args.json:
+        json.dump({"services": list(rows.values()), "conflicts": sorted(conflicts),
+                   "agents": {p: {k: v for k, v in r.items() if k not in ("ok", "records")}
+                              for p, r in results}}, sys.stdout, indent=2)
+        print()
+        return 0
+    table = [("PROTO", "OVERLAY", "HOST ADDRESS", "NODE", "CONTAINER")]
+    for rec in sorted(rows.values(), key=lambda x: (x["overlay"], x["port"], x["proto"])):
+        ov = f"[{rec['overlay']}]:{rec['port']}" if ":" in rec["overlay"] else \
+            f"{rec['overlay']}:{rec['port']}"
+        ha = f"[{rec['host_addr']}]:{rec['host_port']}" if ":" in rec["host_addr"] else \
+            f"{rec['host_addr']}:{rec['host_port']}"
+        table.append((rec["proto"], ov, ha, rec["node"], rec["container"]))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    for c in sorted(conflicts):
+        print(f"conflict: {c}")
+    for path, r in results:
+        if r.get("directory") and not r.get("reachable"):
+            print(f"{path}: directory unreachable: {r.get('last_error')}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     results = _query(args, "stats")
     if args.json:
@@ -405,6 +474,12 @@ def cmd_stats(args) -> int:
         c = r["counters"]
         print(f"{path}: grafted {c['grafted']}  passed {c['passed']}  denied {c['denied']}  "
               f"errors {c['errors']}  pending connects {r['pending_connects']}")
+        k = r.get("kernel")
+        if k:
+            print(f"  in-kernel ({k['cgroup']}): connects judged {k['connects_judged']}  "
+                  f"denied {k['connects_denied']}  redirected {k['redirected']}")
+        elif r.get("kernel_error"):
+            print(f"  in-kernel programs off: {r['kernel_error']}")
         for s in r["containers"]:
             print(f"  {s['container']:12s} pid {s['pid']:<7d} grafted {s['grafted']}  "
                   f"passed {s['passed']}  denied {s['denied']}  errors {s['errors']}")

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import ConfigError, SockgraftError
-from . import bench_cmd, graft_cmd, lab_cmd
+from . import bench_cmd, graft_cmd, lab_cmd, oci_cmd
 
 EXAMPLES = """\
 examples:
@@ -28,6 +28,8 @@ examples:
   sockgraft rule add --container h1-c1 egress 198.18.0.0/24=ep-out
   sockgraft run --container h1-c1 -- iperf3 -c 198.18.0.2     grafted: never touches the veth
   sockgraft sockets                        grafted sockets with container, pid, fd, endpoint
+  sockgraft services                       the directory: overlay address -> host address
+  sockgraft oci-profile > profile.json     seccomp profile for runc/crun/Docker/Kubernetes
 """
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cmd.register(sub)
     graft_cmd.register(sub)
     bench_cmd.register(sub)
+    oci_cmd.register(sub)
     return parser
 
 

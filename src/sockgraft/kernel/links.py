@@ -126,3 +126,20 @@ def addresses(ns: NetNS) -> list[tuple[str, str]]:
     idx = {link["index"]: link.get("ifname") for link in _call("link dump", "", ns.get_links)}
     return [(idx.get(a["index"], "?"), f"{a.get('address')}/{a['prefixlen']}")
             for a in _call("addr dump", "", ns.get_addr)]
+
+
+def own_addresses() -> list[str]:
+    """Global unicast addresses of the calling thread's network namespace
+    (no loopback, no link-local): what a container is reachable at."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        raw = [a.get("address") for a in _call("addr dump", "", ipr.get_addr)]
+    out = []
+    for a in raw:
+        try:
+            ip = ipaddress.ip_address(a)
+        except (TypeError, ValueError):
+            continue
+        if not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
+            out.append(str(ip))
+    return out

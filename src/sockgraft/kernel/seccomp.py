@@ -38,6 +38,7 @@ from typing import NamedTuple
 from ..errors import ConfigError, KernelError, NotFound, from_oserror
 
 # --- syscall numbers (x86_64) -------------------------------------------------
+SYS_SOCKET = 41
 SYS_CONNECT = 42
 SYS_SENDTO = 44
 SYS_BIND = 49
@@ -303,6 +304,18 @@ def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
             SYS_IO_URING_REGISTER: errno.ENOSYS,
         },
     )
+
+
+def socket_graft_filter() -> FilterSpec:
+    """For containers grafted at socket() time (graft_at = "socket"): trap
+    socket() for AF_INET/AF_INET6 (the agent answers with a host socket,
+    ADDFD_FLAG_SEND) and inet-sized bind() (ingress rules; the agent binds).
+    connect()/sendto() are not trapped: the cgroup programs judge them in the
+    kernel. io_uring is denied as in `default_graft_filter`."""
+    spec = default_graft_filter(trap_sendto=False)
+    del spec.trap[SYS_CONNECT]
+    spec.trap[SYS_SOCKET] = ArgMatch(0, frozenset({2, 10}))
+    return spec
 
 
 # --- pure struct codecs (used by Listener, golden-tested) --------------------

@@ -15,6 +15,7 @@ import logging
 from typing import Callable
 
 from ..errors import LabError
+from ..kernel import bpf as kbpf
 from ..kernel import links, netns, nft
 from ..model.topology import (BRIDGE, CONTAINER_IF, FABRIC_BRIDGE, NAT_TABLE, UNDERLAY_PORT,
                               VXLAN, ContainerPlan, HostPlan, LabPlan, plan_host_sysctls,
@@ -135,6 +136,10 @@ def down(lab: str, progress: Progress = _quiet) -> bool:
         if netns.exists(name):
             progress(f"delete netns {name}")
             _delete_ns(name)
+    for host in st.plan().hosts:
+        # the agents' in-kernel programs: pinned links and their cgroups
+        for path in kbpf.remove(f"{lab}-{host.name}"):
+            progress(f"removed {path}")
     lab_state.remove(lab)
     log.info("lab %s down", lab)
     return True

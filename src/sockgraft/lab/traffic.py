@@ -31,12 +31,14 @@ class Place:
     netns: str
     graft: str | None = None
     lab: str = "demo"
+    graft_at: str | None = None     # None: the container's configured graft_at
 
     def command(self, argv: list[str]) -> list[str]:
         if self.graft is None:
             return argv
+        extra = ["--graft-at", self.graft_at] if self.graft_at else []
         return [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", self.graft,
-                "--lab", self.lab, "--"] + argv
+                "--lab", self.lab, *extra, "--"] + argv
 
     def preexec(self):
         if self.graft is not None:

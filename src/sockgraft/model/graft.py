@@ -19,6 +19,8 @@ Actions:
   ConnectGrafted  the fd already is a host socket: connect it to `dest` ourselves
   GraftSend       create a host UDP socket bound to `local`, inject it, then let
                   the kernel send (its nftables policy checks every datagram)
+  BindGrafted     the fd is a host socket grafted at socket() time and not yet
+                  bound: bind it to `local` ourselves (never the app's buffer)
 
 Race freedom: every action that moves traffic onto the host carries the
 address the decision was made on; the agent acts on that copy only.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .endpoint import Endpoint
@@ -49,6 +52,7 @@ class SockInfo:
     family: int
     type: int          # SOCK_STREAM / SOCK_DGRAM / other
     grafted: bool      # already a host socket (carries a sockgraft mark)
+    bound: bool = True  # has a local address or port (a fresh socket has neither)
 
     @property
     def proto(self) -> str:
@@ -85,8 +89,9 @@ class GraftBind:
 class GraftConnect:
     endpoint: Endpoint
     local: InetAddr
-    dest: InetAddr
+    dest: InetAddr                  # what the host socket connects to
     rule: str
+    overlay: InetAddr | None = None     # the overlay address asked for (directory bypass)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,16 @@ class GraftSend:
     rule: str
 
 
-Action = Continue | Fail | Deny | GraftBind | GraftConnect | ConnectGrafted | GraftSend
+@dataclass(frozen=True, slots=True)
+class BindGrafted:
+    endpoint: Endpoint | None    # None: an ephemeral wildcard bind, done as asked
+    local: InetAddr
+    requested: InetAddr
+    rule: str
+
+
+Action = (Continue | Fail | Deny | GraftBind | GraftConnect | ConnectGrafted | GraftSend
+          | BindGrafted)
 
 
 def is_grafted_mark(mark: int) -> bool:
@@ -158,6 +172,8 @@ def unclaimed_host_bind(addr: InetAddr, host_addrs: frozenset) -> bool:
 
 def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
                 host_addrs: frozenset = frozenset()) -> Action:
+    if sock.grafted and not sock.bound:
+        return _bind_fresh_host_socket(cfg, sock, addr)
     if not isinstance(addr, InetAddr) or cfg is None or not _family_ok(sock, addr):
         return Continue("not an inet bind of a configured container")
     hit = cfg.match_ingress(addr)
@@ -177,7 +193,52 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     return GraftBind(ep, local, addr, f"ingress {rule}")
 
 
-def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr) -> Action:
+def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
+                            addr: Sockaddr) -> Action:
+    """A socket grafted at socket() lives on the host already: a bind either
+    follows an ingress rule, or is an ephemeral wildcard bind (a client
+    choosing no address), or takes a host address nobody granted (denied).
+    The kernel never binds it from the application's buffer."""
+    if not isinstance(addr, InetAddr) or not _family_ok(sock, addr):
+        return Fail(errno.EAFNOSUPPORT, "not an address of the socket's family")
+    if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
+        return Fail(errno.EOPNOTSUPP, "not a TCP or UDP socket")
+    hit = cfg.match_ingress(addr) if cfg is not None else None
+    if hit is not None:
+        rule, ep = hit
+        port = 0 if ep.is_dynamic else ingress_host_port(rule, ep, addr.unmapped().port)
+        local = local_for(ep, sock.family, port)
+        if isinstance(local, Fail):
+            return local
+        return BindGrafted(ep, local, addr, f"ingress {rule}")
+    if addr.unmapped().ip.is_unspecified and addr.port == 0:
+        return BindGrafted(None, addr, addr, "bind:ephemeral")
+    return Deny(errno.EACCES, "bind:no-endpoint", addr)
+
+
+# (proto, overlay ip, port) -> (host ip, host port): the cluster directory's view
+Services = Mapping[tuple[str, IPv4Address | IPv6Address, int],
+                   tuple[IPv4Address | IPv6Address, int]]
+
+
+def via_directory(services: Services, proto: str, addr: InetAddr,
+                  family: int) -> InetAddr | None:
+    """The published host address of the grafted server behind overlay `addr`,
+    in the socket's family (IPv4 in a v6 socket: mapped), or None."""
+    a = addr.unmapped()
+    hit = services.get((proto, a.ip, a.port))
+    if hit is None:
+        return None
+    ip, port = hit
+    if family == AF_INET:
+        return InetAddr(AF_INET, ip, port) if ip.version == 4 else None
+    if ip.version == 4:
+        return InetAddr(AF_INET6, IPv6Address("::ffff:" + str(ip)), port)
+    return InetAddr(AF_INET6, ip, port)
+
+
+def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
+                   services: Services | None = None) -> Action:
     if isinstance(addr, (UnixAddr, UnspecAddr, OtherAddr)) or cfg is None:
         return Continue("not an inet destination of a configured container")
     if not _family_ok(sock, addr):
@@ -203,6 +264,12 @@ def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr) -> A
     local = local_for(ep, sock.family, 0 if ep.is_dynamic else ep.port)
     if isinstance(local, Fail):
         return local
+    if services:
+        # Judged above on the overlay address the application asked for; the
+        # host socket goes straight to where the server's graft listens.
+        via = via_directory(services, sock.proto, addr, sock.family)
+        if via is not None:
+            return GraftConnect(ep, local, via, f"egress {rule} via directory", overlay=addr)
     return GraftConnect(ep, local, addr, f"egress {rule}")
 
 

@@ -43,6 +43,7 @@ TOML schema (version 1)::
 
     version = 1                      # optional; only 1 is accepted
     container = "h1-c1"              # required
+    graft_at = "syscall"             # optional: "syscall" (default) | "socket"
 
     [endpoints.ep-http]              # one table per endpoint; key = name
     type = "ipv4"                    # "ipv4" | "ipv6" | "unix"
@@ -63,6 +64,14 @@ TOML schema (version 1)::
     builtin_denies = true
 
 Unknown keys anywhere are errors naming the key and the accepted ones.
+
+graft_at: "syscall" grafts a socket when its bind()/connect() is trapped (the
+container keeps its own loopback and every destination no rule covers);
+"socket" grafts every TCP/UDP socket at socket() time and leaves connect and
+sendmsg to the in-kernel programs (bpf/sockgraft.bpf.c): the fastest setup,
+for containers whose whole INET traffic goes through the host - a
+destination no egress rule covers is refused (EPERM), and the container's
+loopback is the host's (denied unless the policy opens it).
 """
 
 from __future__ import annotations
@@ -84,8 +93,8 @@ __all__ = [
     "GraftConfig", "Rule", "SCHEMA_VERSION",
     "check_config", "match_ingress", "match_egress", "ingress_host_port",
     "with_endpoint", "without_endpoint", "with_rule", "without_rule",
-    "with_policy", "with_policy_rule", "without_policy_rule",
-    "load_config", "dump_config",
+    "with_policy", "with_policy_rule", "without_policy_rule", "with_graft_at", "GRAFT_AT",
+    "load_config", "dump_config", "config_from_dict",
 ]
 
 SCHEMA_VERSION = 1
@@ -183,6 +192,7 @@ class GraftConfig:
     ingress: tuple[IngressRule, ...] = ()
     egress: tuple[EgressRule, ...] = ()
     policy: Policy = field(default_factory=Policy)
+    graft_at: str = "syscall"
     _in_idx: dict = field(init=False, repr=False, compare=False)
     _out_idx: dict = field(init=False, repr=False, compare=False)
 
@@ -192,6 +202,9 @@ class GraftConfig:
         set_(self, "ingress", tuple(self.ingress))
         set_(self, "egress", tuple(self.egress))
         check_config(self.container, self.endpoints, self.ingress, self.egress, self.policy)
+        if self.graft_at not in GRAFT_AT:
+            _fail(f"graft_at {self.graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}",
+                  f"container {self.container}", "graft_at", self.graft_at)
 
         in_idx: dict[IPv4Address | IPv6Address, tuple[IngressRule, ...]] = {}
         for r in self.ingress:
@@ -223,7 +236,7 @@ class GraftConfig:
 
     def __hash__(self) -> int:
         return hash((self.container, tuple(sorted(self.endpoints.items())),
-                     self.ingress, self.egress, self.policy))
+                     self.ingress, self.egress, self.policy, self.graft_at))
 
 
 def match_ingress(cfg: GraftConfig, addr: InetAddr) -> tuple[IngressRule, Endpoint] | None:
@@ -274,11 +287,18 @@ def ingress_host_port(rule: IngressRule, endpoint: Endpoint, port: int) -> int:
 
 def _rebuild(cfg: GraftConfig, **changes: Any) -> GraftConfig:
     parts = dict(container=cfg.container, endpoints=cfg.endpoints, ingress=cfg.ingress,
-                 egress=cfg.egress, policy=cfg.policy)
+                 egress=cfg.egress, policy=cfg.policy, graft_at=cfg.graft_at)
     parts.update(changes)
     check_config(parts["container"], parts["endpoints"], parts["ingress"], parts["egress"],
                  parts["policy"], source=_src(cfg))
     return GraftConfig(**parts)
+
+
+def with_graft_at(cfg: GraftConfig, graft_at: str) -> GraftConfig:
+    if graft_at not in GRAFT_AT:
+        _fail(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}", _src(cfg),
+              "graft_at", graft_at)
+    return _rebuild(cfg, graft_at=graft_at)
 
 
 def _src(cfg: GraftConfig) -> str:
@@ -362,7 +382,8 @@ def without_policy_rule(cfg: GraftConfig, rule: PolicyRule) -> GraftConfig:
 # --------------------------------------------------------------------------
 # TOML
 
-_TOP_KEYS = ("version", "container", "endpoints", "rules", "policy")
+_TOP_KEYS = ("version", "container", "graft_at", "endpoints", "rules", "policy")
+GRAFT_AT = ("syscall", "socket")
 _EP_KEYS = ("type", "addr", "port", "path")
 _RULES_KEYS = ("ingress", "egress")
 _POLICY_KEYS = ("allow", "deny", "builtin_denies")
@@ -398,6 +419,14 @@ def load_config(text: str, source: str) -> GraftConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         _fail(f"not valid TOML: {e}", source, None, None)
+    return config_from_dict(data, source)
+
+
+def config_from_dict(data: object, source: str) -> GraftConfig:
+    """The same schema as a table (TOML parsed, or JSON such as a CNI
+    network configuration's `graft` object)."""
+    if not isinstance(data, dict):
+        _fail(f"configuration must be a table/object, got {data!r}", source, None, data)
     _check_keys(data, _TOP_KEYS, "", source)
 
     version = data.get("version", SCHEMA_VERSION)
@@ -408,6 +437,10 @@ def load_config(text: str, source: str) -> GraftConfig:
         _fail("missing required key 'container' (the container id)", source,
               "container", None)
     container = data["container"]
+    graft_at = data.get("graft_at", "syscall")
+    if graft_at not in GRAFT_AT:
+        _fail(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}", source,
+              "graft_at", graft_at)
 
     endpoints: dict[str, Endpoint] = {}
     for name, body in _table(data.get("endpoints", {}), "endpoints", source).items():
@@ -445,7 +478,7 @@ def load_config(text: str, source: str) -> GraftConfig:
     policy = Policy(lists["allow"], lists["deny"], builtin)
 
     check_config(container, endpoints, ingress, egress, policy, source=source)
-    return GraftConfig(container, endpoints, ingress, egress, policy)
+    return GraftConfig(container, endpoints, ingress, egress, policy, graft_at)
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -479,6 +512,8 @@ def dump_config(cfg: GraftConfig) -> str:
     lines = [f"# sockgraft graft configuration, schema version {SCHEMA_VERSION}",
              f"version = {SCHEMA_VERSION}",
              f"container = {_toml_str(cfg.container)}"]
+    if cfg.graft_at != "syscall":
+        lines.append(f"graft_at = {_toml_str(cfg.graft_at)}")
     for name in sorted(cfg.endpoints):
         ep = cfg.endpoints[name]
         lines += ["", f"[endpoints.{_toml_key(name)}]", f"type = {_toml_str(ep.kind)}"]

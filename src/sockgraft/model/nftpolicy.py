@@ -25,7 +25,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network, IPv6Network
 
 from .graft import MARK_BASE, MARK_MASK
-from .policy import BUILTIN_DENIES, Policy, PolicyRule
+from .policy import LinearRule, Policy, linearize
 
 TABLE = "sockgraft"
 FAMILY = "inet"
@@ -35,13 +35,13 @@ def chain_name(mark: int) -> str:
     return f"c_{mark & 0xFFFF:04x}"
 
 
-def _proto_match(r: PolicyRule) -> str:
+def _proto_match(r: LinearRule) -> str:
     if r.proto == "any":
         return "" if r.all_ports else "meta l4proto { tcp, udp } "
     return f"meta l4proto {r.proto} "
 
 
-def _ports(r: PolicyRule) -> str:
+def _ports(r: LinearRule) -> str:
     if r.all_ports:
         return ""
     return f"th dport {r.port_lo} " if r.port_lo == r.port_hi else \
@@ -56,35 +56,11 @@ def _dest(net: IPv4Network | IPv6Network | None) -> str:
     return f"{'ip' if net.version == 4 else 'ip6'} daddr {net} "
 
 
-def _rule_lines(r: PolicyRule, verdict: str) -> list[str]:
-    return [f"{_dest(r.network)}{_proto_match(r)}{_ports(r)}{verdict}".strip()]
-
-
-def _first_category(r: PolicyRule) -> str | None:
-    if r.network is None:
-        return None
-    for name, nets in BUILTIN_DENIES:
-        if any(n.version == r.network.version and r.network.subnet_of(n) for n in nets):
-            return name
-    return None
-
-
 def plan_chain(policy: Policy) -> list[str]:
-    lines: list[str] = []
-    for r in policy.deny:
-        lines += _rule_lines(r, "counter drop")
-    generic = list(policy.allow)
-    if policy.builtin_denies:
-        for name, nets in BUILTIN_DENIES:
-            named = [r for r in generic if _first_category(r) == name]
-            for r in named:
-                lines += _rule_lines(r, "accept")
-                generic.remove(r)
-            for n in nets:
-                lines.append(f"{'ip' if n.version == 4 else 'ip6'} daddr {n} counter drop")
-    for r in generic:
-        lines += _rule_lines(r, "accept")
-    lines.append("counter drop" if policy.allow else "accept")
+    rules, final = linearize(policy)
+    lines = [f"{_dest(r.network)}{_proto_match(r)}{_ports(r)}"
+             f"{'accept' if r.allow else 'counter drop'}".strip() for r in rules]
+    lines.append("accept" if final.allow else "counter drop")
     return lines
 
 

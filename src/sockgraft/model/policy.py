@@ -65,7 +65,7 @@ from sockgraft.model.sockaddr import InetAddr
 
 __all__ = [
     "PolicyRule", "Policy", "Decision", "decide", "parse_policy_rule",
-    "BUILTIN_DENIES", "ACTIONS", "PROTOS", "RULE_SYNTAX",
+    "BUILTIN_DENIES", "ACTIONS", "PROTOS", "RULE_SYNTAX", "LinearRule", "linearize",
 ]
 
 Action = Literal["allow", "deny"]
@@ -291,3 +291,54 @@ def decide(policy: Policy, proto: str, dest: InetAddr) -> Decision:
     if policy.allow:
         return Decision(False, "default:allowlist", _errno.EACCES)
     return Decision(True, "default:allow", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearRule:
+    """One entry of a first-match rule list equivalent to `decide`; what the
+    kernel enforcers (nftables chains, the cgroup BPF programs) evaluate.
+    network None matches every address of both families."""
+    network: IPv4Network | IPv6Network | None
+    proto: Proto
+    port_lo: int
+    port_hi: int
+    allow: bool
+    label: str          # the rule name `decide` reports: deny[i], allow[i], builtin:X
+
+    @property
+    def all_ports(self) -> bool:
+        return self.port_lo == 0 and self.port_hi == 65535
+
+
+def _first_category(r: PolicyRule) -> str | None:
+    if r.network is None:
+        return None
+    for name, nets in BUILTIN_DENIES:
+        if any(n.version == r.network.version and r.network.subnet_of(n)  # type: ignore[arg-type]
+               for n in nets):
+            return name
+    return None
+
+
+def linearize(policy: Policy) -> tuple[tuple[LinearRule, ...], LinearRule]:
+    """`decide` as a first-match list plus the final verdict (network None,
+    every port). Order: deny rules; per built-in category (most specific
+    first) the allow rules that name it, then the category's ranges; the
+    remaining allow rules; final: deny if the allow list is non-empty."""
+    out: list[LinearRule] = []
+    for i, r in enumerate(policy.deny):
+        out.append(LinearRule(r.network, r.proto, r.port_lo, r.port_hi, False, f"deny[{i}]"))
+    generic = list(enumerate(policy.allow))
+    if policy.builtin_denies:
+        for name, nets in BUILTIN_DENIES:
+            for i, r in [(i, r) for i, r in generic if _first_category(r) == name]:
+                out.append(LinearRule(r.network, r.proto, r.port_lo, r.port_hi, True,
+                                      f"allow[{i}]"))
+                generic.remove((i, r))
+            for n in nets:
+                out.append(LinearRule(n, "any", 0, 65535, False, f"builtin:{name}"))
+    for i, r in generic:
+        out.append(LinearRule(r.network, r.proto, r.port_lo, r.port_hi, True, f"allow[{i}]"))
+    final = (LinearRule(None, "any", 0, 65535, False, "default:allowlist") if policy.allow
+             else LinearRule(None, "any", 0, 65535, True, "default:allow"))
+    return tuple(out), final

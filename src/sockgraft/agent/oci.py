@@ -1,0 +1,197 @@
+"""The agent's OCI socket: where runc/crun hand over a container's seccomp
+listener (the profile's `listenerPath`), and the holder that keeps it.
+
+  runtime --connect--> OCI socket: JSON state + seccompFd (SCM_RIGHTS), close
+  agent: read to EOF (<= 1 MiB, <= 5 s, <= 4 fds), parse (model/oci.py);
+         anything malformed: close every fd that came, log, count - nothing
+         else is touched
+  agent: spawn `sockgraft oci-hold` with the listener (pass_fds), which
+         registers it over the control socket like `sockgraft run` does and
+         then holds it: an agent restart never leaves the container's trapped
+         syscalls without a listener (they wait in the kernel queue)
+  holder exits when every task of the container is gone (listener POLLHUP)
+
+Only root may connect (SO_PEERCRED), as on the control socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import ConfigError, SockgraftError
+from ..model import oci as moci
+
+log = logging.getLogger("sockgraft.oci")
+
+MAX_FDS = 4
+READ_TIMEOUT = 5.0
+MAX_PENDING = 64
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    data: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+    deadline: float = 0.0
+
+
+class OciServer:
+    def __init__(self, path: str, ep: select.epoll,
+                 on_handoff: Callable[[moci.Handoff, int], None]) -> None:
+        self.path = path
+        self.ep = ep
+        self.on_handoff = on_handoff
+        self.conns: dict[int, _Conn] = {}
+        self.rejected = 0
+        self.accepted = 0
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                            | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            srv.bind(path)
+        finally:
+            os.umask(old)
+        srv.listen(64)
+        self.server = srv
+        ep.register(srv.fileno(), select.EPOLLIN)
+
+    def owns(self, fd: int) -> bool:
+        return fd == self.server.fileno() or fd in self.conns
+
+    def dispatch(self, fd: int) -> None:
+        if fd == self.server.fileno():
+            self._accept()
+        else:
+            self._read(fd)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            if struct.unpack("3i", creds)[1] not in (0, os.geteuid()) or \
+                    len(self.conns) >= MAX_PENDING:
+                log.warning("OCI socket: refused a hand-off (not root, or too many pending)")
+                self.rejected += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.conns[conn.fileno()] = _Conn(conn, deadline=time.monotonic() + READ_TIMEOUT)
+            self.ep.register(conn.fileno(), select.EPOLLIN)
+
+    def _read(self, fd: int) -> None:
+        c = self.conns[fd]
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(c.sock, 65536, MAX_FDS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._reject(fd, f"read failed: {exc}")
+                return
+            c.fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                self._reject(fd, f"more than {MAX_FDS} fds attached")
+                return
+            if not data:
+                self._finish(fd)
+                return
+            c.data += data
+            if len(c.data) > moci.MAX_HANDOFF:
+                self._reject(fd, f"message larger than {moci.MAX_HANDOFF} bytes")
+                return
+
+    def _finish(self, fd: int) -> None:
+        c = self._pop(fd)
+        try:
+            h = moci.parse_handoff(bytes(c.data), len(c.fds))
+        except ConfigError as exc:
+            self._close_fds(c.fds)
+            self.rejected += 1
+            log.warning("OCI hand-off rejected: %s", exc)
+            return
+        listener = c.fds[h.fd_index]
+        self._close_fds([f for i, f in enumerate(c.fds) if i != h.fd_index])
+        self.accepted += 1
+        try:
+            self.on_handoff(h, listener)
+        except (SockgraftError, OSError) as exc:
+            log.error("OCI hand-off of %s failed: %s", h.container_id, exc)
+        finally:
+            os.close(listener)
+
+    def _reject(self, fd: int, why: str) -> None:
+        c = self._pop(fd)
+        self._close_fds(c.fds)
+        self.rejected += 1
+        log.warning("OCI hand-off rejected: %s", why)
+
+    def _pop(self, fd: int) -> _Conn:
+        c = self.conns.pop(fd)
+        try:
+            self.ep.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        c.sock.close()
+        return c
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for f in fds:
+            try:
+                os.close(f)
+            except OSError:
+                pass
+
+    def sweep(self, now: float) -> None:
+        for fd in [fd for fd, c in self.conns.items() if now > c.deadline]:
+            self._reject(fd, f"no complete message within {READ_TIMEOUT:g} s")
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._reject(fd, "agent stopping")
+        try:
+            self.ep.unregister(self.server.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        self.server.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def spawn_holder(agent_path: str, h: moci.Handoff, listener: int, container: str,
+                 config_toml: str | None) -> subprocess.Popen:
+    """Start `sockgraft oci-hold` with the listener; it registers and holds."""
+    info = {"agent": agent_path, "container": container, "id": h.container_id,
+            "pid": h.pid, "bundle": h.bundle, "graft_at": h.graft_at,
+            "config": config_toml}
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "sockgraft.cli.main", "oci-hold",
+                             "--fd", str(listener), "--info-fd", str(r)],
+                            pass_fds=(listener, r), stdin=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+    os.close(r)
+    with os.fdopen(w, "w") as f:
+        json.dump(info, f)
+    return proc

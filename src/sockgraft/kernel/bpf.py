@@ -1,0 +1,404 @@
+"""The cgroup sock_addr programs of bpf/sockgraft.bpf.c, through the system
+libbpf (libbpf.so.1) with ctypes.
+
+Owns: compiling the object (clang -target bpf, cached by source hash),
+loading it, the agent's cgroup (the agent joins it, so the host sockets it
+creates carry it and the programs see them), attaching the programs with
+pinned bpf_links (they stay attached across agent restarts; a new agent
+swaps its programs in with BPF_LINK_UPDATE), map updates, and the events
+ring buffer.
+
+Must not: decide what goes into the maps (model/bpfmaps.py encodes, the
+agent chooses). Errors are translated into the sockgraft.errors tree.
+
+Names (deterministic, one set per agent name):
+  cgroup  <cgroup2 mount>/sockgraft/<agent>       the agent process lives here
+  pins    /sys/fs/bpf/sockgraft/<agent>/link_<program>
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from importlib import resources
+from typing import Callable
+
+from ..errors import KernelError, SockgraftError
+
+log = logging.getLogger("sockgraft.bpf")
+
+BPFFS = "/sys/fs/bpf"
+PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
+            "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6")
+MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
+        "sg_events", "sg_counters")
+BPF_ANY = 0
+
+
+class BpfUnavailable(SockgraftError):
+    """The machine cannot run the in-kernel graft programs (no clang, no libbpf,
+    no cgroup v2, or the kernel refused them)."""
+
+
+def _state_dir() -> str:
+    """Where compiled objects are cached (by source hash)."""
+    return os.path.join(os.environ.get("SOCKGRAFT_CACHE_DIR", "/var/cache/sockgraft"), "bpf")
+
+
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BpfUnavailable(f"libbpf not found ({exc}); install libbpf1") from None
+    vp, cp, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+    for fn, res, args in (
+        ("bpf_object__open_file", vp, [cp, vp]),
+        ("bpf_object__load", i, [vp]),
+        ("bpf_object__close", None, [vp]),
+        ("bpf_object__find_program_by_name", vp, [vp, cp]),
+        ("bpf_object__find_map_by_name", vp, [vp, cp]),
+        ("bpf_program__fd", i, [vp]),
+        ("bpf_map__fd", i, [vp]),
+        ("bpf_program__attach_cgroup", vp, [vp, i]),
+        ("bpf_link__pin", i, [vp, cp]),
+        ("bpf_link__fd", i, [vp]),
+        ("bpf_link__disconnect", None, [vp]),
+        ("bpf_link__destroy", i, [vp]),
+        ("bpf_obj_get", i, [cp]),
+        ("bpf_link_update", i, [i, i, vp]),
+        ("bpf_map_update_elem", i, [i, vp, vp, ctypes.c_uint64]),
+        ("bpf_map_lookup_elem", i, [i, vp, vp]),
+        ("bpf_map_delete_elem", i, [i, vp]),
+        ("bpf_map_get_next_key", i, [i, vp, vp]),
+        ("ring_buffer__new", vp, [i, vp, vp, vp]),
+        ("ring_buffer__epoll_fd", i, [vp]),
+        ("ring_buffer__consume", i, [vp]),
+        ("ring_buffer__free", None, [vp]),
+    ):
+        f = getattr(lib, fn)
+        f.restype = res
+        f.argtypes = args
+    return lib
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        _LIB = _lib()
+    return _LIB
+
+
+def _err(op: str, rc: int, detail: str = "") -> KernelError:
+    e = -rc if rc < 0 else (ctypes.get_errno() or errno.EIO)
+    return KernelError(op, e, detail)
+
+
+# --- compile ------------------------------------------------------------------
+
+def source_text() -> bytes:
+    return resources.files("sockgraft.bpf").joinpath("sockgraft.bpf.c").read_bytes()
+
+
+def compile_object() -> str:
+    """Compile the program once per source version; returns the object path."""
+    src = source_text()
+    digest = hashlib.sha256(src).hexdigest()[:16]
+    out_dir = _state_dir()
+    obj = os.path.join(out_dir, f"sockgraft-{digest}.o")
+    if os.path.exists(obj):
+        return obj
+    clang = shutil.which("clang")
+    if clang is None:
+        raise BpfUnavailable("clang not found; install clang (./run installs it)")
+    os.makedirs(out_dir, exist_ok=True)
+    src_path = os.path.join(out_dir, f"sockgraft-{digest}.c")
+    with open(src_path, "wb") as f:
+        f.write(src)
+    arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
+    tmp = obj + f".{os.getpid()}.tmp"
+    cmd = [clang, "-O2", "-g", "-target", "bpf", "-Wall", "-I", arch_inc, "-c", src_path,
+           "-o", tmp]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise BpfUnavailable(f"clang failed on {src_path}: {res.stderr.strip()[-2000:]}")
+    os.replace(tmp, obj)
+    return obj
+
+
+# --- cgroup and bpffs -----------------------------------------------------------
+
+def cgroup2_mount() -> str:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "cgroup2":
+                return parts[1]
+    raise BpfUnavailable("no cgroup v2 hierarchy is mounted")
+
+
+def cgroup_path(agent: str) -> str:
+    return os.path.join(cgroup2_mount(), "sockgraft", agent)
+
+
+def pin_dir(agent: str) -> str:
+    return os.path.join(BPFFS, "sockgraft", agent)
+
+
+def ensure_bpffs() -> None:
+    if os.path.ismount(BPFFS):
+        return
+    os.makedirs(BPFFS, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True,
+                         text=True, timeout=10)
+    if res.returncode != 0:
+        raise BpfUnavailable(f"cannot mount the BPF filesystem at {BPFFS}: "
+                             f"{res.stderr.strip()}")
+
+
+def join_cgroup(agent: str) -> str:
+    """Move this process into the agent's cgroup; returns its path."""
+    path = cgroup_path(agent)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as exc:
+        raise BpfUnavailable(f"cannot join cgroup {path}: {exc.strerror}") from None
+    return path
+
+
+def remove(agent: str) -> list[str]:
+    """Detach (unpin the links) and remove the agent's cgroup if empty. For
+    `lab down` and tests, after the agent is gone. Returns what was removed."""
+    removed = []
+    pdir = pin_dir(agent)
+    if os.path.isdir(pdir):
+        for name in os.listdir(pdir):
+            os.unlink(os.path.join(pdir, name))
+            removed.append(os.path.join(pdir, name))
+        os.rmdir(pdir)
+        removed.append(pdir)
+        try:
+            os.rmdir(os.path.dirname(pdir))
+        except OSError:
+            pass
+    try:
+        cg = cgroup_path(agent)
+    except BpfUnavailable:
+        return removed
+    if os.path.isdir(cg):
+        import time
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                os.rmdir(cg)
+                removed.append(cg)
+                break
+            except OSError as exc:
+                # a killed agent leaves its cgroup once it is fully reaped
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    log.warning("cgroup %s not removed: %s", cg, exc.strerror)
+                    break
+                time.sleep(0.05)
+        try:
+            os.rmdir(os.path.dirname(cg))
+        except OSError:
+            pass
+    return removed
+
+
+def leftovers(agent: str) -> list[str]:
+    out = [p for p in (pin_dir(agent),) if os.path.exists(p)]
+    try:
+        cg = cgroup_path(agent)
+        if os.path.exists(cg):
+            out.append(cg)
+    except BpfUnavailable:
+        pass
+    return out
+
+
+# --- the loaded object ------------------------------------------------------------
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class Programs:
+    """The loaded object of one agent: map fds, attached links, the ring buffer."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+        self._obj = None
+        self.maps: dict[str, int] = {}
+        self._rb = None
+        self._cb = None
+        self._events: list[bytes] = []
+        self.cgroup = ""
+
+    def load(self, *, join: bool = True) -> None:
+        L = lib()
+        ensure_bpffs()
+        obj_path = compile_object()
+        if join:
+            self.cgroup = join_cgroup(self.agent)
+        else:
+            self.cgroup = cgroup_path(self.agent)
+            os.makedirs(self.cgroup, exist_ok=True)
+        obj = L.bpf_object__open_file(obj_path.encode(), None)
+        if not obj:
+            raise _err("bpf_object__open_file", 0, obj_path)
+        self._obj = obj
+        rc = L.bpf_object__load(obj)
+        if rc:
+            self.close()
+            raise BpfUnavailable(f"the kernel refused the graft programs: "
+                                 f"{os.strerror(-rc)} (see the libbpf log above)")
+        for m in MAPS:
+            mp = L.bpf_object__find_map_by_name(obj, m.encode())
+            self.maps[m] = L.bpf_map__fd(mp)
+
+    def attach(self) -> None:
+        """Attach (or swap into the pinned links) the loaded programs; call
+        once the maps hold what the programs must know."""
+        L = lib()
+        obj = self._obj
+        pdir = pin_dir(self.agent)
+        os.makedirs(pdir, exist_ok=True)
+        cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in PROGRAMS:
+                prog = L.bpf_object__find_program_by_name(obj, name.encode())
+                pfd = L.bpf_program__fd(prog)
+                pin = os.path.join(pdir, f"link_{name}")
+                if os.path.exists(pin):
+                    lfd = L.bpf_obj_get(pin.encode())
+                    if lfd >= 0:
+                        rc = L.bpf_link_update(lfd, pfd, None)
+                        os.close(lfd)
+                        if rc == 0:
+                            continue
+                    os.unlink(pin)     # stale or foreign pin: attach afresh
+                link = L.bpf_program__attach_cgroup(prog, cg_fd)
+                if not link:
+                    raise _err(f"attach {name} to {self.cgroup}", 0)
+                rc = L.bpf_link__pin(link, pin.encode())
+                if rc:
+                    L.bpf_link__destroy(link)
+                    raise _err(f"pin {pin}", rc)
+                L.bpf_link__disconnect(link)   # the pin keeps it attached
+                L.bpf_link__destroy(link)
+        finally:
+            os.close(cg_fd)
+        self._cb = _SAMPLE_FN(self._on_sample)
+        rb = L.ring_buffer__new(self.maps["sg_events"], self._cb, None, None)
+        if not rb:
+            raise _err("ring_buffer__new", 0)
+        self._rb = rb
+        log.info("graft programs attached to %s (pins in %s)", self.cgroup, pdir)
+
+    def _on_sample(self, _ctx, data, size) -> int:
+        self._events.append(ctypes.string_at(data, size))
+        return 0
+
+    def events_fd(self) -> int:
+        return lib().ring_buffer__epoll_fd(self._rb)
+
+    def drain(self) -> list[bytes]:
+        lib().ring_buffer__consume(self._rb)
+        out, self._events = self._events, []
+        return out
+
+    # --- maps ---------------------------------------------------------------
+
+    def update(self, m: str, key: bytes, value: bytes) -> None:
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value, len(value))
+        rc = lib().bpf_map_update_elem(self.maps[m], k, v, BPF_ANY)
+        if rc:
+            raise _err(f"update {m}", rc)
+
+    def delete(self, m: str, key: bytes) -> bool:
+        k = ctypes.create_string_buffer(key, len(key))
+        rc = lib().bpf_map_delete_elem(self.maps[m], k)
+        if rc and -rc != errno.ENOENT:
+            raise _err(f"delete from {m}", rc)
+        return rc == 0
+
+    def lookup(self, m: str, key: bytes, value_size: int) -> bytes | None:
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value_size)
+        rc = lib().bpf_map_lookup_elem(self.maps[m], k, v)
+        if rc:
+            return None
+        return v.raw
+
+    def keys(self, m: str, key_size: int) -> list[bytes]:
+        out = []
+        cur = None
+        nxt = ctypes.create_string_buffer(key_size)
+        while True:
+            rc = lib().bpf_map_get_next_key(self.maps[m], cur, nxt)
+            if rc:
+                return out
+            out.append(nxt.raw)
+            cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+    def counters(self) -> list[int]:
+        """Totals of sg_counters over CPUs: judged, denied, redirected."""
+        ncpu = os.cpu_count() or 1
+        possible = _possible_cpus() or ncpu
+        out = []
+        for i in range(3):
+            raw = self.lookup("sg_counters", i.to_bytes(4, "little"), 8 * possible)
+            out.append(sum(int.from_bytes(raw[j:j + 8], "little")
+                           for j in range(0, len(raw), 8)) if raw else 0)
+        return out
+
+    def close(self) -> None:
+        """Free our handles. The pinned links stay attached (restart safety)."""
+        L = lib()
+        if self._rb:
+            L.ring_buffer__free(self._rb)
+            self._rb = None
+        if self._obj:
+            L.bpf_object__close(self._obj)
+            self._obj = None
+        self.maps = {}
+
+
+def _possible_cpus() -> int:
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except OSError:
+        return 0
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+def available() -> tuple[bool, str]:
+    """Can this machine run the graft programs? (for tests and `agent --bpf auto`)"""
+    try:
+        lib()
+        cgroup2_mount()
+        if shutil.which("clang") is None and not os.path.isdir(_state_dir()):
+            return False, "clang not installed"
+        return True, ""
+    except BpfUnavailable as exc:
+        return False, str(exc)
+
+
+Callback = Callable[[bytes], None]

@@ -1,0 +1,267 @@
+"""OCI runtime integration, pure parts: the seccomp-notify hand-off message a
+runtime (runc >= 1.1, crun) sends to `listenerPath`, graft configuration
+from container annotations, and the seccomp profile `sockgraft oci-profile`
+writes (merged into a runtime's own profile).
+
+The hand-off (runc libcontainer/specconv, OCI runtime-spec "container
+process state"): one message on a unix stream socket, JSON plus the listener
+fd by SCM_RIGHTS:
+
+    {"ociVersion": "1.0.2", "fds": ["seccompFd"], "pid": 4242,
+     "metadata": "<listenerMetadata>",
+     "state": {"ociVersion": ..., "id": "web", "status": "creating", "pid": 4242,
+               "bundle": "/path", "annotations": {...}}}
+
+Annotations (all optional; values checked like the CLI's, bad ones rejected
+with the annotation named):
+
+    sockgraft/container  the graft store name (default: the state id)
+    sockgraft/graft-at   syscall | socket
+    sockgraft/endpoints  NAME=TYPE:ADDR:PORT|dynamic[,...]  or NAME=unix:PATH
+    sockgraft/ingress    ADDR:PORT[-PORT]=EP[,...]
+    sockgraft/egress     PREFIX/LEN[:PORT]=EP[,...]
+    sockgraft/policy     RULE[;RULE...]   e.g. "deny tcp 10.0.0.0/8;allow any any"
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from . import graftconfig as gc
+from .endpoint import make_endpoint, parse_egress, parse_ingress
+from .policy import parse_policy_rule
+
+MAX_HANDOFF = 1 << 20            # a runtime's state JSON is a few KiB
+ANNOTATION_PREFIX = "sockgraft/"
+ANNOTATIONS = ("container", "graft-at", "endpoints", "ingress", "egress", "policy")
+METADATA_PREFIX = "sockgraft:v1"
+SOURCE = "OCI hand-off"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    container_id: str
+    pid: int
+    bundle: str
+    annotations: dict[str, str] = field(default_factory=dict)
+    metadata: str = ""
+    fd_index: int = 0
+
+    @property
+    def graft_at(self) -> str:
+        """What the profile traps, as `oci-profile` wrote into listenerMetadata."""
+        for part in self.metadata.split(";"):
+            k, _, v = part.partition("=")
+            if k.strip() == "graft_at" and v.strip() in gc.GRAFT_AT:
+                return v.strip()
+        return "syscall"
+
+
+def parse_handoff(data: bytes, nfds: int) -> Handoff:
+    """The runtime's message and the number of fds that came with it."""
+    if len(data) > MAX_HANDOFF:
+        raise ConfigError(f"message of {len(data)} bytes; at most {MAX_HANDOFF}", source=SOURCE)
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not JSON: {exc}", source=SOURCE) from None
+    if not isinstance(msg, dict):
+        raise ConfigError("not a JSON object", source=SOURCE)
+    fds = msg.get("fds")
+    if not isinstance(fds, list) or not all(isinstance(f, str) for f in fds):
+        raise ConfigError("'fds' must be a list of names", source=SOURCE, field="fds",
+                          value=fds)
+    if "seccompFd" not in fds:
+        raise ConfigError("'fds' names no seccompFd", source=SOURCE, field="fds", value=fds)
+    if len(fds) != nfds:
+        raise ConfigError(f"'fds' names {len(fds)} fd(s) but {nfds} arrived", source=SOURCE,
+                          field="fds", value=fds)
+    state = msg.get("state")
+    if not isinstance(state, dict):
+        raise ConfigError("'state' missing or not an object", source=SOURCE, field="state")
+    pid = msg.get("pid", state.get("pid"))
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise ConfigError(f"pid {pid!r} invalid", source=SOURCE, field="pid", value=pid)
+    cid = state.get("id")
+    if not isinstance(cid, str) or not cid or len(cid) > 1024:
+        raise ConfigError(f"state.id {cid!r} invalid", source=SOURCE, field="state.id",
+                          value=cid)
+    ann = state.get("annotations") or {}
+    if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in ann.items()):
+        raise ConfigError("state.annotations must map strings to strings", source=SOURCE,
+                          field="state.annotations")
+    meta = msg.get("metadata", "")
+    bundle = state.get("bundle", "")
+    return Handoff(cid, pid, bundle if isinstance(bundle, str) else "", dict(ann),
+                   meta if isinstance(meta, str) else "", fds.index("seccompFd"))
+
+
+def container_name(h: Handoff) -> str:
+    """The store name: the annotation, else the runtime's container id."""
+    name = h.annotations.get(ANNOTATION_PREFIX + "container", h.container_id)
+    gc.check_config(name, {}, (), (), gc.Policy(), source=f"{SOURCE} {h.container_id}")
+    return name
+
+
+def _split(value: str, sep: str = ",") -> list[str]:
+    return [p.strip() for p in value.split(sep) if p.strip()]
+
+
+def config_from_annotations(container: str, ann: dict[str, str]) -> gc.GraftConfig | None:
+    """The graft config the annotations describe, or None if they name none.
+    ConfigError names the annotation and the bad value."""
+    ours = {k[len(ANNOTATION_PREFIX):]: v for k, v in ann.items()
+            if k.startswith(ANNOTATION_PREFIX)}
+    for k in ours:
+        if k not in ANNOTATIONS:
+            raise ConfigError(f"unknown annotation {ANNOTATION_PREFIX}{k}; accepted: "
+                              + ", ".join(ANNOTATION_PREFIX + a for a in ANNOTATIONS),
+                              source=SOURCE, field=ANNOTATION_PREFIX + k)
+    if not any(k in ours for k in ("endpoints", "ingress", "egress", "policy", "graft-at")):
+        return None
+    src = f"annotations of {container}"
+    cfg = gc.GraftConfig(container)
+    for item in _split(ours.get("endpoints", "")):
+        name, eq, spec = item.partition("=")
+        fld = f"{ANNOTATION_PREFIX}endpoints"
+        parts = spec.split(":")
+        if not eq or not name:
+            raise ConfigError(f"endpoint {item!r}: expected NAME=TYPE:ADDR:PORT",
+                              source=src, field=fld, value=item)
+        if parts[0] == "unix":
+            ep = make_endpoint(name.strip(), "unix", path=spec[5:], source=src, prefix=fld)
+        elif parts[0] in ("ipv4", "ipv6") and len(parts) >= 3:
+            addr, port = ":".join(parts[1:-1]).strip("[]"), parts[-1]
+            port_v: Any = port if port == "dynamic" else _int(port, item, src, fld)
+            ep = make_endpoint(name.strip(), parts[0], addr=addr, port=port_v, source=src,
+                               prefix=fld)
+        else:
+            raise ConfigError(f"endpoint {item!r}: expected NAME=ipv4|ipv6:ADDR:PORT|dynamic "
+                              f"or NAME=unix:PATH", source=src, field=fld, value=item)
+        cfg = gc.with_endpoint(cfg, ep)
+    for item in _split(ours.get("ingress", "")):
+        cfg = gc.with_rule(cfg, parse_ingress(item, source=src,
+                                              field=f"{ANNOTATION_PREFIX}ingress"))
+    for item in _split(ours.get("egress", "")):
+        cfg = gc.with_rule(cfg, parse_egress(item, source=src,
+                                             field=f"{ANNOTATION_PREFIX}egress"))
+    for item in _split(ours.get("policy", ""), ";"):
+        cfg = gc.with_policy_rule(cfg, parse_policy_rule(item, source=src,
+                                                         field=f"{ANNOTATION_PREFIX}policy"))
+    if "graft-at" in ours:
+        cfg = gc.with_graft_at(cfg, ours["graft-at"].strip())
+    return cfg
+
+
+def _int(text: str, item: str, src: str, fld: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"endpoint {item!r}: port {text!r} is not a number or 'dynamic'",
+                          source=src, field=fld, value=text) from None
+
+
+# --- the seccomp profile ------------------------------------------------------------
+
+OURS = ("bind", "connect", "sendto", "socket", "io_uring_setup", "io_uring_enter",
+        "io_uring_register")
+ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+INET_ADDRLEN = (16, 28, 128)
+ENOSYS = 38
+
+
+def _notify(name: str, index: int | None, values: tuple[int, ...]) -> list[dict]:
+    if index is None:
+        return [{"names": [name], "action": "SCMP_ACT_NOTIFY"}]
+    return [{"names": [name], "action": "SCMP_ACT_NOTIFY",
+             "args": [{"index": index, "value": v, "op": "SCMP_CMP_EQ"}]} for v in values]
+
+
+def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
+                  source: str = "base profile") -> dict:
+    """The runtime profile with sockgraft's rules: trap what the engine needs
+    (bind/connect with an inet-sized address; with graft_at=socket also
+    socket(AF_INET/AF_INET6) and not connect), deny io_uring (ENOSYS), name
+    the agent's OCI socket as listener. Merged into `base`: our syscalls are
+    taken out of its rules first, so merging twice gives the same profile.
+    A base whose default action refuses syscalls cannot express "everything
+    else allowed" for our syscalls with one argument test, so there they are
+    trapped unconditionally (the agent lets the rest through)."""
+    if graft_at not in gc.GRAFT_AT:
+        raise ConfigError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(gc.GRAFT_AT)}",
+                          field="graft_at", value=graft_at)
+    prof = copy.deepcopy(base) if base is not None else {
+        "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": []}
+    if not isinstance(prof, dict):
+        raise ConfigError("the profile is not a JSON object", source=source)
+    if "defaultAction" not in prof:
+        raise ConfigError("the profile has no defaultAction", source=source,
+                          field="defaultAction")
+    other = prof.get("listenerPath")
+    if other and other != listener:
+        raise ConfigError(f"the profile already sends its notifications to {other!r}; "
+                          f"a filter has one listener, so sockgraft cannot add {listener!r} "
+                          f"(merge the other tool's rules into one agent, or drop its "
+                          f"listenerPath)", source=source, field="listenerPath", value=other)
+    rules = prof.get("syscalls") or []
+    if not isinstance(rules, list):
+        raise ConfigError("'syscalls' must be a list", source=source, field="syscalls")
+    kept = []
+    for i, r in enumerate(rules):
+        if not isinstance(r, dict) or not isinstance(r.get("names"), list):
+            raise ConfigError(f"syscalls[{i}] has no list of names", source=source,
+                              field=f"syscalls[{i}]")
+        names = [n for n in r["names"] if n not in OURS]
+        if names:
+            kept.append({**r, "names": names})
+    allowing = prof["defaultAction"] in ALLOWING
+    ours: list[dict] = []
+    trapped = ("bind",) if graft_at == "socket" else ("bind", "connect")
+    for name in trapped:
+        ours += _notify(name, 2 if allowing else None, INET_ADDRLEN)
+    if graft_at == "socket":
+        ours += _notify("socket", 0 if allowing else None, (2, 10))
+    if not allowing:
+        # the base refused what it did not list: keep sendto/connect usable
+        plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
+        ours.append({"names": plain, "action": "SCMP_ACT_ALLOW"})
+    ours.append({"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
+                 "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
+    prof["syscalls"] = kept + ours
+    prof["listenerPath"] = listener
+    prof["listenerMetadata"] = f"{METADATA_PREFIX};graft_at={graft_at}"
+    return prof
+
+
+def check_profile(prof: dict) -> list[str]:
+    """What a runtime needs of a profile that hands its listener to sockgraft;
+    returns the problems (empty: fine). Used by tests on deploy/ files."""
+    problems = []
+    if not isinstance(prof, dict):
+        return ["not an object"]
+    if not isinstance(prof.get("defaultAction"), str):
+        problems.append("defaultAction missing")
+    if not isinstance(prof.get("listenerPath"), str) or not prof["listenerPath"].startswith("/"):
+        problems.append("listenerPath must be an absolute path")
+    names = {n: r for r in prof.get("syscalls", []) for n in r.get("names", [])}
+    for n in ("bind",):
+        if names.get(n, {}).get("action") != "SCMP_ACT_NOTIFY":
+            problems.append(f"{n} is not trapped (SCMP_ACT_NOTIFY)")
+    if names.get("io_uring_setup", {}).get("action") != "SCMP_ACT_ERRNO":
+        problems.append("io_uring is not denied")
+    for r in prof.get("syscalls", []):
+        if r.get("action") not in ("SCMP_ACT_ALLOW", "SCMP_ACT_NOTIFY", "SCMP_ACT_ERRNO",
+                                   "SCMP_ACT_LOG", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS",
+                                   "SCMP_ACT_KILL_THREAD", "SCMP_ACT_TRAP", "SCMP_ACT_TRACE"):
+            problems.append(f"unknown action {r.get('action')!r}")
+    return problems
+
+
+__all__ = ["Handoff", "parse_handoff", "container_name", "config_from_annotations",
+           "build_profile", "check_profile", "MAX_HANDOFF"]

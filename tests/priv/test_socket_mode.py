@@ -1,0 +1,160 @@
+"""graft_at = "socket": every TCP/UDP socket of the container is a host socket
+from socket() on (ADDFD_FLAG_SEND), and connect()/sendmsg() are judged by the
+cgroup programs in the kernel, with no round trip to the agent."""
+
+import os
+import time
+
+import pytest
+
+from grafting import PROBE, read_json_line
+from nettools import EchoServer, echo
+
+pytestmark = pytest.mark.priv
+
+MARK_MASK, MARK_BASE = 0xFFFF0000, 0x53470000
+
+SOCKET_MODE = """
+container = "h1-c1"
+graft_at = "socket"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "198.18.0.1"
+port = "dynamic"
+[endpoints.ep-out6]
+type = "ipv6"
+addr = "fd53:6700:0:1::1"
+port = "dynamic"
+[endpoints.ep-http]
+type = "ipv4"
+addr = "198.18.0.1"
+port = 8081
+[rules]
+ingress = ["0.0.0.0:80=ep-http"]
+egress = ["198.18.0.0/24=ep-out", "fd53:6700:0:1::/64=ep-out6"]
+[policy]
+deny = ["deny tcp 198.18.0.2 7399", "deny udp 198.18.0.2 7398"]
+"""
+
+
+def _grafted(mark):
+    return mark & MARK_MASK == MARK_BASE
+
+
+@pytest.fixture
+def slab(glab):
+    stats = glab.sg("stats", "--json", "--agent", glab.agent_socket("h1")).stdout
+    if '"kernel": null' in stats.replace(" ", "").replace('"kernel":null', '"kernel": null'):
+        pytest.fail(f"the agent has no in-kernel programs: {stats}\n{glab.agent_log('h1')}")
+    glab.configure("h1-c1", SOCKET_MODE)
+    return glab
+
+
+def test_tcp_egress_is_a_host_socket_from_birth(slab):
+    h2 = slab.plan.node("h2")
+    before = slab.veth_rx("h1-c1")
+    with EchoServer(h2.netns, "0.0.0.0", 7300) as srv:
+        r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7300)
+        assert srv.peer() == "198.18.0.1"          # bpf_bind() put it on the endpoint
+    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+    assert _grafted(r["mark"]) and not r["replaced"]   # grafted at socket(): nothing swapped
+    assert r["local"][0] == "198.18.0.1" and r["peer"] == ["198.18.0.2", 7300]
+    assert slab.veth_rx("h1-c1") - before < 400
+
+
+def test_nonblocking_threaded_and_ipv6_connects(slab):
+    h1, h2 = slab.plan.node("h1"), slab.plan.node("h2")
+    with EchoServer(h2.netns, "0.0.0.0", 7301):
+        r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7301, "--nonblock", "--thread")
+    assert r["connect_errno"] == "EINPROGRESS" and r["so_error"] == 0 and r["echo"] == "ping"
+    with EchoServer(h1.netns, "::", 7302) as srv:
+        r = slab.probe("h1-c1", "tcp-client", "fd53:6700:0:1::1", 7302)
+        assert srv.peer() == "fd53:6700:0:1::1"
+    assert r["echo"] == "ping" and _grafted(r["mark"])
+    with EchoServer(h2.netns, "0.0.0.0", 7303) as srv:
+        r = slab.probe("h1-c1", "tcp-client", "::ffff:198.18.0.2", 7303)
+        assert srv.peer() == "198.18.0.1"
+    assert r["echo"] == "ping" and r["peer"][0] == "::ffff:198.18.0.2"
+
+
+def test_kernel_denials_give_eperm_and_audit_lines(slab):
+    r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7399)       # deny[0]
+    assert r["connect_errno"] == "EPERM"
+    r = slab.probe("h1-c1", "tcp-client", "127.0.0.1", 7398)        # host loopback: builtin
+    assert r["connect_errno"] == "EPERM"
+    r = slab.probe("h1-c1", "tcp-client", "198.19.1.3", 7397)       # no egress rule covers it
+    assert r["connect_errno"] == "EPERM"
+    r = slab.probe("h1-c1", "udp-client", "198.18.0.2", 7398)       # every datagram judged
+    assert r["sent"] == 0 and r["errors"] == ["EPERM"]
+    deadline = time.monotonic() + 5
+    want = {("connect", "198.18.0.2:7399", "deny[0]"),
+            ("connect", "127.0.0.1:7398", "builtin:loopback"),
+            ("connect", "198.19.1.3:7397", "egress:no-rule"),
+            ("sendmsg", "198.18.0.2:7398", "deny[1]")}
+    while True:
+        got = {(a["syscall"], a["address"], a["rule"]) for a in slab.audit("h1")
+               if a.get("by") == "kernel"}
+        if got >= want or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert got >= want
+    assert all(a["container"] == "h1-c1" and a["errno"] == "EPERM" for a in slab.audit("h1")
+               if a.get("by") == "kernel")
+
+
+def test_udp_unconnected_and_connected(slab):
+    h2 = slab.plan.node("h2")
+    with EchoServer(h2.netns, "0.0.0.0", 7310, proto="udp") as srv:
+        r = slab.probe("h1-c1", "udp-client", "198.18.0.2", 7310)
+        assert srv.peer() == "198.18.0.1"         # the source rewritten to the endpoint
+    assert r["replies"] == 1 and _grafted(r["mark"])
+    with EchoServer(h2.netns, "0.0.0.0", 7311, proto="udp") as srv:
+        r = slab.probe("h1-c1", "udp-client", "198.18.0.2", 7311, "--connect")
+        assert srv.peer() == "198.18.0.1"
+    assert r["replies"] == 1 and r["local"][0] == "198.18.0.1"
+
+
+def test_server_binds_through_ingress_and_unclaimed_binds_are_refused(slab):
+    p = slab.spawn("h1-c1", PROBE + ["tcp-server", "0.0.0.0", "80"])
+    ready = read_json_line(p)
+    assert ready["ready"] and ready["local"] == ["198.18.0.1", 8081]
+    h1 = slab.plan.node("h1")
+    assert echo(h1.netns, "198.18.0.1", 8081, b"hi") == b"hi"
+    assert read_json_line(p)["accepted"][0] == "198.18.0.1"
+    r = slab.probe("h1-c1", "tcp-server", "0.0.0.0", 9099)          # no ingress rule
+    assert r == {"bind_errno": "EACCES"}
+    lines = [a for a in slab.audit("h1") if a["syscall"] == "bind"]
+    assert any(a["rule"] == "bind:no-endpoint" and a["address"] == "0.0.0.0:9099"
+               for a in lines)
+
+
+def test_policy_edits_apply_to_the_next_connect(slab):
+    h2 = slab.plan.node("h2")
+    slab.sg("policy", "add", "--container", "h1-c1", "deny", "tcp", "198.18.0.2", "7320")
+    r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7320)
+    assert r["connect_errno"] == "EPERM"
+    slab.sg("policy", "del", "--container", "h1-c1", "deny", "tcp", "198.18.0.2", "7320")
+    with EchoServer(h2.netns, "0.0.0.0", 7320):
+        r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7320)
+    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+
+
+def test_agent_restart_keeps_kernel_judging_and_grafting(slab):
+    h2 = slab.plan.node("h2")
+    fds_before = slab.agent_fds("h1")
+    r = slab.probe("h1-c1", "loop", "198.18.0.1", 9, 50)       # 50 sockets, refused connects
+    assert r == {"ok": 0}
+    assert slab.agent_fds("h1") == fds_before                   # no fd kept per socket
+    srv = slab.spawn("h1-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "2"])
+    assert read_json_line(srv)["ready"]
+    slab.stop_agent("h1")
+    # no agent: the pinned programs still judge connects of grafted sockets
+    h1 = slab.plan.node("h1")
+    assert echo(h1.netns, "198.18.0.1", 8081, b"one") == b"one"  # grafted listener serves on
+    slab.start_agent("h1")
+    with EchoServer(h2.netns, "0.0.0.0", 7330):
+        r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7330)
+    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+    r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7399)
+    assert r["connect_errno"] == "EPERM"
+    assert echo(h1.netns, "198.18.0.1", 8081, b"two") == b"two"
