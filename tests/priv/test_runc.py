@@ -1,0 +1,260 @@
+"""The real thing: runc containers (busybox-static rootfs) networked by the
+reference bridge + host-local CNI plugins chained with sockgraft-cni, started
+with the profile `sockgraft oci-profile` writes. The runtime hands the
+seccomp listener to the lab host's agent; nobody runs `sockgraft run`."""
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from runtime import Cni, CniFailed, Runc, build_rootfs, conflist, oci_config
+from sockgraft.kernel import netns
+from sockgraft.lab.traffic import wait_listening
+
+pytestmark = pytest.mark.priv
+
+WEB_ANN = {"sockgraft/endpoints": "ep-http=ipv4:198.18.0.1:8081",
+           "sockgraft/ingress": "0.0.0.0:80=ep-http,[::]:80=ep-http"}
+CLI_ANN = {"sockgraft/endpoints": "ep-out=ipv4:198.18.0.1:dynamic",
+           "sockgraft/egress": "198.18.0.0/24=ep-out",
+           "sockgraft/policy": "deny tcp 198.18.0.2 9"}
+
+
+def _http_get(ip, port):
+    with socket.create_connection((ip, port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.decode(errors="replace")
+
+
+class Env:
+    def __init__(self, glab, tmp):
+        if shutil.which("runc") is None:
+            pytest.fail("runc is not installed (./run installs it)")
+        self.g = glab
+        self.tmp = tmp
+        self.h1 = glab.plan.node("h1")
+        self.rootfs = build_rootfs(str(tmp / "rootfs"))
+        self.runc = Runc(str(tmp / "runc-root"))
+        self.listener = os.path.join(glab.state_dir, "oci-h1.sock")
+        prof = glab.sg("oci-profile", "--listener", self.listener).stdout
+        self.profile = json.loads(prof)
+        self.cni = Cni(conflist(glab.state_dir, tmp / "ipam"), self.h1.netns)
+        self.containers = {}       # cid -> (netns name, CNI result)
+
+    def start(self, cid, args, annotations):
+        ns = f"sg-{self.g.plan.name}-r{len(self.containers)}"
+        netns.create(ns)
+        try:
+            result = self.cni.add(cid, netns.path(ns))
+        except BaseException:
+            netns.delete(ns)
+            raise
+        self.containers[cid] = (ns, result)
+        bundle = self.tmp / f"bundle-{cid}"
+        bundle.mkdir()
+        with open(bundle / "config.json", "w") as f:
+            json.dump(oci_config(self.rootfs, args, netns.path(ns), self.profile, annotations),
+                      f)
+        self.runc.run_detached(cid, str(bundle), str(self.tmp / f"{cid}.out"))
+        return result
+
+    def output(self, cid):
+        with open(self.tmp / f"{cid}.out") as f:
+            return f.read()
+
+    def stop(self, cid):
+        ns, result = self.containers.pop(cid)
+        self.runc.kill_and_delete(cid)
+        errors = self.cni.delete(cid, netns.path(ns), result)
+        netns.delete(ns)
+        return errors
+
+    def close(self):
+        for cid in list(self.containers):
+            self.stop(cid)
+
+
+@pytest.fixture
+def rt(glab, tmp_path):
+    env = Env(glab, tmp_path)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def _stats(g, container):
+    out = json.loads(g.sg("stats", "--json", "--agent", g.agent_socket("h1")).stdout)
+    rows = [c for r in out.values() for c in r["containers"] if c["container"] == container]
+    return rows[0] if rows else None
+
+
+def _wait(pred, timeout=10, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_runc_server_and_client_grafted_by_annotations(rt):
+    g = rt.g
+    res = rt.start("web", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], WEB_ANN)
+    assert res["ips"][0]["address"].startswith("198.19.101.")
+    wait_listening(rt.h1.netns, 8081)      # the container's bind(:80) is a host socket
+    body = netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8081)
+    assert "hello from a grafted runc container" in body
+    socks = json.loads(g.sg("sockets", "--json").stdout)
+    assert any(s["container"] == "web" and s["kind"] == "ingress" and
+               s["local"] in ("198.18.0.1:8081", "[::ffff:198.18.0.1]:8081") for s in socks)
+
+    script = ("wget -q -O - http://198.18.0.1:8081/; echo wget-rc=$?; "
+              "nc -w 2 198.18.0.2 9 </dev/null; echo nc-rc=$?; sleep 30")
+    rt.start("cli", ["/bin/sh", "-c", script], CLI_ANN)
+    _wait(lambda: "nc-rc=" in rt.output("cli"), what="the client container's output")
+    out = rt.output("cli")
+    assert "hello from a grafted runc container" in out and "wget-rc=0" in out
+    assert "Permission denied" in out or "nc-rc=1" in out
+    st = _stats(g, "cli")
+    assert st is not None and st["grafted"] >= 1 and st["denied"] >= 1
+    assert any(a["container"] == "cli" and a["rule"] == "deny[0]" and
+               a["address"] == "198.18.0.2:9" for a in g.audit("h1"))
+
+    # stop and removal: the session goes, the holder exits, CNI state is gone
+    assert rt.stop("cli") == [] and rt.stop("web") == []
+    _wait(lambda: _stats(g, "web") is None and _stats(g, "cli") is None,
+          what="sessions of stopped containers to go")
+    _wait(lambda: not [p for p in os.listdir("/proc") if p.isdigit() and
+                       b"oci-hold" in _cmdline(p)], what="holders to exit")
+    assert not os.listdir(os.path.join(g.state_dir, "cni"))
+    assert not [s for s in json.loads(g.sg("sockets", "--json").stdout)
+                if s["container"] in ("web", "cli")]
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_agent_restart_keeps_oci_containers(rt):
+    g = rt.g
+    rt.start("web", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], WEB_ANN)
+    wait_listening(rt.h1.netns, 8081)
+    g.stop_agent("h1")
+    assert "hello" in netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8081)
+    g.start_agent("h1")
+    _wait(lambda: _stats(g, "web") is not None, what="the holder to re-register")
+    assert "hello" in netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8081)
+
+
+def test_bad_annotations_are_rejected_and_the_container_still_runs(rt):
+    g = rt.g
+    bad = {"sockgraft/endpoints": "ep=ipv4:not-an-address:80",
+           "sockgraft/ingress": "0.0.0.0:80=ep"}
+    rt.start("bad", ["/bin/sh", "-c", "nc -l -p 7000 -w 1 </dev/null; echo bound-rc=$?; "
+                                      "sleep 30"], bad)
+    _wait(lambda: "bound-rc=" in rt.output("bad"), what="the container's output")
+    assert "bound-rc=" in rt.output("bad")            # its syscalls were answered
+    assert any(a["container"] == "bad" and a["verdict"] == "reject" and
+               "not-an-address" in a["rule"] for a in g.audit("h1"))
+
+
+def _handoff(path, payload, fds=()):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    try:
+        if fds:
+            socket.send_fds(s, [payload], list(fds))
+        else:
+            s.sendall(payload)
+    except OSError:
+        pass
+    s.close()
+
+
+def test_hostile_handoffs_are_rejected_without_leaks(rt):
+    g = rt.g
+    path = rt.listener
+    base = g.agent_fds("h1")
+    r, w = os.pipe()
+    state = {"ociVersion": "1.0.2", "fds": ["seccompFd"], "pid": 1,
+             "state": {"id": "x", "pid": 1, "bundle": "/", "annotations": {}}}
+    try:
+        _handoff(path, b"{not json", [r])
+        _handoff(path, json.dumps(state).encode())                     # no fd
+        _handoff(path, json.dumps({**state, "fds": ["seccompFd", "x"]}).encode(), [r])
+        _handoff(path, json.dumps(state).encode(), [r, w])             # two fds, one named
+        _handoff(path, b"[1,2,3]", [r])
+        _handoff(path, json.dumps({**state, "pid": -5}).encode(), [r])
+        big = b'{"x": "' + b"a" * (2 << 20) + b'"}'
+        _handoff(path, big, [r])
+    finally:
+        os.close(r)
+        os.close(w)
+    _wait(lambda: g.agent_fds("h1") == base, what="the agent to close every fd it got")
+    # and the agent still serves
+    g.sg("stats", "--agent", g.agent_socket("h1"))
+    log = g.agent_log("h1")
+    for why in ("not JSON", "names no seccompFd" if False else "fd(s) but", "larger than"):
+        assert why in log, f"no log line for {why!r}"
+
+
+def test_cni_plugin_spec_behaviour(rt, tmp_path):
+    """VERSION, a failed ADD leaves nothing, DEL is idempotent and works
+    without an agent, CHECK."""
+    g = rt.g
+    exe = os.path.join(os.path.dirname(os.sys.executable), "sockgraft-cni")
+    env = {"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]}
+    v = json.loads(subprocess.run([exe], env=env, capture_output=True, text=True,
+                                  input="{}").stdout)
+    assert "1.0.0" in v["supportedVersions"]
+
+    graft = {"endpoints": {"ep": {"type": "ipv4", "addr": "198.18.0.1", "port": 8088}},
+             "rules": {"ingress": ["0.0.0.0:88=ep"]}}
+    # an invalid graft config: error code 7, nothing written
+    bad = Cni(conflist(g.state_dir, tmp_path / "ipam2", subnet="198.19.102.0/24",
+                       bridge="sgcni1", graft={"rules": {"ingress": ["0.0.0.0:88=nope"]}}), rt.h1.netns)
+    ns = f"sg-{g.plan.name}-cnix"
+    netns.create(ns)
+    try:
+        with pytest.raises(CniFailed) as exc:
+            bad.add("c-bad", netns.path(ns))
+        assert exc.value.plugin == "sockgraft-cni", exc.value.output
+        assert json.loads(exc.value.output.splitlines()[0])["code"] == 7
+        assert "nope" in exc.value.output
+        bad.delete("c-bad", netns.path(ns))
+        assert not os.path.exists(os.path.join(g.state_dir, "cni", "c-bad-eth0.json"))
+        # agent down: ADD fails with "try again later" and leaves nothing
+        good = Cni(conflist(g.state_dir, tmp_path / "ipam3", subnet="198.19.103.0/24",
+                            bridge="sgcni2", graft=graft, container="c-good"), rt.h1.netns)
+        g.stop_agent("h1")
+        with pytest.raises(CniFailed) as exc:
+            good.add("c-good", netns.path(ns))
+        assert exc.value.plugin == "sockgraft-cni", exc.value.output
+        assert json.loads(exc.value.output.splitlines()[0])["code"] == 11
+        good.delete("c-good", netns.path(ns))
+        assert not os.path.exists(os.path.join(g.state_dir, "containers", "c-good.toml"))
+        assert not os.listdir(os.path.join(g.state_dir, "cni"))
+        g.start_agent("h1")
+        res = good.add("c-good", netns.path(ns))
+        assert os.path.exists(os.path.join(g.state_dir, "containers", "c-good.toml"))
+        assert all(p.returncode == 0 for p in good.check("c-good", netns.path(ns), res))
+        g.stop_agent("h1")                       # DEL while the agent is away
+        assert good.delete("c-good", netns.path(ns), res) == []
+        assert good.delete("c-good", netns.path(ns), res) == []      # and again
+        g.start_agent("h1")
+        assert not os.path.exists(os.path.join(g.state_dir, "containers", "c-good.toml"))
+        assert not os.listdir(os.path.join(g.state_dir, "cni"))
+    finally:
+        netns.delete(ns)

@@ -1,0 +1,94 @@
+"""deploy/: every file parsed and checked against what its consumer requires
+(Kubernetes object fields, the CNI conflist, the seccomp profile the agent
+expects, the annotations the agent accepts, the guide's flags)."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from sockgraft.model import oci as moci
+from sockgraft.model.graftconfig import load_config
+
+pytestmark = pytest.mark.unit
+
+DEPLOY = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
+LISTENER = "/run/sockgraft/oci-default.sock"
+
+
+def _load(*parts):
+    path = os.path.join(DEPLOY, *parts)
+    with open(path) as f:
+        return yaml.safe_load(f) if path.endswith(".yaml") else json.load(f)
+
+
+def test_daemonset_is_a_valid_privileged_host_agent():
+    ds = _load("kubernetes", "daemonset.yaml")
+    assert (ds["apiVersion"], ds["kind"]) == ("apps/v1", "DaemonSet")
+    spec = ds["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    pod = spec["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["hostPID"] is True
+    (agent,) = [c for c in pod["containers"] if c["name"] == "agent"]
+    assert agent["securityContext"]["privileged"] is True
+    assert "sockgraft agent" in " ".join(agent["command"])
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert {"/run/sockgraft", "/sys/fs/bpf", "/sys/fs/cgroup"} <= mounts
+    vols = {v["name"] for v in pod["volumes"]}
+    for c in pod["containers"] + pod["initContainers"]:
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in vols, f"{c['name']} mounts unknown volume {m['name']}"
+    init = " ".join(pod["initContainers"][0]["args"])
+    assert "sockgraft-cni" in init and "10-sockgraft.conflist" in init and "sockgraft.json" in init
+    cm_ref = agent["envFrom"][0]["configMapRef"]["name"]
+    cm = _load("kubernetes", "configmap.yaml")
+    assert (cm["kind"], cm["metadata"]["name"]) == ("ConfigMap", cm_ref)
+    assert cm["metadata"]["namespace"] == ds["metadata"]["namespace"]
+
+
+def test_configmap_agent_args_and_container_config_parse():
+    cm = _load("kubernetes", "configmap.yaml")
+    from sockgraft.cli.main import build_parser
+    args = build_parser().parse_args(["agent", *cm["data"]["AGENT_ARGS"].split()])
+    assert args.oci_socket == LISTENER and args.directory.startswith("etcd://")
+    cfg = load_config(cm["data"]["containers.toml"], "configmap containers.toml")
+    assert cfg.ingress
+
+
+def test_conflist_chains_sockgraft_after_the_interface_plugin():
+    cl = _load("cni", "10-sockgraft.conflist")
+    assert cl["cniVersion"] in ("0.4.0", "1.0.0") and cl["name"]
+    types = [p["type"] for p in cl["plugins"]]
+    assert types[0] == "bridge" and types[-1] == "sockgraft-cni"
+    assert cl["plugins"][0]["ipam"]["type"] == "host-local"
+    assert cl["plugins"][-1]["agentSocket"].startswith(cl["plugins"][-1]["stateDir"])
+
+
+@pytest.mark.parametrize("name, graft_at", [("sockgraft.json", "syscall"),
+                                            ("sockgraft-socket.json", "socket")])
+def test_profiles_are_what_oci_profile_writes(name, graft_at):
+    prof = _load("seccomp", name)
+    assert moci.check_profile(prof) == []
+    assert prof == moci.build_profile(None, LISTENER, graft_at), \
+        f"regenerate: sockgraft oci-profile --listener {LISTENER} --graft-at {graft_at}"
+    assert prof["listenerPath"] == LISTENER
+
+
+def test_pod_example_annotations_are_accepted():
+    pod = _load("kubernetes", "pod-example.yaml")
+    ann = pod["metadata"]["annotations"]
+    cfg = moci.config_from_annotations(ann["sockgraft/container"], ann)
+    assert cfg is not None and cfg.ingress and cfg.egress and cfg.policy.deny
+    sp = pod["spec"]["securityContext"]["seccompProfile"]
+    assert sp == {"type": "Localhost", "localhostProfile": "profiles/sockgraft.json"}
+
+
+def test_guide_names_the_flags_for_each_runtime():
+    with open(os.path.join(DEPLOY, "runtimes.md")) as f:
+        text = f.read()
+    for needle in ("docker run --security-opt seccomp=", "podman run --security-opt seccomp=",
+                   "pod_annotations", "Localhost", "sockgraft oci-profile", "sockgraft-cni",
+                   "listenerPath"):
+        assert needle in text, needle

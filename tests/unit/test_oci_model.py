@@ -1,0 +1,146 @@
+"""model/oci.py: the runtime hand-off, annotations, and profile merging."""
+
+import json
+
+import pytest
+
+from sockgraft.errors import ConfigError
+from sockgraft.model import oci as moci
+from sockgraft.model import directory as mdir
+
+pytestmark = pytest.mark.unit
+
+STATE = {"ociVersion": "1.0.2", "fds": ["seccompFd"], "pid": 42, "metadata": "sockgraft:v1;graft_at=socket",
+         "state": {"ociVersion": "1.0.2", "id": "web", "status": "creating", "pid": 42,
+                   "bundle": "/b", "annotations": {"sockgraft/container": "default.web"}}}
+
+
+def test_handoff_parses_what_runc_sends():
+    h = moci.parse_handoff(json.dumps(STATE).encode(), 1)
+    assert (h.container_id, h.pid, h.bundle, h.graft_at, h.fd_index) == ("web", 42, "/b",
+                                                                        "socket", 0)
+    assert moci.container_name(h) == "default.web"
+
+
+@pytest.mark.parametrize("mutate, nfds, msg", [
+    (lambda s: s, 0, r"fd\(s\) but"),
+    (lambda s: s, 2, r"fd\(s\) but"),
+    (lambda s: {**s, "fds": ["other"]}, 1, "no seccompFd"),
+    (lambda s: {**s, "fds": "seccompFd"}, 1, "list of names"),
+    (lambda s: {**s, "pid": 0}, 1, "pid"),
+    (lambda s: {**s, "pid": True}, 1, "pid"),
+    (lambda s: {**s, "state": []}, 1, "state"),
+    (lambda s: {**s, "state": {**s["state"], "id": ""}}, 1, "state.id"),
+    (lambda s: {**s, "state": {**s["state"], "annotations": {"a": 1}}}, 1, "annotations"),
+])
+def test_bad_handoffs_are_refused(mutate, nfds, msg):
+    with pytest.raises(ConfigError, match=msg):
+        moci.parse_handoff(json.dumps(mutate(STATE)).encode(), nfds)
+
+
+def test_non_json_and_huge_messages_are_refused():
+    with pytest.raises(ConfigError, match="not JSON"):
+        moci.parse_handoff(b"\xff{", 1)
+    with pytest.raises(ConfigError, match="at most"):
+        moci.parse_handoff(b" " * (moci.MAX_HANDOFF + 1), 1)
+    with pytest.raises(ConfigError, match="object"):
+        moci.parse_handoff(b"[]", 1)
+
+
+def test_annotations_build_a_config():
+    cfg = moci.config_from_annotations("web", {
+        "sockgraft/endpoints": "ep-http=ipv4:198.18.0.1:8081, ep-out=ipv4:198.18.0.1:dynamic,"
+                               "ep6=ipv6:[fd00::1]:80",
+        "sockgraft/ingress": "0.0.0.0:80=ep-http",
+        "sockgraft/egress": "198.18.0.0/24=ep-out",
+        "sockgraft/policy": "deny tcp 10.0.0.0/8 22; allow any any",
+        "sockgraft/graft-at": "socket", "other/thing": "ignored"})
+    assert cfg.graft_at == "socket" and len(cfg.endpoints) == 3
+    assert [str(r) for r in cfg.ingress] == ["0.0.0.0:80=ep-http"]
+    assert len(cfg.policy.deny) == 1 and len(cfg.policy.allow) == 1
+    assert moci.config_from_annotations("web", {"other/x": "1"}) is None
+
+
+@pytest.mark.parametrize("ann, where", [
+    ({"sockgraft/endpoints": "ep=ipv4:nope:80"}, "nope"),
+    ({"sockgraft/endpoints": "ep=ipv4:1.2.3.4:http"}, "http"),
+    ({"sockgraft/endpoints": "justaname"}, "NAME=TYPE"),
+    ({"sockgraft/ingress": "0.0.0.0:80=missing"}, "missing"),
+    ({"sockgraft/graft-at": "sometimes"}, "sometimes"),
+    ({"sockgraft/policy": "maybe tcp any"}, "maybe"),
+    ({"sockgraft/colour": "red"}, "unknown annotation"),
+])
+def test_bad_annotations_name_the_problem(ann, where):
+    with pytest.raises(ConfigError, match=where):
+        moci.config_from_annotations("web", ann)
+
+
+DOCKERISH = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+             "architectures": ["SCMP_ARCH_X86_64"],
+             "syscalls": [{"names": ["accept", "bind", "connect", "read", "sendto", "socket"],
+                           "action": "SCMP_ACT_ALLOW"},
+                          {"names": ["io_uring_setup"], "action": "SCMP_ACT_ALLOW"}]}
+
+
+def _by_name(prof):
+    out = {}
+    for r in prof["syscalls"]:
+        for n in r["names"]:
+            out.setdefault(n, []).append(r)
+    return out
+
+
+def test_merge_into_a_deny_by_default_profile_is_idempotent():
+    once = moci.build_profile(DOCKERISH, "/run/sg/oci.sock")
+    twice = moci.build_profile(once, "/run/sg/oci.sock")
+    assert once == twice
+    names = _by_name(once)
+    assert [r["action"] for r in names["bind"]] == ["SCMP_ACT_NOTIFY"]
+    assert "args" not in names["connect"][0]          # unconditional under deny-default
+    assert names["sendto"][0]["action"] == "SCMP_ACT_ALLOW"
+    assert names["accept"][0]["action"] == "SCMP_ACT_ALLOW" and "read" in names
+    assert names["io_uring_setup"] == [{"names": ["io_uring_setup", "io_uring_enter",
+                                                  "io_uring_register"],
+                                        "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]
+    assert moci.check_profile(once) == []
+
+
+def test_allow_default_profile_traps_inet_sized_addresses_only():
+    prof = moci.build_profile(None, "/run/sg/oci.sock", "socket")
+    names = _by_name(prof)
+    assert {r["args"][0]["value"] for r in names["bind"]} == {16, 28, 128}
+    assert {r["args"][0]["value"] for r in names["socket"]} == {2, 10}
+    assert "connect" not in names                      # judged in the kernel
+    assert prof["listenerMetadata"] == "sockgraft:v1;graft_at=socket"
+
+
+def test_a_profile_with_another_listener_is_refused():
+    with pytest.raises(ConfigError, match="already sends its notifications"):
+        moci.build_profile({**DOCKERISH, "listenerPath": "/run/other.sock"}, "/run/sg/oci.sock")
+    with pytest.raises(ConfigError, match="defaultAction"):
+        moci.build_profile({"syscalls": []}, "/x")
+
+
+def rec(owner, container, since, overlay="198.19.2.2", port=80):
+    return {"overlay": overlay, "port": port, "proto": "tcp", "host_addr": "198.18.0.2",
+            "host_port": 8081, "node": owner, "owner": owner, "container": container,
+            "since": since}
+
+
+def test_directory_merge_first_publisher_wins():
+    table, conflicts = mdir.merge({"b": [rec("b", "y", 2.0)], "a": [rec("a", "x", 1.0)]})
+    assert table["tcp/198.19.2.2/80"]["container"] == "x"
+    assert len(conflicts) == 1 and conflicts[0].loser["container"] == "y"
+    assert "may not publish it too" in str(conflicts[0])
+    table, conflicts = mdir.merge({"a": [rec("a", "x", 1.0), rec("a", "x", 3.0)]})
+    assert table["tcp/198.19.2.2/80"]["since"] == 3.0 and not conflicts
+
+
+@pytest.mark.parametrize("field, value", [("port", 0), ("port", "80"), ("overlay", "x"),
+                                          ("proto", "sctp"), ("host_addr", "fd00::1"),
+                                          ("container", "")])
+def test_directory_records_are_checked(field, value):
+    r = rec("a", "x", 1.0)
+    r[field] = value
+    with pytest.raises(ConfigError):
+        mdir.check_record(r)
