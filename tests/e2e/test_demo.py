@@ -24,12 +24,16 @@ def test_demo_measures_every_baseline_path_and_cleans_up(state_dir, lab_name):
         assert m, f"no figure for {path} in:\n{out}"
         assert float(m.group(1)) > 0.05
     assert "ratio to host-loopback" in out
-    grafted = re.findall(r"^  (.*grafted.*?)\s+([\d.]+) Gbit/s\s+([\d.]+) MB on", out, re.M)
-    plain = re.findall(r"^  (.*plain.*?)\s+([\d.]+) Gbit/s\s+([\d.]+) MB on", out, re.M)
-    assert len(grafted) == 2 and len(plain) == 2, out
-    for _, gbit, mb in grafted:
+    row = r"^  (.*{}.*?)\s+([\d.]+) Gbit/s\s+([\d.]+) MB on .*?([\d.]+) MB VXLAN"
+    grafted = re.findall(row.format("grafted"), out, re.M)
+    plain = re.findall(row.format("plain"), out, re.M)
+    assert len(grafted) == 3 and len(plain) == 3, out
+    for _, gbit, mb, _vx in grafted:
         assert float(gbit) > 0.05 and float(mb) < 0.1     # nothing crossed the veth
-    for _, gbit, mb in plain:
+    for _, gbit, mb, _vx in plain:
         assert float(mb) > 10                             # the plain path does cross it
+    (vx_plain,) = [float(v) for label, _, _, v in plain if "VXLAN" in label]
+    (vx_graft,) = [float(v) for label, _, _, v in grafted if "directory" in label]
+    assert vx_plain > 10 and vx_graft < 0.1               # the bypass skipped the overlay
     assert f"lab {lab_name} is down" in out
     assert not [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]

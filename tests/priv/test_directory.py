@@ -242,3 +242,19 @@ def test_etcd_bypass_and_outage(etcd_lab):
     assert say("after") == "after"
     os.killpg(chat.pid, signal.SIGKILL)
     os.killpg(srv.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode, denied", [("syscall", "EACCES"), ("socket", "EPERM")])
+def test_policy_is_judged_on_the_overlay_address(dlab, mode, denied):
+    """An allowlist naming only the overlay: the bypass to the server's host
+    address works (nftables does not judge the rewritten packets again), a
+    direct connect to that host address is refused."""
+    srv = start_server(dlab)
+    dlab.wait_services(lambda s: _one(s))
+    dlab.configure("h1-c1", CLIENT.format(mode=mode) +
+                   '[policy]\nallow = ["allow tcp 198.19.0.0/16"]\n')
+    r = dlab.probe("h1-c1", "tcp-client", "198.19.2.2", 80)
+    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+    r = dlab.probe("h1-c1", "tcp-client", "198.18.0.2", 8081)
+    assert r["connect_errno"] == denied
+    os.killpg(srv.pid, signal.SIGKILL)

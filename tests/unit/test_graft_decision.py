@@ -591,3 +591,75 @@ def test_fastopen_to_container_loopback_is_not_grafted(sock, text):
     addr = A(text)
     assert isinstance(decide_connect(BROAD, sock, addr), Continue)
     assert isinstance(decide_sendto(BROAD, sock, addr, MSG_FASTOPEN), Continue)
+
+
+# --- sockets grafted at socket() (graft_at = "socket") -------------------------
+
+from sockgraft.model.graft import BindGrafted, via_directory  # noqa: E402
+
+FRESH4 = SockInfo(AF_INET, SOCK_STREAM, grafted=True, bound=False)
+FRESH6 = SockInfo(AF_INET6, SOCK_STREAM, grafted=True, bound=False)
+
+
+def test_fresh_host_socket_binds_through_ingress_rules():
+    a = decide_bind(MAIN, FRESH4, A("0.0.0.0:80"))
+    assert isinstance(a, BindGrafted) and a.local == A("198.18.0.1:8080")
+    assert a.endpoint.name == "ep-http" and a.rule.startswith("ingress")
+    a = decide_bind(MAIN, FRESH6, A("[::]:80"))
+    assert isinstance(a, BindGrafted) and a.local.ip.ipv4_mapped == IPv4Address("198.18.0.1")
+
+
+@pytest.mark.parametrize("addr", ["0.0.0.0:0", "[::ffff:0.0.0.0]:0"])
+def test_fresh_host_socket_ephemeral_wildcard_binds_as_asked(addr):
+    sock = FRESH4 if "[" not in addr else FRESH6
+    a = decide_bind(MAIN, sock, A(addr))
+    assert isinstance(a, BindGrafted) and a.endpoint is None and a.local == A(addr)
+
+
+@pytest.mark.parametrize("addr", ["0.0.0.0:9999", "127.0.0.1:80", "198.18.0.1:22"])
+def test_fresh_host_socket_unclaimed_binds_are_refused(addr):
+    a = decide_bind(MAIN, FRESH4, A(addr))
+    assert isinstance(a, Deny) and a.errno == errno.EACCES and a.rule == "bind:no-endpoint"
+
+
+def test_fresh_host_socket_foreign_family_fails_instead_of_continuing():
+    a = decide_bind(MAIN, FRESH4, A("[::]:80"))
+    assert isinstance(a, Fail) and a.errno == errno.EAFNOSUPPORT
+    a = decide_bind(MAIN, FRESH4, UnixAddr(b"/tmp/x", False))
+    assert isinstance(a, Fail)
+
+
+SERVICES = {("tcp", IPv4Address("198.19.2.2"), 80): (IPv4Address("198.18.0.2"), 8081)}
+
+
+def test_directory_hit_redirects_a_grafted_connect():
+    cfg = config('''
+        [rules]
+        egress = ["198.19.0.0/16=ep-out"]
+    ''')
+    sock = SockInfo(AF_INET, SOCK_STREAM, grafted=False)
+    a = decide_connect(cfg, sock, A("198.19.2.2:80"), SERVICES)
+    assert isinstance(a, GraftConnect) and a.dest == A("198.18.0.2:8081")
+    assert a.overlay == A("198.19.2.2:80") and "via directory" in a.rule
+    a = decide_connect(cfg, sock, A("198.19.2.2:81"), SERVICES)       # not published
+    assert isinstance(a, GraftConnect) and a.dest == A("198.19.2.2:81") and a.overlay is None
+    udp = SockInfo(AF_INET, SOCK_DGRAM, grafted=False)
+    assert decide_connect(cfg, udp, A("198.19.2.2:80"), SERVICES).overlay is None
+
+
+def test_directory_redirect_keeps_the_socket_family():
+    v6 = via_directory(SERVICES, "tcp", A("[::ffff:198.19.2.2]:80"), AF_INET6)
+    assert v6 == A("[::ffff:198.18.0.2]:8081")
+    assert via_directory(SERVICES, "tcp", A("198.19.2.9:80"), AF_INET) is None
+
+
+def test_directory_does_not_bypass_the_policy():
+    cfg = config('''
+        [rules]
+        egress = ["198.19.0.0/16=ep-out"]
+        [policy]
+        deny = ["deny tcp 198.19.2.2 80"]
+    ''')
+    a = decide_connect(cfg, SockInfo(AF_INET, SOCK_STREAM, grafted=False), A("198.19.2.2:80"),
+                       SERVICES)
+    assert isinstance(a, Deny) and a.rule == "deny[0]"

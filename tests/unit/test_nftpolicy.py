@@ -537,3 +537,16 @@ def test_v6_deny_over_mapped_random_agrees_on_v6_and_mapped(seed):
         policy = _rand_policy(rng, v6_deny_over_mapped=True)
         dests = [d for d in (_rand_dest(rng, policy) for _ in range(12)) if d.family != 2]
         check_equivalent(policy, dests)
+
+
+def test_directory_services_are_accepted_before_the_container_chains():
+    from ipaddress import ip_address
+    text = plan_ruleset({0x53470001: Policy()},
+                        (("tcp", ip_address("198.18.0.2"), 8081),
+                         ("udp", ip_address("fd00::1"), 53)))
+    lines = [line.strip() for line in text.splitlines()]
+    v4 = lines.index("meta l4proto . ip daddr . th dport { tcp . 198.18.0.2 . 8081 } accept")
+    v6 = lines.index("meta l4proto . ip6 daddr . th dport { udp . fd00::1 . 53 } accept")
+    vmap = next(i for i, line in enumerate(lines) if line.startswith("meta mark vmap"))
+    assert lines.index("ct state established,related accept") < v4 < v6 < vmap
+    assert "th dport {" not in plan_ruleset({0x53470001: Policy()})

@@ -30,6 +30,7 @@ from typing import Callable
 
 from ..errors import ConfigError, SockgraftError
 from ..model import oci as moci
+from .loop import listen_unix, unregister
 
 log = logging.getLogger("sockgraft.oci")
 
@@ -55,19 +56,7 @@ class OciServer:
         self.conns: dict[int, _Conn] = {}
         self.rejected = 0
         self.accepted = 0
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                            | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            srv.bind(path)
-        finally:
-            os.umask(old)
-        srv.listen(64)
+        srv = listen_unix(path, 64)
         self.server = srv
         ep.register(srv.fileno(), select.EPOLLIN)
 
@@ -147,10 +136,7 @@ class OciServer:
 
     def _pop(self, fd: int) -> _Conn:
         c = self.conns.pop(fd)
-        try:
-            self.ep.unregister(fd)
-        except (KeyError, ValueError, OSError):
-            pass
+        unregister(self.ep, fd)
         c.sock.close()
         return c
 

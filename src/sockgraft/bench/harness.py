@@ -171,7 +171,7 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> 
     try:
         wait_listening(*run.listen, timeout=10, proto=wl.proto)
         if run.overlay:
-            wait_published(run.client.lab, wl.proto, run.target, run.target_port)
+            agents.wait_published("h1", wl.proto, run.target, run.target_port)
         client = run.client
         cmd = client.command(wl.client_argv(run.target, run.target_port, seconds, workdir))
         if client.graft is not None and wl.udp_sendto and client.graft_at != "socket":
@@ -187,23 +187,6 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> 
         return {"metrics": metrics, "raw": f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"}
     finally:
         _stop(server)
-
-
-def wait_published(lab: str, proto: str, overlay: str, port: int, timeout: float = 10) -> None:
-    """Until the client host's agent knows the grafted server by its overlay
-    address (the directory's watch, ~0.1 s with the embedded one)."""
-    from ..agent import control
-    from ..errors import LabError
-    path = control.default_socket_path("h1")
-    deadline = time.monotonic() + timeout
-    while True:
-        got = control.request(path, {"op": "services"}, timeout=2)
-        if any(r["overlay"] == overlay and r["port"] == port and r["proto"] == proto
-               for r in got.get("records", [])):
-            return
-        if time.monotonic() > deadline:
-            raise LabError(f"the directory never published {proto} {overlay}:{port}")
-        time.sleep(0.05)
 
 
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,

@@ -168,7 +168,7 @@ struct {
 	__uint(max_entries, 1 << 16);
 } sg_events SEC(".maps");
 
-/* [0] connects judged, [1] denied, [2] redirected by the directory */
+/* [0] connects judged, [1] connects + datagrams denied, [2] redirected by the directory */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 4);
@@ -300,109 +300,153 @@ static __always_inline int is_v4mapped(const __u32 *a)
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
 }
 
-/* Directory lookup: rewrite the destination in place. */
-static __always_inline int redirect4(struct bpf_sock_addr *ctx, __u8 proto)
-{
-	struct svc_key k = {};
-	struct svc_val *v;
-
-	k.addr[0] = ctx->user_ip4;
-	k.port = ctx->user_port;
-	k.family = 4;
-	k.proto = proto;
-	v = bpf_map_lookup_elem(&sg_services, &k);
-	if (!v || v->family != 4)
-		return 0;
-	ctx->user_ip4 = v->addr[0];
-	ctx->user_port = v->port;
-	count(2);
-	return 1;
-}
-
-static __always_inline int redirect6(struct bpf_sock_addr *ctx, __u8 proto, __u32 *a)
-{
-	struct svc_key k = {};
-	struct svc_val *v;
-
-	if (is_v4mapped(a)) {
-		k.addr[0] = a[3];
-		k.family = 4;
-	} else {
-		k.addr[0] = a[0];
-		k.addr[1] = a[1];
-		k.addr[2] = a[2];
-		k.addr[3] = a[3];
-		k.family = 6;
-	}
-	k.port = ctx->user_port;
-	k.proto = proto;
-	v = bpf_map_lookup_elem(&sg_services, &k);
-	if (!v)
-		return 0;
-	if (v->family == 4) {
-		if (k.family != 4)
-			return 0;
-		a[3] = v->addr[0];
-		ctx->user_ip6[3] = v->addr[0];
-	} else {
-		if (k.family != 6)
-			return 0;
-		a[0] = v->addr[0];
-		a[1] = v->addr[1];
-		a[2] = v->addr[2];
-		a[3] = v->addr[3];
-		ctx->user_ip6[0] = a[0];
-		ctx->user_ip6[1] = a[1];
-		ctx->user_ip6[2] = a[2];
-		ctx->user_ip6[3] = a[3];
-	}
-	ctx->user_port = v->port;
-	count(2);
-	return 1;
-}
-
 static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
 {
 	return ctx->type == 1 /* SOCK_STREAM */ ? IPPROTO_TCP : IPPROTO_UDP;
 }
 
+/* A v6 sockaddr's address as judged: a mapped one is the IPv4 packet it
+ * becomes (j[0]); returns the family. a keeps the v6 form. */
+static __always_inline __u8 dest6(struct bpf_sock_addr *ctx, __u32 *a, __u32 *j)
+{
+	a[0] = ctx->user_ip6[0];
+	a[1] = ctx->user_ip6[1];
+	a[2] = ctx->user_ip6[2];
+	a[3] = ctx->user_ip6[3];
+	if (is_v4mapped(a)) {
+		j[0] = a[3];
+		j[1] = j[2] = j[3] = 0;
+		return 4;
+	}
+	j[0] = a[0];
+	j[1] = a[1];
+	j[2] = a[2];
+	j[3] = a[3];
+	return 6;
+}
+
+/* Policy, then egress rule, for one destination (j in the judged family).
+ * Returns the endpoint to leave from, or 0 if refused (counted, reported). */
+static __always_inline struct egress_val *admit(struct policy *p, __u32 mark, __u32 op,
+						__u8 fam, const __u32 *j, __u16 port_be,
+						__u8 proto)
+{
+	__u16 port = bpf_ntohs(port_be);
+	struct egress_val *e;
+	__u32 label = 0;
+
+	if (judge(p, fam, j, port, proto, &label) != V_ALLOW) {
+		count(1);
+		report(EV_DENY_POLICY, mark, op, label, fam, j, port, proto);
+		return 0;
+	}
+	e = fam == 4 ? egress4(mark, p->gen, j[0], port_be) : egress6(mark, p->gen, j, port_be);
+	if (!e || e->src_family != fam) {
+		count(1);
+		report(EV_DENY_NO_EGRESS, mark, op, 0, fam, j, port, proto);
+		return 0;
+	}
+	return e;
+}
+
+/* Directory lookups. Keys hold IPv4 in addr[0] (family 4) or the v6 address. */
+static __always_inline struct svc_val *lookup_svc(void *map, __u8 fam, const __u32 *j,
+						  __u16 port_be, __u8 proto)
+{
+	struct svc_key k = {};
+
+	k.addr[0] = j[0];
+	if (fam == 6) {
+		k.addr[1] = j[1];
+		k.addr[2] = j[2];
+		k.addr[3] = j[3];
+	}
+	k.port = port_be;
+	k.family = fam;
+	k.proto = proto;
+	return bpf_map_lookup_elem(map, &k);
+}
+
+/* Rewrite a v6 sockaddr to v (same family as judged: mapped stays mapped). */
+static __always_inline void store6(struct bpf_sock_addr *ctx, __u8 fam, struct svc_val *v)
+{
+	if (fam == 4) {
+		ctx->user_ip6[3] = v->addr[0];
+	} else {
+		ctx->user_ip6[0] = v->addr[0];
+		ctx->user_ip6[1] = v->addr[1];
+		ctx->user_ip6[2] = v->addr[2];
+		ctx->user_ip6[3] = v->addr[3];
+	}
+	ctx->user_port = v->port;
+}
+
+static __always_inline void redirect4(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	__u32 j[4] = {ctx->user_ip4, 0, 0, 0};
+	struct svc_val *v = lookup_svc(&sg_services, 4, j, ctx->user_port, proto);
+
+	if (v && v->family == 4) {
+		ctx->user_ip4 = v->addr[0];
+		ctx->user_port = v->port;
+		count(2);
+	}
+}
+
+static __always_inline void redirect6(struct bpf_sock_addr *ctx, __u8 fam, const __u32 *j,
+				      __u8 proto)
+{
+	struct svc_val *v = lookup_svc(&sg_services, fam, j, ctx->user_port, proto);
+
+	if (v && v->family == fam) {
+		store6(ctx, fam, v);
+		count(2);
+	}
+}
+
+static __always_inline int unbound4(struct bpf_sock_addr *ctx)
+{
+	return ctx->sk->src_ip4 == 0 && ctx->sk->src_port == 0;
+}
+
+static __always_inline int no_addr6(struct bpf_sock_addr *ctx)
+{
+	return ctx->sk->src_ip6[0] == 0 && ctx->sk->src_ip6[1] == 0 &&
+	       ctx->sk->src_ip6[2] == 0 && ctx->sk->src_ip6[3] == 0;
+}
+
+static __always_inline int unbound6(struct bpf_sock_addr *ctx)
+{
+	return ctx->sk->src_port == 0 && no_addr6(ctx);
+}
+
 SEC("cgroup/connect4")
 int sg_connect4(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, label = 0, a[4] = {};
+	__u32 mark, j[4] = {};
 	struct policy *p = grafted_policy(ctx, &mark);
+	struct sockaddr_in sin = {};
 	struct egress_val *e;
 	__u8 proto;
-	__u16 port;
 
 	if (!p)
 		return 1;
 	proto = sock_proto(ctx);
 	count(0);
-	a[0] = ctx->user_ip4;
-	port = bpf_ntohs(ctx->user_port);
-	if (judge(p, 4, a, port, proto, &label) != V_ALLOW) {
-		count(1);
-		report(EV_DENY_POLICY, mark, OP_CONNECT, label, 4, a, port, proto);
+	j[0] = ctx->user_ip4;
+	e = admit(p, mark, OP_CONNECT, 4, j, ctx->user_port, proto);
+	if (!e)
 		return 0;
-	}
-	e = egress4(mark, p->gen, a[0], ctx->user_port);
-	if (!e || e->src_family != 4) {
-		count(1);
-		report(EV_DENY_NO_EGRESS, mark, OP_CONNECT, 0, 4, a, port, proto);
+	redirect4(ctx, proto);	/* after the checks: judged on what the application asked */
+	if (!unbound4(ctx))
+		return 1;
+	sin.sin_family = AF_INET;
+	sin.sin_addr.s_addr = e->src[0];
+	sin.sin_port = e->src_port;
+	if (bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin))) {
+		report(EV_BIND_FAILED, mark, OP_CONNECT, e->label, 4, j, bpf_ntohs(ctx->user_port),
+		       proto);
 		return 0;
-	}
-	redirect4(ctx, proto);	/* judged on what the application asked for */
-	if (ctx->sk->src_ip4 == 0 && ctx->sk->src_port == 0) {
-		struct sockaddr_in sin = {};
-
-		sin.sin_family = AF_INET;
-		sin.sin_addr.s_addr = e->src[0];
-		sin.sin_port = e->src_port;
-		if (bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin))) {
-			report(EV_BIND_FAILED, mark, OP_CONNECT, e->label, 4, a, port, proto);
-			return 0;
-		}
 	}
 	return 1;
 }
@@ -410,70 +454,38 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sg_connect6(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, label = 0, a[4];
+	__u32 mark, a[4], j[4];
 	struct policy *p = grafted_policy(ctx, &mark);
+	struct sockaddr_in6 sin6 = {};
 	struct egress_val *e;
 	__u8 proto, fam;
-	__u16 port;
 
 	if (!p)
 		return 1;
 	proto = sock_proto(ctx);
 	count(0);
-	a[0] = ctx->user_ip6[0];
-	a[1] = ctx->user_ip6[1];
-	a[2] = ctx->user_ip6[2];
-	a[3] = ctx->user_ip6[3];
-	port = bpf_ntohs(ctx->user_port);
-	if (is_v4mapped(a)) {
-		__u32 v4[4] = {a[3], 0, 0, 0};
-
-		fam = 4;
-		if (judge(p, 4, v4, port, proto, &label) != V_ALLOW) {
-			count(1);
-			report(EV_DENY_POLICY, mark, OP_CONNECT, label, 4, v4, port, proto);
-			return 0;
-		}
-		e = egress4(mark, p->gen, a[3], ctx->user_port);
-		if (!e || e->src_family != 4) {
-			count(1);
-			report(EV_DENY_NO_EGRESS, mark, OP_CONNECT, 0, 4, v4, port, proto);
-			return 0;
-		}
+	fam = dest6(ctx, a, j);
+	e = admit(p, mark, OP_CONNECT, fam, j, ctx->user_port, proto);
+	if (!e)
+		return 0;
+	redirect6(ctx, fam, j, proto);
+	if (!unbound6(ctx))
+		return 1;
+	sin6.sin6_family = AF_INET6;
+	if (fam == 4) {
+		sin6.sin6_addr.in6_u.u6_addr32[2] = bpf_htonl(0x0000ffff);
+		sin6.sin6_addr.in6_u.u6_addr32[3] = e->src[0];
 	} else {
-		fam = 6;
-		if (judge(p, 6, a, port, proto, &label) != V_ALLOW) {
-			count(1);
-			report(EV_DENY_POLICY, mark, OP_CONNECT, label, 6, a, port, proto);
-			return 0;
-		}
-		e = egress6(mark, p->gen, a, ctx->user_port);
-		if (!e || e->src_family != 6) {
-			count(1);
-			report(EV_DENY_NO_EGRESS, mark, OP_CONNECT, 0, 6, a, port, proto);
-			return 0;
-		}
+		sin6.sin6_addr.in6_u.u6_addr32[0] = e->src[0];
+		sin6.sin6_addr.in6_u.u6_addr32[1] = e->src[1];
+		sin6.sin6_addr.in6_u.u6_addr32[2] = e->src[2];
+		sin6.sin6_addr.in6_u.u6_addr32[3] = e->src[3];
 	}
-	redirect6(ctx, proto, a);
-	if (ctx->sk->src_port == 0 && ctx->sk->src_ip6[0] == 0 && ctx->sk->src_ip6[1] == 0 &&
-	    ctx->sk->src_ip6[2] == 0 && ctx->sk->src_ip6[3] == 0) {
-		struct sockaddr_in6 sin6 = {};
-
-		sin6.sin6_family = AF_INET6;
-		if (fam == 4) {
-			sin6.sin6_addr.in6_u.u6_addr32[2] = bpf_htonl(0x0000ffff);
-			sin6.sin6_addr.in6_u.u6_addr32[3] = e->src[0];
-		} else {
-			sin6.sin6_addr.in6_u.u6_addr32[0] = e->src[0];
-			sin6.sin6_addr.in6_u.u6_addr32[1] = e->src[1];
-			sin6.sin6_addr.in6_u.u6_addr32[2] = e->src[2];
-			sin6.sin6_addr.in6_u.u6_addr32[3] = e->src[3];
-		}
-		sin6.sin6_port = e->src_port;
-		if (bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6))) {
-			report(EV_BIND_FAILED, mark, OP_CONNECT, e->label, fam, a, port, proto);
-			return 0;
-		}
+	sin6.sin6_port = e->src_port;
+	if (bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6))) {
+		report(EV_BIND_FAILED, mark, OP_CONNECT, e->label, fam, j,
+		       bpf_ntohs(ctx->user_port), proto);
+		return 0;
 	}
 	return 1;
 }
@@ -481,24 +493,16 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg4")
 int sg_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, label = 0, a[4] = {};
+	__u32 mark, j[4] = {};
 	struct policy *p = grafted_policy(ctx, &mark);
 	struct egress_val *e;
-	__u16 port;
 
 	if (!p)
 		return 1;
-	a[0] = ctx->user_ip4;
-	port = bpf_ntohs(ctx->user_port);
-	if (judge(p, 4, a, port, IPPROTO_UDP, &label) != V_ALLOW) {
-		report(EV_DENY_POLICY, mark, OP_SENDMSG, label, 4, a, port, IPPROTO_UDP);
+	j[0] = ctx->user_ip4;
+	e = admit(p, mark, OP_SENDMSG, 4, j, ctx->user_port, IPPROTO_UDP);
+	if (!e)
 		return 0;
-	}
-	e = egress4(mark, p->gen, a[0], ctx->user_port);
-	if (!e || e->src_family != 4) {
-		report(EV_DENY_NO_EGRESS, mark, OP_SENDMSG, 0, 4, a, port, IPPROTO_UDP);
-		return 0;
-	}
 	redirect4(ctx, IPPROTO_UDP);
 	if (ctx->sk->src_ip4 == 0)
 		ctx->msg_src_ip4 = e->src[0];
@@ -508,51 +512,26 @@ int sg_sendmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg6")
 int sg_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, label = 0, a[4];
+	__u32 mark, a[4], j[4];
 	struct policy *p = grafted_policy(ctx, &mark);
 	struct egress_val *e;
-	__u16 port;
+	__u8 fam;
 
 	if (!p)
 		return 1;
-	a[0] = ctx->user_ip6[0];
-	a[1] = ctx->user_ip6[1];
-	a[2] = ctx->user_ip6[2];
-	a[3] = ctx->user_ip6[3];
-	port = bpf_ntohs(ctx->user_port);
-	if (is_v4mapped(a)) {
-		__u32 v4[4] = {a[3], 0, 0, 0};
-
-		if (judge(p, 4, v4, port, IPPROTO_UDP, &label) != V_ALLOW) {
-			report(EV_DENY_POLICY, mark, OP_SENDMSG, label, 4, v4, port, IPPROTO_UDP);
-			return 0;
-		}
-		e = egress4(mark, p->gen, a[3], ctx->user_port);
-		if (!e || e->src_family != 4) {
-			report(EV_DENY_NO_EGRESS, mark, OP_SENDMSG, 0, 4, v4, port, IPPROTO_UDP);
-			return 0;
-		}
-		redirect6(ctx, IPPROTO_UDP, a);
-		if (ctx->sk->src_ip6[3] == 0 && ctx->sk->src_ip6[2] == 0) {
-			ctx->msg_src_ip6[0] = 0;
-			ctx->msg_src_ip6[1] = 0;
-			ctx->msg_src_ip6[2] = bpf_htonl(0x0000ffff);
-			ctx->msg_src_ip6[3] = e->src[0];
-		}
+	fam = dest6(ctx, a, j);
+	e = admit(p, mark, OP_SENDMSG, fam, j, ctx->user_port, IPPROTO_UDP);
+	if (!e)
+		return 0;
+	redirect6(ctx, fam, j, IPPROTO_UDP);
+	if (!no_addr6(ctx))	/* bound to an address: it sends from it */
 		return 1;
-	}
-	if (judge(p, 6, a, port, IPPROTO_UDP, &label) != V_ALLOW) {
-		report(EV_DENY_POLICY, mark, OP_SENDMSG, label, 6, a, port, IPPROTO_UDP);
-		return 0;
-	}
-	e = egress6(mark, p->gen, a, ctx->user_port);
-	if (!e || e->src_family != 6) {
-		report(EV_DENY_NO_EGRESS, mark, OP_SENDMSG, 0, 6, a, port, IPPROTO_UDP);
-		return 0;
-	}
-	redirect6(ctx, IPPROTO_UDP, a);
-	if (ctx->sk->src_ip6[0] == 0 && ctx->sk->src_ip6[1] == 0 &&
-	    ctx->sk->src_ip6[2] == 0 && ctx->sk->src_ip6[3] == 0) {
+	if (fam == 4) {
+		ctx->msg_src_ip6[0] = 0;
+		ctx->msg_src_ip6[1] = 0;
+		ctx->msg_src_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->msg_src_ip6[3] = e->src[0];
+	} else {
 		ctx->msg_src_ip6[0] = e->src[0];
 		ctx->msg_src_ip6[1] = e->src[1];
 		ctx->msg_src_ip6[2] = e->src[2];
@@ -565,21 +544,31 @@ int sg_sendmsg6(struct bpf_sock_addr *ctx)
  * us to is shown as the overlay address:port the application asked for. */
 static __always_inline int unredirect4(struct bpf_sock_addr *ctx, __u8 proto)
 {
-	struct svc_key k = {};
+	__u32 mark, j[4] = {ctx->user_ip4, 0, 0, 0};
 	struct svc_val *v;
-	__u32 mark;
 
 	if (!grafted_policy(ctx, &mark))
 		return 1;
-	k.addr[0] = ctx->user_ip4;
-	k.port = ctx->user_port;
-	k.family = 4;
-	k.proto = proto;
-	v = bpf_map_lookup_elem(&sg_services_rev, &k);
+	v = lookup_svc(&sg_services_rev, 4, j, ctx->user_port, proto);
 	if (v && v->family == 4) {
 		ctx->user_ip4 = v->addr[0];
 		ctx->user_port = v->port;
 	}
+	return 1;
+}
+
+static __always_inline int unredirect6(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	__u32 mark, a[4], j[4];
+	struct svc_val *v;
+	__u8 fam;
+
+	if (!grafted_policy(ctx, &mark))
+		return 1;
+	fam = dest6(ctx, a, j);
+	v = lookup_svc(&sg_services_rev, fam, j, ctx->user_port, proto);
+	if (v && v->family == fam)
+		store6(ctx, fam, v);
 	return 1;
 }
 
@@ -595,45 +584,6 @@ int sg_getpeername4(struct bpf_sock_addr *ctx)
 	return unredirect4(ctx, sock_proto(ctx));
 }
 
-static __always_inline int unredirect6(struct bpf_sock_addr *ctx, __u8 proto)
-{
-	struct svc_key k = {};
-	struct svc_val *v;
-	__u32 mark, a[4];
-
-	if (!grafted_policy(ctx, &mark))
-		return 1;
-	a[0] = ctx->user_ip6[0];
-	a[1] = ctx->user_ip6[1];
-	a[2] = ctx->user_ip6[2];
-	a[3] = ctx->user_ip6[3];
-	if (is_v4mapped(a)) {
-		k.addr[0] = a[3];
-		k.family = 4;
-	} else {
-		k.addr[0] = a[0];
-		k.addr[1] = a[1];
-		k.addr[2] = a[2];
-		k.addr[3] = a[3];
-		k.family = 6;
-	}
-	k.port = ctx->user_port;
-	k.proto = proto;
-	v = bpf_map_lookup_elem(&sg_services_rev, &k);
-	if (!v || v->family != k.family)
-		return 1;
-	if (v->family == 4) {
-		ctx->user_ip6[3] = v->addr[0];
-	} else {
-		ctx->user_ip6[0] = v->addr[0];
-		ctx->user_ip6[1] = v->addr[1];
-		ctx->user_ip6[2] = v->addr[2];
-		ctx->user_ip6[3] = v->addr[3];
-	}
-	ctx->user_port = v->port;
-	return 1;
-}
-
 SEC("cgroup/recvmsg6")
 int sg_recvmsg6(struct bpf_sock_addr *ctx)
 {
@@ -645,6 +595,5 @@ int sg_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return unredirect6(ctx, sock_proto(ctx));
 }
-
 
 char LICENSE[] SEC("license") = "GPL";

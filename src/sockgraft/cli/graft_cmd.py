@@ -477,7 +477,7 @@ def cmd_stats(args) -> int:
         k = r.get("kernel")
         if k:
             print(f"  in-kernel ({k['cgroup']}): connects judged {k['connects_judged']}  "
-                  f"denied {k['connects_denied']}  redirected {k['redirected']}")
+                  f"denied {k['denied']}  redirected {k['redirected']}")
         elif r.get("kernel_error"):
             print(f"  in-kernel programs off: {r['kernel_error']}")
         for s in r["containers"]:

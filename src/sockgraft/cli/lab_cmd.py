@@ -205,10 +205,14 @@ def _demo_graft(plan, seconds: float):
     print(f"\n== grafting: agents on {h1.name} and {h2.name}")
     agents.start_agents(plan)
     store = ConfigStore()
-    # client: its traffic to the underlay leaves from h1's address; server: a
-    # bind to 0.0.0.0:5201 / [::]:5201 really listens on h2's address, port 5202
-    for cfg in (grafts.egress_via(client.name, str(h1.underlay.ip), str(plan.underlay)),
-                grafts.ingress_on(server.name, 5201, str(h2.underlay.ip), 5202)):
+    # client: its traffic to the underlay and to other containers leaves from
+    # h1's address; server: a bind to 0.0.0.0:5201 / [::]:5201 really listens
+    # on h2's address, port 5202, and is published in the directory
+    from ..model import graftconfig as gc
+    from ..model.endpoint import parse_egress
+    ccfg = grafts.egress_via(client.name, str(h1.underlay.ip), str(plan.underlay))
+    ccfg = gc.with_rule(ccfg, parse_egress(f"{plan.container_v4}=ep-out"))
+    for cfg in (ccfg, grafts.ingress_on(server.name, 5201, str(h2.underlay.ip), 5202)):
         store.save(cfg)
         rules = [str(r) for r in (*cfg.egress, *cfg.ingress)]
         eps = [str(e) for e in cfg.endpoints.values()]
@@ -216,13 +220,14 @@ def _demo_graft(plan, seconds: float):
     target = str(h2.underlay.ip)
     rows = []
 
-    def measure(label, srv, sport, cli, tport, listen, veth_of):
-        before = _veth_rx(plan, veth_of)
-        res = traffic.iperf3(srv, sport, cli, target, tport, seconds, listen=listen, name=label)
-        delta = _veth_rx(plan, veth_of) - before
+    def measure(label, srv, sport, cli, tport, listen, veth_of, to=target, ready=None):
+        before, vx0 = _veth_rx(plan, veth_of), _vxlan_bytes(plan, h1.name)
+        res = traffic.iperf3(srv, sport, cli, to, tport, seconds, listen=listen, name=label,
+                             ready=ready)
+        delta, vx = _veth_rx(plan, veth_of) - before, _vxlan_bytes(plan, h1.name) - vx0
         rows.append((label, res["gbit_per_s"], res["bytes"], delta))
         print(f"  {label:52s} {res['gbit_per_s']:7.2f} Gbit/s   "
-              f"{delta / 1e6:10.1f} MB on {veth_of}'s veth")
+              f"{delta / 1e6:10.1f} MB on {veth_of}'s veth, {vx / 1e6:8.1f} MB VXLAN")
 
     host2 = Place(h2.netns)
     measure(f"{client.name} -> {h2.name}:5301, plain (NAT)", host2, 5301,
@@ -236,8 +241,24 @@ def _demo_graft(plan, seconds: float):
     measure(f"{h1.name} -> {server.name}:5201, grafted (ingress {target}:5202)",
             Place(server.netns, server.name, plan.name), 5201, Place(h1.netns), 5202,
             (h2.netns, 5202), server.name)
-    print("  grafted sockets skip the container's veth, bridge, NAT: one network stack.")
+    # container to container across hosts, by container IP: the overlay against
+    # the directory bypass (client grafted at socket(), redirected in the kernel)
+    cip = str(server.ipv4.ip)
+    measure(f"{client.name} -> {server.name} {cip}:5201, plain (VXLAN)", Place(server.netns),
+            5201, Place(client.netns), 5201, None, client.name, to=cip)
+    measure(f"{client.name} -> {server.name} {cip}:5201, grafted (directory)",
+            Place(server.netns, server.name, plan.name), 5201,
+            Place(client.netns, client.name, plan.name, graft_at="socket"), 5201,
+            (h2.netns, 5202), client.name, to=cip,
+            ready=lambda: agents.wait_published(h1.name, "tcp", cip, 5201))
+    print("  grafted sockets skip the container's veth, bridge, NAT and the VXLAN overlay:"
+          " one network stack.")
     return store
+
+
+def _vxlan_bytes(plan, host: str) -> int:
+    counters = builder.interface_counters(plan.node(host).netns).get("sg-vx0", {})
+    return counters.get("rx_bytes", 0) + counters.get("tx_bytes", 0)
 
 
 def _veth_rx(plan, container: str) -> int:

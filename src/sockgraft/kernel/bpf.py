@@ -184,8 +184,7 @@ def remove(agent: str) -> list[str]:
     pdir = pin_dir(agent)
     if os.path.isdir(pdir):
         for name in os.listdir(pdir):
-            os.unlink(os.path.join(pdir, name))
-            removed.append(os.path.join(pdir, name))
+            os.unlink(os.path.join(pdir, name))     # unpinning detaches the program
         os.rmdir(pdir)
         removed.append(pdir)
         try:

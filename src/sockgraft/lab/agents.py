@@ -51,3 +51,18 @@ def answers(path: str) -> bool:
         return True
     except AgentError:
         return False
+
+
+def wait_published(host: str, proto: str, overlay: str, port: int, timeout: float = 10) -> None:
+    """Until the agent of lab host `host` knows a grafted server by its overlay
+    address in the directory (~0.1 s with the embedded one)."""
+    path = control.default_socket_path(host)
+    deadline = time.monotonic() + timeout
+    while True:
+        got = control.request(path, {"op": "services"}, timeout=2)
+        if any(r["overlay"] == overlay and r["port"] == port and r["proto"] == proto
+               for r in got.get("records", [])):
+            return
+        if time.monotonic() > deadline:
+            raise AgentError(f"the directory never published {proto} {overlay}:{port}")
+        time.sleep(0.05)

@@ -71,7 +71,8 @@ def wait_listening(ns_name: str, port: int, timeout: float = 5.0, proto: str = "
 
 
 def iperf3(server: Place, server_port: int, client: Place, target: str, target_port: int,
-           seconds: float = 2.0, listen: tuple[str, int] | None = None, name: str = "") -> dict:
+           seconds: float = 2.0, listen: tuple[str, int] | None = None, name: str = "",
+           ready=None) -> dict:
     """One iperf3 TCP single-stream run; returns `gbit_per_s` (receiver side),
     `bytes` and the raw JSON text. `listen` is (netns, port) where the server's
     socket really listens (a grafted server listens on the host side)."""
@@ -81,6 +82,8 @@ def iperf3(server: Place, server_port: int, client: Place, target: str, target_p
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_listening(*(listen or (server.netns, server_port)))
+        if ready is not None:
+            ready()          # e.g. until the directory published the server
         # iperf3 takes whole seconds; 0 would mean "forever"
         secs = max(1, math.ceil(seconds))
         proc = run_in(client, ["iperf3", "-c", target, "-p", str(target_port),

@@ -64,15 +64,25 @@ def plan_chain(policy: Policy) -> list[str]:
     return lines
 
 
-def plan_ruleset(policies: dict[int, Policy]) -> str:
+def plan_ruleset(policies: dict[int, Policy], services: tuple = ()) -> str:
     """The whole table for a node: {mark: policy}. Loaded with `nft -f`, the
-    leading add+delete makes it replace any previous version atomically."""
+    leading add+delete makes it replace any previous version atomically.
+
+    services: (proto, host ip, port) of grafted servers the directory sent a
+    client to. Their connect was judged on the overlay address the client
+    asked for (by the agent or the cgroup programs); the packets carry the
+    host address, which the client's chain must not judge a second time."""
     out = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
            f"table {FAMILY} {TABLE} {{"]
     out.append("  chain output {")
     out.append("    type filter hook output priority filter; policy accept;")
     out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")
     out.append("    ct state established,related accept")
+    for version, kw in ((4, "ip"), (6, "ip6")):
+        elems = sorted(f"{proto} . {ip} . {port}" for proto, ip, port in services
+                       if ip.version == version)
+        if elems:
+            out.append(f"    meta l4proto . {kw} daddr . th dport {{ {', '.join(elems)} }} accept")
     if policies:
         vmap = ", ".join(f"0x{m:08x} : jump {chain_name(m)}" for m in sorted(policies))
         out.append(f"    meta mark vmap {{ {vmap} }}")
