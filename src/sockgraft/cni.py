@@ -90,6 +90,27 @@ def state_path(state_dir: str, cid: str, ifname: str) -> str:
     return os.path.join(state_dir, "cni", f"{safe}-{ifname}.json")
 
 
+def registrations(state_dir: str, cid: str) -> list[dict]:
+    """What ADD registered for a container id (one record per interface)."""
+    d = os.path.join(state_dir, "cni")
+    safe = os.path.basename(state_path(state_dir, cid, "x"))[:-len("-x.json")]
+    out = []
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name.startswith(safe + "-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(d, name)) as f:
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict) and rec.get("id") == cid:
+                out.append(rec)
+    return out
+
+
 def _store(state_dir: str):
     from .agent.store import ConfigStore
     return ConfigStore(os.path.join(state_dir, "containers"))

@@ -258,3 +258,21 @@ def test_cni_plugin_spec_behaviour(rt, tmp_path):
         assert not os.listdir(os.path.join(g.state_dir, "cni"))
     finally:
         netns.delete(ns)
+
+
+def test_cni_names_the_container_and_carries_its_graft_config(glab, tmp_path):
+    """No annotations at all: the conflist's `graft` object (written to the
+    store under the name CNI registered) grafts the runc container."""
+    graft = {"endpoints": {"ep-http": {"type": "ipv4", "addr": "198.18.0.1", "port": 8085}},
+             "rules": {"ingress": ["0.0.0.0:80=ep-http", "[::]:80=ep-http"]}}
+    env = Env(glab, tmp_path)
+    env.cni = Cni(conflist(glab.state_dir, tmp_path / "ipam", graft=graft,
+                           container="pods.web"), env.h1.netns)
+    try:
+        env.start("c0ffee", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], {})
+        wait_listening(env.h1.netns, 8085)
+        assert "hello" in netns.run_in(env.h1.netns, _http_get, "198.18.0.1", 8085)
+        assert _stats(glab, "pods.web") is not None
+    finally:
+        env.close()
+    assert not os.path.exists(os.path.join(glab.state_dir, "containers", "pods.web.toml"))

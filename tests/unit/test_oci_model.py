@@ -144,3 +144,27 @@ def test_directory_records_are_checked(field, value):
     r[field] = value
     with pytest.raises(ConfigError):
         mdir.check_record(r)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "sockgraft.cli.main", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_oci_profile_command_merges_idempotently_and_refuses_foreign_listeners(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(DOCKERISH))
+    out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
+    assert _cli("oci-profile", "--base", str(base), "--listener", "/run/sg/oci.sock",
+                "--out", str(out1)).returncode == 0
+    assert _cli("oci-profile", "--base", str(out1), "--listener", "/run/sg/oci.sock",
+                "--out", str(out2)).returncode == 0
+    assert json.loads(out1.read_text()) == json.loads(out2.read_text())
+    p = _cli("oci-profile", "--base", str(out1), "--listener", "/run/other.sock")
+    assert p.returncode == 2 and "already sends its notifications" in p.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    p = _cli("oci-profile", "--base", str(bad))
+    assert p.returncode == 2 and "not JSON" in p.stderr and str(bad) in p.stderr

@@ -140,6 +140,7 @@ class Agent:
         self.bpf_error = "disabled (--bpf off)" if bpf == "off" else ""
         self._bpf_applied: dict[int, BpfApplied] = {}
         self._bpf_gen = 0
+        self._socket_mode_store: dict | None = None   # store configs with graft_at=socket
         self._bpf_events_fd = -1
         self.directory = directory
         self.node = node or name
@@ -437,7 +438,7 @@ class Agent:
                 n += 1
         self.host_addrs = host_addresses()
         self.sync_nft()
-        self.sync_bpf()
+        self.sync_bpf(rescan=True)
         return {"ok": True, "reloaded": n}
 
     def sync_nft(self) -> None:
@@ -457,7 +458,7 @@ class Agent:
 
     # --- in-kernel programs (graft_at = socket) ------------------------------
 
-    def sync_bpf(self) -> None:
+    def sync_bpf(self, rescan: bool = False) -> None:
         """Write the policy and egress rules of every socket-mode container
         (registered here, or configured so in the store: a restarted agent
         must judge sockets grafted before it started) into the kernel maps.
@@ -468,13 +469,18 @@ class Agent:
         for sess in self.sessions.values():
             if sess.graft_at == "socket" and sess.config is not None:
                 wanted[sess.mark] = sess.config
-        for name in self.store.containers():
-            try:
-                cfg = self.store.load(name)
-                if cfg is not None and cfg.graft_at == "socket":
-                    wanted.setdefault(self.store.mark(name), cfg)
-            except SockgraftError as exc:
-                log.warning("bpf: skipping container %s: %s", name, exc)
+        if rescan or self._socket_mode_store is None:
+            found = {}
+            for name in self.store.containers():
+                try:
+                    cfg = self.store.load(name)
+                    if cfg is not None and cfg.graft_at == "socket":
+                        found[self.store.mark(name)] = cfg
+                except SockgraftError as exc:
+                    log.warning("bpf: skipping container %s: %s", name, exc)
+            self._socket_mode_store = found
+        for mark, cfg in self._socket_mode_store.items():
+            wanted.setdefault(mark, cfg)
         for mark, cfg in wanted.items():
             old = self._bpf_applied.get(mark)
             if old is not None and old.cfg == cfg:
@@ -570,11 +576,16 @@ class Agent:
 
     # --- OCI runtimes --------------------------------------------------------
 
+    def _state_dir(self) -> str:
+        return os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+
     def _on_handoff(self, h, listener: int) -> None:
         """A runtime handed over a container's listener: find its config (the
         store first, then its annotations) and start its holder."""
+        from .. import cni
+        regs = cni.registrations(self._state_dir(), h.container_id)
         try:
-            container = moci.container_name(h)
+            container = moci.container_name(h, regs[0].get("container") if regs else None)
         except SockgraftError as exc:
             log.error("OCI container %s rejected: %s", h.container_id, exc)
             return
@@ -588,8 +599,9 @@ class Agent:
                 self._write_audit(container, h.pid, "oci", h.container_id, "reject", str(exc))
                 cfg = None
             cfg_text = dump_config(cfg) if cfg is not None else None
+        addresses = [ip for r in regs for ip in r.get("ips", []) if isinstance(ip, str)]
         self.holders.append(oci.spawn_holder(self.socket_path, h, listener, container,
-                                             cfg_text))
+                                             cfg_text, addresses))
         log.info("OCI container %s (%s, pid %d, graft_at %s): holder started", container,
                  h.container_id, h.pid, h.graft_at)
 

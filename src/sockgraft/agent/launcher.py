@@ -37,6 +37,7 @@ from . import control
 log = logging.getLogger("sockgraft.run")
 
 GO, ABORT = b"G", b"A"
+REGISTER_TIMEOUT = 30.0
 
 
 def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto: bool,
@@ -90,6 +91,8 @@ def hold_oci(listener: int, info: dict) -> int:
     except Exception as exc:  # noqa: BLE001 - the container may already be gone
         log.warning("container %s: cannot read its namespace: %s", info["container"], exc)
         facts = {"buffers": {}, "addresses": []}
+    if not facts["addresses"]:
+        facts["addresses"] = list(info.get("cni_addresses") or [])   # what CNI assigned
     hello = {**facts, "graft_at": info.get("graft_at", "syscall"),
              "inline_config": info.get("config"), "oci_id": info.get("id")}
     try:
@@ -105,7 +108,9 @@ def _register(agent_path: str, container: str, pid: int, listener: int,
               hello: dict) -> socket.socket:
     """hello: what the child learned in the container's namespace (socket
     buffer defaults, its addresses) and the filter's graft_at."""
-    sock = control.connect(agent_path)
+    # generous: a node starting a hundred containers at once queues their
+    # registrations behind each other in the agent's single loop
+    sock = control.connect(agent_path, timeout=REGISTER_TIMEOUT)
     control.send(sock, {"op": "register", "container": container, "pid": pid, **hello},
                  [listener])
     reply = control.recv_reply(sock)

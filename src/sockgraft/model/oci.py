@@ -101,9 +101,10 @@ def parse_handoff(data: bytes, nfds: int) -> Handoff:
                    meta if isinstance(meta, str) else "", fds.index("seccompFd"))
 
 
-def container_name(h: Handoff) -> str:
-    """The store name: the annotation, else the runtime's container id."""
-    name = h.annotations.get(ANNOTATION_PREFIX + "container", h.container_id)
+def container_name(h: Handoff, cni_name: str | None = None) -> str:
+    """The store name: the annotation, else the name the CNI plugin registered
+    for this container id, else the runtime's container id."""
+    name = h.annotations.get(ANNOTATION_PREFIX + "container", cni_name or h.container_id)
     gc.check_config(name, {}, (), (), gc.Policy(), source=f"{SOURCE} {h.container_id}")
     return name
 
