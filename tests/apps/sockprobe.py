@@ -246,6 +246,16 @@ def chat(host, port):
             out({"error": errno.errorcode.get(exc.errno, str(exc))})
 
 
+def listen_unbound():
+    """listen() on a socket nobody bound (the kernel would pick a port)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.listen(4)
+        out({"listen_errno": 0, "local": name(s.getsockname())})
+    except OSError as exc:
+        out({"listen_errno": errno.errorcode.get(exc.errno, exc.errno)})
+
+
 def main(argv):
     cmd, rest = argv[0], argv[1:]
     if cmd == "tcp-client":
@@ -266,6 +276,8 @@ def main(argv):
         echo_server(*rest)
     elif cmd == "chat":
         chat(*rest)
+    elif cmd == "listen-unbound":
+        listen_unbound()
     elif cmd == "loop":
         loop(*rest)
     else:

@@ -128,6 +128,15 @@ def test_server_binds_through_ingress_and_unclaimed_binds_are_refused(slab):
                for a in lines)
 
 
+def test_listen_without_a_granted_bind_is_refused(slab):
+    r = slab.probe("h1-c1", "listen-unbound")
+    assert r == {"listen_errno": "EACCES"}
+    assert any(a["syscall"] == "listen" and a["rule"] == "listen:no-endpoint"
+               for a in slab.audit("h1"))
+    p = slab.spawn("h1-c1", PROBE + ["tcp-server", "0.0.0.0", "80"])   # bound by a rule
+    assert read_json_line(p)["ready"]
+
+
 def test_policy_edits_apply_to_the_next_connect(slab):
     h2 = slab.plan.node("h2")
     slab.sg("policy", "add", "--container", "h1-c1", "deny", "tcp", "198.18.0.2", "7320")

@@ -98,6 +98,7 @@ def test_merge_into_a_deny_by_default_profile_is_idempotent():
     assert [r["action"] for r in names["bind"]] == ["SCMP_ACT_NOTIFY"]
     assert "args" not in names["connect"][0]          # unconditional under deny-default
     assert names["sendto"][0]["action"] == "SCMP_ACT_ALLOW"
+    assert names["listen"][0]["action"] == "SCMP_ACT_ALLOW"   # the base allowed it
     assert names["accept"][0]["action"] == "SCMP_ACT_ALLOW" and "read" in names
     assert names["io_uring_setup"] == [{"names": ["io_uring_setup", "io_uring_enter",
                                                   "io_uring_register"],
@@ -111,6 +112,7 @@ def test_allow_default_profile_traps_inet_sized_addresses_only():
     assert {r["args"][0]["value"] for r in names["bind"]} == {16, 28, 128}
     assert {r["args"][0]["value"] for r in names["socket"]} == {2, 10}
     assert "connect" not in names                      # judged in the kernel
+    assert names["listen"][0]["action"] == "SCMP_ACT_NOTIFY"
     assert prof["listenerMetadata"] == "sockgraft:v1;graft_at=socket"
 
 

@@ -48,7 +48,8 @@ from .store import ConfigStore
 log = logging.getLogger("sockgraft.agent")
 
 SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
-                 seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket"}
+                 seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket",
+                 seccomp.SYS_LISTEN: "listen"}
 SOCK_TYPE_MASK = 0xF
 SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 GRAFT_AT = ("syscall", "socket")
@@ -574,6 +575,30 @@ class Agent:
         finally:
             host.close()
 
+    def _on_listen(self, sess: Session, n: seccomp.Notification) -> None:
+        """listen() in socket mode: a host socket that was never bound would
+        be autobound by the kernel to an ephemeral port on every host address,
+        a listener no ingress rule granted. Refused (EACCES, audited); every
+        other listen() continues (it has no pointer argument: nothing to re-read)."""
+        fd = n.args[0] & 0xFFFFFFFF
+        dup = self._dup_target_fd(n.pid, fd)
+        if dup is None:
+            self._continue(sess, n.id)      # EBADF/ENOTSOCK: the kernel says so
+            return
+        try:
+            mark = ksock.info(dup)[3]
+            unbound = graft.is_grafted_mark(mark) and not _bound(dup)
+        finally:
+            dup.close()
+        if unbound:
+            sess.counters.denied += 1
+            self.totals.denied += 1
+            self._audit_line(sess, n, "listen", f"fd {fd}", "deny", "listen:no-endpoint",
+                             errno.EACCES)
+            self._respond(sess, n.id, error=errno.EACCES)
+        else:
+            self._continue(sess, n.id)
+
     # --- OCI runtimes --------------------------------------------------------
 
     def _state_dir(self) -> str:
@@ -796,6 +821,9 @@ class Agent:
             return
         if n.nr == seccomp.SYS_SOCKET:
             self._on_socket(sess, n)
+            return
+        if n.nr == seccomp.SYS_LISTEN:
+            self._on_listen(sess, n)
             return
         if n.nr == seccomp.SYS_SENDTO:
             fd, ptr, alen, flags = n.args[0], n.args[4], n.args[5], n.args[3]

@@ -30,6 +30,8 @@ examples:
   sockgraft agent --host h1 &              the agent of lab host h1 (enters its namespace)
   sockgraft agent --netns /run/netns/node1 --socket /run/sockgraft/agent-node1.sock
   sockgraft lab up --agents                the lab with one agent per host, in the background
+  sockgraft agent --host h1 --directory etcd://198.18.0.1:2379 --directory-ttl 10
+  sockgraft agent --oci-socket /run/sockgraft/oci-default.sock   runc/crun hand-offs here
 """
 
 RUN_EXAMPLES = """\
@@ -37,6 +39,7 @@ examples:
   sockgraft run --container h1-c1 -- iperf3 -c 198.18.0.2
   sockgraft run --container h2-c1 -- nginx -g 'daemon off;'
   sockgraft run --container web --netns /run/netns/web --agent /run/sockgraft/agent-n1.sock -- ./server
+  sockgraft run --container h1-c1 --graft-at socket -- ./client   every socket a host socket
 """
 
 EP_EXAMPLES = """\

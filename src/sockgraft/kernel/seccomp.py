@@ -42,6 +42,7 @@ SYS_SOCKET = 41
 SYS_CONNECT = 42
 SYS_SENDTO = 44
 SYS_BIND = 49
+SYS_LISTEN = 50
 SYS_SECCOMP = 317
 SYS_PIDFD_SEND_SIGNAL = 424
 SYS_IO_URING_SETUP = 425
@@ -315,6 +316,9 @@ def socket_graft_filter() -> FilterSpec:
     spec = default_graft_filter(trap_sendto=False)
     del spec.trap[SYS_CONNECT]
     spec.trap[SYS_SOCKET] = ArgMatch(0, frozenset({2, 10}))
+    # listen() on a never-bound host socket would autobind a host port on
+    # every host address: the agent refuses that (servers call it once)
+    spec.trap[SYS_LISTEN] = None
     return spec
 
 

@@ -169,7 +169,7 @@ def _int(text: str, item: str, src: str, fld: str) -> int:
 
 # --- the seccomp profile ------------------------------------------------------------
 
-OURS = ("bind", "connect", "sendto", "socket", "io_uring_setup", "io_uring_enter",
+OURS = ("bind", "connect", "sendto", "socket", "listen", "io_uring_setup", "io_uring_enter",
         "io_uring_register")
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 INET_ADDRLEN = (16, 28, 128)
@@ -228,9 +228,10 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         ours += _notify(name, 2 if allowing else None, INET_ADDRLEN)
     if graft_at == "socket":
         ours += _notify("socket", 0 if allowing else None, (2, 10))
+        ours += _notify("listen", None, ())
     if not allowing:
         # the base refused what it did not list: keep sendto/connect usable
-        plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
+        plain = ["sendto"] + (["connect"] if graft_at == "socket" else ["listen"])
         ours.append({"names": plain, "action": "SCMP_ACT_ALLOW"})
     ours.append({"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
                  "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
