@@ -167,3 +167,17 @@ def test_agent_restart_keeps_kernel_judging_and_grafting(slab):
     r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7399)
     assert r["connect_errno"] == "EPERM"
     assert echo(h1.netns, "198.18.0.1", 8081, b"two") == b"two"
+
+
+@pytest.mark.parametrize("server, target", [("fd53:6700:0:1::1", "fd53:6700:0:1::1"),
+                                            ("0.0.0.0", "::ffff:198.18.0.1")])
+def test_every_datagram_leaves_from_the_endpoint(slab, server, target):
+    """sendmsg6 rewrites the source of each datagram, also after the kernel
+    autobound the socket on the first one (IPv6 and v4-mapped)."""
+    srv = slab.spawn_plain("h1", PROBE + ["udp-server", server, "7312", "--count", "3"])
+    assert read_json_line(srv)["ready"]
+    r = slab.probe("h1-c1", "udp-client", target, 7312, "--count", "3")
+    assert r["replies"] == 3 and _grafted(r["mark"])
+    froms = [read_json_line(srv)["from"][0] for _ in range(3)]
+    want = "fd53:6700:0:1::1" if ":" in server else "198.18.0.1"
+    assert froms == [want] * 3
