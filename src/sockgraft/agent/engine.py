@@ -1,8 +1,11 @@
 """The node agent: services seccomp notifications of registered containers.
 
-One thread, one epoll. Sources: the control socket (registrations, reloads,
-queries), one seccomp listener per registered process tree, and host sockets
-whose non-blocking connect is in flight for a blocked application thread.
+One thread, one epoll, for every decision. Sources: the control socket
+(registrations, reloads, queries), the OCI socket (runtime hand-offs), one
+seccomp listener per registered process tree, host sockets whose
+non-blocking connect is in flight for a blocked application thread, the
+cgroup programs' event ring buffer, and the directory backend's wake-up pipe
+(its worker thread does the directory's network I/O and nothing else).
 
 The notify loop per notification (seccompagent's shape):
   recv -> read the sockaddr from target memory -> re-check the id is valid

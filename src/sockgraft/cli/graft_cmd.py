@@ -255,7 +255,7 @@ def cmd_agent(args) -> int:
             raise LabError(f"lab {args.lab!r} is not up; start it or pass --netns")
         ns = st.plan().node(args.host).netns
     if ns:
-        netns.enter(ns)   # before anything else runs: the agent stays single-threaded
+        netns.enter(ns)   # before any thread exists: the directory worker inherits it
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     path = args.socket or control.default_socket_path(name)
