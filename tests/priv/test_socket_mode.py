@@ -181,3 +181,32 @@ def test_every_datagram_leaves_from_the_endpoint(slab, server, target):
     froms = [read_json_line(srv)["from"][0] for _ in range(3)]
     want = "fd53:6700:0:1::1" if ":" in server else "198.18.0.1"
     assert froms == [want] * 3
+
+
+def test_uninstall_removes_pins_and_cgroup_only_when_stopped(tmp_path):
+    import subprocess
+    import sys
+
+    from sockgraft.kernel import bpf
+    env = dict(os.environ, SOCKGRAFT_STATE_DIR=str(tmp_path))
+    sg = [sys.executable, "-m", "sockgraft.cli.main", "agent"]
+    name = "uninst-test"
+    agent = subprocess.Popen(sg + ["--directory", "off", "--socket",
+                                   str(tmp_path / "a.sock"), "--oci-socket", "off",
+                                   "--node", name], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not bpf.leftovers("default") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bpf.leftovers("default"), "the agent attached nothing"
+        p = subprocess.run(sg + ["--uninstall", "--socket", str(tmp_path / "a.sock")], env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 1 and "still running" in p.stderr
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    p = subprocess.run(sg + ["--uninstall", "--socket", str(tmp_path / "a.sock")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "removed" in p.stdout
+    assert bpf.leftovers("default") == []

@@ -106,6 +106,9 @@ def register(sub) -> None:
                    help="lease of this agent's directory records in seconds (default 10): "
                         "records of an agent that died expire after it")
     p.add_argument("--node", help="node name shown in the directory (default: --host)")
+    p.add_argument("--uninstall", action="store_true",
+                   help="remove this agent's pinned in-kernel programs and its cgroup (after "
+                        "stopping it for good; a restarting agent keeps them on purpose)")
     p.add_argument("--oci-socket",
                    help="where OCI runtimes hand over seccomp listeners (the profile's "
                         "listenerPath; default oci-<host>.sock in the state directory; "
@@ -245,6 +248,14 @@ def _edit(args, change, what: str) -> int:
 
 # --- commands -------------------------------------------------------------------------
 
+def _answers(path: str) -> bool:
+    try:
+        control.request(path, {"op": "ping"}, timeout=1)
+        return True
+    except AgentError:
+        return False
+
+
 def cmd_agent(args) -> int:
     from ..agent.engine import Agent
     name = args.host or "default"
@@ -260,6 +271,14 @@ def cmd_agent(args) -> int:
         logging.getLogger().setLevel(logging.INFO)
     path = args.socket or control.default_socket_path(name)
     bpf_name = f"{args.lab}-{args.host}" if args.host else name
+    if args.uninstall:
+        from ..kernel import bpf as kbpf
+        if control.default_socket_path(name) and _answers(args.socket or
+                                                          control.default_socket_path(name)):
+            raise AgentError(f"agent {name} is still running; stop it first")
+        removed = kbpf.remove(bpf_name)
+        print("\n".join(f"removed {p}" for p in removed) or f"nothing installed for {bpf_name}")
+        return 0
     from ..agent.directory import open_backend
     directory = open_backend(args.directory, bpf_name, args.directory_ttl,
                              os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft"))
