@@ -51,3 +51,20 @@ def glab(lab, state_dir):
         yield g
     finally:
         g.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def root_namespace_untouched():
+    """No test may leave sockgraft's policy table in the namespace the suite
+    runs in (it would drop marked packets of every later test)."""
+    yield
+    if os.geteuid() != 0:
+        return
+    from sockgraft.kernel import nft
+    try:
+        tables = nft.list_tables(None, "inet")
+    except Exception:   # noqa: BLE001 - no nft binary: nothing to check
+        return
+    if "sockgraft" in tables:
+        nft.delete_table(None, "inet", "sockgraft")
+        pytest.fail("a test left table inet sockgraft in the root namespace")

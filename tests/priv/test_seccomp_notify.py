@@ -630,6 +630,11 @@ def test_target_memory_lru_and_thread_exit(mem):
         stop.set()
         for t in threads:
             t.join(5)
+        # join() returns when Python's thread state is done, a moment before
+        # the kernel task is gone: wait for the task itself
+        end = time.monotonic() + 5
+        while os.path.exists(f"/proc/self/task/{tids[3]}") and time.monotonic() < end:
+            time.sleep(0.005)
         with pytest.raises(NotFound):
             small.read(tids[3], addr, 16)
         assert len(small) == 2

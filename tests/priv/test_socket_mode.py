@@ -184,6 +184,8 @@ def test_every_datagram_leaves_from_the_endpoint(slab, server, target):
 
 
 def test_uninstall_removes_pins_and_cgroup_only_when_stopped(tmp_path):
+    """An agent in the test's own (root) namespace: --no-nft, so it never
+    installs a policy table where the rest of the suite runs."""
     import subprocess
     import sys
 
@@ -193,7 +195,7 @@ def test_uninstall_removes_pins_and_cgroup_only_when_stopped(tmp_path):
     name = "uninst-test"
     agent = subprocess.Popen(sg + ["--directory", "off", "--socket",
                                    str(tmp_path / "a.sock"), "--oci-socket", "off",
-                                   "--node", name], env=env,
+                                   "--no-nft", "--node", name], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -210,3 +212,5 @@ def test_uninstall_removes_pins_and_cgroup_only_when_stopped(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and "removed" in p.stdout
     assert bpf.leftovers("default") == []
+    from sockgraft.kernel import nft
+    assert "sockgraft" not in nft.list_tables(None, "inet")

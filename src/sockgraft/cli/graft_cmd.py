@@ -107,8 +107,9 @@ def register(sub) -> None:
                         "records of an agent that died expire after it")
     p.add_argument("--node", help="node name shown in the directory (default: --host)")
     p.add_argument("--uninstall", action="store_true",
-                   help="remove this agent's pinned in-kernel programs and its cgroup (after "
-                        "stopping it for good; a restarting agent keeps them on purpose)")
+                   help="remove this agent's pinned in-kernel programs, its cgroup and its "
+                        "nftables table (after stopping it for good; a restarting agent keeps "
+                        "them on purpose)")
     p.add_argument("--oci-socket",
                    help="where OCI runtimes hand over seccomp listeners (the profile's "
                         "listenerPath; default oci-<host>.sock in the state directory; "
@@ -276,7 +277,11 @@ def cmd_agent(args) -> int:
         if control.default_socket_path(name) and _answers(args.socket or
                                                           control.default_socket_path(name)):
             raise AgentError(f"agent {name} is still running; stop it first")
+        from ..kernel import nft
+        from ..model.nftpolicy import FAMILY, TABLE
         removed = kbpf.remove(bpf_name)
+        if nft.delete_table(None, FAMILY, TABLE):     # this namespace's policy table
+            removed.append(f"nftables table {FAMILY} {TABLE}")
         print("\n".join(f"removed {p}" for p in removed) or f"nothing installed for {bpf_name}")
         return 0
     from ..agent.directory import open_backend
