@@ -258,3 +258,19 @@ def test_policy_is_judged_on_the_overlay_address(dlab, mode, denied):
     r = dlab.probe("h1-c1", "tcp-client", "198.18.0.2", 8081)
     assert r["connect_errno"] == denied
     os.killpg(srv.pid, signal.SIGKILL)
+
+
+def test_udp_by_container_ip_and_replies_from_the_overlay_address(dlab):
+    """A grafted UDP server published in the directory; a socket-mode client
+    sends to the container IP, its datagrams go to the host address, and the
+    replies read as coming from the overlay address (cgroup/recvmsg4)."""
+    dlab.configure("h2-c1", SERVER.format(c="h2-c1", port=8081))
+    srv = dlab.spawn("h2-c1", PROBE + ["udp-server", "0.0.0.0", "80", "--count", "2"])
+    assert read_json_line(srv)["local"] == ["198.18.0.2", 8081]
+    dlab.wait_services(lambda s: [r for r in s if r["proto"] == "udp"])
+    dlab.configure("h1-c1", CLIENT.format(mode="socket"))
+    vx = vx_tx(dlab)
+    r = dlab.probe("h1-c1", "udp-client", "198.19.2.2", 80, "--count", "2")
+    assert r["replies"] == 2 and r["peer"] == ["198.19.2.2", 80]
+    assert read_json_line(srv)["from"][0] == "198.18.0.1"
+    assert vx_tx(dlab) - vx < 200
