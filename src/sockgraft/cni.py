@@ -85,15 +85,23 @@ def _ips(prev: dict) -> list[str]:
     return out
 
 
+def _state_dir(conf: dict) -> str:
+    from .paths import state_dir
+    return conf.get("stateDir") or state_dir()
+
+
+def _safe_id(cid: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in cid)[:200]
+
+
 def state_path(state_dir: str, cid: str, ifname: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in cid)[:200]
-    return os.path.join(state_dir, "cni", f"{safe}-{ifname}.json")
+    return os.path.join(state_dir, "cni", f"{_safe_id(cid)}-{ifname}.json")
 
 
 def registrations(state_dir: str, cid: str) -> list[dict]:
     """What ADD registered for a container id (one record per interface)."""
     d = os.path.join(state_dir, "cni")
-    safe = os.path.basename(state_path(state_dir, cid, "x"))[:-len("-x.json")]
+    safe = _safe_id(cid)
     out = []
     try:
         names = sorted(os.listdir(d))
@@ -130,7 +138,7 @@ def cmd_add(conf: dict) -> dict:
     if not isinstance(prev, dict):
         raise CniError(E_INVALID_CONFIG, "sockgraft-cni is a chained plugin: no prevResult",
                        "put it after the plugin that creates the interface (e.g. bridge)")
-    state_dir = conf.get("stateDir") or "/run/sockgraft"
+    state_dir = _state_dir(conf)
     container = container_name(conf, cid)
     cfg = None
     if "graft" in conf:
@@ -179,7 +187,7 @@ def _undo(written: list[str], state_dir: str, container: str, path: str) -> None
 
 def cmd_del(conf: dict) -> None:
     cid, ifname = _env("CNI_CONTAINERID"), _env("CNI_IFNAME")
-    state_dir = conf.get("stateDir") or "/run/sockgraft"
+    state_dir = _state_dir(conf)
     path = state_path(state_dir, cid, ifname)
     try:
         with open(path) as f:
@@ -203,7 +211,7 @@ def cmd_del(conf: dict) -> None:
 
 def cmd_check(conf: dict) -> None:
     cid, netns, ifname = _env("CNI_CONTAINERID"), _env("CNI_NETNS"), _env("CNI_IFNAME")
-    state_dir = conf.get("stateDir") or "/run/sockgraft"
+    state_dir = _state_dir(conf)
     try:
         with open(state_path(state_dir, cid, ifname)) as f:
             rec = json.load(f)

@@ -25,6 +25,7 @@ import socket
 import struct
 
 from ..errors import AgentError
+from ..paths import state_dir
 
 MAX_FRAME = 1 << 20
 MAX_FDS = 4
@@ -32,8 +33,7 @@ _LEN = struct.Struct("!I")
 
 
 def default_socket_path(host: str = "default") -> str:
-    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
-    return os.path.join(base, f"agent-{host}.sock")
+    return os.path.join(state_dir(), f"agent-{host}.sock")
 
 
 def encode(msg: dict) -> bytes:

@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, SockgraftError
@@ -53,7 +52,6 @@ class Backend:
         self._stop = threading.Event()
         self._table: dict[str, dict] = {}
         self._conflicts: list[mdir.Conflict] = []
-        self._by_owner: dict[str, list[dict]] = {}
         self.previous: list[dict] = []     # our own records found at start (restart)
         self.reachable = False
         self.last_error = ""
@@ -89,10 +87,6 @@ class Backend:
     def conflicts(self) -> list[mdir.Conflict]:
         return self._conflicts
 
-    def all_records(self) -> list[dict]:
-        with self._lock:
-            return [r for recs in self._by_owner.values() for r in recs]
-
     def close(self, withdraw: bool = True) -> None:
         """Stop the worker; withdraw our records (a clean stop) or leave them
         to their lease (tests simulating a crash pass withdraw=False)."""
@@ -114,8 +108,6 @@ class Backend:
         table, conflicts = mdir.merge(by_owner)
         changed = table != self._table or reachable != self.reachable or \
             [str(c) for c in conflicts] != [str(c) for c in self._conflicts]
-        with self._lock:
-            self._by_owner = by_owner
         self._table = table
         self._conflicts = conflicts
         self.reachable = reachable
@@ -466,5 +458,3 @@ def open_backend(spec: str, owner: str, ttl: float, state_dir: str) -> Backend |
     raise ConfigError(f"directory {spec!r} unknown; accepted: embedded[:PATH], "
                       "etcd://HOST:PORT, off", field="directory", value=spec)
 
-
-Factory = Callable[[str, str, float, str], Backend | None]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -36,16 +37,17 @@ from ..kernel import bpf as kbpf
 from ..kernel import epollfix, nft, seccomp
 from ..kernel import sockets as ksock
 from ..model import bpfmaps, graft
-from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind, GraftConnect,
-                           GraftSend, SockInfo)
-from ..model.nftpolicy import plan_ruleset
-from ..model.sockaddr import InetAddr
 from ..model import directory as mdir
 from ..model import oci as moci
-from ..model.graftconfig import dump_config, load_config
+from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind,
+                           GraftConnect, GraftSend, SockInfo)
+from ..model.graftconfig import GRAFT_AT, dump_config, load_config
+from ..model.nftpolicy import plan_ruleset
+from ..model.sockaddr import InetAddr
+from ..paths import state_dir
 from . import control, oci
-from .loop import listen_unix, unregister
 from .directory import Backend as DirectoryBackend
+from .loop import listen_unix, unregister
 from .store import ConfigStore
 
 log = logging.getLogger("sockgraft.agent")
@@ -55,7 +57,6 @@ SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
                  seccomp.SYS_LISTEN: "listen"}
 SOCK_TYPE_MASK = 0xF
 SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-GRAFT_AT = ("syscall", "socket")
 _INET_PROTO = {1: 6, 2: 17}      # SOCK_STREAM -> IPPROTO_TCP, SOCK_DGRAM -> IPPROTO_UDP
 CONNECT_TIMEOUT = 130.0   # about what the kernel's SYN retries take
 MAX_CLIENTS = 256
@@ -255,10 +256,7 @@ class Agent:
             self.oci.close()
             self.oci = None
         if self.directory is not None:
-            try:
-                self.ep.unregister(self.directory.fileno())
-            except (KeyError, ValueError, OSError):
-                pass
+            unregister(self.ep, self.directory.fileno())
             # A clean stop withdraws our records; a crash leaves them to expire.
             self.directory.close(withdraw=True)
             self.directory = None
@@ -502,13 +500,13 @@ class Agent:
                 self.bpf.update("sg_egress4", k, v)
             for k, v in v6:
                 self.bpf.update("sg_egress6", k, v)
-            self.bpf.update("sg_policy", _mark_key(mark), entry.value)
+            self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
             if old is not None:
                 self._bpf_forget_egress(old)
             self._bpf_applied[mark] = BpfApplied(cfg, gen, [k for k, _ in v4],
                                                  [k for k, _ in v6], entry.labels, elabels)
         for mark in [m for m in self._bpf_applied if m not in wanted]:
-            self.bpf.delete("sg_policy", _mark_key(mark))
+            self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._bpf_forget_egress(self._bpf_applied.pop(mark))
 
     def _bpf_forget_egress(self, old: BpfApplied) -> None:
@@ -542,7 +540,7 @@ class Agent:
                     break
             self.totals.denied += 1
             self._write_audit(container, ev.pid, ev.op, ev.address, "deny", rule, errno.EPERM,
-                        where="kernel")
+                              where="kernel")
 
     def _on_socket(self, sess: Session, n: seccomp.Notification) -> None:
         """graft_at = socket: answer socket() with a host socket carrying the
@@ -570,11 +568,9 @@ class Agent:
             hfd = host.fileno()
             fd = sess.listener.addfd(n.id, hfd, cloexec=bool(typ & socket.SOCK_CLOEXEC),
                                      send=True)
-            sess.counters.grafted += 1
-            self.totals.grafted += 1
-            self.grafted[(n.pid, fd)] = GraftedSocket(
+            self._count_graft(sess, GraftedSocket(
                 sess.container, n.pid, fd, os.fstat(hfd).st_ino,
-                "tcp" if base == graft.SOCK_STREAM else "udp", "socket", "", "", "", time.time())
+                "tcp" if base == graft.SOCK_STREAM else "udp", "socket", "", "", "", time.time()))
         finally:
             host.close()
 
@@ -604,14 +600,11 @@ class Agent:
 
     # --- OCI runtimes --------------------------------------------------------
 
-    def _state_dir(self) -> str:
-        return os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
-
     def _on_handoff(self, h, listener: int) -> None:
         """A runtime handed over a container's listener: find its config (the
         store first, then its annotations) and start its holder."""
         from .. import cni
-        regs = cni.registrations(self._state_dir(), h.container_id)
+        regs = cni.registrations(state_dir(), h.container_id)
         try:
             container = moci.container_name(h, regs[0].get("container") if regs else None)
         except SockgraftError as exc:
@@ -645,7 +638,6 @@ class Agent:
             local = host.getsockname()
         except OSError:
             return
-        import ipaddress
         hip = ipaddress.ip_address(local[0])
         if hip.version == 6 and hip.ipv4_mapped is not None:
             hip = hip.ipv4_mapped
@@ -706,7 +698,6 @@ class Agent:
 
     def _on_directory(self) -> None:
         """The directory's view changed: refresh the connect-time lookups."""
-        import ipaddress
         assert self.directory is not None
         self.directory.drain()
         services = {}
@@ -721,7 +712,7 @@ class Agent:
         for c in self.directory.conflicts():
             if c.loser.get("owner") == self.directory.owner:
                 k = c.key
-                if self.published.get(k) is c.loser or self.published.get(k) == c.loser:
+                if self.published.get(k) == c.loser:
                     log.error("directory: withdrawing %s: %s", k, c)
                     del self.published[k]
                     self.directory.publish(self.published)
@@ -941,7 +932,7 @@ class Agent:
         self._write_audit(sess.container, n.pid, name, addr, verdict, rule, errno_)
 
     def _write_audit(self, container: str, pid: int, name: str, addr: object, verdict: str,
-               rule: str, errno_: int = 0, where: str = "agent") -> None:
+                     rule: str, errno_: int = 0, where: str = "agent") -> None:
         line = {"time": round(time.time(), 6), "agent": self.name, "container": container,
                 "pid": pid, "syscall": name, "address": str(addr), "verdict": verdict,
                 "rule": rule, "by": where}
@@ -1201,11 +1192,7 @@ class Agent:
         out = []
         for key, g in list(self.grafted.items()):
             pid = _tgid(g.pid)
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{g.fd}")
-            except OSError:
-                link = ""
-            if link != f"socket:[{g.inode}]":
+            if not _socket_open(pid, g.fd, g.inode):
                 del self.grafted[key]
                 continue
             row = {f: getattr(g, f) for f in g.__slots__}
@@ -1240,25 +1227,31 @@ class Agent:
             kernel = {"connects_judged": judged, "denied": denied,
                       "redirected": redirected, "containers": len(self._bpf_applied),
                       "cgroup": self.bpf.cgroup}
+        oci_stats = None if self.oci is None else {
+            "accepted": self.oci.accepted, "rejected": self.oci.rejected,
+            "holders": len(self.holders)}
         return {"counters": self.totals.as_dict(), "kernel": kernel,
-                "kernel_error": self.bpf_error or None,
+                "kernel_error": self.bpf_error or None, "oci": oci_stats,
                 "containers": [{"container": s.container, "pid": s.pid, "mark": s.mark,
                                 "configured": s.config is not None,
                                 **s.counters.as_dict()} for s in self.sessions.values()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
 
 
-def _socket_alive(r: dict) -> bool:
-    """Is the socket of a published record still open in its process?"""
+def _socket_open(pid: int, fd: int, inode: int) -> bool:
+    """Does fd in process pid still hold that socket (and not a reused number)?"""
     try:
-        return os.readlink(f"/proc/{int(r['pid'])}/fd/{int(r['fd'])}") == \
-            f"socket:[{int(r['inode'])}]"
-    except (OSError, KeyError, TypeError, ValueError):
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
+    except OSError:
         return False
 
 
-def _mark_key(mark: int) -> bytes:
-    return mark.to_bytes(4, "little")
+def _socket_alive(r: dict) -> bool:
+    """Is the socket of a published record still open in its process?"""
+    try:
+        return _socket_open(int(r["pid"]), int(r["fd"]), int(r["inode"]))
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _bound(sock: socket.socket) -> bool:

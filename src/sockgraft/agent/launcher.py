@@ -32,6 +32,7 @@ import time
 
 from ..errors import AgentError, KernelError
 from ..kernel import links, netns, seccomp
+from ..model.graftconfig import GRAFT_AT
 from . import control
 
 log = logging.getLogger("sockgraft.run")
@@ -47,13 +48,11 @@ def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto:
         if ns_path:
             netns.enter(ns_path)
         facts = netns_facts()
-        buffers, addresses = facts["buffers"], facts["addresses"]
         spec = (seccomp.socket_graft_filter() if graft_at == "socket"
                 else seccomp.default_graft_filter(trap_sendto))
         prog = seccomp.build_filter(spec)
         listener = seccomp.install_filter(prog, listener=True)
-        socket.send_fds(sp, [json.dumps({"buffers": buffers, "addresses": addresses}).encode()],
-                        [listener])
+        socket.send_fds(sp, [json.dumps(facts).encode()], [listener])
         os.close(listener)
         if sp.recv(1) != GO:
             os._exit(125)
@@ -94,7 +93,7 @@ def hold_oci(listener: int, info: dict) -> int:
     if not facts["addresses"]:
         facts["addresses"] = list(info.get("cni_addresses") or [])   # what CNI assigned
     hello = {**facts, "graft_at": info.get("graft_at", "syscall"),
-             "inline_config": info.get("config"), "oci_id": info.get("id")}
+             "inline_config": info.get("config")}
     try:
         conn = _register(info["agent"], info["container"], pid, listener, hello)
     except (AgentError, OSError) as exc:
@@ -123,8 +122,8 @@ def _register(agent_path: str, container: str, pid: int, listener: int,
 
 def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str,
         trap_sendto: bool = False, graft_at: str = "syscall") -> int:
-    if graft_at not in ("syscall", "socket"):
-        raise AgentError(f"graft_at {graft_at!r} unknown; accepted: syscall, socket")
+    if graft_at not in GRAFT_AT:
+        raise AgentError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}")
     # Fail before anything starts if no agent answers.
     control.request(agent_path, {"op": "ping"}, timeout=5)
     parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -21,13 +21,13 @@ from ..errors import ConfigError
 from ..model.graft import MARK_BASE
 from ..model.graftconfig import GraftConfig, dump_config, load_config
 from ..model.policy import Policy
+from ..paths import state_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 
 def default_dir() -> str:
-    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
-    return os.path.join(base, "containers")
+    return os.path.join(state_dir(), "containers")
 
 
 def empty_config(container: str) -> GraftConfig:

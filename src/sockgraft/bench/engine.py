@@ -35,6 +35,7 @@ from ..kernel import netns
 from ..lab import agents, builder, grafts
 from ..lab.traffic import Place, iperf3, popen_in, run_in, wait_listening
 from ..model.topology import default_text, parse_topology
+from ..paths import state_dir
 
 Progress = Callable[[str], None]
 
@@ -101,7 +102,7 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
     h1 = plan.hosts[0]
     client, server = h1.containers[0], h1.containers[1]
     h1_ip = str(h1.underlay.ip)
-    state = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+    state = state_dir()
     tools = build_tools(os.path.join(state, "bench-bin"))
     raw: list[dict] = []
     series: dict[str, list[float]] = {}

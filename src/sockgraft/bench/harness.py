@@ -46,6 +46,7 @@ from ..model.endpoint import make_endpoint, parse_egress, parse_ingress
 from ..model.topology import parse_topology
 from . import report
 from .engine import build_tools
+from ..paths import state_dir
 
 PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
          "graft-remote")
@@ -203,7 +204,7 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
     text = topology_text(lab)
     plan = parse_topology(text, "<bench>")
     os.makedirs(os.path.join(out_dir, "raw"), exist_ok=True)
-    state = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+    state = state_dir()
     tools = build_tools(os.path.join(state, "bench-bin"))
     store = ConfigStore()
     configs = graft_configs(plan, {n: PORTS[n] for n in names})

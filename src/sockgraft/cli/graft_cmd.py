@@ -22,6 +22,7 @@ from ..lab import state as lab_state
 from ..model import graftconfig as gc
 from ..model.endpoint import parse_egress, parse_endpoint_args, parse_ingress
 from ..model.policy import parse_policy_rule
+from ..paths import state_dir
 
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -125,7 +126,7 @@ def register(sub) -> None:
     p.add_argument("--udp-sendto", action="store_true",
                    help="also graft unconnected UDP senders at sendto() (traps every sendto "
                         "that carries an address, including TCP sends some programs make)")
-    p.add_argument("--graft-at", choices=("syscall", "socket"),
+    p.add_argument("--graft-at", choices=gc.GRAFT_AT,
                    help="trap bind()/connect() (syscall) or graft every TCP/UDP socket at "
                         "socket() and judge connects in the kernel (socket); default: the "
                         "container's graft_at setting")
@@ -224,8 +225,7 @@ def _store(args) -> ConfigStore:
 
 
 def agent_sockets() -> list[str]:
-    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
-    return sorted(glob.glob(os.path.join(base, "agent-*.sock")))
+    return sorted(glob.glob(os.path.join(state_dir(), "agent-*.sock")))
 
 
 def notify_agents(container: str | None) -> int:
@@ -249,14 +249,6 @@ def _edit(args, change, what: str) -> int:
 
 # --- commands -------------------------------------------------------------------------
 
-def _answers(path: str) -> bool:
-    try:
-        control.request(path, {"op": "ping"}, timeout=1)
-        return True
-    except AgentError:
-        return False
-
-
 def cmd_agent(args) -> int:
     from ..agent.engine import Agent
     name = args.host or "default"
@@ -274,8 +266,8 @@ def cmd_agent(args) -> int:
     bpf_name = f"{args.lab}-{args.host}" if args.host else name
     if args.uninstall:
         from ..kernel import bpf as kbpf
-        if control.default_socket_path(name) and _answers(args.socket or
-                                                          control.default_socket_path(name)):
+        from ..lab.agents import answers
+        if answers(args.socket or control.default_socket_path(name)):
             raise AgentError(f"agent {name} is still running; stop it first")
         from ..kernel import nft
         from ..model.nftpolicy import FAMILY, TABLE
@@ -286,7 +278,7 @@ def cmd_agent(args) -> int:
         return 0
     from ..agent.directory import open_backend
     directory = open_backend(args.directory, bpf_name, args.directory_ttl,
-                             os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft"))
+                             state_dir())
     agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,

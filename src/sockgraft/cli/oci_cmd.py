@@ -10,7 +10,9 @@ import sys
 
 from ..agent import control
 from ..errors import ConfigError
+from ..model import graftconfig as gc
 from ..model import oci as moci
+from ..paths import state_dir
 
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -30,8 +32,7 @@ base that already names another listenerPath is refused.
 
 
 def default_oci_socket(name: str = "default") -> str:
-    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
-    return os.path.join(base, f"oci-{name}.sock")
+    return os.path.join(state_dir(), f"oci-{name}.sock")
 
 
 def register(sub) -> None:
@@ -41,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--base", help="merge into this profile (JSON), e.g. a runtime's default")
     p.add_argument("--listener", default=None,
                    help=f"the agent's OCI socket (default {default_oci_socket()})")
-    p.add_argument("--graft-at", choices=("syscall", "socket"), default="syscall")
+    p.add_argument("--graft-at", choices=gc.GRAFT_AT, default="syscall")
     p.add_argument("--out", help="write here (atomically) instead of stdout")
     p.set_defaults(func=cmd_profile)
 

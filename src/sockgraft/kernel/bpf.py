@@ -26,8 +26,8 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from importlib import resources
-from typing import Callable
 
 from ..errors import KernelError, SockgraftError
 
@@ -46,7 +46,7 @@ class BpfUnavailable(SockgraftError):
     no cgroup v2, or the kernel refused them)."""
 
 
-def _state_dir() -> str:
+def _cache_dir() -> str:
     """Where compiled objects are cached (by source hash)."""
     return os.path.join(os.environ.get("SOCKGRAFT_CACHE_DIR", "/var/cache/sockgraft"), "bpf")
 
@@ -113,7 +113,7 @@ def compile_object() -> str:
     """Compile the program once per source version; returns the object path."""
     src = source_text()
     digest = hashlib.sha256(src).hexdigest()[:16]
-    out_dir = _state_dir()
+    out_dir = _cache_dir()
     obj = os.path.join(out_dir, f"sockgraft-{digest}.o")
     if os.path.exists(obj):
         return obj
@@ -196,7 +196,6 @@ def remove(agent: str) -> list[str]:
     except BpfUnavailable:
         return removed
     if os.path.isdir(cg):
-        import time
         deadline = time.monotonic() + 3.0
         while True:
             try:
@@ -354,8 +353,7 @@ class Programs:
 
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected."""
-        ncpu = os.cpu_count() or 1
-        possible = _possible_cpus() or ncpu
+        possible = _possible_cpus() or os.cpu_count() or 1
         out = []
         for i in range(3):
             raw = self.lookup("sg_counters", i.to_bytes(4, "little"), 8 * possible)
@@ -386,18 +384,3 @@ def _possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += (int(hi) if hi else int(lo)) - int(lo) + 1
     return n
-
-
-def available() -> tuple[bool, str]:
-    """Can this machine run the graft programs? (for tests and `agent --bpf auto`)"""
-    try:
-        lib()
-        cgroup2_mount()
-        if shutil.which("clang") is None and not os.path.isdir(_state_dir()):
-            return False, "clang not installed"
-        return True, ""
-    except BpfUnavailable as exc:
-        return False, str(exc)
-
-
-Callback = Callable[[bytes], None]

@@ -15,10 +15,10 @@ import time
 from ..agent import control
 from ..errors import AgentError
 from ..model.topology import LabPlan
+from ..paths import state_dir
 
 
-def state_base() -> str:
-    return os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
+state_base = state_dir
 
 
 def start_agents(plan: LabPlan, timeout: float = 15.0) -> dict[str, int]:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..model.topology import LabPlan, parse_topology
+from .. import paths
 
 
 def state_dir() -> str:
-    base = os.environ.get("SOCKGRAFT_STATE_DIR", "/run/sockgraft")
-    return os.path.join(base, "labs")
+    return os.path.join(paths.state_dir(), "labs")
 
 
 def state_path(lab: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv4Address, IPv6Address
 
 from ..errors import ConfigError
 from .graftconfig import GraftConfig
@@ -75,6 +75,11 @@ def _rule_bytes(r: LinearRule, label: int) -> bytes:
 class PolicyEntry:
     value: bytes
     labels: tuple[str, ...]     # label index -> rule name for audit lines
+
+
+def policy_key(mark: int) -> bytes:
+    """sg_policy's key: the container's mark, a u32 in host order."""
+    return mark.to_bytes(4, "little")
 
 
 def policy_entry(policy: Policy, gen: int, *, socket_mode: bool = True) -> PolicyEntry:
@@ -160,9 +165,5 @@ def decode_event(raw: bytes) -> Event:
                  PROTO_NAME.get(proto, str(proto)), pid)
 
 
-def parse_ip(text: str) -> IPv4Address | IPv6Address:
-    return ip_address(text)
-
-
-__all__ = ["MAX_RULES", "PolicyEntry", "policy_entry", "egress_entries", "svc_key",
-           "svc_val", "Event", "decode_event", "POLICY_SIZE", "IPv4Network", "IPv6Network"]
+__all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
+           "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE"]
