@@ -27,7 +27,6 @@ import logging
 import os
 import select
 import signal
-import _socket
 import socket
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from ..model.graftconfig import GRAFT_AT, dump_config, load_config
 from ..model.nftpolicy import plan_ruleset
 from ..model.sockaddr import InetAddr
 from ..paths import state_dir
-from . import control, oci
+from . import control, notifiers, oci
 from .directory import Backend as DirectoryBackend
 from .loop import listen_unix, unregister
 from .store import ConfigStore
@@ -55,9 +54,6 @@ log = logging.getLogger("sockgraft.agent")
 SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
                  seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket",
                  seccomp.SYS_LISTEN: "listen"}
-SOCK_TYPE_MASK = 0xF
-SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-_INET_PROTO = {1: 6, 2: 17}      # SOCK_STREAM -> IPPROTO_TCP, SOCK_DGRAM -> IPPROTO_UDP
 CONNECT_TIMEOUT = 130.0   # about what the kernel's SYN retries take
 MAX_CLIENTS = 256
 
@@ -135,9 +131,14 @@ class Agent:
                  audit_path: str | None = None, manage_nft: bool = True,
                  bpf: str = "off", bpf_name: str | None = None,
                  directory: DirectoryBackend | None = None, node: str | None = None,
-                 oci_socket: str | None = None) -> None:
+                 oci_socket: str | None = None, notifier_threads: int = 2) -> None:
         if bpf not in ("auto", "on", "off"):
             raise AgentError(f"bpf mode {bpf!r} unknown; accepted: auto, on, off")
+        if not 0 <= notifier_threads <= 16:
+            raise AgentError(f"notifier threads must be 0..16, got {notifier_threads}")
+        self.notifier_threads = notifier_threads
+        self.inbox = notifiers.Inbox()
+        self.notifiers: dict[int, notifiers.Notifiers] = {}   # listener fd -> its threads
         self.name = name
         self.bpf_mode = bpf
         self.bpf_name = bpf_name or name
@@ -194,6 +195,10 @@ class Agent:
         srv = listen_unix(self.socket_path)
         self.server = srv
         self.ep.register(srv.fileno(), select.EPOLLIN)
+        self.ep.register(self.inbox.fileno(), select.EPOLLIN)
+        if self.notifier_threads and not notifiers.install_wake_handler():
+            log.info("not in the main thread: socket() answered from the loop only")
+            self.notifier_threads = 0
         if self.audit_path:
             self._audit = open(self.audit_path, "a", buffering=1)
         self.host_addrs = host_addresses()
@@ -265,6 +270,7 @@ class Agent:
                 unregister(self.ep, self._bpf_events_fd)
             self.bpf.close()     # the pinned links stay: grafted sockets stay judged
             self.bpf = None
+        self.inbox.close()
         self.mem.close()
         self.ep.close()
         if self._audit:
@@ -281,6 +287,8 @@ class Agent:
                 continue
             for fd, ev in events:
                 self.dispatch(fd, ev)
+            if self.inbox.waiting():
+                self.drain_inbox()
             now = time.monotonic()
             if now >= next_sweep:
                 self.sweep(now)
@@ -297,6 +305,8 @@ class Agent:
             self._on_client(fd)
         elif fd == self._bpf_events_fd:
             self._on_bpf_events()
+        elif fd == self.inbox.fileno():
+            self.drain_inbox()
         elif self.directory is not None and fd == self.directory.fileno():
             self._on_directory()
         elif self.oci is not None and self.oci.owns(fd):
@@ -424,8 +434,23 @@ class Agent:
                        {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
                         ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn,
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline)
-        self.sessions[listener.fileno()] = sess
-        self.ep.register(listener.fileno(), select.EPOLLIN)
+        key = listener.fileno()
+        self.sessions[key] = sess
+        threads = None
+        if graft_at == "socket" and self.notifier_threads:
+            try:
+                threads = notifiers.Notifiers(
+                    key, key, mark, container, self.inbox, threads=self.notifier_threads,
+                    enabled=lambda: sess.config is not None and self.bpf is not None)
+            except SockgraftError as exc:
+                log.warning("%s: socket() answered from the loop only: %s", container, exc)
+        if threads is not None:
+            # the threads receive every notification; the loop only hears
+            # that the last filtered task exited (EPOLLHUP is always reported)
+            self.notifiers[key] = threads
+            self.ep.register(key, 0)
+        else:
+            self.ep.register(key, select.EPOLLIN)
         self.sync_nft()
         self.sync_bpf()
         log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
@@ -544,35 +569,31 @@ class Agent:
 
     def _on_socket(self, sess: Session, n: seccomp.Notification) -> None:
         """graft_at = socket: answer socket() with a host socket carrying the
-        container's mark, installed and returned in one step (ADDFD_FLAG_SEND).
-        Only the registers are read: no target memory, no pidfd. This is the
-        one per-connection cost of socket mode, so it stays lean (profiled:
-        the two ioctls and the wait for the target dominate)."""
-        args = n.args
-        typ = args[1] & 0xFFFFFFFF
-        base = typ & SOCK_TYPE_MASK
-        proto = args[2] & 0xFFFFFFFF
-        if (sess.graft_at != "socket" or sess.config is None or self.bpf is None
-                or typ & ~(SOCK_TYPE_MASK | SOCK_FLAGS) or base not in _INET_PROTO
-                or proto not in (0, _INET_PROTO[base])):
-            self._continue(sess, n.id)      # raw, SCTP, odd flags: the container's own
+        container's mark (notifiers.answer_socket). Normally the session's
+        notifier threads do this; the loop does it when they are off."""
+        if sess.graft_at != "socket" or sess.config is None or self.bpf is None:
+            self._continue(sess, n.id)      # unconfigured: the container's own socket
             return
-        try:
-            host = _socket.socket(args[0] & 0xFFFFFFFF, base | socket.SOCK_CLOEXEC
-                                  | (typ & socket.SOCK_NONBLOCK), proto)
-        except OSError as exc:
-            self._respond(sess, n.id, error=exc.errno or errno.EIO)
-            return
-        try:
-            host.setsockopt(socket.SOL_SOCKET, ksock.SO_MARK, sess.mark)
-            hfd = host.fileno()
-            fd = sess.listener.addfd(n.id, hfd, cloexec=bool(typ & socket.SOCK_CLOEXEC),
-                                     send=True)
-            self._count_graft(sess, GraftedSocket(
-                sess.container, n.pid, fd, os.fstat(hfd).st_ino,
-                "tcp" if base == graft.SOCK_STREAM else "udp", "socket", "", "", "", time.time()))
-        finally:
-            host.close()
+        a = notifiers.answer_socket(sess.listener, n.id, n.pid, n.args, sess.mark)
+        if a is not None:
+            self._count_answered(sess, a)
+
+    def _count_answered(self, sess: Session, a: notifiers.Answered) -> None:
+        self._count_graft(sess, GraftedSocket(sess.container, a.tid, a.fd, a.inode, a.proto,
+                                              "socket", "", "", "", time.time()))
+
+    def drain_inbox(self) -> None:
+        """Take over what the notifier threads handed over: count and list
+        the sockets they answered, handle the notifications they forwarded."""
+        for key, item in self.inbox.drain():
+            sess = self.sessions.get(key)
+            if isinstance(item, notifiers.Answered):
+                if sess is not None:
+                    self._count_answered(sess, item)
+            elif sess is not None:
+                self.handle(sess, item)
+            else:
+                log.warning("notification %#x of a dropped session left unanswered", item.id)
 
     def _on_listen(self, sess: Session, n: seccomp.Notification) -> None:
         """listen() in socket mode: a host socket that was never bound would
@@ -765,6 +786,10 @@ class Agent:
             self._drop_session(fd)
 
     def _drop_session(self, fd: int) -> None:
+        threads = self.notifiers.pop(fd, None)
+        if threads is not None:
+            threads.stop()
+            self.drain_inbox()       # answer what they forwarded while the listener is open
         sess = self.sessions.pop(fd)
         unregister(self.ep, fd)
         sess.listener.close()
@@ -1189,6 +1214,7 @@ class Agent:
     def list_sockets(self) -> list[dict]:
         """Grafted sockets still open in their process (checked now via /proc),
         with their process id and current addresses."""
+        self.drain_inbox()
         out = []
         for key, g in list(self.grafted.items()):
             pid = _tgid(g.pid)
@@ -1221,6 +1247,7 @@ class Agent:
             os.close(pidfd)
 
     def stats(self) -> dict:
+        self.drain_inbox()
         kernel = None
         if self.bpf is not None:
             judged, denied, redirected = self.bpf.counters()

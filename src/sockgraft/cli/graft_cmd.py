@@ -115,6 +115,10 @@ def register(sub) -> None:
                    help="where OCI runtimes hand over seccomp listeners (the profile's "
                         "listenerPath; default oci-<host>.sock in the state directory; "
                         "'off' to disable)")
+    p.add_argument("--notifier-threads", type=int, default=2, metavar="N",
+                   help="threads per graft_at=socket container that wait for its socket() "
+                        "calls and answer them on the caller's CPU (default 2; 0 = answer "
+                        "from the agent's loop, slower per connection)")
     p.set_defaults(func=cmd_agent, needs_root=True)
 
     p = sub.add_parser("run", help="run a command in a container with its sockets grafted",
@@ -282,6 +286,7 @@ def cmd_agent(args) -> int:
     agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
+                  notifier_threads=args.notifier_threads,
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(name)))
     agent.start()

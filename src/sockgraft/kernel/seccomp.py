@@ -339,7 +339,11 @@ class Notification:
 
 
 def parse_notif(buf: bytes | bytearray | memoryview) -> Notification:
-    v = NOTIF_STRUCT.unpack_from(buf)
+    return notif_of(NOTIF_STRUCT.unpack_from(buf))
+
+
+def notif_of(v: tuple[int, ...]) -> Notification:
+    """A Notification from the raw fields (id, pid, flags, nr, arch, ip, args[6])."""
     return Notification(v[0], v[1], v[2], v[3], v[4], v[5], v[6:12])
 
 
@@ -477,18 +481,27 @@ class Listener:
         return 0
 
     def recv(self) -> Notification:
-        buf = self._rbuf
+        """One notification; blocks until one arrives (the GIL is released)."""
         while True:
-            buf[:] = self._rzero
             try:
-                fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-                return parse_notif(buf)
+                return notif_of(self.recv_raw())
             except InterruptedError:
                 continue
-            except OSError as exc:
-                # ENOENT: the target died between wake-up and recv, or no
-                # task uses the filter any more (then POLLHUP is set).
-                raise from_oserror("seccomp NOTIF_RECV", exc) from None
+
+    def recv_raw(self) -> tuple[int, ...]:
+        """recv() as the bare fields (id, pid, flags, nr, arch, ip, args[6]),
+        for the per-connection fast path; a signal raises InterruptedError."""
+        buf = self._rbuf
+        buf[:] = self._rzero
+        try:
+            fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+        except InterruptedError:
+            raise
+        except OSError as exc:
+            # ENOENT: the target died between wake-up and recv, or no
+            # task uses the filter any more (then POLLHUP is set).
+            raise from_oserror("seccomp NOTIF_RECV", exc) from None
+        return NOTIF_STRUCT.unpack_from(buf)
 
     def id_valid(self, id: int) -> bool:
         """Is the notification still pending (target alive and still blocked)?"""

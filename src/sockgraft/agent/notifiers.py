@@ -1,0 +1,267 @@
+"""Answering socket() of socket-mode containers from threads blocked in
+NOTIF_RECV: the per-connection fast path.
+
+Why threads: a trapped socket() is a round trip between the application's
+thread and the agent. When the agent waits in epoll, the kernel wakes it on
+whatever CPU the scheduler picks, usually the idle one, and on a VM waking an
+idle vCPU costs tens of microseconds - twice per socket (the notification,
+then the ADDFD the target must run to install the fd). A thread that waits in
+NOTIF_RECV itself is woken through the listener's own wait queue, where
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP puts it on the trapping task's CPU
+(WF_CURRENT_CPU): no idle vCPU is woken. Two threads per listener, so that
+one always waits in RECV while the other waits for its ADDFD to complete.
+Measured on this project's 2 vCPU VM: 75-90 us per trapped socket() from the
+epoll loop, 34 us from two such threads (docs/benchmarks.md).
+
+What the threads do: socket() of an inet stream/datagram socket is answered
+here (`answer_socket`: a marked host socket, installed and returned in one
+ADDFD_FLAG_SEND). Everything else they receive (bind, listen) is forwarded to
+the agent's single loop, which owns all other state: threads only read a
+session's fields and hand records over through `Inbox`.
+
+Each thread owns a dup of the listener fd (its own buffers, and no fd number
+that the loop could close and reuse under it). Threads end when every filtered
+task has exited (NOTIF_RECV fails with ENOENT and the fd reports POLLHUP), or
+when `stop()` interrupts their RECV with a signal (EINTR: the handler is
+installed without SA_RESTART).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import _socket
+import time
+from typing import Callable, NamedTuple
+
+from ..errors import AgentError, KernelError, NotFound
+from ..kernel import seccomp
+from ..kernel import sockets as ksock
+from ..model import graft
+
+log = logging.getLogger("sockgraft.agent")
+
+SOCK_TYPE_MASK = 0xF
+SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+INET_PROTO = {1: 6, 2: 17}      # SOCK_STREAM -> IPPROTO_TCP, SOCK_DGRAM -> IPPROTO_UDP
+WAKE_SIGNAL = signal.SIGUSR2    # interrupts a thread's NOTIF_RECV on stop()
+THREAD_STACK = 256 * 1024
+
+
+class Answered(NamedTuple):
+    """One socket() answered with a host socket."""
+    tid: int
+    fd: int          # the application's new fd number
+    inode: int
+    proto: str       # "tcp" | "udp"
+
+
+def socket_request(family: int, typ: int, proto: int) -> tuple[int, int, int] | None:
+    """(family, type, proto) of a socket() call (its three registers) that the
+    agent answers with a host socket, or None for one it lets the kernel
+    create in the container (raw, SCTP, unknown type flags). Pure."""
+    family &= 0xFFFFFFFF
+    typ &= 0xFFFFFFFF
+    proto &= 0xFFFFFFFF
+    base = typ & SOCK_TYPE_MASK
+    if (family not in (socket.AF_INET, socket.AF_INET6) or typ & ~(SOCK_TYPE_MASK | SOCK_FLAGS)
+            or base not in INET_PROTO or proto not in (0, INET_PROTO[base])):
+        return None
+    return family, typ, proto
+
+
+def answer_socket(listener: seccomp.Listener, nid: int, tid: int, args: tuple[int, ...],
+                  mark: int) -> Answered | None:
+    """Answer socket() (notification nid of thread tid, registers args) with
+    a host socket carrying `mark`, installed and returned in one step
+    (ADDFD_FLAG_SEND). Reads only the registers: no target memory, no pidfd.
+    Returns None after letting an unsupported socket() continue, or after
+    failing one the host refuses (EMFILE, EAFNOSUPPORT...) with its errno.
+    Raises NotFound if the target went away. This is the one per-connection
+    cost of socket mode: nothing here that could wait until after the answer."""
+    req = socket_request(args[0], args[1], args[2])
+    if req is None:
+        listener.continue_(nid)
+        return None
+    family, typ, proto = req
+    base = typ & SOCK_TYPE_MASK
+    try:
+        host = _socket.socket(family, base | socket.SOCK_CLOEXEC | (typ & socket.SOCK_NONBLOCK),
+                              proto)
+    except OSError as exc:
+        listener.respond(nid, error=exc.errno or errno.EIO)
+        return None
+    try:
+        host.setsockopt(socket.SOL_SOCKET, ksock.SO_MARK, mark)
+        hfd = host.fileno()
+        fd = listener.addfd(nid, hfd, cloexec=bool(typ & socket.SOCK_CLOEXEC), send=True)
+        return Answered(tid, fd, os.fstat(hfd).st_ino,
+                        "tcp" if base == graft.SOCK_STREAM else "udp")
+    finally:
+        host.close()
+
+
+class Inbox:
+    """What notifier threads hand to the agent's loop: answered sockets
+    (counted and listed; drained whenever the loop runs, no wake-up) and
+    notifications the loop must handle (these wake it through a pipe)."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def answered(self, key: int, a: Answered) -> None:
+        self._items.append((key, a))     # deque.append is atomic: no lock
+
+    def forward(self, key: int, n: seccomp.Notification) -> None:
+        self._items.append((key, n))
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:
+            pass        # the pipe is full: the loop is awake anyway
+
+    def waiting(self) -> bool:
+        return bool(self._items)
+
+    def drain(self) -> list[tuple[int, object]]:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        items = self._items
+        while items:
+            out.append(items.popleft())
+        return out
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            if fd >= 0:
+                os.close(fd)
+        self._r = self._w = -1
+
+
+def _ignore_wake(*_: object) -> None:
+    pass
+
+
+def install_wake_handler() -> bool:
+    """A no-op handler for WAKE_SIGNAL (CPython installs it without
+    SA_RESTART, so a blocked NOTIF_RECV fails with EINTR). Only possible from
+    the main thread; False elsewhere unless it is already installed (then no
+    notifier threads are used: the default action of the signal would kill
+    the agent)."""
+    if signal.getsignal(WAKE_SIGNAL) is _ignore_wake:
+        return True
+    try:
+        signal.signal(WAKE_SIGNAL, _ignore_wake)
+        return True
+    except ValueError:
+        return False
+
+
+class Notifiers:
+    """The threads answering one socket-mode listener."""
+
+    def __init__(self, key: int, listener_fd: int, mark: int, container: str, inbox: Inbox,
+                 *, threads: int = 2, enabled: Callable[[], bool] = lambda: True) -> None:
+        self.key = key
+        self.mark = mark
+        self.container = container
+        self.inbox = inbox
+        self.enabled = enabled
+        if not install_wake_handler():
+            raise AgentError("notifier threads need the wake-up signal handler, which only "
+                             "the main thread can install")
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        self._fds: list[int] = []
+        try:
+            for _ in range(threads):
+                self._fds.append(os.dup(listener_fd))
+        except OSError as exc:
+            for fd in self._fds:
+                os.close(fd)
+            raise KernelError("dup(seccomp listener)", exc.errno or errno.EMFILE) from None
+        old = threading.stack_size()
+        try:
+            threading.stack_size(THREAD_STACK)
+            for i, fd in enumerate(self._fds):
+                t = threading.Thread(target=self._run, args=(fd,), daemon=True,
+                                     name=f"notify-{container}-{i}")
+                t.start()
+                self._threads.append(t)
+        finally:
+            threading.stack_size(old)
+
+    @property
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def _run(self, fd: int) -> None:
+        try:
+            # SCHED_BATCH: normal weight, but no wakeup preemption. When its
+            # ADDFD completes, this thread must not preempt the task it just
+            # answered (on the same CPU) for its bookkeeping.
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:
+            pass
+        listener = seccomp.Listener(fd)
+        recv, answered, forward = listener.recv_raw, self.inbox.answered, self.inbox.forward
+        key, mark, enabled = self.key, self.mark, self.enabled
+        try:
+            while not self._stop:
+                try:
+                    v = recv()
+                except InterruptedError:
+                    continue
+                except NotFound:
+                    if listener.poll(0) & select.POLLHUP:
+                        return          # every filtered task exited
+                    continue            # the target died between wake-up and recv
+                except KernelError as exc:
+                    log.warning("%s: NOTIF_RECV failed: %s", self.container, exc)
+                    return
+                if v[3] != seccomp.SYS_SOCKET or v[4] != seccomp.AUDIT_ARCH_X86_64 \
+                        or not enabled():
+                    forward(key, seccomp.notif_of(v))
+                    continue
+                try:
+                    a = answer_socket(listener, v[0], v[1], v[6:9], mark)
+                except NotFound:
+                    continue
+                except KernelError as exc:
+                    log.warning("%s pid %d socket: %s", self.container, v[1], exc)
+                    try:
+                        listener.respond(v[0], error=exc.errno or errno.EIO)
+                    except (NotFound, KernelError):
+                        pass
+                    continue
+                if a is not None:
+                    answered(key, a)
+        finally:
+            listener.close()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Interrupt and join the threads (each closes its own fd)."""
+        self._stop = True
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            while t.is_alive() and time.monotonic() < deadline:
+                try:
+                    signal.pthread_kill(t.ident, WAKE_SIGNAL)
+                except ProcessLookupError:
+                    break
+                t.join(0.05)
+            if t.is_alive():
+                log.warning("%s: notifier thread %s did not stop", self.container, t.name)

@@ -1,0 +1,216 @@
+"""Notifier threads against real seccomp listeners: a child in its own network
+namespace gets host sockets (this process's namespace) with the container's
+mark; what the threads do not answer reaches the loop; the threads end when
+the child is gone or when they are stopped, and leave no fd behind."""
+
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from sockgraft.agent import notifiers
+from sockgraft.kernel import seccomp
+
+pytestmark = pytest.mark.priv
+
+MARK = 0x53470042
+SIOCGSKNS = 0x894C
+CLONE_NEWNET = 0x40000000
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _spawn(body, trap_listen=False):
+    """Fork a child that enters a new netns, installs a socket() (and maybe
+    listen()) trap, hands the listener over, waits for go, runs body(w) and
+    exits; returns (pid, listener fd, go socket, report pipe)."""
+    parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            parent_sp.close()
+            os.close(r)
+            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            trap = {seccomp.SYS_SOCKET: seccomp.ArgMatch(0, frozenset({2, 10}))}
+            if trap_listen:
+                trap[seccomp.SYS_LISTEN] = None
+            fd = seccomp.install_filter(seccomp.build_filter(
+                seccomp.FilterSpec(trap=trap, deny_errno={})))
+            socket.send_fds(child_sp, [b"L"], [fd])
+            os.close(fd)
+            child_sp.recv(1)
+            body(w)
+        except BaseException:  # noqa: BLE001 - report through the exit code
+            code = 3
+        finally:
+            os._exit(code)
+    child_sp.close()
+    os.close(w)
+    _, fds, _, _ = socket.recv_fds(parent_sp, 16, 1)
+    return pid, fds[0], parent_sp, r
+
+
+def _read_all(r) -> bytes:
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    return out
+
+
+def _wait_gone(threads, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while threads.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads.alive
+
+
+def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child():
+    def body(w):
+        out = []
+        for family, typ in ((2, 1), (10, 2), (2, 1 | socket.SOCK_NONBLOCK)):
+            s = socket.socket(family, typ)
+            ns = os.fstat(fcntl.ioctl(s.fileno(), SIOCGSKNS)).st_ino
+            out.append(struct.pack("QII", ns, s.getsockopt(socket.SOL_SOCKET, 36),
+                                   bool(os.get_blocking(s.fileno()))))
+            s.close()
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        ns = os.fstat(fcntl.ioctl(raw.fileno(), SIOCGSKNS)).st_ino
+        out.append(struct.pack("QII", ns, raw.getsockopt(socket.SOL_SOCKET, 36), 1))
+        os.write(w, b"".join(out))
+
+    before = _fds()
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body)
+    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=2)
+    sp.send(b"g")
+    data = _read_all(r)
+    rows = [struct.unpack_from("QII", data, i) for i in range(0, len(data), 16)]
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    host_ns = os.stat("/proc/self/ns/net").st_ino
+    assert [row[:2] for row in rows[:3]] == [(host_ns, MARK)] * 3
+    assert [row[2] for row in rows[:3]] == [1, 1, 0]          # SOCK_NONBLOCK kept
+    assert rows[3][0] != host_ns and rows[3][1] == 0           # raw: the child's own
+    assert _wait_gone(threads) == 0, "threads outlived every filtered task"
+    items = inbox.drain()
+    # two threads: the hand-over order is not the call order
+    assert sorted((k, a.proto) for k, a in items) == [(fd, "tcp"), (fd, "tcp"), (fd, "udp")]
+    assert all(isinstance(a, notifiers.Answered) and a.tid == pid for _, a in items)
+    os.close(fd)
+    sp.close()
+    inbox.close()
+    assert _fds() == before
+
+
+def test_other_calls_reach_the_loop_which_answers_them():
+    def body(w):
+        s = socket.socket()
+        try:
+            s.listen(1)
+            os.write(w, b"listened")
+        except OSError as exc:
+            os.write(w, str(exc.errno).encode())
+
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body, trap_listen=True)
+    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=2)
+    loop = seccomp.Listener(fd)
+    sp.send(b"g")
+    deadline = time.monotonic() + 5
+    forwarded = []
+    while not forwarded and time.monotonic() < deadline:
+        forwarded = [n for _, n in inbox.drain() if isinstance(n, seccomp.Notification)]
+        time.sleep(0.005)
+    assert [n.nr for n in forwarded] == [seccomp.SYS_LISTEN]
+    loop.respond(forwarded[0].id, error=13)
+    assert _read_all(r) == b"13"
+    os.waitpid(pid, 0)
+    assert _wait_gone(threads) == 0
+    loop.close()
+    sp.close()
+    inbox.close()
+
+
+def test_disabled_threads_forward_socket_calls_too():
+    """enabled() false (a container without a config): socket() goes to the
+    loop, which lets the child create its own socket."""
+    def body(w):
+        s = socket.socket()
+        os.write(w, struct.pack("I", s.getsockopt(socket.SOL_SOCKET, 36)))
+
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body)
+    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=1, enabled=lambda: False)
+    loop = seccomp.Listener(fd)
+    sp.send(b"g")
+    deadline = time.monotonic() + 5
+    got = []
+    while not got and time.monotonic() < deadline:
+        got = inbox.drain()
+        time.sleep(0.005)
+    assert [n.nr for _, n in got] == [seccomp.SYS_SOCKET]
+    loop.continue_(got[0][1].id)
+    assert struct.unpack("I", _read_all(r)) == (0,)
+    os.waitpid(pid, 0)
+    threads.stop()
+    loop.close()
+    sp.close()
+    inbox.close()
+
+
+def test_stop_interrupts_threads_blocked_in_recv_and_closes_their_fds():
+    def body(w):
+        time.sleep(30)
+
+    notifiers.install_wake_handler()
+    before = _fds()
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body)
+    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=3)
+    sp.send(b"g")
+    time.sleep(0.1)
+    assert threads.alive == 3
+    t0 = time.monotonic()
+    threads.stop()
+    assert threads.alive == 0 and time.monotonic() - t0 < 2
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    os.close(r)
+    sp.close()
+    inbox.close()
+    assert _fds() == before
+
+
+def test_many_sockets_all_answered_without_leaks():
+    n = 3000
+
+    def body(w):
+        for _ in range(n):
+            socket.socket().close()
+        os.write(w, b"ok")
+
+    before = _fds()
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body)
+    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=2)
+    sp.send(b"g")
+    assert _read_all(r) == b"ok"
+    os.waitpid(pid, 0)
+    assert _wait_gone(threads) == 0
+    items = inbox.drain()
+    assert len(items) == n and all(isinstance(a, notifiers.Answered) for _, a in items)
+    os.close(fd)
+    sp.close()
+    inbox.close()
+    assert _fds() == before

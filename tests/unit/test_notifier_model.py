@@ -1,0 +1,66 @@
+"""The pure parts of the socket() fast path: which socket() calls get a host
+socket, and the hand-over box between notifier threads and the loop."""
+
+import os
+import select
+import socket
+
+import pytest
+
+from sockgraft.agent import notifiers
+from sockgraft.kernel import seccomp
+
+NB, CX = socket.SOCK_NONBLOCK, socket.SOCK_CLOEXEC
+
+
+@pytest.mark.parametrize("args,want", [
+    ((2, 1, 0), (2, 1, 0)),                     # AF_INET SOCK_STREAM
+    ((10, 2, 0), (10, 2, 0)),                   # AF_INET6 SOCK_DGRAM
+    ((2, 1, 6), (2, 1, 6)),                     # explicit IPPROTO_TCP
+    ((2, 2, 17), (2, 2, 17)),                   # explicit IPPROTO_UDP
+    ((2, 1 | NB | CX, 0), (2, 1 | NB | CX, 0)),  # flags are kept
+    ((2, 1, 17), None),                         # stream with UDP: the kernel's EPROTONOSUPPORT
+    ((2, 1, 132), None),                        # SCTP
+    ((2, 3, 1), None),                          # raw ICMP
+    ((2, 5, 0), None),                          # SOCK_SEQPACKET
+    ((2, 1 | 0x100, 0), None),                  # unknown type flag
+    ((1, 1, 0), None),                          # AF_UNIX is never trapped, but refused anyway
+    ((2 | (1 << 32), 1 | (7 << 32), 0), (2, 1, 0)),   # upper register halves are ignored
+])
+def test_which_socket_calls_get_a_host_socket(args, want):
+    assert notifiers.socket_request(*args) == want
+
+
+def test_inbox_wakes_the_loop_only_for_forwarded_notifications():
+    box = notifiers.Inbox()
+    try:
+        poller = select.poll()
+        poller.register(box.fileno(), select.POLLIN)
+        box.answered(7, notifiers.Answered(100, 5, 1234, "tcp"))
+        assert box.waiting()
+        assert poller.poll(0) == []             # answered sockets wait for the next turn
+        n = seccomp.Notification(1, 100, 0, seccomp.SYS_BIND, seccomp.AUDIT_ARCH_X86_64, 0,
+                                 (3, 0, 16, 0, 0, 0))
+        box.forward(7, n)
+        assert poller.poll(0)                   # a forwarded one wakes the loop
+        items = box.drain()
+        assert items == [(7, notifiers.Answered(100, 5, 1234, "tcp")), (7, n)]
+        assert not box.waiting() and poller.poll(0) == []
+        for i in range(100_000):                # a full pipe never blocks a thread
+            box.forward(1, n)
+        assert len(box.drain()) == 100_000
+    finally:
+        box.close()
+    assert box.fileno() == -1
+
+
+def test_notifier_thread_count_is_bounded(tmp_path):
+    from sockgraft.agent.engine import Agent
+    from sockgraft.agent.store import ConfigStore
+    from sockgraft.errors import AgentError
+    with pytest.raises(AgentError, match="0..16"):
+        Agent(str(tmp_path / "a.sock"), ConfigStore(str(tmp_path)), notifier_threads=17)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(AgentError):
+        Agent(str(tmp_path / "a.sock"), ConfigStore(str(tmp_path)), notifier_threads=-1)
+    assert len(os.listdir("/proc/self/fd")) == fds
