@@ -102,7 +102,7 @@ def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child():
     assert [row[2] for row in rows[:3]] == [1, 1, 0]          # SOCK_NONBLOCK kept
     assert rows[3][0] != host_ns and rows[3][1] == 0           # raw: the child's own
     assert _wait_gone(threads) == 0, "threads outlived every filtered task"
-    items = inbox.drain()
+    items = [(k, notifiers.unpack_answer(a)) for k, a in inbox.drain()]
     # two threads: the hand-over order is not the call order
     assert sorted((k, a.proto) for k, a in items) == [(fd, "tcp"), (fd, "tcp"), (fd, "udp")]
     assert all(isinstance(a, notifiers.Answered) and a.tid == pid for _, a in items)
@@ -209,7 +209,9 @@ def test_many_sockets_all_answered_without_leaks():
     os.waitpid(pid, 0)
     assert _wait_gone(threads) == 0
     items = inbox.drain()
-    assert len(items) == n and all(isinstance(a, notifiers.Answered) for _, a in items)
+    answers = [notifiers.unpack_answer(a) for _, a in items]
+    assert len(answers) == n and {a.tid for a in answers} == {pid}
+    assert len({a.inode for a in answers}) > 1      # fresh host sockets, not one reused
     os.close(fd)
     sp.close()
     inbox.close()

@@ -31,12 +31,21 @@ def test_which_socket_calls_get_a_host_socket(args, want):
     assert notifiers.socket_request(*args) == want
 
 
+@pytest.mark.parametrize("tid,fd,inode,udp", [
+    (1, 0, 0, False), (4194304, 1048575, 0xFFFFFFFF, True), (123456, 3, 987654321, False),
+    (2**31, 2**31, 2**31, True)])
+def test_answers_pack_into_one_int_and_back(tid, fd, inode, udp):
+    packed = notifiers.pack_answer(tid, fd, inode, udp)
+    assert isinstance(packed, int)
+    assert notifiers.unpack_answer(packed) == (tid, fd, inode, "udp" if udp else "tcp")
+
+
 def test_inbox_wakes_the_loop_only_for_forwarded_notifications():
     box = notifiers.Inbox()
     try:
         poller = select.poll()
         poller.register(box.fileno(), select.POLLIN)
-        box.answered(7, notifiers.Answered(100, 5, 1234, "tcp"))
+        box.answered(7, notifiers.pack_answer(100, 5, 1234, False))
         assert box.waiting()
         assert poller.poll(0) == []             # answered sockets wait for the next turn
         n = seccomp.Notification(1, 100, 0, seccomp.SYS_BIND, seccomp.AUDIT_ARCH_X86_64, 0,
@@ -44,7 +53,7 @@ def test_inbox_wakes_the_loop_only_for_forwarded_notifications():
         box.forward(7, n)
         assert poller.poll(0)                   # a forwarded one wakes the loop
         items = box.drain()
-        assert items == [(7, notifiers.Answered(100, 5, 1234, "tcp")), (7, n)]
+        assert items == [(7, notifiers.pack_answer(100, 5, 1234, False)), (7, n)]
         assert not box.waiting() and poller.poll(0) == []
         for i in range(100_000):                # a full pipe never blocks a thread
             box.forward(1, n)

@@ -578,7 +578,8 @@ class Agent:
         if a is not None:
             self._count_answered(sess, a)
 
-    def _count_answered(self, sess: Session, a: notifiers.Answered) -> None:
+    def _count_answered(self, sess: Session, packed: int) -> None:
+        a = notifiers.unpack_answer(packed)
         self._count_graft(sess, GraftedSocket(sess.container, a.tid, a.fd, a.inode, a.proto,
                                               "socket", "", "", "", time.time()))
 
@@ -587,7 +588,7 @@ class Agent:
         the sockets they answered, handle the notifications they forwarded."""
         for key, item in self.inbox.drain():
             sess = self.sessions.get(key)
-            if isinstance(item, notifiers.Answered):
+            if isinstance(item, int):
                 if sess is not None:
                     self._count_answered(sess, item)
             elif sess is not None:

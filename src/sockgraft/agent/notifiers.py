@@ -62,6 +62,17 @@ class Answered(NamedTuple):
     proto: str       # "tcp" | "udp"
 
 
+def pack_answer(tid: int, fd: int, inode: int, udp: bool) -> int:
+    """An answered socket as one int: what a notifier thread hands over per
+    socket costs no object the garbage collector has to track. Pure."""
+    return (tid << 65) | ((fd & 0xFFFFFFFF) << 33) | ((inode & 0xFFFFFFFF) << 1) | bool(udp)
+
+
+def unpack_answer(x: int) -> Answered:
+    return Answered(x >> 65, (x >> 33) & 0xFFFFFFFF, (x >> 1) & 0xFFFFFFFF,
+                    "udp" if x & 1 else "tcp")
+
+
 def socket_request(family: int, typ: int, proto: int) -> tuple[int, int, int] | None:
     """(family, type, proto) of a socket() call (its three registers) that the
     agent answers with a host socket, or None for one it lets the kernel
@@ -76,33 +87,75 @@ def socket_request(family: int, typ: int, proto: int) -> tuple[int, int, int] | 
     return family, typ, proto
 
 
+class Spare:
+    """One host socket made ahead of time, of the kind last asked for: the
+    next socket() of that kind is answered without creating one while the
+    application waits. Refilled after each answer, when nobody waits (a
+    SCHED_BATCH notifier thread does not preempt the task it answered)."""
+
+    __slots__ = ("req", "sock")
+
+    def __init__(self) -> None:
+        self.req: tuple[int, int, int] | None = None
+        self.sock: _socket.socket | None = None
+
+    def refill(self, req: tuple[int, int, int], mark: int) -> None:
+        if self.sock is not None:
+            if req == self.req:
+                return
+            self.sock.close()
+            self.sock = None
+        try:
+            self.sock = host_socket(req, mark)
+            self.req = req
+        except OSError:
+            pass        # EMFILE and the like: answered the slow way next time
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def host_socket(req: tuple[int, int, int], mark: int) -> _socket.socket:
+    """The host socket that answers socket() request `req` (socket_request):
+    close-on-exec on our side, the application's SOCK_NONBLOCK, the mark."""
+    family, typ, proto = req
+    host = _socket.socket(family, (typ & SOCK_TYPE_MASK) | socket.SOCK_CLOEXEC
+                          | (typ & socket.SOCK_NONBLOCK), proto)
+    try:
+        host.setsockopt(socket.SOL_SOCKET, ksock.SO_MARK, mark)
+    except OSError:
+        host.close()
+        raise
+    return host
+
+
 def answer_socket(listener: seccomp.Listener, nid: int, tid: int, args: tuple[int, ...],
-                  mark: int) -> Answered | None:
+                  mark: int) -> int | None:
     """Answer socket() (notification nid of thread tid, registers args) with
     a host socket carrying `mark`, installed and returned in one step
     (ADDFD_FLAG_SEND). Reads only the registers: no target memory, no pidfd.
     Returns None after letting an unsupported socket() continue, or after
     failing one the host refuses (EMFILE, EAFNOSUPPORT...) with its errno.
     Raises NotFound if the target went away. This is the one per-connection
-    cost of socket mode: nothing here that could wait until after the answer."""
+    cost of socket mode: nothing here that could wait until after the answer.
+    Returns the answer as `pack_answer` packs it."""
     req = socket_request(args[0], args[1], args[2])
     if req is None:
         listener.continue_(nid)
         return None
-    family, typ, proto = req
-    base = typ & SOCK_TYPE_MASK
+    typ = req[1]
     try:
-        host = _socket.socket(family, base | socket.SOCK_CLOEXEC | (typ & socket.SOCK_NONBLOCK),
-                              proto)
+        host = host_socket(req, mark)
     except OSError as exc:
         listener.respond(nid, error=exc.errno or errno.EIO)
         return None
     try:
-        host.setsockopt(socket.SOL_SOCKET, ksock.SO_MARK, mark)
         hfd = host.fileno()
         fd = listener.addfd(nid, hfd, cloexec=bool(typ & socket.SOCK_CLOEXEC), send=True)
-        return Answered(tid, fd, os.fstat(hfd).st_ino,
-                        "tcp" if base == graft.SOCK_STREAM else "udp")
+        return pack_answer(tid, fd, os.fstat(hfd).st_ino,
+                           typ & SOCK_TYPE_MASK != graft.SOCK_STREAM)
     finally:
         host.close()
 
@@ -119,8 +172,8 @@ class Inbox:
     def fileno(self) -> int:
         return self._r
 
-    def answered(self, key: int, a: Answered) -> None:
-        self._items.append((key, a))     # deque.append is atomic: no lock
+    def answered(self, key: int, packed: int) -> None:
+        self._items.append((key, packed))     # deque.append is atomic: no lock
 
     def forward(self, key: int, n: seccomp.Notification) -> None:
         self._items.append((key, n))
@@ -217,8 +270,11 @@ class Notifiers:
         except OSError:
             pass
         listener = seccomp.Listener(fd)
-        recv, answered, forward = listener.recv_raw, self.inbox.answered, self.inbox.forward
+        spare = Spare()
+        recv, addfd = listener.recv_raw, listener.addfd
+        answered, forward = self.inbox.answered, self.inbox.forward
         key, mark, enabled = self.key, self.mark, self.enabled
+        sys_socket, arch = seccomp.SYS_SOCKET, seccomp.AUDIT_ARCH_X86_64
         try:
             while not self._stop:
                 try:
@@ -232,12 +288,28 @@ class Notifiers:
                 except KernelError as exc:
                     log.warning("%s: NOTIF_RECV failed: %s", self.container, exc)
                     return
-                if v[3] != seccomp.SYS_SOCKET or v[4] != seccomp.AUDIT_ARCH_X86_64 \
-                        or not enabled():
+                if v[3] != sys_socket or v[4] != arch or not enabled():
                     forward(key, seccomp.notif_of(v))
                     continue
+                req = (v[6] & 0xFFFFFFFF, v[7] & 0xFFFFFFFF, v[8] & 0xFFFFFFFF)
                 try:
-                    a = answer_socket(listener, v[0], v[1], v[6:9], mark)
+                    if req == spare.req and spare.sock is not None:
+                        # the common case, kept lean: the application waits
+                        host, spare.sock = spare.sock, None
+                        try:
+                            hfd = host.fileno()
+                            nfd = addfd(v[0], hfd, cloexec=bool(req[1] & socket.SOCK_CLOEXEC),
+                                        send=True)
+                            answered(key, pack_answer(v[1], nfd, os.fstat(hfd).st_ino,
+                                                      req[1] & SOCK_TYPE_MASK != graft.SOCK_STREAM))
+                        finally:
+                            host.close()
+                    else:
+                        a = answer_socket(listener, v[0], v[1], req, mark)
+                        if a is None:
+                            continue
+                        answered(key, a)
+                    spare.refill(req, mark)
                 except NotFound:
                     continue
                 except KernelError as exc:
@@ -246,10 +318,8 @@ class Notifiers:
                         listener.respond(v[0], error=exc.errno or errno.EIO)
                     except (NotFound, KernelError):
                         pass
-                    continue
-                if a is not None:
-                    answered(key, a)
         finally:
+            spare.close()
             listener.close()
 
     def stop(self, timeout: float = 2.0) -> None:

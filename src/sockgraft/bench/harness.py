@@ -40,7 +40,7 @@ from typing import Callable
 from ..agent.store import ConfigStore
 from ..errors import SockgraftError
 from ..lab import agents, builder, grafts
-from ..lab.traffic import Place, popen_in, wait_listening
+from ..lab.traffic import Place, wait_listening
 from ..model import graftconfig as gc
 from ..model.endpoint import make_endpoint, parse_egress, parse_ingress
 from ..model.topology import parse_topology
@@ -164,11 +164,20 @@ class ProgressBar:
         self.out.flush()
 
 
-def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> dict:
-    """One server + one client run; returns {"metrics", "raw"} or raises."""
-    server = popen_in(run.server, wl.server_argv(run.server_port, workdir),
-                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                      start_new_session=True, cwd=workdir)
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """argv run on one CPU (taskset; its children inherit it), or as is."""
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str],
+            pin: int | None = None) -> dict:
+    """One server + one client run; returns {"metrics", "raw"} or raises.
+    pin: run both ends on that CPU (the agents stay where the scheduler
+    puts them)."""
+    server = subprocess.Popen(pinned(run.server.command(wl.server_argv(run.server_port,
+                                                                        workdir)), pin),
+                              preexec_fn=run.server.preexec(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
     try:
         wait_listening(*run.listen, timeout=10, proto=wl.proto)
         if run.overlay:
@@ -177,6 +186,7 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> 
         cmd = client.command(wl.client_argv(run.target, run.target_port, seconds, workdir))
         if client.graft is not None and wl.udp_sendto and client.graft_at != "socket":
             cmd.insert(cmd.index("--"), "--udp-sendto")   # an unconnected UDP sender
+        cmd = pinned(cmd, pin)
         before = _cpu_busy_jiffies()
         proc = subprocess.run(cmd, preexec_fn=client.preexec(), capture_output=True, text=True,
                               timeout=seconds * 4 + 60, cwd=workdir)
@@ -191,8 +201,13 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str]) -> 
 
 
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
-        out_dir: str = "bench-out", progress: Progress | None = None) -> dict:
+        out_dir: str = "bench-out", progress: Progress | None = None,
+        pin: int | None = None) -> dict:
     from . import workloads as wmod
+    if pin is not None and pin not in os.sched_getaffinity(0):
+        from ..errors import ConfigError
+        raise ConfigError(f"--pin {pin}: not a CPU this process may use "
+                          f"({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
     names = list(workload_names or wmod.WORKLOADS)
     unknown = [n for n in names if n not in wmod.WORKLOADS] + [p for p in paths
                                                                 if p not in PATHS]
@@ -231,7 +246,7 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
                     workdir = tempfile.mkdtemp(prefix="sgbench-")
                     raw_name = f"r{rnd}-{name}-{path}.txt"
                     try:
-                        res = measure(wl, runs_of[path], seconds, workdir, tools)
+                        res = measure(wl, runs_of[path], seconds, workdir, tools, pin)
                         runs.append({"round": rnd, "workload": name, "path": path,
                                      "metrics": res["metrics"], "raw": f"raw/{raw_name}"})
                         raw_text = res["raw"]
@@ -247,7 +262,8 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
         for cfg in configs:
             store.delete(cfg.container)
         builder.down(lab)
-    results = report.build(runs, {"rounds": rounds, "seconds": seconds, "paths": list(paths),
+    results = report.build(runs, {"rounds": rounds, "seconds": seconds, "pin": pin,
+                                  "paths": list(paths),
                                   "workloads": names, "failures": failures,
                                   "duration_s": round(time.monotonic() - t0, 1)})
     report.write_outputs(results, out_dir)

@@ -74,7 +74,11 @@ def render(results: dict) -> str:
     lines = ["# sockgraft benchmark report", "",
              f"Machine: {m.get('cpus')} vCPU {m.get('cpu', '')}, {m.get('memory', '')}, "
              f"Linux {m.get('kernel', '')}. {results.get('rounds')} round(s) of "
-             f"{results.get('seconds')} s per measure, paths interleaved round by round.", "",
+             f"{results.get('seconds')} s per measure, paths interleaved round by round. "
+             + ("Client and server of every run on one vCPU "
+                f"(`--pin {results['pin']}`): no cross-vCPU wake-ups in the figures."
+                if results.get("pin") is not None else
+                "Client and server wherever the scheduler puts them."), "",
              "Only ratios within one run are stable: client, server, agent and every network "
              "stack share the same cores, and absolute figures wander between runs. Ratios "
              "are medians of per-round ratios.", ""]

@@ -25,6 +25,7 @@ examples:
   sockgraft bench --paths graft-remote vxlan host-underlay --workloads iperf3 redis
   sockgraft bench report results                re-render report.md and plots from results.json
   sockgraft bench engine                        the grafting engine's own figures
+  sockgraft bench --pin 1 --out results-pinned  both ends of every measure on CPU 1
 
 Paths: host-loopback host-underlay bridge nat vxlan graft-local graft-remote.
 Workloads: iperf3 sockperf-tcp sockperf-udp crr http-close http-keepalive memcached redis.
@@ -44,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int)
     p.add_argument("--seconds", type=int, help="per run (whole seconds)")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.add_argument("--pin", type=int, metavar="CPU",
+                   help="run client and server of every measure on this CPU: request/response "
+                        "figures then show the network path, not the cost of waking an idle "
+                        "vCPU (large on VMs without halt polling); agents are not pinned")
     p.set_defaults(func=cmd_bench, needs_root=True)
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     r = bsub.add_parser("report", help="re-render report and plots from DIR/results.json",
@@ -84,7 +89,7 @@ def cmd_bench(args) -> int:
         raise ConfigError("accepted: --rounds >= 1, --seconds >= 1")
     workloads = args.workloads or (list(harness.QUICK_WORKLOADS) if args.quick else None)
     results = harness.run(tuple(args.paths or harness.PATHS), workloads, rounds, seconds,
-                          args.out)
+                          args.out, pin=args.pin)
     print(f"{len(results['runs'])} runs, {len(results['failures'])} failed, "
           f"{results['duration_s']:.0f} s; report: {args.out}/report.md")
     for r in results["ratios"]:
