@@ -88,3 +88,21 @@ def test_port_offsets_never_hit_another_published_port():
             assert (p + off) not in used, (w, p + off, used.get(p + off))
         for off in range(4):
             used[p + off] = w
+
+
+def test_pinned_runs_say_so_in_the_report_and_wrap_argv():
+    assert harness.pinned(["iperf3", "-s"], None) == ["iperf3", "-s"]
+    assert harness.pinned(["iperf3", "-s"], 1) == ["taskset", "-c", "1", "iperf3", "-s"]
+    spread = report.render(report.build(_runs(), {"rounds": 3, "seconds": 3, "pin": None}))
+    pinned = report.render(report.build(_runs(), {"rounds": 3, "seconds": 3, "pin": 1}))
+    assert "wherever the scheduler puts them" in spread and "--pin 1" not in spread
+    assert "on one vCPU (`--pin 1`)" in pinned
+
+
+def test_pin_to_a_cpu_we_may_not_use_is_refused_before_anything_is_built(tmp_path):
+    import os
+    from sockgraft.errors import ConfigError
+    bad = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ConfigError, match=f"--pin {bad}"):
+        harness.run(("host-loopback",), ["iperf3"], out_dir=str(tmp_path / "out"), pin=bad)
+    assert not (tmp_path / "out").exists()
