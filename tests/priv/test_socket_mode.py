@@ -160,10 +160,11 @@ def test_agent_restart_keeps_kernel_judging_and_grafting(slab):
     # no agent: the pinned programs still judge connects of grafted sockets
     h1 = slab.plan.node("h1")
     assert echo(h1.netns, "198.18.0.1", 8081, b"one") == b"one"  # grafted listener serves on
-    slab.start_agent("h1")
+    # back without notifier threads: the agent's loop answers socket() itself
+    slab.start_agent("h1", "--notifier-threads", "0")
     with EchoServer(h2.netns, "0.0.0.0", 7330):
         r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7330)
-    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+    assert r["connect_errno"] == 0 and r["echo"] == "ping" and _grafted(r["mark"])
     r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7399)
     assert r["connect_errno"] == "EPERM"
     assert echo(h1.netns, "198.18.0.1", 8081, b"two") == b"two"
@@ -214,3 +215,42 @@ def test_uninstall_removes_pins_and_cgroup_only_when_stopped(tmp_path):
     assert bpf.leftovers("default") == []
     from sockgraft.kernel import nft
     assert "sockgraft" not in nft.list_tables(None, "inet")
+
+
+def test_sockets_answered_by_notifier_threads_are_counted_and_listed(slab):
+    """socket() answered by the container's two notifier threads: `stats`
+    shows them and counts every socket, `sockets` lists the open ones (what
+    the threads hand to the agent's loop), and both forget them at exit."""
+    import json
+    import subprocess
+    import sys
+    hold = ("import socket, sys\n"
+            "s = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]\n"
+            "print('ready', len(s), flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", "h1-c1", "--lab",
+         slab.plan.name, "--graft-at", "socket", "--", sys.executable, "-c", hold],
+        env=slab.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=True)
+    slab.procs.append(proc)
+    assert proc.stdout.readline().strip() == "ready 40"
+    agent = slab.agent_socket("h1")
+    def containers():
+        (stats,) = json.loads(slab.sg("stats", "--json", "--agent", agent).stdout).values()
+        return [c for c in stats["containers"] if c["container"] == "h1-c1"]
+
+    mine = containers()
+    assert len(mine) == 1 and mine[0]["graft_at"] == "socket"
+    assert mine[0]["notifier_threads"] == 2 and mine[0]["grafted"] >= 40
+    rows = [r for r in json.loads(slab.sg("sockets", "--json", "--agent", agent).stdout)
+            if r["container"] == "h1-c1"]
+    assert len(rows) == 40 and {r["kind"] for r in rows} == {"socket"}
+    assert len({r["inode"] for r in rows}) == 40 and {r["proto"] for r in rows} == {"udp"}
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while containers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not containers()
+    rows = json.loads(slab.sg("sockets", "--json", "--agent", agent).stdout)
+    assert not [r for r in rows if r["container"] == "h1-c1"]

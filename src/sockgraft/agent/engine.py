@@ -1261,8 +1261,10 @@ class Agent:
         return {"counters": self.totals.as_dict(), "kernel": kernel,
                 "kernel_error": self.bpf_error or None, "oci": oci_stats,
                 "containers": [{"container": s.container, "pid": s.pid, "mark": s.mark,
-                                "configured": s.config is not None,
-                                **s.counters.as_dict()} for s in self.sessions.values()],
+                                "configured": s.config is not None, "graft_at": s.graft_at,
+                                "notifier_threads": (self.notifiers[k].alive
+                                                     if k in self.notifiers else 0),
+                                **s.counters.as_dict()} for k, s in self.sessions.items()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
 
 

@@ -505,6 +505,8 @@ def cmd_stats(args) -> int:
         elif r.get("kernel_error"):
             print(f"  in-kernel programs off: {r['kernel_error']}")
         for s in r["containers"]:
+            threads = (f"  notifier threads {s['notifier_threads']}"
+                       if s.get("notifier_threads") else "")
             print(f"  {s['container']:12s} pid {s['pid']:<7d} grafted {s['grafted']}  "
-                  f"passed {s['passed']}  denied {s['denied']}  errors {s['errors']}")
+                  f"passed {s['passed']}  denied {s['denied']}  errors {s['errors']}{threads}")
     return 0
