@@ -11,13 +11,16 @@ SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP puts it on the trapping task's CPU
 (WF_CURRENT_CPU): no idle vCPU is woken. Two threads per listener, so that
 one always waits in RECV while the other waits for its ADDFD to complete.
 Measured on this project's 2 vCPU VM: 75-90 us per trapped socket() from the
-epoll loop, 34 us from two such threads (docs/benchmarks.md).
+epoll loop, 34-45 us from two such threads (docs/benchmarks.md). They run
+SCHED_BATCH (no wakeup preemption: after its ADDFD a thread must not preempt
+the task it answered, which usually runs on the same CPU).
 
 What the threads do: socket() of an inet stream/datagram socket is answered
-here (`answer_socket`: a marked host socket, installed and returned in one
-ADDFD_FLAG_SEND). Everything else they receive (bind, listen) is forwarded to
-the agent's single loop, which owns all other state: threads only read a
-session's fields and hand records over through `Inbox`.
+here with a marked host socket, installed and returned in one
+ADDFD_FLAG_SEND - from a `Spare` made ahead of time when the kind matches the
+last one, else by `answer_socket`. Everything else they receive (bind,
+listen) is forwarded to the agent's single loop, which owns all other state:
+threads only read a session's fields and hand records over through `Inbox`.
 
 Each thread owns a dup of the listener fd (its own buffers, and no fd number
 that the loop could close and reuse under it). Threads end when every filtered
@@ -36,8 +39,8 @@ import select
 import signal
 import socket
 import threading
-import _socket
 import time
+import _socket
 from typing import Callable, NamedTuple
 
 from ..errors import AgentError, KernelError, NotFound
