@@ -91,7 +91,7 @@ def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child():
     before = _fds()
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=2)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2)
     sp.send(b"g")
     data = _read_all(r)
     rows = [struct.unpack_from("QII", data, i) for i in range(0, len(data), 16)]
@@ -123,7 +123,7 @@ def test_other_calls_reach_the_loop_which_answers_them():
 
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body, trap_listen=True)
-    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=2)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2)
     loop = seccomp.Listener(fd)
     sp.send(b"g")
     deadline = time.monotonic() + 5
@@ -150,7 +150,7 @@ def test_disabled_threads_forward_socket_calls_too():
 
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=1, enabled=lambda: False)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=1, enabled=lambda: False)
     loop = seccomp.Listener(fd)
     sp.send(b"g")
     deadline = time.monotonic() + 5
@@ -176,7 +176,7 @@ def test_stop_interrupts_threads_blocked_in_recv_and_closes_their_fds():
     before = _fds()
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=3)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=3)
     sp.send(b"g")
     time.sleep(0.1)
     assert threads.alive == 3
@@ -203,7 +203,7 @@ def test_many_sockets_all_answered_without_leaks():
     before = _fds()
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, fd, MARK, "t", inbox, threads=2)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2)
     sp.send(b"g")
     assert _read_all(r) == b"ok"
     os.waitpid(pid, 0)

@@ -440,8 +440,8 @@ class Agent:
         if graft_at == "socket" and self.notifier_threads:
             try:
                 threads = notifiers.Notifiers(
-                    key, key, mark, container, self.inbox, threads=self.notifier_threads,
-                    enabled=lambda: sess.config is not None and self.bpf is not None)
+                    key, mark, container, self.inbox, threads=self.notifier_threads,
+                    enabled=lambda: self._grafts_sockets(sess))
             except SockgraftError as exc:
                 log.warning("%s: socket() answered from the loop only: %s", container, exc)
         if threads is not None:
@@ -571,12 +571,17 @@ class Agent:
         """graft_at = socket: answer socket() with a host socket carrying the
         container's mark (notifiers.answer_socket). Normally the session's
         notifier threads do this; the loop does it when they are off."""
-        if sess.graft_at != "socket" or sess.config is None or self.bpf is None:
+        if not self._grafts_sockets(sess):
             self._continue(sess, n.id)      # unconfigured: the container's own socket
             return
         a = notifiers.answer_socket(sess.listener, n.id, n.pid, n.args, sess.mark)
         if a is not None:
             self._count_answered(sess, a)
+
+    def _grafts_sockets(self, sess: Session) -> bool:
+        """Does socket() of this session get a host socket (read by notifier
+        threads too: attribute reads only)?"""
+        return sess.graft_at == "socket" and sess.config is not None and self.bpf is not None
 
     def _count_answered(self, sess: Session, packed: int) -> None:
         a = notifiers.unpack_answer(packed)

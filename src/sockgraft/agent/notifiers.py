@@ -102,6 +102,13 @@ class Spare:
         self.req: tuple[int, int, int] | None = None
         self.sock: _socket.socket | None = None
 
+    def take(self, req: tuple[int, int, int]) -> _socket.socket | None:
+        """The spare if it is of kind req (it is then no longer the spare)."""
+        if self.sock is None or req != self.req:
+            return None
+        sock, self.sock = self.sock, None
+        return sock
+
     def refill(self, req: tuple[int, int, int], mark: int) -> None:
         if self.sock is not None:
             if req == self.req:
@@ -148,12 +155,18 @@ def answer_socket(listener: seccomp.Listener, nid: int, tid: int, args: tuple[in
     if req is None:
         listener.continue_(nid)
         return None
-    typ = req[1]
     try:
         host = host_socket(req, mark)
     except OSError as exc:
         listener.respond(nid, error=exc.errno or errno.EIO)
         return None
+    return install(listener, nid, tid, host, req[1])
+
+
+def install(listener: seccomp.Listener, nid: int, tid: int, host: _socket.socket,
+            typ: int) -> int:
+    """Install host as the answer to socket() notification nid (type
+    register typ) and return it packed; our copy of host is closed."""
     try:
         hfd = host.fileno()
         fd = listener.addfd(nid, hfd, cloexec=bool(typ & socket.SOCK_CLOEXEC), send=True)
@@ -229,9 +242,9 @@ def install_wake_handler() -> bool:
 class Notifiers:
     """The threads answering one socket-mode listener."""
 
-    def __init__(self, key: int, listener_fd: int, mark: int, container: str, inbox: Inbox,
+    def __init__(self, listener_fd: int, mark: int, container: str, inbox: Inbox,
                  *, threads: int = 2, enabled: Callable[[], bool] = lambda: True) -> None:
-        self.key = key
+        self.key = listener_fd      # what the loop knows the session by
         self.mark = mark
         self.container = container
         self.inbox = inbox
@@ -274,7 +287,7 @@ class Notifiers:
             pass
         listener = seccomp.Listener(fd)
         spare = Spare()
-        recv, addfd = listener.recv_raw, listener.addfd
+        recv = listener.recv_raw
         answered, forward = self.inbox.answered, self.inbox.forward
         key, mark, enabled = self.key, self.mark, self.enabled
         sys_socket, arch = seccomp.SYS_SOCKET, seccomp.AUDIT_ARCH_X86_64
@@ -296,22 +309,14 @@ class Notifiers:
                     continue
                 req = (v[6] & 0xFFFFFFFF, v[7] & 0xFFFFFFFF, v[8] & 0xFFFFFFFF)
                 try:
-                    if req == spare.req and spare.sock is not None:
-                        # the common case, kept lean: the application waits
-                        host, spare.sock = spare.sock, None
-                        try:
-                            hfd = host.fileno()
-                            nfd = addfd(v[0], hfd, cloexec=bool(req[1] & socket.SOCK_CLOEXEC),
-                                        send=True)
-                            answered(key, pack_answer(v[1], nfd, os.fstat(hfd).st_ino,
-                                                      req[1] & SOCK_TYPE_MASK != graft.SOCK_STREAM))
-                        finally:
-                            host.close()
+                    host = spare.take(req)
+                    if host is not None:        # the common case: no socket to make
+                        a = install(listener, v[0], v[1], host, req[1])
                     else:
                         a = answer_socket(listener, v[0], v[1], req, mark)
                         if a is None:
                             continue
-                        answered(key, a)
+                    answered(key, a)
                     spare.refill(req, mark)
                 except NotFound:
                     continue

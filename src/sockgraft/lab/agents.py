@@ -21,10 +21,8 @@ from ..paths import state_dir
 state_base = state_dir
 
 
-def start_agents(plan: LabPlan, timeout: float = 15.0,
-                 extra_args: tuple[str, ...] = ()) -> dict[str, int]:
-    """Start one agent per host (`sockgraft agent ... *extra_args`); returns
-    {host: pid}. Waits until each answers."""
+def start_agents(plan: LabPlan, timeout: float = 15.0) -> dict[str, int]:
+    """Start one agent per host; returns {host: pid}. Waits until each answers."""
     os.makedirs(state_base(), exist_ok=True)
     pids = {}
     for host in plan.hosts:
@@ -35,7 +33,7 @@ def start_agents(plan: LabPlan, timeout: float = 15.0,
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sockgraft.cli.main", "agent", "--host", host.name,
                  "--lab", plan.name, "--audit-log",
-                 os.path.join(state_base(), f"audit-{host.name}.log"), *extra_args],
+                 os.path.join(state_base(), f"audit-{host.name}.log")],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         pids[host.name] = proc.pid
         deadline = time.monotonic() + timeout
