@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sockgraft.kernel import netns
 
 CNI_BIN = "/usr/lib/cni"
@@ -33,10 +35,19 @@ def build_rootfs(path):
     return path
 
 
-def oci_config(rootfs, args, netns_path, seccomp=None, annotations=None):
+# Docker's default capability set (moby oci/caps/defaults.go)
+DOCKER_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+               "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+               "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+
+
+def oci_config(rootfs, args, netns_path, seccomp=None, annotations=None, caps=None):
     """An OCI runtime config (spec 1.0.2) for a runc container joining an
-    existing network namespace, with the sockgraft seccomp profile."""
-    caps = ["CAP_NET_BIND_SERVICE", "CAP_KILL", "CAP_AUDIT_WRITE"]
+    existing network namespace, with the sockgraft seccomp profile. caps:
+    the capability list (default: a small set; DOCKER_CAPS or [] for the
+    adversarial tests)."""
+    if caps is None:
+        caps = ["CAP_NET_BIND_SERVICE", "CAP_KILL", "CAP_AUDIT_WRITE"]
     cfg = {
         "ociVersion": "1.0.2",
         "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args,
@@ -104,6 +115,60 @@ class Runc:
         except AssertionError:
             pass
         subprocess.run(self._cmd("delete", "--force", cid), capture_output=True, timeout=10)
+
+
+class RuncEnv:
+    """runc containers in a lab host's namespace, networked by CNI, started with
+    the profile `sockgraft oci-profile` writes (graft_at chooses which)."""
+
+    def __init__(self, glab, tmp, graft_at="syscall", extra_files=None):
+        if shutil.which("runc") is None:
+            pytest.fail("runc is not installed (./run installs it)")
+        self.g = glab
+        self.tmp = tmp
+        self.h1 = glab.plan.node("h1")
+        self.rootfs = build_rootfs(str(tmp / "rootfs"))
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, os.path.join(self.rootfs, "bin", name))
+        self.runc = Runc(str(tmp / "runc-root"))
+        self.listener = os.path.join(glab.state_dir, "oci-h1.sock")
+        prof = glab.sg("oci-profile", "--listener", self.listener, "--graft-at",
+                       graft_at).stdout
+        self.profile = json.loads(prof)
+        self.cni = Cni(conflist(glab.state_dir, tmp / "ipam"), self.h1.netns)
+        self.containers = {}       # cid -> (netns name, CNI result)
+
+    def start(self, cid, args, annotations, caps=None):
+        ns = f"sg-{self.g.plan.name}-r{len(self.containers)}"
+        netns.create(ns)
+        try:
+            result = self.cni.add(cid, netns.path(ns))
+        except BaseException:
+            netns.delete(ns)
+            raise
+        self.containers[cid] = (ns, result)
+        bundle = self.tmp / f"bundle-{cid}"
+        bundle.mkdir()
+        with open(bundle / "config.json", "w") as f:
+            json.dump(oci_config(self.rootfs, args, netns.path(ns), self.profile, annotations,
+                                 caps), f)
+        self.runc.run_detached(cid, str(bundle), str(self.tmp / f"{cid}.out"))
+        return result
+
+    def output(self, cid):
+        with open(self.tmp / f"{cid}.out") as f:
+            return f.read()
+
+    def stop(self, cid):
+        ns, result = self.containers.pop(cid)
+        self.runc.kill_and_delete(cid)
+        errors = self.cni.delete(cid, netns.path(ns), result)
+        netns.delete(ns)
+        return errors
+
+    def close(self):
+        for cid in list(self.containers):
+            self.stop(cid)
 
 
 class Cni:

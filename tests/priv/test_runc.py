@@ -5,15 +5,13 @@ seccomp listener to the lab host's agent; nobody runs `sockgraft run`."""
 
 import json
 import os
-import shutil
 import socket
-import struct
 import subprocess
 import time
 
 import pytest
 
-from runtime import Cni, CniFailed, Runc, build_rootfs, conflist, oci_config
+from runtime import Cni, CniFailed, RuncEnv, conflist
 from sockgraft.kernel import netns
 from sockgraft.lab.traffic import wait_listening
 
@@ -35,57 +33,9 @@ def _http_get(ip, port):
     return data.decode(errors="replace")
 
 
-class Env:
-    def __init__(self, glab, tmp):
-        if shutil.which("runc") is None:
-            pytest.fail("runc is not installed (./run installs it)")
-        self.g = glab
-        self.tmp = tmp
-        self.h1 = glab.plan.node("h1")
-        self.rootfs = build_rootfs(str(tmp / "rootfs"))
-        self.runc = Runc(str(tmp / "runc-root"))
-        self.listener = os.path.join(glab.state_dir, "oci-h1.sock")
-        prof = glab.sg("oci-profile", "--listener", self.listener).stdout
-        self.profile = json.loads(prof)
-        self.cni = Cni(conflist(glab.state_dir, tmp / "ipam"), self.h1.netns)
-        self.containers = {}       # cid -> (netns name, CNI result)
-
-    def start(self, cid, args, annotations):
-        ns = f"sg-{self.g.plan.name}-r{len(self.containers)}"
-        netns.create(ns)
-        try:
-            result = self.cni.add(cid, netns.path(ns))
-        except BaseException:
-            netns.delete(ns)
-            raise
-        self.containers[cid] = (ns, result)
-        bundle = self.tmp / f"bundle-{cid}"
-        bundle.mkdir()
-        with open(bundle / "config.json", "w") as f:
-            json.dump(oci_config(self.rootfs, args, netns.path(ns), self.profile, annotations),
-                      f)
-        self.runc.run_detached(cid, str(bundle), str(self.tmp / f"{cid}.out"))
-        return result
-
-    def output(self, cid):
-        with open(self.tmp / f"{cid}.out") as f:
-            return f.read()
-
-    def stop(self, cid):
-        ns, result = self.containers.pop(cid)
-        self.runc.kill_and_delete(cid)
-        errors = self.cni.delete(cid, netns.path(ns), result)
-        netns.delete(ns)
-        return errors
-
-    def close(self):
-        for cid in list(self.containers):
-            self.stop(cid)
-
-
 @pytest.fixture
 def rt(glab, tmp_path):
-    env = Env(glab, tmp_path)
+    env = RuncEnv(glab, tmp_path)
     try:
         yield env
     finally:
@@ -265,7 +215,7 @@ def test_cni_names_the_container_and_carries_its_graft_config(glab, tmp_path):
     store under the name CNI registered) grafts the runc container."""
     graft = {"endpoints": {"ep-http": {"type": "ipv4", "addr": "198.18.0.1", "port": 8085}},
              "rules": {"ingress": ["0.0.0.0:80=ep-http", "[::]:80=ep-http"]}}
-    env = Env(glab, tmp_path)
+    env = RuncEnv(glab, tmp_path)
     env.cni = Cni(conflist(glab.state_dir, tmp_path / "ipam", graft=graft,
                            container="pods.web"), env.h1.netns)
     try:

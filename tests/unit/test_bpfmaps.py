@@ -212,3 +212,77 @@ def test_service_key_layout():
     k = bpfmaps.svc_key(IPv4Address("198.19.2.2"), 80, "tcp")
     assert len(k) == 20 and k[:4] == bytes([198, 19, 2, 2]) and k[16:18] == b"\0\x50"
     assert k[18:] == bytes([4, 6])
+
+
+# --- the guards (bpf/sockgraft.bpf.c) ----------------------------------------------
+
+def _c_source() -> str:
+    from importlib import resources
+    return resources.files("sockgraft.bpf").joinpath("sockgraft.bpf.c").read_text()
+
+
+def test_refused_options_are_the_ones_the_c_guard_refuses():
+    """option_refused() in the C program and REFUSED_OPTIONS (audit names,
+    the documented list) must be the same set, option for option."""
+    import re
+    src = _c_source()
+    body = src[src.index("static __always_inline int option_refused"):]
+    body = body[:body.index("\n}\n")]
+    levels = {"SOL_SOCKET": 1, "IPPROTO_IP": 0, "SOL_IPV6": 41, "SOL_TCP": 6, "IPPROTO_UDP": 17}
+    found = {}
+    for case in re.split(r"\tcase ", body)[1:]:
+        level = levels[case.split(":", 1)[0]]
+        for opt, name in re.findall(r"opt == (\d+) /\* (\w+)", case):
+            found[(level, int(opt))] = name
+    assert found == bpfmaps.REFUSED_OPTIONS
+
+
+def test_source_keys_are_the_endpoint_addresses():
+    cfg = load_config('''
+        container = "c"
+        [endpoints.a]
+        type = "ipv4"
+        addr = "198.18.0.1"
+        port = "dynamic"
+        [endpoints.b]
+        type = "ipv4"
+        addr = "198.18.0.1"
+        port = 8080
+        [endpoints.c]
+        type = "ipv6"
+        addr = "fd00::1"
+        port = 80
+        [endpoints.any]
+        type = "ipv6"
+        addr = "::"
+        port = "dynamic"
+        [endpoints.u]
+        type = "unix"
+        path = "/run/x.sock"
+    ''', "test")
+    keys = bpfmaps.source_keys(cfg, 0x53470007)
+    decoded = {bpfmaps.SRC_KEY.unpack(k) for k in keys}
+    assert decoded == {(0x53470007, 4, IPv4Address("198.18.0.1").packed + bytes(12)),
+                       (0x53470007, 6, IPv6Address("fd00::1").packed),
+                       (0x53470007, 6, bytes(16))}       # the wildcard: any address
+    assert len(keys) == 3 and bpfmaps.SRC_KEY.size == 24
+
+
+@pytest.mark.parametrize("kind, op, label, port, family, addr, want_addr, rule, err", [
+    (bpfmaps.EV_DENY_SOCKOPT, 4, 36, 1, 4, b"", "SO_MARK", "sockopt:refused", 1),
+    (bpfmaps.EV_DENY_SOCKOPT, 4, 75, 41, 4, b"", "IPV6_TRANSPARENT", "sockopt:refused", 1),
+    (bpfmaps.EV_DENY_SOCKOPT, 4, 999, 7, 4, b"", "level 7 option 999", "sockopt:refused", 1),
+    (bpfmaps.EV_DENY_BIND, 3, 0, 7100, 4, bytes([127, 0, 0, 1]), "127.0.0.1:7100",
+     "bind:no-endpoint", 13),
+    (bpfmaps.EV_DENY_SOURCE, 5, 0x53470001, 0, 4, bytes([198, 19, 1, 1]), "198.19.1.1",
+     "source:not-granted", 1),
+    (bpfmaps.EV_DENY_MARK, 5, 0, 0, 6, IPv6Address("fd00::1").packed, "fd00::1",
+     "mark:forged", 1),
+    (bpfmaps.EV_DENY_LISTEN, 6, 0, 41414, 4, b"", "0.0.0.0:41414", "listen:no-endpoint", 1),
+    (bpfmaps.EV_DENY_UNKNOWN, 1, 0, 0, 4, b"", "0.0.0.0:0", "container:no-policy", 1),
+])
+def test_guard_event_decoding(kind, op, label, port, family, addr, want_addr, rule, err):
+    raw = bpfmaps.EVENT.pack(kind, 0x53470001, op, label, addr.ljust(16, b"\0"), port, family,
+                             0, 42)
+    ev = bpfmaps.decode_event(raw)
+    assert (ev.address, ev.reason, ev.errno, ev.pid) == (want_addr, rule, err, 42)

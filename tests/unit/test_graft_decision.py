@@ -107,6 +107,8 @@ def EP(cfg, name: str) -> Endpoint:
 
 
 TCP4 = SockInfo(AF_INET, SOCK_STREAM, False)
+FRESH4 = SockInfo(AF_INET, SOCK_STREAM, grafted=True, bound=False)
+FRESH6 = SockInfo(AF_INET6, SOCK_STREAM, grafted=True, bound=False)
 UDP4 = SockInfo(AF_INET, SOCK_DGRAM, False)
 TCP6 = SockInfo(AF_INET6, SOCK_STREAM, False)
 UDP6 = SockInfo(AF_INET6, SOCK_DGRAM, False)
@@ -116,8 +118,18 @@ G_TCP6 = SockInfo(AF_INET6, SOCK_STREAM, True)
 RAW4 = SockInfo(AF_INET, SOCK_RAW, False)
 SEQ6 = SockInfo(AF_INET6, SOCK_SEQPACKET, False)
 
+def BIND(c, s, a):
+    return decide_bind(c, s, a)
+
+
+def never_continues_grafted_bind(decider, sock, action) -> bool:
+    """A grafted socket's bind is never handed back to the kernel: the agent
+    answers (Deny/Fail) or binds itself."""
+    return decider is BIND and sock.grafted
+
+
 ALL_DECIDERS = [
-    pytest.param(lambda c, s, a: decide_bind(c, s, a), id="bind"),
+    pytest.param(BIND, id="bind"),
     pytest.param(lambda c, s, a: decide_connect(c, s, a), id="connect"),
     pytest.param(lambda c, s, a: decide_sendto(c, s, a, 0), id="sendto"),
 ]
@@ -170,7 +182,12 @@ def test_parse_trapped_malformed_fails_with_kernel_errno(data, addrlen, err):
 def test_no_config_continues(decider, addr):
     sock = TCP4 if addr.family == AF_INET else TCP6
     assert isinstance(decider(None, sock, addr), Continue)
-    assert isinstance(decider(None, SockInfo(sock.family, sock.type, True), addr), Continue)
+    grafted = SockInfo(sock.family, sock.type, True)
+    action = decider(None, grafted, addr)
+    if decider is BIND:     # config gone, socket still on the host: refused
+        assert action == Deny(errno.EACCES, "bind:no-endpoint", addr)
+    else:
+        assert isinstance(action, Continue)
 
 
 @pytest.mark.parametrize("decider", ALL_DECIDERS)
@@ -180,8 +197,13 @@ def test_no_config_continues(decider, addr):
 @pytest.mark.parametrize("grafted", [False, True])
 def test_non_inet_addresses_continue(decider, addr, grafted):
     for cfg in (MAIN, BROAD):
-        assert isinstance(decider(cfg, SockInfo(AF_INET, SOCK_STREAM, grafted), addr), Continue)
-        assert isinstance(decider(cfg, SockInfo(AF_INET6, SOCK_DGRAM, grafted), addr), Continue)
+        for sock in (SockInfo(AF_INET, SOCK_STREAM, grafted), SockInfo(AF_INET6, SOCK_DGRAM,
+                                                                       grafted)):
+            action = decider(cfg, sock, addr)
+            if never_continues_grafted_bind(decider, sock, action):
+                assert action == Fail(errno.EAFNOSUPPORT, action.reason)
+            else:
+                assert isinstance(action, Continue)
 
 
 @pytest.mark.parametrize("decider", ALL_DECIDERS)
@@ -195,7 +217,11 @@ def test_non_inet_addresses_continue(decider, addr, grafted):
 def test_family_mismatch_continues(decider, sock, addr):
     # every address here would match a rule of MAIN/BROAD in its own family
     for cfg in (MAIN, BROAD):
-        assert isinstance(decider(cfg, sock, addr), Continue)
+        action = decider(cfg, sock, addr)
+        if never_continues_grafted_bind(decider, sock, action):
+            assert isinstance(action, Fail) and action.errno == errno.EAFNOSUPPORT
+        else:
+            assert isinstance(action, Continue)
 
 
 # ---------------------------------------------------------------- bind
@@ -276,8 +302,26 @@ def test_bind_on_grafted_socket_fails_einval(sock, addr):
     assert isinstance(action, Fail) and action.errno == errno.EINVAL
 
 
-def test_bind_on_grafted_socket_without_rule_is_left_to_the_kernel():
-    assert isinstance(decide_bind(MAIN, G_TCP4, A("0.0.0.0:81")), Continue)
+@pytest.mark.parametrize("addr", ["0.0.0.0:81", "127.0.0.1:5000", "198.18.0.1:22", "0.0.0.0:0",
+                                  "[::]:0", "[::1]:80", "[::ffff:127.0.0.1]:80"])
+def test_bind_on_grafted_socket_without_rule_is_refused(addr):
+    """A grafted socket bound before (and perhaps disconnected since with
+    connect(AF_UNSPEC), which releases its port) never binds a host address
+    again: the agent refuses instead of handing the bind to the kernel."""
+    a = A(addr)
+    sock = G_TCP4 if a.family == AF_INET else G_TCP6
+    assert decide_bind(MAIN, sock, a) == Deny(errno.EACCES, "bind:no-endpoint", a)
+    assert decide_bind(MAIN, SockInfo(sock.family, SOCK_DGRAM, True), a).errno == errno.EACCES
+
+
+def test_listen_only_on_sockets_bound_through_an_ingress_rule():
+    from sockgraft.model.graft import Listen, decide_listen
+    assert isinstance(decide_listen(None), Listen)              # the kernel's errno
+    assert isinstance(decide_listen(TCP4), Listen)              # the container's own
+    assert isinstance(decide_listen(SockInfo(AF_INET, SOCK_STREAM, True, True, True)), Listen)
+    for sock in (FRESH4, FRESH6, G_TCP4, G_TCP6, SockInfo(AF_INET, SOCK_STREAM, True, True)):
+        d = decide_listen(sock)
+        assert isinstance(d, Deny) and d.errno == errno.EACCES and d.rule == "listen:no-endpoint"
 
 
 # ---------------------------------------------------------------- connect
@@ -597,8 +641,6 @@ def test_fastopen_to_container_loopback_is_not_grafted(sock, text):
 
 from sockgraft.model.graft import BindGrafted, via_directory  # noqa: E402
 
-FRESH4 = SockInfo(AF_INET, SOCK_STREAM, grafted=True, bound=False)
-FRESH6 = SockInfo(AF_INET6, SOCK_STREAM, grafted=True, bound=False)
 
 
 def test_fresh_host_socket_binds_through_ingress_rules():

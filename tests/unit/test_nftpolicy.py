@@ -48,22 +48,22 @@ table inet sockgraft {
     meta mark & 0xffff0000 != 0x53470000 accept
     ct state established,related accept
     meta mark vmap { 0x53470001 : jump c_0001 }
-    counter drop
+    counter reject
   }
   chain c_0001 {
-    meta l4proto tcp th dport 25 counter drop
-    ip daddr 169.254.169.254/32 counter drop
-    ip6 daddr fd00:ec2::254/128 counter drop
+    meta l4proto tcp th dport 25 counter reject
+    ip daddr 169.254.169.254/32 counter reject
+    ip6 daddr fd00:ec2::254/128 counter reject
     ip daddr 127.0.0.1/32 meta l4proto { tcp, udp } th dport 8080 accept
-    ip daddr 127.0.0.0/8 counter drop
-    ip6 daddr ::1/128 counter drop
-    ip daddr 169.254.0.0/16 counter drop
-    ip6 daddr fe80::/10 counter drop
-    ip daddr 0.0.0.0/8 counter drop
-    ip6 daddr ::/128 counter drop
+    ip daddr 127.0.0.0/8 counter reject
+    ip6 daddr ::1/128 counter reject
+    ip daddr 169.254.0.0/16 counter reject
+    ip6 daddr fe80::/10 counter reject
+    ip daddr 0.0.0.0/8 counter reject
+    ip6 daddr ::/128 counter reject
     ip daddr 10.0.0.0/8 meta l4proto tcp th dport 80-443 accept
     ip6 daddr fd00::/8 meta l4proto udp th dport 53 accept
-    counter drop
+    counter reject
   }
 }
 """
@@ -82,7 +82,7 @@ table inet sockgraft {
     type filter hook output priority filter; policy accept;
     meta mark & 0xffff0000 != 0x53470000 accept
     ct state established,related accept
-    counter drop
+    counter reject
   }
 }
 """
@@ -90,12 +90,12 @@ table inet sockgraft {
 
 @pytest.mark.parametrize("policy, chain", [
     (Policy(builtin_denies=False), ["accept"]),
-    (P("allow any any", builtin=False), ["accept", "counter drop"]),
-    (P("deny udp any", builtin=False), ["meta l4proto udp counter drop", "accept"]),
+    (P("allow any any", builtin=False), ["accept", "counter reject"]),
+    (P("deny udp any", builtin=False), ["meta l4proto udp counter reject", "accept"]),
     (P("deny any any 1-1024", builtin=False),
-     ["meta l4proto { tcp, udp } th dport 1-1024 counter drop", "accept"]),
+     ["meta l4proto { tcp, udp } th dport 1-1024 counter reject", "accept"]),
     (P("allow udp [2001:db8::1] 53", builtin=False),
-     ["ip6 daddr 2001:db8::1/128 meta l4proto udp th dport 53 accept", "counter drop"]),
+     ["ip6 daddr 2001:db8::1/128 meta l4proto udp th dport 53 accept", "counter reject"]),
 ])
 def test_golden_chains(policy, chain):
     assert plan_chain(policy) == chain
@@ -142,7 +142,7 @@ def test_output_chain_order():
         f"meta mark & 0xffff0000 != 0x{MARK_BASE:08x} accept",   # not ours: untouched
         "ct state established,related accept",                  # replies always pass
         "meta mark vmap { 0x53470001 : jump c_0001 }",
-        "counter drop",                                         # our range, no chain
+        "counter reject",                                         # our range, no chain
     ]
 
 
@@ -167,17 +167,17 @@ def _index(lines: list[str], needle: str) -> int:
 def test_chain_order_deny_category_allows_builtin_drops_generic_allows():
     lines = plan_chain(ORDERED)
     ix = lambda needle: _index(lines, needle)  # noqa: E731
-    deny = [ix("ip daddr 10.0.0.0/8 meta l4proto udp counter drop"),
-            ix("ip6 daddr fd00::/8 counter drop")]
+    deny = [ix("ip daddr 10.0.0.0/8 meta l4proto udp counter reject"),
+            ix("ip6 daddr fd00::/8 counter reject")]
     meta_allow = ix("ip daddr 169.254.169.254/32 meta l4proto tcp th dport 80 accept")
-    meta_drop = [ix("ip daddr 169.254.169.254/32 counter drop"),
-                 ix("ip6 daddr fd00:ec2::254/128 counter drop")]
+    meta_drop = [ix("ip daddr 169.254.169.254/32 counter reject"),
+                 ix("ip6 daddr fd00:ec2::254/128 counter reject")]
     loop_allow = ix("ip daddr 127.0.0.1/32 meta l4proto { tcp, udp } th dport 8080 accept")
-    loop_drop = [ix("ip daddr 127.0.0.0/8 counter drop"), ix("ip6 daddr ::1/128 counter drop")]
+    loop_drop = [ix("ip daddr 127.0.0.0/8 counter reject"), ix("ip6 daddr ::1/128 counter reject")]
     ll_allow = [ix("ip6 daddr fe80::/64 meta l4proto udp th dport 546 accept"),
                 ix("ip daddr 169.254.0.0/16 meta l4proto udp th dport 67 accept")]
-    ll_drop = [ix("ip daddr 169.254.0.0/16 counter drop"), ix("ip6 daddr fe80::/10 counter drop")]
-    unspec_drop = [ix("ip daddr 0.0.0.0/8 counter drop"), ix("ip6 daddr ::/128 counter drop")]
+    ll_drop = [ix("ip daddr 169.254.0.0/16 counter reject"), ix("ip6 daddr fe80::/10 counter reject")]
+    unspec_drop = [ix("ip daddr 0.0.0.0/8 counter reject"), ix("ip6 daddr ::/128 counter reject")]
     generic = [ix("ip daddr 0.0.0.0/0 meta l4proto tcp th dport 443 accept"),
                ix("ip6 daddr 2001:db8::/32 meta l4proto udp th dport 53 accept")]
     # denies first, in their order
@@ -189,20 +189,20 @@ def test_chain_order_deny_category_allows_builtin_drops_generic_allows():
         assert max(earlier) < min(later), (earlier, later, lines)
     # allow rules keep their relative order inside a stage
     assert ll_allow == sorted(ll_allow) and generic == sorted(generic)
-    assert lines[-1] == "counter drop" and len(lines) == generic[-1] + 2
+    assert lines[-1] == "counter reject" and len(lines) == generic[-1] + 2
 
 
 def test_builtin_categories_follow_policy_table():
     # the renderer emits every built-in range, in BUILTIN_DENIES order
-    drops = [line for line in plan_chain(Policy()) if line.endswith("counter drop")]
-    assert drops == [f"{'ip' if n.version == 4 else 'ip6'} daddr {n} counter drop"
+    drops = [line for line in plan_chain(Policy()) if line.endswith("counter reject")]
+    assert drops == [f"{'ip' if n.version == 4 else 'ip6'} daddr {n} counter reject"
                      for _, nets in BUILTIN_DENIES for n in nets]
 
 
 def test_without_builtin_denies_no_category_drops_and_allows_keep_order():
     policy = P(*[r for r in (str(r) for r in ORDERED.deny + ORDERED.allow)], builtin=False)
     lines = plan_chain(policy)
-    assert not any("169.254.169.254/32 counter drop" in line or "127.0.0.0/8" in line
+    assert not any("169.254.169.254/32 counter reject" in line or "127.0.0.0/8" in line
                    for line in lines)
     allows = [line for line in lines if line.endswith("accept")]
     assert len(allows) == len(ORDERED.allow)
@@ -212,21 +212,21 @@ def test_without_builtin_denies_no_category_drops_and_allows_keep_order():
 
 @pytest.mark.parametrize("policy, last", [
     (Policy(), "accept"), (P("deny any any"), "accept"),
-    (P("allow tcp 10.0.0.0/8"), "counter drop"),
-    (P("allow tcp 127.0.0.1 80"), "counter drop"),   # an allow list, even a loopback one
-    (P("allow any any", builtin=False), "counter drop"),
+    (P("allow tcp 10.0.0.0/8"), "counter reject"),
+    (P("allow tcp 127.0.0.1 80"), "counter reject"),   # an allow list, even a loopback one
+    (P("allow any any", builtin=False), "counter reject"),
 ])
 def test_final_verdict_drop_iff_allow_list(policy, last):
     assert plan_chain(policy)[-1] == last
-    assert (last == "counter drop") == bool(policy.allow)
+    assert (last == "counter reject") == bool(policy.allow)
 
 
 @pytest.mark.parametrize("rule, extra", [
-    ("deny any [::/0]", "ip daddr 0.0.0.0/0 counter drop"),
-    ("deny udp [::/0] 53", "ip daddr 0.0.0.0/0 meta l4proto udp th dport 53 counter drop"),
-    ("deny tcp [::/64] 22", "ip daddr 0.0.0.0/0 meta l4proto tcp th dport 22 counter drop"),
-    ("deny any [::/1]", "ip daddr 0.0.0.0/0 counter drop"),
-    ("deny any [::/80]", "ip daddr 0.0.0.0/0 counter drop"),
+    ("deny any [::/0]", "ip daddr 0.0.0.0/0 counter reject"),
+    ("deny udp [::/0] 53", "ip daddr 0.0.0.0/0 meta l4proto udp th dport 53 counter reject"),
+    ("deny tcp [::/64] 22", "ip daddr 0.0.0.0/0 meta l4proto tcp th dport 22 counter reject"),
+    ("deny any [::/1]", "ip daddr 0.0.0.0/0 counter reject"),
+    ("deny any [::/80]", "ip daddr 0.0.0.0/0 counter reject"),
 ])
 def test_v6_deny_never_touches_ipv4(rule, extra):
     # a mapped destination leaves as IPv4; IPv6 deny rules judge IPv6 only
@@ -241,7 +241,7 @@ def test_v6_deny_never_touches_ipv4(rule, extra):
                                   "deny any [::1]", "deny any [64:ff9b::/96]"])
 def test_v6_deny_has_no_ipv4_form(rule):
     lines = plan_chain(P(rule))
-    assert lines[0] == f"ip6 daddr {parse_policy_rule(rule).network} counter drop"
+    assert lines[0] == f"ip6 daddr {parse_policy_rule(rule).network} counter reject"
     assert lines[1:] == plan_chain(Policy())
 
 
@@ -275,7 +275,7 @@ def parse_line(line: str) -> tuple[list[tuple], bool]:
         rest = toks[i:]
         if rest == ["accept"]:
             return matches, True
-        if rest == ["counter", "drop"]:
+        if rest == ["counter", "reject"]:
             return matches, False
         if len(rest) >= 3 and rest[0] in ("ip", "ip6") and rest[1] == "daddr":
             net = ip_network(rest[2])   # strict: host bits set would raise
@@ -332,10 +332,10 @@ def emitted(dest: InetAddr, proto: str) -> Packet:
 
 
 def test_evaluator_reads_the_subset():
-    lines = ["ip daddr 10.0.0.0/8 meta l4proto { tcp, udp } th dport 80-90 counter drop",
+    lines = ["ip daddr 10.0.0.0/8 meta l4proto { tcp, udp } th dport 80-90 counter reject",
              "ip6 daddr fd00::/8 meta l4proto udp accept",
              "meta l4proto tcp th dport 22 accept",
-             "counter drop"]
+             "counter reject"]
     v4 = lambda ip, proto, port: Packet(4, proto, IPv4Address(ip), port)  # noqa: E731
     v6 = lambda ip, proto, port: Packet(6, proto, IPv6Address(ip), port)  # noqa: E731
     assert evaluate(lines, v4("10.1.1.1", "tcp", 22)) is True
@@ -345,7 +345,7 @@ def test_evaluator_reads_the_subset():
     assert evaluate(lines, v6("fd00::1", "udp", 85)) is True
     assert evaluate(lines, v6("fd00::1", "tcp", 85)) is False
     assert evaluate(lines, v4("11.1.1.1", "tcp", 22)) is True
-    assert evaluate(["ip daddr 0.0.0.0/0 accept", "counter drop"],
+    assert evaluate(["ip daddr 0.0.0.0/0 accept", "counter reject"],
                     v6("::ffff:1.2.3.4", "tcp", 1)) is False   # ip never matches v6
     with pytest.raises(AssertionError, match="without a verdict"):
         evaluate(["ip daddr 10.0.0.0/8 accept"], v4("11.0.0.1", "tcp", 1))

@@ -98,7 +98,7 @@ def test_merge_into_a_deny_by_default_profile_is_idempotent():
     assert [r["action"] for r in names["bind"]] == ["SCMP_ACT_NOTIFY"]
     assert "args" not in names["connect"][0]          # unconditional under deny-default
     assert names["sendto"][0]["action"] == "SCMP_ACT_ALLOW"
-    assert names["listen"][0]["action"] == "SCMP_ACT_ALLOW"   # the base allowed it
+    assert names["listen"] == [{"names": ["listen"], "action": "SCMP_ACT_NOTIFY"}]
     assert names["accept"][0]["action"] == "SCMP_ACT_ALLOW" and "read" in names
     assert names["io_uring_setup"] == [{"names": ["io_uring_setup", "io_uring_enter",
                                                   "io_uring_register"],
@@ -106,14 +106,37 @@ def test_merge_into_a_deny_by_default_profile_is_idempotent():
     assert moci.check_profile(once) == []
 
 
-def test_allow_default_profile_traps_inet_sized_addresses_only():
+def test_allow_default_profile_traps_with_masked_low_word_comparisons():
     prof = moci.build_profile(None, "/run/sg/oci.sock", "socket")
     names = _by_name(prof)
-    assert {r["args"][0]["value"] for r in names["bind"]} == {16, 28, 128}
-    assert {r["args"][0]["value"] for r in names["socket"]} == {2, 10}
+    assert names["bind"] == [{"names": ["bind"], "action": "SCMP_ACT_NOTIFY"}]
+    assert names["listen"] == [{"names": ["listen"], "action": "SCMP_ACT_NOTIFY"}]
+    # libseccomp: (arg & value) == valueTwo - the kernel reads an int's low word
+    assert names["socket"] == [
+        {"names": ["socket"], "action": "SCMP_ACT_NOTIFY",
+         "args": [{"index": 0, "value": 0xFFFFFFFF, "valueTwo": fam,
+                   "op": "SCMP_CMP_MASKED_EQ"}]} for fam in (2, 10)]
     assert "connect" not in names                      # judged in the kernel
-    assert names["listen"][0]["action"] == "SCMP_ACT_NOTIFY"
     assert prof["listenerMetadata"] == "sockgraft:v1;graft_at=socket"
+    sysc = _by_name(moci.build_profile(None, "/run/sg/oci.sock"))
+    assert {(a["value"], a["valueTwo"], a["op"]) for r in sysc["connect"] for a in r["args"]} \
+        == {(0xFFFFFFFF, n, "SCMP_CMP_MASKED_EQ") for n in (16, 28, 128)}
+
+
+def test_check_profile_flags_64_bit_comparisons_and_partial_binds():
+    prof = moci.build_profile(None, "/run/sg/oci.sock", "socket")
+    bad = json.loads(json.dumps(prof))
+    for r in bad["syscalls"]:
+        for a in r.get("args", []):
+            a["op"], a["value"] = "SCMP_CMP_EQ", a.pop("valueTwo")
+    assert any("over 64 bits" in p for p in moci.check_profile(bad))
+    partial = json.loads(json.dumps(prof))
+    for r in partial["syscalls"]:
+        if r["names"] == ["bind"]:
+            r["args"] = [{"index": 2, "value": 0xFFFFFFFF, "valueTwo": 16,
+                          "op": "SCMP_CMP_MASKED_EQ"}]
+    assert "bind is trapped only for some arguments (trap every call)" in \
+        moci.check_profile(partial)
 
 
 def test_a_profile_with_another_listener_is_refused():

@@ -39,12 +39,13 @@ from ..model import bpfmaps, graft
 from ..model import directory as mdir
 from ..model import oci as moci
 from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind,
-                           GraftConnect, GraftSend, SockInfo)
+                           GraftConnect, GraftSend, Listen, SockInfo)
 from ..model.graftconfig import GRAFT_AT, dump_config, load_config
 from ..model.nftpolicy import plan_ruleset
 from ..model.sockaddr import InetAddr
 from ..paths import state_dir
 from . import control, notifiers, oci
+from .audit import AuditLog
 from .directory import Backend as DirectoryBackend
 from .loop import listen_unix, unregister
 from .store import ConfigStore
@@ -104,6 +105,8 @@ class GraftedSocket:
 class BpfApplied:
     """What the agent last wrote to the kernel maps for one container."""
     cfg: graft.GraftConfig
+    socket_mode: bool
+    sources: list[bytes]
     gen: int
     keys4: list[bytes]
     keys6: list[bytes]
@@ -146,7 +149,7 @@ class Agent:
         self.bpf_error = "disabled (--bpf off)" if bpf == "off" else ""
         self._bpf_applied: dict[int, BpfApplied] = {}
         self._bpf_gen = 0
-        self._socket_mode_store: dict | None = None   # store configs with graft_at=socket
+        self._store_configs: dict | None = None     # mark -> (config, socket mode) in the store
         self._bpf_events_fd = -1
         self.directory = directory
         self.node = node or name
@@ -170,8 +173,9 @@ class Agent:
         self.mem = seccomp.TargetMemory(max_entries=256)
         self.pidfds: dict[int, int] = {}                # tid -> pidfd (small LRU)
         self.copier = ksock.OptionCopier()
+        self.sockets = ksock.HostSockets()      # tagged once the guards are loaded
         self.server: socket.socket | None = None
-        self._audit = None
+        self.audit: AuditLog | None = None
         self._stop = False
         self._applied_policies: object = None
         self.host_addrs: frozenset = frozenset()
@@ -199,12 +203,17 @@ class Agent:
         if self.notifier_threads and not notifiers.install_wake_handler():
             log.info("not in the main thread: socket() answered from the loop only")
             self.notifier_threads = 0
-        if self.audit_path:
-            self._audit = open(self.audit_path, "a", buffering=1)
+        self.audit = AuditLog(self.audit_path, self.name)
         self.host_addrs = host_addresses()
         self.sync_nft()
         if self.bpf_mode != "off":
             self._start_bpf()
+        if self.bpf is None and self.bpf_mode == "off":
+            log.warning("--bpf off: grafted sockets are not guarded in the kernel; a container "
+                        "with CAP_NET_RAW can change their mark. For trusted containers only")
+        elif self.bpf is None:
+            log.error("the kernel guards are unavailable (%s): nothing is grafted, every "
+                      "container keeps its own network", self.bpf_error)
         if self.oci_socket:
             self.oci = oci.OciServer(self.oci_socket, self.ep, self._on_handoff)
         if self.directory is not None:
@@ -221,11 +230,13 @@ class Agent:
         try:
             progs.load()
             self.bpf = progs
+            self.sockets.tag = progs.tag
             self.sync_bpf()
             progs.attach()
         except SockgraftError as exc:
             progs.close()
             self.bpf = None
+            self.sockets.tag = None
             self._bpf_applied.clear()
             self.bpf_error = str(exc)
             if self.bpf_mode == "on":
@@ -273,8 +284,8 @@ class Agent:
         self.inbox.close()
         self.mem.close()
         self.ep.close()
-        if self._audit:
-            self._audit.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
@@ -436,12 +447,16 @@ class Agent:
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline)
         key = listener.fileno()
         self.sessions[key] = sess
+        # the kernel maps first: a socket answered by a notifier thread may
+        # connect at once, and a tagged socket of an unknown container is refused
+        self.sync_nft()
+        self.sync_bpf()
         threads = None
         if graft_at == "socket" and self.notifier_threads:
             try:
                 threads = notifiers.Notifiers(
                     key, mark, container, self.inbox, threads=self.notifier_threads,
-                    enabled=lambda: self._grafts_sockets(sess))
+                    enabled=lambda: self._grafts_sockets(sess), sockets=self.sockets)
             except SockgraftError as exc:
                 log.warning("%s: socket() answered from the loop only: %s", container, exc)
         if threads is not None:
@@ -451,8 +466,6 @@ class Agent:
             self.ep.register(key, 0)
         else:
             self.ep.register(key, select.EPOLLIN)
-        self.sync_nft()
-        self.sync_bpf()
         log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
                  "configured" if cfg else "no graft config: everything passes through")
         return {"ok": True, "mark": mark}
@@ -486,60 +499,69 @@ class Agent:
     # --- in-kernel programs (graft_at = socket) ------------------------------
 
     def sync_bpf(self, rescan: bool = False) -> None:
-        """Write the policy and egress rules of every socket-mode container
-        (registered here, or configured so in the store: a restarted agent
-        must judge sockets grafted before it started) into the kernel maps.
-        Egress rules change under a new generation, flipped atomically."""
+        """Write the policy, egress rules and granted source addresses of
+        every configured container (registered here, or configured in the
+        store: a restarted agent must judge sockets grafted before it
+        started) into the kernel maps. Egress rules change under a new
+        generation, flipped atomically; sources are added before the flip
+        and removed after it."""
         if self.bpf is None:
             return
-        wanted: dict[int, graft.GraftConfig] = {}
+        wanted: dict[int, tuple[graft.GraftConfig, bool]] = {}
         for sess in self.sessions.values():
-            if sess.graft_at == "socket" and sess.config is not None:
-                wanted[sess.mark] = sess.config
-        if rescan or self._socket_mode_store is None:
+            if sess.config is not None:
+                wanted[sess.mark] = (sess.config, sess.graft_at == "socket")
+        if rescan or self._store_configs is None:
             found = {}
             for name in self.store.containers():
                 try:
                     cfg = self.store.load(name)
-                    if cfg is not None and cfg.graft_at == "socket":
-                        found[self.store.mark(name)] = cfg
+                    if cfg is not None:
+                        found[self.store.mark(name)] = (cfg, cfg.graft_at == "socket")
                 except SockgraftError as exc:
                     log.warning("bpf: skipping container %s: %s", name, exc)
-            self._socket_mode_store = found
-        for mark, cfg in self._socket_mode_store.items():
-            wanted.setdefault(mark, cfg)
-        for mark, cfg in wanted.items():
+            self._store_configs = found
+        for mark, entry in self._store_configs.items():
+            wanted.setdefault(mark, entry)
+        for mark, (cfg, socket_mode) in wanted.items():
             old = self._bpf_applied.get(mark)
-            if old is not None and old.cfg == cfg:
+            if old is not None and old.cfg == cfg and old.socket_mode == socket_mode:
                 continue
             self._bpf_gen = self._bpf_gen % 0xFFFF + 1
             gen = self._bpf_gen
             try:
-                entry = bpfmaps.policy_entry(cfg.policy, gen)
+                entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode)
             except SockgraftError as exc:
                 log.warning("bpf: container %s keeps its previous policy: %s",
                             cfg.container, exc)
                 continue
             v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
+            sources = bpfmaps.source_keys(cfg, mark)
+            for k in sources:
+                self.bpf.update("sg_sources", k, b"\1")
             for k, v in v4:
                 self.bpf.update("sg_egress4", k, v)
             for k, v in v6:
                 self.bpf.update("sg_egress6", k, v)
             self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
             if old is not None:
-                self._bpf_forget_egress(old)
-            self._bpf_applied[mark] = BpfApplied(cfg, gen, [k for k, _ in v4],
-                                                 [k for k, _ in v6], entry.labels, elabels)
+                self._bpf_forget_egress(old, keep=sources)
+            self._bpf_applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
+                                                 [k for k, _ in v4], [k for k, _ in v6],
+                                                 entry.labels, elabels)
         for mark in [m for m in self._bpf_applied if m not in wanted]:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._bpf_forget_egress(self._bpf_applied.pop(mark))
 
-    def _bpf_forget_egress(self, old: BpfApplied) -> None:
+    def _bpf_forget_egress(self, old: BpfApplied, keep: list[bytes] = ()) -> None:
         assert self.bpf is not None
         for k in old.keys4:
             self.bpf.delete("sg_egress4", k)
         for k in old.keys6:
             self.bpf.delete("sg_egress6", k)
+        for k in old.sources:
+            if k not in keep:
+                self.bpf.delete("sg_sources", k)
 
     def _on_bpf_events(self) -> None:
         """Denials the programs made in the kernel: count them, audit them."""
@@ -557,6 +579,8 @@ class Agent:
             elif ev.kind == bpfmaps.EV_BIND_FAILED and applied and \
                     ev.label < len(applied.egress_labels):
                 rule = f"{applied.egress_labels[ev.label]}: endpoint bind failed"
+            elif ev.kind == bpfmaps.EV_DENY_MARK:
+                rule = f"{ev.reason} (packet mark {ev.label:#x})"
             else:
                 rule = ev.reason
             for sess in self.sessions.values():
@@ -564,7 +588,7 @@ class Agent:
                     sess.counters.denied += 1
                     break
             self.totals.denied += 1
-            self._write_audit(container, ev.pid, ev.op, ev.address, "deny", rule, errno.EPERM,
+            self._write_audit(container, ev.pid, ev.op, ev.address, "deny", rule, ev.errno,
                               where="kernel")
 
     def _on_socket(self, sess: Session, n: seccomp.Notification) -> None:
@@ -574,7 +598,7 @@ class Agent:
         if not self._grafts_sockets(sess):
             self._continue(sess, n.id)      # unconfigured: the container's own socket
             return
-        a = notifiers.answer_socket(sess.listener, n.id, n.pid, n.args, sess.mark)
+        a = notifiers.answer_socket(sess.listener, n.id, n.pid, n.args, sess.mark, self.sockets)
         if a is not None:
             self._count_answered(sess, a)
 
@@ -602,28 +626,32 @@ class Agent:
                 log.warning("notification %#x of a dropped session left unanswered", item.id)
 
     def _on_listen(self, sess: Session, n: seccomp.Notification) -> None:
-        """listen() in socket mode: a host socket that was never bound would
-        be autobound by the kernel to an ephemeral port on every host address,
-        a listener no ingress rule granted. Refused (EACCES, audited); every
-        other listen() continues (it has no pointer argument: nothing to re-read)."""
+        """listen(): a grafted socket listens only once the agent bound it
+        through an ingress rule (graft.decide_listen). Whatever the verdict,
+        the kernel never looks the fd up again after the check: the agent
+        listens on its own duplicate of the socket it judged, or answers the
+        errno itself (a racing dup2() cannot swap a grafted socket in)."""
         fd = n.args[0] & 0xFFFFFFFF
-        dup = self._dup_target_fd(n.pid, fd)
-        if dup is None:
-            self._continue(sess, n.id)      # EBADF/ENOTSOCK: the kernel says so
+        got = self._dup_target(n.pid, fd)
+        if isinstance(got, int):
+            self._respond(sess, n.id, error=got)
             return
         try:
-            mark = ksock.info(dup)[3]
-            unbound = graft.is_grafted_mark(mark) and not _bound(dup)
-        finally:
-            dup.close()
-        if unbound:
+            info, _ = self._sock_info(got)
+            action = graft.decide_listen(info)
+            if isinstance(action, Listen):
+                self._respond(sess, n.id, error=ksock.listen(got, n.args[1]))
+                return
+            try:
+                local = _fmt(got.getsockname())
+            except OSError:
+                local = f"fd {fd}"
             sess.counters.denied += 1
             self.totals.denied += 1
-            self._audit_line(sess, n, "listen", f"fd {fd}", "deny", "listen:no-endpoint",
-                             errno.EACCES)
-            self._respond(sess, n.id, error=errno.EACCES)
-        else:
-            self._continue(sess, n.id)
+            self._audit_line(sess, n, "listen", "deny", local, action.rule, action.errno)
+            self._respond(sess, n.id, error=action.errno)
+        finally:
+            got.close()
 
     # --- OCI runtimes --------------------------------------------------------
 
@@ -856,7 +884,9 @@ class Agent:
             fd, ptr, alen, flags = n.args[0], n.args[1], n.args[2], 0
         fd &= 0xFFFFFFFF
         alen &= 0xFFFFFFFF
-        if sess.config is None:
+        if sess.config is None or not self.guarded:
+            # nothing to graft; a grafted socket of a container whose config
+            # is gone is still judged by the kernel guards
             self._continue(sess, n.id)
             return
         sess.tids.add(n.pid)
@@ -875,23 +905,13 @@ class Agent:
             # No graft to start; a grafted socket's datagrams are judged by nftables.
             self._continue(sess, n.id)
             return
-        if (n.nr == seccomp.SYS_BIND and sess.graft_at != "socket"
-                and cfg.match_ingress(addr) is None):
-            if graft.unclaimed_host_bind(addr, self.host_addrs):
-                self._act(sess, n, "bind", fd, None, None, 0,
-                          Deny(errno.EACCES, "bind:no-endpoint", addr))
-            else:
-                self._continue(sess, n.id)
-            return
         dup = self._dup_target_fd(n.pid, fd)
         if dup is None:
             self._respond(sess, n.id, error=errno.EBADF)
             return
         keep = False
         try:
-            family, type_, proto, mark = ksock.info(dup)
-            grafted = graft.is_grafted_mark(mark)
-            info = SockInfo(family, type_, grafted, _bound(dup) if grafted else True)
+            info, proto = self._sock_info(dup)
             if n.nr == seccomp.SYS_BIND:
                 action = graft.decide_bind(cfg, info, addr, self.host_addrs)
             elif n.nr == seccomp.SYS_CONNECT:
@@ -911,7 +931,7 @@ class Agent:
         grafted = False
         if dup is not None:
             try:
-                grafted = graft.is_grafted_mark(ksock.info(dup)[3])
+                grafted = self._sock_info(dup)[0].grafted
             finally:
                 dup.close()
         if grafted:
@@ -919,15 +939,54 @@ class Agent:
         else:
             self._continue(sess, n.id)
 
+    @property
+    def guarded(self) -> bool:
+        """May the agent graft? Only with the kernel guards loaded (or when
+        the operator chose --bpf off: trusted containers only)."""
+        return self.bpf is not None or self.bpf_mode == "off"
+
+    def _sock_info(self, dup: socket.socket) -> tuple[SockInfo, int]:
+        """What the decisions need to know of a target's socket, and its
+        protocol number. Grafted = tagged by this agent (the mark is only the
+        fallback without the guards: a container with CAP_NET_RAW can set it)."""
+        family, type_, proto, mark = ksock.info(dup)
+        if self.bpf is not None:
+            tag = self.bpf.tag_of(dup.fileno())
+            grafted = tag is not None
+            ingress = grafted and bool(tag[1] & kbpf.T_INGRESS)
+        else:
+            grafted = graft.is_grafted_mark(mark)
+            ingress = grafted and _bound(dup)
+        return SockInfo(family, type_, grafted, _bound(dup) if grafted else True,
+                        ingress), proto
+
+    def _dup_target(self, tid: int, fd: int) -> socket.socket | int:
+        """The target's socket at fd, or the errno the kernel would answer
+        (EBADF: no such fd, ENOTSOCK: not a socket)."""
+        try:
+            newfd = self._getfd(tid, fd)
+        except KernelError as exc:
+            if exc.errno == errno.EBADF:
+                return errno.EBADF
+            raise
+        try:
+            return ksock.adopt(newfd)
+        except OSError:
+            os.close(newfd)
+            return errno.ENOTSOCK
+
     def _dup_target_fd(self, tid: int, fd: int) -> socket.socket | None:
+        got = self._dup_target(tid, fd)
+        return None if isinstance(got, int) else got
+
+    def _getfd(self, tid: int, fd: int) -> int:
         for attempt in (1, 2):
             pidfd = self._pidfd(tid)
             try:
-                newfd = seccomp.pidfd_getfd(pidfd, fd)
-                break
+                return seccomp.pidfd_getfd(pidfd, fd)
             except KernelError as exc:
                 if exc.errno == errno.EBADF:
-                    return None
+                    raise
                 self._forget_pidfd(tid)
                 # ESRCH from a cached pidfd: that task exited and its tid now
                 # belongs to the task that trapped (id_valid said it waits): retry
@@ -936,11 +995,7 @@ class Agent:
                     raise
                 if attempt == 2:
                     raise NotFound("pidfd_getfd", exc.errno, f"tid {tid}") from None
-        try:
-            return ksock.adopt(newfd)
-        except OSError:
-            os.close(newfd)
-            return None     # ENOTSOCK: the kernel will say so itself
+        raise AssertionError("unreachable")
 
     def _pidfd(self, tid: int) -> int:
         pidfd = self.pidfds.get(tid)
@@ -964,14 +1019,8 @@ class Agent:
 
     def _write_audit(self, container: str, pid: int, name: str, addr: object, verdict: str,
                      rule: str, errno_: int = 0, where: str = "agent") -> None:
-        line = {"time": round(time.time(), 6), "agent": self.name, "container": container,
-                "pid": pid, "syscall": name, "address": str(addr), "verdict": verdict,
-                "rule": rule, "by": where}
-        if errno_:
-            line["errno"] = errno.errorcode.get(errno_, errno_)
-        log.warning("audit: %s", json.dumps(line))
-        if self._audit:
-            self._audit.write(json.dumps(line) + "\n")
+        if self.audit is not None:
+            self.audit.write(container, pid, name, addr, verdict, rule, errno_, where)
 
     def _act(self, sess: Session, n: seccomp.Notification, name: str, fd: int,
              dup: socket.socket, info: SockInfo, proto: int, action) -> bool:
@@ -992,21 +1041,29 @@ class Agent:
             self._respond(sess, n.id, error=action.errno)
             return False
         if isinstance(action, BindGrafted):
+            if action.endpoint is None:
+                # an ephemeral wildcard bind: nothing to bind on the host (its
+                # connect()/sendmsg() bind the egress endpoint later)
+                self._respond(sess, n.id, val=0)
+                return False
             try:
                 dup.bind(ksock.sockaddr_tuple(action.local))
             except OSError as exc:
                 self._respond(sess, n.id, error=exc.errno or errno.EADDRNOTAVAIL)
                 return False
-            if action.endpoint is not None:
-                self._count_graft(sess, self._record(sess, n.pid, fd, info, "ingress",
-                                                     action.endpoint.name, dup, remote=""))
-                self._publish_bind(sess, n.pid, fd, info, dup, action.requested)
+            if self.bpf is not None:
+                self.bpf.tag(dup.fileno(), sess.mark, kbpf.T_INGRESS)   # may listen now
+            self._count_graft(sess, self._record(sess, n.pid, fd, info, "ingress",
+                                                 action.endpoint.name, dup, remote=""))
+            self._publish_bind(sess, n.pid, fd, info, dup, action.requested)
             self._respond(sess, n.id, val=0)
             return False
         if isinstance(action, ConnectGrafted):
             return self._start_connect(sess, n, fd, dup, action.dest, inject=False,
                                        record=None)
-        host = ksock.host_socket(info.family, info.type, proto, sess.mark)
+        host = self.sockets.host_socket(
+            info.family, info.type, proto, sess.mark,
+            kbpf.T_INGRESS if isinstance(action, GraftBind) else 0)
         try:
             self.copier.copy(dup, host, info.family, info.type, proto, sess.buffers)
             if isinstance(action, GraftBind):
@@ -1201,6 +1258,8 @@ class Agent:
                 self._forget_pidfd(tid)
                 sess.tids.discard(tid)
         self._sweep_published()
+        if self.audit is not None:
+            self.audit.flush()
         if self.oci is not None:
             self.oci.sweep(now)
         self.holders = [p for p in self.holders if p.poll() is None]
@@ -1256,15 +1315,17 @@ class Agent:
         self.drain_inbox()
         kernel = None
         if self.bpf is not None:
-            judged, denied, redirected = self.bpf.counters()
+            judged, denied, redirected, guarded = self.bpf.counters()
             kernel = {"connects_judged": judged, "denied": denied,
-                      "redirected": redirected, "containers": len(self._bpf_applied),
-                      "cgroup": self.bpf.cgroup}
+                      "redirected": redirected, "guard_refused": guarded,
+                      "containers": len(self._bpf_applied), "cgroup": self.bpf.cgroup}
         oci_stats = None if self.oci is None else {
             "accepted": self.oci.accepted, "rejected": self.oci.rejected,
             "holders": len(self.holders)}
         return {"counters": self.totals.as_dict(), "kernel": kernel,
                 "kernel_error": self.bpf_error or None, "oci": oci_stats,
+                "guarded": self.bpf is not None, "grafting": self.guarded,
+                "audit_suppressed": self.audit.suppressed if self.audit else 0,
                 "containers": [{"container": s.container, "pid": s.pid, "mark": s.mark,
                                 "configured": s.config is not None, "graft_at": s.graft_at,
                                 "notifier_threads": (self.notifiers[k].alive

@@ -16,7 +16,7 @@ SCHED_BATCH (no wakeup preemption: after its ADDFD a thread must not preempt
 the task it answered, which usually runs on the same CPU).
 
 What the threads do: socket() of an inet stream/datagram socket is answered
-here with a marked host socket, installed and returned in one
+here with a host socket (marked and tagged, ksock.HostSockets), installed and returned in one
 ADDFD_FLAG_SEND - from a `Spare` made ahead of time when the kind matches the
 last one, else by `answer_socket`. Everything else they receive (bind,
 listen) is forwarded to the agent's single loop, which owns all other state:
@@ -109,16 +109,16 @@ class Spare:
         sock, self.sock = self.sock, None
         return sock
 
-    def refill(self, req: tuple[int, int, int], mark: int) -> None:
+    def refill(self, req: tuple[int, int, int], mark: int, sockets: ksock.HostSockets) -> None:
         if self.sock is not None:
             if req == self.req:
                 return
             self.sock.close()
             self.sock = None
         try:
-            self.sock = host_socket(req, mark)
+            self.sock = host_socket(req, mark, sockets)
             self.req = req
-        except OSError:
+        except (OSError, KernelError):
             pass        # EMFILE and the like: answered the slow way next time
 
     def close(self) -> None:
@@ -127,25 +127,22 @@ class Spare:
             self.sock = None
 
 
-def host_socket(req: tuple[int, int, int], mark: int) -> _socket.socket:
+def host_socket(req: tuple[int, int, int], mark: int,
+                sockets: ksock.HostSockets) -> _socket.socket:
     """The host socket that answers socket() request `req` (socket_request):
-    close-on-exec on our side, the application's SOCK_NONBLOCK, the mark."""
+    close-on-exec on our side, the application's SOCK_NONBLOCK, the
+    container's socket uid, mark and guard tag."""
     family, typ, proto = req
-    host = _socket.socket(family, (typ & SOCK_TYPE_MASK) | socket.SOCK_CLOEXEC
-                          | (typ & socket.SOCK_NONBLOCK), proto)
-    try:
-        host.setsockopt(socket.SOL_SOCKET, ksock.SO_MARK, mark)
-    except OSError:
-        host.close()
-        raise
-    return host
+    return sockets.make(family, (typ & SOCK_TYPE_MASK) | socket.SOCK_CLOEXEC
+                        | (typ & socket.SOCK_NONBLOCK), proto, mark)
 
 
 def answer_socket(listener: seccomp.Listener, nid: int, tid: int, args: tuple[int, ...],
-                  mark: int) -> int | None:
+                  mark: int, sockets: ksock.HostSockets) -> int | None:
     """Answer socket() (notification nid of thread tid, registers args) with
-    a host socket carrying `mark`, installed and returned in one step
-    (ADDFD_FLAG_SEND). Reads only the registers: no target memory, no pidfd.
+    a host socket of the container of `mark` (`sockets` makes it), installed
+    and returned in one step (ADDFD_FLAG_SEND). Reads only the registers: no
+    target memory, no pidfd.
     Returns None after letting an unsupported socket() continue, or after
     failing one the host refuses (EMFILE, EAFNOSUPPORT...) with its errno.
     Raises NotFound if the target went away. This is the one per-connection
@@ -156,8 +153,8 @@ def answer_socket(listener: seccomp.Listener, nid: int, tid: int, args: tuple[in
         listener.continue_(nid)
         return None
     try:
-        host = host_socket(req, mark)
-    except OSError as exc:
+        host = host_socket(req, mark, sockets)
+    except (OSError, KernelError) as exc:
         listener.respond(nid, error=exc.errno or errno.EIO)
         return None
     return install(listener, nid, tid, host, req[1])
@@ -243,9 +240,11 @@ class Notifiers:
     """The threads answering one socket-mode listener."""
 
     def __init__(self, listener_fd: int, mark: int, container: str, inbox: Inbox,
-                 *, threads: int = 2, enabled: Callable[[], bool] = lambda: True) -> None:
+                 *, threads: int = 2, enabled: Callable[[], bool] = lambda: True,
+                 sockets: ksock.HostSockets | None = None) -> None:
         self.key = listener_fd      # what the loop knows the session by
         self.mark = mark
+        self.sockets = sockets if sockets is not None else ksock.HostSockets()
         self.container = container
         self.inbox = inbox
         self.enabled = enabled
@@ -289,7 +288,7 @@ class Notifiers:
         spare = Spare()
         recv = listener.recv_raw
         answered, forward = self.inbox.answered, self.inbox.forward
-        key, mark, enabled = self.key, self.mark, self.enabled
+        key, mark, enabled, sockets = self.key, self.mark, self.enabled, self.sockets
         sys_socket, arch = seccomp.SYS_SOCKET, seccomp.AUDIT_ARCH_X86_64
         try:
             while not self._stop:
@@ -313,11 +312,11 @@ class Notifiers:
                     if host is not None:        # the common case: no socket to make
                         a = install(listener, v[0], v[1], host, req[1])
                     else:
-                        a = answer_socket(listener, v[0], v[1], req, mark)
+                        a = answer_socket(listener, v[0], v[1], req, mark, sockets)
                         if a is None:
                             continue
                     answered(key, a)
-                    spare.refill(req, mark)
+                    spare.refill(req, mark, sockets)
                 except NotFound:
                     continue
                 except KernelError as exc:

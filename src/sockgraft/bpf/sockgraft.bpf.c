@@ -1,10 +1,34 @@
 // SPDX-License-Identifier: GPL-2.0
-/* sockgraft's in-kernel decisions for sockets grafted at socket() time.
+/* sockgraft's in-kernel decisions and guards for grafted sockets.
  *
- * The node agent creates these sockets itself (in the host namespace, with
- * SO_MARK = 0x5347xxxx) and installs them into the container process at
- * socket(); from then on connect(), sendmsg() and getpeername() run here, in
- * the kernel, with no round trip to the agent:
+ * The node agent creates every grafted socket itself, in the host namespace,
+ * and tags it in sg_sock (socket-local storage: {mark, flags}) before any
+ * container process holds it. The tag is the socket's identity: a container
+ * cannot change it (SO_MARK can be changed with CAP_NET_RAW since Linux 5.17;
+ * the tag needs the map's fd, which only the agent holds). The programs are
+ * attached to the agent's cgroup, which every socket it creates carries, and
+ * accepted sockets inherit both the cgroup and (BPF_F_CLONE) the tag.
+ *
+ * Guards, for every tagged socket, in both graft modes, whatever the call:
+ *   bind4/6      only the agent binds a grafted socket (it binds the endpoint
+ *                address it checked); anything else: EACCES
+ *   setsockopt   options that would change which addresses or packets the
+ *                socket may use (SO_MARK, *_TRANSPARENT, FREEBIND, device
+ *                binding, source routing, multicast joins, sticky IPv6
+ *                PKTINFO, TCP repair...) are refused: EPERM
+ *   cgroup_skb egress  every packet: its mark must be the tag's (an SO_MARK
+ *                control message cannot relabel a datagram) and its source
+ *                an address the container's endpoints grant (no IP_PKTINFO
+ *                or any other forged source): else dropped (EPERM)
+ *   cgroup_skb ingress  a grafted listener the agent did not allow (listen()
+ *                called by a process outside the seccomp filter) gets nothing
+ *   connect4/6   the container's policy, also for connects the agent did not
+ *                make (address lengths it does not trap, TCP fast open, a
+ *                disconnected socket connected again)
+ *
+ * Sockets grafted at socket() time (policy flag F_SOCKET_MODE) also have their
+ * connect(), sendmsg() and getpeername() decided here, with no round trip to
+ * the agent:
  *
  *   connect4/6   policy: the container's first-match rule list on the address
  *                the application asked for (deny -> EPERM);
@@ -20,10 +44,11 @@
  *                application sees the overlay address it connected to (and
  *                UDP replies come from it).
  *
- * Sockets without a sockgraft mark, or whose container has no entry in
- * sg_policy (containers grafted syscall by syscall), are left alone: return 1.
- * Every denial is counted and reported on the sg_events ring buffer so the
- * agent writes the audit line.
+ * Untagged sockets are left alone (return 1). A tagged socket whose container
+ * has no policy entry is refused everything the guards judge (fail closed).
+ * Calls made by the agent itself (its cgroup, sg_config[0]) are not judged
+ * again: it decided them. Every denial is counted and reported on the
+ * sg_events ring buffer so the agent writes the audit line.
  *
  * Map layouts are mirrored byte for byte by sockgraft/model/bpfmaps.py.
  */
@@ -41,15 +66,33 @@
 
 #define F_SOCKET_MODE 1u
 
+#define T_INGRESS 1u        /* tag flag: bound by the agent through an ingress rule */
+
 #define V_DENY 0
 #define V_ALLOW 1
 
 #define EV_DENY_POLICY 1
 #define EV_DENY_NO_EGRESS 2
 #define EV_BIND_FAILED 3
+#define EV_DENY_BIND 4
+#define EV_DENY_SOCKOPT 5
+#define EV_DENY_SOURCE 6
+#define EV_DENY_MARK 7
+#define EV_DENY_LISTEN 8
+#define EV_DENY_UNKNOWN 9
 
 #define OP_CONNECT 1
 #define OP_SENDMSG 2
+#define OP_BIND 3
+#define OP_SETSOCKOPT 4
+#define OP_SEND 5
+#define OP_LISTEN 6
+
+#define SOL_SOCKET 1
+#define SOL_TCP 6
+#define SOL_IPV6 41
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86dd
 
 struct rule {
 	__u32 addr[4];     /* network order; IPv4 in addr[0] */
@@ -113,6 +156,18 @@ struct svc_val {
 	__u8 pad;
 };
 
+struct sock_tag {
+	__u32 mark;         /* the container's mark (MARK_BASE | id): its identity */
+	__u32 flags;        /* T_INGRESS */
+};
+
+struct src_key {
+	__u32 mark;
+	__u8 family;        /* 4 or 6 */
+	__u8 pad[3];
+	__u32 addr[4];      /* network order; IPv4 in addr[0]; all 0 = any address */
+};
+
 struct event {
 	__u32 kind;
 	__u32 mark;
@@ -124,6 +179,29 @@ struct event {
 	__u8 proto;
 	__u32 pid;
 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct sock_tag);
+} sg_sock SEC(".maps");
+
+/* [0] the agent's cgroup id: its own calls are not judged again */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sg_config SEC(".maps");
+
+/* source addresses a container's packets may carry (its endpoints) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct src_key);
+	__type(value, __u8);
+} sg_sources SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -168,7 +246,8 @@ struct {
 	__uint(max_entries, 1 << 16);
 } sg_events SEC(".maps");
 
-/* [0] connects judged, [1] connects + datagrams denied, [2] redirected by the directory */
+/* [0] connects judged, [1] connects + datagrams denied, [2] redirected by the
+ * directory, [3] refused by the guards (bind, setsockopt, forged packets) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 4);
@@ -183,18 +262,36 @@ static __always_inline void count(__u32 idx)
 		*c += 1;
 }
 
-static __always_inline struct policy *grafted_policy(struct bpf_sock_addr *ctx, __u32 *mark)
+static __always_inline struct sock_tag *tag_of(struct bpf_sock *sk)
 {
-	struct bpf_sock *sk = ctx->sk;
-	struct policy *p;
-
 	if (!sk)
 		return 0;
-	*mark = sk->mark;
-	if ((*mark & MARK_MASK) != MARK_BASE)
+	return bpf_sk_storage_get(&sg_sock, sk, 0, 0);
+}
+
+static __always_inline int by_agent(void)
+{
+	__u32 k = 0;
+	__u64 *cg = bpf_map_lookup_elem(&sg_config, &k);
+
+	return cg && *cg && bpf_get_current_cgroup_id() == *cg;
+}
+
+/* The policy of a tagged socket's container, or 0 (untagged: *mark = 0;
+ * tagged without a policy entry: *mark set). socket_mode: only containers
+ * grafted at socket() time. */
+static __always_inline struct policy *grafted_policy(struct bpf_sock_addr *ctx, __u32 *mark,
+						     int socket_mode)
+{
+	struct sock_tag *t = tag_of(ctx->sk);
+	struct policy *p;
+
+	*mark = 0;
+	if (!t)
 		return 0;
+	*mark = t->mark;
 	p = bpf_map_lookup_elem(&sg_policy, mark);
-	if (!p || !(p->flags & F_SOCKET_MODE))
+	if (!p || (socket_mode && !(p->flags & F_SOCKET_MODE)))
 		return 0;
 	return p;
 }
@@ -325,6 +422,19 @@ static __always_inline __u8 dest6(struct bpf_sock_addr *ctx, __u32 *a, __u32 *j)
 	return 6;
 }
 
+/* A tagged socket whose container has no policy entry (its configuration
+ * was removed): refused, fail closed. Untagged (mark 0): not ours. */
+static __always_inline int unknown_container(__u32 mark, __u32 op)
+{
+	__u32 none[4] = {};
+
+	if (!mark)
+		return 1;
+	count(1);
+	report(EV_DENY_UNKNOWN, mark, op, 0, 4, none, 0, 0);
+	return 0;
+}
+
 /* Policy, then egress rule, for one destination (j in the judged family).
  * Returns the endpoint to leave from, or 0 if refused (counted, reported). */
 static __always_inline struct egress_val *admit(struct policy *p, __u32 mark, __u32 op,
@@ -424,13 +534,16 @@ SEC("cgroup/connect4")
 int sg_connect4(struct bpf_sock_addr *ctx)
 {
 	__u32 mark, j[4] = {};
-	struct policy *p = grafted_policy(ctx, &mark);
+	struct policy *p;
 	struct sockaddr_in sin = {};
 	struct egress_val *e;
 	__u8 proto;
 
-	if (!p)
+	if (by_agent())		/* it checked this destination itself */
 		return 1;
+	p = grafted_policy(ctx, &mark, 0);
+	if (!p)
+		return unknown_container(mark, OP_CONNECT);
 	proto = sock_proto(ctx);
 	count(0);
 	j[0] = ctx->user_ip4;
@@ -455,13 +568,16 @@ SEC("cgroup/connect6")
 int sg_connect6(struct bpf_sock_addr *ctx)
 {
 	__u32 mark, a[4], j[4];
-	struct policy *p = grafted_policy(ctx, &mark);
+	struct policy *p;
 	struct sockaddr_in6 sin6 = {};
 	struct egress_val *e;
 	__u8 proto, fam;
 
-	if (!p)
+	if (by_agent())		/* it checked this destination itself */
 		return 1;
+	p = grafted_policy(ctx, &mark, 0);
+	if (!p)
+		return unknown_container(mark, OP_CONNECT);
 	proto = sock_proto(ctx);
 	count(0);
 	fam = dest6(ctx, a, j);
@@ -494,7 +610,7 @@ SEC("cgroup/sendmsg4")
 int sg_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	__u32 mark, j[4] = {};
-	struct policy *p = grafted_policy(ctx, &mark);
+	struct policy *p = grafted_policy(ctx, &mark, 1);
 	struct egress_val *e;
 
 	if (!p)
@@ -513,7 +629,7 @@ SEC("cgroup/sendmsg6")
 int sg_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	__u32 mark, a[4], j[4];
-	struct policy *p = grafted_policy(ctx, &mark);
+	struct policy *p = grafted_policy(ctx, &mark, 1);
 	struct egress_val *e;
 	__u8 fam;
 
@@ -547,7 +663,7 @@ static __always_inline int unredirect4(struct bpf_sock_addr *ctx, __u8 proto)
 	__u32 mark, j[4] = {ctx->user_ip4, 0, 0, 0};
 	struct svc_val *v;
 
-	if (!grafted_policy(ctx, &mark))
+	if (!grafted_policy(ctx, &mark, 1))
 		return 1;
 	v = lookup_svc(&sg_services_rev, 4, j, ctx->user_port, proto);
 	if (v && v->family == 4) {
@@ -563,7 +679,7 @@ static __always_inline int unredirect6(struct bpf_sock_addr *ctx, __u8 proto)
 	struct svc_val *v;
 	__u8 fam;
 
-	if (!grafted_policy(ctx, &mark))
+	if (!grafted_policy(ctx, &mark, 1))
 		return 1;
 	fam = dest6(ctx, a, j);
 	v = lookup_svc(&sg_services_rev, fam, j, ctx->user_port, proto);
@@ -594,6 +710,178 @@ SEC("cgroup/getpeername6")
 int sg_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return unredirect6(ctx, sock_proto(ctx));
+}
+
+/* --- guards for every tagged socket ------------------------------------------ */
+
+/* Only the agent binds a grafted socket: it binds the endpoint address it
+ * checked, on its own copy of the address. Anything else the container
+ * tries (any address length, after a disconnect, racing the agent) fails. */
+static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 fam)
+{
+	struct sock_tag *t = tag_of(ctx->sk);
+	__u32 a[4] = {}, j[4] = {};
+
+	if (!t || by_agent())
+		return 1;
+	if (fam == 4)
+		j[0] = ctx->user_ip4;
+	else
+		fam = dest6(ctx, a, j);
+	count(3);
+	report(EV_DENY_BIND, t->mark, OP_BIND, 0, fam, j, bpf_ntohs(ctx->user_port),
+	       sock_proto(ctx));
+	bpf_set_retval(-13 /* EACCES, as the agent answers */);
+	return 0;
+}
+
+SEC("cgroup/bind4")
+int sg_bind4(struct bpf_sock_addr *ctx)
+{
+	return guard_bind(ctx, 4);
+}
+
+SEC("cgroup/bind6")
+int sg_bind6(struct bpf_sock_addr *ctx)
+{
+	return guard_bind(ctx, 6);
+}
+
+/* Socket options that would change which addresses a grafted socket may
+ * use, which packets it receives or how its packets are routed or labelled.
+ * The list is documented option by option in docs/architecture.md. */
+static __always_inline int option_refused(int level, int opt)
+{
+	switch (level) {
+	case SOL_SOCKET:
+		return opt == 36 /* SO_MARK */ || opt == 25 /* SO_BINDTODEVICE */ ||
+		       opt == 62 /* SO_BINDTOIFINDEX */ ||
+		       opt == 51 /* SO_ATTACH_REUSEPORT_CBPF */ ||
+		       opt == 52 /* SO_ATTACH_REUSEPORT_EBPF */ ||
+		       opt == 68 /* SO_DETACH_REUSEPORT_BPF */;
+	case IPPROTO_IP:
+		return opt == 4 /* IP_OPTIONS (source routing) */ ||
+		       opt == 15 /* IP_FREEBIND */ || opt == 16 /* IP_IPSEC_POLICY */ ||
+		       opt == 17 /* IP_XFRM_POLICY */ || opt == 19 /* IP_TRANSPARENT */ ||
+		       opt == 35 /* IP_ADD_MEMBERSHIP */ ||
+		       opt == 39 /* IP_ADD_SOURCE_MEMBERSHIP */ ||
+		       opt == 41 /* IP_MSFILTER */ || opt == 42 /* MCAST_JOIN_GROUP */ ||
+		       opt == 46 /* MCAST_JOIN_SOURCE_GROUP */ || opt == 48 /* MCAST_MSFILTER */ ||
+		       opt == 50 /* IP_UNICAST_IF */;
+	case SOL_IPV6:
+		return opt == 1 /* IPV6_ADDRFORM */ || opt == 2 /* IPV6_2292PKTINFO */ ||
+		       opt == 3 /* IPV6_2292HOPOPTS */ || opt == 4 /* IPV6_2292DSTOPTS */ ||
+		       opt == 5 /* IPV6_2292RTHDR */ || opt == 6 /* IPV6_2292PKTOPTIONS */ ||
+		       opt == 20 /* IPV6_ADD_MEMBERSHIP */ || opt == 34 /* IPV6_IPSEC_POLICY */ ||
+		       opt == 35 /* IPV6_XFRM_POLICY */ || opt == 42 /* MCAST_JOIN_GROUP */ ||
+		       opt == 46 /* MCAST_JOIN_SOURCE_GROUP */ || opt == 48 /* MCAST_MSFILTER */ ||
+		       opt == 50 /* IPV6_PKTINFO (sticky source) */ ||
+		       opt == 54 /* IPV6_HOPOPTS */ || opt == 55 /* IPV6_RTHDRDSTOPTS */ ||
+		       opt == 57 /* IPV6_RTHDR */ || opt == 59 /* IPV6_DSTOPTS */ ||
+		       opt == 75 /* IPV6_TRANSPARENT */ || opt == 76 /* IPV6_UNICAST_IF */ ||
+		       opt == 78 /* IPV6_FREEBIND */;
+	case SOL_TCP:
+		return opt == 19 /* TCP_REPAIR */ || opt == 20 /* TCP_REPAIR_QUEUE */ ||
+		       opt == 21 /* TCP_QUEUE_SEQ */ || opt == 22 /* TCP_REPAIR_OPTIONS */ ||
+		       opt == 29 /* TCP_REPAIR_WINDOW */;
+	case IPPROTO_UDP:
+		return opt == 100 /* UDP_ENCAP */;
+	}
+	return 0;
+}
+
+SEC("cgroup/setsockopt")
+int sg_setsockopt(struct bpf_sockopt *ctx)
+{
+	struct sock_tag *t = tag_of(ctx->sk);
+	__u32 none[4] = {};
+
+	if (!t || by_agent() || !option_refused(ctx->level, ctx->optname))
+		return 1;	/* optval untouched: the kernel uses the caller's */
+	count(3);
+	/* label = option name, port = level (decoded by model/bpfmaps.py) */
+	report(EV_DENY_SOCKOPT, t->mark, OP_SETSOCKOPT, ctx->optname, 4, none,
+	       (__u16)ctx->level, 0);
+	return 0;	/* EPERM */
+}
+
+/* Every packet a tagged socket sends: the mark it carries must be the tag's
+ * (an SO_MARK control message would relabel it for the host's routing and
+ * netfilter) and its source an address one of the container's endpoints
+ * grants (IP_PKTINFO and friends cannot forge it). Runs after routing and
+ * netfilter; a drop fails the send with EPERM. */
+SEC("cgroup_skb/egress")
+int sg_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct sock_tag *t;
+	struct src_key k = {};
+	__u32 kind;
+
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1;	/* request and timewait sockets: their listener's */
+	t = bpf_sk_storage_get(&sg_sock, sk, 0, 0);
+	if (!t)
+		return 1;
+	k.mark = t->mark;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		k.family = 4;
+		if (bpf_skb_load_bytes(skb, 12, &k.addr[0], 4))
+			return 0;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		k.family = 6;
+		if (bpf_skb_load_bytes(skb, 8, k.addr, 16))
+			return 0;
+	} else {
+		return 1;
+	}
+	if (skb->mark != t->mark) {
+		kind = EV_DENY_MARK;
+	} else {
+		__u32 src[4] = {k.addr[0], k.addr[1], k.addr[2], k.addr[3]};
+
+		if (bpf_map_lookup_elem(&sg_sources, &k))
+			return 1;
+		k.addr[0] = k.addr[1] = k.addr[2] = k.addr[3] = 0;
+		if (bpf_map_lookup_elem(&sg_sources, &k))
+			return 1;	/* an endpoint on the wildcard address */
+		k.addr[0] = src[0];
+		k.addr[1] = src[1];
+		k.addr[2] = src[2];
+		k.addr[3] = src[3];
+		kind = EV_DENY_SOURCE;
+	}
+	count(3);
+	/* the offending source; label = the mark the packet carried */
+	report(kind, t->mark, OP_SEND, skb->mark, k.family, k.addr, 0, 0);
+	return 0;
+}
+
+/* A grafted socket listens only once the agent bound it through an ingress
+ * rule, and the agent makes every listen() of a filtered process. A process
+ * outside the filter that holds a grafted socket (passed over a unix socket)
+ * could still call listen(): such a listener never receives a packet. */
+SEC("cgroup_skb/ingress")
+int sg_ingress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct sock_tag *t;
+	__u32 none[4] = {};
+
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->state != BPF_TCP_LISTEN)
+		return 1;
+	t = bpf_sk_storage_get(&sg_sock, sk, 0, 0);
+	if (!t || (t->flags & T_INGRESS))
+		return 1;
+	count(3);
+	report(EV_DENY_LISTEN, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port, IPPROTO_TCP);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "GPL";

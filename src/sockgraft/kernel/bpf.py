@@ -1,19 +1,20 @@
-"""The cgroup sock_addr programs of bpf/sockgraft.bpf.c, through the system
-libbpf (libbpf.so.1) with ctypes.
+"""The cgroup programs of bpf/sockgraft.bpf.c, through the system libbpf
+(libbpf.so.1) with ctypes.
 
 Owns: compiling the object (clang -target bpf, cached by source hash),
 loading it, the agent's cgroup (the agent joins it, so the host sockets it
 creates carry it and the programs see them), attaching the programs with
 pinned bpf_links (they stay attached across agent restarts; a new agent
-swaps its programs in with BPF_LINK_UPDATE), map updates, and the events
-ring buffer.
+swaps its programs in with BPF_LINK_UPDATE), the pinned socket tag map
+(sg_sock, reused by a restarted agent: the tags of sockets grafted before
+stay valid), tagging sockets, map updates, and the events ring buffer.
 
 Must not: decide what goes into the maps (model/bpfmaps.py encodes, the
 agent chooses). Errors are translated into the sockgraft.errors tree.
 
 Names (deterministic, one set per agent name):
   cgroup  <cgroup2 mount>/sockgraft/<agent>       the agent process lives here
-  pins    /sys/fs/bpf/sockgraft/<agent>/link_<program>
+  pins    /sys/fs/bpf/sockgraft/<agent>/link_<program>, .../map_sg_sock
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import time
 from importlib import resources
@@ -35,10 +37,14 @@ log = logging.getLogger("sockgraft.bpf")
 
 BPFFS = "/sys/fs/bpf"
 PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
-            "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6")
+            "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6",
+            "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
-        "sg_events", "sg_counters")
+        "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources")
+PINNED_MAPS = ("sg_sock",)     # outlive the agent: the identity of grafted sockets
 BPF_ANY = 0
+TAG = struct.Struct("=II")     # struct sock_tag {mark, flags}
+T_INGRESS = 1                  # bound by the agent through an ingress rule
 
 
 class BpfUnavailable(SockgraftError):
@@ -66,6 +72,8 @@ def _lib() -> ctypes.CDLL:
         ("bpf_object__find_map_by_name", vp, [vp, cp]),
         ("bpf_program__fd", i, [vp]),
         ("bpf_map__fd", i, [vp]),
+        ("bpf_map__reuse_fd", i, [vp, i]),
+        ("bpf_map__pin", i, [vp, cp]),
         ("bpf_program__attach_cgroup", vp, [vp, i]),
         ("bpf_link__pin", i, [vp, cp]),
         ("bpf_link__fd", i, [vp]),
@@ -256,6 +264,7 @@ class Programs:
         if not obj:
             raise _err("bpf_object__open_file", 0, obj_path)
         self._obj = obj
+        reused = self._reuse_pinned()
         rc = L.bpf_object__load(obj)
         if rc:
             self.close()
@@ -264,6 +273,66 @@ class Programs:
         for m in MAPS:
             mp = L.bpf_object__find_map_by_name(obj, m.encode())
             self.maps[m] = L.bpf_map__fd(mp)
+        for m in PINNED_MAPS:
+            if m not in reused:
+                self._pin_map(m)
+        # the agent's own calls are not judged again by the guards
+        self.update("sg_config", b"\0\0\0\0",
+                    os.stat(self.cgroup).st_ino.to_bytes(8, "little"))
+
+    def _reuse_pinned(self) -> set[str]:
+        """A restarted agent keeps the socket tags of its predecessor: reuse
+        the pinned map instead of creating an empty one. A pin that does not
+        fit (another version's layout) is replaced, with a warning: sockets
+        tagged in it are no longer recognised as grafted."""
+        L = lib()
+        reused = set()
+        for m in PINNED_MAPS:
+            pin = os.path.join(pin_dir(self.agent), f"map_{m}")
+            if not os.path.exists(pin):
+                continue
+            fd = L.bpf_obj_get(pin.encode())
+            mp = L.bpf_object__find_map_by_name(self._obj, m.encode())
+            rc = L.bpf_map__reuse_fd(mp, fd) if fd >= 0 else -errno.ENOENT
+            if fd >= 0:
+                os.close(fd)        # libbpf holds its own dup
+            if rc == 0:
+                reused.add(m)
+                continue
+            log.warning("pinned map %s does not fit this version (%s): replaced; sockets "
+                        "grafted before are no longer guarded", pin, os.strerror(-rc))
+            os.unlink(pin)
+        return reused
+
+    def _pin_map(self, m: str) -> None:
+        L = lib()
+        pdir = pin_dir(self.agent)
+        os.makedirs(pdir, exist_ok=True)
+        mp = L.bpf_object__find_map_by_name(self._obj, m.encode())
+        pin = os.path.join(pdir, f"map_{m}")
+        rc = L.bpf_map__pin(mp, pin.encode())
+        if rc:
+            raise _err(f"pin {pin}", rc)
+
+    # --- socket tags (the identity of grafted sockets) --------------------------
+
+    def tag(self, fd: int, mark: int, flags: int = 0) -> None:
+        """Tag socket fd as grafted for the container of `mark` (thread-safe:
+        notifier threads tag the sockets they hand out)."""
+        k = ctypes.c_int(fd)
+        v = ctypes.create_string_buffer(TAG.pack(mark, flags), TAG.size)
+        rc = lib().bpf_map_update_elem(self.maps["sg_sock"], ctypes.byref(k), v, BPF_ANY)
+        if rc:
+            raise _err("tag socket", rc, f"fd {fd}")
+
+    def tag_of(self, fd: int) -> tuple[int, int] | None:
+        """(mark, flags) of a tagged socket, None for an untagged one."""
+        k = ctypes.c_int(fd)
+        v = ctypes.create_string_buffer(TAG.size)
+        if lib().bpf_map_lookup_elem(self.maps["sg_sock"], ctypes.byref(k), v):
+            return None
+        mark, flags = TAG.unpack(v.raw)
+        return mark, flags
 
     def attach(self) -> None:
         """Attach (or swap into the pinned links) the loaded programs; call
@@ -352,10 +421,11 @@ class Programs:
             cur = ctypes.create_string_buffer(nxt.raw, key_size)
 
     def counters(self) -> list[int]:
-        """Totals of sg_counters over CPUs: judged, denied, redirected."""
+        """Totals of sg_counters over CPUs: judged, denied, redirected, and
+        refused by the guards."""
         possible = _possible_cpus() or os.cpu_count() or 1
         out = []
-        for i in range(3):
+        for i in range(4):
             raw = self.lookup("sg_counters", i.to_bytes(4, "little"), 8 * possible)
             out.append(sum(int.from_bytes(raw[j:j + 8], "little")
                            for j in range(0, len(raw), 8)) if raw else 0)

@@ -278,22 +278,29 @@ _ADDRLEN_IN_IN6_STORAGE = frozenset({16, 28, 128})  # sockaddr_in, _in6, _storag
 
 
 def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
-    """Trap bind/connect/sendto carrying an inet-sized sockaddr; deny io_uring.
+    """Trap connect/sendto carrying an inet-sized sockaddr, every bind and
+    every listen; deny io_uring.
 
     trap_sendto=False leaves sendto alone: some programs (sockperf, for one)
     pass the peer address on every send of a connected TCP socket, which would
     cost a round trip to the agent per message. `sockgraft run` traps sendto
     only when asked (--udp-sendto) to graft unconnected UDP senders.
 
-    addrlen 16/28/128 (sockaddr_in, sockaddr_in6, sockaddr_storage) selects
-    inet sockets without reading memory; unix (addrlen 110 or path-sized) and
-    netlink (12) almost never match and so never reach the agent. io_uring
-    would issue connect/bind without a syscall: ENOSYS makes libraries (liburing
-    users, tokio, libuv) fall back to plain syscalls.
+    connect/sendto: addrlen 16/28/128 (sockaddr_in, sockaddr_in6,
+    sockaddr_storage) selects inet sockets without reading memory; unix
+    (addrlen 110 or path-sized) and netlink (12) almost never match and so
+    never reach the agent. A connect of a grafted socket with another length
+    is judged by the kernel guards (bpf/sockgraft.bpf.c), not left alone.
+    bind and listen are trapped whatever their arguments (the kernel accepts
+    any inet address length from 16 to 128, and both are rare calls): the
+    agent makes every bind and listen of a grafted socket itself.
+    io_uring would issue connect/bind without a syscall: ENOSYS makes
+    libraries (liburing users, tokio, libuv) fall back to plain syscalls.
     """
     trap: dict[int, ArgMatch | None] = {
-        SYS_BIND: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
+        SYS_BIND: None,
         SYS_CONNECT: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
+        SYS_LISTEN: None,
     }
     if trap_sendto:
         trap[SYS_SENDTO] = ArgMatch(5, _ADDRLEN_IN_IN6_STORAGE)
@@ -310,15 +317,15 @@ def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
 def socket_graft_filter() -> FilterSpec:
     """For containers grafted at socket() time (graft_at = "socket"): trap
     socket() for AF_INET/AF_INET6 (the agent answers with a host socket,
-    ADDFD_FLAG_SEND) and inet-sized bind() (ingress rules; the agent binds).
-    connect()/sendto() are not trapped: the cgroup programs judge them in the
-    kernel. io_uring is denied as in `default_graft_filter`."""
+    ADDFD_FLAG_SEND; the low word of the register is compared, as the kernel
+    reads an int), every bind() (ingress rules; the agent binds) and every
+    listen() (only sockets bound through an ingress rule may listen; the
+    agent listens itself). connect()/sendto() are not trapped: the cgroup
+    programs judge them in the kernel. io_uring is denied as in
+    `default_graft_filter`."""
     spec = default_graft_filter(trap_sendto=False)
     del spec.trap[SYS_CONNECT]
     spec.trap[SYS_SOCKET] = ArgMatch(0, frozenset({2, 10}))
-    # listen() on a never-bound host socket would autobind a host port on
-    # every host address: the agent refuses that (servers call it once)
-    spec.trap[SYS_LISTEN] = None
     return spec
 
 

@@ -1,15 +1,21 @@
 """Host sockets for grafting: inspect a target's socket (through a pidfd_getfd
 duplicate), create its host twin, carry its options over.
 
-Owns the option list that is copied and the reading of a target fd's flags.
+Owns the option list that is copied, the reading of a target fd's flags, and
+how a host socket is born (`HostSockets`): under its container's socket uid,
+with its mark, tagged for the kernel guards before anybody else holds it.
 Must not: decide whether to graft (model/graft) or talk to the notify fd.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import socket
+from typing import Callable
+
+import _socket
 
 from ..model.sockaddr import AF_INET, InetAddr
 
@@ -142,15 +148,72 @@ def target_fd_cloexec(tid: int, fd: int) -> bool:
         return False
 
 
-def host_socket(family: int, type_: int, proto: int, mark: int) -> socket.socket:
-    """A non-blocking, close-on-exec host socket carrying the container's mark."""
-    s = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-    try:
-        s.setsockopt(SOL_SOCKET, SO_MARK, mark)
-    except BaseException:
-        s.close()
-        raise
-    return s
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AS_ROOT = os.geteuid() == 0
+
+
+def socket_uid(mark: int) -> int:
+    """The uid that owns a container's host sockets (sk_uid). The kernel joins
+    sockets into one SO_REUSEPORT group only if they have the same owner: with
+    one uid per container, no container shares a port with another container
+    or with a root service of the host. The mark's value, so `ss -e` shows
+    which container a socket belongs to."""
+    return mark
+
+
+class HostSockets:
+    """Makes the host sockets of grafted containers. Each one is created under
+    its container's socket uid (setfsuid: per thread, so the notifier threads
+    and the loop never see each other's), carries the container's mark and,
+    when the kernel guards run (`tag`, kernel/bpf.Programs.tag), is tagged
+    before any container process can hold it. Thread-safe."""
+
+    def __init__(self, tag: Callable[[int, int, int], None] | None = None) -> None:
+        self.tag = tag
+
+    def make(self, family: int, typ: int, proto: int, mark: int,
+             flags: int = 0) -> _socket.socket:
+        """typ may carry SOCK_NONBLOCK/SOCK_CLOEXEC; raises OSError (the
+        socket is never half-made: closed on any failure)."""
+        if _AS_ROOT:
+            old = _LIBC.setfsuid(socket_uid(mark))
+            try:
+                s = _socket.socket(family, typ, proto)
+            finally:
+                _LIBC.setfsuid(old)
+        else:
+            s = _socket.socket(family, typ, proto)
+        try:
+            s.setsockopt(SOL_SOCKET, SO_MARK, mark)
+            if self.tag is not None:
+                self.tag(s.fileno(), mark, flags)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def host_socket(self, family: int, type_: int, proto: int, mark: int,
+                    flags: int = 0) -> socket.socket:
+        """A non-blocking, close-on-exec host socket for the agent's loop."""
+        s = self.make(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto,
+                      mark, flags)
+        return socket.socket(fileno=s.detach())
+
+
+_LIBC.listen.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def listen(sock: socket.socket, backlog_register: int) -> int:
+    """listen() with the backlog exactly as the application passed it (the
+    low 32 bits of its register, an int: the kernel caps it, negative
+    included, at somaxconn; Python's listen() would turn a negative one into
+    0). Returns 0 or the errno."""
+    b = backlog_register & 0xFFFFFFFF
+    if b >= 1 << 31:
+        b -= 1 << 32
+    if _LIBC.listen(sock.fileno(), b) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def sockaddr_tuple(addr: InetAddr) -> tuple:

@@ -18,6 +18,10 @@ sockaddrs are network order, as the kernel hands them to the program):
   sg_egress4/6   LPM key {prefixlen = 64 + plen, mark, gen, port(be), addr}
                  -> {plen, label, src[4], src_port(be), src_family}
   sg_services(_rev) {addr[4], port(be), family, proto} -> {addr[4], port(be), family}
+  sg_sources     {mark, family, pad[3], addr[4]} -> u8: the source addresses a
+                 container's packets may carry (its endpoints; all-zero addr =
+                 an endpoint on the wildcard address)
+  sg_sock        socket-local storage {mark, flags}: kernel/bpf.Programs.tag
 """
 
 from __future__ import annotations
@@ -38,7 +42,38 @@ PROTO_NUM = {"any": 0, "tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
 PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 EV_DENY_POLICY, EV_DENY_NO_EGRESS, EV_BIND_FAILED = 1, 2, 3
-OP_NAMES = {1: "connect", 2: "sendmsg"}
+EV_DENY_BIND, EV_DENY_SOCKOPT, EV_DENY_SOURCE, EV_DENY_MARK = 4, 5, 6, 7
+EV_DENY_LISTEN, EV_DENY_UNKNOWN = 8, 9
+OP_SETSOCKOPT = 4
+OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen"}
+
+# The options the setsockopt guard refuses (bpf/sockgraft.bpf.c option_refused),
+# by (level, optname): names for audit lines; the C list must match (tested).
+SOL_SOCKET, SOL_IP, SOL_TCP, SOL_UDP, SOL_IPV6 = 1, 0, 6, 17, 41
+REFUSED_OPTIONS: dict[tuple[int, int], str] = {
+    (SOL_SOCKET, 36): "SO_MARK", (SOL_SOCKET, 25): "SO_BINDTODEVICE",
+    (SOL_SOCKET, 62): "SO_BINDTOIFINDEX", (SOL_SOCKET, 51): "SO_ATTACH_REUSEPORT_CBPF",
+    (SOL_SOCKET, 52): "SO_ATTACH_REUSEPORT_EBPF", (SOL_SOCKET, 68): "SO_DETACH_REUSEPORT_BPF",
+    (SOL_IP, 4): "IP_OPTIONS", (SOL_IP, 15): "IP_FREEBIND", (SOL_IP, 16): "IP_IPSEC_POLICY",
+    (SOL_IP, 17): "IP_XFRM_POLICY", (SOL_IP, 19): "IP_TRANSPARENT",
+    (SOL_IP, 35): "IP_ADD_MEMBERSHIP", (SOL_IP, 39): "IP_ADD_SOURCE_MEMBERSHIP",
+    (SOL_IP, 41): "IP_MSFILTER", (SOL_IP, 42): "MCAST_JOIN_GROUP",
+    (SOL_IP, 46): "MCAST_JOIN_SOURCE_GROUP", (SOL_IP, 48): "MCAST_MSFILTER",
+    (SOL_IP, 50): "IP_UNICAST_IF",
+    (SOL_IPV6, 1): "IPV6_ADDRFORM", (SOL_IPV6, 2): "IPV6_2292PKTINFO",
+    (SOL_IPV6, 3): "IPV6_2292HOPOPTS", (SOL_IPV6, 4): "IPV6_2292DSTOPTS",
+    (SOL_IPV6, 5): "IPV6_2292RTHDR", (SOL_IPV6, 6): "IPV6_2292PKTOPTIONS",
+    (SOL_IPV6, 20): "IPV6_ADD_MEMBERSHIP", (SOL_IPV6, 34): "IPV6_IPSEC_POLICY",
+    (SOL_IPV6, 35): "IPV6_XFRM_POLICY", (SOL_IPV6, 42): "MCAST_JOIN_GROUP",
+    (SOL_IPV6, 46): "MCAST_JOIN_SOURCE_GROUP", (SOL_IPV6, 48): "MCAST_MSFILTER",
+    (SOL_IPV6, 50): "IPV6_PKTINFO", (SOL_IPV6, 54): "IPV6_HOPOPTS",
+    (SOL_IPV6, 55): "IPV6_RTHDRDSTOPTS", (SOL_IPV6, 57): "IPV6_RTHDR",
+    (SOL_IPV6, 59): "IPV6_DSTOPTS", (SOL_IPV6, 75): "IPV6_TRANSPARENT",
+    (SOL_IPV6, 76): "IPV6_UNICAST_IF", (SOL_IPV6, 78): "IPV6_FREEBIND",
+    (SOL_TCP, 19): "TCP_REPAIR", (SOL_TCP, 20): "TCP_REPAIR_QUEUE",
+    (SOL_TCP, 21): "TCP_QUEUE_SEQ", (SOL_TCP, 22): "TCP_REPAIR_OPTIONS",
+    (SOL_TCP, 29): "TCP_REPAIR_WINDOW", (SOL_UDP, 100): "UDP_ENCAP",
+}
 
 # struct rule: addr[4], mask[4] (network order words), port_lo, port_hi,
 # family, proto, verdict, pad, label
@@ -51,6 +86,7 @@ EGRESS_VAL = struct.Struct("=II16sHBB")
 SVC_KEY = struct.Struct("=16sHBB")
 SVC_VAL = struct.Struct("=16sHBB")
 EVENT = struct.Struct("=IIII16sHBBI")
+SRC_KEY = struct.Struct("=IB3x16s")
 
 
 def _words(packed: bytes) -> tuple[int, int, int, int]:
@@ -128,6 +164,16 @@ def egress_entries(cfg: GraftConfig, mark: int, gen: int
     return v4, v6, labels
 
 
+def source_keys(cfg: GraftConfig, mark: int) -> list[bytes]:
+    """sg_sources keys: the addresses of the container's inet endpoints, the
+    only sources its packets may carry (an IPv4 endpoint of a dual-stack
+    socket sends IPv4 packets: family 4). The wildcard address packs as
+    all-zero, the program's "any address of this family" key."""
+    keys = {SRC_KEY.pack(mark, ep.addr.version, ep.addr.packed.ljust(16, b"\0"))
+            for ep in cfg.endpoints.values() if ep.is_inet and ep.addr is not None}
+    return sorted(keys)
+
+
 def svc_key(addr: IPv4Address | IPv6Address, port: int, proto: str) -> bytes:
     return SVC_KEY.pack(addr.packed.ljust(16, b"\0"), _be16(port), addr.version,
                         PROTO_NUM[proto])
@@ -150,14 +196,31 @@ class Event:
     @property
     def reason(self) -> str:
         return {EV_DENY_POLICY: "policy", EV_DENY_NO_EGRESS: "egress:no-rule",
-                EV_BIND_FAILED: "egress:bind-failed"}.get(self.kind, f"kind {self.kind}")
+                EV_BIND_FAILED: "egress:bind-failed", EV_DENY_BIND: "bind:no-endpoint",
+                EV_DENY_SOCKOPT: "sockopt:refused", EV_DENY_SOURCE: "source:not-granted",
+                EV_DENY_MARK: "mark:forged", EV_DENY_LISTEN: "listen:no-endpoint",
+                EV_DENY_UNKNOWN: "container:no-policy"}.get(self.kind, f"kind {self.kind}")
+
+    @property
+    def errno(self) -> int:
+        """What the application got: the bind guard answers EACCES like the
+        agent, every other refusal in the kernel is EPERM."""
+        return 13 if self.kind == EV_DENY_BIND else 1
+
+
+def option_name(level: int, opt: int) -> str:
+    return REFUSED_OPTIONS.get((level, opt), f"level {level} option {opt}")
 
 
 def decode_event(raw: bytes) -> Event:
     if len(raw) < EVENT.size:
         raise ValueError(f"event of {len(raw)} bytes, expected {EVENT.size}")
     kind, mark, op, label, addr, port_, family, proto, pid = EVENT.unpack_from(raw)
-    if family == 4:
+    if op == OP_SETSOCKOPT:
+        a = option_name(port_, label)
+    elif kind in (EV_DENY_SOURCE, EV_DENY_MARK):
+        a = str(IPv4Address(addr[:4]) if family == 4 else IPv6Address(addr))
+    elif family == 4:
         a = f"{IPv4Address(addr[:4])}:{port_}"
     else:
         a = f"[{IPv6Address(addr)}]:{port_}"
@@ -166,4 +229,5 @@ def decode_event(raw: bytes) -> Event:
 
 
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
-           "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE"]
+           "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
+           "REFUSED_OPTIONS", "option_name"]

@@ -1,4 +1,4 @@
-"""The graft decision: what the agent does with one trapped bind/connect/sendto.
+"""The graft decision: what the agent does with one trapped bind/connect/sendto/listen.
 
 Pure: takes the parsed sockaddr, what the agent learned about the target's
 socket (family, type, whether it is already a grafted host socket) and the
@@ -20,7 +20,15 @@ Actions:
   GraftSend       create a host UDP socket bound to `local`, inject it, then let
                   the kernel send (its nftables policy checks every datagram)
   BindGrafted     the fd is a host socket grafted at socket() time and not yet
-                  bound: bind it to `local` ourselves (never the app's buffer)
+                  bound: bind it to `local` ourselves (never the app's buffer);
+                  endpoint None (an ephemeral wildcard bind): answer success and
+                  bind nothing - connect()/sendmsg() bind the endpoint later
+  Listen          the agent calls listen() on its own duplicate of the socket
+                  (never the fd number the kernel would look up again)
+
+A grafted socket is never handed back to the kernel for bind or listen: it
+binds only what an ingress rule grants (the kernel guards refuse any bind
+the agent did not make) and listens only once bound through one.
 
 Race freedom: every action that moves traffic onto the host carries the
 address the decision was made on; the agent acts on that copy only.
@@ -51,8 +59,9 @@ MARK_BASE = 0x53470000  # "SG": every grafted socket carries MARK_BASE | contain
 class SockInfo:
     family: int
     type: int          # SOCK_STREAM / SOCK_DGRAM / other
-    grafted: bool      # already a host socket (carries a sockgraft mark)
+    grafted: bool      # already a host socket (tagged by the agent)
     bound: bool = True  # has a local address or port (a fresh socket has neither)
+    ingress: bool = False  # bound by the agent through an ingress rule
 
     @property
     def proto(self) -> str:
@@ -116,8 +125,13 @@ class BindGrafted:
     rule: str
 
 
+@dataclass(frozen=True, slots=True)
+class Listen:
+    rule: str
+
+
 Action = (Continue | Fail | Deny | GraftBind | GraftConnect | ConnectGrafted | GraftSend
-          | BindGrafted)
+          | BindGrafted | Listen)
 
 
 def is_grafted_mark(mark: int) -> bool:
@@ -174,6 +188,14 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
                 host_addrs: frozenset = frozenset()) -> Action:
     if sock.grafted and not sock.bound:
         return _bind_fresh_host_socket(cfg, sock, addr)
+    if sock.grafted:
+        # Bound on the host before (by the agent), perhaps disconnected since
+        # (connect(AF_UNSPEC) releases the port): it never binds again.
+        if not isinstance(addr, InetAddr) or not _family_ok(sock, addr):
+            return Fail(errno.EAFNOSUPPORT, "not an address of the socket's family")
+        if cfg is not None and cfg.match_ingress(addr) is not None:
+            return Fail(errno.EINVAL, "socket is already bound on the host")
+        return Deny(errno.EACCES, "bind:no-endpoint", addr)
     if not isinstance(addr, InetAddr) or cfg is None or not _family_ok(sock, addr):
         return Continue("not an inet bind of a configured container")
     hit = cfg.match_ingress(addr)
@@ -181,8 +203,6 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
         if unclaimed_host_bind(addr, host_addrs):
             return Deny(errno.EACCES, "bind:no-endpoint", addr)
         return Continue("no ingress rule")
-    if sock.grafted:
-        return Fail(errno.EINVAL, "socket is already bound on the host")
     rule, ep = hit
     if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
         return Continue("not a TCP or UDP socket")
@@ -197,8 +217,10 @@ def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
                             addr: Sockaddr) -> Action:
     """A socket grafted at socket() lives on the host already: a bind either
     follows an ingress rule, or is an ephemeral wildcard bind (a client
-    choosing no address), or takes a host address nobody granted (denied).
-    The kernel never binds it from the application's buffer."""
+    choosing no address: nothing is bound, so the socket later leaves from
+    its egress endpoint and can never listen on every host address), or
+    takes a host address nobody granted (denied). The kernel never binds it
+    from the application's buffer."""
     if not isinstance(addr, InetAddr) or not _family_ok(sock, addr):
         return Fail(errno.EAFNOSUPPORT, "not an address of the socket's family")
     if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
@@ -298,3 +320,19 @@ def decide_sendto(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     if isinstance(local, Fail):
         return local
     return GraftSend(ep, local, addr, f"egress {rule}")
+
+
+def decide_listen(sock: SockInfo | None) -> Action:
+    """listen() on fd. sock None: not a socket (the agent answers the
+    kernel's errno itself). A grafted socket listens only if the agent bound
+    it through an ingress rule: a never-bound one would be autobound to an
+    ephemeral port on every host address, a disconnected client socket would
+    listen on its endpoint address, neither of which any rule granted.
+    Everything else (the container's own sockets) listens as asked - done by
+    the agent on its own duplicate, so a racing dup2() cannot swap a grafted
+    socket in under the fd number after the check."""
+    if sock is not None and sock.grafted and not sock.ingress:
+        return Deny(errno.EACCES, "listen:no-endpoint",
+                    InetAddr(sock.family, IPv4Address(0) if sock.family == AF_INET
+                             else IPv6Address(0), 0))
+    return Listen("listen")

@@ -9,14 +9,17 @@ kernel without a round trip to the agent. Replies on flows the other side
 started (a grafted server answering a client) are `ct state established`.
 
 Order inside a container chain, the same as `decide`:
-  1. deny rules                              -> drop
+  1. deny rules                              -> reject
   2. for each built-in category, most specific first (if builtin_denies):
      allow rules that name the category      -> accept
-     the category's ranges                   -> drop
+     the category's ranges                   -> reject
   3. the remaining allow rules               -> accept
-  4. allow list non-empty ? drop : accept
+  4. allow list non-empty ? reject : accept
 
-A mark in sockgraft's range with no chain (unknown container) is dropped.
+A mark in sockgraft's range with no chain (unknown container) is rejected.
+Reject, not drop: a refused TCP connect fails at once (ECONNREFUSED, the
+ICMP answer is local) instead of retrying its SYN for two minutes; a UDP send
+fails with EPERM.
 Pure: returns text; kernel/nft.py loads it atomically.
 """
 
@@ -59,8 +62,8 @@ def _dest(net: IPv4Network | IPv6Network | None) -> str:
 def plan_chain(policy: Policy) -> list[str]:
     rules, final = linearize(policy)
     lines = [f"{_dest(r.network)}{_proto_match(r)}{_ports(r)}"
-             f"{'accept' if r.allow else 'counter drop'}".strip() for r in rules]
-    lines.append("accept" if final.allow else "counter drop")
+             f"{'accept' if r.allow else 'counter reject'}".strip() for r in rules]
+    lines.append("accept" if final.allow else "counter reject")
     return lines
 
 
@@ -86,7 +89,7 @@ def plan_ruleset(policies: dict[int, Policy], services: tuple = ()) -> str:
     if policies:
         vmap = ", ".join(f"0x{m:08x} : jump {chain_name(m)}" for m in sorted(policies))
         out.append(f"    meta mark vmap {{ {vmap} }}")
-    out.append("    counter drop")
+    out.append("    counter reject")
     out.append("  }")
     for mark in sorted(policies):
         out.append(f"  chain {chain_name(mark)} {{")

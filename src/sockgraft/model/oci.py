@@ -176,19 +176,28 @@ INET_ADDRLEN = (16, 28, 128)
 ENOSYS = 38
 
 
+LOW_WORD = 0xFFFFFFFF
+
+
 def _notify(name: str, index: int | None, values: tuple[int, ...]) -> list[dict]:
+    """Trap `name` (when args[index] is one of values). The comparison is
+    masked to the low 32 bits: the arguments tested are ints, which the
+    kernel reads from the low word of the register, while SCMP_CMP_EQ would
+    compare all 64 bits and miss `bind(fd, addr, 0x1_0000_0010)` or
+    `socket(AF_INET | 1 << 32, ...)` (libseccomp: (arg & value) == valueTwo)."""
     if index is None:
         return [{"names": [name], "action": "SCMP_ACT_NOTIFY"}]
     return [{"names": [name], "action": "SCMP_ACT_NOTIFY",
-             "args": [{"index": index, "value": v, "op": "SCMP_CMP_EQ"}]} for v in values]
+             "args": [{"index": index, "value": LOW_WORD, "valueTwo": v,
+                       "op": "SCMP_CMP_MASKED_EQ"}]} for v in values]
 
 
 def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
                   source: str = "base profile") -> dict:
     """The runtime profile with sockgraft's rules: trap what the engine needs
-    (bind/connect with an inet-sized address; with graft_at=socket also
-    socket(AF_INET/AF_INET6) and not connect), deny io_uring (ENOSYS), name
-    the agent's OCI socket as listener. Merged into `base`: our syscalls are
+    (every bind and listen, connect with an inet-sized address; with
+    graft_at=socket socket(AF_INET/AF_INET6) instead of connect), deny
+    io_uring (ENOSYS), name the agent's OCI socket as listener. Merged into `base`: our syscalls are
     taken out of its rules first, so merging twice gives the same profile.
     A base whose default action refuses syscalls cannot express "everything
     else allowed" for our syscalls with one argument test, so there they are
@@ -223,15 +232,15 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
             kept.append({**r, "names": names})
     allowing = prof["defaultAction"] in ALLOWING
     ours: list[dict] = []
-    trapped = ("bind",) if graft_at == "socket" else ("bind", "connect")
-    for name in trapped:
-        ours += _notify(name, 2 if allowing else None, INET_ADDRLEN)
+    ours += _notify("bind", None, ())
+    ours += _notify("listen", None, ())
     if graft_at == "socket":
         ours += _notify("socket", 0 if allowing else None, (2, 10))
-        ours += _notify("listen", None, ())
+    else:
+        ours += _notify("connect", 2 if allowing else None, INET_ADDRLEN)
     if not allowing:
         # the base refused what it did not list: keep sendto/connect usable
-        plain = ["sendto"] + (["connect"] if graft_at == "socket" else ["listen"])
+        plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
         ours.append({"names": plain, "action": "SCMP_ACT_ALLOW"})
     ours.append({"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
                  "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
@@ -252,9 +261,18 @@ def check_profile(prof: dict) -> list[str]:
     if not isinstance(prof.get("listenerPath"), str) or not prof["listenerPath"].startswith("/"):
         problems.append("listenerPath must be an absolute path")
     names = {n: r for r in prof.get("syscalls", []) for n in r.get("names", [])}
-    for n in ("bind",):
-        if names.get(n, {}).get("action") != "SCMP_ACT_NOTIFY":
+    for n in ("bind", "listen"):
+        rule = names.get(n, {})
+        if rule.get("action") != "SCMP_ACT_NOTIFY":
             problems.append(f"{n} is not trapped (SCMP_ACT_NOTIFY)")
+        elif rule.get("args"):
+            problems.append(f"{n} is trapped only for some arguments (trap every call)")
+    for r in prof.get("syscalls", []):
+        for a in r.get("args") or []:
+            if r.get("action") == "SCMP_ACT_NOTIFY" and a.get("op") != "SCMP_CMP_MASKED_EQ":
+                problems.append(f"{r.get('names')} compares args[{a.get('index')}] with "
+                                f"{a.get('op')} over 64 bits; use SCMP_CMP_MASKED_EQ with "
+                                f"value {LOW_WORD:#x}")
     if names.get("io_uring_setup", {}).get("action") != "SCMP_ACT_ERRNO":
         problems.append("io_uring is not denied")
     for r in prof.get("syscalls", []):

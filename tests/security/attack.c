@@ -1,0 +1,338 @@
+/* attack: what an attacker inside a grafted container does with its sockets.
+ *
+ * A static binary (it runs in the busybox rootfs of the runc tests as well
+ * as under `sockgraft run`) that interprets a script of socket steps on one
+ * "current" socket and prints one JSON line per step:
+ *     {"op": "bind", "arg": "127.0.0.1:7100", "ret": -1, "errno": "EACCES"}
+ *
+ *   attack [--caps docker|none|keep] STEP...
+ *
+ * Steps (ADDR:PORT is a.b.c.d:p or [v6]:p; LEN overrides the address length):
+ *   sock tcp4|tcp6|udp4|udp6      a new current socket
+ *   sockhi FAMILY                 socket(FAMILY | 1 << 32, SOCK_STREAM, 0), raw syscall
+ *   connect ADDR:PORT [LEN]       connect (LEN: the address length passed)
+ *   disconnect                    connect(AF_UNSPEC): drops the peer (and a TCP port)
+ *   bind ADDR:PORT [LEN]          bind
+ *   bindhi ADDR:PORT              bind with address length 16|28 + (1 << 32)
+ *   listen                        listen(fd, 16)
+ *   acceptwait SECONDS            poll the listener for a connection
+ *   setopt LEVEL OPT VALUE        setsockopt(int)
+ *   send ADDR:PORT                sendto("x")
+ *   sendc                         send("x") on a connected socket
+ *   sendpktinfo SRC ADDR:PORT     sendmsg with IP_PKTINFO / IPV6_PKTINFO source SRC
+ *   sendmark MARK ADDR:PORT       sendmsg with an SO_MARK control message
+ *   tfo ADDR:PORT                 sendto(MSG_FASTOPEN) on a TCP socket
+ *   recvwait SECONDS              a datagram (or stream data) within SECONDS
+ *   name                          getsockname
+ *   loop N ADDR:PORT              N connects of fresh TCP sockets (a flood of denials)
+ *   sleep SECONDS
+ *
+ * It never exits early: every step runs and reports, so a test sees the
+ * whole attack, not just the first refusal.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/capability.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef MSG_FASTOPEN
+#define MSG_FASTOPEN 0x20000000
+#endif
+
+static int cur = -1;
+static int cur_family = AF_INET;
+
+static const char *ename(int e)
+{
+	switch (e) {
+	case 0: return "0";
+	case EPERM: return "EPERM";
+	case EACCES: return "EACCES";
+	case EINVAL: return "EINVAL";
+	case EADDRINUSE: return "EADDRINUSE";
+	case EADDRNOTAVAIL: return "EADDRNOTAVAIL";
+	case ECONNREFUSED: return "ECONNREFUSED";
+	case EAFNOSUPPORT: return "EAFNOSUPPORT";
+	case EISCONN: return "EISCONN";
+	case ENOTCONN: return "ENOTCONN";
+	case EINPROGRESS: return "EINPROGRESS";
+	case ETIMEDOUT: return "ETIMEDOUT";
+	case EAGAIN: return "EAGAIN";
+	case EBADF: return "EBADF";
+	case ENOTSOCK: return "ENOTSOCK";
+	case EOPNOTSUPP: return "EOPNOTSUPP";
+	case ENOPROTOOPT: return "ENOPROTOOPT";
+	case EHOSTUNREACH: return "EHOSTUNREACH";
+	case ENETUNREACH: return "ENETUNREACH";
+	case EDESTADDRREQ: return "EDESTADDRREQ";
+	case ENOSYS: return "ENOSYS";
+	default: {
+		static char buf[16];
+		snprintf(buf, sizeof(buf), "%d", e);
+		return buf;
+	}
+	}
+}
+
+static void report(const char *op, const char *arg, long ret, int err, const char *extra)
+{
+	printf("{\"op\": \"%s\", \"arg\": \"%s\", \"ret\": %ld, \"errno\": \"%s\"%s%s}\n", op,
+	       arg ? arg : "", ret, ret < 0 ? ename(err) : "0", extra ? ", " : "",
+	       extra ? extra : "");
+	fflush(stdout);
+}
+
+/* "a.b.c.d:p" or "[v6]:p" into a zeroed 128-byte buffer; returns the natural length */
+static socklen_t parse(const char *text, struct sockaddr_storage *ss)
+{
+	char host[128];
+	const char *colon = strrchr(text, ':');
+	int port;
+
+	memset(ss, 0, sizeof(*ss));
+	if (!colon)
+		return 0;
+	port = atoi(colon + 1);
+	if (text[0] == '[') {
+		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+		size_t n = (size_t)(colon - text) - 2;
+
+		memcpy(host, text + 1, n);
+		host[n] = 0;
+		s6->sin6_family = AF_INET6;
+		s6->sin6_port = htons(port);
+		inet_pton(AF_INET6, host, &s6->sin6_addr);
+		return sizeof(*s6);
+	} else {
+		struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+		size_t n = (size_t)(colon - text);
+
+		memcpy(host, text, n);
+		host[n] = 0;
+		s4->sin_family = AF_INET;
+		s4->sin_port = htons(port);
+		inet_pton(AF_INET, host, &s4->sin_addr);
+		return sizeof(*s4);
+	}
+}
+
+static void drop_caps(const char *which)
+{
+	/* Docker's default capability set */
+	static const int docker[] = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31};
+	struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct d[2] = {};
+	int keep_docker = !strcmp(which, "docker");
+
+	if (!strcmp(which, "keep"))
+		return;
+	if (keep_docker)
+		for (size_t i = 0; i < sizeof(docker) / sizeof(docker[0]); i++) {
+			d[docker[i] / 32].effective |= 1u << (docker[i] % 32);
+			d[docker[i] / 32].permitted |= 1u << (docker[i] % 32);
+		}
+	for (int c = 0; c <= 63; c++) {
+		int keep = 0;
+
+		for (size_t i = 0; keep_docker && i < sizeof(docker) / sizeof(docker[0]); i++)
+			keep |= docker[i] == c;
+		if (!keep)
+			prctl(PR_CAPBSET_DROP, c, 0, 0, 0);
+	}
+	if (syscall(SYS_capset, &h, d)) {
+		perror("capset");
+		exit(3);
+	}
+}
+
+static void new_socket(const char *kind)
+{
+	int fam = strchr(kind, '6') ? AF_INET6 : AF_INET;
+	int type = !strncmp(kind, "udp", 3) ? SOCK_DGRAM : SOCK_STREAM;
+
+	if (cur >= 0)
+		close(cur);
+	cur = socket(fam, type, 0);
+	cur_family = fam;
+	report("sock", kind, cur, errno, NULL);
+}
+
+static void do_sendmsg_cmsg(const char *op, const char *arg, const char *dest, int level,
+			    int type, const void *data, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t alen = parse(dest, &ss);
+	char cbuf[CMSG_SPACE(64)] = {0};
+	char payload = 'x';
+	struct iovec iov = {&payload, 1};
+	struct msghdr m = {0};
+	struct cmsghdr *c;
+	long r;
+
+	m.msg_name = &ss;
+	m.msg_namelen = alen;
+	m.msg_iov = &iov;
+	m.msg_iovlen = 1;
+	m.msg_control = cbuf;
+	m.msg_controllen = CMSG_SPACE(len);
+	c = CMSG_FIRSTHDR(&m);
+	c->cmsg_level = level;
+	c->cmsg_type = type;
+	c->cmsg_len = CMSG_LEN(len);
+	memcpy(CMSG_DATA(c), data, len);
+	r = sendmsg(cur, &m, 0);
+	report(op, arg, r, errno, NULL);
+}
+
+int main(int argc, char **argv)
+{
+	int i = 1;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (i + 1 < argc && !strcmp(argv[i], "--caps")) {
+		drop_caps(argv[i + 1]);
+		i += 2;
+	}
+	while (i < argc) {
+		const char *op = argv[i++];
+		struct sockaddr_storage ss;
+		socklen_t alen;
+		long r;
+
+		if (!strcmp(op, "sock")) {
+			new_socket(argv[i++]);
+		} else if (!strcmp(op, "sockhi")) {
+			long fam = atol(argv[i++]);
+
+			if (cur >= 0)
+				close(cur);
+			cur = syscall(SYS_socket, fam | (1L << 32), (long)SOCK_STREAM, 0L);
+			cur_family = (int)fam;
+			report(op, argv[i - 1], cur, errno, NULL);
+		} else if (!strcmp(op, "connect") || !strcmp(op, "bind")) {
+			const char *arg = argv[i++];
+
+			alen = parse(arg, &ss);
+			if (i < argc && argv[i][0] >= '0' && argv[i][0] <= '9')
+				alen = (socklen_t)atoi(argv[i++]);
+			r = !strcmp(op, "bind") ? bind(cur, (struct sockaddr *)&ss, alen)
+						: connect(cur, (struct sockaddr *)&ss, alen);
+			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "bindhi")) {
+			const char *arg = argv[i++];
+
+			alen = parse(arg, &ss);
+			r = syscall(SYS_bind, (long)cur, &ss, (long)alen | (1L << 32));
+			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "disconnect")) {
+			struct sockaddr sa = {.sa_family = AF_UNSPEC};
+
+			r = connect(cur, &sa, sizeof(sa));
+			report(op, "", r, errno, NULL);
+		} else if (!strcmp(op, "listen")) {
+			r = listen(cur, 16);
+			report(op, "", r, errno, NULL);
+		} else if (!strcmp(op, "acceptwait")) {
+			struct pollfd p = {cur, POLLIN, 0};
+			int ms = atoi(argv[i++]) * 1000;
+			int got = poll(&p, 1, ms);
+
+			report(op, "", got > 0 ? 0 : -1, got == 0 ? ETIMEDOUT : errno,
+			       got > 0 ? "\"accepted\": true" : "\"accepted\": false");
+		} else if (!strcmp(op, "setopt")) {
+			int level = atoi(argv[i]), opt = atoi(argv[i + 1]), val = atoi(argv[i + 2]);
+			char arg[64];
+
+			snprintf(arg, sizeof(arg), "%d/%d=%d", level, opt, val);
+			i += 3;
+			r = setsockopt(cur, level, opt, &val, sizeof(val));
+			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "send") || !strcmp(op, "tfo")) {
+			const char *arg = argv[i++];
+
+			alen = parse(arg, &ss);
+			r = sendto(cur, "x", 1, !strcmp(op, "tfo") ? MSG_FASTOPEN : 0,
+				   (struct sockaddr *)&ss, alen);
+			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "sendc")) {
+			r = send(cur, "x", 1, 0);
+			report(op, "", r, errno, NULL);
+		} else if (!strcmp(op, "sendpktinfo")) {
+			const char *src = argv[i++], *dest = argv[i++];
+
+			if (cur_family == AF_INET6) {
+				struct in6_pktinfo pi = {0};
+
+				inet_pton(AF_INET6, src, &pi.ipi6_addr);
+				do_sendmsg_cmsg(op, src, dest, IPPROTO_IPV6, IPV6_PKTINFO, &pi,
+						sizeof(pi));
+			} else {
+				struct in_pktinfo pi = {0};
+
+				inet_pton(AF_INET, src, &pi.ipi_spec_dst);
+				do_sendmsg_cmsg(op, src, dest, IPPROTO_IP, IP_PKTINFO, &pi, sizeof(pi));
+			}
+		} else if (!strcmp(op, "sendmark")) {
+			unsigned int mark = (unsigned int)strtoul(argv[i++], NULL, 0);
+
+			do_sendmsg_cmsg(op, argv[i], argv[i], SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+			i++;
+		} else if (!strcmp(op, "recvwait")) {
+			struct pollfd p = {cur, POLLIN, 0};
+			char buf[256];
+			int got = poll(&p, 1, atoi(argv[i++]) * 1000);
+
+			r = got > 0 ? recv(cur, buf, sizeof(buf), MSG_DONTWAIT) : -1;
+			report(op, "", r, got == 0 ? ETIMEDOUT : errno, NULL);
+		} else if (!strcmp(op, "name")) {
+			char host[64] = "", extra[128];
+			int port = 0;
+
+			alen = sizeof(ss);
+			r = getsockname(cur, (struct sockaddr *)&ss, &alen);
+			if (ss.ss_family == AF_INET6) {
+				inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host,
+					  sizeof(host));
+				port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+			} else {
+				inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host,
+					  sizeof(host));
+				port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+			}
+			snprintf(extra, sizeof(extra), "\"local\": [\"%s\", %d]", host, port);
+			report(op, "", r, errno, extra);
+		} else if (!strcmp(op, "loop")) {
+			int n = atoi(argv[i++]), fails = 0;
+			const char *arg = argv[i++];
+			char extra[64];
+
+			alen = parse(arg, &ss);
+			for (int k = 0; k < n; k++) {
+				int s = socket(ss.ss_family, SOCK_STREAM, 0);
+
+				if (connect(s, (struct sockaddr *)&ss, alen))
+					fails++;
+				close(s);
+			}
+			snprintf(extra, sizeof(extra), "\"failed\": %d", fails);
+			report(op, arg, 0, 0, extra);
+		} else if (!strcmp(op, "sleep")) {
+			usleep((useconds_t)(atof(argv[i++]) * 1e6));
+		} else {
+			fprintf(stderr, "attack: unknown step %s\n", op);
+			return 2;
+		}
+	}
+	printf("{\"done\": true}\n");
+	return 0;
+}

@@ -1,0 +1,397 @@
+"""The adversarial suite: a process inside a grafted container, root there,
+with Docker's default capabilities (CAP_NET_RAW among them) or with none,
+tries every way we know to make its grafted sockets do more than its
+configuration grants. Both graft modes, both families, through `sockgraft
+run` and through runc with the profile `sockgraft oci-profile` writes.
+Each attack asserts what the application is told *and* that nothing reached
+what the policy protects (sentinel sockets on the host's loopback and
+addresses, connection attempts against anything that might listen)."""
+
+import errno
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from grafting import read_json_line
+from sentinel import Sentinel
+from sockgraft.kernel import netns, seccomp
+
+pytestmark = pytest.mark.security
+
+MARK_BASE = 0x53470000
+OTHER_MARK = MARK_BASE | 0xFFFE          # another container's identity
+
+CONFIG = """
+container = "{c}"
+graft_at = "{mode}"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "198.18.0.1"
+port = "dynamic"
+[endpoints.ep-out6]
+type = "ipv6"
+addr = "fd53:6700:0:1::1"
+port = "dynamic"
+[endpoints.ep-http]
+type = "ipv4"
+addr = "198.18.0.1"
+port = {http_port}
+[rules]
+ingress = ["0.0.0.0:80=ep-http"]
+egress = ["198.18.0.0/24=ep-out", "fd53:6700:0:1::/64=ep-out6"]
+[policy]
+deny = ["deny tcp 198.18.0.2 7399"]
+"""
+
+# per family: an allowed peer (TCP + UDP), the host's loopback, a host address
+# no endpoint grants, the wildcard, the family's syscall-mode-untrapped lengths
+FAM = {
+    4: dict(sock_tcp="tcp4", sock_udp="udp4", peer="198.18.0.2", peer_node="h2",
+            lo="127.0.0.1", lo_alt="127.0.0.1", host="198.19.1.1", any="0.0.0.0",
+            hostaddr="198.18.0.1", lens=(20, 100)),
+    6: dict(sock_tcp="tcp6", sock_udp="udp6", peer="fd53:6700:0:1::1", peer_node="h1",
+            lo="::1", lo_alt="::ffff:127.0.0.1", host="fd53:6700:0:ffff::1", any="::",
+            hostaddr="fd53:6700:0:ffff::1", lens=(24, 29, 32, 100)),
+}
+
+
+def ap(ip, port):
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def configure(g, container, mode, http_port=8081):
+    g.configure(container, CONFIG.format(c=container, mode=mode, http_port=http_port))
+
+
+def attack(g, container, mode, caps, *steps, timeout=60):
+    opts = ["--graft-at", "socket"] if mode == "socket" else []
+    rc, lines, err = g.run(container, [g.attack_bin, "--caps", caps, *map(str, steps)],
+                           timeout=timeout, options=opts)
+    assert lines and lines[-1] == {"done": True}, f"attack did not finish (rc {rc}): {err}"
+    return lines[:-1]
+
+
+def refused(step):
+    return step["ret"] < 0
+
+
+def nothing_listens(ns, ip, port):
+    """A TCP connect from inside ns to ip:port finds no listener (or a dead one)."""
+    def probe():
+        fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(1.0)
+        try:
+            return s.connect_ex((ip, port))
+        except OSError as exc:
+            return exc.errno
+        finally:
+            s.close()
+    return netns.run_in(ns, probe) != 0
+
+
+@pytest.fixture(scope="module")
+def sec(seclab, attack_bin):
+    seclab.attack_bin = attack_bin
+    return seclab
+
+
+def _ops(steps, op):
+    return [s for s in steps if s["op"] == op]
+
+
+@pytest.mark.parametrize("caps", ["docker", "none"])
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
+    """Marks, re-binds after a disconnect, untrapped address lengths, socket
+    options, forged sources and marks in control messages, connects the
+    agent never sees: every one refused, nothing arrives where the policy
+    says no."""
+    f = FAM[fam]
+    configure(sec, "h1-c1", mode)
+    h1, peer_ns = sec.plan.node("h1").netns, sec.plan.node(f["peer_node"]).netns
+    udp_peer, tcp_peer, lo = ap(f["peer"], 7500), ap(f["peer"], 7501), ap(f["lo"], 7502)
+    steps = [
+        # a grafted UDP socket: change its identity, reach the host's loopback
+        "sock", f["sock_udp"], "connect", udp_peer,
+        "setopt", 1, 36, 0,                              # SO_MARK 0: "not grafted"
+        "setopt", 1, 36, OTHER_MARK,                     # borrow another container's
+        "send", lo, "send", ap(f["lo_alt"], 7502),
+        "sendmark", 0, lo,                               # SO_MARK control message
+        "sendmark", 0, udp_peer,
+        "sendpktinfo", f["host"], udp_peer,              # a source no endpoint grants
+        "setopt", 0 if fam == 4 else 41, 19 if fam == 4 else 75, 1,   # *_TRANSPARENT
+        "setopt", 0 if fam == 4 else 41, 15 if fam == 4 else 78, 1,   # *_FREEBIND
+        "setopt", 1, 25, 0,                              # SO_BINDTODEVICE
+        "setopt", 0 if fam == 4 else 41, 4 if fam == 4 else 57, 0,    # source routing
+        "setopt", 1, 52, 0,                              # SO_ATTACH_REUSEPORT_EBPF
+        # disconnect, then bind host addresses
+        "disconnect",
+        "bind", lo, "bind", ap(f["any"], 7503), "bind", ap(f["lo_alt"], 7503),
+        "bind", ap(f["host"], 7503), "bind", ap(f["any"], 7503), f["lens"][0],
+        # a grafted TCP socket: the same after a disconnect, plus listen()
+        "sock", f["sock_tcp"], "connect", tcp_peer,
+        "setopt", 1, 36, 0,
+        "disconnect",
+        "bind", ap(f["lo"], 7504), "bind", ap(f["any"], 7504), f["lens"][-1],
+        "bindhi", ap(f["host"], 7504),
+        "listen",
+        "connect", lo, f["lens"][0],                      # a length nobody traps
+        "tfo", lo,                                        # TCP fast open
+        # a fresh socket binding a host address with every length
+        "sock", f["sock_tcp"],
+        *[x for n in f["lens"] for x in ("bind", ap(f["hostaddr"], 7505), n)],
+        "bindhi", ap(f["hostaddr"], 7505),
+    ]
+    with Sentinel(h1, f["lo"], 7502, "udp") as lo_udp, \
+            Sentinel(h1, f["lo"], 7502, "tcp") as lo_tcp, \
+            Sentinel(peer_ns, f["peer"], 7500, "udp") as peer_udp, \
+            Sentinel(peer_ns, f["peer"], 7501, "tcp"):
+        t0 = time.monotonic()
+        out = attack(sec, "h1-c1", mode, caps, *steps)
+        elapsed = time.monotonic() - t0
+    by = {(s["op"], s["arg"]): s for s in out}
+    # the grafted sockets were made (the attack starts from what is granted)
+    assert [s["ret"] for s in _ops(out, "connect")][:2] == [0, 0], json.dumps(out[:4])
+    for s in _ops(out, "setopt"):
+        assert s["errno"] == "EPERM", s
+    assert by[("send", lo)]["errno"] in ("EPERM", "EACCES")
+    for s in _ops(out, "send") + _ops(out, "sendmark"):
+        assert refused(s), s       # ([::ffff:127.0.0.1] from a v6-bound socket: ENETUNREACH)
+    # a forged source is refused, or the kernel sent from the bound endpoint
+    pkt = _ops(out, "sendpktinfo")[0]
+    assert pkt["errno"] == "EPERM" or pkt["ret"] == 1, pkt
+    for s in _ops(out, "bind") + _ops(out, "bindhi"):
+        assert s["errno"] == "EACCES", s
+    assert _ops(out, "listen")[0]["errno"] == "EACCES"
+    assert by[("connect", lo)]["errno"] in ("EPERM", "EACCES")
+    assert by[("tfo", lo)]["errno"] in ("EPERM", "EACCES")
+    assert elapsed < 20, f"a refusal hung ({elapsed:.1f} s): a dropped SYN is not a refusal"
+    assert lo_udp.received == [] and lo_tcp.received == [], "reached the host's loopback"
+    endpoint = "198.18.0.1" if fam == 4 else "fd53:6700:0:1::1"
+    assert set(peer_udp.received) <= {endpoint}, f"forged sources: {peer_udp.received}"
+    assert len(peer_udp.received) <= 1         # the marked datagram never left
+    for port in (7503, 7504, 7505):
+        assert nothing_listens(h1, f["lo"], port)
+        assert nothing_listens(sec.plan.node("h2").netns, "198.18.0.1", port)
+    kernel = [a for a in sec.audit("h1") if a.get("by") == "kernel" and
+              a["container"] == "h1-c1"]
+    assert any(a["rule"] == "sockopt:refused" and a["address"] == "SO_MARK" for a in kernel)
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("caps", ["docker", "none"])
+def test_socket_mode_binds_and_listens_only_through_ingress_rules(sec, fam, caps):
+    """Socket mode, where every inet socket is a host socket from birth:
+    untrapped address lengths, the high word of the length register, the
+    ephemeral wildcard bind followed by listen()."""
+    f = FAM[fam]
+    configure(sec, "h1-c1", "socket")
+    steps = ["sock", f["sock_tcp"]]
+    for n in f["lens"]:
+        steps += ["bind", ap(f["any"], 7510), n]
+    steps += ["bindhi", ap(f["any"], 7510), "listen",
+              "sock", f["sock_udp"], "bind", ap(f["any"], 7511), f["lens"][0],
+              "bind", ap(f["lo"], 7511), f["lens"][-1],
+              "sock", f["sock_tcp"], "bind", ap(f["any"], 0), "listen", "name",
+              # the ingress rule is IPv4's: a v6 socket uses the mapped wildcard
+              "sock", f["sock_tcp"], "bind", ap(f["any"] if fam == 4 else "::ffff:0.0.0.0", 80),
+              "listen", "name"]
+    out = attack(sec, "h1-c1", "socket", caps, *steps)
+    binds = [s for s in out if s["op"] in ("bind", "bindhi")]
+    want = ["0" if s["arg"].endswith((":0", ":80")) else "EACCES" for s in binds]
+    assert [s["errno"] for s in binds] == want and want.count("0") == 2, out
+    listens = _ops(out, "listen")
+    assert [s["errno"] for s in listens] == ["EACCES", "EACCES", "0"], out
+    names = _ops(out, "name")
+    assert names[0]["local"][1] == 0          # the wildcard bind bound nothing on the host
+    assert names[1]["local"][1] == 8081       # the ingress rule's endpoint did
+    for port in (7510, 7511):
+        assert nothing_listens(sec.plan.node("h2").netns, "198.18.0.1", port)
+        assert nothing_listens(sec.plan.node("h1").netns, "127.0.0.1", port)
+
+
+def test_reuseport_never_joins_another_containers_port(sec):
+    """Every host socket is made by the same root agent, so the kernel's
+    same-owner check for SO_REUSEPORT would pass: each container's sockets
+    have their own owner uid. A container cannot bind another's endpoint,
+    and even an endpoint granted to two containers is not shared."""
+    configure(sec, "h1-c2", "syscall", http_port=8090)
+    victim = sec.spawn("h1-c2", [sec.attack_bin, "--caps", "docker", "sock", "tcp4",
+                                 "setopt", "1", "15", "1", "bind", "0.0.0.0:80", "listen",
+                                 "acceptwait", "90"])
+    for _ in range(4):                              # sock, setopt, bind, listen
+        assert read_json_line(victim)["errno"] == "0"
+    configure(sec, "h1-c1", "socket")
+    out = attack(sec, "h1-c1", "socket", "docker", "sock", "tcp4", "setopt", 1, 15, 1,
+                 "bind", "198.18.0.1:8090", "bind", "198.18.0.1:8090", 20, "listen")
+    assert [s["errno"] for s in out[1:]] == ["0", "EACCES", "EACCES", "EACCES"], out
+    # the operator granted the same host port to both: still not shared
+    configure(sec, "h1-c1", "socket", http_port=8090)
+    out = attack(sec, "h1-c1", "socket", "docker", "sock", "tcp4", "setopt", 1, 15, 1,
+                 "bind", "0.0.0.0:80", "listen")
+    assert out[2]["errno"] == "EADDRINUSE", out
+    # the victim still gets its connections
+    assert netns.run_in(sec.plan.node("h2").netns, _connect, "198.18.0.1", 8090) == 0
+    assert read_json_line(victim)["accepted"] is True
+
+
+def _connect(ip, port):
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    s.settimeout(2)
+    try:
+        return s.connect_ex((ip, port))
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_a_flood_of_denials_cannot_fill_the_disk(sec, mode):
+    """Denied connects in a loop: the audit trail takes a bounded number of
+    lines per second per container and says how many it suppressed."""
+    configure(sec, "h1-c1", mode)
+    before = len(sec.audit("h1"))
+    t0 = time.monotonic()
+    out = attack(sec, "h1-c1", mode, "docker", "loop", 3000, "198.18.0.2:7399", timeout=120)
+    elapsed = time.monotonic() - t0
+    assert out[0]["failed"] == 3000
+    time.sleep(2.5)                                  # the agent flushes once a second
+    lines = [a for a in sec.audit("h1")[before:] if a["container"] == "h1-c1"]
+    denials = [a for a in lines if a["verdict"] == "deny"]
+    suppressed = sum(a["count"] for a in lines if a["verdict"] == "suppressed")
+    assert len(denials) <= 50 + 10 * (elapsed + 3), (len(denials), elapsed)
+    assert suppressed >= 3000 - len(denials) - 10
+    stats = json.loads(sec.sg("stats", "--json", "--agent", sec.agent_socket("h1")).stdout)
+    assert next(iter(stats.values()))["audit_suppressed"] >= suppressed
+
+
+def _pid_of_child(launcher_pid, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+                kids = f.read().split()
+            if kids:
+                return int(kids[0])
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the grafted program did not start")
+
+
+def test_a_grafted_socket_passed_out_of_the_filter_stays_confined(sec):
+    """A grafted socket handed to a process outside the seccomp filter (over
+    a unix socket, to another container, to the host): nothing the agent
+    judged is left to the filter - the kernel guards hold it to the same
+    configuration, whoever calls. The test process itself plays that process
+    (pidfd_getfd, like SCM_RIGHTS)."""
+    configure(sec, "h1-c1", "socket")
+    p = sec.spawn("h1-c1", [sec.attack_bin, "sock", "tcp4", "sleep", "30"],
+                  options=["--graft-at", "socket"])
+    fd = read_json_line(p)["ret"]
+    pidfd = seccomp.pidfd_open(_pid_of_child(p.pid))
+    try:
+        s = socket.socket(fileno=seccomp.pidfd_getfd(pidfd, fd))
+    finally:
+        os.close(pidfd)
+    with s:
+        with pytest.raises(OSError) as e:
+            s.setsockopt(socket.SOL_SOCKET, 36, 0)          # SO_MARK
+        assert e.value.errno == errno.EPERM
+        for addr in (("127.0.0.1", 7520), ("0.0.0.0", 7520), ("198.18.0.1", 7520)):
+            with pytest.raises(OSError) as e:
+                s.bind(addr)
+            assert e.value.errno == errno.EACCES
+        s.listen(4)                          # not filtered here: the kernel autobinds...
+        port = s.getsockname()[1]
+        assert port != 0
+        # ...but the listener was never granted: it receives nothing
+        assert nothing_listens(sec.plan.node("h2").netns, "198.18.0.1", port)
+        assert nothing_listens(sec.plan.node("h1").netns, "127.0.0.1", port)
+    kernel = [a for a in sec.audit("h1") if a.get("by") == "kernel"]
+    assert any(a["rule"] == "listen:no-endpoint" for a in kernel)
+
+
+# --- through a real OCI runtime ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runc_envs(sec, tmp_path_factory):
+    from runtime import RuncEnv
+    envs = {}
+    try:
+        for mode in ("syscall", "socket"):
+            tmp = tmp_path_factory.mktemp(f"runc-{mode}")
+            envs[mode] = RuncEnv(sec, tmp, graft_at=mode, extra_files={"attack": sec.attack_bin})
+        yield envs
+    finally:
+        for env in envs.values():
+            env.close()
+
+
+RUNC_ANN = {"sockgraft/endpoints": "ep-out=ipv4:198.18.0.1:dynamic,"
+                                    "ep-out6=ipv6:[fd53:6700:0:1::1]:dynamic,"
+                                    "ep-http=ipv4:198.18.0.1:8081",
+            "sockgraft/egress": "198.18.0.0/24=ep-out,fd53:6700:0:1::/64=ep-out6",
+            "sockgraft/ingress": "0.0.0.0:80=ep-http",
+            "sockgraft/policy": "deny tcp 198.18.0.2 7399;deny tcp fd53:6700:0:1::1 7399"}
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("caps", ["docker", "none"])
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_runc_containers_cannot_undo_their_isolation(sec, runc_envs, mode, caps, fam):
+    """The same classes in containers started by runc with the profile
+    `sockgraft oci-profile` writes: the marks, the re-binds, the untrapped
+    and high-word lengths, and socket() with a high word in the family
+    register (the profile's comparisons are masked to the low 32 bits)."""
+    from runtime import DOCKER_CAPS
+    f = FAM[fam]
+    env = runc_envs[mode]
+    cid = f"atk-{mode[:4]}-{caps}-{fam}"
+    h1 = sec.plan.node("h1").netns
+    peer_ns = sec.plan.node(f["peer_node"]).netns
+    lo = ap(f["lo"], 7502)
+    steps = ["sock", f["sock_udp"], "connect", ap(f["peer"], 7500), "setopt", 1, 36, 0,
+             "send", lo, "sendmark", 0, lo,
+             "disconnect", "bind", ap(f["lo"], 7503),
+             "sock", f["sock_tcp"], "connect", ap(f["peer"], 7501), "disconnect",
+             "bind", ap(f["lo"], 7504), f["lens"][0], "listen",
+             "sock", f["sock_tcp"], "bindhi", ap(f["hostaddr"], 7505),
+             "bind", ap(f["hostaddr"], 7505), f["lens"][-1]]
+    if mode == "socket":    # socket() with a high word in the family register
+        famnum = 2 if fam == 4 else 10
+        steps += ["sockhi", famnum, "connect", ap(f["peer"], 7399), "sockhi", famnum,
+                  "connect", lo]
+    else:
+        steps += ["sock", f["sock_tcp"], "connect", ap(f["peer"], 7399)]
+    ann = dict(RUNC_ANN, **({"sockgraft/graft-at": "socket"} if mode == "socket" else {}))
+    with Sentinel(h1, f["lo"], 7502, "udp") as lo_udp, \
+            Sentinel(h1, f["lo"], 7502, "tcp") as lo_tcp, \
+            Sentinel(peer_ns, f["peer"], 7501, "tcp"), \
+            Sentinel(peer_ns, f["peer"], 7399, "tcp") as denied:
+        env.start(cid, ["/bin/attack", "--caps", "keep", *map(str, steps)], ann,
+                  caps=DOCKER_CAPS if caps == "docker" else [])
+        deadline = time.monotonic() + 30
+        while '"done": true' not in env.output(cid):
+            assert time.monotonic() < deadline, env.output(cid)
+            time.sleep(0.1)
+    out = [json.loads(line) for line in env.output(cid).splitlines()
+           if line.startswith("{") and "op" in line]
+    env.stop(cid)
+    assert [s["ret"] for s in _ops(out, "connect")][:2] == [0, 0], json.dumps(out)
+    assert _ops(out, "setopt")[0]["errno"] == "EPERM"
+    for s in _ops(out, "send") + _ops(out, "sendmark"):
+        assert s["errno"] in ("EPERM", "EACCES"), s
+    for s in _ops(out, "bind") + _ops(out, "bindhi"):
+        assert s["errno"] == "EACCES", s
+    assert _ops(out, "listen")[0]["errno"] == "EACCES"
+    hi = _ops(out, "connect")[2:]
+    assert hi and all(s["errno"] in ("EPERM", "EACCES") for s in hi), hi
+    assert lo_udp.received == [] and lo_tcp.received == [] and denied.received == []
+    for port in (7503, 7504, 7505):
+        assert nothing_listens(h1, f["lo"], port)
+        assert nothing_listens(sec.plan.node("h2").netns, "198.18.0.1", port)
