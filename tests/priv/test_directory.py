@@ -3,6 +3,7 @@ grafted clients on other hosts connect straight to the host address its
 socket listens on - no VXLAN - with the embedded directory and with a real
 etcd; faults (etcd down, agents killed, conflicting publications)."""
 
+import json
 import os
 import shutil
 import signal
@@ -274,3 +275,337 @@ def test_udp_by_container_ip_and_replies_from_the_overlay_address(dlab):
     assert r["replies"] == 2 and r["peer"] == ["198.19.2.2", 80]
     assert read_json_line(srv)["from"][0] == "198.18.0.1"
     assert vx_tx(dlab) - vx < 200
+
+
+# --- attacks on the directory (issue 12) ------------------------------------------
+
+def _poison(g, owner, node, records, mode=0o600, uid=None):
+    """Write a directory file as somebody with access to the embedded
+    backend's files would: a node document and records of its choosing."""
+    d = os.path.join(g.state_dir, "directory")
+    path = os.path.join(d, f"{owner}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"owner": owner, "expires_at": time.time() + 3600, "node": node,
+                   "records": records}, f)
+    os.chmod(tmp, mode)
+    if uid is not None:
+        os.chown(tmp, uid, uid)
+    os.replace(tmp, path)
+    return path
+
+
+def _evil_record(overlay, port, host, host_port, owner="evil", since=0.0):
+    return {"overlay": overlay, "port": port, "proto": "tcp", "host_addr": host,
+            "host_port": host_port, "node": owner, "owner": owner, "container": "evil-c1",
+            "since": since}
+
+
+def _wait_rejected(g, n, host="h1", timeout=5):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = g.services(host)
+        rej = got.get("rejected", [])
+        if len(rej) >= n or time.monotonic() > deadline:
+            return got
+
+
+def _rejections(g, host="h1"):
+    return [a for a in g.audit(host) if a["verdict"] == "reject"]
+
+
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_poisoned_records_never_send_a_client_to_loopback_metadata_or_a_foreign_host(
+        dlab, mode):
+    """A writer of the directory publishes records for a plain container's
+    address (198.19.2.3:7401) pointing at h1's loopback, at the metadata
+    address and at a server of its own on h2's address. The client takes the
+    overlay to the real server; nothing arrives at the attacker's sockets;
+    each record is refused with an audit line."""
+    from sentinel import Sentinel
+    h1, h2 = dlab.plan.node("h1").netns, dlab.plan.node("h2").netns
+    subprocess.run(["ip", "-n", h1, "addr", "replace", "169.254.169.254/32", "dev", "lo"],
+                   check=True)
+    dlab.configure("h1-c1", CLIENT.format(mode=mode))
+    targets = [("127.0.0.1", 7402, h1), ("169.254.169.254", 7403, h1),
+               ("198.18.0.2", 7404, h2)]
+    node = {"node": "evil", "owner": "evil", "overlay": ["198.19.2.3"],
+            "addresses": ["127.0.0.1", "169.254.169.254", "198.18.0.2"]}
+    c2 = dlab.plan.node("h2-c2")
+    for i, (addr, port, ns) in enumerate(targets):
+        _poison(dlab, "evil", node, [_evil_record("198.19.2.3", 7401, addr, port)])
+        got = _wait_rejected(dlab, 1)
+        assert got["rejected"] and "evil" in got["rejected"][0], got
+        assert not [s for s in got["services"] if s["owner"] == "evil"]
+        with Sentinel(ns, addr, port, "tcp") as trap, \
+                EchoServer(c2.netns, "0.0.0.0", 7401) as real:
+            r = dlab.probe("h1-c1", "tcp-client", "198.19.2.3", 7401)
+            assert r["connect_errno"] == 0 and r["echo"] == "ping", r
+            assert real.peer() is not None
+        assert trap.received == [], f"the client followed a record to {addr}:{port}"
+    lines = _rejections(dlab)
+    assert len(lines) >= 3 and all(a["syscall"] == "directory" for a in lines)
+    assert any("loopback" in a["rule"] for a in lines)
+    assert any("metadata" in a["rule"] for a in lines)
+    assert any("belongs to" in a["rule"] and "198.18.0.2" in a["rule"] for a in lines)
+
+
+def test_a_takeover_attempt_leaves_the_rightful_record_in_place(dlab):
+    """An impostor claims h2-c1's published overlay 198.19.2.2:80 with an old
+    `since`: the rightful record stays, h2's agent does not withdraw it, the
+    client still reaches the real server, and the impostor is audited."""
+    srv = start_server(dlab)
+    dlab.wait_services(lambda s: _one(s))
+    node = {"node": "evil", "owner": "evil", "overlay": ["198.19.2.2"],
+            "addresses": ["198.18.0.9"]}
+    _poison(dlab, "evil", node, [_evil_record("198.19.2.2", 80, "198.18.0.9", 9, since=0.0)])
+    for host in ("h1", "h2"):
+        got = _wait_rejected(dlab, 1, host)
+        assert any("belongs to" in r for r in got["rejected"]), got
+        rec = _one(got["services"])
+        assert len(rec) == 1 and rec[0]["owner"] != "evil" and rec[0]["container"] == "h2-c1"
+    time.sleep(1)
+    assert _one(dlab.services("h2")["services"])[0]["container"] == "h2-c1"
+    dlab.configure("h1-c1", CLIENT.format(mode="syscall"))
+    r = dlab.probe("h1-c1", "tcp-client", "198.19.2.2", 80)
+    assert r["connect_errno"] == 0 and r["echo"] == "ping"
+    assert read_json_line(srv)["accepted"][0] == "198.18.0.1"
+    assert _rejections(dlab, "h1") and _rejections(dlab, "h2")
+    os.killpg(srv.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["world-writable", "other-owner"])
+def test_directory_files_that_others_could_write_are_ignored(dlab, how):
+    """Otherwise acceptable records in a file somebody else owns or could
+    have written are not read at all (and the agent says why)."""
+    node = {"node": "intruder", "owner": "intruder", "overlay": ["198.19.2.3"],
+            "addresses": ["198.18.0.9"]}
+    path = _poison(dlab, "intruder", node,
+                   [_evil_record("198.19.2.3", 7401, "198.18.0.9", 9, owner="intruder")],
+                   **({"mode": 0o666} if how == "world-writable" else {"uid": 65534}))
+    time.sleep(1)
+    assert not [s for s in dlab.services()["services"] if s["owner"] == "intruder"]
+    assert f"ignoring {path}" in dlab.agent_log("h1")
+    # the same file written safely is read (the check above is the file's, not the record's)
+    os.chmod(path, 0o600)
+    os.chown(path, 0, 0)
+    os.utime(path)
+    got = dlab.wait_services(lambda s: [x for x in s if x["owner"] == "intruder"])
+    assert [s for s in got["services"] if s["owner"] == "intruder"]
+
+
+def test_etcd_poisoned_records_and_takeover_are_refused(etcd_lab):
+    """Anybody who can write to an unauthenticated etcd (the lab setup): a
+    record to loopback and a claim on a published service are both refused."""
+    import base64
+    import http.client
+    from sockgraft.kernel.netns import run_in
+    g, _etcd = etcd_lab
+    srv = start_server(g)
+    g.wait_services(lambda s: _one(s))
+
+    def put(key, value):
+        c = http.client.HTTPConnection("198.18.0.1", 23790, timeout=5)
+        b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
+        c.request("POST", "/v3/kv/put", json.dumps({"key": b(key), "value": b(value)}))
+        return c.getresponse().status
+
+    node = {"node": "evil", "owner": "evil", "overlay": ["198.19.2.2", "198.19.2.3"],
+            "addresses": ["127.0.0.1", "198.18.0.9"]}
+    assert run_in(g.plan.node("h1").netns, put, "/sockgraft/nodes/evil/node",
+                  json.dumps(node)) == 200
+    for r in (_evil_record("198.19.2.3", 7401, "127.0.0.1", 7402),
+              _evil_record("198.19.2.2", 80, "198.18.0.9", 9, since=0.0)):
+        key = f"/sockgraft/nodes/evil/svc/tcp/{r['overlay']}/{r['port']}"
+        assert run_in(g.plan.node("h1").netns, put, key, json.dumps(r)) == 200
+    got = _wait_rejected(g, 2)
+    assert len(got["rejected"]) == 2, got
+    rec = _one(got["services"])
+    assert len(rec) == 1 and rec[0]["container"] == "h2-c1"
+    assert not [s for s in got["services"] if s["owner"] == "evil"]
+    assert len(_rejections(g)) >= 2
+    os.killpg(srv.pid, signal.SIGKILL)
+
+
+# --- etcd over TLS with client certificates and user/role auth ----------------------
+
+ETCDS = "https://198.18.0.1:23790"
+
+
+def _certs(d):
+    """deploy/etcd/make-certs.sh: a CA, etcd's server certificate (for
+    198.18.0.1) and the agents' client certificate (no CommonName: etcd's
+    JSON gateway refuses one that has a CN once auth is enabled)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "etcd",
+                          "make-certs.sh")
+    subprocess.run(["bash", script, d, "198.18.0.1"], check=True, capture_output=True)
+    return {n: os.path.join(d, n) for n in ("ca.pem", "server.pem", "server.key",
+                                            "client.pem", "client.key")}
+
+
+def _tls_call(certs, path, body, token=None, client_cert=True):
+    import http.client
+    import ssl
+    ctx = ssl.create_default_context(cafile=certs["ca.pem"])
+    if client_cert:
+        ctx.load_cert_chain(certs["client.pem"], certs["client.key"])
+    c = http.client.HTTPSConnection("198.18.0.1", 23790, timeout=5, context=ctx)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = token
+    c.request("POST", path, json.dumps(body), headers)
+    resp = c.getresponse()
+    raw = resp.read()
+    try:
+        return resp.status, json.loads(raw or b"{}")
+    except ValueError:
+        return resp.status, {"raw": raw.decode(errors="replace")}
+
+
+class EtcdTLS(Etcd):
+    def __init__(self, plan, data_dir, certs):
+        super().__init__(plan, data_dir)
+        self.certs = certs
+
+    def start(self):
+        from sockgraft.kernel import netns
+        from sockgraft.kernel.netns import run_in
+        c = self.certs
+        log = open(os.path.join(os.path.dirname(self.data_dir), "etcd.log"), "ab")
+        self.proc = subprocess.Popen(
+            [shutil.which("etcd"), "--name", "sg", "--data-dir", self.data_dir,
+             "--listen-client-urls", ETCDS, "--advertise-client-urls", ETCDS,
+             "--cert-file", c["server.pem"], "--key-file", c["server.key"],
+             "--client-cert-auth", "--trusted-ca-file", c["ca.pem"],
+             "--auth-token", "simple", "--auth-token-ttl", "3",
+             "--listen-peer-urls", "http://198.18.0.1:23800",
+             "--initial-advertise-peer-urls", "http://198.18.0.1:23800",
+             "--initial-cluster", "sg=http://198.18.0.1:23800"],
+            preexec_fn=lambda: netns.enter(self.ns), stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if run_in(self.ns, _tls_call, c, "/v3/maintenance/status", {})[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert self.proc.poll() is None, "etcd exited"
+            assert time.monotonic() < deadline, "etcd did not become healthy"
+            time.sleep(0.2)
+
+    def enable_auth(self, password):
+        """root, and a role that may touch /sockgraft/ only, for the agents."""
+        from sockgraft.kernel.netns import run_in
+        b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
+        steps = [("/v3/auth/user/add", {"name": "root", "password": "root-pw"}),
+                 ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+                 ("/v3/auth/role/add", {"name": "sockgraft"}),
+                 ("/v3/auth/role/grant", {"name": "sockgraft", "perm": {
+                     "permType": "READWRITE", "key": b("/sockgraft/"),
+                     "range_end": b("/sockgraft0")}}),
+                 ("/v3/auth/user/add", {"name": "sgnode", "password": password}),
+                 ("/v3/auth/user/grant", {"user": "sgnode", "role": "sockgraft"}),
+                 ("/v3/auth/enable", {})]
+        for path, body in steps:
+            status, out = run_in(self.ns, _tls_call, self.certs, path, body)
+            assert status == 200, (path, status, out)
+
+
+import base64  # noqa: E402
+
+
+@pytest.fixture
+def etcds_lab(lab, state_dir, tmp_path):
+    certs = _certs(str(tmp_path))
+    etcd = EtcdTLS(lab, tmp_path / "etcd-data", certs)
+    etcd.start()
+    etcd.enable_auth("node-pw")
+    pw = tmp_path / "etcd-password"
+    pw.write_text("node-pw\n")
+    os.chmod(pw, 0o600)
+    g = None
+    try:
+        g = _dlab(lab, state_dir, "--directory", "etcds://198.18.0.1:23790",
+                  "--directory-ca", certs["ca.pem"], "--directory-cert", certs["client.pem"],
+                  "--directory-key", certs["client.key"], "--directory-user", "sgnode",
+                  "--directory-password-file", str(pw), "--directory-ttl", "3")
+        yield g, etcd
+    finally:
+        if g is not None:
+            g.close()
+        etcd.stop()
+
+
+def test_etcd_over_tls_with_auth_refuses_strangers_and_serves_the_agents(etcds_lab):
+    """Without the client certificate nothing gets through; with it but
+    without a token (or with a wrong password) writing is refused; the agents
+    (user with a role limited to /sockgraft/, tokens that expire every 3 s)
+    publish and follow records."""
+    import ssl
+    from sockgraft.kernel.netns import run_in
+    g, etcd = etcds_lab
+    ns = g.plan.node("h1").netns
+    b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
+    put = ("/v3/kv/put", {"key": b("/sockgraft/nodes/evil/node"), "value": b("{}")})
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError, RuntimeError)):
+        run_in(ns, _tls_call, etcd.certs, *put, None, False)
+    status, out = run_in(ns, _tls_call, etcd.certs, *put)
+    assert status == 403 and "permission denied" in str(out), out
+    status, out = run_in(ns, _tls_call, etcd.certs, "/v3/auth/authenticate",
+                         {"name": "sgnode", "password": "wrong"})
+    assert status != 200 and "token" not in out
+    # an agent's credentials write /sockgraft/ only
+    status, out = run_in(ns, _tls_call, etcd.certs, "/v3/auth/authenticate",
+                         {"name": "sgnode", "password": "node-pw"})
+    assert status == 200 and "token" in out, (status, out)
+    token = out["token"]
+    status, out = run_in(ns, _tls_call, etcd.certs, "/v3/kv/put",
+                         {"key": b("/registry/secret"), "value": b("x")}, token)
+    assert status == 403 and "permission denied" in str(out), out
+
+    srv = start_server(g)
+    rec = _one(g.wait_services(lambda s: _one(s), timeout=15)["services"])
+    assert rec and rec[0]["node"] == "h2"
+    time.sleep(4)                        # past the token TTL: the agents authenticate again
+    g.configure("h1-c1", CLIENT.format(mode="syscall"))
+    vx = vx_tx(g)
+    r = g.probe("h1-c1", "tcp-client", "198.19.2.2", 80)
+    assert r["connect_errno"] == 0 and r["echo"] == "ping" and vx_tx(g) - vx < 200
+    assert _one(g.services("h2")["services"]), g.services("h2")
+    assert "plain HTTP" not in g.agent_log("h1")
+    os.killpg(srv.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_a_client_is_sent_only_where_its_own_policy_lets_it_go(dlab, mode):
+    """The client's policy denies the service's host address: the directory
+    does not send it there (agent, cgroup programs and nftables agree); it
+    takes the overlay like any unpublished destination."""
+    srv = start_server(dlab)
+    dlab.wait_services(lambda s: _one(s))
+    dlab.configure("h1-c1", CLIENT.format(mode=mode) +
+                   '[policy]\ndeny = ["deny tcp 198.18.0.2 8081"]\n')
+    vx = vx_tx(dlab)
+    r = dlab.probe("h1-c1", "tcp-client", "198.19.2.2", 80)
+    # over the overlay to the container itself, where nothing listens on 80
+    assert r["connect_errno"] == "ECONNREFUSED" and vx_tx(dlab) - vx > 40, r
+    os.killpg(srv.pid, signal.SIGKILL)
+
+
+def test_an_idle_etcd_watch_keeps_the_view(etcd_lab):
+    """Nothing changes for several leases (etcd sends progress notifications
+    only every ten minutes): the watch goes quiet, the view must not."""
+    g, _etcd = etcd_lab
+    srv = start_server(g)
+    g.wait_services(lambda s: _one(s))
+    deadline = time.monotonic() + 3 * 3 + 1          # three leases of 3 s
+    samples = 0
+    while time.monotonic() < deadline:
+        got = g.services("h1")
+        assert _one(got["services"]), f"the view went empty while etcd was idle: {got}"
+        assert got["agents"][g.agent_socket("h1")]["reachable"] is True
+        samples += 1
+        time.sleep(0.1)
+    assert samples > 20
+    os.killpg(srv.pid, signal.SIGKILL)

@@ -209,9 +209,10 @@ def test_event_decoding():
 
 
 def test_service_key_layout():
-    k = bpfmaps.svc_key(IPv4Address("198.19.2.2"), 80, "tcp")
-    assert len(k) == 20 and k[:4] == bytes([198, 19, 2, 2]) and k[16:18] == b"\0\x50"
-    assert k[18:] == bytes([4, 6])
+    k = bpfmaps.svc_key(IPv4Address("198.19.2.2"), 80, "tcp", 0x53470007)
+    assert len(k) == 24 and k[:4] == bytes([198, 19, 2, 2]) and k[16:18] == b"\0\x50"
+    assert k[18:20] == bytes([4, 6]) and k[20:] == (0x53470007).to_bytes(4, "little")
+    assert bpfmaps.svc_key(IPv4Address("198.19.2.2"), 80, "tcp")[20:] == b"\0" * 4
 
 
 # --- the guards (bpf/sockgraft.bpf.c) ----------------------------------------------

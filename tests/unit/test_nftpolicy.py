@@ -539,14 +539,18 @@ def test_v6_deny_over_mapped_random_agrees_on_v6_and_mapped(seed):
         check_equivalent(policy, dests)
 
 
-def test_directory_services_are_accepted_before_the_container_chains():
+def test_directory_services_are_accepted_only_in_the_chains_of_containers_sent_there():
+    """Each container's chain accepts the host addresses the directory may
+    send it to, first; another container's chain does not."""
     from ipaddress import ip_address
-    text = plan_ruleset({0x53470001: Policy()},
-                        (("tcp", ip_address("198.18.0.2"), 8081),
-                         ("udp", ip_address("fd00::1"), 53)))
+    a, b = 0x53470001, 0x53470002
+    text = plan_ruleset({a: Policy(), b: Policy()},
+                        {a: (("tcp", ip_address("198.18.0.2"), 8081),
+                             ("udp", ip_address("fd00::1"), 53))})
     lines = [line.strip() for line in text.splitlines()]
     v4 = lines.index("meta l4proto . ip daddr . th dport { tcp . 198.18.0.2 . 8081 } accept")
     v6 = lines.index("meta l4proto . ip6 daddr . th dport { udp . fd00::1 . 53 } accept")
-    vmap = next(i for i, line in enumerate(lines) if line.startswith("meta mark vmap"))
-    assert lines.index("ct state established,related accept") < v4 < v6 < vmap
-    assert "th dport {" not in plan_ruleset({0x53470001: Policy()})
+    assert lines.index(f"chain {chain_name(a)} {{") == v4 - 1 and v6 == v4 + 1
+    assert lines.count("meta l4proto . ip daddr . th dport { tcp . 198.18.0.2 . 8081 } accept") == 1
+    assert lines.index(f"chain {chain_name(b)} {{") > v6
+    assert "th dport {" not in plan_ruleset({a: Policy()})

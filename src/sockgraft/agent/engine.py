@@ -155,6 +155,7 @@ class Agent:
         self.node = node or name
         self.published: dict[str, dict] = {}    # our records: key -> record
         self.services: dict = {}                # (proto, overlay ip, port) -> (host ip, port)
+        self._rejected_seen: set[str] = set()   # directory records refused (audited once)
         self._bpf_services: dict[bytes, bytes] = {}
         self._bpf_services_rev: dict[bytes, bytes] = {}
         self.oci_socket = oci_socket
@@ -217,6 +218,7 @@ class Agent:
         if self.oci_socket:
             self.oci = oci.OciServer(self.oci_socket, self.ep, self._on_handoff)
         if self.directory is not None:
+            self._publish_node()
             self.directory.start()
             self._readopt(self.directory.previous)
             self.ep.register(self.directory.fileno(), select.EPOLLIN)
@@ -447,6 +449,7 @@ class Agent:
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline)
         key = listener.fileno()
         self.sessions[key] = sess
+        self._publish_node()
         # the kernel maps first: a socket answered by a notifier thread may
         # connect at once, and a tagged socket of an unknown container is refused
         self.sync_nft()
@@ -477,6 +480,7 @@ class Agent:
                 sess.config = self.store.load(sess.container) or sess.inline
                 n += 1
         self.host_addrs = host_addresses()
+        self._publish_node()
         self.sync_nft()
         self.sync_bpf(rescan=True)
         return {"ok": True, "reloaded": n}
@@ -489,8 +493,10 @@ class Agent:
         for sess in self.sessions.values():
             policies[sess.mark] = (sess.config.policy if sess.config else
                                    graft.GraftConfig(sess.container).policy)
-        services = tuple(sorted({(proto, hip, hport) for (proto, _ov, _p), (hip, hport)
-                                 in self.services.items()}, key=str))
+        services = {mark: tuple(sorted({(proto, hip, hport) for (proto, _ov, _p), (hip, hport)
+                                        in graft.followable(policy, self.services).items()},
+                                       key=str))
+                    for mark, policy in policies.items()}
         if (policies, services) == self._applied_policies:
             return
         nft.apply(None, plan_ruleset(policies, services))
@@ -552,6 +558,7 @@ class Agent:
         for mark in [m for m in self._bpf_applied if m not in wanted]:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._bpf_forget_egress(self._bpf_applied.pop(mark))
+        self._sync_bpf_services()
 
     def _bpf_forget_egress(self, old: BpfApplied, keep: list[bytes] = ()) -> None:
         assert self.bpf is not None
@@ -696,6 +703,20 @@ class Agent:
         hip = ipaddress.ip_address(local[0])
         if hip.version == 6 and hip.ipv4_mapped is not None:
             hip = hip.ipv4_mapped
+        if hip.is_unspecified:
+            # a wildcard endpoint: clients are sent to one of this node's
+            # published addresses (the records of others are checked on it)
+            usable = [a for a in self._node_doc().get("addresses", [])
+                      if ipaddress.ip_address(a).version == hip.version]
+            if not usable:
+                log.info("directory: %s listens on a wildcard and this node has no usable "
+                         "IPv%d address to publish", sess.container, hip.version)
+                return
+            hip = ipaddress.ip_address(usable[0])
+        if mdir.unusable_host_addr(hip) is not None:
+            log.info("directory: not publishing %s's server: host address %s is %s",
+                     sess.container, hip, mdir.unusable_host_addr(hip))
+            return
         req = requested.unmapped()
         if req.ip.is_unspecified:
             overlay = [a for a in sess.addresses
@@ -710,7 +731,7 @@ class Agent:
             rec = {"overlay": ov, "port": req.port, "proto": info.proto,
                    "host_addr": str(hip), "host_port": local[1], "node": self.node,
                    "owner": self.directory.owner, "container": sess.container,
-                   "since": time.time(), "pid": pid, "fd": fd, "inode": inode}
+                   "pid": pid, "fd": fd, "inode": inode}
             k = mdir.record_key(rec)
             other = table.get(k)
             mine = self.published.get(k)
@@ -727,6 +748,23 @@ class Agent:
             changed = True
         if changed:
             self.directory.publish(self.published)
+
+    def _node_doc(self) -> dict:
+        """What other agents check this node's records against: its usable
+        host addresses and its registered containers' overlay addresses."""
+        overlay = set()
+        for sess in self.sessions.values():
+            for a in sess.addresses:
+                try:
+                    overlay.add(ipaddress.ip_address(a))
+                except ValueError:
+                    pass
+        return mdir.node_document(self.node, self.directory.owner if self.directory else "",
+                                  self.host_addrs, overlay)
+
+    def _publish_node(self) -> None:
+        if self.directory is not None:
+            self.directory.publish_node(self._node_doc())
 
     def _sweep_published(self) -> None:
         """Withdraw records whose socket is closed (or whose process is gone)."""
@@ -755,6 +793,12 @@ class Agent:
         """The directory's view changed: refresh the connect-time lookups."""
         assert self.directory is not None
         self.directory.drain()
+        for r in self.directory.rejected():
+            if str(r) not in self._rejected_seen:
+                # one rate-limit bucket for the directory: the names in a
+                # record are the writer's, as many as it likes
+                self._write_audit("directory", 0, "directory", r.key, "reject", str(r))
+        self._rejected_seen = {str(r) for r in self.directory.rejected()}
         services = {}
         for r in self.directory.table().values():
             services[(r["proto"], ipaddress.ip_address(r["overlay"]), r["port"])] = \
@@ -778,8 +822,14 @@ class Agent:
             return
         fwd, rev = {}, {}
         for (proto, ov, port), (hip, hport) in self.services.items():
-            fwd[bpfmaps.svc_key(ov, port, proto)] = bpfmaps.svc_val(hip, hport)
             rev[bpfmaps.svc_key(hip, hport, proto)] = bpfmaps.svc_val(ov, port)
+        # the redirect, per socket-mode container: only what its policy lets it follow
+        for mark, applied in self._bpf_applied.items():
+            if not applied.socket_mode:
+                continue
+            for (proto, ov, port), (hip, hport) in graft.followable(
+                    applied.cfg.policy, self.services).items():
+                fwd[bpfmaps.svc_key(ov, port, proto, mark)] = bpfmaps.svc_val(hip, hport)
         for m, want, have in (("sg_services", fwd, self._bpf_services),
                               ("sg_services_rev", rev, self._bpf_services_rev)):
             for k, v in want.items():
@@ -797,6 +847,7 @@ class Agent:
                 "last_error": self.directory.last_error or None,
                 "records": sorted(self.directory.table().values(), key=mdir.record_key),
                 "conflicts": [str(c) for c in self.directory.conflicts()],
+                "rejected": [str(r) for r in self.directory.rejected()],
                 "published_here": len(self.published)}
 
     # --- notifications -------------------------------------------------------
@@ -827,6 +878,7 @@ class Agent:
         sess = self.sessions.pop(fd)
         unregister(self.ep, fd)
         sess.listener.close()
+        self._publish_node()
         for tid in sess.tids:
             self.mem.forget(tid)
             self._forget_pidfd(tid)

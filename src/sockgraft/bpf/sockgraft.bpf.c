@@ -147,6 +147,9 @@ struct svc_key {
 	__u16 port;         /* network order */
 	__u8 family;        /* 4 or 6 */
 	__u8 proto;         /* IPPROTO_TCP / IPPROTO_UDP */
+	__u32 mark;         /* sg_services: the client container the agent lets
+			     * follow this record (its policy allows it, on the
+			     * overlay and the host address); sg_services_rev: 0 */
 };
 
 struct svc_val {
@@ -461,10 +464,11 @@ static __always_inline struct egress_val *admit(struct policy *p, __u32 mark, __
 
 /* Directory lookups. Keys hold IPv4 in addr[0] (family 4) or the v6 address. */
 static __always_inline struct svc_val *lookup_svc(void *map, __u8 fam, const __u32 *j,
-						  __u16 port_be, __u8 proto)
+						  __u16 port_be, __u8 proto, __u32 mark)
 {
 	struct svc_key k = {};
 
+	k.mark = mark;
 	k.addr[0] = j[0];
 	if (fam == 6) {
 		k.addr[1] = j[1];
@@ -491,10 +495,10 @@ static __always_inline void store6(struct bpf_sock_addr *ctx, __u8 fam, struct s
 	ctx->user_port = v->port;
 }
 
-static __always_inline void redirect4(struct bpf_sock_addr *ctx, __u8 proto)
+static __always_inline void redirect4(struct bpf_sock_addr *ctx, __u8 proto, __u32 mark)
 {
 	__u32 j[4] = {ctx->user_ip4, 0, 0, 0};
-	struct svc_val *v = lookup_svc(&sg_services, 4, j, ctx->user_port, proto);
+	struct svc_val *v = lookup_svc(&sg_services, 4, j, ctx->user_port, proto, mark);
 
 	if (v && v->family == 4) {
 		ctx->user_ip4 = v->addr[0];
@@ -504,9 +508,9 @@ static __always_inline void redirect4(struct bpf_sock_addr *ctx, __u8 proto)
 }
 
 static __always_inline void redirect6(struct bpf_sock_addr *ctx, __u8 fam, const __u32 *j,
-				      __u8 proto)
+				      __u8 proto, __u32 mark)
 {
-	struct svc_val *v = lookup_svc(&sg_services, fam, j, ctx->user_port, proto);
+	struct svc_val *v = lookup_svc(&sg_services, fam, j, ctx->user_port, proto, mark);
 
 	if (v && v->family == fam) {
 		store6(ctx, fam, v);
@@ -550,7 +554,7 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 	e = admit(p, mark, OP_CONNECT, 4, j, ctx->user_port, proto);
 	if (!e)
 		return 0;
-	redirect4(ctx, proto);	/* after the checks: judged on what the application asked */
+	redirect4(ctx, proto, mark);	/* after the checks: judged on what the application asked */
 	if (!unbound4(ctx))
 		return 1;
 	sin.sin_family = AF_INET;
@@ -584,7 +588,7 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 	e = admit(p, mark, OP_CONNECT, fam, j, ctx->user_port, proto);
 	if (!e)
 		return 0;
-	redirect6(ctx, fam, j, proto);
+	redirect6(ctx, fam, j, proto, mark);
 	if (!unbound6(ctx))
 		return 1;
 	sin6.sin6_family = AF_INET6;
@@ -619,7 +623,7 @@ int sg_sendmsg4(struct bpf_sock_addr *ctx)
 	e = admit(p, mark, OP_SENDMSG, 4, j, ctx->user_port, IPPROTO_UDP);
 	if (!e)
 		return 0;
-	redirect4(ctx, IPPROTO_UDP);
+	redirect4(ctx, IPPROTO_UDP, mark);
 	if (ctx->sk->src_ip4 == 0)
 		ctx->msg_src_ip4 = e->src[0];
 	return 1;
@@ -639,7 +643,7 @@ int sg_sendmsg6(struct bpf_sock_addr *ctx)
 	e = admit(p, mark, OP_SENDMSG, fam, j, ctx->user_port, IPPROTO_UDP);
 	if (!e)
 		return 0;
-	redirect6(ctx, fam, j, IPPROTO_UDP);
+	redirect6(ctx, fam, j, IPPROTO_UDP, mark);
 	if (!no_addr6(ctx))	/* bound to an address: it sends from it */
 		return 1;
 	if (fam == 4) {
@@ -665,7 +669,7 @@ static __always_inline int unredirect4(struct bpf_sock_addr *ctx, __u8 proto)
 
 	if (!grafted_policy(ctx, &mark, 1))
 		return 1;
-	v = lookup_svc(&sg_services_rev, 4, j, ctx->user_port, proto);
+	v = lookup_svc(&sg_services_rev, 4, j, ctx->user_port, proto, 0);
 	if (v && v->family == 4) {
 		ctx->user_ip4 = v->addr[0];
 		ctx->user_port = v->port;
@@ -682,7 +686,7 @@ static __always_inline int unredirect6(struct bpf_sock_addr *ctx, __u8 proto)
 	if (!grafted_policy(ctx, &mark, 1))
 		return 1;
 	fam = dest6(ctx, a, j);
-	v = lookup_svc(&sg_services_rev, fam, j, ctx->user_port, proto);
+	v = lookup_svc(&sg_services_rev, fam, j, ctx->user_port, proto, 0);
 	if (v && v->family == fam)
 		store6(ctx, fam, v);
 	return 1;

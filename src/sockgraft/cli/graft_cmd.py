@@ -31,7 +31,10 @@ examples:
   sockgraft agent --host h1 &              the agent of lab host h1 (enters its namespace)
   sockgraft agent --netns /run/netns/node1 --socket /run/sockgraft/agent-node1.sock
   sockgraft lab up --agents                the lab with one agent per host, in the background
-  sockgraft agent --host h1 --directory etcd://198.18.0.1:2379 --directory-ttl 10
+  sockgraft agent --host h1 --directory etcd://198.18.0.1:2379 --directory-ttl 10   (lab only)
+  sockgraft agent --directory etcds://10.0.0.5:2379 --directory-ca /etc/sockgraft/etcd-ca.pem \
+      --directory-cert /etc/sockgraft/node1.pem --directory-key /etc/sockgraft/node1-key.pem \
+      --directory-user sockgraft-node1 --directory-password-file /etc/sockgraft/etcd-password
   sockgraft agent --oci-socket /run/sockgraft/oci-default.sock   runc/crun hand-offs here
 """
 
@@ -102,7 +105,17 @@ def register(sub) -> None:
                         "on = fail without them, off = never (default auto)")
     p.add_argument("--directory", default="embedded",
                    help="cluster directory of grafted services: embedded[:PATH] (files on "
-                        "this machine, the default), etcd://HOST:PORT, or off")
+                        "this machine, the default), etcds://HOST:PORT (etcd over TLS), "
+                        "etcd://HOST:PORT (plain HTTP: a lab only), or off")
+    p.add_argument("--directory-ca", metavar="FILE",
+                   help="CA bundle that signed etcd's server certificate (etcds://)")
+    p.add_argument("--directory-cert", metavar="FILE",
+                   help="client certificate for etcd --client-cert-auth (etcds://)")
+    p.add_argument("--directory-key", metavar="FILE", help="the client certificate's key")
+    p.add_argument("--directory-user", metavar="NAME",
+                   help="etcd user (auth enabled; give it a role limited to /sockgraft/)")
+    p.add_argument("--directory-password-file", metavar="FILE",
+                   help="file holding the etcd user's password")
     p.add_argument("--directory-ttl", type=float, default=10.0,
                    help="lease of this agent's directory records in seconds (default 10): "
                         "records of an agent that died expire after it")
@@ -280,9 +293,11 @@ def cmd_agent(args) -> int:
             removed.append(f"nftables table {FAMILY} {TABLE}")
         print("\n".join(f"removed {p}" for p in removed) or f"nothing installed for {bpf_name}")
         return 0
-    from ..agent.directory import open_backend
+    from ..agent.directory import EtcdAccess, open_backend
+    access = EtcdAccess(args.directory_ca, args.directory_cert, args.directory_key,
+                        args.directory_user, args.directory_password_file)
     directory = open_backend(args.directory, bpf_name, args.directory_ttl,
-                             state_dir())
+                             state_dir(), access)
     agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
@@ -459,12 +474,15 @@ def cmd_services(args) -> int:
     results = _query(args, "services")
     rows: dict[tuple, dict] = {}
     conflicts: set[str] = set()
+    rejected: set[str] = set()
     for _path, r in results:
         for rec in r.get("records", []):
             rows[(rec["proto"], rec["overlay"], rec["port"], rec["owner"])] = rec
         conflicts.update(r.get("conflicts", []))
+        rejected.update(r.get("rejected", []))
     if args.json:
         json.dump({"services": list(rows.values()), "conflicts": sorted(conflicts),
+                   "rejected": sorted(rejected),
                    "agents": {p: {k: v for k, v in r.items() if k not in ("ok", "records")}
                               for p, r in results}}, sys.stdout, indent=2)
         print()
@@ -481,6 +499,8 @@ def cmd_services(args) -> int:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     for c in sorted(conflicts):
         print(f"conflict: {c}")
+    for c in sorted(rejected):
+        print(f"rejected: {c}")
     for path, r in results:
         if r.get("directory") and not r.get("reachable"):
             print(f"{path}: directory unreachable: {r.get('last_error')}")

@@ -83,7 +83,7 @@ POLICY_SIZE = POLICY_HEAD.size + MAX_RULES * RULE.size
 EGRESS4_KEY = struct.Struct("=IIHH4s")
 EGRESS6_KEY = struct.Struct("=IIHH16s")
 EGRESS_VAL = struct.Struct("=II16sHBB")
-SVC_KEY = struct.Struct("=16sHBB")
+SVC_KEY = struct.Struct("=16sHBBI")
 SVC_VAL = struct.Struct("=16sHBB")
 EVENT = struct.Struct("=IIII16sHBBI")
 SRC_KEY = struct.Struct("=IB3x16s")
@@ -174,9 +174,11 @@ def source_keys(cfg: GraftConfig, mark: int) -> list[bytes]:
     return sorted(keys)
 
 
-def svc_key(addr: IPv4Address | IPv6Address, port: int, proto: str) -> bytes:
+def svc_key(addr: IPv4Address | IPv6Address, port: int, proto: str, mark: int = 0) -> bytes:
+    """sg_services: mark = the client container allowed to follow the record;
+    sg_services_rev: 0."""
     return SVC_KEY.pack(addr.packed.ljust(16, b"\0"), _be16(port), addr.version,
-                        PROTO_NUM[proto])
+                        PROTO_NUM[proto], mark)
 
 
 def svc_val(addr: IPv4Address | IPv6Address, port: int) -> bytes:

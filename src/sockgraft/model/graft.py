@@ -259,6 +259,31 @@ def via_directory(services: Services, proto: str, addr: InetAddr,
     return InetAddr(AF_INET6, ip, port)
 
 
+def may_follow(policy, proto: str, host: InetAddr) -> bool:
+    """May a client whose policy allowed an overlay destination be sent to
+    the host address:port the directory names for it? Its explicit deny rules
+    and built-in categories judge the host address too (a record can never
+    send a client to loopback or metadata it may not reach itself); the allow
+    list is judged on the address the application asked for (the client
+    allowed the service, not the node it happens to run on)."""
+    verdict = decide(policy, proto, host.unmapped())
+    return verdict.allowed or verdict.rule == "default:allowlist"
+
+
+def followable(policy, services: Services) -> Services:
+    """The part of the directory a container with `policy` may be sent
+    through: its overlay destination allowed, its host address not refused
+    (may_follow). What the nftables and BPF exceptions are built from."""
+    out = {}
+    for (proto, ov, port), (hip, hport) in services.items():
+        if decide(policy, proto, InetAddr(AF_INET if ov.version == 4 else AF_INET6, ov,
+                                          port)).allowed and \
+                may_follow(policy, proto, InetAddr(AF_INET if hip.version == 4 else AF_INET6,
+                                                   hip, hport)):
+            out[(proto, ov, port)] = (hip, hport)
+    return out
+
+
 def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
                    services: Services | None = None) -> Action:
     if isinstance(addr, (UnixAddr, UnspecAddr, OtherAddr)) or cfg is None:
@@ -290,7 +315,7 @@ def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
         # Judged above on the overlay address the application asked for; the
         # host socket goes straight to where the server's graft listens.
         via = via_directory(services, sock.proto, addr, sock.family)
-        if via is not None:
+        if via is not None and may_follow(cfg.policy, sock.proto, via):
             return GraftConnect(ep, local, via, f"egress {rule} via directory", overlay=addr)
     return GraftConnect(ep, local, addr, f"egress {rule}")
 

@@ -26,6 +26,7 @@ Pure: returns text; kernel/nft.py loads it atomically.
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
+from typing import Iterable, Mapping
 
 from .graft import MARK_BASE, MARK_MASK
 from .policy import LinearRule, Policy, linearize
@@ -67,25 +68,33 @@ def plan_chain(policy: Policy) -> list[str]:
     return lines
 
 
-def plan_ruleset(policies: dict[int, Policy], services: tuple = ()) -> str:
+def _service_lines(services: Iterable[tuple]) -> list[str]:
+    lines = []
+    for version, kw in ((4, "ip"), (6, "ip6")):
+        elems = sorted({f"{proto} . {ip} . {port}" for proto, ip, port in services
+                        if ip.version == version})
+        if elems:
+            lines.append(f"meta l4proto . {kw} daddr . th dport {{ {', '.join(elems)} }} accept")
+    return lines
+
+
+def plan_ruleset(policies: dict[int, Policy],
+                 services: Mapping[int, Iterable[tuple]] | None = None) -> str:
     """The whole table for a node: {mark: policy}. Loaded with `nft -f`, the
     leading add+delete makes it replace any previous version atomically.
 
-    services: (proto, host ip, port) of grafted servers the directory sent a
-    client to. Their connect was judged on the overlay address the client
-    asked for (by the agent or the cgroup programs); the packets carry the
-    host address, which the client's chain must not judge a second time."""
+    services: {mark: [(proto, host ip, port)]}, the grafted servers the
+    directory may send that container's clients to (graft.followable). Their
+    connect was judged on the overlay address the client asked for; the
+    packets carry the host address, which that container's chain accepts
+    first - and only that container's: no other container gains anything."""
+    services = services or {}
     out = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
            f"table {FAMILY} {TABLE} {{"]
     out.append("  chain output {")
     out.append("    type filter hook output priority filter; policy accept;")
     out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")
     out.append("    ct state established,related accept")
-    for version, kw in ((4, "ip"), (6, "ip6")):
-        elems = sorted(f"{proto} . {ip} . {port}" for proto, ip, port in services
-                       if ip.version == version)
-        if elems:
-            out.append(f"    meta l4proto . {kw} daddr . th dport {{ {', '.join(elems)} }} accept")
     if policies:
         vmap = ", ".join(f"0x{m:08x} : jump {chain_name(m)}" for m in sorted(policies))
         out.append(f"    meta mark vmap {{ {vmap} }}")
@@ -93,6 +102,7 @@ def plan_ruleset(policies: dict[int, Policy], services: tuple = ()) -> str:
     out.append("  }")
     for mark in sorted(policies):
         out.append(f"  chain {chain_name(mark)} {{")
+        out += [f"    {line}" for line in _service_lines(services.get(mark, ()))]
         out += [f"    {line}" for line in plan_chain(policies[mark])]
         out.append("  }")
     out.append("}")
