@@ -159,3 +159,29 @@ def test_a_client_whose_policy_refuses_the_host_address_takes_the_overlay():
     a = decide_connect(cfg, SockInfo(AF_INET, SOCK_STREAM, grafted=False),
                        _tcp("198.19.2.2", 80), services)
     assert isinstance(a, GraftConnect) and a.dest == _tcp("198.19.2.2", 80) and a.overlay is None
+
+
+def test_an_embedded_directory_others_can_write_is_refused(tmp_path):
+    from sockgraft.agent.directory import EmbeddedDirectory
+    d = tmp_path / "dir"
+    d.mkdir()
+    d.chmod(0o777)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        EmbeddedDirectory(str(d), "h1")
+    d.chmod(0o700)
+    EmbeddedDirectory(str(d), "h1").close(withdraw=False)
+
+
+def test_etcd_access_options_are_checked(tmp_path):
+    from sockgraft.agent.directory import EtcdAccess, open_backend
+    with pytest.raises(ConfigError, match="need an etcds://"):
+        open_backend("etcd://127.0.0.1:1", "h1", 3, str(tmp_path), EtcdAccess(ca="/x"))
+    with pytest.raises(ConfigError, match="go together"):
+        open_backend("etcds://127.0.0.1:1", "h1", 3, str(tmp_path), EtcdAccess(cert="/x"))
+    with pytest.raises(ConfigError, match="password-file"):
+        open_backend("etcds://127.0.0.1:1", "h1", 3, str(tmp_path), EtcdAccess(user="u"))
+    with pytest.raises(ConfigError, match="not readable"):
+        open_backend("etcds://127.0.0.1:1", "h1", 3, str(tmp_path),
+                     EtcdAccess(ca=str(tmp_path / "missing.pem")))
+    with pytest.raises(ConfigError, match="unknown"):
+        open_backend("ftp://x", "h1", 3, str(tmp_path))
