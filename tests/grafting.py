@@ -165,13 +165,22 @@ class GraftLab:
 
 
 def read_json_line(proc, timeout=10):
+    """The next JSON line of proc's stdout. Reads the fd itself and keeps what
+    follows the line: select() on a buffered pipe object would not see the
+    lines its buffer already holds, and wait for nothing."""
     import select
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError("no output from the process in time")
-    line = proc.stdout.readline()
-    if not line:
-        raise AssertionError(f"process ended: {proc.stderr.read()}")
+    fd = proc.stdout.fileno()
+    buf = getattr(proc, "_json_buf", b"")
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError("no output from the process in time")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"process ended: {proc.stderr.read()}")
+        buf += chunk
+    line, _, proc._json_buf = buf.partition(b"\n")
     return json.loads(line)
 
 
