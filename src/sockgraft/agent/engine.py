@@ -382,8 +382,7 @@ class Agent:
         op = msg.get("op")
         try:
             if op == "register":
-                reply = self._register(conn, msg, fds)
-                fds = []
+                reply = self._register(conn, msg, fds)     # takes the fd it keeps
             elif op == "reload":
                 reply = self._reload(msg.get("container"))
             elif op == "sockets":
@@ -405,35 +404,34 @@ class Agent:
         self._reply(conn, reply)
 
     def _register(self, conn: socket.socket, msg: dict, fds: list[int]) -> dict:
+        """Everything that can be refused is checked before the listener fd
+        is taken from `fds` (whose owner, _handle_request, closes what is left
+        there, once); from then on the session owns it, and a failure rolls
+        the session back."""
         container, pid = msg.get("container"), msg.get("pid")
         if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
             raise AgentError(f"register needs exactly one listener fd, got {len(fds)}")
-        if not isinstance(container, str) or not isinstance(pid, int):
-            os.close(fds[0])
+        if not isinstance(container, str) or not container or \
+                not isinstance(pid, int) or isinstance(pid, bool):
             raise AgentError("register needs a container name and a pid")
         buffers = msg.get("buffers") or {}
+        if not isinstance(buffers, dict) or not all(
+                isinstance(buffers.get(k, 0), int) for k in ("sndbuf", "rcvbuf")):
+            raise AgentError("register: buffers must be {\"sndbuf\": int, \"rcvbuf\": int}")
         graft_at = msg.get("graft_at", "syscall")
         if graft_at not in GRAFT_AT:
-            os.close(fds[0])
             raise AgentError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}")
         if graft_at == "socket" and self.bpf is None:
-            os.close(fds[0])
             raise AgentError(f"container {container}: graft_at=socket needs the in-kernel "
                              f"graft programs, which are unavailable: {self.bpf_error}")
         inline = None
-        try:
-            if msg.get("inline_config"):
-                inline = load_config(str(msg["inline_config"]), f"annotations of {container}")
-                if inline.container != container:
-                    raise AgentError(f"inline config is for {inline.container}, not {container}")
-            cfg = self.store.load(container) or inline
-            mark = self.store.mark(container)
-        except SockgraftError:
-            os.close(fds[0])
-            raise
-        listener = seccomp.Listener(fds[0])
+        if msg.get("inline_config"):
+            inline = load_config(str(msg["inline_config"]), f"annotations of {container}")
+            if inline.container != container:
+                raise AgentError(f"inline config is for {inline.container}, not {container}")
+        cfg = self.store.load(container) or inline
+        mark = self.store.mark(container)
+        listener = seccomp.Listener(fds.pop())
         try:
             # 6.6+: the target runs on our CPU when we answer; a trapped call
             # is a round trip between two tasks that would otherwise migrate
@@ -449,11 +447,17 @@ class Agent:
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline)
         key = listener.fileno()
         self.sessions[key] = sess
-        self._publish_node()
-        # the kernel maps first: a socket answered by a notifier thread may
-        # connect at once, and a tagged socket of an unknown container is refused
-        self.sync_nft()
-        self.sync_bpf()
+        try:
+            self._publish_node()
+            # the kernel maps first: a socket answered by a notifier thread may
+            # connect at once, and a tagged socket of an unknown container is refused
+            self.sync_nft()
+            self.sync_bpf()
+        except SockgraftError:
+            del self.sessions[key]          # roll back: nothing half-registered
+            listener.close()
+            self._publish_node()
+            raise
         threads = None
         if graft_at == "socket" and self.notifier_threads:
             try:
