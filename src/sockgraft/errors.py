@@ -5,6 +5,9 @@
     |                              (carries source, field, value)
     +-- KernelError                a kernel call failed (carries errno, op)
     |   +-- NotFound               the object is gone (ENOENT/ENODEV/ESRCH)
+    |   |   +-- NotificationGone   a seccomp notification is no longer valid (its
+    |   |                          target died or its syscall was interrupted):
+    |   |                          the one case a trapped call goes unanswered
     |   +-- Exists                 the object already exists (EEXIST)
     +-- LabError                   the lab is in a state that forbids the action
     +-- AgentError                 talking to / running the node agent failed
@@ -57,6 +60,10 @@ class NotFound(KernelError):
     pass
 
 
+class NotificationGone(NotFound):
+    pass
+
+
 class Exists(KernelError):
     pass
 
@@ -84,7 +91,7 @@ def _errno_strerror(err: int) -> str:
         return "unknown error"
 
 
-_NOT_FOUND = {_errno.ENOENT, _errno.ENODEV, _errno.ESRCH, _errno.EADDRNOTAVAIL}
+_NOT_FOUND = {_errno.ENOENT, _errno.ENODEV, _errno.ESRCH}
 
 
 def from_oserror(op: str, exc: OSError, detail: str = "") -> KernelError:

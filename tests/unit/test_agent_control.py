@@ -4,6 +4,7 @@ once (issue 13, defect 1)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -12,6 +13,7 @@ import pytest
 from sockgraft.agent import control
 from sockgraft.agent.engine import Agent
 from sockgraft.agent.store import ConfigStore
+from sockgraft.errors import NotFound, NotificationGone, from_oserror
 
 pytestmark = pytest.mark.unit
 
@@ -69,3 +71,66 @@ def test_a_bad_request_is_answered_and_closes_each_fd_once(agent, monkeypatch, m
         assert reply["ok"] is False and error in reply["error"], reply
     ours.close()
     theirs.close()
+
+
+# --- every trapped call is answered unless its notification is gone (defect 5) ---
+
+class FakeListener:
+    def __init__(self, gone=False):
+        self.answers = []
+        self.gone = gone
+
+    def respond(self, nid, *, val=0, error=0):
+        if self.gone:
+            from sockgraft.errors import NotificationGone
+            raise NotificationGone("seccomp NOTIF_SEND", errno.ENOENT)
+        self.answers.append((nid, val, error))
+
+    def continue_(self, nid):
+        self.answers.append((nid, "continue"))
+
+
+def _session(listener):
+    from sockgraft.agent.engine import Session
+    return Session("c", 1, listener, 0x53470001, None, {})
+
+
+def _notif():
+    from sockgraft.kernel import seccomp
+    return seccomp.Notification(7, 1234, 0, seccomp.SYS_CONNECT, seccomp.AUDIT_ARCH_X86_64,
+                                0, (3, 0, 16, 0, 0, 0))
+
+
+@pytest.mark.parametrize("raised, answered", [
+    (lambda: from_oserror("bind endpoint", OSError(errno.EADDRNOTAVAIL, "")), errno.EADDRNOTAVAIL),
+    (lambda: from_oserror("host socket", OSError(errno.EMFILE, "")), errno.EMFILE),
+    (lambda: from_oserror("read target memory", OSError(errno.ESRCH, "")), errno.ESRCH),
+    (lambda: from_oserror("x", OSError(errno.ENOENT, "")), errno.ENOENT),
+    (lambda: ValueError("a bug"), errno.EIO),
+    (lambda: NotificationGone("seccomp NOTIF_ADDFD", errno.ENOENT), None),
+])
+def test_every_failure_but_a_gone_notification_is_answered(agent, monkeypatch, raised, answered):
+    fake = FakeListener()
+    sess = _session(fake)
+
+    def boom(*_a):
+        raise raised()
+    monkeypatch.setattr(agent, "_handle", boom)
+    agent.handle(sess, _notif())
+    assert fake.answers == ([] if answered is None else [(7, 0, answered)])
+
+
+def test_answering_a_target_that_went_away_is_not_an_error(agent, monkeypatch):
+    sess = _session(FakeListener(gone=True))
+    monkeypatch.setattr(agent, "_handle", lambda *_a: (_ for _ in ()).throw(
+        from_oserror("read target memory", OSError(errno.ESRCH, ""))))
+    agent.handle(sess, _notif())          # does not raise
+
+
+def test_seccomp_adapter_maps_only_enoent_of_send_and_addfd_to_gone():
+    from sockgraft.kernel.seccomp import _notif_error
+    assert isinstance(_notif_error("seccomp NOTIF_SEND", OSError(errno.ENOENT, ""), 1),
+                      NotificationGone)
+    e = _notif_error("seccomp NOTIF_ADDFD", OSError(errno.EMFILE, ""), 1)
+    assert not isinstance(e, NotificationGone) and e.errno == errno.EMFILE
+    assert not isinstance(from_oserror("bind", OSError(errno.EADDRNOTAVAIL, "")), NotFound)

@@ -31,7 +31,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from ..errors import AgentError, KernelError, NotFound, SockgraftError
+from ..errors import AgentError, KernelError, NotFound, NotificationGone, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import epollfix, nft, seccomp
 from ..kernel import sockets as ksock
@@ -897,12 +897,15 @@ class Agent:
         name = SYSCALL_NAMES.get(n.nr, str(n.nr))
         try:
             self._handle(sess, n, name)
-        except NotFound:
+        except NotificationGone:
             pass  # the target died or was interrupted: nothing to answer
         except KernelError as exc:
+            # everything else is answered: an unanswered call blocks its thread
+            # for good (a target that died meanwhile makes the answer a no-op)
             sess.counters.errors += 1
             self.totals.errors += 1
-            log.warning("%s pid %d %s: %s", sess.container, n.pid, name, exc)
+            (log.debug if isinstance(exc, NotFound) else log.warning)(
+                "%s pid %d %s: %s", sess.container, n.pid, name, exc)
             self._respond(sess, n.id, error=exc.errno or errno.EIO)
         except Exception:  # noqa: BLE001 - the agent keeps serving whatever happens
             sess.counters.errors += 1
@@ -913,7 +916,7 @@ class Agent:
     def _respond(self, sess: Session, nid: int, *, val: int = 0, error: int = 0) -> None:
         try:
             sess.listener.respond(nid, val=val, error=error)
-        except NotFound:
+        except NotificationGone:
             pass
 
     def _continue(self, sess: Session, nid: int) -> None:
@@ -921,7 +924,7 @@ class Agent:
         self.totals.passed += 1
         try:
             sess.listener.continue_(nid)
-        except NotFound:
+        except NotificationGone:
             pass
 
     def _handle(self, sess: Session, n: seccomp.Notification, name: str) -> None:
@@ -1286,7 +1289,7 @@ class Agent:
             elif not pc.inject:
                 ksock.set_blocking(pc.sock, True)
             self._respond(sess, pc.notif_id, error=err)
-        except NotFound:
+        except NotificationGone:
             pass
         except KernelError as exc:
             log.warning("%s: finishing a connect failed: %s", sess.container, exc)

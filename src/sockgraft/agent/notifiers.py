@@ -43,7 +43,7 @@ import time
 import _socket
 from typing import Callable, NamedTuple
 
-from ..errors import AgentError, KernelError, NotFound
+from ..errors import AgentError, KernelError, NotFound, NotificationGone
 from ..kernel import seccomp
 from ..kernel import sockets as ksock
 from ..model import graft
@@ -317,13 +317,13 @@ class Notifiers:
                             continue
                     answered(key, a)
                     spare.refill(req, mark, sockets)
-                except NotFound:
+                except NotificationGone:
                     continue
                 except KernelError as exc:
                     log.warning("%s pid %d socket: %s", self.container, v[1], exc)
                     try:
                         listener.respond(v[0], error=exc.errno or errno.EIO)
-                    except (NotFound, KernelError):
+                    except KernelError:
                         pass
         finally:
             spare.close()

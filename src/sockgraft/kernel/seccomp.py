@@ -35,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..errors import ConfigError, KernelError, NotFound, from_oserror
+from ..errors import ConfigError, KernelError, NotFound, NotificationGone, from_oserror
 
 # --- syscall numbers (x86_64) -------------------------------------------------
 SYS_SOCKET = 41
@@ -452,6 +452,15 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
 
 # --- the listener -------------------------------------------------------------
 
+def _notif_error(op: str, exc: OSError, id: int) -> KernelError:
+    """ENOENT from SEND/ADDFD: the notification is no longer valid (target
+    died, syscall interrupted): NotificationGone, the one error after which a
+    trapped call is not answered. Anything else is an error to answer."""
+    if exc.errno == errno.ENOENT:
+        return NotificationGone(op, exc.errno, f"id {id:#x}")
+    return from_oserror(op, exc, f"id {id:#x}")
+
+
 class Listener:
     """Owns one seccomp notify fd. Buffers are preallocated; one ioctl per call.
 
@@ -536,7 +545,7 @@ class Listener:
         try:
             fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_SEND, self._sbuf, True)
         except OSError as exc:
-            raise from_oserror("seccomp NOTIF_SEND", exc, f"id {id:#x}") from None
+            raise _notif_error("seccomp NOTIF_SEND", exc, id) from None
 
     def addfd(self, id: int, srcfd: int, *, newfd: int | None = None,
               cloexec: bool = False, send: bool = False) -> int:
@@ -554,7 +563,7 @@ class Listener:
                 # The kernel withdrew the request before returning EINTR.
                 continue
             except OSError as exc:
-                raise from_oserror("seccomp NOTIF_ADDFD", exc, f"id {id:#x}") from None
+                raise _notif_error("seccomp NOTIF_ADDFD", exc, id) from None
 
     def set_flags(self, flags: int) -> None:
         """NOTIF_SET_FLAGS, e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (6.6+).

@@ -17,6 +17,7 @@ from typing import Callable
 
 import _socket
 
+from ..errors import from_oserror
 from ..model.sockaddr import AF_INET, InetAddr
 
 SOL_SOCKET = socket.SOL_SOCKET
@@ -173,20 +174,27 @@ class HostSockets:
 
     def make(self, family: int, typ: int, proto: int, mark: int,
              flags: int = 0) -> _socket.socket:
-        """typ may carry SOCK_NONBLOCK/SOCK_CLOEXEC; raises OSError (the
-        socket is never half-made: closed on any failure)."""
-        if _AS_ROOT:
-            old = _LIBC.setfsuid(socket_uid(mark))
-            try:
+        """typ may carry SOCK_NONBLOCK/SOCK_CLOEXEC; raises KernelError with
+        the errno to answer (the socket is never half-made: closed on any
+        failure)."""
+        try:
+            if _AS_ROOT:
+                old = _LIBC.setfsuid(socket_uid(mark))
+                try:
+                    s = _socket.socket(family, typ, proto)
+                finally:
+                    _LIBC.setfsuid(old)
+            else:
                 s = _socket.socket(family, typ, proto)
-            finally:
-                _LIBC.setfsuid(old)
-        else:
-            s = _socket.socket(family, typ, proto)
+        except OSError as exc:
+            raise from_oserror("host socket", exc, f"family {family} type {typ:#x}") from None
         try:
             s.setsockopt(SOL_SOCKET, SO_MARK, mark)
             if self.tag is not None:
                 self.tag(s.fileno(), mark, flags)
+        except OSError as exc:
+            s.close()
+            raise from_oserror("mark host socket", exc, f"mark {mark:#x}") from None
         except BaseException:
             s.close()
             raise
