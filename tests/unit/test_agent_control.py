@@ -134,3 +134,40 @@ def test_seccomp_adapter_maps_only_enoent_of_send_and_addfd_to_gone():
     e = _notif_error("seccomp NOTIF_ADDFD", OSError(errno.EMFILE, ""), 1)
     assert not isinstance(e, NotificationGone) and e.errno == errno.EMFILE
     assert not isinstance(from_oserror("bind", OSError(errno.EADDRNOTAVAIL, "")), NotFound)
+
+
+# --- notifier threads are supervised (defect 4) -----------------------------------
+
+def test_a_failing_notifier_thread_hands_its_listener_to_the_loop(agent, tmp_path):
+    """Threads serving a listener that fails (here: not a seccomp fd, so
+    NOTIF_RECV errors at once) report it; the loop then receives the
+    listener's notifications itself and counts the failure in stats."""
+    import select
+    import time
+    from sockgraft.agent import notifiers
+    if not notifiers.install_wake_handler():
+        pytest.skip("not the main thread")
+    r, w = os.pipe()
+    sess = _session(FakeListener())
+    threads = notifiers.Notifiers(r, sess.mark, "c", agent.inbox, threads=2)
+    agent.sessions[r] = sess
+    agent.notifiers[r] = threads
+    sess.loop_serves = False
+    agent.ep.register(r, 0)
+    deadline = time.monotonic() + 5
+    while threads.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads.alive == 0 and threads.failures == 2
+    os.write(w, b"x")                      # the listener "has a notification"
+    assert agent.ep.poll(0) == []          # nobody in the loop would hear it...
+    agent.drain_inbox()
+    assert sess.loop_serves
+    assert [fd for fd, ev in agent.ep.poll(0) if ev & select.EPOLLIN] == [r]   # ...now it does
+    st = agent.stats()
+    assert st["counters"]["notifier_failures"] == 2
+    assert st["containers"][0]["notifier_failures"] == 2
+    assert st["containers"][0]["notifier_threads"] == 0
+    threads.stop()
+    agent.ep.unregister(r)
+    os.close(r)
+    os.close(w)

@@ -65,6 +65,7 @@ class Counters:
     passed: int = 0
     denied: int = 0
     errors: int = 0
+    notifier_failures: int = 0              # notifier threads that ended unexpectedly
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -85,6 +86,8 @@ class Session:
     graft_at: str = "syscall"               # what the process's filter traps
     addresses: tuple[str, ...] = ()         # the container's own (overlay) addresses
     inline: graft.GraftConfig | None = None  # from OCI annotations (the store wins)
+    loop_serves: bool = True                # the loop receives its notifications (False
+                                            # while notifier threads alone do)
 
 
 @dataclass(slots=True)
@@ -470,6 +473,7 @@ class Agent:
             # the threads receive every notification; the loop only hears
             # that the last filtered task exited (EPOLLHUP is always reported)
             self.notifiers[key] = threads
+            sess.loop_serves = False
             self.ep.register(key, 0)
         else:
             self.ep.register(key, select.EPOLLIN)
@@ -631,10 +635,30 @@ class Agent:
             if isinstance(item, int):
                 if sess is not None:
                     self._count_answered(sess, item)
+            elif isinstance(item, notifiers.ThreadFailed):
+                if sess is not None:
+                    self._notifier_failed(key, sess, item)
             elif sess is not None:
                 self.handle(sess, item)
             else:
                 log.warning("notification %#x of a dropped session left unanswered", item.id)
+
+    def _notifier_failed(self, key: int, sess: Session, failed) -> None:
+        """A notifier thread of this session ended unexpectedly: the loop
+        receives the listener's notifications too (the surviving threads keep
+        going; each notification goes to one receiver), so none waits."""
+        sess.counters.notifier_failures += 1
+        self.totals.notifier_failures += 1
+        if not sess.loop_serves:
+            sess.loop_serves = True
+            try:
+                self.ep.modify(key, select.EPOLLIN)
+            except OSError as exc:
+                log.error("%s: cannot serve the listener from the loop: %s", sess.container,
+                          exc)
+                return
+            log.warning("%s: the loop now answers this container's notifications (%s: %s)",
+                        sess.container, failed.thread, failed.error)
 
     def _on_listen(self, sess: Session, n: seccomp.Notification) -> None:
         """listen(): a grafted socket listens only once the agent bound it

@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 import _socket
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from ..errors import AgentError, KernelError, NotFound, NotificationGone
@@ -173,10 +174,19 @@ def install(listener: seccomp.Listener, nid: int, tid: int, host: _socket.socket
         host.close()
 
 
+@dataclass(frozen=True)
+class ThreadFailed:
+    """A notifier thread ended while its session still runs (an unexpected
+    error): the loop takes over the session's notifications."""
+    thread: str
+    error: str
+
+
 class Inbox:
     """What notifier threads hand to the agent's loop: answered sockets
-    (counted and listed; drained whenever the loop runs, no wake-up) and
-    notifications the loop must handle (these wake it through a pipe)."""
+    (counted and listed; drained whenever the loop runs, no wake-up),
+    notifications the loop must handle and thread failures (these two wake
+    it through a pipe)."""
 
     def __init__(self) -> None:
         self._items: collections.deque = collections.deque()
@@ -188,7 +198,7 @@ class Inbox:
     def answered(self, key: int, packed: int) -> None:
         self._items.append((key, packed))     # deque.append is atomic: no lock
 
-    def forward(self, key: int, n: seccomp.Notification) -> None:
+    def forward(self, key: int, n: "seccomp.Notification | ThreadFailed") -> None:
         self._items.append((key, n))
         try:
             os.write(self._w, b"\0")
@@ -252,6 +262,7 @@ class Notifiers:
             raise AgentError("notifier threads need the wake-up signal handler, which only "
                              "the main thread can install")
         self._stop = False
+        self.failures = 0
         self._threads: list[threading.Thread] = []
         self._fds: list[int] = []
         try:
@@ -265,7 +276,7 @@ class Notifiers:
         try:
             threading.stack_size(THREAD_STACK)
             for i, fd in enumerate(self._fds):
-                t = threading.Thread(target=self._run, args=(fd,), daemon=True,
+                t = threading.Thread(target=self._supervised, args=(fd,), daemon=True,
                                      name=f"notify-{container}-{i}")
                 t.start()
                 self._threads.append(t)
@@ -276,7 +287,28 @@ class Notifiers:
     def alive(self) -> int:
         return sum(t.is_alive() for t in self._threads)
 
-    def _run(self, fd: int) -> None:
+    def _supervised(self, fd: int) -> None:
+        """A thread's life: it ends quietly when asked to or when every
+        filtered task exited; any other end is reported to the loop, which
+        then serves the listener itself (nothing stays unanswered)."""
+        error = "the thread returned"
+        try:
+            if self._run(fd):
+                return
+        except BaseException as exc:        # noqa: BLE001 - reported, then the loop serves
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: notifier thread failed", self.container)
+        if self._stop:
+            return
+        self.failures += 1
+        log.error("%s: notifier thread %s ended (%s); the agent's loop answers this "
+                  "container's calls from now on", self.container,
+                  threading.current_thread().name, error)
+        self.inbox.forward(self.key, ThreadFailed(threading.current_thread().name, error))
+
+    def _run(self, fd: int) -> bool:
+        """Serve until stopped (True) or every filtered task exited (True);
+        False or an exception: the thread failed."""
         try:
             # SCHED_BATCH: normal weight, but no wakeup preemption. When its
             # ADDFD completes, this thread must not preempt the task it just
@@ -298,11 +330,11 @@ class Notifiers:
                     continue
                 except NotFound:
                     if listener.poll(0) & select.POLLHUP:
-                        return          # every filtered task exited
+                        return True     # every filtered task exited
                     continue            # the target died between wake-up and recv
                 except KernelError as exc:
                     log.warning("%s: NOTIF_RECV failed: %s", self.container, exc)
-                    return
+                    return False
                 if v[3] != sys_socket or v[4] != arch or not enabled():
                     forward(key, seccomp.notif_of(v))
                     continue
@@ -328,6 +360,7 @@ class Notifiers:
         finally:
             spare.close()
             listener.close()
+        return True                     # stopped
 
     def stop(self, timeout: float = 2.0) -> None:
         """Interrupt and join the threads (each closes its own fd)."""

@@ -517,7 +517,9 @@ def cmd_stats(args) -> int:
     for path, r in results:
         c = r["counters"]
         print(f"{path}: grafted {c['grafted']}  passed {c['passed']}  denied {c['denied']}  "
-              f"errors {c['errors']}  pending connects {r['pending_connects']}")
+              f"errors {c['errors']}  pending connects {r['pending_connects']}"
+              + (f"  notifier threads failed {c['notifier_failures']}"
+                 if c.get("notifier_failures") else ""))
         k = r.get("kernel")
         if k:
             print(f"  in-kernel ({k['cgroup']}): connects judged {k['connects_judged']}  "
@@ -527,6 +529,8 @@ def cmd_stats(args) -> int:
         for s in r["containers"]:
             threads = (f"  notifier threads {s['notifier_threads']}"
                        if s.get("notifier_threads") else "")
+            if s.get("notifier_failures"):
+                threads += f" ({s['notifier_failures']} failed: the loop answers)"
             print(f"  {s['container']:12s} pid {s['pid']:<7d} grafted {s['grafted']}  "
                   f"passed {s['passed']}  denied {s['denied']}  errors {s['errors']}{threads}")
     return 0
