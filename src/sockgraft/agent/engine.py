@@ -433,7 +433,7 @@ class Agent:
             if inline.container != container:
                 raise AgentError(f"inline config is for {inline.container}, not {container}")
         cfg = self.store.load(container) or inline
-        mark = self.store.mark(container)
+        mark = self.store.mark(container, in_use=self._mark_held)
         listener = seccomp.Listener(fds.pop())
         try:
             # 6.6+: the target runs on our CPU when we answer; a trapped call
@@ -531,12 +531,19 @@ class Agent:
                 try:
                     cfg = self.store.load(name)
                     if cfg is not None:
-                        found[self.store.mark(name)] = (cfg, cfg.graft_at == "socket")
+                        found[self.store.mark(name, in_use=self._mark_held)] = \
+                            (cfg, cfg.graft_at == "socket")
                 except SockgraftError as exc:
                     log.warning("bpf: skipping container %s: %s", name, exc)
             self._store_configs = found
         for mark, entry in self._store_configs.items():
             wanted.setdefault(mark, entry)
+        # the generation first: a socket tagged for a mark's earlier holder is
+        # refused from the moment its new holder can get sockets
+        gens = self.store.generations()
+        for mark in wanted:
+            if self.bpf.gens.get(mark, 0) != gens.get(mark, 0) or mark not in self.bpf.gens:
+                self.bpf.set_gen(mark, gens.get(mark, 0))
         for mark, (cfg, socket_mode) in wanted.items():
             old = self._bpf_applied.get(mark)
             if old is not None and old.cfg == cfg and old.socket_mode == socket_mode:
@@ -642,6 +649,11 @@ class Agent:
                 self.handle(sess, item)
             else:
                 log.warning("notification %#x of a dropped session left unanswered", item.id)
+
+    def _mark_held(self, mark: int) -> bool:
+        """Does a live session carry this mark (its config may be deleted while
+        it runs)? Such a mark is not handed to another container."""
+        return any(s.mark == mark for s in self.sessions.values())
 
     def _notifier_failed(self, key: int, sess: Session, failed) -> None:
         """A notifier thread of this session ended unexpectedly: the loop

@@ -34,9 +34,31 @@ def empty_config(container: str) -> GraftConfig:
     return GraftConfig(container=container, endpoints={}, ingress=(), egress=(), policy=Policy())
 
 
+MARK_SPACE = 0xFFFF
+RELEASED = ".released"      # ids given back (oldest first); names cannot start with "."
+GENS = ".gen"               # {id: generation} of ids handed out again
+
+
+def mark_space_from_env() -> int:
+    """SOCKGRAFT_MARK_SPACE (1-65535): how many container marks exist. Only
+    tests make it small, to churn through the whole space quickly."""
+    raw = os.environ.get("SOCKGRAFT_MARK_SPACE", "")
+    if not raw:
+        return MARK_SPACE
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MARK_SPACE:
+        raise ConfigError(f"SOCKGRAFT_MARK_SPACE {raw!r}: expected 1-{MARK_SPACE}",
+                          field="SOCKGRAFT_MARK_SPACE", value=raw)
+    return n
+
+
 class ConfigStore:
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, mark_space: int | None = None) -> None:
         self.dir = directory or default_dir()
+        self.mark_space = mark_space or mark_space_from_env()
 
     def _path(self, container: str) -> str:
         if not _NAME.match(container):
@@ -91,34 +113,92 @@ class ConfigStore:
             return new
 
     def delete(self, container: str) -> bool:
+        """Remove a container's configuration and give its mark back."""
         with self._locked():
+            self._release(container)
             try:
                 os.unlink(self._path(container))
                 return True
             except FileNotFoundError:
                 return False
 
-    def mark(self, container: str) -> int:
-        """The container's stable SO_MARK (MARK_BASE | id, id in 1..65535)."""
+    # --- container marks --------------------------------------------------------
+
+    def _marks_path(self) -> str:
+        return os.path.join(self.dir, "marks.json")
+
+    def _read_marks(self) -> dict:
+        path = self._marks_path()
+        try:
+            with open(path) as f:
+                marks = json.load(f)
+        except FileNotFoundError:
+            return {RELEASED: [], GENS: {}}
+        except ValueError as exc:
+            raise ConfigError(f"corrupt mark registry: {exc}", source=path) from exc
+        ok = isinstance(marks, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MARK_SPACE
+            for k, v in marks.items() if k not in (RELEASED, GENS))
+        released = marks.get(RELEASED, []) if ok else None
+        gens = marks.get(GENS, {}) if ok else None
+        if not ok or not isinstance(released, list) or not isinstance(gens, dict) or \
+                not all(isinstance(i, int) for i in released) or \
+                not all(isinstance(g, int) for g in gens.values()):
+            raise ConfigError("corrupt mark registry: expected {name: id 1-65535, "
+                              f"{RELEASED!r}: [id], {GENS!r}: {{id: gen}}}}", source=path)
+        marks.setdefault(RELEASED, [])
+        marks.setdefault(GENS, {})
+        return marks
+
+    def _write_marks(self, marks: dict) -> None:
+        path = self._marks_path()
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(marks, f)
+        os.replace(tmp, path)
+
+    def _release(self, container: str) -> None:
+        marks = self._read_marks()
+        i = marks.pop(container, None)
+        if i is not None:
+            marks[RELEASED].append(i)
+            self._write_marks(marks)
+
+    def mark(self, container: str, in_use: Callable[[int], bool] | None = None) -> int:
+        """The container's stable SO_MARK (MARK_BASE | id, id in 1..mark_space).
+
+        A new container gets an id nobody held yet, else the oldest released
+        one that `in_use` (the agent: a live session still carries it) says
+        is free, in the next generation (`generation`): sockets tagged for its
+        previous holder are refused everything from then on. Without
+        `in_use`, released ids are not handed out again."""
         with self._locked():
-            path = os.path.join(self.dir, "marks.json")
-            try:
-                with open(path) as f:
-                    marks = json.load(f)
-                if not isinstance(marks, dict):
-                    raise ValueError("not an object")
-            except FileNotFoundError:
-                marks = {}
-            except ValueError as exc:
-                raise ConfigError(f"corrupt mark registry: {exc}", source=path) from exc
-            if container not in marks:
-                used = set(marks.values())
-                free = next((i for i in range(1, 0x10000) if i not in used), None)
-                if free is None:
-                    raise ConfigError("no free container mark (65535 in use)", source=path)
-                marks[container] = free
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(marks, f)
-                os.replace(tmp, path)
-            return MARK_BASE | marks[container]
+            marks = self._read_marks()
+            if container in marks:
+                return MARK_BASE | marks[container]
+            held = {v for k, v in marks.items() if k not in (RELEASED, GENS)}
+            released = marks[RELEASED]
+            free = next((i for i in range(1, self.mark_space + 1)
+                         if i not in held and i not in released), None)
+            if free is None and in_use is not None:
+                free = next((i for i in released if i not in held
+                             and not in_use(MARK_BASE | i)), None)
+                if free is not None:
+                    released.remove(free)
+                    gens = marks[GENS]
+                    gens[str(free)] = (gens.get(str(free), 0) + 1) & 0xFFFF
+            if free is None:
+                raise ConfigError(f"no free container mark: {len(held)} of "
+                                  f"{self.mark_space} held, {len(released)} released ones "
+                                  "still in use", source=self._marks_path())
+            marks[container] = free
+            self._write_marks(marks)
+            return MARK_BASE | free
+
+    def generation(self, mark: int) -> int:
+        """The current generation of a mark (0 until its id is handed out again)."""
+        return int(self._read_marks()[GENS].get(str(mark & 0xFFFF), 0))
+
+    def generations(self) -> dict[int, int]:
+        """{mark: generation} of every mark ever handed out again."""
+        return {MARK_BASE | int(i): int(g) for i, g in self._read_marks()[GENS].items()}

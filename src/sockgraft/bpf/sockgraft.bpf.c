@@ -160,8 +160,9 @@ struct svc_val {
 };
 
 struct sock_tag {
-	__u32 mark;         /* the container's mark (MARK_BASE | id): its identity */
-	__u32 flags;        /* T_INGRESS */
+	__u32 mark;         /* the container's mark (MARK_BASE | id): its identity, */
+	__u16 flags;        /* T_INGRESS */
+	__u16 gen;          /* with the generation of that mark (sg_gen) */
 };
 
 struct src_key {
@@ -197,6 +198,17 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } sg_config SEC(".maps");
+
+/* [mark id] the generation of each container mark. A released mark handed
+ * to a new container gets the next generation: sockets tagged for the old
+ * container (still held somewhere) no longer match and are refused
+ * everything, as if their container had no policy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} sg_gen SEC(".maps");
 
 /* source addresses a container's packets may carry (its endpoints) */
 struct {
@@ -272,6 +284,15 @@ static __always_inline struct sock_tag *tag_of(struct bpf_sock *sk)
 	return bpf_sk_storage_get(&sg_sock, sk, 0, 0);
 }
 
+/* A tag of an earlier holder of its mark (the container is gone). */
+static __always_inline int stale(struct sock_tag *t)
+{
+	__u32 id = t->mark & 0xFFFF;
+	__u32 *g = bpf_map_lookup_elem(&sg_gen, &id);
+
+	return !g || *g != t->gen;
+}
+
 static __always_inline int by_agent(void)
 {
 	__u32 k = 0;
@@ -293,6 +314,8 @@ static __always_inline struct policy *grafted_policy(struct bpf_sock_addr *ctx, 
 	if (!t)
 		return 0;
 	*mark = t->mark;
+	if (stale(t))
+		return 0;	/* refused like a container without policy */
 	p = bpf_map_lookup_elem(&sg_policy, mark);
 	if (!p || (socket_mode && !(p->flags & F_SOCKET_MODE)))
 		return 0;
@@ -830,6 +853,11 @@ int sg_egress(struct __sk_buff *skb)
 	t = bpf_sk_storage_get(&sg_sock, sk, 0, 0);
 	if (!t)
 		return 1;
+	if (stale(t)) {
+		count(3);
+		report(EV_DENY_UNKNOWN, t->mark, OP_SEND, 0, 4, k.addr, 0, 0);
+		return 0;
+	}
 	k.mark = t->mark;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		k.family = 4;
@@ -878,10 +906,18 @@ int sg_ingress(struct __sk_buff *skb)
 	if (!sk)
 		return 1;
 	sk = bpf_sk_fullsock(sk);
-	if (!sk || sk->state != BPF_TCP_LISTEN)
+	if (!sk)
 		return 1;
 	t = bpf_sk_storage_get(&sg_sock, sk, 0, 0);
-	if (!t || (t->flags & T_INGRESS))
+	if (!t)
+		return 1;
+	if (stale(t)) {		/* a socket of a container that is gone gets nothing */
+		count(3);
+		report(EV_DENY_UNKNOWN, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port,
+		       sk->protocol);
+		return 0;
+	}
+	if (sk->state != BPF_TCP_LISTEN || (t->flags & T_INGRESS))
 		return 1;
 	count(3);
 	report(EV_DENY_LISTEN, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port, IPPROTO_TCP);

@@ -40,11 +40,12 @@ PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
-        "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources")
+        "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen")
 PINNED_MAPS = ("sg_sock",)     # outlive the agent: the identity of grafted sockets
 BPF_ANY = 0
-TAG = struct.Struct("=II")     # struct sock_tag {mark, flags}
+TAG = struct.Struct("=IHH")    # struct sock_tag {mark, flags, gen}
 T_INGRESS = 1                  # bound by the agent through an ingress rule
+T_STALE = 1 << 16              # (tag_of only) tagged for an earlier holder of its mark
 
 
 class BpfUnavailable(SockgraftError):
@@ -246,6 +247,7 @@ class Programs:
         self.agent = agent
         self._obj = None
         self.maps: dict[str, int] = {}
+        self.gens: dict[int, int] = {}     # mark -> generation (sg_gen), read by tag()
         self._rb = None
         self._cb = None
         self._events: list[bytes] = []
@@ -316,11 +318,20 @@ class Programs:
 
     # --- socket tags (the identity of grafted sockets) --------------------------
 
+    def set_gen(self, mark: int, gen: int) -> None:
+        """The current generation of a container mark (sg_gen): tags of any
+        other generation are refused everything. Written before a socket of
+        the new holder is tagged."""
+        self.gens[mark] = gen
+        self.update("sg_gen", (mark & 0xFFFF).to_bytes(4, "little"), gen.to_bytes(4, "little"))
+
     def tag(self, fd: int, mark: int, flags: int = 0) -> None:
-        """Tag socket fd as grafted for the container of `mark` (thread-safe:
-        notifier threads tag the sockets they hand out)."""
+        """Tag socket fd as grafted for the container of `mark`, in the mark's
+        current generation (thread-safe: notifier threads tag the sockets
+        they hand out)."""
         k = ctypes.c_int(fd)
-        v = ctypes.create_string_buffer(TAG.pack(mark, flags), TAG.size)
+        v = ctypes.create_string_buffer(TAG.pack(mark, flags, self.gens.get(mark, 0)),
+                                        TAG.size)
         rc = lib().bpf_map_update_elem(self.maps["sg_sock"], ctypes.byref(k), v, BPF_ANY)
         if rc:
             raise _err("tag socket", rc, f"fd {fd}")
@@ -331,8 +342,8 @@ class Programs:
         v = ctypes.create_string_buffer(TAG.size)
         if lib().bpf_map_lookup_elem(self.maps["sg_sock"], ctypes.byref(k), v):
             return None
-        mark, flags = TAG.unpack(v.raw)
-        return mark, flags
+        mark, flags, gen = TAG.unpack(v.raw)
+        return mark, flags if gen == self.gens.get(mark, 0) else flags | T_STALE
 
     def attach(self) -> None:
         """Attach (or swap into the pinned links) the loaded programs; call

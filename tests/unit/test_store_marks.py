@@ -1,0 +1,86 @@
+"""agent/store.py container marks: stable, released on delete, handed out
+again only in a new generation and never while a live session holds them
+(issue 13, defect 3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sockgraft.agent.store import ConfigStore, empty_config
+from sockgraft.errors import ConfigError
+from sockgraft.model.graft import MARK_BASE
+
+pytestmark = pytest.mark.unit
+
+
+def _store(tmp_path, space=4):
+    return ConfigStore(str(tmp_path), mark_space=space)
+
+
+def test_marks_are_stable_and_distinct(tmp_path):
+    st = _store(tmp_path)
+    a, b = st.mark("a"), st.mark("b")
+    assert a != b and st.mark("a") == a and a & ~0xFFFF == MARK_BASE
+    assert st.generation(a) == 0
+
+
+def test_a_churn_of_more_containers_than_marks(tmp_path):
+    """40 containers come and go through a space of 4 marks; each mark
+    handed out again moves to the next generation; none is handed to a
+    second container while a live session holds it."""
+    st = _store(tmp_path)
+    live: dict[str, int] = {}
+    held = lambda m: m in live.values()            # noqa: E731 - the agent's sessions
+    seen_gens: dict[int, list[int]] = {}
+    for i in range(40):
+        name = f"c{i}"
+        st.save(empty_config(name))
+        m = st.mark(name, in_use=held)
+        assert m not in live.values()
+        live[name] = m
+        seen_gens.setdefault(m, []).append(st.generation(m))
+        if len(live) == 3:                          # the oldest one goes away
+            gone = sorted(live, key=lambda n: int(n[1:]))[0]
+            assert st.delete(gone)
+            del live[gone]
+    assert len(seen_gens) == 4
+    for gens in seen_gens.values():
+        assert gens == sorted(gens) and len(set(gens)) == len(gens)   # a new generation each time
+    assert st.generations() == {m: g[-1] for m, g in seen_gens.items() if g[-1]}
+
+
+def test_a_deleted_container_still_running_keeps_its_mark(tmp_path):
+    st = _store(tmp_path, space=1)
+    m = st.mark("a")
+    st.delete("a")                                   # config gone, session still alive
+    with pytest.raises(ConfigError, match="no free container mark"):
+        st.mark("b", in_use=lambda x: x == m)
+    assert st.mark("b", in_use=lambda x: False) == m and st.generation(m) == 1
+
+
+def test_without_an_in_use_check_released_marks_are_not_reused(tmp_path):
+    st = _store(tmp_path, space=1)
+    st.mark("a")
+    st.delete("a")
+    with pytest.raises(ConfigError, match="released ones still in use"):
+        st.mark("b")
+
+
+def test_an_old_registry_is_read_and_a_corrupt_one_refused(tmp_path):
+    (tmp_path / "marks.json").write_text(json.dumps({"a": 1, "b": 2}))
+    st = _store(tmp_path)
+    assert st.mark("b") == MARK_BASE | 2 and st.mark("c") == MARK_BASE | 3
+    for bad in ('{"a": "x"}', '[1]', '{"a": 70000}', '{".released": 3}', "{"):
+        (tmp_path / "marks.json").write_text(bad)
+        with pytest.raises(ConfigError, match="corrupt mark registry"):
+            st.mark("z")
+
+
+def test_mark_space_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCKGRAFT_MARK_SPACE", "2")
+    assert ConfigStore(str(tmp_path)).mark_space == 2
+    monkeypatch.setenv("SOCKGRAFT_MARK_SPACE", "0")
+    with pytest.raises(ConfigError, match="1-65535"):
+        ConfigStore(str(tmp_path))
