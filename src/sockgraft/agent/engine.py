@@ -22,7 +22,6 @@ import ctypes
 import errno
 import gc
 import ipaddress
-import json
 import logging
 import os
 import select
@@ -182,6 +181,8 @@ class Agent:
         self.audit: AuditLog | None = None
         self._stop = False
         self._applied_policies: object = None
+        self._nft_due = False                   # reconcile nftables at the end of the turn
+        self._deferred: list[tuple[socket.socket, dict, int]] = []   # register replies
         self.host_addrs: frozenset = frozenset()
         self.epolls = epollfix.EpollIndex()
         self._trim_due = False
@@ -305,10 +306,31 @@ class Agent:
                 self.dispatch(fd, ev)
             if self.inbox.waiting():
                 self.drain_inbox()
+            self.end_turn()
             now = time.monotonic()
             if now >= next_sweep:
                 self.sweep(now)
                 next_sweep = now + 1.0
+
+    def end_turn(self) -> None:
+        """Once per loop turn: one nftables reload for every registration of
+        the turn (not one per container: quadratic when many start at once),
+        then the registrations' replies - a container runs only once the
+        kernel knows its policy."""
+        if self._nft_due:
+            self._nft_due = False
+            try:
+                self.sync_nft()
+            except SockgraftError as exc:
+                log.error("nftables: %s", exc)
+                for conn, _reply, key in self._deferred:
+                    if key in self.sessions:
+                        self._drop_session(key)
+                    self._reply(conn, {"ok": False, "error": f"nftables: {exc}"})
+                self._deferred.clear()
+        deferred, self._deferred = self._deferred, []
+        for conn, reply, _key in deferred:
+            self._reply(conn, reply)
 
     def dispatch(self, fd: int, ev: int) -> None:
         if self.server is not None and fd == self.server.fileno():
@@ -386,6 +408,9 @@ class Agent:
         try:
             if op == "register":
                 reply = self._register(conn, msg, fds)     # takes the fd it keeps
+                if reply.get("ok"):
+                    self._deferred.append((conn, reply, reply.pop("_key")))
+                    return
             elif op == "reload":
                 reply = self._reload(msg.get("container"))
             elif op == "sockets":
@@ -453,8 +478,9 @@ class Agent:
         try:
             self._publish_node()
             # the kernel maps first: a socket answered by a notifier thread may
-            # connect at once, and a tagged socket of an unknown container is refused
-            self.sync_nft()
+            # connect at once, and a tagged socket of an unknown container is
+            # refused; nftables once per loop turn, before the reply (end_turn)
+            self._nft_due = True
             self.sync_bpf()
         except SockgraftError:
             del self.sessions[key]          # roll back: nothing half-registered
@@ -479,7 +505,7 @@ class Agent:
             self.ep.register(key, select.EPOLLIN)
         log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
                  "configured" if cfg else "no graft config: everything passes through")
-        return {"ok": True, "mark": mark}
+        return {"ok": True, "mark": mark, "_key": key}
 
     def _reload(self, container: str | None) -> dict:
         n = 0
@@ -913,7 +939,7 @@ class Agent:
     def _drop_session(self, fd: int) -> None:
         threads = self.notifiers.pop(fd, None)
         if threads is not None:
-            threads.stop()
+            threads.stop(timeout=0)     # woken, not waited for: each closes its own fd
             self.drain_inbox()       # answer what they forwarded while the listener is open
         sess = self.sessions.pop(fd)
         unregister(self.ep, fd)
@@ -1460,15 +1486,15 @@ def _fmt(addr) -> str:
 
 
 def host_addresses() -> frozenset:
-    """Addresses of the namespace the agent serves (refreshed on reload)."""
+    """Addresses of the namespace the agent serves (refreshed on reload):
+    one netlink dump, no subprocess."""
     import ipaddress
-    import subprocess
+    from pyroute2 import IPRoute
     try:
-        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
-                             timeout=10).stdout
-        return frozenset(ipaddress.ip_address(a["local"]) for link in json.loads(out or "[]")
-                         for a in link.get("addr_info", []) if "local" in a)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        with IPRoute() as ipr:
+            return frozenset(ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                             for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS"))
+    except (OSError, ValueError) as exc:
         log.warning("cannot list host addresses: %s", exc)
         return frozenset()
 

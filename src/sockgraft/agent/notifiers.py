@@ -363,8 +363,18 @@ class Notifiers:
         return True                     # stopped
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Interrupt and join the threads (each closes its own fd)."""
+        """Interrupt the threads and join them for up to `timeout` s (each
+        closes its own fd; 0: wake them and return - the agent's loop never
+        waits for them)."""
         self._stop = True
+        for t in self._threads:
+            if t.is_alive():
+                try:
+                    signal.pthread_kill(t.ident, WAKE_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        if timeout <= 0:
+            return
         deadline = time.monotonic() + timeout
         for t in self._threads:
             while t.is_alive() and time.monotonic() < deadline:

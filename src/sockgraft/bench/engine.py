@@ -158,7 +158,8 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
                 r = _crr(host, tools["crr"], h1_ip, port, seconds)
                 record(key, r["conn_per_s"], rnd, r["raw"])
         scale_res = _scale(plan, lab, tools["holdsocks"], agent_pids[h1.name], *scale,
-                           progress=progress) if scale[0] > 0 else {}
+                           progress=progress, probe=(graft_c, h1_ip, 9100)) \
+            if scale[0] > 0 else {}
     finally:
         for p in procs:
             _kill(p)
@@ -207,10 +208,46 @@ def summarize(series: dict[str, list[float]], rounds: int, seconds: float) -> di
             "ratios": ratios}
 
 
+# Each connect() of a grafted (syscall-mode) Python client is trapped: its
+# latency is the agent loop's response time. Quantiles in microseconds.
+LATENCY_PROBE = r"""
+import json, socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+lat = []
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    s = socket.socket()
+    t = time.perf_counter()
+    s.connect((host, port))
+    lat.append(time.perf_counter() - t)
+    s.close()
+    time.sleep(0.002)
+lat.sort()
+q = lambda f: round(lat[min(len(lat) - 1, int(len(lat) * f))] * 1e6, 1)
+print(json.dumps({"n": len(lat), "p50_us": q(0.5), "p99_us": q(0.99), "max_us": q(1.0)}))
+"""
+
+
+def _latency(place: Place, target: str, port: int, seconds: float) -> subprocess.Popen:
+    return popen_in(place, [sys.executable, "-c", LATENCY_PROBE, target, str(port),
+                            str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True, start_new_session=True)
+
+
+def _latency_result(p: subprocess.Popen) -> dict:
+    out, err = p.communicate(timeout=120)
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise KernelError("latency probe", 0, f"no result: {err.strip()[-300:]}") from None
+
+
 def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sockets: int,
-           progress: Progress) -> dict:
+           progress: Progress, probe: tuple | None = None) -> dict:
     """`containers` registered containers, each a process holding `sockets`
-    grafted UDP sockets, all on one agent."""
+    grafted UDP sockets, all on one agent. probe (place, host, port): the
+    latency of a grafted client's trapped connect(), quiet and while the
+    containers register all at once."""
     h1 = plan.hosts[0]
     ns_path = netns.path(h1.containers[0].netns)
     agent_path = control.default_socket_path(h1.name)
@@ -221,7 +258,13 @@ def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sock
                                      "dynamic"))
     time.sleep(1.5)        # let the agent's sweep settle before the baseline
     before = _proc_status(agent_pid)
+    quiet = storm = None
+    if probe is not None:
+        progress("  scale: connect latency, quiet")
+        quiet = _latency_result(_latency(probe[0], probe[1], probe[2], 2.0))
     progress(f"  scale: starting {containers} containers x {sockets} sockets")
+    lat = _latency(probe[0], probe[1], probe[2], 6.0) if probe is not None else None
+    time.sleep(0.5)        # the probe is running before the first registration
     t0 = time.monotonic()
     procs = []
     try:
@@ -237,6 +280,9 @@ def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sock
             if line.startswith("ready"):
                 ready += int(line.split()[1])
         setup = time.monotonic() - t0
+        if lat is not None:
+            storm = _latency_result(lat)
+            lat = None
         stats = control.request(agent_path, {"op": "stats"})
         peak = _proc_status(agent_pid)
         progress(f"  scale: {ready} sockets grafted in {setup:.1f} s; closing")
@@ -249,9 +295,12 @@ def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sock
     finally:
         for p in procs:
             _kill(p)
+        if lat is not None:
+            _kill(lat)
         for n in names:
             store.delete(n)
     return {"containers": containers, "sockets_per_container": sockets,
+            "connect_latency_quiet": quiet, "connect_latency_storm": storm,
             "sockets_grafted": ready, "setup_s": setup,
             "grafted_counter": stats["counters"]["grafted"],
             "agent_before": before, "agent_peak": peak, "agent_after": after}
@@ -304,4 +353,12 @@ def render(result: dict) -> str:
                   f"| RSS MiB | {b['rss_kib'] / 1024:.1f} | {p['rss_kib'] / 1024:.1f} | "
                   f"{a['rss_kib'] / 1024:.1f} |",
                   f"| open fds | {b['fds']} | {p['fds']} | {a['fds']} |"]
+        q, st = s.get("connect_latency_quiet"), s.get("connect_latency_storm")
+        if q and st:
+            lines += ["", "| trapped connect() latency, us | p50 | p99 | max | n |",
+                      "|---|---|---|---|---|",
+                      f"| quiet | {q['p50_us']:.0f} | {q['p99_us']:.0f} | {q['max_us']:.0f} "
+                      f"| {q['n']} |",
+                      f"| while {s['containers']} containers register | {st['p50_us']:.0f} | "
+                      f"{st['p99_us']:.0f} | {st['max_us']:.0f} | {st['n']} |"]
     return "\n".join(lines) + "\n"
