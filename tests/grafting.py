@@ -164,6 +164,33 @@ class GraftLab:
             self.stop_agent(host)
 
 
+def pid_of_child(launcher_pid, timeout=10):
+    """The grafted program `sockgraft run` (launcher_pid) started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+                kids = f.read().split()
+            if kids:
+                return int(kids[0])
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the grafted program did not start")
+
+
+def steal_socket(launcher, fd):
+    """A copy of the grafted program's fd in this process (pidfd_getfd, as a
+    process the container passed it to over SCM_RIGHTS would hold it)."""
+    import socket
+    from sockgraft.kernel import seccomp
+    pidfd = seccomp.pidfd_open(pid_of_child(launcher.pid))
+    try:
+        return socket.socket(fileno=seccomp.pidfd_getfd(pidfd, fd))
+    finally:
+        os.close(pidfd)
+
+
 def read_json_line(proc, timeout=10):
     """The next JSON line of proc's stdout. Reads the fd itself and keeps what
     follows the line: select() on a buffered pipe object would not see the

@@ -155,20 +155,30 @@ class Etcd:
         self.data_dir = str(data_dir)
         self.proc = None
 
+    URL = ETCD_CLIENT
+
+    def args(self):
+        """Flags beyond the cluster basics (the TLS variant adds its own)."""
+        return []
+
+    def healthy(self):
+        from sockgraft.kernel.netns import run_in
+        return run_in(self.ns, _healthy) is True
+
     def start(self):
         from sockgraft.kernel import netns
         log = open(os.path.join(os.path.dirname(self.data_dir), "etcd.log"), "ab")
         self.proc = subprocess.Popen(
             [shutil.which("etcd"), "--name", "sg", "--data-dir", self.data_dir,
-             "--listen-client-urls", ETCD_CLIENT, "--advertise-client-urls", ETCD_CLIENT,
+             "--listen-client-urls", self.URL, "--advertise-client-urls", self.URL,
+             *self.args(),
              "--listen-peer-urls", "http://198.18.0.1:23800",
              "--initial-advertise-peer-urls", "http://198.18.0.1:23800",
              "--initial-cluster", "sg=http://198.18.0.1:23800"],
             preexec_fn=lambda: netns.enter(self.ns), stdout=log, stderr=log)
         log.close()
-        from sockgraft.kernel.netns import run_in
         deadline = time.monotonic() + 20
-        while run_in(self.ns, _healthy) is not True:
+        while not self.healthy():
             assert self.proc.poll() is None, "etcd exited"
             assert time.monotonic() < deadline, "etcd did not become healthy"
             time.sleep(0.2)
@@ -467,32 +477,20 @@ class EtcdTLS(Etcd):
         super().__init__(plan, data_dir)
         self.certs = certs
 
-    def start(self):
-        from sockgraft.kernel import netns
-        from sockgraft.kernel.netns import run_in
+    URL = ETCDS
+
+    def args(self):
         c = self.certs
-        log = open(os.path.join(os.path.dirname(self.data_dir), "etcd.log"), "ab")
-        self.proc = subprocess.Popen(
-            [shutil.which("etcd"), "--name", "sg", "--data-dir", self.data_dir,
-             "--listen-client-urls", ETCDS, "--advertise-client-urls", ETCDS,
-             "--cert-file", c["server.pem"], "--key-file", c["server.key"],
-             "--client-cert-auth", "--trusted-ca-file", c["ca.pem"],
-             "--auth-token", "simple", "--auth-token-ttl", "3",
-             "--listen-peer-urls", "http://198.18.0.1:23800",
-             "--initial-advertise-peer-urls", "http://198.18.0.1:23800",
-             "--initial-cluster", "sg=http://198.18.0.1:23800"],
-            preexec_fn=lambda: netns.enter(self.ns), stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if run_in(self.ns, _tls_call, c, "/v3/maintenance/status", {})[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert self.proc.poll() is None, "etcd exited"
-            assert time.monotonic() < deadline, "etcd did not become healthy"
-            time.sleep(0.2)
+        return ["--cert-file", c["server.pem"], "--key-file", c["server.key"],
+                "--client-cert-auth", "--trusted-ca-file", c["ca.pem"],
+                "--auth-token", "simple", "--auth-token-ttl", "3"]
+
+    def healthy(self):
+        from sockgraft.kernel.netns import run_in
+        try:
+            return run_in(self.ns, _tls_call, self.certs, "/v3/maintenance/status", {})[0] == 200
+        except (OSError, RuntimeError):
+            return False
 
     def enable_auth(self, password):
         """root, and a role that may touch /sockgraft/ only, for the agents."""

@@ -9,15 +9,14 @@ addresses, connection attempts against anything that might listen)."""
 
 import errno
 import json
-import os
 import socket
 import time
 
 import pytest
 
-from grafting import read_json_line
+from grafting import read_json_line, steal_socket
 from sentinel import Sentinel
-from sockgraft.kernel import netns, seccomp
+from sockgraft.kernel import netns
 
 pytestmark = pytest.mark.security
 
@@ -269,20 +268,6 @@ def test_a_flood_of_denials_cannot_fill_the_disk(sec, mode):
     assert next(iter(stats.values()))["audit_suppressed"] >= suppressed
 
 
-def _pid_of_child(launcher_pid, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
-                kids = f.read().split()
-            if kids:
-                return int(kids[0])
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the grafted program did not start")
-
-
 def test_a_grafted_socket_passed_out_of_the_filter_stays_confined(sec):
     """A grafted socket handed to a process outside the seccomp filter (over
     a unix socket, to another container, to the host): nothing the agent
@@ -292,12 +277,7 @@ def test_a_grafted_socket_passed_out_of_the_filter_stays_confined(sec):
     configure(sec, "h1-c1", "socket")
     p = sec.spawn("h1-c1", [sec.attack_bin, "sock", "tcp4", "sleep", "30"],
                   options=["--graft-at", "socket"])
-    fd = read_json_line(p)["ret"]
-    pidfd = seccomp.pidfd_open(_pid_of_child(p.pid))
-    try:
-        s = socket.socket(fileno=seccomp.pidfd_getfd(pidfd, fd))
-    finally:
-        os.close(pidfd)
+    s = steal_socket(p, read_json_line(p)["ret"])
     with s:
         with pytest.raises(OSError) as e:
             s.setsockopt(socket.SOL_SOCKET, 36, 0)          # SO_MARK

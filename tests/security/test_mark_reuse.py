@@ -8,14 +8,12 @@ import errno
 import json
 import os
 import signal
-import socket
 import time
 
 import pytest
 
-from grafting import read_json_line
+from grafting import read_json_line, steal_socket
 from sentinel import Sentinel
-from sockgraft.kernel import seccomp
 
 pytestmark = pytest.mark.security
 
@@ -29,28 +27,6 @@ port = "dynamic"
 [rules]
 egress = ["198.18.0.0/24=ep-out"]
 """
-
-
-def _pid_of_child(launcher_pid, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
-                kids = f.read().split()
-            if kids:
-                return int(kids[0])
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the grafted program did not start")
-
-
-def _steal(p, fd):
-    pidfd = seccomp.pidfd_open(_pid_of_child(p.pid))
-    try:
-        return socket.socket(fileno=seccomp.pidfd_getfd(pidfd, fd))
-    finally:
-        os.close(pidfd)
 
 
 def _sessions(g):
@@ -69,7 +45,7 @@ def test_a_reused_mark_refuses_the_old_holders_sockets(seclab, attack_bin):
                   options=["--graft-at", "socket"])
     tcp_fd = read_json_line(old)["ret"]
     udp_fd = read_json_line(old)["ret"]
-    tcp, udp = _steal(old, tcp_fd), _steal(old, udp_fd)   # now held outside the container
+    tcp, udp = steal_socket(old, tcp_fd), steal_socket(old, udp_fd)   # now held outside the container
     os.killpg(old.pid, signal.SIGKILL)
     old.wait(timeout=10)
     deadline = time.monotonic() + 10
