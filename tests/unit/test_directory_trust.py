@@ -173,7 +173,8 @@ def test_an_embedded_directory_others_can_write_is_refused(tmp_path):
 
 
 def test_etcd_access_options_are_checked(tmp_path):
-    from sockgraft.agent.directory import EtcdAccess, open_backend
+    from sockgraft.agent.directory import open_backend
+    from sockgraft.agent.etcd import EtcdAccess
     with pytest.raises(ConfigError, match="need an etcds://"):
         open_backend("etcd://127.0.0.1:1", "h1", 3, str(tmp_path), EtcdAccess(ca="/x"))
     with pytest.raises(ConfigError, match="go together"):

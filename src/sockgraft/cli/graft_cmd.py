@@ -293,7 +293,8 @@ def cmd_agent(args) -> int:
             removed.append(f"nftables table {FAMILY} {TABLE}")
         print("\n".join(f"removed {p}" for p in removed) or f"nothing installed for {bpf_name}")
         return 0
-    from ..agent.directory import EtcdAccess, open_backend
+    from ..agent.directory import open_backend
+    from ..agent.etcd import EtcdAccess
     access = EtcdAccess(args.directory_ca, args.directory_cert, args.directory_key,
                         args.directory_user, args.directory_password_file)
     directory = open_backend(args.directory, bpf_name, args.directory_ttl,
