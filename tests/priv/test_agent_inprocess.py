@@ -13,6 +13,7 @@ import pytest
 from sockgraft.agent.engine import Agent
 from sockgraft.agent.store import ConfigStore
 from sockgraft.kernel import seccomp
+from sockgraft.kernel import seccomp_filter
 from sockgraft.lab import grafts
 from sockgraft.model import graftconfig as gc
 from sockgraft.model.graft import MARK_BASE, MARK_MASK
@@ -35,7 +36,7 @@ def agent(tmp_path):
 def _child_connect(sp, port, report_w):
     """In the forked child: filter, hand the listener over, wait for go, connect."""
     try:
-        prog = seccomp.build_filter(seccomp.default_graft_filter(False))
+        prog = seccomp_filter.build_filter(seccomp_filter.default_graft_filter(False))
         listener = seccomp.install_filter(prog)
         socket.send_fds(sp, [b"L"], [listener])
         os.close(listener)

@@ -14,6 +14,7 @@ import pytest
 
 from sockgraft.agent import notifiers
 from sockgraft.kernel import seccomp
+from sockgraft.kernel import seccomp_filter
 
 pytestmark = pytest.mark.priv
 
@@ -40,11 +41,11 @@ def _spawn(body, trap_listen=False):
             os.close(r)
             if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "unshare")
-            trap = {seccomp.SYS_SOCKET: seccomp.ArgMatch(0, frozenset({2, 10}))}
+            trap = {seccomp.SYS_SOCKET: seccomp_filter.ArgMatch(0, frozenset({2, 10}))}
             if trap_listen:
                 trap[seccomp.SYS_LISTEN] = None
-            fd = seccomp.install_filter(seccomp.build_filter(
-                seccomp.FilterSpec(trap=trap, deny_errno={})))
+            fd = seccomp.install_filter(seccomp_filter.build_filter(
+                seccomp_filter.FilterSpec(trap=trap, deny_errno={})))
             socket.send_fds(child_sp, [b"L"], [fd])
             os.close(fd)
             child_sp.recv(1)

@@ -27,6 +27,7 @@ import pytest
 
 from sockgraft.errors import KernelError, NotFound
 from sockgraft.kernel import seccomp as sc
+from sockgraft.kernel import seccomp_filter as scf
 
 pytestmark = pytest.mark.priv
 
@@ -136,8 +137,8 @@ class Child:
 Report = Callable[..., None]
 
 
-def fork_child(body: Callable[[Report], None], spec: sc.FilterSpec | None = None) -> Child:
-    prog = sc.build_filter(spec or sc.default_graft_filter())  # built before fork
+def fork_child(body: Callable[[Report], None], spec: scf.FilterSpec | None = None) -> Child:
+    prog = scf.build_filter(spec or scf.default_graft_filter())  # built before fork
     psock, csock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -483,7 +484,7 @@ def _i386_works() -> bool:
 def test_foreign_arch_and_x32_denied(spawn, foreign, x32):
     if not _i386_works():
         pytest.skip("IA32 emulation is off: int 0x80 cannot be probed")
-    spec = sc.default_graft_filter()
+    spec = scf.default_graft_filter()
     spec.foreign_arch_errno = foreign
     spec.x32_errno = x32
     child = spawn(_arch_probe, spec)

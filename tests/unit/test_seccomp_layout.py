@@ -11,6 +11,7 @@ import pytest
 
 from sockgraft.errors import ConfigError
 from sockgraft.kernel import seccomp as sc
+from sockgraft.kernel import seccomp_filter as scf
 
 pytestmark = pytest.mark.unit
 
@@ -178,9 +179,9 @@ def test_constants():
 # --- the filter compiler -------------------------------------------------------------
 
 def test_small_filter_golden():
-    spec = sc.FilterSpec(trap={42: sc.ArgMatch(2, frozenset({28, 16}))},
+    spec = scf.FilterSpec(trap={42: scf.ArgMatch(2, frozenset({28, 16}))},
                          deny_errno={425: errno.ENOSYS})
-    assert decode(sc.build_filter(spec)) == [
+    assert decode(scf.build_filter(spec)) == [
         (0x20, 0, 0, 4),                       # A = arch
         (0x15, 1, 0, X86_64),                  # x86_64? skip the RET
         (0x06, 0, 0, ERRNO | errno.ENOSYS),    # foreign arch
@@ -206,7 +207,7 @@ OTHER_LENS = (0, 12, 110, 17, 27, 16 + (1 << 8))
 
 @pytest.mark.parametrize("nr,argi", [(42, 2), (44, 5)])
 def test_default_filter_traps_inet_sized_sockaddrs_only(nr, argi):
-    prog = sc.build_filter(sc.default_graft_filter())
+    prog = scf.build_filter(scf.default_graft_filter())
     for n in INET_LENS:
         args = [0] * 6
         args[argi] = n
@@ -223,15 +224,15 @@ def test_default_filter_traps_inet_sized_sockaddrs_only(nr, argi):
     assert verdict(prog, nr, args=args) == ALLOW
 
 
-@pytest.mark.parametrize("spec", [sc.default_graft_filter(), sc.default_graft_filter(False),
-                                  sc.socket_graft_filter()], ids=["syscall", "no-sendto",
+@pytest.mark.parametrize("spec", [scf.default_graft_filter(), scf.default_graft_filter(False),
+                                  scf.socket_graft_filter()], ids=["syscall", "no-sendto",
                                                                   "socket"])
 @pytest.mark.parametrize("nr", [49, 50], ids=["bind", "listen"])
 def test_every_bind_and_listen_is_trapped_whatever_its_arguments(spec, nr):
     """The kernel accepts inet bind lengths from 16 (IPv6: 24) to 128; the
     high word of an int register is ignored. No argument lets bind or
     listen slip past the agent."""
-    prog = sc.build_filter(spec)
+    prog = scf.build_filter(spec)
     for n in (*INET_LENS, *OTHER_LENS, 20, 24, 29, 32, 100, 127, (1 << 32) | 16, 2 ** 64 - 1):
         args = [3, 0x7FFF0000, n, 0, 0, 0]
         assert verdict(prog, nr, args=args) == NOTIF, (nr, hex(n))
@@ -240,7 +241,7 @@ def test_every_bind_and_listen_is_trapped_whatever_its_arguments(spec, nr):
 
 
 def test_socket_filter_compares_the_family_low_word_only():
-    prog = sc.build_filter(sc.socket_graft_filter())
+    prog = scf.build_filter(scf.socket_graft_filter())
     for fam in (2, 10, (1 << 32) | 2, (0xFFFFFFFF << 32) | 10):
         assert verdict(prog, 41, args=(fam, 1, 0, 0, 0, 0)) == NOTIF, hex(fam)
     for fam in (1, 16, 17, (2 << 32) | 1):
@@ -248,7 +249,7 @@ def test_socket_filter_compares_the_family_low_word_only():
 
 
 def test_default_filter_denies_io_uring_and_allows_the_rest():
-    prog = sc.build_filter(sc.default_graft_filter())
+    prog = scf.build_filter(scf.default_graft_filter())
     for nr in (425, 426, 427):
         assert verdict(prog, nr, args=(16,) * 6) == ERRNO | errno.ENOSYS
     for nr in (0, 1, 41, 43, 45, 46, 47, 48, 288, 424, 428, 434, 438, 500):
@@ -256,7 +257,7 @@ def test_default_filter_denies_io_uring_and_allows_the_rest():
 
 
 def test_default_filter_foreign_arch_and_x32():
-    prog = sc.build_filter(sc.default_graft_filter())
+    prog = scf.build_filter(scf.default_graft_filter())
     # i386 socketcall(102) / connect(362) must not slip through untrapped
     for nr in (102, 362, 42, 1):
         assert verdict(prog, nr, arch=I386, args=(16,) * 6) == ERRNO | errno.ENOSYS
@@ -266,17 +267,17 @@ def test_default_filter_foreign_arch_and_x32():
 
 
 def test_foreign_and_x32_verdicts_configurable():
-    spec = sc.default_graft_filter()
+    spec = scf.default_graft_filter()
     spec.foreign_arch_errno = errno.EPERM
     spec.x32_errno = errno.EAFNOSUPPORT
-    prog = sc.build_filter(spec)
+    prog = scf.build_filter(spec)
     assert verdict(prog, 102, arch=I386) == ERRNO | errno.EPERM
     assert verdict(prog, 0x40000000 | 42) == ERRNO | errno.EAFNOSUPPORT
 
 
 def test_untrapped_syscalls_only_read_nr_and_arch():
     # lets the kernel's seccomp action cache mark them always-allowed
-    insns = decode(sc.build_filter(sc.default_graft_filter()))
+    insns = decode(scf.build_filter(scf.default_graft_filter()))
     for nr in (0, 1, 41, 51, 434):
         loads: list[int] = []
         assert run(insns, seccomp_data(nr, args=(16,) * 6), loads) == ALLOW
@@ -284,12 +285,12 @@ def test_untrapped_syscalls_only_read_nr_and_arch():
 
 
 def test_300_trapped_syscalls_jump_targets():
-    trap: dict[int, sc.ArgMatch | None] = {}
+    trap: dict[int, scf.ArgMatch | None] = {}
     for nr in range(300):
-        trap[nr] = None if nr % 7 == 0 else sc.ArgMatch(nr % 6, frozenset({16, 28, nr + 1000}))
-    spec = sc.FilterSpec(trap=trap, deny_errno={425: errno.ENOSYS, 426: errno.ENOSYS,
+        trap[nr] = None if nr % 7 == 0 else scf.ArgMatch(nr % 6, frozenset({16, 28, nr + 1000}))
+    spec = scf.FilterSpec(trap=trap, deny_errno={425: errno.ENOSYS, 426: errno.ENOSYS,
                                                 427: errno.ENOSYS, 1000: errno.EPERM})
-    prog = sc.build_filter(spec)
+    prog = scf.build_filter(spec)
     insns = decode(prog)
     assert len(insns) > 1000  # far past the 255 reach of one conditional jump
     check_program(insns)
@@ -316,8 +317,8 @@ def test_300_trapped_syscalls_jump_targets():
 
 def test_handler_longer_than_255_uses_ja():
     values = frozenset(range(100, 300))  # 2 + 2*200 = 402 insns
-    spec = sc.FilterSpec(trap={42: sc.ArgMatch(2, values), 49: sc.ArgMatch(2, frozenset({16}))})
-    insns = decode(sc.build_filter(spec))
+    spec = scf.FilterSpec(trap={42: scf.ArgMatch(2, values), 49: scf.ArgMatch(2, frozenset({16}))})
+    insns = decode(scf.build_filter(spec))
     check_program(insns)
     assert (0x05, 0, 0, 402) in insns
     for v in (100, 200, 299):
@@ -330,24 +331,24 @@ def test_handler_longer_than_255_uses_ja():
 
 
 def test_empty_spec_allows_everything_native():
-    insns = decode(sc.build_filter(sc.FilterSpec()))
+    insns = decode(scf.build_filter(scf.FilterSpec()))
     check_program(insns)
     assert run(insns, seccomp_data(42, args=(16,) * 6)) == ALLOW
 
 
 @pytest.mark.parametrize("spec,fld", [
-    (sc.FilterSpec(trap={42: None}, deny_errno={42: 1}), "trap/deny_errno"),
-    (sc.FilterSpec(deny_errno={425: 0}), "deny_errno[425]"),
-    (sc.FilterSpec(deny_errno={425: 5000}), "deny_errno[425]"),
-    (sc.FilterSpec(trap={42: sc.ArgMatch(6, frozenset({16}))}), "trap[42].arg_index"),
-    (sc.FilterSpec(trap={42: sc.ArgMatch(2, frozenset())}), "trap[42].values"),
-    (sc.FilterSpec(trap={42: sc.ArgMatch(2, frozenset({1 << 32}))}), "trap[42].values"),
-    (sc.FilterSpec(trap={0x40000000 | 42: None}), "trap/deny_errno[1073741866]"),
-    (sc.FilterSpec(trap={-1: None}), "trap/deny_errno[-1]"),
-    (sc.FilterSpec(foreign_arch_errno=0), "foreign_arch_errno"),
-    (sc.FilterSpec(trap={nr: sc.ArgMatch(0, frozenset({1, 2, 3})) for nr in range(600)}), "trap"),
+    (scf.FilterSpec(trap={42: None}, deny_errno={42: 1}), "trap/deny_errno"),
+    (scf.FilterSpec(deny_errno={425: 0}), "deny_errno[425]"),
+    (scf.FilterSpec(deny_errno={425: 5000}), "deny_errno[425]"),
+    (scf.FilterSpec(trap={42: scf.ArgMatch(6, frozenset({16}))}), "trap[42].arg_index"),
+    (scf.FilterSpec(trap={42: scf.ArgMatch(2, frozenset())}), "trap[42].values"),
+    (scf.FilterSpec(trap={42: scf.ArgMatch(2, frozenset({1 << 32}))}), "trap[42].values"),
+    (scf.FilterSpec(trap={0x40000000 | 42: None}), "trap/deny_errno[1073741866]"),
+    (scf.FilterSpec(trap={-1: None}), "trap/deny_errno[-1]"),
+    (scf.FilterSpec(foreign_arch_errno=0), "foreign_arch_errno"),
+    (scf.FilterSpec(trap={nr: scf.ArgMatch(0, frozenset({1, 2, 3})) for nr in range(600)}), "trap"),
 ])
 def test_bad_specs_say_where(spec, fld):
     with pytest.raises(ConfigError) as info:
-        sc.build_filter(spec)
+        scf.build_filter(spec)
     assert info.value.field == fld

@@ -32,6 +32,7 @@ import time
 
 from ..errors import AgentError, KernelError
 from ..kernel import links, netns, seccomp
+from ..kernel import seccomp_filter
 from ..model.graftconfig import GRAFT_AT
 from . import control
 
@@ -48,9 +49,9 @@ def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto:
         if ns_path:
             netns.enter(ns_path)
         facts = netns_facts()
-        spec = (seccomp.socket_graft_filter() if graft_at == "socket"
-                else seccomp.default_graft_filter(trap_sendto))
-        prog = seccomp.build_filter(spec)
+        spec = (seccomp_filter.socket_graft_filter() if graft_at == "socket"
+                else seccomp_filter.default_graft_filter(trap_sendto))
+        prog = seccomp_filter.build_filter(spec)
         listener = seccomp.install_filter(prog, listener=True)
         socket.send_fds(sp, [json.dumps(facts).encode()], [listener])
         os.close(listener)
