@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
-import ipaddress
 import logging
 import os
 import select
@@ -35,7 +34,6 @@ from ..kernel import bpf as kbpf
 from ..kernel import epollfix, nft, seccomp
 from ..kernel import sockets as ksock
 from ..model import bpfmaps, graft
-from ..model import directory as mdir
 from ..model import oci as moci
 from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind,
                            GraftConnect, GraftSend, Listen, SockInfo)
@@ -46,6 +44,8 @@ from ..paths import state_dir
 from . import control, notifiers, oci
 from .audit import AuditLog
 from .directory import Backend as DirectoryBackend
+from .procfs import socket_open, tgid
+from .publisher import Publisher
 from .loop import listen_unix, unregister
 from .store import ConfigStore
 
@@ -155,9 +155,7 @@ class Agent:
         self._bpf_events_fd = -1
         self.directory = directory
         self.node = node or name
-        self.published: dict[str, dict] = {}    # our records: key -> record
-        self.services: dict = {}                # (proto, overlay ip, port) -> (host ip, port)
-        self._rejected_seen: set[str] = set()   # directory records refused (audited once)
+        self.publisher = Publisher(directory, self.node, self._write_audit, self._node_facts)
         self._bpf_services: dict[bytes, bytes] = {}
         self._bpf_services_rev: dict[bytes, bytes] = {}
         self.oci_socket = oci_socket
@@ -222,9 +220,9 @@ class Agent:
         if self.oci_socket:
             self.oci = oci.OciServer(self.oci_socket, self.ep, self._on_handoff)
         if self.directory is not None:
-            self._publish_node()
+            self.publisher.publish_node()
             self.directory.start()
-            self._readopt(self.directory.previous)
+            self.publisher.readopt(self.directory.previous)
             self.ep.register(self.directory.fileno(), select.EPOLLIN)
         log.info("agent %s listening on %s", self.name, self.socket_path)
 
@@ -281,7 +279,7 @@ class Agent:
             unregister(self.ep, self.directory.fileno())
             # A clean stop withdraws our records; a crash leaves them to expire.
             self.directory.close(withdraw=True)
-            self.directory = None
+            self.directory = self.publisher.directory = None
         if self.bpf is not None:
             if self._bpf_events_fd >= 0:
                 unregister(self.ep, self._bpf_events_fd)
@@ -418,7 +416,7 @@ class Agent:
             elif op == "stats":
                 reply = {"ok": True, **self.stats()}
             elif op == "services":
-                reply = {"ok": True, **self.list_services()}
+                reply = {"ok": True, **self.publisher.listing()}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name}
             else:
@@ -476,7 +474,7 @@ class Agent:
         key = listener.fileno()
         self.sessions[key] = sess
         try:
-            self._publish_node()
+            self.publisher.publish_node()
             # the kernel maps first: a socket answered by a notifier thread may
             # connect at once, and a tagged socket of an unknown container is
             # refused; nftables once per loop turn, before the reply (end_turn)
@@ -485,7 +483,7 @@ class Agent:
         except SockgraftError:
             del self.sessions[key]          # roll back: nothing half-registered
             listener.close()
-            self._publish_node()
+            self.publisher.publish_node()
             raise
         threads = None
         if graft_at == "socket" and self.notifier_threads:
@@ -514,7 +512,7 @@ class Agent:
                 sess.config = self.store.load(sess.container) or sess.inline
                 n += 1
         self.host_addrs = host_addresses()
-        self._publish_node()
+        self.publisher.publish_node()
         self.sync_nft()
         self.sync_bpf(rescan=True)
         return {"ok": True, "reloaded": n}
@@ -528,7 +526,7 @@ class Agent:
             policies[sess.mark] = (sess.config.policy if sess.config else
                                    graft.GraftConfig(sess.container).policy)
         services = {mark: tuple(sorted({(proto, hip, hport) for (proto, _ov, _p), (hip, hport)
-                                        in graft.followable(policy, self.services).items()},
+                                        in graft.followable(policy, self.publisher.services).items()},
                                        key=str))
                     for mark, policy in policies.items()}
         if (policies, services) == self._applied_policies:
@@ -756,145 +754,32 @@ class Agent:
 
     # --- the cluster directory (overlay bypass) -------------------------------
 
-    def _publish_bind(self, sess: Session, tid: int, fd: int, info: SockInfo,
-                      host: socket.socket, requested: InetAddr) -> None:
-        """A grafted server bound through an ingress rule: publish its overlay
-        address(es):port -> the host address:port it really listens on."""
-        if self.directory is None:
-            return
-        try:
-            local = host.getsockname()
-        except OSError:
-            return
-        hip = ipaddress.ip_address(local[0])
-        if hip.version == 6 and hip.ipv4_mapped is not None:
-            hip = hip.ipv4_mapped
-        if hip.is_unspecified:
-            # a wildcard endpoint: clients are sent to one of this node's
-            # published addresses (the records of others are checked on it)
-            usable = [a for a in self._node_doc().get("addresses", [])
-                      if ipaddress.ip_address(a).version == hip.version]
-            if not usable:
-                log.info("directory: %s listens on a wildcard and this node has no usable "
-                         "IPv%d address to publish", sess.container, hip.version)
-                return
-            hip = ipaddress.ip_address(usable[0])
-        if mdir.unusable_host_addr(hip) is not None:
-            log.info("directory: not publishing %s's server: host address %s is %s",
-                     sess.container, hip, mdir.unusable_host_addr(hip))
-            return
-        req = requested.unmapped()
-        if req.ip.is_unspecified:
-            overlay = [a for a in sess.addresses
-                       if ipaddress.ip_address(a).version == hip.version]
-        else:
-            overlay = [str(req.ip)] if str(req.ip) in sess.addresses else []
-        table = self.directory.table()
-        pid = _tgid(tid)
-        inode = os.fstat(host.fileno()).st_ino
-        changed = False
-        for ov in overlay:
-            rec = {"overlay": ov, "port": req.port, "proto": info.proto,
-                   "host_addr": str(hip), "host_port": local[1], "node": self.node,
-                   "owner": self.directory.owner, "container": sess.container,
-                   "pid": pid, "fd": fd, "inode": inode}
-            k = mdir.record_key(rec)
-            other = table.get(k)
-            mine = self.published.get(k)
-            if mine is not None and mine["container"] != rec["container"]:
-                other = mine
-            if other is not None and (other["owner"], other["container"]) != \
-                    (rec["owner"], rec["container"]):
-                log.error("directory: %s", mdir.Conflict(k, other, rec))
-                self._write_audit(sess.container, pid, "bind", f"{ov}:{req.port}", "conflict",
-                                  f"directory: already published by {other['node']}/"
-                                  f"{other['container']}")
-                continue
-            self.published[k] = rec
-            changed = True
-        if changed:
-            self.directory.publish(self.published)
-
-    def _node_doc(self) -> dict:
-        """What other agents check this node's records against: its usable
-        host addresses and its registered containers' overlay addresses."""
-        overlay = set()
-        for sess in self.sessions.values():
-            for a in sess.addresses:
-                try:
-                    overlay.add(ipaddress.ip_address(a))
-                except ValueError:
-                    pass
-        return mdir.node_document(self.node, self.directory.owner if self.directory else "",
-                                  self.host_addrs, overlay)
-
-    def _publish_node(self) -> None:
-        if self.directory is not None:
-            self.directory.publish_node(self._node_doc())
-
-    def _sweep_published(self) -> None:
-        """Withdraw records whose socket is closed (or whose process is gone)."""
-        if self.directory is None or not self.published:
-            return
-        gone = [k for k, r in self.published.items() if not _socket_alive(r)]
-        for k in gone:
-            del self.published[k]
-        if gone:
-            self.directory.publish(self.published)
-
-    def _readopt(self, previous: list[dict]) -> None:
-        """A restarted agent: keep publishing what its predecessor published if
-        the socket still exists; everything else goes (no stale records)."""
-        kept = 0
-        for r in previous:
-            if r.get("owner") == self.directory.owner and _socket_alive(r):
-                self.published[mdir.record_key(r)] = r
-                kept += 1
-        self.directory.publish(self.published)
-        if previous:
-            log.info("directory: re-published %d of %d record(s) of the previous agent",
-                     kept, len(previous))
+    def _node_facts(self) -> tuple:
+        """The node document's inputs: host addresses, containers' addresses."""
+        return self.host_addrs, [a for sess in self.sessions.values() for a in sess.addresses]
 
     def _on_directory(self) -> None:
-        """The directory's view changed: refresh the connect-time lookups."""
-        assert self.directory is not None
-        self.directory.drain()
-        for r in self.directory.rejected():
-            if str(r) not in self._rejected_seen:
-                # one rate-limit bucket for the directory: the names in a
-                # record are the writer's, as many as it likes
-                self._write_audit("directory", 0, "directory", r.key, "reject", str(r))
-        self._rejected_seen = {str(r) for r in self.directory.rejected()}
-        services = {}
-        for r in self.directory.table().values():
-            services[(r["proto"], ipaddress.ip_address(r["overlay"]), r["port"])] = \
-                (ipaddress.ip_address(r["host_addr"]), r["host_port"])
-        self.services = services
+        """The directory's view changed: new service table, then the kernel's
+        exceptions for it (nftables accept sets, BPF redirects)."""
+        self.publisher.on_view()
         try:
             self.sync_nft()
         except SockgraftError as exc:
             log.warning("nftables: %s", exc)
-        for c in self.directory.conflicts():
-            if c.loser.get("owner") == self.directory.owner:
-                k = c.key
-                if self.published.get(k) == c.loser:
-                    log.error("directory: withdrawing %s: %s", k, c)
-                    del self.published[k]
-                    self.directory.publish(self.published)
         self._sync_bpf_services()
 
     def _sync_bpf_services(self) -> None:
         if self.bpf is None:
             return
         fwd, rev = {}, {}
-        for (proto, ov, port), (hip, hport) in self.services.items():
+        for (proto, ov, port), (hip, hport) in self.publisher.services.items():
             rev[bpfmaps.svc_key(hip, hport, proto)] = bpfmaps.svc_val(ov, port)
         # the redirect, per socket-mode container: only what its policy lets it follow
         for mark, applied in self._bpf_applied.items():
             if not applied.socket_mode:
                 continue
             for (proto, ov, port), (hip, hport) in graft.followable(
-                    applied.cfg.policy, self.services).items():
+                    applied.cfg.policy, self.publisher.services).items():
                 fwd[bpfmaps.svc_key(ov, port, proto, mark)] = bpfmaps.svc_val(hip, hport)
         for m, want, have in (("sg_services", fwd, self._bpf_services),
                               ("sg_services_rev", rev, self._bpf_services_rev)):
@@ -905,16 +790,6 @@ class Agent:
                 self.bpf.delete(m, k)
             have.clear()
             have.update(want)
-
-    def list_services(self) -> dict:
-        if self.directory is None:
-            return {"directory": None, "records": [], "conflicts": []}
-        return {"directory": self.directory.kind, "reachable": self.directory.reachable,
-                "last_error": self.directory.last_error or None,
-                "records": sorted(self.directory.table().values(), key=mdir.record_key),
-                "conflicts": [str(c) for c in self.directory.conflicts()],
-                "rejected": [str(r) for r in self.directory.rejected()],
-                "published_here": len(self.published)}
 
     # --- notifications -------------------------------------------------------
 
@@ -944,14 +819,14 @@ class Agent:
         sess = self.sessions.pop(fd)
         unregister(self.ep, fd)
         sess.listener.close()
-        self._publish_node()
+        self.publisher.publish_node()
         for tid in sess.tids:
             self.mem.forget(tid)
             self._forget_pidfd(tid)
         for key in [k for k, g in self.grafted.items() if g.container == sess.container
                     and not os.path.exists(f"/proc/{g.pid}")]:
             del self.grafted[key]
-        self._sweep_published()
+        self.publisher.sweep()
         self._trim_due = True
 
     def handle(self, sess: Session, n: seccomp.Notification) -> None:
@@ -1036,7 +911,7 @@ class Agent:
             if n.nr == seccomp.SYS_BIND:
                 action = graft.decide_bind(cfg, info, addr, self.host_addrs)
             elif n.nr == seccomp.SYS_CONNECT:
-                action = graft.decide_connect(cfg, info, addr, self.services)
+                action = graft.decide_connect(cfg, info, addr, self.publisher.services)
             else:
                 action = graft.decide_sendto(cfg, info, addr, flags)
             keep = self._act(sess, n, name, fd, dup, info, proto, action)
@@ -1176,7 +1051,8 @@ class Agent:
                 self.bpf.tag(dup.fileno(), sess.mark, kbpf.T_INGRESS)   # may listen now
             self._count_graft(sess, self._record(sess, n.pid, fd, info, "ingress",
                                                  action.endpoint.name, dup, remote=""))
-            self._publish_bind(sess, n.pid, fd, info, dup, action.requested)
+            self.publisher.publish_bind(sess.container, sess.addresses, n.pid, fd, info.proto,
+                                         dup, action.requested)
             self._respond(sess, n.id, val=0)
             return False
         if isinstance(action, ConnectGrafted):
@@ -1198,7 +1074,8 @@ class Agent:
                 record = self._record(sess, n.pid, fd, info, "ingress", action.endpoint.name,
                                       host, remote="")
                 self._inject_and_answer(sess, n, fd, host, dup, record)
-                self._publish_bind(sess, n.pid, fd, info, host, action.requested)
+                self.publisher.publish_bind(sess.container, sess.addresses, n.pid, fd,
+                                             info.proto, host, action.requested)
                 return False
             if isinstance(action, GraftConnect):
                 self._bind_local(host, action.local, defer_port=True)
@@ -1378,7 +1255,7 @@ class Agent:
                 self.mem.forget(tid)
                 self._forget_pidfd(tid)
                 sess.tids.discard(tid)
-        self._sweep_published()
+        self.publisher.sweep()
         if self.audit is not None:
             self.audit.flush()
         if self.oci is not None:
@@ -1403,8 +1280,8 @@ class Agent:
         self.drain_inbox()
         out = []
         for key, g in list(self.grafted.items()):
-            pid = _tgid(g.pid)
-            if not _socket_open(pid, g.fd, g.inode):
+            pid = tgid(g.pid)
+            if not socket_open(pid, g.fd, g.inode):
                 del self.grafted[key]
                 continue
             row = {f: getattr(g, f) for f in g.__slots__}
@@ -1453,22 +1330,6 @@ class Agent:
                                                      if k in self.notifiers else 0),
                                 **s.counters.as_dict()} for k, s in self.sessions.items()],
                 "pending_connects": len(self.pending), "grafted_tracked": len(self.grafted)}
-
-
-def _socket_open(pid: int, fd: int, inode: int) -> bool:
-    """Does fd in process pid still hold that socket (and not a reused number)?"""
-    try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
-    except OSError:
-        return False
-
-
-def _socket_alive(r: dict) -> bool:
-    """Is the socket of a published record still open in its process?"""
-    try:
-        return _socket_open(int(r["pid"]), int(r["fd"]), int(r["inode"]))
-    except (KeyError, TypeError, ValueError):
-        return False
 
 
 def _bound(sock: socket.socket) -> bool:
@@ -1521,15 +1382,3 @@ def _peer_uid(conn: socket.socket) -> int:
     import struct
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
-
-
-def _tgid(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return tid
-
