@@ -31,19 +31,19 @@ from dataclasses import dataclass, field
 
 from ..errors import AgentError, KernelError, NotFound, NotificationGone, SockgraftError
 from ..kernel import bpf as kbpf
-from ..kernel import epollfix, nft, seccomp
+from ..kernel import epollfix, seccomp
 from ..kernel import sockets as ksock
 from ..model import bpfmaps, graft
 from ..model import oci as moci
 from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind,
                            GraftConnect, GraftSend, Listen, SockInfo)
 from ..model.graftconfig import GRAFT_AT, dump_config, load_config
-from ..model.nftpolicy import plan_ruleset
 from ..model.sockaddr import InetAddr
 from ..paths import state_dir
 from . import control, notifiers, oci
 from .audit import AuditLog
 from .directory import Backend as DirectoryBackend
+from .enforce import Enforcer
 from .procfs import socket_open, tgid
 from .publisher import Publisher
 from .loop import listen_unix, unregister
@@ -104,19 +104,6 @@ class GraftedSocket:
 
 
 @dataclass
-class BpfApplied:
-    """What the agent last wrote to the kernel maps for one container."""
-    cfg: graft.GraftConfig
-    socket_mode: bool
-    sources: list[bytes]
-    gen: int
-    keys4: list[bytes]
-    keys6: list[bytes]
-    labels: tuple[str, ...]         # policy label index -> rule name
-    egress_labels: list[str]
-
-
-@dataclass
 class PendingConnect:
     session: Session
     notif_id: int
@@ -147,17 +134,12 @@ class Agent:
         self.name = name
         self.bpf_mode = bpf
         self.bpf_name = bpf_name or name
-        self.bpf: kbpf.Programs | None = None
+        self.enforcer = Enforcer(store, manage_nft)
         self.bpf_error = "disabled (--bpf off)" if bpf == "off" else ""
-        self._bpf_applied: dict[int, BpfApplied] = {}
-        self._bpf_gen = 0
-        self._store_configs: dict | None = None     # mark -> (config, socket mode) in the store
         self._bpf_events_fd = -1
         self.directory = directory
         self.node = node or name
         self.publisher = Publisher(directory, self.node, self._write_audit, self._node_facts)
-        self._bpf_services: dict[bytes, bytes] = {}
-        self._bpf_services_rev: dict[bytes, bytes] = {}
         self.oci_socket = oci_socket
         self.oci: oci.OciServer | None = None
         self.holders: list = []
@@ -178,7 +160,6 @@ class Agent:
         self.server: socket.socket | None = None
         self.audit: AuditLog | None = None
         self._stop = False
-        self._applied_policies: object = None
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict, int]] = []   # register replies
         self.host_addrs: frozenset = frozenset()
@@ -241,7 +222,7 @@ class Agent:
             progs.close()
             self.bpf = None
             self.sockets.tag = None
-            self._bpf_applied.clear()
+            self.enforcer.reset_bpf()
             self.bpf_error = str(exc)
             if self.bpf_mode == "on":
                 raise
@@ -517,97 +498,25 @@ class Agent:
         self.sync_bpf(rescan=True)
         return {"ok": True, "reloaded": n}
 
-    def sync_nft(self) -> None:
-        """Load the per-container policy chains for every registered container."""
-        if not self.manage_nft:
-            return
-        policies = {}
-        for sess in self.sessions.values():
-            policies[sess.mark] = (sess.config.policy if sess.config else
-                                   graft.GraftConfig(sess.container).policy)
-        services = {mark: tuple(sorted({(proto, hip, hport) for (proto, _ov, _p), (hip, hport)
-                                        in graft.followable(policy, self.publisher.services).items()},
-                                       key=str))
-                    for mark, policy in policies.items()}
-        if (policies, services) == self._applied_policies:
-            return
-        nft.apply(None, plan_ruleset(policies, services))
-        self._applied_policies = (policies, services)
+    # --- enforcement (agent/enforce.py) and the in-kernel programs -------------
 
-    # --- in-kernel programs (graft_at = socket) ------------------------------
+    @property
+    def bpf(self) -> kbpf.Programs | None:
+        return self.enforcer.bpf
+
+    @bpf.setter
+    def bpf(self, progs: kbpf.Programs | None) -> None:
+        self.enforcer.bpf = progs
+
+    def sync_nft(self) -> None:
+        self.enforcer.sync_nft(self.sessions.values(), self.publisher.services)
 
     def sync_bpf(self, rescan: bool = False) -> None:
-        """Write the policy, egress rules and granted source addresses of
-        every configured container (registered here, or configured in the
-        store: a restarted agent must judge sockets grafted before it
-        started) into the kernel maps. Egress rules change under a new
-        generation, flipped atomically; sources are added before the flip
-        and removed after it."""
-        if self.bpf is None:
-            return
-        wanted: dict[int, tuple[graft.GraftConfig, bool]] = {}
-        for sess in self.sessions.values():
-            if sess.config is not None:
-                wanted[sess.mark] = (sess.config, sess.graft_at == "socket")
-        if rescan or self._store_configs is None:
-            found = {}
-            for name in self.store.containers():
-                try:
-                    cfg = self.store.load(name)
-                    if cfg is not None:
-                        found[self.store.mark(name, in_use=self._mark_held)] = \
-                            (cfg, cfg.graft_at == "socket")
-                except SockgraftError as exc:
-                    log.warning("bpf: skipping container %s: %s", name, exc)
-            self._store_configs = found
-        for mark, entry in self._store_configs.items():
-            wanted.setdefault(mark, entry)
-        # the generation first: a socket tagged for a mark's earlier holder is
-        # refused from the moment its new holder can get sockets
-        gens = self.store.generations()
-        for mark in wanted:
-            if self.bpf.gens.get(mark, 0) != gens.get(mark, 0) or mark not in self.bpf.gens:
-                self.bpf.set_gen(mark, gens.get(mark, 0))
-        for mark, (cfg, socket_mode) in wanted.items():
-            old = self._bpf_applied.get(mark)
-            if old is not None and old.cfg == cfg and old.socket_mode == socket_mode:
-                continue
-            self._bpf_gen = self._bpf_gen % 0xFFFF + 1
-            gen = self._bpf_gen
-            try:
-                entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode)
-            except SockgraftError as exc:
-                log.warning("bpf: container %s keeps its previous policy: %s",
-                            cfg.container, exc)
-                continue
-            v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
-            sources = bpfmaps.source_keys(cfg, mark)
-            for k in sources:
-                self.bpf.update("sg_sources", k, b"\1")
-            for k, v in v4:
-                self.bpf.update("sg_egress4", k, v)
-            for k, v in v6:
-                self.bpf.update("sg_egress6", k, v)
-            self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
-            if old is not None:
-                self._bpf_forget_egress(old, keep=sources)
-            self._bpf_applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
-                                                 [k for k, _ in v4], [k for k, _ in v6],
-                                                 entry.labels, elabels)
-        for mark in [m for m in self._bpf_applied if m not in wanted]:
-            self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
-            self._bpf_forget_egress(self._bpf_applied.pop(mark))
-        self._sync_bpf_services()
+        self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
+                               self._mark_held, rescan)
 
-    def _bpf_forget_egress(self, old: BpfApplied, keep: list[bytes] = ()) -> None:
-        assert self.bpf is not None
-        for k in old.keys4:
-            self.bpf.delete("sg_egress4", k)
-        for k in old.keys6:
-            self.bpf.delete("sg_egress6", k)
-        for k in old.sources:
-            if k not in keep:
-                self.bpf.delete("sg_sources", k)
+    def _sync_bpf_services(self) -> None:
+        self.enforcer.sync_bpf_services(self.publisher.services)
 
     def _on_bpf_events(self) -> None:
         """Denials the programs made in the kernel: count them, audit them."""
@@ -618,7 +527,7 @@ class Agent:
             except ValueError as exc:
                 log.warning("bpf: bad event: %s", exc)
                 continue
-            applied = self._bpf_applied.get(ev.mark)
+            applied = self.enforcer.applied.get(ev.mark)
             container = applied.cfg.container if applied else f"mark {ev.mark:#x}"
             if ev.kind == bpfmaps.EV_DENY_POLICY and applied and ev.label < len(applied.labels):
                 rule = applied.labels[ev.label]
@@ -767,29 +676,6 @@ class Agent:
         except SockgraftError as exc:
             log.warning("nftables: %s", exc)
         self._sync_bpf_services()
-
-    def _sync_bpf_services(self) -> None:
-        if self.bpf is None:
-            return
-        fwd, rev = {}, {}
-        for (proto, ov, port), (hip, hport) in self.publisher.services.items():
-            rev[bpfmaps.svc_key(hip, hport, proto)] = bpfmaps.svc_val(ov, port)
-        # the redirect, per socket-mode container: only what its policy lets it follow
-        for mark, applied in self._bpf_applied.items():
-            if not applied.socket_mode:
-                continue
-            for (proto, ov, port), (hip, hport) in graft.followable(
-                    applied.cfg.policy, self.publisher.services).items():
-                fwd[bpfmaps.svc_key(ov, port, proto, mark)] = bpfmaps.svc_val(hip, hport)
-        for m, want, have in (("sg_services", fwd, self._bpf_services),
-                              ("sg_services_rev", rev, self._bpf_services_rev)):
-            for k, v in want.items():
-                if have.get(k) != v:
-                    self.bpf.update(m, k, v)
-            for k in [k for k in have if k not in want]:
-                self.bpf.delete(m, k)
-            have.clear()
-            have.update(want)
 
     # --- notifications -------------------------------------------------------
 
@@ -1316,7 +1202,7 @@ class Agent:
             judged, denied, redirected, guarded = self.bpf.counters()
             kernel = {"connects_judged": judged, "denied": denied,
                       "redirected": redirected, "guard_refused": guarded,
-                      "containers": len(self._bpf_applied), "cgroup": self.bpf.cgroup}
+                      "containers": len(self.enforcer.applied), "cgroup": self.bpf.cgroup}
         oci_stats = None if self.oci is None else {
             "accepted": self.oci.accepted, "rejected": self.oci.rejected,
             "holders": len(self.holders)}

@@ -1,0 +1,175 @@
+"""Enforcement: the kernel's copy of every container's configuration -
+the nftables table (`model/nftpolicy.plan_ruleset`) and the cgroup
+programs' maps (`model/bpfmaps`: policies, egress rules, granted sources,
+mark generations, directory redirects) - reconciled to the desired state
+computed from the registered sessions, the store and the directory's
+service table. Only what changed is written; egress rules change under a
+new generation, flipped atomically.
+
+Must not: decide policy (model/ does) or answer trapped calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from ..errors import SockgraftError
+from ..kernel import bpf as kbpf
+from ..kernel import nft
+from ..model import bpfmaps, graft
+from ..model.nftpolicy import plan_ruleset
+from .store import ConfigStore
+
+log = logging.getLogger("sockgraft.agent")
+
+
+@dataclass
+class BpfApplied:
+    """What the agent last wrote to the kernel maps for one container."""
+    cfg: graft.GraftConfig
+    socket_mode: bool
+    sources: list[bytes]
+    gen: int
+    keys4: list[bytes]
+    keys6: list[bytes]
+    labels: tuple[str, ...]         # policy label index -> rule name
+    egress_labels: list[str]
+
+
+class Enforcer:
+    def __init__(self, store: ConfigStore, manage_nft: bool = True) -> None:
+        self.store = store
+        self.manage_nft = manage_nft
+        self.bpf: kbpf.Programs | None = None
+        self.applied: dict[int, BpfApplied] = {}     # mark -> what the maps hold
+        self._gen = 0
+        self._store_configs: dict | None = None      # mark -> (config, socket mode)
+        self._svc: dict[bytes, bytes] = {}
+        self._svc_rev: dict[bytes, bytes] = {}
+        self._nft_applied: object = None
+
+    def reset_bpf(self) -> None:
+        """The programs went away: nothing is in any map any more."""
+        self.bpf = None
+        self.applied.clear()
+        self._svc.clear()
+        self._svc_rev.clear()
+
+    def sync_nft(self, sessions: Iterable, services: Mapping) -> None:
+        """Load the per-container policy chains of every registered container
+        (sessions), with the directory services each may be sent to."""
+        if not self.manage_nft:
+            return
+        policies = {}
+        for sess in sessions:
+            policies[sess.mark] = (sess.config.policy if sess.config else
+                                   graft.GraftConfig(sess.container).policy)
+        services = {mark: tuple(sorted({(proto, hip, hport) for (proto, _ov, _p), (hip, hport)
+                                        in graft.followable(policy, services).items()},
+                                       key=str))
+                    for mark, policy in policies.items()}
+        if (policies, services) == self._nft_applied:
+            return
+        nft.apply(None, plan_ruleset(policies, services))
+        self._nft_applied = (policies, services)
+
+    def sync_bpf(self, sessions: Iterable, services: Mapping,
+                 mark_held: Callable[[int], bool], rescan: bool = False) -> None:
+        """Write the policy, egress rules and granted source addresses of
+        every configured container (registered here, or configured in the
+        store: a restarted agent must judge sockets grafted before it
+        started) into the kernel maps. Egress rules change under a new
+        generation, flipped atomically; sources are added before the flip
+        and removed after it."""
+        if self.bpf is None:
+            return
+        wanted: dict[int, tuple[graft.GraftConfig, bool]] = {}
+        for sess in sessions:
+            if sess.config is not None:
+                wanted[sess.mark] = (sess.config, sess.graft_at == "socket")
+        if rescan or self._store_configs is None:
+            found = {}
+            for name in self.store.containers():
+                try:
+                    cfg = self.store.load(name)
+                    if cfg is not None:
+                        found[self.store.mark(name, in_use=mark_held)] = \
+                            (cfg, cfg.graft_at == "socket")
+                except SockgraftError as exc:
+                    log.warning("bpf: skipping container %s: %s", name, exc)
+            self._store_configs = found
+        for mark, entry in self._store_configs.items():
+            wanted.setdefault(mark, entry)
+        # the generation first: a socket tagged for a mark's earlier holder is
+        # refused from the moment its new holder can get sockets
+        gens = self.store.generations()
+        for mark in wanted:
+            if self.bpf.gens.get(mark, 0) != gens.get(mark, 0) or mark not in self.bpf.gens:
+                self.bpf.set_gen(mark, gens.get(mark, 0))
+        for mark, (cfg, socket_mode) in wanted.items():
+            old = self.applied.get(mark)
+            if old is not None and old.cfg == cfg and old.socket_mode == socket_mode:
+                continue
+            self._gen = self._gen % 0xFFFF + 1
+            gen = self._gen
+            try:
+                entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode)
+            except SockgraftError as exc:
+                log.warning("bpf: container %s keeps its previous policy: %s",
+                            cfg.container, exc)
+                continue
+            v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
+            sources = bpfmaps.source_keys(cfg, mark)
+            for k in sources:
+                self.bpf.update("sg_sources", k, b"\1")
+            for k, v in v4:
+                self.bpf.update("sg_egress4", k, v)
+            for k, v in v6:
+                self.bpf.update("sg_egress6", k, v)
+            self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
+            if old is not None:
+                self._forget_egress(old, keep=sources)
+            self.applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
+                                                 [k for k, _ in v4], [k for k, _ in v6],
+                                                 entry.labels, elabels)
+        for mark in [m for m in self.applied if m not in wanted]:
+            self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
+            self._forget_egress(self.applied.pop(mark))
+        self.sync_bpf_services(services)
+
+    def _forget_egress(self, old: BpfApplied, keep: list[bytes] = ()) -> None:
+        assert self.bpf is not None
+        for k in old.keys4:
+            self.bpf.delete("sg_egress4", k)
+        for k in old.keys6:
+            self.bpf.delete("sg_egress6", k)
+        for k in old.sources:
+            if k not in keep:
+                self.bpf.delete("sg_sources", k)
+
+    def sync_bpf_services(self, services: Mapping) -> None:
+        """The directory redirects (sg_services, per socket-mode container:
+        only what its policy lets it follow) and their reverse."""
+        if self.bpf is None:
+            return
+        fwd, rev = {}, {}
+        for (proto, ov, port), (hip, hport) in services.items():
+            rev[bpfmaps.svc_key(hip, hport, proto)] = bpfmaps.svc_val(ov, port)
+        # the redirect, per socket-mode container: only what its policy lets it follow
+        for mark, applied in self.applied.items():
+            if not applied.socket_mode:
+                continue
+            for (proto, ov, port), (hip, hport) in graft.followable(
+                    applied.cfg.policy, services).items():
+                fwd[bpfmaps.svc_key(ov, port, proto, mark)] = bpfmaps.svc_val(hip, hport)
+        for m, want, have in (("sg_services", fwd, self._svc),
+                              ("sg_services_rev", rev, self._svc_rev)):
+            for k, v in want.items():
+                if have.get(k) != v:
+                    self.bpf.update(m, k, v)
+            for k in [k for k in have if k not in want]:
+                self.bpf.delete(m, k)
+            have.clear()
+            have.update(want)
