@@ -85,7 +85,7 @@ def test_stale_cached_pidfd_of_a_reused_tid_is_replaced(agent):
         os._exit(0)
     stale = seccomp.pidfd_open(dead)
     os.waitpid(dead, 0)
-    agent.pidfds[pid] = stale
+    agent.targets.pidfds[pid] = stale
     sp.send(b"G")
     _drive(agent, lambda: select.select([r], [], [], 0)[0])
     err, mark = struct.unpack("ii", os.read(r, 8))

@@ -46,6 +46,7 @@ from .directory import Backend as DirectoryBackend
 from .enforce import Enforcer
 from .procfs import socket_open, tgid
 from .publisher import Publisher
+from .targets import Targets
 from .loop import listen_unix, unregister
 from .store import ConfigStore
 
@@ -153,8 +154,7 @@ class Agent:
         self.pending: dict[int, PendingConnect] = {}    # host socket fd -> pending connect
         self.grafted: dict[tuple[int, int], GraftedSocket] = {}
         self.totals = Counters()
-        self.mem = seccomp.TargetMemory(max_entries=256)
-        self.pidfds: dict[int, int] = {}                # tid -> pidfd (small LRU)
+        self.targets = Targets()                        # per trapped thread: pidfd, memory
         self.copier = ksock.OptionCopier()
         self.sockets = ksock.HostSockets()      # tagged once the guards are loaded
         self.server: socket.socket | None = None
@@ -250,9 +250,6 @@ class Agent:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
-        for pidfd in self.pidfds.values():
-            os.close(pidfd)
-        self.pidfds.clear()
         if self.oci is not None:
             self.oci.close()
             self.oci = None
@@ -267,7 +264,7 @@ class Agent:
             self.bpf.close()     # the pinned links stay: grafted sockets stay judged
             self.bpf = None
         self.inbox.close()
-        self.mem.close()
+        self.targets.close()
         self.ep.close()
         if self.audit is not None:
             self.audit.close()
@@ -612,7 +609,7 @@ class Agent:
         listens on its own duplicate of the socket it judged, or answers the
         errno itself (a racing dup2() cannot swap a grafted socket in)."""
         fd = n.args[0] & 0xFFFFFFFF
-        got = self._dup_target(n.pid, fd)
+        got = self.targets.dup_socket(n.pid, fd)
         if isinstance(got, int):
             self._respond(sess, n.id, error=got)
             return
@@ -707,8 +704,7 @@ class Agent:
         sess.listener.close()
         self.publisher.publish_node()
         for tid in sess.tids:
-            self.mem.forget(tid)
-            self._forget_pidfd(tid)
+            self.targets.forget(tid)
         for key in [k for k, g in self.grafted.items() if g.container == sess.container
                     and not os.path.exists(f"/proc/{g.pid}")]:
             del self.grafted[key]
@@ -772,7 +768,7 @@ class Agent:
             self._continue(sess, n.id)
             return
         sess.tids.add(n.pid)
-        data = self.mem.read(n.pid, ptr, min(alen, 128)) if alen else b""
+        data = self.targets.read(n.pid, ptr, min(alen, 128)) if alen else b""
         if not sess.listener.id_valid(n.id):
             return      # the thread was interrupted or died while we read
         addr = graft.parse_trapped(data, alen)
@@ -842,58 +838,9 @@ class Agent:
         return SockInfo(family, type_, grafted, _bound(dup) if grafted else True,
                         ingress), proto
 
-    def _dup_target(self, tid: int, fd: int) -> socket.socket | int:
-        """The target's socket at fd, or the errno the kernel would answer
-        (EBADF: no such fd, ENOTSOCK: not a socket)."""
-        try:
-            newfd = self._getfd(tid, fd)
-        except KernelError as exc:
-            if exc.errno == errno.EBADF:
-                return errno.EBADF
-            raise
-        try:
-            return ksock.adopt(newfd)
-        except OSError:
-            os.close(newfd)
-            return errno.ENOTSOCK
-
     def _dup_target_fd(self, tid: int, fd: int) -> socket.socket | None:
-        got = self._dup_target(tid, fd)
+        got = self.targets.dup_socket(tid, fd)
         return None if isinstance(got, int) else got
-
-    def _getfd(self, tid: int, fd: int) -> int:
-        for attempt in (1, 2):
-            pidfd = self._pidfd(tid)
-            try:
-                return seccomp.pidfd_getfd(pidfd, fd)
-            except KernelError as exc:
-                if exc.errno == errno.EBADF:
-                    raise
-                self._forget_pidfd(tid)
-                # ESRCH from a cached pidfd: that task exited and its tid now
-                # belongs to the task that trapped (id_valid said it waits): retry
-                # once with a fresh pidfd. ESRCH again: the target is gone.
-                if exc.errno != errno.ESRCH:
-                    raise
-                if attempt == 2:
-                    raise NotFound("pidfd_getfd", exc.errno, f"tid {tid}") from None
-        raise AssertionError("unreachable")
-
-    def _pidfd(self, tid: int) -> int:
-        pidfd = self.pidfds.get(tid)
-        if pidfd is not None:
-            return pidfd
-        if len(self.pidfds) >= 256:
-            old_tid = next(iter(self.pidfds))
-            self._forget_pidfd(old_tid)
-        pidfd = seccomp.pidfd_open(tid)
-        self.pidfds[tid] = pidfd
-        return pidfd
-
-    def _forget_pidfd(self, tid: int) -> None:
-        pidfd = self.pidfds.pop(tid, None)
-        if pidfd is not None:
-            os.close(pidfd)
 
     def _audit_line(self, sess: Session, n: seccomp.Notification, name: str, verdict: str,
                     addr: object, rule: str, errno_: int = 0) -> None:
@@ -1005,7 +952,7 @@ class Agent:
         """ADDFD the host socket at the application's fd number, then carry the
         application's epoll registrations of the old socket over to it."""
         sess.listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
-        if watch and not epollfix.reregister(self._pidfd(tid), host.fileno(), fd, watch):
+        if watch and not epollfix.reregister(self.targets.pidfd(tid), host.fileno(), fd, watch):
             log.warning("%s tid %d fd %d: could not carry %d epoll registration(s) over",
                         sess.container, tid, fd, len(watch))
 
@@ -1137,10 +1084,7 @@ class Agent:
             gc.collect()
             _malloc_trim()
         for sess in self.sessions.values():
-            for tid in [t for t in sess.tids if t in self.pidfds and _exited(self.pidfds[t])]:
-                self.mem.forget(tid)
-                self._forget_pidfd(tid)
-                sess.tids.discard(tid)
+            sess.tids.difference_update(self.targets.exited(sess.tids))
         self.publisher.sweep()
         if self.audit is not None:
             self.audit.flush()
@@ -1257,11 +1201,6 @@ def _writable(sock: socket.socket) -> bool:
     p = select.poll()
     p.register(sock.fileno(), select.POLLOUT)
     return bool(p.poll(0))
-
-
-def _exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its task exited."""
-    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _peer_uid(conn: socket.socket) -> int:
