@@ -20,12 +20,15 @@ from __future__ import annotations
 import array
 import errno
 import json
+import logging
 import os
 import socket
 import struct
 
 from ..errors import AgentError
 from ..paths import state_dir
+
+log = logging.getLogger("sockgraft.agent")
 
 MAX_FRAME = 1 << 20
 MAX_FDS = 4
@@ -147,3 +150,100 @@ def request(path: str, msg: dict, fds: list[int] | None = None, timeout: float =
     if not reply.get("ok"):
         raise AgentError(reply.get("error", "the agent refused the request"))
     return reply
+
+
+def peer_is_root(conn: socket.socket) -> bool:
+    """Is the peer of a unix stream connection root (or our own uid)? Both the
+    control socket and the OCI socket admit only those (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1] in (0, os.geteuid())
+
+
+class Server:
+    """The control socket's connections in the agent's epoll: accepts root
+    peers only (at most max_clients), reassembles frames, and hands each
+    request to handle(conn, msg, fds) - which owns the fds and replies with
+    `reply` (now, or later for a deferred answer)."""
+
+    def __init__(self, sock: socket.socket, ep, handle, max_clients: int = 256) -> None:
+        import select
+        self.sock = sock
+        self.ep = ep
+        self.handle = handle
+        self.max_clients = max_clients
+        self.clients: dict[int, tuple[socket.socket, FrameReader]] = {}
+        ep.register(sock.fileno(), select.EPOLLIN)
+
+    def owns(self, fd: int) -> bool:
+        return fd == self.sock.fileno() or fd in self.clients
+
+    def dispatch(self, fd: int) -> None:
+        if fd == self.sock.fileno():
+            self._accept()
+        else:
+            self._on_client(fd)
+
+    def _accept(self) -> None:
+        import select
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(self.clients) >= self.max_clients:
+                conn.close()
+                log.warning("control: too many clients, refused one")
+                continue
+            if not peer_is_root(conn):
+                log.warning("control: refused a client that is not root")
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.clients[conn.fileno()] = (conn, FrameReader())
+            self.ep.register(conn.fileno(), select.EPOLLIN)
+
+    def _on_client(self, fd: int) -> None:
+        conn, reader = self.clients[fd]
+        try:
+            alive = reader.feed(conn)
+            for msg, fds in reader.frames():
+                self.handle(conn, msg, fds)
+        except (AgentError, OSError) as exc:
+            log.warning("control: dropping a client: %s", exc)
+            alive = False
+        if not alive:
+            self.drop(fd)
+
+    def drop(self, fd: int) -> None:
+        conn, reader = self.clients.pop(fd)
+        reader.close_fds()
+        try:
+            self.ep.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        for fd in list(self.clients):
+            self.drop(fd)
+        try:
+            self.ep.unregister(self.sock.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sock.close()
+
+
+def reply(conn: socket.socket, msg: dict) -> None:
+    """Send one reply on a non-blocking control connection (blocking for up
+    to 2 s while sending); a peer that went away is logged, not raised."""
+    try:
+        conn.setblocking(True)
+        conn.settimeout(2.0)
+        send(conn, msg)
+    except OSError as exc:
+        log.warning("control: reply failed: %s", exc)
+    finally:
+        try:
+            conn.setblocking(False)
+        except OSError:
+            pass

@@ -150,14 +150,13 @@ class Agent:
         self.manage_nft = manage_nft
         self.ep = select.epoll()
         self.sessions: dict[int, Session] = {}          # listener fd -> session
-        self.clients: dict[int, tuple[socket.socket, control.FrameReader]] = {}
         self.pending: dict[int, PendingConnect] = {}    # host socket fd -> pending connect
         self.grafted: dict[tuple[int, int], GraftedSocket] = {}
         self.totals = Counters()
         self.targets = Targets()                        # per trapped thread: pidfd, memory
         self.copier = ksock.OptionCopier()
         self.sockets = ksock.HostSockets()      # tagged once the guards are loaded
-        self.server: socket.socket | None = None
+        self.server: control.Server | None = None
         self.audit: AuditLog | None = None
         self._stop = False
         self._nft_due = False                   # reconcile nftables at the end of the turn
@@ -180,9 +179,8 @@ class Agent:
             raise AgentError(f"another agent is already serving {self.socket_path}")
         finally:
             probe.close()
-        srv = listen_unix(self.socket_path)
-        self.server = srv
-        self.ep.register(srv.fileno(), select.EPOLLIN)
+        self.server = control.Server(listen_unix(self.socket_path), self.ep,
+                                     self._handle_request, MAX_CLIENTS)
         self.ep.register(self.inbox.fileno(), select.EPOLLIN)
         if self.notifier_threads and not notifiers.install_wake_handler():
             log.info("not in the main thread: socket() answered from the loop only")
@@ -240,10 +238,7 @@ class Agent:
             self._finish_pending(pc, errno.ECONNABORTED)
         for fd in list(self.sessions):
             self._drop_session(fd)
-        for fd in list(self.clients):
-            self._drop_client(fd)
         if self.server is not None:
-            self.ep.unregister(self.server.fileno())
             self.server.close()
             self.server = None
             try:
@@ -309,14 +304,12 @@ class Agent:
             self._reply(conn, reply)
 
     def dispatch(self, fd: int, ev: int) -> None:
-        if self.server is not None and fd == self.server.fileno():
-            self._accept_clients()
-        elif fd in self.sessions:
+        if fd in self.sessions:
             self._on_listener(fd, ev)
         elif fd in self.pending:
             self._on_connect_ready(fd)
-        elif fd in self.clients:
-            self._on_client(fd)
+        elif self.server is not None and self.server.owns(fd):
+            self.server.dispatch(fd)
         elif fd == self._bpf_events_fd:
             self._on_bpf_events()
         elif fd == self.inbox.fileno():
@@ -328,58 +321,11 @@ class Agent:
 
     # --- control connections -------------------------------------------------
 
-    def _accept_clients(self) -> None:
-        assert self.server is not None
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                log.warning("control: too many clients, refused one")
-                continue
-            uid = _peer_uid(conn)
-            if uid != 0 and uid != os.geteuid():
-                log.warning("control: refused a client with uid %s", uid)
-                conn.close()
-                continue
-            conn.setblocking(False)
-            self.clients[conn.fileno()] = (conn, control.FrameReader())
-            self.ep.register(conn.fileno(), select.EPOLLIN)
-
-    def _on_client(self, fd: int) -> None:
-        conn, reader = self.clients[fd]
-        try:
-            alive = reader.feed(conn)
-            for msg, fds in reader.frames():
-                self._handle_request(conn, msg, fds)
-        except (AgentError, OSError) as exc:
-            log.warning("control: dropping a client: %s", exc)
-            alive = False
-        if not alive:
-            self._drop_client(fd)
-
-    def _drop_client(self, fd: int) -> None:
-        conn, reader = self.clients.pop(fd)
-        reader.close_fds()
-        unregister(self.ep, fd)
-        conn.close()
-
     def _reply(self, conn: socket.socket, msg: dict) -> None:
-        try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            control.send(conn, msg)
-        except OSError as exc:
-            log.warning("control: reply failed: %s", exc)
-        finally:
-            try:
-                conn.setblocking(False)
-            except OSError:
-                pass
+        control.reply(conn, msg)
 
     def _handle_request(self, conn: socket.socket, msg: dict, fds: list[int]) -> None:
+        """The op table. Owns `fds`: closes what is left of them, once."""
         op = msg.get("op")
         try:
             if op == "register":
@@ -1203,7 +1149,3 @@ def _writable(sock: socket.socket) -> bool:
     return bool(p.poll(0))
 
 
-def _peer_uid(conn: socket.socket) -> int:
-    import struct
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]

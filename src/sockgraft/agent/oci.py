@@ -21,7 +21,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Callable
 
 from ..errors import ConfigError, SockgraftError
 from ..model import oci as moci
+from . import control
 from .loop import listen_unix, unregister
 
 log = logging.getLogger("sockgraft.oci")
@@ -75,10 +75,7 @@ class OciServer:
                 conn, _ = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
-            if struct.unpack("3i", creds)[1] not in (0, os.geteuid()) or \
-                    len(self.conns) >= MAX_PENDING:
+            if not control.peer_is_root(conn) or len(self.conns) >= MAX_PENDING:
                 log.warning("OCI socket: refused a hand-off (not root, or too many pending)")
                 self.rejected += 1
                 conn.close()
