@@ -9,6 +9,8 @@ addresses, connection attempts against anything that might listen)."""
 
 import errno
 import json
+import os
+import signal
 import socket
 import time
 
@@ -222,7 +224,9 @@ def test_reuseport_never_joins_another_containers_port(sec):
     configure(sec, "h1-c2", "syscall", http_port=8090)
     victim = sec.spawn("h1-c2", [sec.attack_bin, "--caps", "docker", "sock", "tcp4",
                                  "setopt", "1", "15", "1", "bind", "0.0.0.0:80", "listen",
-                                 "acceptwait", "90"])
+                                 # keeps the listener a while after the connection
+                                 # arrived: closing it at once would reset it
+                                 "acceptwait", "90", "sleep", "10"])
     for _ in range(4):                              # sock, setopt, bind, listen
         assert read_json_line(victim)["errno"] == "0"
     configure(sec, "h1-c1", "socket")
@@ -237,6 +241,7 @@ def test_reuseport_never_joins_another_containers_port(sec):
     # the victim still gets its connections
     assert netns.run_in(sec.plan.node("h2").netns, _connect, "198.18.0.1", 8090) == 0
     assert read_json_line(victim)["accepted"] is True
+    os.killpg(victim.pid, signal.SIGKILL)
 
 
 def _connect(ip, port):
