@@ -357,21 +357,19 @@ def open_backend(spec: str, owner: str, ttl: float, state_dir: str,
                       value=spec)
 
 
+def _parse(raw: bytes, valid) -> dict | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if valid(obj, "etcd") else None
+
 
 def parse_record(raw: bytes) -> dict | None:
     """A record as stored (JSON), checked; None (logged) if it is not one."""
-    try:
-        r = json.loads(raw)
-    except ValueError:
-        return None
-    return r if _valid(r, "etcd") else None
+    return _parse(raw, _valid)
 
 
 def parse_node(raw: bytes) -> dict | None:
     """A node document as stored (JSON), checked; None (logged) if not one."""
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return None
-    return doc if _valid_node(doc, "etcd") else None
-
+    return _parse(raw, _valid_node)
