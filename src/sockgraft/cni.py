@@ -31,6 +31,8 @@ import os
 import sys
 from typing import NoReturn
 
+from .errors import CniError
+
 SUPPORTED = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
 
 # CNI well-known error codes
@@ -42,12 +44,6 @@ E_IO = 5
 E_DECODE = 6
 E_INVALID_CONFIG = 7
 E_TRY_LATER = 11
-
-
-class CniError(Exception):
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(msg)
-        self.code, self.msg, self.details = code, msg, details
 
 
 def _env(name: str, required: bool = True) -> str:

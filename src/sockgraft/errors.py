@@ -9,11 +9,12 @@
     |   |                          target died or its syscall was interrupted):
     |   |                          the one case a trapped call goes unanswered
     |   +-- Exists                 the object already exists (EEXIST)
+    +-- BpfUnavailable             the in-kernel graft programs cannot run here
     +-- LabError                   the lab is in a state that forbids the action
     +-- AgentError                 talking to / running the node agent failed
-    +-- PolicyDenied               a socket operation was denied by policy
-    +-- SockaddrError              (model/sockaddr) a sockaddr the kernel would refuse
-    +-- BenchParseError            (bench/workloads) a tool's output is not a success
+    +-- SockaddrError              a sockaddr the kernel would refuse (.errno: its answer)
+    +-- CniError                   a CNI plugin error (.code: the CNI error code)
+    +-- BenchParseError            a benchmark tool's output is not a success
 
 OSError is translated into KernelError at the adapter boundary with
 `from_oserror`, which branches on errno only, never on message text.
@@ -76,11 +77,38 @@ class AgentError(SockgraftError):
     pass
 
 
-class PolicyDenied(SockgraftError):
-    def __init__(self, message: str, *, errno: int = _errno.EACCES, rule: str = "") -> None:
+class BpfUnavailable(SockgraftError):
+    """The machine cannot run the in-kernel graft programs (no clang, no libbpf,
+    no cgroup v2, or the kernel refused them)."""
+
+
+class SockaddrError(SockgraftError):
+    """A sockaddr the kernel would refuse; `.errno` is what it would answer."""
+
+    def __init__(self, errno: int, message: str) -> None:
         self.errno = errno
-        self.rule = rule
-        super().__init__(message)
+        super().__init__(f"{_errno.errorcode.get(errno, errno)}: {message}")
+
+
+class CniError(SockgraftError):
+    """A CNI plugin error: `code` is the CNI error code the runtime gets."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+class BenchParseError(SockgraftError):
+    """A client's output is not what a successful run prints.
+
+    `workload` names the workload, `reason` says what was missing or wrong,
+    `tail` holds the last lines of the output (ANSI codes removed)."""
+
+    def __init__(self, workload: str, reason: str, tail: str) -> None:
+        self.workload = workload
+        self.reason = reason
+        self.tail = tail
+        super().__init__(f"{workload}: {reason}; output ends with:\n{tail}")
 
 
 def _errno_strerror(err: int) -> str:

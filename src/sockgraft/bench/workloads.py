@@ -46,22 +46,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
-from ..errors import ConfigError, SockgraftError, from_oserror
+from ..errors import BenchParseError, ConfigError, from_oserror
 
 __all__ = ["BenchParseError", "Workload", "WORKLOADS", "nginx_config"]
-
-
-class BenchParseError(SockgraftError):
-    """A client's output is not what a successful run prints.
-
-    `workload` names the workload, `reason` says what was missing or wrong,
-    `tail` holds the last lines of the output (ANSI codes removed)."""
-
-    def __init__(self, workload: str, reason: str, tail: str) -> None:
-        self.workload = workload
-        self.reason = reason
-        self.tail = tail
-        super().__init__(f"{workload}: {reason}; output ends with:\n{tail}")
 
 
 class _NoResult(Exception):

@@ -31,7 +31,7 @@ import subprocess
 import time
 from importlib import resources
 
-from ..errors import KernelError, SockgraftError
+from ..errors import BpfUnavailable, KernelError
 
 log = logging.getLogger("sockgraft.bpf")
 
@@ -46,11 +46,6 @@ BPF_ANY = 0
 TAG = struct.Struct("=IHH")    # struct sock_tag {mark, flags, gen}
 T_INGRESS = 1                  # bound by the agent through an ingress rule
 T_STALE = 1 << 16              # (tag_of only) tagged for an earlier holder of its mark
-
-
-class BpfUnavailable(SockgraftError):
-    """The machine cannot run the in-kernel graft programs (no clang, no libbpf,
-    no cgroup v2, or the kernel refused them)."""
 
 
 def _cache_dir() -> str:

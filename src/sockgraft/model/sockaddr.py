@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from sockgraft.errors import SockgraftError
+from sockgraft.errors import SockaddrError
 
 __all__ = [
     "AF_UNSPEC", "AF_UNIX", "AF_INET", "AF_INET6",
@@ -65,14 +65,6 @@ _FAMILY = struct.Struct("=H")
 _SIN_BODY = struct.Struct("!H4s")           # port, addr (after family)
 _SIN6_BODY = struct.Struct("!HI16s")        # port, flowinfo, addr
 _SCOPE = struct.Struct("=I")
-
-
-class SockaddrError(SockgraftError):
-    """A sockaddr the kernel would refuse; `.errno` is what it would answer."""
-
-    def __init__(self, errno: int, message: str) -> None:
-        self.errno = errno
-        super().__init__(f"{_errno.errorcode.get(errno, errno)}: {message}")
 
 
 @dataclass(frozen=True, slots=True)
