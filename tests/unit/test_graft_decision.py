@@ -705,3 +705,23 @@ def test_directory_does_not_bypass_the_policy():
     a = decide_connect(cfg, SockInfo(AF_INET, SOCK_STREAM, grafted=False), A("198.19.2.2:80"),
                        SERVICES)
     assert isinstance(a, Deny) and a.rule == "deny[0]"
+
+
+# --- a sockaddr the kernel would refuse: who answers ------------------------------
+
+from sockgraft.model.graft import decide_malformed  # noqa: E402
+
+
+@pytest.mark.parametrize("sock, answered", [
+    (None, False),                                              # not a socket: the kernel
+    (SockInfo(AF_INET, SOCK_STREAM, grafted=False), False),     # a container socket
+    (SockInfo(AF_INET, SOCK_STREAM, grafted=True), True),       # a grafted host socket
+    (SockInfo(AF_INET6, SOCK_DGRAM, grafted=True), True),
+])
+def test_decide_malformed(sock, answered):
+    fail = Fail(errno.EINVAL, "addrlen 7")
+    action = decide_malformed(sock, fail)
+    if answered:
+        assert action is fail
+    else:
+        assert isinstance(action, Continue)

@@ -748,18 +748,17 @@ class Agent:
                 dup.close()
 
     def _malformed(self, sess: Session, n: seccomp.Notification, fd: int, fail: Fail) -> None:
-        """A sockaddr the kernel would refuse. On a container socket the kernel
-        gives its own (exact) errno; on a grafted host socket we answer, so the
-        kernel never re-reads a buffer we did not check."""
+        """A sockaddr the kernel would refuse (graft.decide_malformed)."""
         dup = self._dup_target_fd(n.pid, fd)
-        grafted = False
+        info = None
         if dup is not None:
             try:
-                grafted = self._sock_info(dup)[0].grafted
+                info = self._sock_info(dup)[0]
             finally:
                 dup.close()
-        if grafted:
-            self._respond(sess, n.id, error=fail.errno)
+        action = graft.decide_malformed(info, fail)
+        if isinstance(action, Fail):
+            self._respond(sess, n.id, error=action.errno)
         else:
             self._continue(sess, n.id)
 

@@ -347,6 +347,16 @@ def decide_sendto(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     return GraftSend(ep, local, addr, f"egress {rule}")
 
 
+def decide_malformed(sock: SockInfo | None, fail: Fail) -> Action:
+    """A sockaddr the kernel would refuse (`fail`: its errno). On a container
+    socket (or no socket) the kernel gives its own, exact errno: Continue; on
+    a grafted host socket the agent answers, so the kernel never re-reads a
+    buffer nobody checked."""
+    if sock is not None and sock.grafted:
+        return fail
+    return Continue("malformed sockaddr on a container socket: the kernel answers")
+
+
 def decide_listen(sock: SockInfo | None) -> Action:
     """listen() on fd. sock None: not a socket (the agent answers the
     kernel's errno itself). A grafted socket listens only if the agent bound
