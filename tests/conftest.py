@@ -22,22 +22,11 @@ def lab_name():
 @pytest.fixture
 def lab(state_dir, lab_name):
     """The default topology brought up under a unique lab name, always torn down."""
-    from sockgraft.kernel import netns
-    from sockgraft.lab import builder
-    from sockgraft.model.topology import default_text, parse_topology
+    from grafting import default_lab
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    plan = parse_topology(default_text(), name=lab_name)
-    builder.up(plan, default_text(), "<default>")
-    try:
+    with default_lab(lab_name) as plan:
         yield plan
-    finally:
-        builder.down(lab_name)
-        left = [n for n in netns.list_names() if n.startswith(f"sg-{lab_name}-")]
-        assert not left, f"lab left namespaces behind: {left}"
-        from sockgraft.kernel import bpf
-        bpf_left = [p for h in plan.hosts for p in bpf.leftovers(f"{lab_name}-{h.name}")]
-        assert not bpf_left, f"lab left BPF pins or cgroups behind: {bpf_left}"
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Test harness for the grafting engine: a lab with one real agent per host,
 and helpers to run unmodified programs grafted inside its containers."""
 
+import contextlib
 import json
 import os
 import signal
@@ -162,6 +163,25 @@ class GraftLab:
                     pipe.close()
         for host in list(self.agents):
             self.stop_agent(host)
+
+
+@contextlib.contextmanager
+def default_lab(name):
+    """The default topology brought up as lab `name`; torn down afterwards,
+    failing if it left namespaces, BPF pins or cgroups behind."""
+    from sockgraft.kernel import bpf, netns
+    from sockgraft.lab import builder
+    from sockgraft.model.topology import default_text, parse_topology
+    plan = parse_topology(default_text(), name=name)
+    builder.up(plan, default_text(), "<default>")
+    try:
+        yield plan
+    finally:
+        builder.down(name)
+        left = [n for n in netns.list_names() if n.startswith(f"sg-{name}-")]
+        assert not left, f"lab left namespaces behind: {left}"
+        bpf_left = [p for h in plan.hosts for p in bpf.leftovers(f"{name}-{h.name}")]
+        assert not bpf_left, f"lab left BPF pins or cgroups behind: {bpf_left}"
 
 
 def pid_of_child(launcher_pid, timeout=10):

@@ -38,28 +38,20 @@ def attack_bin(tmp_path_factory):
 def seclab(tmp_path_factory):
     """The default lab with an agent on each host, shared by the tests of one
     module (each test configures the containers it attacks)."""
-    from grafting import GraftLab
-    from sockgraft.kernel import bpf, netns
-    from sockgraft.lab import builder
-    from sockgraft.model.topology import default_text, parse_topology
+    from grafting import GraftLab, default_lab
     if os.geteuid() != 0:
         pytest.fail("the adversarial suite needs root")
     state = tmp_path_factory.mktemp("secstate")
-    name = "s" + secrets.token_hex(4)
     mp = pytest.MonkeyPatch()
     mp.setenv("SOCKGRAFT_STATE_DIR", str(state))
-    plan = parse_topology(default_text(), name=name)
-    builder.up(plan, default_text(), "<default>")
-    g = GraftLab(plan, state)
     try:
-        for h in plan.hosts:
-            g.start_agent(h.name)
-        yield g
+        with default_lab("s" + secrets.token_hex(4)) as plan:
+            g = GraftLab(plan, state)
+            try:
+                for h in plan.hosts:
+                    g.start_agent(h.name)
+                yield g
+            finally:
+                g.close()
     finally:
-        g.close()
-        builder.down(name)
         mp.undo()
-        left = [n for n in netns.list_names() if n.startswith(f"sg-{name}-")]
-        assert not left, f"lab left namespaces behind: {left}"
-        bpf_left = [p for h in plan.hosts for p in bpf.leftovers(f"{name}-{h.name}")]
-        assert not bpf_left, f"lab left BPF pins or cgroups behind: {bpf_left}"

@@ -191,7 +191,7 @@ class EmbeddedDirectory(Backend):
         self._unsafe_logged: set[str] = set()
 
     def _load_previous(self) -> None:
-        doc = _read_json(self._mine)
+        doc = self._load(self._mine, self.owner)
         if doc and isinstance(doc.get("records"), list):
             self.previous = [r for r in doc["records"] if _valid(r, self._mine)]
 
@@ -328,15 +328,6 @@ def _valid(r: object, source: str) -> bool:
     except ConfigError as exc:
         log.warning("directory: ignoring a record from %s: %s", source, exc)
         return False
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def open_backend(spec: str, owner: str, ttl: float, state_dir: str,

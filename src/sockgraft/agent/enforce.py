@@ -49,6 +49,19 @@ class Enforcer:
         self._svc: dict[bytes, bytes] = {}
         self._svc_rev: dict[bytes, bytes] = {}
         self._nft_applied: object = None
+        self._follow: tuple[object, dict] = (None, {})   # (service table, {policy: part})
+
+    def _followable(self, policy, services: Mapping) -> Mapping:
+        """graft.followable, once per policy and service table: the nftables
+        and the BPF reconcilers both need it, on every registration."""
+        table, memo = self._follow
+        if table is not services:
+            memo = {}
+            self._follow = (services, memo)
+        part = memo.get(policy)
+        if part is None:
+            part = memo[policy] = graft.followable(policy, services)
+        return part
 
     def reset_bpf(self) -> None:
         """The programs went away: nothing is in any map any more."""
@@ -67,7 +80,7 @@ class Enforcer:
             policies[sess.mark] = (sess.config.policy if sess.config else
                                    graft.GraftConfig(sess.container).policy)
         services = {mark: tuple(sorted({(proto, hip, hport) for (proto, _ov, _p), (hip, hport)
-                                        in graft.followable(policy, services).items()},
+                                        in self._followable(policy, services).items()},
                                        key=str))
                     for mark, policy in policies.items()}
         if (policies, services) == self._nft_applied:
@@ -106,7 +119,7 @@ class Enforcer:
         # refused from the moment its new holder can get sockets
         gens = self.store.generations()
         for mark in wanted:
-            if self.bpf.gens.get(mark, 0) != gens.get(mark, 0) or mark not in self.bpf.gens:
+            if self.bpf.gens.get(mark) != gens.get(mark, 0):
                 self.bpf.set_gen(mark, gens.get(mark, 0))
         for mark, (cfg, socket_mode) in wanted.items():
             old = self.applied.get(mark)
@@ -132,8 +145,8 @@ class Enforcer:
             if old is not None:
                 self._forget_egress(old, keep=sources)
             self.applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
-                                                 [k for k, _ in v4], [k for k, _ in v6],
-                                                 entry.labels, elabels)
+                                            [k for k, _ in v4], [k for k, _ in v6],
+                                            entry.labels, elabels)
         for mark in [m for m in self.applied if m not in wanted]:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._forget_egress(self.applied.pop(mark))
@@ -161,7 +174,7 @@ class Enforcer:
         for mark, applied in self.applied.items():
             if not applied.socket_mode:
                 continue
-            for (proto, ov, port), (hip, hport) in graft.followable(
+            for (proto, ov, port), (hip, hport) in self._followable(
                     applied.cfg.policy, services).items():
                 fwd[bpfmaps.svc_key(ov, port, proto, mark)] = bpfmaps.svc_val(hip, hport)
         for m, want, have in (("sg_services", fwd, self._svc),

@@ -147,7 +147,6 @@ class Agent:
         self.socket_path = socket_path
         self.store = store
         self.audit_path = audit_path
-        self.manage_nft = manage_nft
         self.ep = select.epoll()
         self.sessions: dict[int, Session] = {}          # listener fd -> session
         self.pending: dict[int, PendingConnect] = {}    # host socket fd -> pending connect
@@ -329,10 +328,11 @@ class Agent:
         op = msg.get("op")
         try:
             if op == "register":
-                reply = self._register(conn, msg, fds)     # takes the fd it keeps
-                if reply.get("ok"):
-                    self._deferred.append((conn, reply, reply.pop("_key")))
-                    return
+                key = self._register(conn, msg, fds)       # takes the fd it keeps
+                # answered at the end of the turn, once nftables knows it
+                self._deferred.append((conn, {"ok": True, "mark": self.sessions[key].mark},
+                                       key))
+                return
             elif op == "reload":
                 reply = self._reload(msg.get("container"))
             elif op == "sockets":
@@ -353,11 +353,11 @@ class Agent:
                 os.close(fd)
         self._reply(conn, reply)
 
-    def _register(self, conn: socket.socket, msg: dict, fds: list[int]) -> dict:
-        """Everything that can be refused is checked before the listener fd
-        is taken from `fds` (whose owner, _handle_request, closes what is left
-        there, once); from then on the session owns it, and a failure rolls
-        the session back."""
+    def _register(self, conn: socket.socket, msg: dict, fds: list[int]) -> int:
+        """A new session; returns its key (the listener fd). Everything that
+        can be refused is checked before the listener fd is taken from `fds`
+        (whose owner, _handle_request, closes what is left there, once); from
+        then on the session owns it, and a failure rolls the session back."""
         container, pid = msg.get("container"), msg.get("pid")
         if len(fds) != 1:
             raise AgentError(f"register needs exactly one listener fd, got {len(fds)}")
@@ -427,7 +427,7 @@ class Agent:
             self.ep.register(key, select.EPOLLIN)
         log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
                  "configured" if cfg else "no graft config: everything passes through")
-        return {"ok": True, "mark": mark, "_key": key}
+        return key
 
     def _reload(self, container: str | None) -> dict:
         n = 0
@@ -776,12 +776,12 @@ class Agent:
         if self.bpf is not None:
             tag = self.bpf.tag_of(dup.fileno())
             grafted = tag is not None
+            bound = grafted and _bound(dup)
             ingress = grafted and bool(tag[1] & kbpf.T_INGRESS)
         else:
             grafted = graft.is_grafted_mark(mark)
-            ingress = grafted and _bound(dup)
-        return SockInfo(family, type_, grafted, _bound(dup) if grafted else True,
-                        ingress), proto
+            bound = ingress = grafted and _bound(dup)
+        return SockInfo(family, type_, grafted, bound if grafted else True, ingress), proto
 
     def _dup_target_fd(self, tid: int, fd: int) -> socket.socket | None:
         got = self.targets.dup_socket(tid, fd)

@@ -119,7 +119,7 @@ class Spare:
         try:
             self.sock = host_socket(req, mark, sockets)
             self.req = req
-        except (OSError, KernelError):
+        except KernelError:
             pass        # EMFILE and the like: answered the slow way next time
 
     def close(self) -> None:
@@ -155,7 +155,7 @@ def answer_socket(listener: seccomp.Listener, nid: int, tid: int, args: tuple[in
         return None
     try:
         host = host_socket(req, mark, sockets)
-    except (OSError, KernelError) as exc:
+    except KernelError as exc:      # HostSockets translates OSError
         listener.respond(nid, error=exc.errno or errno.EIO)
         return None
     return install(listener, nid, tid, host, req[1])

@@ -44,6 +44,7 @@ MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev
 PINNED_MAPS = ("sg_sock",)     # outlive the agent: the identity of grafted sockets
 BPF_ANY = 0
 TAG = struct.Struct("=IHH")    # struct sock_tag {mark, flags, gen}
+_FD = struct.Struct("=i")      # an SK_STORAGE map's key: the socket's fd
 T_INGRESS = 1                  # bound by the agent through an ingress rule
 T_STALE = 1 << 16              # (tag_of only) tagged for an earlier holder of its mark
 
@@ -324,20 +325,14 @@ class Programs:
         """Tag socket fd as grafted for the container of `mark`, in the mark's
         current generation (thread-safe: notifier threads tag the sockets
         they hand out)."""
-        k = ctypes.c_int(fd)
-        v = ctypes.create_string_buffer(TAG.pack(mark, flags, self.gens.get(mark, 0)),
-                                        TAG.size)
-        rc = lib().bpf_map_update_elem(self.maps["sg_sock"], ctypes.byref(k), v, BPF_ANY)
-        if rc:
-            raise _err("tag socket", rc, f"fd {fd}")
+        self.update("sg_sock", _FD.pack(fd), TAG.pack(mark, flags, self.gens.get(mark, 0)))
 
     def tag_of(self, fd: int) -> tuple[int, int] | None:
         """(mark, flags) of a tagged socket, None for an untagged one."""
-        k = ctypes.c_int(fd)
-        v = ctypes.create_string_buffer(TAG.size)
-        if lib().bpf_map_lookup_elem(self.maps["sg_sock"], ctypes.byref(k), v):
+        raw = self.lookup("sg_sock", _FD.pack(fd), TAG.size)
+        if raw is None:
             return None
-        mark, flags, gen = TAG.unpack(v.raw)
+        mark, flags, gen = TAG.unpack(raw)
         return mark, flags if gen == self.gens.get(mark, 0) else flags | T_STALE
 
     def attach(self) -> None:
