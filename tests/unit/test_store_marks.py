@@ -84,3 +84,32 @@ def test_mark_space_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SOCKGRAFT_MARK_SPACE", "0")
     with pytest.raises(ConfigError, match="1-65535"):
         ConfigStore(str(tmp_path))
+
+
+def test_a_known_mark_is_read_without_waiting_for_the_lock(tmp_path):
+    """The agent asks for marks on its loop (issue 13, defect 6): a container
+    that has one is answered while a CLI holds the store's lock; only a new
+    container's first mark waits for it."""
+    import fcntl
+    import os
+    import threading
+    st = _store(tmp_path)
+    known = st.mark("known")
+    lock = os.open(os.path.join(str(tmp_path), ".lock"), os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)          # another process editing the store
+    try:
+        got: dict[str, int] = {}
+        t1 = threading.Thread(target=lambda: got.update(known=st.mark("known")))
+        t2 = threading.Thread(target=lambda: got.update(new=st.mark("new")))
+        t1.start()
+        t2.start()
+        t1.join(5)
+        assert got.get("known") == known
+        t2.join(0.3)
+        assert t2.is_alive() and "new" not in got
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+    t2.join(5)
+    assert got["new"] not in (known, None) and st.marks() == {"known": known,
+                                                              "new": got["new"]}

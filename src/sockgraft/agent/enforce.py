@@ -104,11 +104,13 @@ class Enforcer:
                 wanted[sess.mark] = (sess.config, sess.graft_at == "socket")
         if rescan or self._store_configs is None:
             found = {}
+            marks = self.store.marks()
             for name in self.store.containers():
                 try:
                     cfg = self.store.load(name)
                     if cfg is not None:
-                        found[self.store.mark(name, in_use=mark_held)] = \
+                        mark = marks.get(name) or self.store.mark(name, in_use=mark_held)
+                        found[mark] = \
                             (cfg, cfg.graft_at == "socket")
                 except SockgraftError as exc:
                     log.warning("bpf: skipping container %s: %s", name, exc)

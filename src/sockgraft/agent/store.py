@@ -171,7 +171,16 @@ class ConfigStore:
         one that `in_use` (the agent: a live session still carries it) says
         is free, in the next generation (`generation`): sockets tagged for its
         previous holder are refused everything from then on. Without
-        `in_use`, released ids are not handed out again."""
+        `in_use`, released ids are not handed out again.
+
+        A container that has its mark is answered from one read without the
+        lock (the registry is replaced by rename, never written in place):
+        the agent calls this on its loop, and only a new container's first
+        mark waits for the lock, which every holder keeps for one short
+        read-modify-write."""
+        known = self._read_marks().get(container)
+        if known is not None:
+            return MARK_BASE | known
         with self._locked():
             marks = self._read_marks()
             if container in marks:
@@ -194,6 +203,11 @@ class ConfigStore:
             marks[container] = free
             self._write_marks(marks)
             return MARK_BASE | free
+
+    def marks(self) -> dict[str, int]:
+        """{container: mark} of every container holding one (one unlocked read)."""
+        return {k: MARK_BASE | v for k, v in self._read_marks().items()
+                if k not in (RELEASED, GENS)}
 
     def generation(self, mark: int) -> int:
         """The current generation of a mark (0 until its id is handed out again)."""
