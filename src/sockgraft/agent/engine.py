@@ -162,6 +162,7 @@ class Agent:
         self._deferred: list[tuple[socket.socket, dict, int]] = []   # register replies
         self.host_addrs: frozenset = frozenset()
         self.epolls = epollfix.EpollIndex()
+        self.reregistrar = epollfix.Reregistrar()
         self._trim_due = False
 
     # --- lifecycle -----------------------------------------------------------
@@ -185,6 +186,7 @@ class Agent:
             log.info("not in the main thread: socket() answered from the loop only")
             self.notifier_threads = 0
         self.audit = AuditLog(self.audit_path, self.name)
+        self.reregistrar.warm()
         self.host_addrs = host_addresses()
         self.sync_nft()
         if self.bpf_mode != "off":
@@ -258,6 +260,7 @@ class Agent:
             self.bpf.close()     # the pinned links stay: grafted sockets stay judged
             self.bpf = None
         self.inbox.close()
+        self.reregistrar.close()
         self.targets.close()
         self.ep.close()
         if self.audit is not None:
@@ -897,7 +900,8 @@ class Agent:
         """ADDFD the host socket at the application's fd number, then carry the
         application's epoll registrations of the old socket over to it."""
         sess.listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
-        if watch and not epollfix.reregister(self.targets.pidfd(tid), host.fileno(), fd, watch):
+        if watch and not self.reregistrar.reregister(self.targets.pidfd(tid), host.fileno(), fd,
+                                                     watch):
             log.warning("%s tid %d fd %d: could not carry %d epoll registration(s) over",
                         sess.container, tid, fd, len(watch))
 

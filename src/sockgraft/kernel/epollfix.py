@@ -9,27 +9,36 @@ adds the new socket to each with the same events and data.
 
 An epoll item is keyed by (file, fd number): for the application's later
 EPOLL_CTL_MOD/DEL to find it, it must be added under the application's fd
-number. The agent's own fd table cannot offer that number, so a short-lived
-forked child does it: it dup2()s the host socket to that number in its own
-(disposable) table and calls epoll_ctl on a pidfd_getfd copy of the target's
-epoll fd. Costs a fork, so only sockets that were really registered pay it.
+number. The agent's own fd table cannot offer that number, so a helper
+process does it (`Reregistrar`): the agent sends it the host socket and
+pidfd_getfd copies of the target's epoll fds over a SOCK_SEQPACKET pair; it
+dup2()s the socket to that number in its own, otherwise empty fd table,
+calls epoll_ctl, closes everything it got and answers one byte. The helper
+is spawned once (a small `python -I -S` process, never a fork of the
+threaded agent) and respawned if it dies; one re-registration costs the
+agent a round trip of about 50 us instead of a fork + waitpid of the whole
+agent (~1 ms and rising with its size).
 """
 
 from __future__ import annotations
 
-import ctypes
+import array
+import logging
 import os
+import select
+import socket
 import struct
+import subprocess
+import sys
 import time
 
+from ..errors import KernelError
 from . import seccomp
 
-EPOLL_CTL_ADD = 1
+log = logging.getLogger("sockgraft.epollfix")
+
 _EVENT = struct.Struct("=IQ")        # struct epoll_event is packed on x86_64
 _EVENTPOLL = "anon_inode:[eventpoll]"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
 
 
 class EpollIndex:
@@ -89,25 +98,138 @@ def watchers(tid: int, fd: int, index: EpollIndex) -> list[tuple[int, int, int]]
     return out
 
 
-def reregister(pidfd: int, sock_fd: int, app_fd: int,
-               items: list[tuple[int, int, int]]) -> bool:
-    """Add sock_fd, under the number app_fd, to each target epoll instance."""
-    if not items:
-        return True
-    pid = os.fork()
-    if pid == 0:   # disposable child: its fd table may be rearranged freely
-        code = 0
+_HEADER = struct.Struct("=iI")      # app fd, number of epoll items
+MAX_ITEMS = 32                      # epoll instances of one process watching one fd
+REPLY_TIMEOUT = 2.0
+
+# The helper's whole program. Its fd table holds its end of the pair (moved
+# out of the way when a request needs its number) and, per request, what the
+# request carried; nothing else, so any application fd number can be used.
+_HELPER = r"""
+import array, ctypes, fcntl, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
+HEADER, EVENT = struct.Struct("=iI"), struct.Struct("=IQ")
+ctl = socket.socket(fileno=int(sys.argv[1]))
+
+def away(fd, number):
+    if fd != number:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, number + 1)
+    os.close(fd)
+    return moved
+
+while True:
+    try:
+        msg, anc, _, _ = ctl.recvmsg(4096, socket.CMSG_SPACE(4 * 64))
+    except OSError:
+        break
+    if not msg:
+        break                      # the agent is gone
+    fds = array.array("i")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    fds = list(fds)
+    ok = 1
+    try:
+        app, n = HEADER.unpack_from(msg)
+        if len(fds) == n + 1 and len(msg) == HEADER.size + n * EVENT.size and app >= 0:
+            if ctl.fileno() == app:
+                ctl = socket.socket(fileno=away(ctl.detach(), app))
+            fds = [away(fd, app) for fd in fds]
+            if fds[0] != app:
+                os.dup2(fds[0], app, inheritable=False)
+            ok = 0
+            for i, ep in enumerate(fds[1:]):
+                if libc.epoll_ctl(ep, 1, app, msg[HEADER.size + i * EVENT.size:
+                                                  HEADER.size + (i + 1) * EVENT.size]) != 0:
+                    ok = 1
+            os.close(app)
+    except (OSError, struct.error):
+        ok = 1
+    for fd in fds:
         try:
-            for epfd, events, data in items:
-                ep = seccomp.pidfd_getfd(pidfd, epfd)
-                if ep == app_fd:
-                    ep = os.dup(ep)
-                if sock_fd != app_fd:
-                    os.dup2(sock_fd, app_fd, inheritable=False)
-                if _libc.epoll_ctl(ep, EPOLL_CTL_ADD, app_fd, _EVENT.pack(events, data)) != 0:
-                    code = 1
-        except BaseException:  # noqa: BLE001 - report through the exit status
-            code = 2
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+            os.close(fd)
+        except OSError:
+            pass
+    ctl.send(bytes([ok]))
+"""
+
+
+class Reregistrar:
+    """The agent's side of the helper process (spawned on first use)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self.spawned = 0
+        self.helper_fd = -1         # the helper's end's number (the same in its table)
+
+    def _spawn(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.helper_fd = theirs.fileno()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _HELPER, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        self.spawned += 1
+        return ours
+
+    def warm(self) -> None:
+        """Spawn the helper now (the agent's start), not on the first use."""
+        if self._sock is None:
+            self._spawn()
+
+    def reregister(self, pidfd: int, sock_fd: int, app_fd: int,
+                   items: list[tuple[int, int, int]]) -> bool:
+        """Add sock_fd, under the number app_fd, to each of the target's
+        epoll instances in `items` ((epoll fd, events, data) as `watchers`
+        found them). False if any could not be added."""
+        if not items:
+            return True
+        if len(items) > MAX_ITEMS:
+            return False
+        eps: list[int] = []
+        try:
+            for epfd, _, _ in items:
+                eps.append(seccomp.pidfd_getfd(pidfd, epfd))
+            msg = _HEADER.pack(app_fd, len(items)) + b"".join(
+                _EVENT.pack(events, data) for _, events, data in items)
+            sock = self._sock or self._spawn()
+            sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  array.array("i", [sock_fd, *eps]))])
+            if not select.select([sock], [], [], REPLY_TIMEOUT)[0]:
+                raise TimeoutError("epoll helper did not answer")
+            reply = sock.recv(16)
+            if not reply:
+                raise ConnectionError("epoll helper exited")
+            return reply == b"\0"
+        except KernelError as exc:
+            log.info("epoll re-registration: %s", exc)     # the target's epoll fd is gone
+            return False
+        except OSError as exc:
+            log.warning("epoll helper failed, starting a new one: %s", exc)
+            self.close()
+            return False
+        finally:
+            for fd in eps:
+                os.close(fd)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()      # the helper reads EOF and exits
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(1)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
