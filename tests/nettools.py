@@ -77,3 +77,17 @@ def _echo(addr, port, payload, proto):
 def echo(ns, addr, port, payload=b"hello sockgraft", proto="tcp"):
     """Connect from inside `ns`, send payload, return the echoed bytes."""
     return netns.run_in(ns, _echo, addr, port, payload, proto)
+
+
+def full_backlog_server():
+    """A loopback listener whose accept queue is full: a new connect to it
+    stays in progress (its SYN waits for a retransmission). Returns the
+    listener and the sockets filling it (close them all)."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(srv.getsockname())
+        fillers.append(f)
+    return srv, fillers

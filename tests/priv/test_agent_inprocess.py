@@ -18,6 +18,7 @@ from sockgraft.lab import grafts
 from sockgraft.model import graftconfig as gc
 from sockgraft.model.graft import MARK_BASE, MARK_MASK
 from sockgraft.model.policy import parse_policy_rule
+from nettools import full_backlog_server
 
 pytestmark = pytest.mark.priv
 
@@ -92,7 +93,7 @@ def test_stale_cached_pidfd_of_a_reused_tid_is_replaced(agent):
     os.waitpid(pid, 0)
     assert err == 0
     assert mark & MARK_MASK == MARK_BASE          # grafted in spite of the stale pidfd
-    assert agent.totals.grafted == 1 and agent.totals.errors == 0
+    assert agent.inventory.totals.grafted == 1 and agent.inventory.totals.errors == 0
     srv.close()
     sp.close()
     os.close(r)
@@ -101,24 +102,17 @@ def test_stale_cached_pidfd_of_a_reused_tid_is_replaced(agent):
 def test_target_killed_while_its_connect_is_pending(agent):
     # nothing answers on 127.0.0.1:1? the kernel refuses at once; use a full
     # backlog instead so that the connect stays pending
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
+    srv, fillers = full_backlog_server()
     port = srv.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(("127.0.0.1", port))
-        fillers.append(f)
     base_fds = len(os.listdir("/proc/self/fd"))
     pid, sp, r = _start_child(agent, port)
     sp.send(b"G")
-    _drive(agent, lambda: bool(agent.pending) or bool(select.select([r], [], [], 0)[0]))
-    if agent.pending:
+    pending = agent.grafter.connects.pending
+    _drive(agent, lambda: bool(pending) or bool(select.select([r], [], [], 0)[0]))
+    if pending:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-        _drive(agent, lambda: (agent.sweep(time.monotonic()), not agent.pending)[1])
+        _drive(agent, lambda: (agent.sweep(time.monotonic()), not pending)[1])
     else:
         os.waitpid(pid, 0)
         pytest.skip("the kernel completed the connect at once; no pending state to test")

@@ -91,7 +91,7 @@ class FakeListener:
 
 
 def _session(listener):
-    from sockgraft.agent.engine import Session
+    from sockgraft.agent.sessions import Session
     return Session("c", 1, listener, 0x53470001, None, {})
 
 
@@ -115,16 +115,16 @@ def test_every_failure_but_a_gone_notification_is_answered(agent, monkeypatch, r
 
     def boom(*_a):
         raise raised()
-    monkeypatch.setattr(agent, "_handle", boom)
-    agent.handle(sess, _notif())
+    monkeypatch.setattr(agent.grafter, "_handle", boom)
+    agent.grafter.handle(sess, _notif())
     assert fake.answers == ([] if answered is None else [(7, 0, answered)])
 
 
 def test_answering_a_target_that_went_away_is_not_an_error(agent, monkeypatch):
     sess = _session(FakeListener(gone=True))
-    monkeypatch.setattr(agent, "_handle", lambda *_a: (_ for _ in ()).throw(
+    monkeypatch.setattr(agent.grafter, "_handle", lambda *_a: (_ for _ in ()).throw(
         from_oserror("read target memory", OSError(errno.ESRCH, ""))))
-    agent.handle(sess, _notif())          # does not raise
+    agent.grafter.handle(sess, _notif())          # does not raise
 
 
 def test_seccomp_adapter_maps_only_enoent_of_send_and_addfd_to_gone():
@@ -150,9 +150,7 @@ def test_a_failing_notifier_thread_hands_its_listener_to_the_loop(agent, tmp_pat
     r, w = os.pipe()
     sess = _session(FakeListener())
     threads = notifiers.Notifiers(r, sess.mark, "c", agent.inbox, threads=2)
-    agent.sessions[r] = sess
-    agent.notifiers[r] = threads
-    sess.loop_serves = False
+    agent.sessions.add(r, sess, threads)
     agent.ep.register(r, 0)
     deadline = time.monotonic() + 5
     while threads.alive and time.monotonic() < deadline:

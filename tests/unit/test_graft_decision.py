@@ -725,3 +725,34 @@ def test_decide_malformed(sock, answered):
         assert action is fail
     else:
         assert isinstance(action, Continue)
+
+
+# ---------------------------------------------------------------- the prefilter
+
+PREFILTER_ADDRS = [A("10.0.0.5:80"), A("10.9.0.1:80"), A("192.0.2.1:53"), A("127.0.0.1:8080"),
+                   A("[fd00::1]:443"), A("[::ffff:10.0.0.1]:80"), A("0.0.0.0:0"),
+                   UnixAddr(b"/run/x.sock"), UnspecAddr(), OtherAddr(16, bytes(12))]
+PREFILTER_SOCKS = [TCP4, UDP4, TCP6, UDP6, G_TCP4, G_UDP4, G_TCP6, FRESH4, FRESH6, RAW4, SEQ6]
+
+
+@pytest.mark.parametrize("cfg", [MAIN, BROAD, LOOP, ALLOWLIST], ids=["main", "broad", "loop",
+                                                                      "allowlist"])
+@pytest.mark.parametrize("call", ["bind", "connect", "sendto"])
+def test_the_prefilter_agrees_with_the_decision_on_every_socket(cfg, call):
+    """Where the agent answers without copying the target's socket, every
+    socket it could have copied gets the same answer from decide_<call>;
+    and it does answer the common no-graft cases."""
+    from sockgraft.model.graft import prefilter
+    decide_ = {"bind": lambda s, a: decide_bind(cfg, s, a),
+               "connect": lambda s, a: decide_connect(cfg, s, a),
+               "sendto": lambda s, a: decide_sendto(cfg, s, a, 0)}[call]
+    answered = 0
+    for addr in PREFILTER_ADDRS:
+        pre = prefilter(call, cfg, addr)
+        if pre is None:
+            continue
+        answered += 1
+        assert isinstance(pre, Continue)
+        for sock in PREFILTER_SOCKS:
+            assert isinstance(decide_(sock, addr), Continue), (call, addr, sock)
+    assert (answered == 0) == (call == "bind")

@@ -188,3 +188,16 @@ class Enforcer:
                 self.bpf.delete(m, k)
             have.clear()
             have.update(want)
+
+    def explain(self, ev: bpfmaps.Event) -> tuple[str, str]:
+        """The container and the rule behind a denial the programs reported."""
+        applied = self.applied.get(ev.mark)
+        container = applied.cfg.container if applied else f"mark {ev.mark:#x}"
+        if ev.kind == bpfmaps.EV_DENY_POLICY and applied and ev.label < len(applied.labels):
+            return container, applied.labels[ev.label]
+        if ev.kind == bpfmaps.EV_BIND_FAILED and applied and \
+                ev.label < len(applied.egress_labels):
+            return container, f"{applied.egress_labels[ev.label]}: endpoint bind failed"
+        if ev.kind == bpfmaps.EV_DENY_MARK:
+            return container, f"{ev.reason} (packet mark {ev.label:#x})"
+        return container, ev.reason

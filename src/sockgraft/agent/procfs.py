@@ -1,8 +1,13 @@
-"""Small /proc lookups the agent makes about target processes."""
+"""Small lookups the agent makes about target processes (/proc) and about
+its own host (netlink, libc)."""
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+
+log = logging.getLogger("sockgraft.agent")
 
 
 def socket_open(pid: int, fd: int, inode: int) -> bool:
@@ -23,3 +28,24 @@ def tgid(tid: int) -> int:
     except OSError:
         pass
     return tid
+
+
+def host_addresses() -> frozenset:
+    """Addresses of the namespace the agent serves (refreshed on reload):
+    one netlink dump, no subprocess."""
+    import ipaddress
+    from pyroute2 import IPRoute
+    try:
+        with IPRoute() as ipr:
+            return frozenset(ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                             for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS"))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot list host addresses: %s", exc)
+        return frozenset()
+
+
+def malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -347,6 +347,24 @@ def decide_sendto(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     return GraftSend(ep, local, addr, f"egress {rule}")
 
 
+def prefilter(call: str, cfg: GraftConfig, addr: Sockaddr) -> Action | None:
+    """An answer to a trapped bind/connect/sendto ("call") of a configured
+    container that cannot depend on the target's socket, so the agent does
+    not copy it; None: decide_<call> needs the socket. Agrees with the
+    decide_* functions wherever it answers (table-tested against them):
+    connect/sendto to a non-inet address is the kernel's to judge, and a
+    sendto with no egress rule starts no graft (a grafted socket's datagrams
+    are judged in the kernel). A bind always needs the socket: a grafted
+    one is never handed back to the kernel."""
+    if call == "bind":
+        return None
+    if not isinstance(addr, InetAddr):
+        return Continue("not an inet address: the kernel decides")
+    if call == "sendto" and cfg.match_egress(addr) is None:
+        return Continue("no egress rule")
+    return None
+
+
 def decide_malformed(sock: SockInfo | None, fail: Fail) -> Action:
     """A sockaddr the kernel would refuse (`fail`: its errno). On a container
     socket (or no socket) the kernel gives its own, exact errno: Continue; on

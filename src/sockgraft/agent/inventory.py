@@ -1,0 +1,139 @@
+"""What the agent has done, for `sockgraft stats`, `sockgraft sockets` and
+the audit log: counters per container and in total, one record per grafted
+socket (cheap to make on the hot path; its process and addresses are read
+from the kernel when somebody lists them), and the audit writer.
+
+Touched only by the loop thread (the notifier threads hand their answers
+over through the inbox; `socket_answered` turns them into records here)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from ..errors import KernelError
+from ..kernel import seccomp
+from ..kernel import sockets as ksock
+from . import notifiers
+from .audit import AuditLog
+from .procfs import socket_open, tgid
+
+
+@dataclass
+class Counters:
+    grafted: int = 0
+    passed: int = 0
+    denied: int = 0
+    errors: int = 0
+    notifier_failures: int = 0              # notifier threads that ended unexpectedly
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(slots=True)
+class GraftedSocket:
+    container: str
+    pid: int
+    fd: int
+    inode: int
+    proto: str
+    kind: str            # "ingress" | "egress" | "sendto" | "socket"
+    endpoint: str
+    local: str
+    remote: str
+    since: float
+
+
+class Inventory:
+    def __init__(self) -> None:
+        self.totals = Counters()
+        self.grafted: dict[tuple[int, int], GraftedSocket] = {}   # (tid, fd) -> record
+        self.audit: AuditLog | None = None
+
+    # --- counters ----------------------------------------------------------------
+
+    def count(self, sess, what: str) -> None:
+        """One more `what` (a Counters field) for the session and in total."""
+        setattr(sess.counters, what, getattr(sess.counters, what) + 1)
+        setattr(self.totals, what, getattr(self.totals, what) + 1)
+
+    def graft(self, sess, record: GraftedSocket | None) -> None:
+        self.count(sess, "grafted")
+        if record is not None:
+            self.grafted[(record.pid, record.fd)] = record
+
+    def socket_answered(self, sess, packed: int) -> None:
+        """A socket() a notifier thread answered (notifiers.pack_answer)."""
+        a = notifiers.unpack_answer(packed)
+        self.graft(sess, GraftedSocket(sess.container, a.tid, a.fd, a.inode, a.proto,
+                                       "socket", "", "", "", time.time()))
+
+    @staticmethod
+    def record(container: str, tid: int, fd: int, proto: str, kind: str, endpoint: str,
+               host: socket.socket, remote: str) -> GraftedSocket:
+        """What `sockgraft sockets` shows. Cheap on purpose (one fstat): the
+        process id and the addresses are resolved when somebody lists them."""
+        return GraftedSocket(container, tid, fd, os.fstat(host.fileno()).st_ino, proto, kind,
+                             endpoint, "", remote, time.time())
+
+    # --- the audit log ------------------------------------------------------------
+
+    def write_audit(self, container: str, pid: int, name: str, addr: object, verdict: str,
+                    rule: str, errno_: int = 0, where: str = "agent") -> None:
+        if self.audit is not None:
+            self.audit.write(container, pid, name, addr, verdict, rule, errno_, where)
+
+    # --- records ------------------------------------------------------------------
+
+    def forget_exited(self, container: str) -> None:
+        """Drop the records of a container's processes that exited."""
+        for key in [k for k, g in self.grafted.items() if g.container == container
+                    and not os.path.exists(f"/proc/{g.pid}")]:
+            del self.grafted[key]
+
+    def compact(self) -> None:
+        if len(self.grafted) < 64:
+            self.grafted = dict(self.grafted)   # a dict never shrinks in place
+
+    def list_sockets(self) -> list[dict]:
+        """Grafted sockets still open in their process (checked now via /proc),
+        with their process id and current addresses."""
+        out = []
+        for key, g in list(self.grafted.items()):
+            pid = tgid(g.pid)
+            if not socket_open(pid, g.fd, g.inode):
+                del self.grafted[key]
+                continue
+            row = {f: getattr(g, f) for f in g.__slots__}
+            row["pid"] = pid
+            row["local"], peer = addresses(pid, g.fd)
+            row["remote"] = g.remote or peer
+            out.append(row)
+        return out
+
+
+def addresses(pid: int, fd: int) -> tuple[str, str]:
+    """Local and peer address of a process's socket ("" where none)."""
+    try:
+        pidfd = seccomp.pidfd_open(pid)
+    except KernelError:
+        return "", ""
+    try:
+        with ksock.adopt(seccomp.pidfd_getfd(pidfd, fd)) as s:
+            local = fmt(s.getsockname())
+            try:
+                peer = fmt(s.getpeername())
+            except OSError:
+                peer = ""
+            return local, peer
+    except (KernelError, OSError):
+        return "", ""
+    finally:
+        os.close(pidfd)
+
+
+def fmt(addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

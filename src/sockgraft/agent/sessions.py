@@ -1,0 +1,96 @@
+"""The session table: one session per registered process tree (one seccomp
+listener), found by its key (the listener fd) or by its container mark, and
+the notifier threads that serve a session's listener, owned here with it.
+
+Touched only by the loop thread; the notifier threads read a session's
+attributes (never the table)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..kernel import seccomp
+from ..model import graft
+from . import notifiers
+from .inventory import Counters
+
+
+@dataclass
+class Session:
+    """One registered process tree (one seccomp listener)."""
+    container: str
+    pid: int
+    listener: seccomp.Listener
+    mark: int
+    config: graft.GraftConfig | None
+    buffers: dict[int, int]                 # container defaults of SO_SNDBUF/SO_RCVBUF
+    conn: socket.socket | None = None       # the launcher's control connection
+    counters: Counters = field(default_factory=Counters)
+    tids: set[int] = field(default_factory=set)   # threads we cached pidfd/mem fds for
+    graft_at: str = "syscall"               # what the process's filter traps
+    addresses: tuple[str, ...] = ()         # the container's own (overlay) addresses
+    inline: graft.GraftConfig | None = None  # from OCI annotations (the store wins)
+    loop_serves: bool = True                # the loop receives its notifications (False
+                                            # while notifier threads alone do)
+
+
+class SessionTable:
+    def __init__(self) -> None:
+        self._by_key: dict[int, Session] = {}
+        self._threads: dict[int, notifiers.Notifiers] = {}
+
+    def add(self, key: int, sess: Session,
+            threads: notifiers.Notifiers | None = None) -> None:
+        self._by_key[key] = sess
+        if threads is not None:
+            self._threads[key] = threads
+            sess.loop_serves = False
+
+    def set_threads(self, key: int, threads: notifiers.Notifiers) -> None:
+        self._threads[key] = threads
+        self._by_key[key].loop_serves = False
+
+    def pop(self, key: int) -> tuple[Session, notifiers.Notifiers | None]:
+        """Take a session (and its threads, still running) out of the table."""
+        return self._by_key.pop(key), self._threads.pop(key, None)
+
+    def get(self, key: int) -> Session | None:
+        return self._by_key.get(key)
+
+    def __getitem__(self, key: int) -> Session:
+        return self._by_key[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._by_key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def keys(self) -> list[int]:
+        return list(self._by_key)
+
+    def values(self):
+        return self._by_key.values()
+
+    def items(self):
+        return self._by_key.items()
+
+    def by_mark(self, mark: int) -> Session | None:
+        return next((s for s in self._by_key.values() if s.mark == mark), None)
+
+    def holds(self, mark: int) -> bool:
+        """Does a live session carry this mark (its config may be deleted while
+        it runs)? Such a mark is not handed to another container."""
+        return self.by_mark(mark) is not None
+
+    def threads_of(self, key: int) -> notifiers.Notifiers | None:
+        return self._threads.get(key)
+
+    def threads_alive(self, key: int) -> int:
+        threads = self._threads.get(key)
+        return threads.alive if threads is not None else 0
