@@ -1,10 +1,15 @@
+import hashlib
 import os
 import secrets
+import shutil
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+ATTACK_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "security", "attack.c")
 
 
 @pytest.fixture
@@ -57,3 +62,23 @@ def root_namespace_untouched():
     if "sockgraft" in tables:
         nft.delete_table(None, "inet", "sockgraft")
         pytest.fail("a test left table inet sockgraft in the root namespace")
+
+
+@pytest.fixture(scope="session")
+def attack_bin(tmp_path_factory):
+    """tests/security/attack.c built statically (cached by source hash)."""
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is not installed (./run installs it)")
+    with open(ATTACK_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    cache = os.path.join(os.environ.get("SOCKGRAFT_CACHE_DIR", "/var/cache/sockgraft"),
+                         "attack")
+    os.makedirs(cache, exist_ok=True)
+    out = os.path.join(cache, f"attack-{digest}")
+    if not os.path.exists(out):
+        tmp = out + f".{os.getpid()}"
+        res = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", tmp, ATTACK_SOURCE],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"cannot build attack.c: {res.stderr}"
+        os.replace(tmp, out)
+    return out

@@ -94,6 +94,13 @@ class Runc:
             with open(out_path) as f:
                 raise AssertionError(f"runc run {cid} failed: {f.read()[-2000:]}")
 
+    def run_foreground(self, cid, bundle, out_path):
+        """`runc run` without --detach: runc stays with the container (and,
+        before runc 1.4, keeps its connection to the listener socket open)."""
+        with open(out_path, "ab") as out:
+            return subprocess.Popen(self._cmd("run", "--bundle", bundle, cid),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
     def state(self, cid):
         p = subprocess.run(self._cmd("state", cid), capture_output=True, text=True, timeout=10)
         return json.loads(p.stdout) if p.returncode == 0 else None
@@ -137,8 +144,9 @@ class RuncEnv:
         self.profile = json.loads(prof)
         self.cni = Cni(conflist(glab.state_dir, tmp / "ipam"), self.h1.netns)
         self.containers = {}       # cid -> (netns name, CNI result)
+        self.foreground = {}       # cid -> the `runc run` process in the foreground
 
-    def start(self, cid, args, annotations, caps=None):
+    def start(self, cid, args, annotations, caps=None, foreground=False):
         ns = f"sg-{self.g.plan.name}-r{len(self.containers)}"
         netns.create(ns)
         try:
@@ -152,7 +160,11 @@ class RuncEnv:
         with open(bundle / "config.json", "w") as f:
             json.dump(oci_config(self.rootfs, args, netns.path(ns), self.profile, annotations,
                                  caps), f)
-        self.runc.run_detached(cid, str(bundle), str(self.tmp / f"{cid}.out"))
+        if foreground:
+            self.foreground[cid] = self.runc.run_foreground(cid, str(bundle),
+                                                            str(self.tmp / f"{cid}.out"))
+        else:
+            self.runc.run_detached(cid, str(bundle), str(self.tmp / f"{cid}.out"))
         return result
 
     def output(self, cid):
@@ -162,6 +174,13 @@ class RuncEnv:
     def stop(self, cid):
         ns, result = self.containers.pop(cid)
         self.runc.kill_and_delete(cid)
+        fg = self.foreground.pop(cid, None)
+        if fg is not None:
+            try:
+                fg.wait(10)
+            except subprocess.TimeoutExpired:
+                fg.kill()
+                fg.wait()
         errors = self.cni.delete(cid, netns.path(ns), result)
         netns.delete(ns)
         return errors

@@ -55,6 +55,7 @@ def _drive(agent, until, timeout=10):
     while not until() and time.monotonic() < deadline:
         for fd, ev in agent.ep.poll(0.05):
             agent.dispatch(fd, ev)
+        agent.end_turn()
     assert until(), "timed out"
 
 

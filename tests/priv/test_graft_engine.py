@@ -134,6 +134,29 @@ def test_ingress_dual_stack_wildcard_with_ipv4_endpoint(glab):
     assert read_json_line(srv)["accepted"][0] == "::ffff:198.18.0.1"
 
 
+def test_a_dual_stack_server_is_grafted_by_an_ipv4_rule(glab):
+    """Go's Listen("tcp", ":P"), Node's listen(P) and busybox httpd bind
+    [::]:P dual-stack: the rule 0.0.0.0:P covers it (issue 14, item 2). An
+    IPv6-only [::]:P bind stays in the container with a log line saying why."""
+    glab.configure("h2-c1", INGRESS)
+    h1 = glab.plan.node("h1")
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "::", "80", "--v6only", "0",
+                                       "--count", "1"])
+    ready = read_json_line(srv)
+    assert ready["local"] == ["::ffff:198.18.0.2", 8081]
+    assert echo(h1.netns, "198.18.0.2", 8081, b"dual") == b"dual"
+    assert read_json_line(srv)["accepted"][0] == "::ffff:198.18.0.1"
+    assert srv.wait(timeout=10) == 0
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "::", "80", "--v6only", "1",
+                                       "--count", "0"])
+    assert read_json_line(srv)["local"] == ["::", 80]          # the container's own
+    deadline = time.monotonic() + 5
+    while "IPV6_V6ONLY" not in glab.agent_log("h2") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "bind [::]:80 stays in the container: the socket is IPv6-only (IPV6_V6ONLY) and " \
+           "rule 0.0.0.0:80=ep-http is IPv4" in glab.agent_log("h2")
+
+
 def test_ingress_udp_server(glab):
     glab.configure("h2-c1", INGRESS)
     h1 = glab.plan.node("h1")

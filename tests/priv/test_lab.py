@@ -35,7 +35,16 @@ def test_status_json_lists_hosts_containers_addresses(lab, capsys):
     assert containers[3]["ipv6"] == "fd53:6700:0:2::3"
     assert cli(["lab", "status", "--name", lab.name]) == 0
     table = capsys.readouterr().out
-    assert "h2-c1" in table and "8080:80/tcp" in table
+    assert "h2-c1" in table and "8080:80/tcp" in table and "SENT/RECEIVED" in table
+    # the proof of grafting the README names: bytes over a container's veth
+    c1 = containers[0]
+    before = c1["veth_bytes"]["from"]
+    with EchoServer(lab.node("h1-c2").netns, "0.0.0.0", 7009):
+        echo(lab.node("h1-c1").netns, "198.19.1.3", 7009, b"x" * 5000)
+    assert cli(["lab", "status", "--json", "--name", lab.name]) == 0
+    after = json.loads(capsys.readouterr().out)["hosts"][0]["containers"][0]
+    assert after["veth"] == "sgv-h1-c1" and after["veth_bytes"]["from"] - before >= 5000
+    assert st["hosts"][0]["underlay_bytes"]["from"] >= 0
 
 
 def test_bridge_path_same_host(lab):

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -226,3 +227,63 @@ def test_cni_names_the_container_and_carries_its_graft_config(glab, tmp_path):
     finally:
         env.close()
     assert not os.path.exists(os.path.join(glab.state_dir, "containers", "pods.web.toml"))
+
+
+def test_a_new_socket_mode_container_sends_its_first_packets(glab, tmp_path, attack_bin):
+    """A runc container's first datagram and first SYN, sent the moment it
+    starts, are not refused or dropped: nothing of a container is answered
+    before nftables and the BPF maps enforce its policy (issue 14, item 4).
+    Five containers, each a first try."""
+    server = _h2_server(glab, 7700)
+    env = RuncEnv(glab, tmp_path, graft_at="socket", extra_files={"attack": attack_bin})
+    try:
+        for i in range(5):
+            cid = f"first{i}"
+            env.start(cid, ["/bin/attack", "sock", "udp4", "send", "198.18.0.2:7701",
+                            "sock", "tcp4", "connect", "198.18.0.2:7700"], CLI_ANN)
+            _wait(lambda: '"done"' in env.output(cid), what=f"{cid}'s output")
+            steps = [json.loads(line) for line in env.output(cid).splitlines()
+                     if line.startswith("{")]
+            send = next(s for s in steps if s.get("op") == "send")
+            conn = next(s for s in steps if s.get("op") == "connect")
+            assert send["ret"] == 1, (cid, send)
+            assert conn["ret"] == 0 and conn["ms"] < 500, (cid, conn)
+            assert env.stop(cid) == []
+    finally:
+        env.close()
+        server.kill()
+        server.wait()
+
+
+def _h2_server(glab, port):
+    """A TCP listener on h2 (connections complete in its backlog)."""
+    h2 = glab.plan.node("h2")
+    p = subprocess.Popen(["ip", "netns", "exec", h2.netns, sys.executable, "-c",
+                          "import socket, time\n"
+                          f"s = socket.create_server(('198.18.0.2', {port}), backlog=64)\n"
+                          "time.sleep(120)"])
+    wait_listening(h2.netns, port)
+    return p
+
+
+def test_a_foreground_runc_run_hands_its_listener_over(glab, tmp_path, attack_bin):
+    """runc before 1.4 never closes its connection to the listener socket when
+    it runs in the foreground: the agent takes the hand-off as soon as the
+    message is whole (issue 14, item 5), not after a 5 s wait that ends in
+    a rejection and ENOSYS for every trapped call."""
+    server = _h2_server(glab, 7702)
+    env = RuncEnv(glab, tmp_path, extra_files={"attack": attack_bin})
+    try:
+        env.start("fg", ["/bin/attack", "sock", "tcp4", "connect", "198.18.0.2:7702",
+                         "sleep", "30"], CLI_ANN, foreground=True)
+        _wait(lambda: '"connect"' in env.output("fg"), timeout=15, what="fg's connect")
+        conn = next(json.loads(line) for line in env.output("fg").splitlines()
+                    if '"connect"' in line)
+        assert conn["ret"] == 0 and conn["ms"] < 3000, conn
+        st = _stats(glab, "fg")
+        assert st is not None and st["grafted"] >= 1
+        assert env.stop("fg") == []
+    finally:
+        env.close()
+        server.kill()
+        server.wait()

@@ -28,7 +28,8 @@
  *   sleep SECONDS
  *
  * It never exits early: every step runs and reports, so a test sees the
- * whole attack, not just the first refusal.
+ * whole attack, not just the first refusal. Each line carries "ms", the
+ * step's duration (a dropped first SYN shows as a connect of ~1000 ms).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -38,6 +39,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -84,10 +86,17 @@ static const char *ename(int e)
 	}
 }
 
+static struct timespec step_start;
+
 static void report(const char *op, const char *arg, long ret, int err, const char *extra)
 {
-	printf("{\"op\": \"%s\", \"arg\": \"%s\", \"ret\": %ld, \"errno\": \"%s\"%s%s}\n", op,
-	       arg ? arg : "", ret, ret < 0 ? ename(err) : "0", extra ? ", " : "",
+	struct timespec now;
+	long ms;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	ms = (now.tv_sec - step_start.tv_sec) * 1000 + (now.tv_nsec - step_start.tv_nsec) / 1000000;
+	printf("{\"op\": \"%s\", \"arg\": \"%s\", \"ret\": %ld, \"errno\": \"%s\", \"ms\": %ld%s%s}\n",
+	       op, arg ? arg : "", ret, ret < 0 ? ename(err) : "0", ms, extra ? ", " : "",
 	       extra ? extra : "");
 	fflush(stdout);
 }
@@ -209,6 +218,7 @@ int main(int argc, char **argv)
 		socklen_t alen;
 		long r;
 
+		clock_gettime(CLOCK_MONOTONIC, &step_start);
 		if (!strcmp(op, "sock")) {
 			new_socket(argv[i++]);
 		} else if (!strcmp(op, "sockhi")) {

@@ -280,7 +280,12 @@ def test_source_keys_are_the_endpoint_addresses():
     (bpfmaps.EV_DENY_MARK, 5, 0, 0, 6, IPv6Address("fd00::1").packed, "fd00::1",
      "mark:forged", 1),
     (bpfmaps.EV_DENY_LISTEN, 6, 0, 41414, 4, b"", "0.0.0.0:41414", "listen:no-endpoint", 1),
-    (bpfmaps.EV_DENY_UNKNOWN, 1, 0, 0, 4, b"", "0.0.0.0:0", "container:no-policy", 1),
+    (bpfmaps.EV_DENY_UNKNOWN, 1, 0, 0, 4, b"", "0.0.0.0:0", "container:no-policy", 13),
+    (bpfmaps.EV_DENY_POLICY, 1, 0, 80, 4, bytes([10, 0, 0, 1]), "10.0.0.1:80", "policy", 13),
+    (bpfmaps.EV_DENY_NO_EGRESS, 1, 0, 80, 4, bytes([10, 0, 0, 1]), "10.0.0.1:80",
+     "egress:no-rule", 101),
+    (bpfmaps.EV_BIND_FAILED, 1, 0, 80, 4, bytes([10, 0, 0, 1]), "10.0.0.1:80",
+     "egress:bind-failed", 99),
 ])
 def test_guard_event_decoding(kind, op, label, port, family, addr, want_addr, rule, err):
     raw = bpfmaps.EVENT.pack(kind, 0x53470001, op, label, addr.ljust(16, b"\0"), port, family,

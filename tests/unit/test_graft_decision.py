@@ -116,6 +116,7 @@ G_TCP4 = SockInfo(AF_INET, SOCK_STREAM, True)
 G_UDP4 = SockInfo(AF_INET, SOCK_DGRAM, True)
 G_TCP6 = SockInfo(AF_INET6, SOCK_STREAM, True)
 RAW4 = SockInfo(AF_INET, SOCK_RAW, False)
+V6ONLY = SockInfo(AF_INET6, SOCK_STREAM, False, v6only=True)
 SEQ6 = SockInfo(AF_INET6, SOCK_SEQPACKET, False)
 
 def BIND(c, s, a):
@@ -264,6 +265,14 @@ BIND_CASES = [
     ("mapped-v4-wildcard-range", MAIN, TCP6, A("[::ffff:0.0.0.0]:8003"),
      GraftBind(EP(MAIN, "ep-range"), A("[::ffff:198.18.0.1]:9003"),
                A("[::ffff:0.0.0.0]:8003"), "ingress 0.0.0.0:8000-8010=ep-range")),
+    # a dual-stack [::]:P bind (Go, Node, busybox) is what a rule for
+    # 0.0.0.0:P means when no IPv6 rule covers P (issue 14, item 2)
+    ("dual-stack-covered-by-v4-wildcard", MAIN, TCP6, A("[::]:8000"),
+     GraftBind(EP(MAIN, "ep-range"), A("[::ffff:198.18.0.1]:9000"), A("[::]:8000"),
+               "ingress 0.0.0.0:8000-8010=ep-range")),
+    ("dual-stack-udp-covered-by-v4-wildcard", MAIN, UDP6, A("[::]:8010"),
+     GraftBind(EP(MAIN, "ep-range"), A("[::ffff:198.18.0.1]:9010"), A("[::]:8010"),
+               "ingress 0.0.0.0:8000-8010=ep-range")),
     ("loopback-named-by-rule", MAIN, TCP4, A("127.0.0.1:9090"),
      GraftBind(EP(MAIN, "ep-http"), A("198.18.0.1:8080"), A("127.0.0.1:9090"),
                "ingress 127.0.0.1:9090=ep-http")),
@@ -273,7 +282,7 @@ BIND_CASES = [
     ("loopback-not-by-wildcard", MAIN, TCP4, A("127.0.0.1:80"), Continue),
     ("v6-loopback-not-by-wildcard", MAIN, TCP6, A("[::1]:443"), Continue),
     ("v4-bind-never-matches-v6-wildcard", MAIN, TCP4, A("0.0.0.0:443"), Continue),
-    ("dual-stack-never-matches-v4-wildcard", MAIN, TCP6, A("[::]:8000"), Continue),
+    ("v6only-never-matches-v4-wildcard", MAIN, V6ONLY, A("[::]:8000"), Continue),
     ("egress-only-config", BROAD, TCP4, A("0.0.0.0:80"), Continue),
     # not TCP/UDP
     ("raw-socket", MAIN, RAW4, A("0.0.0.0:80"), Continue),
@@ -291,6 +300,28 @@ def test_decide_bind(cfg, sock, addr, expected):
         assert action == expected
         assert action.local.family == sock.family
         assert action.requested is addr
+
+
+@pytest.mark.parametrize("sock, addr, note", [
+    (V6ONLY, A("[::]:8000"), "IPv6-only (IPV6_V6ONLY) and rule 0.0.0.0:8000-8010=ep-range "
+                              "is IPv4; add [::]:8000=ENDPOINT"),
+    (TCP4, A("0.0.0.0:443"), "rule [::]:443=ep-v6 is IPv6 and the socket IPv4; "
+                             "add 0.0.0.0:443=ENDPOINT"),
+    (TCP4, A("127.0.0.1:80"), "rule 0.0.0.0:80=ep-http covers the wildcard, and a "
+                              "container's loopback is its own"),
+    (TCP6, A("[::1]:443"), "rule [::]:443=ep-v6 covers the wildcard"),
+])
+def test_a_bind_a_rule_could_have_meant_says_why_it_stays(sock, addr, note):
+    """Not grafted, but not silent either: the agent logs the reason."""
+    action = decide_bind(MAIN, sock, addr)
+    assert isinstance(action, Continue) and action.note and note in action.reason, action
+
+
+@pytest.mark.parametrize("sock, addr", [(TCP4, A("0.0.0.0:81")), (TCP6, A("[::]:81")),
+                                        (TCP4, A("10.9.9.9:81")), (TCP4, A("127.0.0.1:81"))])
+def test_a_bind_no_rule_names_is_passed_quietly(sock, addr):
+    action = decide_bind(MAIN, sock, addr)
+    assert isinstance(action, Continue) and not action.note
 
 
 @pytest.mark.parametrize("sock, addr", [

@@ -47,6 +47,18 @@ def test_non_json_and_huge_messages_are_refused():
         moci.parse_handoff(b"[]", 1)
 
 
+def test_a_message_is_complete_when_its_json_object_is():
+    """runc before 1.4 keeps the connection open (`runc run` in the
+    foreground): the agent parses as soon as the object is whole."""
+    whole = json.dumps(STATE).encode()
+    assert moci.message_complete(whole) and moci.message_complete(whole + b"\n")
+    for cut in (1, len(whole) // 2, len(whole) - 1):
+        assert not moci.message_complete(whole[:cut])
+    assert not moci.message_complete(b"")
+    assert not moci.message_complete(b'{"a": "}')
+    assert moci.message_complete(b"{}")          # complete, and then refused by parse_handoff
+
+
 def test_annotations_build_a_config():
     cfg = moci.config_from_annotations("web", {
         "sockgraft/endpoints": "ep-http=ipv4:198.18.0.1:8081, ep-out=ipv4:198.18.0.1:dynamic,"

@@ -91,6 +91,7 @@ class Agent:
         self._stop = False
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict, int]] = []   # register replies
+        self._starting: list[int] = []          # registered listeners not served yet
         self._trim_due = False
 
     # --- lifecycle -----------------------------------------------------------
@@ -214,19 +215,26 @@ class Agent:
     def end_turn(self) -> None:
         """Once per loop turn: one nftables reload for every registration of
         the turn (not one per container: quadratic when many start at once),
-        then the registrations' replies - a container runs only once the
-        kernel knows its policy."""
+        then the new listeners are served and the registrations answered.
+        Nothing of a container is answered before the kernel enforces its
+        policy: a socket() answered earlier would send its first packets
+        into a table without the container's chain (dropped)."""
         if self._nft_due:
             self._nft_due = False
             try:
                 self.sync_nft()
             except SockgraftError as exc:
                 log.error("nftables: %s", exc)
-                for conn, _reply, key in self._deferred:
+                for key in self._starting:
                     if key in self.sessions:
                         self._drop_session(key)
+                self._starting.clear()
+                for conn, _reply, _key in self._deferred:
                     self._reply(conn, {"ok": False, "error": f"nftables: {exc}"})
                 self._deferred.clear()
+        starting, self._starting = self._starting, []
+        for key in starting:
+            self._serve(key)
         deferred, self._deferred = self._deferred, []
         for conn, reply, _key in deferred:
             self._reply(conn, reply)
@@ -338,14 +346,25 @@ class Agent:
             listener.close()
             self.publisher.publish_node()
             raise
+        self._starting.append(key)          # served at the end of the turn (end_turn)
+        log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
+                 "configured" if cfg else "no graft config: everything passes through")
+        return key
+
+    def _serve(self, key: int) -> None:
+        """Start receiving a registered listener's notifications: its notifier
+        threads (socket mode) or the loop's epoll."""
+        sess = self.sessions.get(key)
+        if sess is None:
+            return
         threads = None
-        if graft_at == "socket" and self.notifier_threads:
+        if sess.graft_at == "socket" and self.notifier_threads:
             try:
                 threads = notifiers.Notifiers(
-                    key, mark, container, self.inbox, threads=self.notifier_threads,
+                    key, sess.mark, sess.container, self.inbox, threads=self.notifier_threads,
                     enabled=lambda: self.grafter.grafts_sockets(sess), sockets=self.sockets)
             except SockgraftError as exc:
-                log.warning("%s: socket() answered from the loop only: %s", container, exc)
+                log.warning("%s: socket() answered from the loop only: %s", sess.container, exc)
         if threads is not None:
             # the threads receive every notification; the loop only hears
             # that the last filtered task exited (EPOLLHUP is always reported)
@@ -353,9 +372,6 @@ class Agent:
             self.ep.register(key, 0)
         else:
             self.ep.register(key, select.EPOLLIN)
-        log.info("registered container %s pid %d (mark %#x, %s)", container, pid, mark,
-                 "configured" if cfg else "no graft config: everything passes through")
-        return key
 
     def _reload(self, container: str | None) -> dict:
         n = 0

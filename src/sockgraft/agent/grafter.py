@@ -78,6 +78,7 @@ class Grafter:
         self.epolls = epollfix.EpollIndex()
         self.reregistrar = epollfix.Reregistrar()
         self.connects = Connects(ep, self)
+        self._noted: set[tuple[str, str]] = set()   # (container, note) logged once
 
     @property
     def bpf(self) -> kbpf.Programs | None:
@@ -258,6 +259,7 @@ class Grafter:
         protocol number. Grafted = tagged by this agent (the mark is only the
         fallback without the guards: a container with CAP_NET_RAW can set it)."""
         family, type_, proto, mark = ksock.info(dup)
+        v6only = family == socket.AF_INET6 and ksock.v6only(dup)
         if self.bpf is not None:
             tag = self.bpf.tag_of(dup.fileno())
             grafted = tag is not None
@@ -266,11 +268,18 @@ class Grafter:
         else:
             grafted = graft.is_grafted_mark(mark)
             bound = ingress = grafted and _bound(dup)
-        return SockInfo(family, type_, grafted, bound if grafted else True, ingress), proto
+        return SockInfo(family, type_, grafted, bound if grafted else True, ingress,
+                        v6only), proto
 
     # --- one executor per action ----------------------------------------------
 
     def _do_continue(self, t: Trapped, a: Continue, owned) -> None:
+        if a.note and (t.sess.container, a.reason) not in self._noted:
+            # a bind a rule could have meant: say why it stays in the container, once
+            if len(self._noted) >= 4096:
+                self._noted.clear()
+            self._noted.add((t.sess.container, a.reason))
+            log.warning("%s pid %d: %s", t.sess.container, t.n.pid, a.reason)
         self.continue_(t.sess, t.n.id)
 
     def _do_fail(self, t: Trapped, a: Fail, owned) -> None:

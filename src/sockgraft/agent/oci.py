@@ -2,7 +2,9 @@
 listener (the profile's `listenerPath`), and the holder that keeps it.
 
   runtime --connect--> OCI socket: JSON state + seccompFd (SCM_RIGHTS), close
-  agent: read to EOF (<= 1 MiB, <= 5 s, <= 4 fds), parse (model/oci.py);
+         (runc before 1.4 in the foreground never closes)
+  agent: read until the JSON object is complete or EOF (<= 1 MiB, <= 5 s,
+         <= 4 fds), parse (model/oci.py);
          anything malformed: close every fd that came, log, count - nothing
          else is touched
   agent: spawn `sockgraft oci-hold` with the listener (pass_fds), which
@@ -104,6 +106,9 @@ class OciServer:
             c.data += data
             if len(c.data) > moci.MAX_HANDOFF:
                 self._reject(fd, f"message larger than {moci.MAX_HANDOFF} bytes")
+                return
+            if moci.message_complete(c.data):
+                self._finish(fd)
                 return
 
     def _finish(self, fd: int) -> None:

@@ -31,10 +31,11 @@
  * the agent:
  *
  *   connect4/6   policy: the container's first-match rule list on the address
- *                the application asked for (deny -> EPERM);
+ *                the application asked for (deny -> EACCES, as the agent
+ *                answers a policy denial in syscall mode);
  *                egress: longest-prefix rule -> bpf_bind() the endpoint's host
  *                address (dynamic port: the kernel picks it at connect time);
- *                no egress rule -> EPERM;
+ *                no egress rule -> ENETUNREACH (no way out for it);
  *                directory: a container overlay address:port that a grafted
  *                server published is rewritten to the host address:port its
  *                socket really listens on (cross-host bypass, no VXLAN).
@@ -458,6 +459,7 @@ static __always_inline int unknown_container(__u32 mark, __u32 op)
 		return 1;
 	count(1);
 	report(EV_DENY_UNKNOWN, mark, op, 0, 4, none, 0, 0);
+	bpf_set_retval(-13 /* EACCES */);
 	return 0;
 }
 
@@ -474,12 +476,14 @@ static __always_inline struct egress_val *admit(struct policy *p, __u32 mark, __
 	if (judge(p, fam, j, port, proto, &label) != V_ALLOW) {
 		count(1);
 		report(EV_DENY_POLICY, mark, op, label, fam, j, port, proto);
+		bpf_set_retval(-13 /* EACCES: one errno for a policy denial, both modes */);
 		return 0;
 	}
 	e = fam == 4 ? egress4(mark, p->gen, j[0], port_be) : egress6(mark, p->gen, j, port_be);
 	if (!e || e->src_family != fam) {
 		count(1);
 		report(EV_DENY_NO_EGRESS, mark, op, 0, fam, j, port, proto);
+		bpf_set_retval(-101 /* ENETUNREACH */);
 		return 0;
 	}
 	return e;
@@ -586,6 +590,7 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 	if (bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin))) {
 		report(EV_BIND_FAILED, mark, OP_CONNECT, e->label, 4, j, bpf_ntohs(ctx->user_port),
 		       proto);
+		bpf_set_retval(-99 /* EADDRNOTAVAIL: the endpoint address */);
 		return 0;
 	}
 	return 1;
@@ -628,6 +633,7 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 	if (bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6))) {
 		report(EV_BIND_FAILED, mark, OP_CONNECT, e->label, fam, j,
 		       bpf_ntohs(ctx->user_port), proto);
+		bpf_set_retval(-99 /* EADDRNOTAVAIL: the endpoint address */);
 		return 0;
 	}
 	return 1;

@@ -50,7 +50,7 @@ EP_EXAMPLES = """\
 examples:
   sockgraft ep add ep-http --container h2-c1 type ipv4 addr 198.18.0.2 port 8080
   sockgraft ep add ep-out  --container h1-c1 type ipv4 addr 198.18.0.1 port dynamic
-  sockgraft ep add ep-v6   --container h1-c1 type ipv6 addr fd53:6700:ffff::1 port dynamic
+  sockgraft ep add ep-v6   --container h1-c1 type ipv6 addr fd53:6700:0:1::1 port dynamic
   sockgraft ep add ep-sock --container h1-c1 type unix path /run/app.sock
   sockgraft ep del ep-out --container h1-c1
   sockgraft ep show [--container h1-c1] [--json]

@@ -19,7 +19,7 @@ LAB_EXAMPLES = """\
 examples:
   sockgraft lab up                          the embedded default: 2 hosts x 2 containers
   sockgraft lab up --config my-lab.toml     a topology of your own (see docs/architecture.md)
-  sockgraft lab status                      table of hosts and containers
+  sockgraft lab status                      hosts, containers, bytes over each veth
   sockgraft lab status --json               the same, machine-readable
   sockgraft lab exec h1-c1 -- ping -c1 198.19.2.2    container to container over VXLAN
   sockgraft lab exec h1 -- nft list ruleset          a host's NAT rules
@@ -122,17 +122,33 @@ def cmd_status(args) -> int:
         return 0
     print(f"lab {st['name']} ({st['status']}): underlay {st['underlay']}, "
           f"containers {st['container_v4']} {st['container_v6']}")
-    rows = [("NODE", "KIND", "HOST", "NETNS", "IPV4", "IPV6", "PUBLISH", "UP")]
+    rows = [("NODE", "KIND", "HOST", "NETNS", "IPV4", "IPV6", "PUBLISH", "UP",
+             "SENT/RECEIVED")]
     for h in st["hosts"]:
         rows.append((h["name"], "host", "-", h["netns"], h["underlay_ip"], "-", "-",
-                     "yes" if h["present"] else "NO"))
+                     "yes" if h["present"] else "NO", _traffic(h["underlay_bytes"])))
         for c in h["containers"]:
             rows.append((c["name"], "container", h["name"], c["netns"], c["ipv4"], c["ipv6"],
-                         ",".join(c["publish"]) or "-", "yes" if c["present"] else "NO"))
+                         ",".join(c["publish"]) or "-", "yes" if c["present"] else "NO",
+                         _traffic(c["veth_bytes"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print("SENT/RECEIVED: bytes over a host's underlay port, over a container's veth "
+          "(grafted traffic does not cross it)")
     return 0
+
+
+def _traffic(c: dict | None) -> str:
+    return "-" if c is None else f"{_bytes(c['from'])}/{_bytes(c['to'])}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GiB"
 
 
 def node_netns(lab: str, node: str) -> str:

@@ -125,6 +125,14 @@ def info(sock: socket.socket) -> tuple[int, int, int, int]:
             sock.getsockopt(SOL_SOCKET, SO_PROTOCOL), sock.getsockopt(SOL_SOCKET, SO_MARK))
 
 
+def v6only(sock: socket.socket) -> bool:
+    """IPV6_V6ONLY of an AF_INET6 socket."""
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    except OSError:
+        return False
+
+
 def file_nonblocking(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
 

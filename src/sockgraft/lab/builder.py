@@ -14,7 +14,7 @@ import contextlib
 import logging
 from typing import Callable
 
-from ..errors import LabError
+from ..errors import LabError, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import links, netns, nft
 from ..model.topology import (BRIDGE, CONTAINER_IF, FABRIC_BRIDGE, NAT_TABLE, UNDERLAY_PORT,
@@ -154,12 +154,30 @@ def status(lab: str) -> dict:
     plan = st.plan()
     out = plan_to_dict(plan)
     out["status"] = st.status
-    for h in out["hosts"]:
+    for h, hp in zip(out["hosts"], plan.hosts):
         h["present"] = netns.exists(h["netns"])
-        for c in h["containers"]:
+        counters = _counters_or_empty(h["netns"]) if h["present"] else {}
+        h["underlay_bytes"] = _rx_tx(counters.get(UNDERLAY_PORT))
+        for c, cp in zip(h["containers"], hp.containers):
             c["present"] = netns.exists(c["netns"])
             c["host"] = h["name"]
+            # the host side of the veth: rx = what the container sent, tx = what
+            # it was sent; grafted traffic never crosses it
+            c["veth"] = cp.veth_host
+            c["veth_bytes"] = _rx_tx(counters.get(cp.veth_host))
     return out
+
+
+def _counters_or_empty(netns_name: str) -> dict[str, dict[str, int]]:
+    try:
+        return interface_counters(netns_name)
+    except SockgraftError:
+        return {}
+
+
+def _rx_tx(c: dict[str, int] | None) -> dict[str, int] | None:
+    """{"from": bytes received from the node, "to": bytes sent to it} or None."""
+    return None if c is None else {"from": c["rx_bytes"], "to": c["tx_bytes"]}
 
 
 def interface_counters(netns_name: str) -> dict[str, dict[str, int]]:

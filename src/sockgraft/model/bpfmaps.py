@@ -205,9 +205,14 @@ class Event:
 
     @property
     def errno(self) -> int:
-        """What the application got: the bind guard answers EACCES like the
-        agent, every other refusal in the kernel is EPERM."""
-        return 13 if self.kind == EV_DENY_BIND else 1
+        """What the application got: EACCES for a policy denial (as the agent
+        answers it in syscall mode), a bind the guard refused and a container
+        without policy; ENETUNREACH with no egress rule; EADDRNOTAVAIL when
+        the endpoint address could not be bound; EPERM for the other guards
+        (options, forged sources and marks, listeners: the kernel's own errno
+        for a refused setsockopt or a dropped packet)."""
+        return {EV_DENY_POLICY: 13, EV_DENY_BIND: 13, EV_DENY_UNKNOWN: 13,
+                EV_DENY_NO_EGRESS: 101, EV_BIND_FAILED: 99}.get(self.kind, 1)
 
 
 def option_name(level: int, opt: int) -> str:

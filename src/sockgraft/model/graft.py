@@ -62,6 +62,7 @@ class SockInfo:
     grafted: bool      # already a host socket (tagged by the agent)
     bound: bool = True  # has a local address or port (a fresh socket has neither)
     ingress: bool = False  # bound by the agent through an ingress rule
+    v6only: bool = False  # IPV6_V6ONLY (an AF_INET6 socket that takes no IPv4)
 
     @property
     def proto(self) -> str:
@@ -71,6 +72,7 @@ class SockInfo:
 @dataclass(frozen=True, slots=True)
 class Continue:
     reason: str
+    note: bool = False      # a bind a rule could have meant: the agent logs the reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,54 @@ def unclaimed_host_bind(addr: InetAddr, host_addrs: frozenset) -> bool:
     return not ip.is_unspecified and not ip.is_loopback and ip in host_addrs
 
 
+_V4_ANY = IPv4Address(0)
+
+
+def match_bind(cfg: GraftConfig, sock: SockInfo, addr: InetAddr):
+    """The ingress rule and endpoint for a bind, dual-stack aware: a bind to
+    [::]:P on an AF_INET6 socket that takes IPv4 too (IPV6_V6ONLY off, as Go,
+    Node and busybox servers do) is covered by a rule for 0.0.0.0:P when no
+    IPv6 rule is: users write IPv4 rules, and the server must not stay
+    inside the container silently. Its host socket is bound to the IPv4
+    endpoint as a mapped address (IPv4 only, as the rule said)."""
+    hit = cfg.match_ingress(addr)
+    if hit is None and _dual_stack_any(sock, addr):
+        hit = cfg.match_ingress(InetAddr(AF_INET, _V4_ANY, addr.port))
+    return hit
+
+
+def _dual_stack_any(sock: SockInfo, addr: InetAddr) -> bool:
+    return sock.family == AF_INET6 and not sock.v6only and addr.family == AF_INET6 and \
+        addr.ip.is_unspecified
+
+
+def unmatched_bind_note(cfg: GraftConfig, sock: SockInfo, addr: InetAddr) -> str | None:
+    """Why a bind no rule matched was probably meant by one, or None: a rule
+    for the same port in the other family, or for the wildcard when the
+    application bound loopback."""
+    a = addr.unmapped()
+    port = a.port
+    if a.ip.is_loopback:
+        hit = cfg.match_ingress(InetAddr(a.family, a.ip.__class__(0), port))
+        if hit is not None:
+            return (f"bind {addr} stays in the container: rule {hit[0]} covers the "
+                    "wildcard, and a container's loopback is its own")
+        return None
+    if not a.ip.is_unspecified:
+        return None
+    if a.family == AF_INET6:
+        hit = cfg.match_ingress(InetAddr(AF_INET, _V4_ANY, port))
+        if hit is not None:
+            return (f"bind {addr} stays in the container: the socket is IPv6-only "
+                    f"(IPV6_V6ONLY) and rule {hit[0]} is IPv4; add [::]:{port}=ENDPOINT")
+        return None
+    v6 = cfg.match_ingress(InetAddr(AF_INET6, IPv6Address(0), port))
+    if v6 is not None:
+        return (f"bind {addr} stays in the container: rule {v6[0]} is IPv6 and the "
+                f"socket IPv4; add 0.0.0.0:{port}=ENDPOINT")
+    return None
+
+
 def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
                 host_addrs: frozenset = frozenset()) -> Action:
     if sock.grafted and not sock.bound:
@@ -193,16 +243,17 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
         # (connect(AF_UNSPEC) releases the port): it never binds again.
         if not isinstance(addr, InetAddr) or not _family_ok(sock, addr):
             return Fail(errno.EAFNOSUPPORT, "not an address of the socket's family")
-        if cfg is not None and cfg.match_ingress(addr) is not None:
+        if cfg is not None and match_bind(cfg, sock, addr) is not None:
             return Fail(errno.EINVAL, "socket is already bound on the host")
         return Deny(errno.EACCES, "bind:no-endpoint", addr)
     if not isinstance(addr, InetAddr) or cfg is None or not _family_ok(sock, addr):
         return Continue("not an inet bind of a configured container")
-    hit = cfg.match_ingress(addr)
+    hit = match_bind(cfg, sock, addr)
     if hit is None:
         if unclaimed_host_bind(addr, host_addrs):
             return Deny(errno.EACCES, "bind:no-endpoint", addr)
-        return Continue("no ingress rule")
+        note = unmatched_bind_note(cfg, sock, addr)
+        return Continue(note, note=True) if note else Continue("no ingress rule")
     rule, ep = hit
     if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
         return Continue("not a TCP or UDP socket")
@@ -225,7 +276,7 @@ def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
         return Fail(errno.EAFNOSUPPORT, "not an address of the socket's family")
     if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
         return Fail(errno.EOPNOTSUPP, "not a TCP or UDP socket")
-    hit = cfg.match_ingress(addr) if cfg is not None else None
+    hit = match_bind(cfg, sock, addr) if cfg is not None else None
     if hit is not None:
         rule, ep = hit
         port = 0 if ep.is_dynamic else ingress_host_port(rule, ep, addr.unmapped().port)

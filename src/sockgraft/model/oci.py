@@ -61,6 +61,21 @@ class Handoff:
         return "syscall"
 
 
+def message_complete(data: bytes) -> bool:
+    """Has the runtime's whole message arrived? It is one JSON object sent
+    with its fds in one sendmsg; runc before 1.4 keeps the connection open
+    after it (`runc run` in the foreground), so the end of the message, not
+    of the stream, is where the agent stops reading."""
+    text = bytes(data).strip()
+    if not text.endswith(b"}"):
+        return False
+    try:
+        json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
 def parse_handoff(data: bytes, nfds: int) -> Handoff:
     """The runtime's message and the number of fds that came with it."""
     if len(data) > MAX_HANDOFF:
