@@ -28,13 +28,16 @@ class GraftLab:
 
     # --- agents --------------------------------------------------------------
     def agent_socket(self, host):
-        return os.path.join(self.state_dir, f"agent-{host}.sock")
+        return os.path.join(self.state_dir, f"agent-{self.plan.name}-{host}.sock")
+
+    def oci_socket(self, host):
+        return os.path.join(self.state_dir, f"oci-{self.plan.name}-{host}.sock")
 
     def audit_path(self, host):
-        return os.path.join(self.state_dir, f"audit-{host}.log")
+        return os.path.join(self.state_dir, f"audit-{self.plan.name}-{host}.log")
 
     def start_agent(self, host, *extra):
-        log = open(os.path.join(self.state_dir, f"agent-{host}.log"), "ab")
+        log = open(self._log_path(host), "ab")
         p = subprocess.Popen(SG + ["agent", "--host", host, "--lab", self.plan.name,
                                    "--audit-log", self.audit_path(host), *extra],
                              env=self.env, stdout=log, stderr=log)
@@ -57,9 +60,12 @@ class GraftLab:
         p.send_signal(sig)
         p.wait(timeout=10)
 
+    def _log_path(self, host):
+        return os.path.join(self.state_dir, f"agent-{self.plan.name}-{host}.log")
+
     def agent_log(self, host):
         try:
-            with open(os.path.join(self.state_dir, f"agent-{host}.log")) as f:
+            with open(self._log_path(host)) as f:
                 return f.read()
         except OSError:
             return ""

@@ -128,7 +128,7 @@ class RuncEnv:
     """runc containers in a lab host's namespace, networked by CNI, started with
     the profile `sockgraft oci-profile` writes (graft_at chooses which)."""
 
-    def __init__(self, glab, tmp, graft_at="syscall", extra_files=None):
+    def __init__(self, glab, tmp, graft_at="syscall", extra_files=None, conf=None):
         if shutil.which("runc") is None:
             pytest.fail("runc is not installed (./run installs it)")
         self.g = glab
@@ -138,23 +138,25 @@ class RuncEnv:
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, os.path.join(self.rootfs, "bin", name))
         self.runc = Runc(str(tmp / "runc-root"))
-        self.listener = os.path.join(glab.state_dir, "oci-h1.sock")
+        self.listener = glab.oci_socket("h1")
         prof = glab.sg("oci-profile", "--listener", self.listener, "--graft-at",
                        graft_at).stdout
         self.profile = json.loads(prof)
-        self.cni = Cni(conflist(glab.state_dir, tmp / "ipam"), self.h1.netns)
+        self.cni = Cni(conf or conflist(glab.state_dir, tmp / "ipam",
+                                        agentSocket=glab.agent_socket("h1")), self.h1.netns)
         self.containers = {}       # cid -> (netns name, CNI result)
         self.foreground = {}       # cid -> the `runc run` process in the foreground
 
-    def start(self, cid, args, annotations, caps=None, foreground=False):
+    def start(self, cid, args, annotations, caps=None, foreground=False, runtime=None):
+        """runtime: CNI runtimeConfig (e.g. {"portMappings": [...]})."""
         ns = f"sg-{self.g.plan.name}-r{len(self.containers)}"
         netns.create(ns)
         try:
-            result = self.cni.add(cid, netns.path(ns))
+            result = self.cni.add(cid, netns.path(ns), runtime)
         except BaseException:
             netns.delete(ns)
             raise
-        self.containers[cid] = (ns, result)
+        self.containers[cid] = (ns, result, runtime)
         bundle = self.tmp / f"bundle-{cid}"
         bundle.mkdir()
         with open(bundle / "config.json", "w") as f:
@@ -172,7 +174,7 @@ class RuncEnv:
             return f.read()
 
     def stop(self, cid):
-        ns, result = self.containers.pop(cid)
+        ns, result, runtime = self.containers.pop(cid)
         self.runc.kill_and_delete(cid)
         fg = self.foreground.pop(cid, None)
         if fg is not None:
@@ -181,7 +183,7 @@ class RuncEnv:
             except subprocess.TimeoutExpired:
                 fg.kill()
                 fg.wait()
-        errors = self.cni.delete(cid, netns.path(ns), result)
+        errors = self.cni.delete(cid, netns.path(ns), result, runtime)
         netns.delete(ns)
         return errors
 
@@ -199,9 +201,14 @@ class Cni:
         self.host_ns = host_ns
         self.path = ":".join(path)
 
-    def _exec(self, plugin, command, cid, netns_path, prev, ifname="eth0"):
+    def _exec(self, plugin, command, cid, netns_path, prev, ifname="eth0", runtime=None):
         conf = {"cniVersion": self.conflist["cniVersion"], "name": self.conflist["name"],
                 **plugin}
+        # libcni: runtimeConfig carries what the plugin declared a capability for
+        wanted = {k: v for k, v in (runtime or {}).items()
+                  if plugin.get("capabilities", {}).get(k)}
+        if wanted:
+            conf["runtimeConfig"] = wanted
         if prev is not None:
             conf["prevResult"] = prev
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path,
@@ -214,19 +221,19 @@ class Cni:
                            text=True, timeout=30, preexec_fn=lambda: netns.enter(ns))
         return p
 
-    def add(self, cid, netns_path):
+    def add(self, cid, netns_path, runtime=None):
         prev = None
         for plugin in self.conflist["plugins"]:
-            p = self._exec(plugin, "ADD", cid, netns_path, prev)
+            p = self._exec(plugin, "ADD", cid, netns_path, prev, runtime=runtime)
             if p.returncode != 0:
                 raise CniFailed(plugin["type"], p.stdout + p.stderr)
             prev = json.loads(p.stdout)
         return prev
 
-    def delete(self, cid, netns_path, prev=None):
+    def delete(self, cid, netns_path, prev=None, runtime=None):
         errors = []
         for plugin in reversed(self.conflist["plugins"]):
-            p = self._exec(plugin, "DEL", cid, netns_path, prev)
+            p = self._exec(plugin, "DEL", cid, netns_path, prev, runtime=runtime)
             if p.returncode != 0:
                 errors.append(f"{plugin['type']}: {p.stdout}{p.stderr}")
         return errors
@@ -242,16 +249,20 @@ class CniFailed(Exception):
 
 
 def conflist(state_dir, ipam_dir, subnet="198.19.101.0/24", graft=None, bridge="sgcni0",
-             **extra):
-    sg = {"type": "sockgraft-cni", "stateDir": str(state_dir),
-          "agentSocket": os.path.join(str(state_dir), "agent-h1.sock")}
+             portmap=False, **extra):
+    """bridge + host-local, [portmap,] sockgraft-cni. portmap: published ports
+    through the reference portmap plugin, which sockgraft-cni receives too."""
+    sg = {"type": "sockgraft-cni", "stateDir": str(state_dir)}   # agentSocket= in extra
+    if portmap:
+        sg["capabilities"] = {"portMappings": True}
     if graft is not None:
         sg["graft"] = graft
     sg.update(extra)
-    return {"cniVersion": "1.0.0", "name": "sgtest",
-            "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True,
-                         "ipMasq": False,
-                         "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
-                                  "ranges": [[{"subnet": subnet}]],
-                                  "routes": [{"dst": "0.0.0.0/0"}]}},
-                        sg]}
+    plugins = [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+                "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
+                         "ranges": [[{"subnet": subnet}]],
+                         "routes": [{"dst": "0.0.0.0/0"}]}}]
+    if portmap:
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True},
+                        "snat": True})
+    return {"cniVersion": "1.0.0", "name": "sgtest", "plugins": plugins + [sg]}

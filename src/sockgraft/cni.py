@@ -145,9 +145,20 @@ def cmd_add(conf: dict) -> dict:
             cfg = config_from_dict({**graft, "container": container}, "CNI config 'graft'")
         except SockgraftError as exc:
             raise CniError(E_INVALID_CONFIG, f"invalid graft configuration: {exc}") from None
+    # published ports, as the portmap plugin receives them (the conflist
+    # declares "capabilities": {"portMappings": true} for this plugin too):
+    # a grafted server stays reachable at them (model/redirect.py)
+    from .model import redirect
+    runtime = conf.get("runtimeConfig") or {}
+    ports = runtime.get("portMappings") if isinstance(runtime, dict) else None
+    try:
+        redirect.parse_ports(ports, "runtimeConfig.portMappings")
+    except SockgraftError as exc:
+        raise CniError(E_INVALID_CONFIG, str(exc)) from None
     path = state_path(state_dir, cid, ifname)
     record = {"id": cid, "netns": netns, "ifname": ifname, "ips": _ips(prev),
-              "container": container, "config_written": cfg is not None}
+              "container": container, "config_written": cfg is not None,
+              "ports": ports or []}
     written: list[str] = []
     try:
         if cfg is not None:

@@ -292,7 +292,7 @@ def test_udp_by_container_ip_and_replies_from_the_overlay_address(dlab):
 def _poison(g, owner, node, records, mode=0o600, uid=None):
     """Write a directory file as somebody with access to the embedded
     backend's files would: a node document and records of its choosing."""
-    d = os.path.join(g.state_dir, "directory")
+    d = os.path.join(g.state_dir, f"directory-{g.plan.name}")
     path = os.path.join(d, f"{owner}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

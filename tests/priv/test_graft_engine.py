@@ -157,6 +157,46 @@ def test_a_dual_stack_server_is_grafted_by_an_ipv4_rule(glab):
            "rule 0.0.0.0:80=ep-http is IPv4" in glab.agent_log("h2")
 
 
+def test_a_grafted_server_stays_reachable_where_it_was(glab):
+    """Its container address from the same host (bridged) and across hosts
+    (VXLAN), from the host itself, and its published port (the lab's DNAT
+    8080 -> 80): every old address reaches the listener on the host (issue
+    14, item 1). Before: ECONNREFUSED everywhere but the endpoint."""
+    glab.configure("h2-c1", INGRESS)
+    h1, h2 = glab.plan.node("h1"), glab.plan.node("h2")
+    srv = glab.spawn("h2-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "5"])
+    assert read_json_line(srv)["local"] == ["198.18.0.2", 8081]
+    _wait_redirect(glab, "h2", "198.19.2.2")
+    assert echo(glab.plan.node("h2-c2").netns, "198.19.2.2", 80, b"same host") == \
+        b"same host"
+    assert read_json_line(srv)["accepted"][0] == "198.19.2.3"   # the client's own address
+    assert echo(glab.plan.node("h1-c1").netns, "198.19.2.2", 80, b"across") == b"across"
+    assert read_json_line(srv)["accepted"][0] == "198.19.1.2"
+    assert echo(h1.netns, "198.18.0.2", 8080, b"published") == b"published"
+    assert read_json_line(srv)["accepted"][0] == "198.18.0.1"
+    assert echo(h2.netns, "198.19.2.2", 80, b"host") == b"host"
+    assert echo(h2.netns, "198.18.0.2", 8081, b"endpoint") == b"endpoint"
+    assert srv.wait(timeout=10) == 0
+    # the server is gone: so are its redirects (the sweep, about a second)
+    deadline = time.monotonic() + 5
+    while "198.19.2.2" in _nft(h2.netns) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "dnat" not in _nft(h2.netns)
+
+
+def _nft(ns):
+    from sockgraft.lab.traffic import run_in
+    return run_in(ns, ["nft", "list", "table", "inet", "sockgraft"], timeout=10).stdout
+
+
+def _wait_redirect(glab, host, addr, timeout=5):
+    ns = glab.plan.node(host).netns
+    deadline = time.monotonic() + timeout
+    while addr not in _nft(ns):
+        assert time.monotonic() < deadline, _nft(ns)
+        time.sleep(0.05)
+
+
 def test_ingress_udp_server(glab):
     glab.configure("h2-c1", INGRESS)
     h1 = glab.plan.node("h1")

@@ -166,3 +166,60 @@ def test_existing_namespace_of_the_same_name_is_not_touched(state_dir, lab_name)
         assert netns.list_names() == before
     finally:
         netns.delete(squatter)
+
+
+def test_two_labs_with_one_topology_keep_their_agents_apart(glab, tmp_path):
+    """Agents are named by lab and host: a second lab of the same topology
+    gets its own sockets and embedded directory, `run --lab` reaches that
+    lab's agent, and a config edit in another store reloads nobody (issue
+    14, item 6)."""
+    import secrets
+    from grafting import PROBE, GraftLab, default_lab, read_json_line
+    from sockgraft.agent import control
+    other = "u" + secrets.token_hex(3)
+    with default_lab(other) as plan:
+        g2 = GraftLab(plan, glab.state_dir)
+        try:
+            g2.start_agent("h1")
+            a1, a2 = glab.agent_socket("h1"), g2.agent_socket("h1")
+            assert a1 != a2
+            assert control.request(a1, {"op": "ping"})["name"] == "h1"
+            # a grafted server in the second lab: that lab's agent has it,
+            # that lab's directory publishes it, the first lab sees nothing
+            g2.configure("h2-c1", INGRESS_H1C1.replace("h1-c1", "h2-c1").replace(
+                "198.18.0.1", "198.18.0.2"))
+            g2.start_agent("h2")
+            srv = g2.spawn("h2-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "9"])
+            assert read_json_line(srv)["ready"]
+            st2 = json.loads(glab.sg("stats", "--json", "--agent",
+                                     g2.agent_socket("h2")).stdout)
+            st1 = json.loads(glab.sg("stats", "--json", "--agent",
+                                     glab.agent_socket("h2")).stdout)
+            assert any(c["container"] == "h2-c1" for r in st2.values() for c in r["containers"])
+            assert not any(c["container"] == "h2-c1" for r in st1.values()
+                           for c in r["containers"])
+            got = g2.wait_services(lambda s: any(r["port"] == 80 for r in s), host="h1")
+            assert any(r["port"] == 80 for r in got["services"]), got
+            assert not glab.services("h1")["services"]
+            assert os.path.isdir(os.path.join(glab.state_dir, f"directory-{other}"))
+            # an edit in a store no agent reads reloads nobody
+            cfg = tmp_path / "c.toml"
+            cfg.write_text('container = "x1"\n')
+            out = glab.sg("config", "load", str(cfg), "--config-dir",
+                          str(tmp_path / "elsewhere")).stdout
+            assert "0 agent(s) reloaded" in out and "read another store" in out, out
+            out = glab.sg("config", "load", str(cfg)).stdout
+            assert "4 agent(s) reloaded" in out, out
+        finally:
+            g2.close()
+
+
+INGRESS_H1C1 = """
+container = "h1-c1"
+[endpoints.ep-http]
+type = "ipv4"
+addr = "198.18.0.1"
+port = 8081
+[rules]
+ingress = ["0.0.0.0:80=ep-http"]
+"""

@@ -175,7 +175,8 @@ def test_cni_plugin_spec_behaviour(rt, tmp_path):
              "rules": {"ingress": ["0.0.0.0:88=ep"]}}
     # an invalid graft config: error code 7, nothing written
     bad = Cni(conflist(g.state_dir, tmp_path / "ipam2", subnet="198.19.102.0/24",
-                       bridge="sgcni1", graft={"rules": {"ingress": ["0.0.0.0:88=nope"]}}), rt.h1.netns)
+                       bridge="sgcni1", graft={"rules": {"ingress": ["0.0.0.0:88=nope"]}},
+                       agentSocket=g.agent_socket("h1")), rt.h1.netns)
     ns = f"sg-{g.plan.name}-cnix"
     netns.create(ns)
     try:
@@ -188,7 +189,8 @@ def test_cni_plugin_spec_behaviour(rt, tmp_path):
         assert not os.path.exists(os.path.join(g.state_dir, "cni", "c-bad-eth0.json"))
         # agent down: ADD fails with "try again later" and leaves nothing
         good = Cni(conflist(g.state_dir, tmp_path / "ipam3", subnet="198.19.103.0/24",
-                            bridge="sgcni2", graft=graft, container="c-good"), rt.h1.netns)
+                            bridge="sgcni2", graft=graft, container="c-good",
+                            agentSocket=g.agent_socket("h1")), rt.h1.netns)
         g.stop_agent("h1")
         with pytest.raises(CniFailed) as exc:
             good.add("c-good", netns.path(ns))
@@ -218,7 +220,8 @@ def test_cni_names_the_container_and_carries_its_graft_config(glab, tmp_path):
              "rules": {"ingress": ["0.0.0.0:80=ep-http", "[::]:80=ep-http"]}}
     env = RuncEnv(glab, tmp_path)
     env.cni = Cni(conflist(glab.state_dir, tmp_path / "ipam", graft=graft,
-                           container="pods.web"), env.h1.netns)
+                           container="pods.web", agentSocket=glab.agent_socket("h1")),
+                  env.h1.netns)
     try:
         env.start("c0ffee", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], {})
         wait_listening(env.h1.netns, 8085)
@@ -287,3 +290,34 @@ def test_a_foreground_runc_run_hands_its_listener_over(glab, tmp_path, attack_bi
         env.close()
         server.kill()
         server.wait()
+
+
+def test_a_grafted_runc_server_stays_reachable_at_its_ip_and_published_port(glab, tmp_path):
+    """CNI portMappings (runtimeConfig, as the portmap plugin receives them)
+    reach sockgraft-cni too: the published port and the container's own IP
+    lead to the grafted listener on the host (issue 14, item 1)."""
+    from runtime import conflist as make_conflist
+    conf = make_conflist(glab.state_dir, tmp_path / "ipam", portmap=True,
+                         agentSocket=glab.agent_socket("h1"))
+    env = RuncEnv(glab, tmp_path, conf=conf)
+    try:
+        res = env.start("web", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], WEB_ANN,
+                        runtime={"portMappings": [{"hostPort": 8090, "containerPort": 80,
+                                                   "protocol": "tcp"}]})
+        ip = res["ips"][0]["address"].split("/")[0]
+        wait_listening(env.h1.netns, 8081)
+        h2 = glab.plan.node("h2").netns
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                body = netns.run_in(h2, _http_get, "198.18.0.1", 8090)   # published, from h2
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "published port never reached the server"
+                time.sleep(0.2)
+        assert "hello from a grafted runc container" in body
+        assert "hello from a grafted runc container" in \
+            netns.run_in(env.h1.netns, _http_get, ip, 80)                # its IP, from h1
+        assert env.stop("web") == []
+    finally:
+        env.close()

@@ -267,6 +267,13 @@ def test_source_keys_are_the_endpoint_addresses():
                        (0x53470007, 6, IPv6Address("fd00::1").packed),
                        (0x53470007, 6, bytes(16))}       # the wildcard: any address
     assert len(keys) == 3 and bpfmaps.SRC_KEY.size == 24
+    # the container's own addresses: reply sources of redirected flows; never
+    # loopback, the wildcard or garbage
+    own = bpfmaps.source_keys(cfg, 0x53470007, ["198.19.2.2", "fd53::2", "127.0.0.1", "::",
+                                                "not an address"])
+    extra = {bpfmaps.SRC_KEY.unpack(k) for k in own} - decoded
+    assert extra == {(0x53470007, 4, IPv4Address("198.19.2.2").packed + bytes(12)),
+                     (0x53470007, 6, IPv6Address("fd53::2").packed)}
 
 
 @pytest.mark.parametrize("kind, op, label, port, family, addr, want_addr, rule, err", [

@@ -29,3 +29,21 @@ def test_endpoint_examples_use_addresses_of_the_default_lab(text):
 
 def test_the_endpoint_examples_are_checked():
     assert len(EXAMPLE.findall(graft_cmd.EP_EXAMPLES)) == 3
+
+
+@pytest.mark.parametrize("text, want", [
+    ("8080:80", {"host_ip": None, "host_port": 8080, "container_port": 80, "proto": "tcp"}),
+    ("198.18.0.1:8080:80/udp", {"host_ip": "198.18.0.1", "host_port": 8080,
+                                "container_port": 80, "proto": "udp"}),
+    ("[fd00::1]:8443:443", {"host_ip": "fd00::1", "host_port": 8443, "container_port": 443,
+                            "proto": "tcp"}),
+])
+def test_run_publish_takes_dockers_syntax(text, want):
+    assert graft_cmd.parse_publish(text) == want
+
+
+@pytest.mark.parametrize("text", ["80", "a:b", "8080:80:x"])
+def test_run_publish_refuses_what_it_cannot_read(text):
+    from sockgraft.errors import ConfigError
+    with pytest.raises(ConfigError, match="--publish"):
+        graft_cmd.parse_publish(text)

@@ -35,8 +35,15 @@ MAX_FDS = 4
 _LEN = struct.Struct("!I")
 
 
-def default_socket_path(host: str = "default") -> str:
-    return os.path.join(state_dir(), f"agent-{host}.sock")
+def agent_name(host: str = "default", lab: str | None = None) -> str:
+    """A lab host's agent is named by lab and host (two labs with the same
+    topology never share a socket, a log or a directory); any other agent
+    by its own name."""
+    return f"{lab}-{host}" if lab else host
+
+
+def default_socket_path(host: str = "default", lab: str | None = None) -> str:
+    return os.path.join(state_dir(), f"agent-{agent_name(host, lab)}.sock")
 
 
 def encode(msg: dict) -> bytes:

@@ -331,14 +331,16 @@ def _valid(r: object, source: str) -> bool:
 
 
 def open_backend(spec: str, owner: str, ttl: float, state_dir: str,
-                 access=None) -> Backend | None:
+                 access=None, lab: str | None = None) -> Backend | None:
     """`--directory` values: embedded[:PATH] | etcds://HOST:PORT | https://HOST:PORT |
     etcd://HOST:PORT | http://HOST:PORT (plain: lab only) | off. access: the
-    etcd backend's TLS and auth settings (agent/etcd.EtcdAccess)."""
+    etcd backend's TLS and auth settings (agent/etcd.EtcdAccess). lab: the
+    embedded directory of a lab's agents is the lab's own (directory-LAB)."""
     if spec == "off":
         return None
     if spec == "embedded" or spec.startswith("embedded:"):
-        path = spec.partition(":")[2] or os.path.join(state_dir, "directory")
+        path = spec.partition(":")[2] or os.path.join(
+            state_dir, f"directory-{lab}" if lab else "directory")
         return EmbeddedDirectory(path, owner, ttl)
     if spec.startswith(("etcd://", "http://", "etcds://", "https://")):
         from .etcd import EtcdDirectory

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 from ..errors import SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import nft
-from ..model import bpfmaps, graft
+from ..model import bpfmaps, graft, redirect
 from ..model.nftpolicy import plan_ruleset
 from .store import ConfigStore
 
@@ -36,6 +36,7 @@ class BpfApplied:
     keys6: list[bytes]
     labels: tuple[str, ...]         # policy label index -> rule name
     egress_labels: list[str]
+    addresses: tuple[str, ...] = ()  # the container's own, granted as reply sources
 
 
 class Enforcer:
@@ -70,11 +71,17 @@ class Enforcer:
         self._svc.clear()
         self._svc_rev.clear()
 
-    def sync_nft(self, sessions: Iterable, services: Mapping) -> None:
+    def sync_nft(self, sessions: Iterable, services: Mapping,
+                 servers: Iterable = ()) -> None:
         """Load the per-container policy chains of every registered container
-        (sessions), with the directory services each may be sent to."""
+        (sessions), with the directory services each may be sent to, and the
+        redirects to this node's grafted servers (model/redirect.py)."""
         if not self.manage_nft:
             return
+        sessions = list(sessions)
+        redirects = tuple(redirect.plan(
+            servers, {s.container: s.addresses for s in sessions},
+            {s.container: s.ports for s in sessions}))
         policies = {}
         for sess in sessions:
             policies[sess.mark] = (sess.config.policy if sess.config else
@@ -83,10 +90,10 @@ class Enforcer:
                                         in self._followable(policy, services).items()},
                                        key=str))
                     for mark, policy in policies.items()}
-        if (policies, services) == self._nft_applied:
+        if (policies, services, redirects) == self._nft_applied:
             return
-        nft.apply(None, plan_ruleset(policies, services))
-        self._nft_applied = (policies, services)
+        nft.apply(None, plan_ruleset(policies, services, redirects))
+        self._nft_applied = (policies, services, redirects)
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
                  mark_held: Callable[[int], bool], rescan: bool = False) -> None:
@@ -98,10 +105,10 @@ class Enforcer:
         and removed after it."""
         if self.bpf is None:
             return
-        wanted: dict[int, tuple[graft.GraftConfig, bool]] = {}
+        wanted: dict[int, tuple[graft.GraftConfig, bool, tuple[str, ...]]] = {}
         for sess in sessions:
             if sess.config is not None:
-                wanted[sess.mark] = (sess.config, sess.graft_at == "socket")
+                wanted[sess.mark] = (sess.config, sess.graft_at == "socket", sess.addresses)
         if rescan or self._store_configs is None:
             found = {}
             marks = self.store.marks()
@@ -110,8 +117,7 @@ class Enforcer:
                     cfg = self.store.load(name)
                     if cfg is not None:
                         mark = marks.get(name) or self.store.mark(name, in_use=mark_held)
-                        found[mark] = \
-                            (cfg, cfg.graft_at == "socket")
+                        found[mark] = (cfg, cfg.graft_at == "socket", ())
                 except SockgraftError as exc:
                     log.warning("bpf: skipping container %s: %s", name, exc)
             self._store_configs = found
@@ -123,9 +129,10 @@ class Enforcer:
         for mark in wanted:
             if self.bpf.gens.get(mark) != gens.get(mark, 0):
                 self.bpf.set_gen(mark, gens.get(mark, 0))
-        for mark, (cfg, socket_mode) in wanted.items():
+        for mark, (cfg, socket_mode, own) in wanted.items():
             old = self.applied.get(mark)
-            if old is not None and old.cfg == cfg and old.socket_mode == socket_mode:
+            if old is not None and old.cfg == cfg and old.socket_mode == socket_mode and \
+                    old.addresses == own:
                 continue
             self._gen = self._gen % 0xFFFF + 1
             gen = self._gen
@@ -136,7 +143,7 @@ class Enforcer:
                             cfg.container, exc)
                 continue
             v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
-            sources = bpfmaps.source_keys(cfg, mark)
+            sources = bpfmaps.source_keys(cfg, mark, own)
             for k in sources:
                 self.bpf.update("sg_sources", k, b"\1")
             for k, v in v4:
@@ -148,7 +155,7 @@ class Enforcer:
                 self._forget_egress(old, keep=sources)
             self.applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
                                             [k for k, _ in v4], [k for k, _ in v6],
-                                            entry.labels, elabels)
+                                            entry.labels, elabels, own)
         for mark in [m for m in self.applied if m not in wanted]:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._forget_egress(self.applied.pop(mark))

@@ -30,7 +30,7 @@ from ..errors import AgentError, KernelError, NotFound, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import seccomp
 from ..kernel import sockets as ksock
-from ..model import bpfmaps
+from ..model import bpfmaps, redirect
 from ..model import oci as moci
 from ..model.graftconfig import GRAFT_AT, dump_config, load_config
 from ..paths import state_dir
@@ -75,6 +75,7 @@ class Agent:
         self.inventory = Inventory()
         self.publisher = Publisher(directory, self.node, self.inventory.write_audit,
                                    self._node_facts)
+        self.publisher.on_servers = self._servers_changed
         self.oci_socket = oci_socket
         self.oci: oci.OciServer | None = None
         self.holders: list = []
@@ -279,7 +280,8 @@ class Agent:
             elif op == "services":
                 reply = {"ok": True, **self.publisher.listing()}
             elif op == "ping":
-                reply = {"ok": True, "pid": os.getpid(), "name": self.name}
+                reply = {"ok": True, "pid": os.getpid(), "name": self.name,
+                         "store": os.path.abspath(self.store.dir)}
             else:
                 reply = {"ok": False, "error": f"unknown op {op!r}"}
         except SockgraftError as exc:
@@ -316,6 +318,7 @@ class Agent:
             inline = load_config(str(msg["inline_config"]), f"annotations of {container}")
             if inline.container != container:
                 raise AgentError(f"inline config is for {inline.container}, not {container}")
+        ports = redirect.parse_ports(msg.get("ports"), f"ports of {container}")
         cfg = self.store.load(container) or inline
         mark = self.store.mark(container, in_use=self.sessions.holds)
         listener = seccomp.Listener(fds.pop())
@@ -328,10 +331,12 @@ class Agent:
         addresses = msg.get("addresses") or []
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             addresses = []
+
         sess = Session(container, pid, listener, mark, cfg,
                        {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
                         ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn,
-                       graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline)
+                       graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline,
+                       ports=ports)
         key = listener.fileno()
         self.sessions.add(key, sess)
         try:
@@ -396,7 +401,12 @@ class Agent:
         self.enforcer.bpf = progs
 
     def sync_nft(self) -> None:
-        self.enforcer.sync_nft(self.sessions.values(), self.publisher.services)
+        self.enforcer.sync_nft(self.sessions.values(), self.publisher.services,
+                               self.publisher.servers.values())
+
+    def _servers_changed(self) -> None:
+        """A grafted server came or went: its redirects, at the end of the turn."""
+        self._nft_due = True
 
     def sync_bpf(self, rescan: bool = False) -> None:
         self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
@@ -477,8 +487,9 @@ class Agent:
                 cfg = None
             cfg_text = dump_config(cfg) if cfg is not None else None
         addresses = [ip for r in regs for ip in r.get("ips", []) if isinstance(ip, str)]
+        ports = [p for r in regs for p in (r.get("ports") or []) if isinstance(p, dict)]
         self.holders.append(oci.spawn_holder(self.socket_path, h, listener, container,
-                                             cfg_text, addresses))
+                                             cfg_text, addresses, ports))
         log.info("OCI container %s (%s, pid %d, graft_at %s): holder started", container,
                  h.container_id, h.pid, h.graft_at)
 

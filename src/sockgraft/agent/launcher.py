@@ -94,7 +94,7 @@ def hold_oci(listener: int, info: dict) -> int:
     if not facts["addresses"]:
         facts["addresses"] = list(info.get("cni_addresses") or [])   # what CNI assigned
     hello = {**facts, "graft_at": info.get("graft_at", "syscall"),
-             "inline_config": info.get("config")}
+             "inline_config": info.get("config"), "ports": info.get("cni_ports") or []}
     try:
         conn = _register(info["agent"], info["container"], pid, listener, hello)
     except (AgentError, OSError) as exc:
@@ -122,7 +122,8 @@ def _register(agent_path: str, container: str, pid: int, listener: int,
 
 
 def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str,
-        trap_sendto: bool = False, graft_at: str = "syscall") -> int:
+        trap_sendto: bool = False, graft_at: str = "syscall",
+        ports: list[dict] | None = None) -> int:
     if graft_at not in GRAFT_AT:
         raise AgentError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}")
     # Fail before anything starts if no agent answers.
@@ -143,7 +144,7 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
         listener = fds[0]
         got = json.loads(msg or b"{}")
         hello = {"buffers": got.get("buffers", {}), "addresses": got.get("addresses", []),
-                 "graft_at": graft_at}
+                 "graft_at": graft_at, "ports": ports or []}
         conn = _register(agent_path, container, pid, listener, hello)
         parent_sp.send(GO)
     except BaseException:

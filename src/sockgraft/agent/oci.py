@@ -169,11 +169,12 @@ class OciServer:
 
 
 def spawn_holder(agent_path: str, h: moci.Handoff, listener: int, container: str,
-                 config_toml: str | None, addresses: list[str]) -> subprocess.Popen:
+                 config_toml: str | None, addresses: list[str],
+                 ports: list[dict] | None = None) -> subprocess.Popen:
     """Start `sockgraft oci-hold` with the listener; it registers and holds."""
     info = {"agent": agent_path, "container": container, "id": h.container_id,
             "pid": h.pid, "bundle": h.bundle, "graft_at": h.graft_at,
-            "config": config_toml, "cni_addresses": addresses}
+            "config": config_toml, "cni_addresses": addresses, "cni_ports": ports or []}
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "sockgraft.cli.main", "oci-hold",
                              "--fd", str(listener), "--info-fd", str(r)],

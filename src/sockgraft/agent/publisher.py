@@ -4,6 +4,10 @@ and the service table it reads back (the records other agents published,
 as model/directory.admit let them through), which the grafter and the
 enforcement reconcilers use.
 
+Also keeps every grafted server of this node, directory or not (`servers`):
+the redirects from their container addresses and published ports
+(model/redirect.py) are made from it.
+
 Owns: the published records, their withdrawal when the socket closes, the
 node document, the audit of refused records, and withdrawing our own record
 when the directory says another container holds its key. Must not: decide
@@ -19,6 +23,7 @@ import socket
 from typing import Callable, Iterable
 
 from ..model import directory as mdir
+from ..model import redirect
 from ..model.sockaddr import InetAddr
 from .directory import Backend
 from .procfs import socket_open, tgid
@@ -39,6 +44,10 @@ class Publisher:
         self.audit = audit
         self.node_facts = node_facts
         self.published: dict[str, dict] = {}    # our records: key -> record
+        # every grafted server of this node, directory or not: (pid, fd, inode)
+        # -> (its redirect.Server); what the redirects (nftables DNAT) are made of
+        self.servers: dict[tuple[int, int, int], redirect.Server] = {}
+        self.on_servers: Callable[[], None] = lambda: None      # the set changed
         self.services: dict = {}                # (proto, overlay ip, port) -> (host ip, port)
         self._rejected_seen: set[str] = set()   # refused records (audited once)
 
@@ -63,10 +72,10 @@ class Publisher:
 
     def publish_bind(self, container: str, addresses: Iterable[str], tid: int, fd: int,
                      proto: str, host: socket.socket, requested: InetAddr) -> None:
-        """A grafted server bound through an ingress rule: publish its overlay
-        address(es):port -> the host address:port it really listens on."""
-        if self.directory is None:
-            return
+        """A grafted server bound through an ingress rule: remember it (the
+        redirects from its container address and published ports), publish
+        its overlay address(es):port -> the host address:port it really
+        listens on."""
         try:
             local = host.getsockname()
         except OSError:
@@ -74,6 +83,12 @@ class Publisher:
         hip = ipaddress.ip_address(local[0])
         if hip.version == 6 and hip.ipv4_mapped is not None:
             hip = hip.ipv4_mapped
+        req = requested.unmapped()
+        self.servers[(tgid(tid), fd, os.fstat(host.fileno()).st_ino)] = redirect.Server(
+            container, proto, req.ip, req.port, hip, local[1])
+        self.on_servers()
+        if self.directory is None:
+            return
         if hip.is_unspecified:
             # a wildcard endpoint: clients are sent to one of this node's
             # published addresses (the records of others are checked on it)
@@ -88,7 +103,6 @@ class Publisher:
             log.info("directory: not publishing %s's server: host address %s is %s",
                      container, hip, mdir.unusable_host_addr(hip))
             return
-        req = requested.unmapped()
         addresses = list(addresses)
         if req.ip.is_unspecified:
             overlay = [a for a in addresses if ipaddress.ip_address(a).version == hip.version]
@@ -121,7 +135,13 @@ class Publisher:
             self.directory.publish(self.published)
 
     def sweep(self) -> None:
-        """Withdraw records whose socket is closed (or whose process is gone)."""
+        """Forget servers and withdraw records whose socket is closed (or
+        whose process is gone)."""
+        dead = [k for k in self.servers if not socket_open(*k)]
+        for k in dead:
+            del self.servers[k]
+        if dead:
+            self.on_servers()
         if self.directory is None or not self.published:
             return
         gone = [k for k, r in self.published.items() if not _socket_alive(r)]

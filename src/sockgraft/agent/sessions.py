@@ -13,6 +13,7 @@ from typing import Iterator
 
 from ..kernel import seccomp
 from ..model import graft
+from ..model.redirect import PortMap
 from . import notifiers
 from .inventory import Counters
 
@@ -34,6 +35,7 @@ class Session:
     inline: graft.GraftConfig | None = None  # from OCI annotations (the store wins)
     loop_serves: bool = True                # the loop receives its notifications (False
                                             # while notifier threads alone do)
+    ports: tuple[PortMap, ...] = ()         # its published ports (lab, CNI portMappings)
 
 
 class SessionTable:

@@ -120,7 +120,7 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
         agent_pids = agents.start_agents(plan)
         store.save(grafts.egress_via(client.name, h1_ip, f"{h1_ip}/32"))
         store.save(grafts.ingress_on(server.name, 9200, h1_ip, 9201))
-        control.request(control.default_socket_path(h1.name), {"op": "reload"})
+        control.request(control.default_socket_path(h1.name, plan.name), {"op": "reload"})
         host = Place(h1.netns)
         plain_c = Place(client.netns)
         graft_c = Place(client.netns, client.name, lab, graft_at="syscall")
@@ -250,7 +250,7 @@ def _scale(plan, lab: str, holdsocks: str, agent_pid: int, containers: int, sock
     containers register all at once."""
     h1 = plan.hosts[0]
     ns_path = netns.path(h1.containers[0].netns)
-    agent_path = control.default_socket_path(h1.name)
+    agent_path = control.default_socket_path(h1.name, plan.name)
     store = ConfigStore()
     names = [f"scale-{i:03d}" for i in range(containers)]
     for n in names:

@@ -181,7 +181,7 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str],
     try:
         wait_listening(*run.listen, timeout=10, proto=wl.proto)
         if run.overlay:
-            agents.wait_published("h1", wl.proto, run.target, run.target_port)
+            agents.wait_published(run.client.lab, "h1", wl.proto, run.target, run.target_port)
         client = run.client
         cmd = client.command(wl.client_argv(run.target, run.target_port, seconds, workdir))
         if client.graft is not None and wl.udp_sendto and client.graft_at != "socket":
@@ -235,7 +235,8 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
                 store.save(cfg)
             from ..agent import control
             for h in plan.hosts:
-                control.request(control.default_socket_path(h.name), {"op": "reload"})
+                control.request(control.default_socket_path(h.name, plan.name),
+                                {"op": "reload"})
         for rnd in range(1, rounds + 1):
             for name in names:
                 wl = wmod.WORKLOADS[name].with_tools(tools)

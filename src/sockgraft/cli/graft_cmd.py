@@ -20,6 +20,7 @@ from .oci_cmd import default_oci_socket
 from ..kernel import netns
 from ..lab import state as lab_state
 from ..model import graftconfig as gc
+from ..model import redirect
 from ..model.endpoint import parse_egress, parse_endpoint_args, parse_ingress
 from ..model.policy import parse_policy_rule
 from ..paths import state_dir
@@ -44,6 +45,8 @@ examples:
   sockgraft run --container h2-c1 -- nginx -g 'daemon off;'
   sockgraft run --container web --netns /run/netns/web --agent /run/sockgraft/agent-n1.sock -- ./server
   sockgraft run --container h1-c1 --graft-at socket -- ./client   every socket a host socket
+  sockgraft run --container web --netns /run/netns/web -p 8080:80 -- ./server
+      the node publishes web's port 80 at 8080: a grafted server stays reachable there
 """
 
 EP_EXAMPLES = """\
@@ -148,6 +151,11 @@ def register(sub) -> None:
                         "socket() and judge connects in the kernel (socket); default: the "
                         "container's graft_at setting")
     p.add_argument("--config-dir", help=f"graft configuration store (default {default_dir()})")
+    p.add_argument("--publish", "-p", action="append", default=[],
+                   metavar="[HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|udp]",
+                   help="a port the node publishes for this container (its DNAT exists "
+                        "already); a grafted server stays reachable there. A lab container's "
+                        "published ports are added by themselves")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run, needs_root=True)
 
@@ -245,22 +253,33 @@ def agent_sockets() -> list[str]:
     return sorted(glob.glob(os.path.join(state_dir(), "agent-*.sock")))
 
 
-def notify_agents(container: str | None) -> int:
-    """Ask every running agent to reload; returns how many answered."""
-    n = 0
+def notify_agents(container: str | None, store: ConfigStore) -> str:
+    """Ask every running agent that reads `store` to reload; says how many
+    did (an agent reading another store is not asked: nothing of this edit
+    reaches it)."""
+    n, other = 0, []
+    mine = os.path.realpath(store.dir)
     for path in agent_sockets():
         try:
+            ping = control.request(path, {"op": "ping"}, timeout=3)
+            if ping.get("store") and os.path.realpath(ping["store"]) != mine:
+                other.append(ping.get("name") or path)
+                continue
             control.request(path, {"op": "reload", "container": container}, timeout=3)
             n += 1
         except AgentError as exc:
             logging.getLogger("sockgraft").info("reload via %s: %s", path, exc)
-    return n
+    text = f"{n} agent(s) reloaded"
+    if other:
+        text += f"; {len(other)} read another store and were left alone " \
+                f"({', '.join(sorted(other))})"
+    return text
 
 
 def _edit(args, change, what: str) -> int:
-    cfg = _store(args).edit(args.container, change)
-    n = notify_agents(args.container)
-    print(f"{what} (container {cfg.container}; {n} agent(s) reloaded)")
+    store = _store(args)
+    cfg = store.edit(args.container, change)
+    print(f"{what} (container {cfg.container}; {notify_agents(args.container, store)})")
     return 0
 
 
@@ -279,12 +298,13 @@ def cmd_agent(args) -> int:
         netns.enter(ns)   # before any thread exists: the directory worker inherits it
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    path = args.socket or control.default_socket_path(name)
-    bpf_name = f"{args.lab}-{args.host}" if args.host else name
+    lab = args.lab if args.host else None
+    path = args.socket or control.default_socket_path(name, lab)
+    bpf_name = control.agent_name(name, lab)
     if args.uninstall:
         from ..kernel import bpf as kbpf
         from ..lab.agents import answers
-        if answers(args.socket or control.default_socket_path(name)):
+        if answers(path):
             raise AgentError(f"agent {name} is still running; stop it first")
         from ..kernel import nft
         from ..model.nftpolicy import FAMILY, TABLE
@@ -297,14 +317,15 @@ def cmd_agent(args) -> int:
     from ..agent.etcd import EtcdAccess
     access = EtcdAccess(args.directory_ca, args.directory_cert, args.directory_key,
                         args.directory_user, args.directory_password_file)
+    # a lab's agents share one embedded directory, never another lab's
     directory = open_backend(args.directory, bpf_name, args.directory_ttl,
-                             state_dir(), access)
+                             state_dir(), access, lab=lab)
     agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
                   notifier_threads=args.notifier_threads,
                   oci_socket=None if args.oci_socket == "off" else
-                  (args.oci_socket or default_oci_socket(name)))
+                  (args.oci_socket or default_oci_socket(bpf_name)))
     agent.start()
     print(f"sockgraft agent {name}: serving {path} (pid {os.getpid()})", flush=True)
     try:
@@ -337,15 +358,48 @@ def cmd_run(args) -> int:
     if not ns_path or not agent:
         lab_ns, host = container_location(args.lab, args.container)
         ns_path = ns_path or lab_ns
-        agent = agent or control.default_socket_path(host)
+        agent = agent or control.default_socket_path(host, args.lab)
     if ns_path and not ns_path.startswith("/"):
         ns_path = netns.path(ns_path)
     graft_at = args.graft_at
     if graft_at is None:
         cfg = _store(args).load(args.container)
         graft_at = cfg.graft_at if cfg is not None else "syscall"
+    ports = [parse_publish(p) for p in args.publish] + lab_ports(args.lab, args.container)
+    redirect.parse_ports(ports, "--publish")          # refused here, not by the agent
     return run(args.container, cmd, ns_path=ns_path, agent_path=agent,
-               trap_sendto=args.udp_sendto, graft_at=graft_at)
+               trap_sendto=args.udp_sendto, graft_at=graft_at, ports=ports)
+
+
+def parse_publish(text: str) -> dict:
+    """`[HOSTIP:]HOSTPORT:CONTAINERPORT[/PROTO]`, docker's -p syntax."""
+    spec, _, proto = text.partition("/")
+    parts = spec.rsplit(":", 2)
+    host_ip = parts[0].strip("[]") if len(parts) == 3 else ""
+    try:
+        hp, cp = (int(x) for x in parts[-2:])
+    except ValueError:
+        raise ConfigError(f"--publish {text!r}: expected [HOSTIP:]HOSTPORT:CONTAINERPORT"
+                          "[/tcp|udp]") from None
+    return {"host_ip": host_ip or None, "host_port": hp, "container_port": cp,
+            "proto": proto or "tcp"}
+
+
+def lab_ports(lab: str, container: str) -> list[dict]:
+    """A lab container's published ports (its host's DNAT), if it is in that lab."""
+    st = lab_state.read(lab)
+    if st is None:
+        return []
+    plan = st.plan()
+    try:
+        node = plan.node(container)
+    except (ConfigError, KeyError, LookupError):
+        return []
+    if not hasattr(node, "publish"):
+        return []
+    host = plan.node(node.host)
+    return [{"host_ip": str(host.underlay.ip), "host_port": p.host_port,
+             "container_port": p.container_port, "proto": p.proto} for p in node.publish]
 
 
 def cmd_ep_add(args) -> int:
@@ -421,9 +475,9 @@ def cmd_config_load(args) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=args.file) from exc
     cfg = gc.load_config(text, args.file)
-    _store(args).save(cfg)
-    n = notify_agents(cfg.container)
-    print(f"configuration of {cfg.container} installed ({n} agent(s) reloaded)")
+    store = _store(args)
+    store.save(cfg)
+    print(f"configuration of {cfg.container} installed ({notify_agents(cfg.container, store)})")
     return 0
 
 
@@ -436,9 +490,10 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_config_del(args) -> int:
-    existed = _store(args).delete(args.container)
-    notify_agents(args.container)
-    print(f"configuration of {args.container} " + ("deleted" if existed else "did not exist"))
+    store = _store(args)
+    existed = store.delete(args.container)
+    print(f"configuration of {args.container} " + ("deleted" if existed else "did not exist")
+          + f" ({notify_agents(args.container, store)})")
     return 0
 
 

@@ -42,26 +42,30 @@ def register(sub) -> None:
 
     p = labsub.add_parser("up", help="create the lab", epilog=LAB_EXAMPLES, formatter_class=fmt)
     p.add_argument("--config", metavar="FILE", help="topology TOML (default: embedded 2x2)")
-    p.add_argument("--name", help="lab name (overrides the file's name)")
+    p.add_argument("--lab", "--name", dest="name",
+                   help="lab name (overrides the file's name)")
     p.add_argument("--agents", action="store_true",
                    help="also start one sockgraft agent per host, in the background")
+    p.add_argument("--config-dir", help="the graft configuration store the agents read "
+                                        "(default: the state directory's)")
     p.set_defaults(func=cmd_up, needs_root=True)
 
     p = labsub.add_parser("down", help="remove everything the lab created",
                           epilog=LAB_EXAMPLES, formatter_class=fmt)
-    p.add_argument("--name", default=None, help=f"lab name (default: {DEFAULT_LAB})")
+    p.add_argument("--lab", "--name", dest="name", default=None,
+                   help=f"lab name (default: {DEFAULT_LAB})")
     p.add_argument("--all", action="store_true", help="every lab with a state file")
     p.set_defaults(func=cmd_down, needs_root=True)
 
     p = labsub.add_parser("status", help="show hosts, containers and addresses",
                           epilog=LAB_EXAMPLES, formatter_class=fmt)
-    p.add_argument("--name", default=DEFAULT_LAB)
+    p.add_argument("--lab", "--name", dest="name", default=DEFAULT_LAB, help="lab name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
     p = labsub.add_parser("exec", help="run a command in a host's or container's namespace",
                           epilog=LAB_EXAMPLES, formatter_class=fmt)
-    p.add_argument("--name", default=DEFAULT_LAB)
+    p.add_argument("--lab", "--name", dest="name", default=DEFAULT_LAB, help="lab name")
     p.add_argument("node", help="host or container name")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_exec, needs_root=True)
@@ -72,7 +76,8 @@ def register(sub) -> None:
                        epilog="examples:\n  sockgraft demo\n  sockgraft demo --seconds 5 "
                               "--keep\n", formatter_class=fmt)
     p.add_argument("--config", metavar="FILE")
-    p.add_argument("--name", help="lab name (default: the topology's, 'demo')")
+    p.add_argument("--lab", "--name", dest="name",
+                   help="lab name (default: the topology's, 'demo')")
     p.add_argument("--seconds", type=float, default=2.0, help="iperf3 duration per path")
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p.set_defaults(func=cmd_demo, needs_root=True)
@@ -96,7 +101,7 @@ def cmd_up(args) -> int:
     print(f"lab {plan.name} is up: {len(plan.hosts)} hosts, {len(plan.containers)} containers")
     if args.agents:
         try:
-            pids = agents.start_agents(plan)
+            pids = agents.start_agents(plan, config_dir=args.config_dir)
         except SockgraftError:
             builder.down(plan.name)
             raise
@@ -266,7 +271,7 @@ def _demo_graft(plan, seconds: float):
             Place(server.netns, server.name, plan.name), 5201,
             Place(client.netns, client.name, plan.name, graft_at="socket"), 5201,
             (h2.netns, 5202), client.name, to=cip,
-            ready=lambda: agents.wait_published(h1.name, "tcp", cip, 5201))
+            ready=lambda: agents.wait_published(plan.name, h1.name, "tcp", cip, 5201))
     print("  grafted sockets skip the container's veth, bridge, NAT and the VXLAN overlay:"
           " one network stack.")
     return store

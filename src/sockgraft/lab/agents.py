@@ -21,26 +21,30 @@ from ..paths import state_dir
 state_base = state_dir
 
 
-def start_agents(plan: LabPlan, timeout: float = 15.0) -> dict[str, int]:
-    """Start one agent per host; returns {host: pid}. Waits until each answers."""
+def start_agents(plan: LabPlan, timeout: float = 15.0,
+                 config_dir: str | None = None) -> dict[str, int]:
+    """Start one agent per host; returns {host: pid}. Waits until each answers.
+    Sockets, logs and audit files are named by lab and host."""
     os.makedirs(state_base(), exist_ok=True)
     pids = {}
     for host in plan.hosts:
-        path = control.default_socket_path(host.name)
+        name = control.agent_name(host.name, plan.name)
+        path = control.default_socket_path(host.name, plan.name)
         if answers(path):
             raise AgentError(f"an agent already serves {path}")
-        with open(os.path.join(state_base(), f"agent-{host.name}.log"), "ab") as log:
+        log_path = os.path.join(state_base(), f"agent-{name}.log")
+        extra = ["--config-dir", config_dir] if config_dir else []
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sockgraft.cli.main", "agent", "--host", host.name,
                  "--lab", plan.name, "--audit-log",
-                 os.path.join(state_base(), f"audit-{host.name}.log")],
+                 os.path.join(state_base(), f"audit-{name}.log"), *extra],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         pids[host.name] = proc.pid
         deadline = time.monotonic() + timeout
         while not answers(path):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AgentError(f"the agent of {host.name} did not start; see "
-                                 f"{os.path.join(state_base(), f'agent-{host.name}.log')}")
+                raise AgentError(f"the agent of {host.name} did not start; see {log_path}")
             time.sleep(0.05)
     return pids
 
@@ -53,10 +57,11 @@ def answers(path: str) -> bool:
         return False
 
 
-def wait_published(host: str, proto: str, overlay: str, port: int, timeout: float = 10) -> None:
+def wait_published(lab: str, host: str, proto: str, overlay: str, port: int,
+                   timeout: float = 10) -> None:
     """Until the agent of lab host `host` knows a grafted server by its overlay
     address in the directory (~0.1 s with the embedded one)."""
-    path = control.default_socket_path(host)
+    path = control.default_socket_path(host, lab)
     deadline = time.monotonic() + timeout
     while True:
         got = control.request(path, {"op": "services"}, timeout=2)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Iterable
 
 from ..errors import ConfigError
 from .graftconfig import GraftConfig
@@ -164,13 +165,25 @@ def egress_entries(cfg: GraftConfig, mark: int, gen: int
     return v4, v6, labels
 
 
-def source_keys(cfg: GraftConfig, mark: int) -> list[bytes]:
+def source_keys(cfg: GraftConfig, mark: int, own: Iterable[str] = ()) -> list[bytes]:
     """sg_sources keys: the addresses of the container's inet endpoints, the
     only sources its packets may carry (an IPv4 endpoint of a dual-stack
     socket sends IPv4 packets: family 4). The wildcard address packs as
-    all-zero, the program's "any address of this family" key."""
+    all-zero, the program's "any address of this family" key.
+
+    own: the container's own addresses. A grafted server's replies to a
+    client redirected from the container's address (model/redirect.py) leave
+    with that address as their source once conntrack undoes the DNAT; the
+    container may use its own address anyway, so it is no one else's."""
     keys = {SRC_KEY.pack(mark, ep.addr.version, ep.addr.packed.ljust(16, b"\0"))
             for ep in cfg.endpoints.values() if ep.is_inet and ep.addr is not None}
+    for a in own:
+        try:
+            ip = ip_address(a)
+        except ValueError:
+            continue
+        if not (ip.is_unspecified or ip.is_loopback or ip.is_multicast):
+            keys.add(SRC_KEY.pack(mark, ip.version, ip.packed.ljust(16, b"\0")))
     return sorted(keys)
 
 

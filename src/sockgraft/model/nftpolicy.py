@@ -20,6 +20,11 @@ A mark in sockgraft's range with no chain (unknown container) is rejected.
 Reject, not drop: a refused TCP connect fails at once (ECONNREFUSED, the
 ICMP answer is local) instead of retrying its SYN for two minutes; a UDP send
 fails with EPERM.
+Redirects (model/redirect.py): DNAT chains at prerouting and output, at a
+priority before the node's own port mappings (dstnat - 10), take
+connections to a grafted server's container address or published port to
+the host address its listener really has.
+
 Pure: returns text; kernel/nft.py loads it atomically.
 """
 
@@ -30,6 +35,7 @@ from typing import Iterable, Mapping
 
 from .graft import MARK_BASE, MARK_MASK
 from .policy import LinearRule, Policy, linearize
+from .redirect import Redirect
 
 TABLE = "sockgraft"
 FAMILY = "inet"
@@ -78,8 +84,19 @@ def _service_lines(services: Iterable[tuple]) -> list[str]:
     return lines
 
 
+def redirect_line(r: Redirect) -> str:
+    kw = "ip" if r.version == 4 else "ip6"
+    match = f"{kw} daddr {r.daddr} " if r.daddr is not None else \
+        f"meta nfproto {'ipv4' if r.version == 4 else 'ipv6'} fib daddr type local "
+    if r.to_ip.is_unspecified:        # a wildcard endpoint: the address it arrived at
+        return f"{match}{r.proto} dport {r.dport} counter redirect to :{r.to_port}"
+    to = f"{r.to_ip}:{r.to_port}" if r.version == 4 else f"[{r.to_ip}]:{r.to_port}"
+    return f"{match}{r.proto} dport {r.dport} counter dnat {kw} to {to}"
+
+
 def plan_ruleset(policies: dict[int, Policy],
-                 services: Mapping[int, Iterable[tuple]] | None = None) -> str:
+                 services: Mapping[int, Iterable[tuple]] | None = None,
+                 redirects: Iterable[Redirect] = ()) -> str:
     """The whole table for a node: {mark: policy}. Loaded with `nft -f`, the
     leading add+delete makes it replace any previous version atomically.
 
@@ -91,6 +108,13 @@ def plan_ruleset(policies: dict[int, Policy],
     services = services or {}
     out = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
            f"table {FAMILY} {TABLE} {{"]
+    redirects = list(redirects)
+    if redirects:
+        for chain, hook in (("redirect_pre", "prerouting"), ("redirect_out", "output")):
+            out.append(f"  chain {chain} {{")
+            out.append(f"    type nat hook {hook} priority -110; policy accept;   # dstnat - 10")
+            out += [f"    {redirect_line(r)}" for r in redirects]
+            out.append("  }")
     out.append("  chain output {")
     out.append("    type filter hook output priority filter; policy accept;")
     out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")
