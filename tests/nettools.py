@@ -65,18 +65,18 @@ class EchoServer:
         os.close(self.r)
 
 
-def _echo(addr, port, payload, proto):
+def _echo(addr, port, payload, proto, timeout=5):
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(_family(addr), kind) as s:
-        s.settimeout(5)
+        s.settimeout(timeout)
         s.connect((addr, port))
         s.sendall(payload)
         return s.recv(65536)
 
 
-def echo(ns, addr, port, payload=b"hello sockgraft", proto="tcp"):
+def echo(ns, addr, port, payload=b"hello sockgraft", proto="tcp", timeout=5):
     """Connect from inside `ns`, send payload, return the echoed bytes."""
-    return netns.run_in(ns, _echo, addr, port, payload, proto)
+    return netns.run_in(ns, _echo, addr, port, payload, proto, timeout)
 
 
 def full_backlog_server():

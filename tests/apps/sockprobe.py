@@ -256,6 +256,22 @@ def listen_unbound():
         out({"listen_errno": errno.errorcode.get(exc.errno, exc.errno)})
 
 
+def bind_probe(*addrs):
+    """Go's runtime start-up probe: an IPv6-only socket bound to [::1]:0, a
+    dual-stack one bound to [::ffff:127.0.0.1]:0. {address: 0 or errno}."""
+    res = {}
+    for a in addrs:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if "." in a else 1)
+        try:
+            s.bind((a, 0))
+            res[a] = 0
+        except OSError as exc:
+            res[a] = errno.errorcode.get(exc.errno, exc.errno)
+        s.close()
+    out(res)
+
+
 def main(argv):
     cmd, rest = argv[0], argv[1:]
     if cmd == "tcp-client":
@@ -280,6 +296,8 @@ def main(argv):
         listen_unbound()
     elif cmd == "loop":
         loop(*rest)
+    elif cmd == "bind-probe":
+        bind_probe(*rest)
     else:
         sys.exit(f"unknown command {cmd}")
 

@@ -2,6 +2,7 @@
 from socket() on (ADDFD_FLAG_SEND), and connect()/sendmsg() are judged by the
 cgroup programs in the kernel, with no round trip to the agent."""
 
+import json
 import os
 import time
 
@@ -82,15 +83,14 @@ def test_kernel_denials_answer_like_the_agent_and_audit(slab):
     answers in syscall mode); no egress rule: ENETUNREACH (issue 14, item 7)."""
     r = slab.probe("h1-c1", "tcp-client", "198.18.0.2", 7399)       # deny[0]
     assert r["connect_errno"] == "EACCES"
-    r = slab.probe("h1-c1", "tcp-client", "127.0.0.1", 7398)        # host loopback: builtin
-    assert r["connect_errno"] == "EACCES"
+    r = slab.probe("h1-c1", "tcp-client", "127.0.0.1", 7398)        # its own loopback:
+    assert r["connect_errno"] == "ECONNREFUSED"                      # nothing listens there
     r = slab.probe("h1-c1", "tcp-client", "198.19.1.3", 7397)       # no egress rule covers it
     assert r["connect_errno"] == "ENETUNREACH"
     r = slab.probe("h1-c1", "udp-client", "198.18.0.2", 7398)       # every datagram judged
     assert r["sent"] == 0 and r["errors"] == ["EACCES"]
     deadline = time.monotonic() + 5
     want = {("connect", "198.18.0.2:7399", "deny[0]", "EACCES"),
-            ("connect", "127.0.0.1:7398", "builtin:loopback", "EACCES"),
             ("connect", "198.19.1.3:7397", "egress:no-rule", "ENETUNREACH"),
             ("sendmsg", "198.18.0.2:7398", "deny[1]", "EACCES")}
     while True:
@@ -255,3 +255,62 @@ def test_sockets_answered_by_notifier_threads_are_counted_and_listed(slab):
     assert not containers()
     rows = json.loads(slab.sg("sockets", "--json", "--agent", agent).stdout)
     assert not [r for r in rows if r["container"] == "h1-c1"]
+
+
+# --- a socket-mode container's loopback is its own (issue 14, item 3) ------------
+
+def test_the_containers_processes_talk_over_their_own_loopback(slab):
+    """A server bound to 127.0.0.1 and ::1 in a socket-mode container is
+    reached by the container's own clients at 127.0.0.1 / ::1 (both see
+    loopback addresses), not by another container's, and not by a host
+    process; its sockets live on the container's private loopback on the
+    host (127.83.0.ID, fd53:4c4f::ID)."""
+    slab.configure("h1-c2", SOCKET_MODE.replace("h1-c1", "h1-c2"))
+    for host, port in (("127.0.0.1", 7410), ("::1", 7411)):
+        srv = slab.spawn("h1-c1", PROBE + ["tcp-server", host, str(port), "--count", "1"])
+        ready = read_json_line(srv)
+        assert ready["local"] == [host, port], ready          # what the application sees
+        r = slab.probe("h1-c1", "tcp-client", host, port)
+        assert r["connect_errno"] == 0 and r["echo"] == "ping", r
+        assert r["peer"] == [host, port] and r["local"][0] == host and _grafted(r["mark"])
+        assert read_json_line(srv)["accepted"][0] == host
+        assert srv.wait(timeout=10) == 0
+        # another socket-mode container's loopback is its own: nothing listens there
+        srv = slab.spawn("h1-c1", PROBE + ["tcp-server", host, str(port), "--count", "1"])
+        assert read_json_line(srv)["ready"]
+        r = slab.probe("h1-c2", "tcp-client", host, port)
+        assert r["connect_errno"] == "ECONNREFUSED", r
+        # a host process reaching for the private address gets nothing
+        stats = json.loads(slab.sg("stats", "--json", "--agent",
+                                   slab.agent_socket("h1")).stdout)
+        (mark,) = {c["mark"] for st in stats.values() for c in st["containers"]
+                   if c["container"] == "h1-c1"}
+        v4, v6 = _private(mark)
+        h1 = slab.plan.node("h1").netns
+        with pytest.raises(OSError):
+            echo(h1, v4 if ":" not in host else v6, port, b"x", timeout=2)
+        srv.kill()
+        srv.wait()
+
+
+def test_go_runtime_loopback_probes_bind(slab):
+    """Go's start-up probe binds [::1]:0 and [::ffff:127.0.0.1]:0: both work,
+    without audit lines (before: two denials per process)."""
+    before = len([a for a in slab.audit("h1") if a["syscall"] == "bind"])
+    r = slab.probe("h1-c1", "bind-probe", "::1", "::ffff:127.0.0.1")
+    assert r == {"::1": 0, "::ffff:127.0.0.1": 0}, r
+    assert len([a for a in slab.audit("h1") if a["syscall"] == "bind"]) == before
+
+
+def test_udp_over_the_containers_own_loopback(slab):
+    srv = slab.spawn("h1-c1", PROBE + ["udp-server", "127.0.0.1", "7412", "--count", "1"])
+    assert read_json_line(srv)["ready"]
+    r = slab.probe("h1-c1", "udp-client", "127.0.0.1", 7412)
+    assert r["replies"] == 1, r
+    assert read_json_line(srv)["from"][0] == "127.0.0.1"
+
+
+def _private(mark):
+    from sockgraft.model.graft import private_loopback
+    v4, v6 = private_loopback(mark)
+    return str(v4), str(v6)

@@ -787,3 +787,34 @@ def test_the_prefilter_agrees_with_the_decision_on_every_socket(cfg, call):
         for sock in PREFILTER_SOCKS:
             assert isinstance(decide_(sock, addr), Continue), (call, addr, sock)
     assert (answered == 0) == (call == "bind")
+
+
+# ---------------------------------------------------------------- private loopback
+
+def test_private_loopback_addresses_are_per_mark():
+    from sockgraft.model.graft import private_loopback
+    assert [str(a) for a in private_loopback(0x53470001)] == ["127.83.0.1", "fd53:4c4f::1"]
+    assert [str(a) for a in private_loopback(0x5347ABCD)] == ["127.83.171.205",
+                                                              "fd53:4c4f::abcd"]
+
+
+@pytest.mark.parametrize("sock, addr, local", [
+    (FRESH4, A("127.0.0.1:8080"), A("127.83.0.7:8080")),
+    (FRESH4, A("127.1.2.3:0"), A("127.83.0.7:0")),
+    (FRESH6, A("[::1]:0"), A("[fd53:4c4f::7]:0")),
+    (FRESH6, A("[::ffff:127.0.0.1]:0"), A("[::ffff:127.83.0.7]:0")),     # Go's probe
+])
+def test_a_socket_mode_loopback_bind_goes_to_the_private_loopback(sock, addr, local):
+    from sockgraft.model.graft import BindLoopback, private_loopback
+    action = decide_bind(MAIN, sock, addr, frozenset(), private_loopback(0x53470007))
+    assert action == BindLoopback(local, addr)
+
+
+def test_a_rule_naming_loopback_still_wins_and_syscall_mode_is_unchanged():
+    from sockgraft.model.graft import BindGrafted, BindLoopback, private_loopback
+    lo = private_loopback(0x53470007)
+    assert isinstance(decide_bind(MAIN, FRESH4, A("127.0.0.1:9090"), frozenset(), lo),
+                      BindGrafted)                      # "127.0.0.1:9090=ep-http"
+    assert isinstance(decide_bind(MAIN, FRESH4, A("127.0.0.1:80"), frozenset(), None), Deny)
+    assert not isinstance(decide_bind(MAIN, TCP4, A("127.0.0.1:80"), frozenset(), lo),
+                          BindLoopback)                 # a container socket: the kernel's

@@ -90,10 +90,16 @@ class Enforcer:
                                         in self._followable(policy, services).items()},
                                        key=str))
                     for mark, policy in policies.items()}
-        if (policies, services, redirects) == self._nft_applied:
+        if (policies, services, redirects, self._socket_marks(sessions)) == self._nft_applied:
             return
-        nft.apply(None, plan_ruleset(policies, services, redirects))
-        self._nft_applied = (policies, services, redirects)
+        loopbacks = {s.mark: graft.private_loopback(s.mark) for s in sessions
+                     if s.graft_at == "socket"}
+        nft.apply(None, plan_ruleset(policies, services, redirects, loopbacks))
+        self._nft_applied = (policies, services, redirects, self._socket_marks(sessions))
+
+    @staticmethod
+    def _socket_marks(sessions) -> frozenset:
+        return frozenset(s.mark for s in sessions if s.graft_at == "socket")
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
                  mark_held: Callable[[int], bool], rescan: bool = False) -> None:
@@ -108,7 +114,9 @@ class Enforcer:
         wanted: dict[int, tuple[graft.GraftConfig, bool, tuple[str, ...]]] = {}
         for sess in sessions:
             if sess.config is not None:
-                wanted[sess.mark] = (sess.config, sess.graft_at == "socket", sess.addresses)
+                socket_mode = sess.graft_at == "socket"
+                wanted[sess.mark] = (sess.config, socket_mode,
+                                     sess.addresses + _private(sess.mark, socket_mode))
         if rescan or self._store_configs is None:
             found = {}
             marks = self.store.marks()
@@ -117,7 +125,8 @@ class Enforcer:
                     cfg = self.store.load(name)
                     if cfg is not None:
                         mark = marks.get(name) or self.store.mark(name, in_use=mark_held)
-                        found[mark] = (cfg, cfg.graft_at == "socket", ())
+                        found[mark] = (cfg, cfg.graft_at == "socket",
+                                       _private(mark, cfg.graft_at == "socket"))
                 except SockgraftError as exc:
                     log.warning("bpf: skipping container %s: %s", name, exc)
             self._store_configs = found
@@ -208,3 +217,9 @@ class Enforcer:
         if ev.kind == bpfmaps.EV_DENY_MARK:
             return container, f"{ev.reason} (packet mark {ev.label:#x})"
         return container, ev.reason
+
+
+def _private(mark: int, socket_mode: bool) -> tuple[str, ...]:
+    """A socket-mode container's private loopback addresses: sources its
+    packets may carry (sg_sources)."""
+    return tuple(str(a) for a in graft.private_loopback(mark)) if socket_mode else ()

@@ -30,7 +30,8 @@ from ..errors import AgentError, KernelError, NotFound, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import seccomp
 from ..kernel import sockets as ksock
-from ..model import bpfmaps, redirect
+from ..kernel import links
+from ..model import bpfmaps, graft, redirect
 from ..model import oci as moci
 from ..model.graftconfig import GRAFT_AT, dump_config, load_config
 from ..paths import state_dir
@@ -346,6 +347,9 @@ class Agent:
             # refused; nftables once per loop turn, before the reply (end_turn)
             self._nft_due = True
             self.sync_bpf()
+            if graft_at == "socket":
+                # its private IPv6 loopback (the IPv4 one is in 127.0.0.0/8)
+                links.set_loopback_address(graft.private_loopback(mark)[1], True)
         except SockgraftError:
             self.sessions.pop(key)          # roll back: nothing half-registered
             listener.close()
@@ -497,7 +501,8 @@ class Agent:
 
     def _node_facts(self) -> tuple:
         """The node document's inputs: host addresses, containers' addresses."""
-        return self.grafter.host_addrs, [a for sess in self.sessions.values() for a in sess.addresses]
+        hosts = [a for a in self.grafter.host_addrs if a not in graft.LOOPBACK6_NET]
+        return hosts, [a for sess in self.sessions.values() for a in sess.addresses]
 
     def _on_directory(self) -> None:
         """The directory's view changed: new service table, then the kernel's
@@ -536,6 +541,11 @@ class Agent:
             self.drain_inbox()       # answer what they forwarded while the listener is open
         sess, _ = self.sessions.pop(fd)
         unregister(self.ep, fd)
+        if sess.graft_at == "socket" and not self.sessions.holds(sess.mark):
+            try:
+                links.set_loopback_address(graft.private_loopback(sess.mark)[1], False)
+            except SockgraftError as exc:
+                log.warning("%s: %s", sess.container, exc)
         sess.listener.close()
         self.publisher.publish_node()
         for tid in sess.tids:

@@ -31,8 +31,8 @@ from ..kernel import bpf as kbpf
 from ..kernel import epollfix, seccomp
 from ..kernel import sockets as ksock
 from ..model import graft
-from ..model.graft import (BindGrafted, ConnectGrafted, Continue, Deny, Fail, GraftBind,
-                           GraftConnect, GraftSend, Listen, SockInfo)
+from ..model.graft import (BindGrafted, BindLoopback, ConnectGrafted, Continue, Deny, Fail,
+                           GraftBind, GraftConnect, GraftSend, Listen, SockInfo)
 from ..model.sockaddr import InetAddr
 from . import notifiers
 from .connects import Connects
@@ -233,7 +233,9 @@ class Grafter:
             owned.enter_context(got)
             info, proto = self._sock_info(got)
             if n.nr == seccomp.SYS_BIND:
-                action = graft.decide_bind(cfg, info, addr, self.host_addrs)
+                action = graft.decide_bind(cfg, info, addr, self.host_addrs,
+                                           graft.private_loopback(sess.mark)
+                                           if sess.graft_at == "socket" else None)
             elif n.nr == seccomp.SYS_CONNECT:
                 action = graft.decide_connect(cfg, info, addr, self.publisher.services)
             else:
@@ -312,6 +314,18 @@ class Grafter:
                                     t.info.proto, t.dup, a.requested)
         self.respond(t.sess, t.n.id, val=0)
 
+    def _do_bind_loopback(self, t: Trapped, a: BindLoopback, owned) -> None:
+        """The container's own loopback: its private address on the host."""
+        try:
+            t.dup.bind(ksock.sockaddr_tuple(a.local))
+        except OSError as exc:
+            self.respond(t.sess, t.n.id, error=exc.errno or errno.EADDRNOTAVAIL)
+            return
+        if self.bpf is not None:
+            self.bpf.tag(t.dup.fileno(), t.sess.mark, kbpf.T_INGRESS)   # may listen
+        self.inv.graft(t.sess, self._record(t, "loopback", "", t.dup, ""))
+        self.respond(t.sess, t.n.id, val=0)
+
     def _do_connect_grafted(self, t: Trapped, a: ConnectGrafted, owned) -> None:
         """The application's own host socket: connect it to the checked address."""
         self.connects.start(t.sess, t.n.id, t.n.pid, t.fd, t.dup, a.dest, inject=False,
@@ -377,7 +391,8 @@ class Grafter:
 
 
 EXECUTORS = {Continue: "_do_continue", Fail: "_do_fail", Deny: "_do_deny",
-             BindGrafted: "_do_bind_grafted", ConnectGrafted: "_do_connect_grafted",
+             BindGrafted: "_do_bind_grafted", BindLoopback: "_do_bind_loopback",
+             ConnectGrafted: "_do_connect_grafted",
              GraftBind: "_do_graft_bind", GraftConnect: "_do_graft_connect",
              GraftSend: "_do_graft_send"}
 

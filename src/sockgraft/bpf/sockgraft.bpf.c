@@ -45,6 +45,15 @@
  *                application sees the overlay address it connected to (and
  *                UDP replies come from it).
  *
+ * A socket-mode container's loopback is its own: 127.0.0.0/8 and ::1 (no
+ * egress rule naming loopback) become its private loopback addresses on the
+ * host, 127.83.H.L and fd53:4c4f::HL (HL = the mark's id), in connect and
+ * sendmsg (the source bound to the same address), and back to 127.0.0.1 /
+ * ::1 in getsockname, getpeername and recvmsg. The agent binds a socket's
+ * loopback bind() there. A tagged socket on a private loopback address
+ * receives only packets carrying its container's mark (cgroup_skb
+ * ingress): no other container and no host process reaches it.
+ *
  * Untagged sockets are left alone (return 1). A tagged socket whose container
  * has no policy entry is refused everything the guards judge (fail closed).
  * Calls made by the agent itself (its cgroup, sg_config[0]) are not judged
@@ -68,6 +77,9 @@
 #define F_SOCKET_MODE 1u
 
 #define T_INGRESS 1u        /* tag flag: bound by the agent through an ingress rule */
+
+#define LO4_NET 0x7f530000u /* 127.83.0.0/16, host order: containers' private loopback */
+#define LO6_NET 0xfd534c4fu /* fd53:4c4f::/96 */
 
 #define V_DENY 0
 #define V_ALLOW 1
@@ -561,6 +573,122 @@ static __always_inline int unbound6(struct bpf_sock_addr *ctx)
 	return ctx->sk->src_port == 0 && no_addr6(ctx);
 }
 
+/* --- a socket-mode container's private loopback ----------------------------- */
+
+static __always_inline __u32 lo4_of(__u32 mark)
+{
+	return bpf_htonl(LO4_NET | (mark & 0xffff));
+}
+
+static __always_inline int is_lo4(__u32 a_be)
+{
+	return (bpf_ntohl(a_be) >> 24) == 127;
+}
+
+static __always_inline int is_lo6(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
+}
+
+static __always_inline int is_private6(const __u32 *a, __u32 mark)
+{
+	return a[0] == bpf_htonl(LO6_NET) && a[1] == 0 && a[2] == 0 &&
+	       a[3] == bpf_htonl(mark & 0xffff);
+}
+
+/* Loopback stays the container's unless an egress rule names loopback
+ * (a rule inside 127.0.0.0/8 or ::1/128 grafts it onto the host's, as in
+ * syscall mode). */
+static __always_inline int own_loopback4(struct policy *p, __u32 mark, __u32 a_be,
+					 __u16 port_be)
+{
+	struct egress_val *e;
+
+	if (!(p->flags & F_SOCKET_MODE) || !is_lo4(a_be))
+		return 0;
+	e = egress4(mark, p->gen, a_be, port_be);
+	return !(e && e->plen >= 8);
+}
+
+static __always_inline int own_loopback6(struct policy *p, __u32 mark, const __u32 *a,
+					 __u16 port_be)
+{
+	struct egress_val *e;
+
+	if (!(p->flags & F_SOCKET_MODE) || !is_lo6(a))
+		return 0;
+	e = egress6(mark, p->gen, a, port_be);
+	return !(e && e->plen >= 128);
+}
+
+static __always_inline int bind_lo4(struct bpf_sock_addr *ctx, __u32 mark)
+{
+	struct sockaddr_in sin = {};
+
+	if (!unbound4(ctx))
+		return 1;
+	sin.sin_family = AF_INET;
+	sin.sin_addr.s_addr = lo4_of(mark);
+	if (bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin))) {
+		bpf_set_retval(-99 /* EADDRNOTAVAIL */);
+		return 0;
+	}
+	return 1;
+}
+
+/* fam 4: the mapped form of the IPv4 private address; 6: the IPv6 one */
+static __always_inline int bind_lo6(struct bpf_sock_addr *ctx, __u32 mark, __u8 fam)
+{
+	struct sockaddr_in6 sin6 = {};
+
+	if (!unbound6(ctx))
+		return 1;
+	sin6.sin6_family = AF_INET6;
+	if (fam == 4) {
+		sin6.sin6_addr.in6_u.u6_addr32[2] = bpf_htonl(0x0000ffff);
+		sin6.sin6_addr.in6_u.u6_addr32[3] = lo4_of(mark);
+	} else {
+		sin6.sin6_addr.in6_u.u6_addr32[0] = bpf_htonl(LO6_NET);
+		sin6.sin6_addr.in6_u.u6_addr32[3] = bpf_htonl(mark & 0xffff);
+	}
+	if (bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6))) {
+		bpf_set_retval(-99 /* EADDRNOTAVAIL */);
+		return 0;
+	}
+	return 1;
+}
+
+static __always_inline void store_lo6(struct bpf_sock_addr *ctx, __u32 mark, __u8 fam)
+{
+	if (fam == 4) {
+		ctx->user_ip6[3] = lo4_of(mark);
+	} else {
+		ctx->user_ip6[0] = bpf_htonl(LO6_NET);
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(mark & 0xffff);
+	}
+}
+
+/* The private loopback address shown as the loopback the application uses. */
+static __always_inline void show_lo4(struct bpf_sock_addr *ctx, __u32 mark)
+{
+	if (ctx->user_ip4 == lo4_of(mark))
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+}
+
+static __always_inline void show_lo6(struct bpf_sock_addr *ctx, __u32 mark)
+{
+	__u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+
+	if (is_private6(a, mark)) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	} else if (is_v4mapped(a) && a[3] == lo4_of(mark)) {
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	}
+}
+
 SEC("cgroup/connect4")
 int sg_connect4(struct bpf_sock_addr *ctx)
 {
@@ -577,6 +705,10 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 		return unknown_container(mark, OP_CONNECT);
 	proto = sock_proto(ctx);
 	count(0);
+	if (own_loopback4(p, mark, ctx->user_ip4, ctx->user_port)) {
+		ctx->user_ip4 = lo4_of(mark);
+		return bind_lo4(ctx, mark);
+	}
 	j[0] = ctx->user_ip4;
 	e = admit(p, mark, OP_CONNECT, 4, j, ctx->user_port, proto);
 	if (!e)
@@ -613,6 +745,11 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 	proto = sock_proto(ctx);
 	count(0);
 	fam = dest6(ctx, a, j);
+	if (fam == 4 ? own_loopback4(p, mark, j[0], ctx->user_port) :
+	    own_loopback6(p, mark, a, ctx->user_port)) {
+		store_lo6(ctx, mark, fam);
+		return bind_lo6(ctx, mark, fam);
+	}
 	e = admit(p, mark, OP_CONNECT, fam, j, ctx->user_port, proto);
 	if (!e)
 		return 0;
@@ -648,6 +785,12 @@ int sg_sendmsg4(struct bpf_sock_addr *ctx)
 
 	if (!p)
 		return 1;
+	if (own_loopback4(p, mark, ctx->user_ip4, ctx->user_port)) {
+		ctx->user_ip4 = lo4_of(mark);
+		if (ctx->sk->src_ip4 == 0)
+			ctx->msg_src_ip4 = lo4_of(mark);
+		return 1;
+	}
 	j[0] = ctx->user_ip4;
 	e = admit(p, mark, OP_SENDMSG, 4, j, ctx->user_port, IPPROTO_UDP);
 	if (!e)
@@ -669,6 +812,24 @@ int sg_sendmsg6(struct bpf_sock_addr *ctx)
 	if (!p)
 		return 1;
 	fam = dest6(ctx, a, j);
+	if (fam == 4 ? own_loopback4(p, mark, j[0], ctx->user_port) :
+	    own_loopback6(p, mark, a, ctx->user_port)) {
+		store_lo6(ctx, mark, fam);
+		if (no_addr6(ctx)) {
+			if (fam == 4) {
+				ctx->msg_src_ip6[0] = 0;
+				ctx->msg_src_ip6[1] = 0;
+				ctx->msg_src_ip6[2] = bpf_htonl(0x0000ffff);
+				ctx->msg_src_ip6[3] = lo4_of(mark);
+			} else {
+				ctx->msg_src_ip6[0] = bpf_htonl(LO6_NET);
+				ctx->msg_src_ip6[1] = 0;
+				ctx->msg_src_ip6[2] = 0;
+				ctx->msg_src_ip6[3] = bpf_htonl(mark & 0xffff);
+			}
+		}
+		return 1;
+	}
 	e = admit(p, mark, OP_SENDMSG, fam, j, ctx->user_port, IPPROTO_UDP);
 	if (!e)
 		return 0;
@@ -698,6 +859,10 @@ static __always_inline int unredirect4(struct bpf_sock_addr *ctx, __u8 proto)
 
 	if (!grafted_policy(ctx, &mark, 1))
 		return 1;
+	if (ctx->user_ip4 == lo4_of(mark)) {
+		show_lo4(ctx, mark);
+		return 1;
+	}
 	v = lookup_svc(&sg_services_rev, 4, j, ctx->user_port, proto, 0);
 	if (v && v->family == 4) {
 		ctx->user_ip4 = v->addr[0];
@@ -715,6 +880,10 @@ static __always_inline int unredirect6(struct bpf_sock_addr *ctx, __u8 proto)
 	if (!grafted_policy(ctx, &mark, 1))
 		return 1;
 	fam = dest6(ctx, a, j);
+	if (fam == 4 ? j[0] == lo4_of(mark) : is_private6(a, mark)) {
+		show_lo6(ctx, mark);
+		return 1;
+	}
 	v = lookup_svc(&sg_services_rev, fam, j, ctx->user_port, proto, 0);
 	if (v && v->family == fam)
 		store6(ctx, fam, v);
@@ -743,6 +912,26 @@ SEC("cgroup/getpeername6")
 int sg_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return unredirect6(ctx, sock_proto(ctx));
+}
+
+SEC("cgroup/getsockname4")
+int sg_getsockname4(struct bpf_sock_addr *ctx)
+{
+	__u32 mark;
+
+	if (!by_agent() && grafted_policy(ctx, &mark, 1))
+		show_lo4(ctx, mark);
+	return 1;
+}
+
+SEC("cgroup/getsockname6")
+int sg_getsockname6(struct bpf_sock_addr *ctx)
+{
+	__u32 mark;
+
+	if (!by_agent() && grafted_policy(ctx, &mark, 1))
+		show_lo6(ctx, mark);
+	return 1;
 }
 
 /* --- guards for every tagged socket ------------------------------------------ */
@@ -898,6 +1087,43 @@ int sg_egress(struct __sk_buff *skb)
 	return 0;
 }
 
+/* A socket on its container's private loopback address takes packets only
+ * from its own container's sockets: they carry the container's mark (the
+ * egress guard makes the mark the tag's; loopback keeps it). A TCP reset
+ * the kernel sends for a closed port carries no mark and is let through: a
+ * refused connect fails at once, and a reset opens nothing. Host processes
+ * (mark 0: an IPv6 one even picks the private address as its source) and
+ * other containers get nothing else. */
+static __always_inline int is_rst(struct __sk_buff *skb, __u32 l4)
+{
+	__u8 flags = 0;
+
+	return !bpf_skb_load_bytes(skb, l4 + 13, &flags, 1) && (flags & 0x04);
+}
+
+static __always_inline int private_source_ok(struct __sk_buff *skb, struct bpf_sock *sk,
+					     __u32 mark)
+{
+	__u32 lo[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+	__u8 b = 0;
+
+	if (sk->family == AF_INET ? sk->src_ip4 != lo4_of(mark) :
+	    !(is_private6(lo, mark) || (is_v4mapped(lo) && lo[3] == lo4_of(mark))))
+		return 1;			/* not on the private loopback */
+	if (skb->mark == mark)
+		return 1;
+	if (sk->protocol != IPPROTO_TCP)
+		return 0;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, &b, 1))
+			return 0;
+		return is_rst(skb, (b & 0x0f) * 4);
+	}
+	if (bpf_skb_load_bytes(skb, 6, &b, 1) || b != IPPROTO_TCP)
+		return 0;
+	return is_rst(skb, 40);
+}
+
 /* A grafted socket listens only once the agent bound it through an ingress
  * rule, and the agent makes every listen() of a filtered process. A process
  * outside the filter that holds a grafted socket (passed over a unix socket)
@@ -921,6 +1147,10 @@ int sg_ingress(struct __sk_buff *skb)
 		count(3);
 		report(EV_DENY_UNKNOWN, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port,
 		       sk->protocol);
+		return 0;
+	}
+	if (!private_source_ok(skb, sk, t->mark)) {
+		count(3);
 		return 0;
 	}
 	if (sk->state != BPF_TCP_LISTEN || (t->flags & T_INGRESS))

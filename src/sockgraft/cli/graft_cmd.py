@@ -311,6 +311,11 @@ def cmd_agent(args) -> int:
         removed = kbpf.remove(bpf_name)
         if nft.delete_table(None, FAMILY, TABLE):     # this namespace's policy table
             removed.append(f"nftables table {FAMILY} {TABLE}")
+        from ..kernel import links
+        from ..model.graft import LOOPBACK6_NET
+        for ip in links.loopback_addresses(LOOPBACK6_NET):    # private loopbacks left
+            links.set_loopback_address(ip, False)
+            removed.append(f"address {ip} on lo")
         print("\n".join(f"removed {p}" for p in removed) or f"nothing installed for {bpf_name}")
         return 0
     from ..agent.directory import open_backend

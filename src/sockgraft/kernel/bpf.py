@@ -38,6 +38,7 @@ log = logging.getLogger("sockgraft.bpf")
 BPFFS = "/sys/fs/bpf"
 PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6",
+            "sg_getsockname4", "sg_getsockname6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
         "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen")

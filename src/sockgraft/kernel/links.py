@@ -143,3 +143,37 @@ def own_addresses() -> list[str]:
         if not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
             out.append(str(ip))
     return out
+
+
+def set_loopback_address(ip: ipaddress.IPv6Address, present: bool) -> None:
+    """Add (present) or remove a /128 on `lo` of the calling thread's
+    namespace (a socket-mode container's private IPv6 loopback); idempotent."""
+    import errno
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        idx = index(ipr, "lo")
+        try:
+            ipr.addr("add" if present else "del", index=idx, address=str(ip), prefixlen=128,
+                     flags=0x02)     # IFA_F_NODAD: usable at once
+        except NetlinkError as exc:
+            if (present and exc.code == errno.EEXIST) or \
+                    (not present and exc.code in (errno.EADDRNOTAVAIL, errno.ENOENT)):
+                return
+            raise from_oserror("loopback address", exc, str(ip)) from exc
+
+
+def loopback_addresses(net: ipaddress.IPv6Network) -> list[ipaddress.IPv6Address]:
+    """The addresses inside `net` on `lo` of the calling thread's namespace."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        idx = index(ipr, "lo")
+        raw = [a.get("address") for a in _call("addr dump", "lo", ipr.get_addr, index=idx)]
+    out = []
+    for a in raw:
+        try:
+            ip = ipaddress.ip_address(a)
+        except (TypeError, ValueError):
+            continue
+        if ip in net:
+            out.append(ip)
+    return out

@@ -32,6 +32,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Iterable
 
 from ..errors import ConfigError
+from .graft import LOOPBACK4_NET, LOOPBACK6_NET
 from .graftconfig import GraftConfig
 from .policy import LinearRule, Policy, linearize
 
@@ -182,7 +183,8 @@ def source_keys(cfg: GraftConfig, mark: int, own: Iterable[str] = ()) -> list[by
             ip = ip_address(a)
         except ValueError:
             continue
-        if not (ip.is_unspecified or ip.is_loopback or ip.is_multicast):
+        private = ip in LOOPBACK4_NET or ip in LOOPBACK6_NET   # graft.private_loopback
+        if private or not (ip.is_unspecified or ip.is_loopback or ip.is_multicast):
             keys.add(SRC_KEY.pack(mark, ip.version, ip.packed.ljust(16, b"\0")))
     return sorted(keys)
 

@@ -23,6 +23,8 @@ Actions:
                   bound: bind it to `local` ourselves (never the app's buffer);
                   endpoint None (an ephemeral wildcard bind): answer success and
                   bind nothing - connect()/sendmsg() bind the endpoint later
+  BindLoopback    a socket-mode socket's loopback bind: bound to the container's
+                  private loopback address on the host (its own loopback)
   Listen          the agent calls listen() on its own duplicate of the socket
                   (never the fd number the kernel would look up again)
 
@@ -128,16 +130,48 @@ class BindGrafted:
 
 
 @dataclass(frozen=True, slots=True)
+class BindLoopback:
+    """A socket-mode socket's bind to loopback: the agent binds it to the
+    container's private loopback address (`private_loopback`), where only
+    the container's own sockets reach it."""
+    local: InetAddr
+    requested: InetAddr
+    rule: str = "bind:private-loopback"
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     rule: str
 
 
 Action = (Continue | Fail | Deny | GraftBind | GraftConnect | ConnectGrafted | GraftSend
-          | BindGrafted | Listen)
+          | BindGrafted | BindLoopback | Listen)
 
 
 def is_grafted_mark(mark: int) -> bool:
     return mark & MARK_MASK == MARK_BASE
+
+
+LOOPBACK4_NET = IPv4Network("127.83.0.0/16")     # mirrored by the BPF programs
+LOOPBACK6_NET = IPv6Network("fd53:4c4f::/96")
+
+
+def private_loopback(mark: int) -> tuple[IPv4Address, IPv6Address]:
+    """A socket-mode container's private loopback addresses on the host:
+    127.83.H.L and fd53:4c4f::HL, HL = the mark's id."""
+    i = mark & 0xFFFF
+    return (IPv4Address(int(LOOPBACK4_NET.network_address) | i),
+            IPv6Address(int(LOOPBACK6_NET.network_address) | i))
+
+
+def _private_local(sock: SockInfo, addr: InetAddr, loopback) -> InetAddr:
+    v4, v6 = loopback
+    a = addr.unmapped()
+    if sock.family == AF_INET:
+        return InetAddr(AF_INET, v4, a.port)
+    if a.ip.version == 4:
+        return InetAddr(AF_INET6, IPv6Address("::ffff:" + str(v4)), a.port)
+    return InetAddr(AF_INET6, v6, a.port)
 
 
 def parse_trapped(data: bytes, addrlen: int) -> Sockaddr | Fail:
@@ -235,9 +269,11 @@ def unmatched_bind_note(cfg: GraftConfig, sock: SockInfo, addr: InetAddr) -> str
 
 
 def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
-                host_addrs: frozenset = frozenset()) -> Action:
+                host_addrs: frozenset = frozenset(), loopback=None) -> Action:
+    """loopback: a socket-mode container's private loopback addresses
+    (`private_loopback`), where its loopback binds go; None otherwise."""
     if sock.grafted and not sock.bound:
-        return _bind_fresh_host_socket(cfg, sock, addr)
+        return _bind_fresh_host_socket(cfg, sock, addr, loopback)
     if sock.grafted:
         # Bound on the host before (by the agent), perhaps disconnected since
         # (connect(AF_UNSPEC) releases the port): it never binds again.
@@ -265,7 +301,7 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
 
 
 def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
-                            addr: Sockaddr) -> Action:
+                            addr: Sockaddr, loopback=None) -> Action:
     """A socket grafted at socket() lives on the host already: a bind either
     follows an ingress rule, or is an ephemeral wildcard bind (a client
     choosing no address: nothing is bound, so the socket later leaves from
@@ -286,6 +322,8 @@ def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
         return BindGrafted(ep, local, addr, f"ingress {rule}")
     if addr.unmapped().ip.is_unspecified and addr.port == 0:
         return BindGrafted(None, addr, addr, "bind:ephemeral")
+    if loopback is not None and addr.unmapped().ip.is_loopback:
+        return BindLoopback(_private_local(sock, addr, loopback), addr)
     return Deny(errno.EACCES, "bind:no-endpoint", addr)
 
 

@@ -96,7 +96,8 @@ def redirect_line(r: Redirect) -> str:
 
 def plan_ruleset(policies: dict[int, Policy],
                  services: Mapping[int, Iterable[tuple]] | None = None,
-                 redirects: Iterable[Redirect] = ()) -> str:
+                 redirects: Iterable[Redirect] = (),
+                 loopbacks: Mapping[int, tuple] | None = None) -> str:
     """The whole table for a node: {mark: policy}. Loaded with `nft -f`, the
     leading add+delete makes it replace any previous version atomically.
 
@@ -126,6 +127,10 @@ def plan_ruleset(policies: dict[int, Policy],
     out.append("  }")
     for mark in sorted(policies):
         out.append(f"  chain {chain_name(mark)} {{")
+        if loopbacks and mark in loopbacks:
+            # a socket-mode container's own loopback (graft.private_loopback)
+            v4, v6 = loopbacks[mark]
+            out += [f"    ip daddr {v4} accept", f"    ip6 daddr {v6} accept"]
         out += [f"    {line}" for line in _service_lines(services.get(mark, ()))]
         out += [f"    {line}" for line in plan_chain(policies[mark])]
         out.append("  }")
