@@ -321,3 +321,26 @@ def test_a_grafted_runc_server_stays_reachable_at_its_ip_and_published_port(glab
         assert env.stop("web") == []
     finally:
         env.close()
+
+
+def test_busybox_httpd_dual_stack_bind_is_grafted_by_an_ipv4_rule(rt):
+    """busybox httpd -p 80 binds [::]:80 dual-stack; the only rule is
+    0.0.0.0:80: it is grafted, reachable at the IPv4 endpoint (issue 14,
+    item 2), and at the container's address (item 1)."""
+    ann = {"sockgraft/endpoints": "ep-http=ipv4:198.18.0.1:8086",
+           "sockgraft/ingress": "0.0.0.0:80=ep-http"}
+    res = rt.start("dual", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], ann)
+    wait_listening(rt.h1.netns, 8086)
+    assert "hello from a grafted runc container" in \
+        netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8086)
+    ip = res["ips"][0]["address"].split("/")[0]
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            body = netns.run_in(rt.h1.netns, _http_get, ip, 80)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the container address never reached httpd"
+            time.sleep(0.2)
+    assert "hello from a grafted runc container" in body
+    assert rt.stop("dual") == []

@@ -28,13 +28,10 @@ import time
 
 from ..errors import AgentError, KernelError, NotFound, SockgraftError
 from ..kernel import bpf as kbpf
-from ..kernel import seccomp
+from ..kernel import links, seccomp
 from ..kernel import sockets as ksock
-from ..kernel import links
 from ..model import bpfmaps, graft, redirect
-from ..model import oci as moci
-from ..model.graftconfig import GRAFT_AT, dump_config, load_config
-from ..paths import state_dir
+from ..model.graftconfig import GRAFT_AT, load_config
 from . import control, notifiers, oci
 from .audit import AuditLog
 from .directory import Backend as DirectoryBackend
@@ -471,31 +468,10 @@ class Agent:
     # --- OCI runtimes --------------------------------------------------------
 
     def _on_handoff(self, h, listener: int) -> None:
-        """A runtime handed over a container's listener: find its config (the
-        store first, then its annotations) and start its holder."""
-        from .. import cni
-        regs = cni.registrations(state_dir(), h.container_id)
-        try:
-            container = moci.container_name(h, regs[0].get("container") if regs else None)
-        except SockgraftError as exc:
-            log.error("OCI container %s rejected: %s", h.container_id, exc)
-            return
-        cfg_text = None
-        if self.store.load(container) is None:
-            try:
-                cfg = moci.config_from_annotations(container, h.annotations)
-            except SockgraftError as exc:
-                log.error("container %s: annotations rejected, served without grafting: %s",
-                          container, exc)
-                self.inventory.write_audit(container, h.pid, "oci", h.container_id, "reject", str(exc))
-                cfg = None
-            cfg_text = dump_config(cfg) if cfg is not None else None
-        addresses = [ip for r in regs for ip in r.get("ips", []) if isinstance(ip, str)]
-        ports = [p for r in regs for p in (r.get("ports") or []) if isinstance(p, dict)]
-        self.holders.append(oci.spawn_holder(self.socket_path, h, listener, container,
-                                             cfg_text, addresses, ports))
-        log.info("OCI container %s (%s, pid %d, graft_at %s): holder started", container,
-                 h.container_id, h.pid, h.graft_at)
+        holder = oci.start_holder(self.socket_path, self.store, h, listener,
+                                  self.inventory.write_audit)
+        if holder is not None:
+            self.holders.append(holder)
 
     # --- the cluster directory (overlay bypass) -------------------------------
 

@@ -31,6 +31,7 @@ from typing import Callable
 
 from ..errors import ConfigError, SockgraftError
 from ..model import oci as moci
+from ..model.graftconfig import dump_config
 from . import control
 from .loop import listen_unix, unregister
 
@@ -166,6 +167,37 @@ class OciServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def start_holder(agent_path: str, store, h: moci.Handoff, listener: int,
+                 audit: Callable) -> subprocess.Popen | None:
+    """A runtime handed over a container's listener: find its name and
+    config (the store first, then its annotations), its CNI addresses and
+    published ports, and start its holder. None: the hand-off is refused."""
+    from .. import cni
+    from ..paths import state_dir
+    regs = cni.registrations(state_dir(), h.container_id)
+    try:
+        container = moci.container_name(h, regs[0].get("container") if regs else None)
+    except SockgraftError as exc:
+        log.error("OCI container %s rejected: %s", h.container_id, exc)
+        return None
+    cfg_text = None
+    if store.load(container) is None:
+        try:
+            cfg = moci.config_from_annotations(container, h.annotations)
+        except SockgraftError as exc:
+            log.error("container %s: annotations rejected, served without grafting: %s",
+                      container, exc)
+            audit(container, h.pid, "oci", h.container_id, "reject", str(exc))
+            cfg = None
+        cfg_text = dump_config(cfg) if cfg is not None else None
+    addresses = [ip for r in regs for ip in r.get("ips", []) if isinstance(ip, str)]
+    ports = [p for r in regs for p in (r.get("ports") or []) if isinstance(p, dict)]
+    holder = spawn_holder(agent_path, h, listener, container, cfg_text, addresses, ports)
+    log.info("OCI container %s (%s, pid %d, graft_at %s): holder started", container,
+             h.container_id, h.pid, h.graft_at)
+    return holder
 
 
 def spawn_holder(agent_path: str, h: moci.Handoff, listener: int, container: str,
