@@ -302,29 +302,16 @@ class Grafter:
             # connect()/sendmsg() bind the egress endpoint later)
             self.respond(t.sess, t.n.id, val=0)
             return
-        try:
-            t.dup.bind(ksock.sockaddr_tuple(a.local))
-        except OSError as exc:
-            self.respond(t.sess, t.n.id, error=exc.errno or errno.EADDRNOTAVAIL)
+        if not self._bind_own(t, a.local, "ingress", a.endpoint.name):
             return
-        if self.bpf is not None:
-            self.bpf.tag(t.dup.fileno(), t.sess.mark, kbpf.T_INGRESS)   # may listen now
-        self.inv.graft(t.sess, self._record(t, "ingress", a.endpoint.name, t.dup, ""))
         self.publisher.publish_bind(t.sess.container, t.sess.addresses, t.n.pid, t.fd,
                                     t.info.proto, t.dup, a.requested)
         self.respond(t.sess, t.n.id, val=0)
 
     def _do_bind_loopback(self, t: Trapped, a: BindLoopback, owned) -> None:
         """The container's own loopback: its private address on the host."""
-        try:
-            t.dup.bind(ksock.sockaddr_tuple(a.local))
-        except OSError as exc:
-            self.respond(t.sess, t.n.id, error=exc.errno or errno.EADDRNOTAVAIL)
-            return
-        if self.bpf is not None:
-            self.bpf.tag(t.dup.fileno(), t.sess.mark, kbpf.T_INGRESS)   # may listen
-        self.inv.graft(t.sess, self._record(t, "loopback", "", t.dup, ""))
-        self.respond(t.sess, t.n.id, val=0)
+        if self._bind_own(t, a.local, "loopback", ""):
+            self.respond(t.sess, t.n.id, val=0)
 
     def _do_connect_grafted(self, t: Trapped, a: ConnectGrafted, owned) -> None:
         """The application's own host socket: connect it to the checked address."""
@@ -362,6 +349,19 @@ class Grafter:
         t.sess.listener.continue_(t.n.id)
 
     # --- executor parts ------------------------------------------------------
+
+    def _bind_own(self, t: Trapped, local: InetAddr, kind: str, endpoint: str) -> bool:
+        """Bind the application's own host socket to the checked `local` and
+        let it listen (T_INGRESS); False: the bind failed and was answered."""
+        try:
+            t.dup.bind(ksock.sockaddr_tuple(local))
+        except OSError as exc:
+            self.respond(t.sess, t.n.id, error=exc.errno or errno.EADDRNOTAVAIL)
+            return False
+        if self.bpf is not None:
+            self.bpf.tag(t.dup.fileno(), t.sess.mark, kbpf.T_INGRESS)   # may listen now
+        self.inv.graft(t.sess, self._record(t, kind, endpoint, t.dup, ""))
+        return True
 
     def _host_socket(self, t: Trapped, flags: int = 0) -> socket.socket:
         """A host socket for the container, with the options the application

@@ -128,21 +128,29 @@ def addresses(ns: NetNS) -> list[tuple[str, str]]:
             for a in _call("addr dump", "", ns.get_addr)]
 
 
-def own_addresses() -> list[str]:
-    """Global unicast addresses of the calling thread's network namespace
-    (no loopback, no link-local): what a container is reachable at."""
+def _addresses_here(keep, **match) -> list:
+    """The addresses of the calling thread's namespace that `keep` accepts
+    (one netlink dump; match: pyroute2 filters such as index=)."""
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
-        raw = [a.get("address") for a in _call("addr dump", "", ipr.get_addr)]
+        raw = [a.get("address") for a in _call("addr dump", str(match), ipr.get_addr, **match)]
     out = []
     for a in raw:
         try:
             ip = ipaddress.ip_address(a)
         except (TypeError, ValueError):
             continue
-        if not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
-            out.append(str(ip))
+        if keep(ip):
+            out.append(ip)
     return out
+
+
+def own_addresses() -> list[str]:
+    """Global unicast addresses of the calling thread's network namespace
+    (no loopback, no link-local): what a container is reachable at."""
+    return [str(ip) for ip in _addresses_here(
+        lambda ip: not (ip.is_loopback or ip.is_link_local or ip.is_multicast or
+                        ip.is_unspecified))]
 
 
 def set_loopback_address(ip: ipaddress.IPv6Address, present: bool) -> None:
@@ -167,13 +175,4 @@ def loopback_addresses(net: ipaddress.IPv6Network) -> list[ipaddress.IPv6Address
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
         idx = index(ipr, "lo")
-        raw = [a.get("address") for a in _call("addr dump", "lo", ipr.get_addr, index=idx)]
-    out = []
-    for a in raw:
-        try:
-            ip = ipaddress.ip_address(a)
-        except (TypeError, ValueError):
-            continue
-        if ip in net:
-            out.append(ip)
-    return out
+    return _addresses_here(lambda ip: ip in net, index=idx)
