@@ -46,6 +46,15 @@ def test_daemonset_is_a_valid_privileged_host_agent():
     cm = _load("kubernetes", "configmap.yaml")
     assert (cm["kind"], cm["metadata"]["name"]) == ("ConfigMap", cm_ref)
     assert cm["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    # the metrics port the agent serves is the one exposed and announced
+    from sockgraft.agent.metrics import parse_listen
+    from sockgraft.cli.main import build_parser
+    args = build_parser().parse_args(["agent", *cm["data"]["AGENT_ARGS"].split()])
+    port = parse_listen(args.metrics)[1]
+    assert {"name": "metrics", "containerPort": port, "hostPort": port,
+            "protocol": "TCP"} in agent["ports"]
+    ann = spec["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == str(port)
 
 
 def test_configmap_agent_args_and_container_config_parse():

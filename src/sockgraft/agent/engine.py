@@ -7,10 +7,8 @@ non-blocking connect is in flight for a blocked application thread, the
 cgroup programs' event ring buffer, and the directory backend's wake-up pipe
 (its worker thread does the directory's network I/O and nothing else).
 
-The notify loop per notification (seccompagent's shape):
-  recv -> read the sockaddr from target memory -> re-check the id is valid
-  -> decide (model/graft, pure) -> act on the checked copy -> respond.
-ENOENT from any step means "the target is gone": drop quietly.
+Each notification goes to the grafter (agent/grafter.py); docs/architecture.md
+("The agent, file by file") walks one through.
 
 Never switches namespaces: it lives in the host namespace it was started in
 (`sockgraft agent --netns` enters it before anything else runs).
@@ -25,6 +23,7 @@ import select
 import signal
 import socket
 import time
+from contextlib import nullcontext
 
 from ..errors import AgentError, KernelError, NotFound, SockgraftError
 from ..kernel import bpf as kbpf
@@ -55,7 +54,9 @@ class Agent:
                  audit_path: str | None = None, manage_nft: bool = True,
                  bpf: str = "off", bpf_name: str | None = None,
                  directory: DirectoryBackend | None = None, node: str | None = None,
-                 oci_socket: str | None = None, notifier_threads: int = 2) -> None:
+                 oci_socket: str | None = None, notifier_threads: int = 2,
+                 metrics: str | None = None) -> None:
+        """metrics: ADDR:PORT to serve Prometheus metrics on (agent/metrics.py)."""
         if bpf not in ("auto", "on", "off"):
             raise AgentError(f"bpf mode {bpf!r} unknown; accepted: auto, on, off")
         if not 0 <= notifier_threads <= 16:
@@ -91,6 +92,8 @@ class Agent:
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict, int]] = []   # register replies
         self._starting: list[int] = []          # registered listeners not served yet
+        self.metrics_listen = metrics
+        self.metrics = None                     # agent/metrics.Metrics once started
         self._trim_due = False
 
     # --- lifecycle -----------------------------------------------------------
@@ -114,6 +117,9 @@ class Agent:
             log.info("not in the main thread: socket() answered from the loop only")
             self.notifier_threads = 0
         self.inventory.audit = AuditLog(self.audit_path, self.name)
+        if self.metrics_listen:
+            from .metrics import Metrics
+            self.metrics = Metrics.start(self.metrics_listen, self.grafter)
         self.grafter.reregistrar.warm()
         self.grafter.host_addrs = host_addresses()
         self.sync_nft()
@@ -188,6 +194,8 @@ class Agent:
             self.bpf = None
         self.inbox.close()
         self.targets.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.ep.close()
         if self.inventory.audit is not None:
             self.inventory.audit.close()
@@ -402,16 +410,21 @@ class Agent:
         self.enforcer.bpf = progs
 
     def sync_nft(self) -> None:
-        self.enforcer.sync_nft(self.sessions.values(), self.publisher.services,
-                               self.publisher.servers.values())
+        with self._timed("nftables"):
+            self.enforcer.sync_nft(self.sessions.values(), self.publisher.services,
+                                   self.publisher.servers.values())
 
     def _servers_changed(self) -> None:
         """A grafted server came or went: its redirects, at the end of the turn."""
         self._nft_due = True
 
     def sync_bpf(self, rescan: bool = False) -> None:
-        self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
-                               self.sessions.holds, rescan)
+        with self._timed("bpf"):
+            self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
+                                   self.sessions.holds, rescan)
+
+    def _timed(self, what: str):
+        return self.metrics.timer(what) if self.metrics is not None else nullcontext()
 
     def _sync_bpf_services(self) -> None:
         self.enforcer.sync_bpf_services(self.publisher.services)
@@ -426,10 +439,9 @@ class Agent:
                 log.warning("bpf: bad event: %s", exc)
                 continue
             container, rule = self.enforcer.explain(ev)
-            sess = self.sessions.by_mark(ev.mark)
-            if sess is not None:
-                sess.counters.denied += 1
-            self.inventory.totals.denied += 1
+            # the metrics' label: a rule name, never an address or a mark
+            label = rule if ev.kind == bpfmaps.EV_DENY_POLICY else ev.reason
+            self.inventory.deny(self.sessions.by_mark(ev.mark), ev.op, label, "kernel")
             self.inventory.write_audit(container, ev.pid, ev.op, ev.address, "deny", rule,
                                        ev.errno, where="kernel")
 
@@ -553,6 +565,9 @@ class Agent:
             self.oci.sweep(now)
         self.holders = [p for p in self.holders if p.poll() is None]
         self.grafter.connects.expire(now)
+        if self.metrics is not None:
+            self.metrics.publish({**self.stats(), "denials": dict(self.inventory.denials),
+                                  "directory": self.publisher.listing()})
 
     # --- queries -------------------------------------------------------------
 

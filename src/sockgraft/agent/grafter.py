@@ -24,6 +24,7 @@ import contextlib
 import errno
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from ..errors import KernelError, NotFound, NotificationGone
@@ -79,6 +80,7 @@ class Grafter:
         self.reregistrar = epollfix.Reregistrar()
         self.connects = Connects(ep, self)
         self._noted: set[tuple[str, str]] = set()   # (container, note) logged once
+        self.observe = None      # metrics: (syscall, seconds) of each call answered here
 
     @property
     def bpf(self) -> kbpf.Programs | None:
@@ -104,8 +106,11 @@ class Grafter:
     def handle(self, sess: Session, n: seccomp.Notification) -> None:
         """Service one notification. Never raises: every path answers or drops."""
         name = SYSCALL_NAMES.get(n.nr, str(n.nr))
+        t0 = time.perf_counter() if self.observe is not None else 0.0
         try:
             self._handle(sess, n, name)
+            if self.observe is not None:
+                self.observe(name, time.perf_counter() - t0)
         except NotificationGone:
             pass  # the target died or was interrupted: nothing to answer
         except KernelError as exc:
@@ -196,7 +201,7 @@ class Grafter:
                 local = fmt(got.getsockname())
             except OSError:
                 local = f"fd {fd}"
-            self.inv.count(sess, "denied")
+            self.inv.deny(sess, "listen", action.rule)
             self.inv.write_audit(sess.container, n.pid, "listen", local, "deny", action.rule,
                                  action.errno)
             self.respond(sess, n.id, error=action.errno)
@@ -290,7 +295,7 @@ class Grafter:
         self.respond(t.sess, t.n.id, error=a.errno)
 
     def _do_deny(self, t: Trapped, a: Deny, owned) -> None:
-        self.inv.count(t.sess, "denied")
+        self.inv.deny(t.sess, t.name, a.rule)
         self.inv.write_audit(t.sess.container, t.n.pid, t.name, a.dest, "deny", a.rule,
                              a.errno)
         self.respond(t.sess, t.n.id, error=a.errno)

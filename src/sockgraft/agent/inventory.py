@@ -52,6 +52,7 @@ class Inventory:
         self.totals = Counters()
         self.grafted: dict[tuple[int, int], GraftedSocket] = {}   # (tid, fd) -> record
         self.audit: AuditLog | None = None
+        self.denials: dict[tuple[str, str, str], int] = {}   # (syscall, rule, where) -> n
 
     # --- counters ----------------------------------------------------------------
 
@@ -59,6 +60,16 @@ class Inventory:
         """One more `what` (a Counters field) for the session and in total."""
         setattr(sess.counters, what, getattr(sess.counters, what) + 1)
         setattr(self.totals, what, getattr(self.totals, what) + 1)
+
+    def deny(self, sess, syscall: str, rule: str, where: str = "agent") -> None:
+        """One denial: counted for the session (None: its container is not
+        registered here) and by rule (the metrics' labels: rule names only)."""
+        if sess is not None:
+            self.count(sess, "denied")
+        else:
+            self.totals.denied += 1
+        key = (syscall, rule, where)
+        self.denials[key] = self.denials.get(key, 0) + 1
 
     def graft(self, sess, record: GraftedSocket | None) -> None:
         self.count(sess, "grafted")

@@ -135,6 +135,9 @@ def register(sub) -> None:
                    help="threads per graft_at=socket container that wait for its socket() "
                         "calls and answer them on the caller's CPU (default 2; 0 = answer "
                         "from the agent's loop, slower per connection)")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. "
+                        "127.0.0.1:9464, :9464 for every address; default: off)")
     p.set_defaults(func=cmd_agent, needs_root=True)
 
     p = sub.add_parser("run", help="run a command in a container with its sockets grafted",
@@ -328,7 +331,7 @@ def cmd_agent(args) -> int:
     agent = Agent(path, _store(args), name=name, audit_path=args.audit_log,
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
-                  notifier_threads=args.notifier_threads,
+                  notifier_threads=args.notifier_threads, metrics=args.metrics,
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
     agent.start()
