@@ -23,7 +23,44 @@ def _load(*parts):
         return yaml.safe_load(f) if path.endswith(".yaml") else json.load(f)
 
 
+K8S_VERSION = "1.31"     # the Kubernetes schemas the manifests are validated against
+
+
+def _manifests():
+    d = os.path.join(DEPLOY, "kubernetes")
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(d, name)) as f:
+                for i, doc in enumerate(yaml.safe_load_all(f)):
+                    if doc is not None:
+                        yield f"{name}#{i}", doc
+
+
+@pytest.mark.parametrize("where, doc", list(_manifests()), ids=lambda x: x
+                         if isinstance(x, str) else "")
+def test_manifests_validate_against_the_kubernetes_schemas(where, doc):
+    """Every object under deploy/kubernetes, strictly (no unknown fields),
+    against the schemas of Kubernetes K8S_VERSION (kubernetes-validate)."""
+    import kubernetes_validate
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_catches_a_broken_manifest():
+    import copy
+
+    import kubernetes_validate
+    ds = copy.deepcopy(_load("kubernetes", "daemonset.yaml"))
+    ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "9464"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+    ds = copy.deepcopy(_load("kubernetes", "daemonset.yaml"))
+    ds["spec"]["template"]["spec"]["hostNetwrk"] = True          # a typo: strict refuses it
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+
+
 def test_daemonset_is_a_valid_privileged_host_agent():
+    """What the schemas cannot say: how the agent must run."""
     ds = _load("kubernetes", "daemonset.yaml")
     assert (ds["apiVersion"], ds["kind"]) == ("apps/v1", "DaemonSet")
     spec = ds["spec"]
