@@ -94,6 +94,7 @@ class Agent:
         self._starting: list[int] = []          # registered listeners not served yet
         self.metrics_listen = metrics
         self.metrics = None                     # agent/metrics.Metrics once started
+        self.socket_refusal: str | None = None  # the node cannot do socket mode: why
         self._trim_due = False
 
     # --- lifecycle -----------------------------------------------------------
@@ -237,14 +238,14 @@ class Agent:
                         self._drop_session(key)
                 self._starting.clear()
                 for conn, _reply, _key in self._deferred:
-                    self._reply(conn, {"ok": False, "error": f"nftables: {exc}"})
+                    control.reply(conn, {"ok": False, "error": f"nftables: {exc}"})
                 self._deferred.clear()
         starting, self._starting = self._starting, []
         for key in starting:
             self._serve(key)
         deferred, self._deferred = self._deferred, []
         for conn, reply, _key in deferred:
-            self._reply(conn, reply)
+            control.reply(conn, reply)
 
     def dispatch(self, fd: int, ev: int) -> None:
         if fd in self.sessions:
@@ -263,9 +264,6 @@ class Agent:
             self.oci.dispatch(fd)
 
     # --- control connections -------------------------------------------------
-
-    def _reply(self, conn: socket.socket, msg: dict) -> None:
-        control.reply(conn, msg)
 
     def _handle_request(self, conn: socket.socket, msg: dict, fds: list[int]) -> None:
         """The op table. Owns `fds`: closes what is left of them, once."""
@@ -296,7 +294,7 @@ class Agent:
         finally:
             for fd in fds:
                 os.close(fd)
-        self._reply(conn, reply)
+        control.reply(conn, reply)
 
     def _register(self, conn: socket.socket, msg: dict, fds: list[int]) -> int:
         """A new session; returns its key (the listener fd). Everything that
@@ -316,6 +314,8 @@ class Agent:
         graft_at = msg.get("graft_at", "syscall")
         if graft_at not in GRAFT_AT:
             raise AgentError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}")
+        if graft_at == "socket" and self.socket_refusal:     # the doctor's words
+            raise AgentError(f"container {container}: {self.socket_refusal}")
         if graft_at == "socket" and self.bpf is None:
             raise AgentError(f"container {container}: graft_at=socket needs the in-kernel "
                              f"graft programs, which are unavailable: {self.bpf_error}")

@@ -16,9 +16,11 @@ import sys
 from ..errors import AgentError, ConfigError, LabError
 from ..agent import control
 from ..agent.store import ConfigStore, default_dir
+from . import doctor_cmd
 from .oci_cmd import default_oci_socket
 from ..kernel import netns
 from ..lab import state as lab_state
+from ..lab.grafts import published_ports
 from ..model import graftconfig as gc
 from ..model import redirect
 from ..model.endpoint import parse_egress, parse_endpoint_args, parse_ingress
@@ -334,6 +336,7 @@ def cmd_agent(args) -> int:
                   notifier_threads=args.notifier_threads, metrics=args.metrics,
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
+    doctor_cmd.agent_preflight(agent)                 # refuses what the node cannot do
     agent.start()
     print(f"sockgraft agent {name}: serving {path} (pid {os.getpid()})", flush=True)
     try:
@@ -373,7 +376,7 @@ def cmd_run(args) -> int:
     if graft_at is None:
         cfg = _store(args).load(args.container)
         graft_at = cfg.graft_at if cfg is not None else "syscall"
-    ports = [parse_publish(p) for p in args.publish] + lab_ports(args.lab, args.container)
+    ports = [parse_publish(p) for p in args.publish] + published_ports(args.lab, args.container)
     redirect.parse_ports(ports, "--publish")          # refused here, not by the agent
     return run(args.container, cmd, ns_path=ns_path, agent_path=agent,
                trap_sendto=args.udp_sendto, graft_at=graft_at, ports=ports)
@@ -391,23 +394,6 @@ def parse_publish(text: str) -> dict:
                           "[/tcp|udp]") from None
     return {"host_ip": host_ip or None, "host_port": hp, "container_port": cp,
             "proto": proto or "tcp"}
-
-
-def lab_ports(lab: str, container: str) -> list[dict]:
-    """A lab container's published ports (its host's DNAT), if it is in that lab."""
-    st = lab_state.read(lab)
-    if st is None:
-        return []
-    plan = st.plan()
-    try:
-        node = plan.node(container)
-    except (ConfigError, KeyError, LookupError):
-        return []
-    if not hasattr(node, "publish"):
-        return []
-    host = plan.node(node.host)
-    return [{"host_ip": str(host.underlay.ip), "host_port": p.host_port,
-             "container_port": p.container_port, "proto": p.proto} for p in node.publish]
 
 
 def cmd_ep_add(args) -> int:

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import ConfigError, SockgraftError
-from . import bench_cmd, graft_cmd, lab_cmd, oci_cmd
+from . import bench_cmd, doctor_cmd, graft_cmd, lab_cmd, oci_cmd
 
 EXAMPLES = """\
 examples:
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     graft_cmd.register(sub)
     bench_cmd.register(sub)
     oci_cmd.register(sub)
+    doctor_cmd.register(sub)
     return parser
 
 
