@@ -37,14 +37,9 @@ def lab(state_dir, lab_name):
 @pytest.fixture
 def glab(lab, state_dir):
     """The default lab with a real agent on each host."""
-    from grafting import GraftLab
-    g = GraftLab(lab, state_dir)
-    try:
-        for h in lab.hosts:
-            g.start_agent(h.name)
+    from grafting import agents_on
+    with agents_on(lab, state_dir) as g:
         yield g
-    finally:
-        g.close()
 
 
 @pytest.fixture(autouse=True, scope="module")

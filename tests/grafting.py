@@ -172,6 +172,18 @@ class GraftLab:
 
 
 @contextlib.contextmanager
+def agents_on(plan, state_dir):
+    """A GraftLab with an agent started on each host of `plan`; stopped after."""
+    g = GraftLab(plan, state_dir)
+    try:
+        for h in plan.hosts:
+            g.start_agent(h.name)
+        yield g
+    finally:
+        g.close()
+
+
+@contextlib.contextmanager
 def default_lab(name):
     """The default topology brought up as lab `name`; torn down afterwards,
     failing if it left namespaces, BPF pins or cgroups behind."""

@@ -12,20 +12,14 @@ import pytest
 def seclab(tmp_path_factory):
     """The default lab with an agent on each host, shared by the tests of one
     module (each test configures the containers it attacks)."""
-    from grafting import GraftLab, default_lab
+    from grafting import agents_on, default_lab
     if os.geteuid() != 0:
         pytest.fail("the adversarial suite needs root")
     state = tmp_path_factory.mktemp("secstate")
     mp = pytest.MonkeyPatch()
     mp.setenv("SOCKGRAFT_STATE_DIR", str(state))
     try:
-        with default_lab("s" + secrets.token_hex(4)) as plan:
-            g = GraftLab(plan, state)
-            try:
-                for h in plan.hosts:
-                    g.start_agent(h.name)
-                yield g
-            finally:
-                g.close()
+        with default_lab("s" + secrets.token_hex(4)) as plan, agents_on(plan, state) as g:
+            yield g
     finally:
         mp.undo()

@@ -30,6 +30,17 @@ def test_modes(release, failing, works, broken):
     assert {m for m, x in v.items() if not x["ok"]} == broken
 
 
+def test_a_check_that_did_not_run_is_unchecked_not_missing():
+    quick = kernel_checks("5.10.0") + [Check(n, True) for n in ("seccomp_user_notif",
+                                                                "pidfd_getfd", "cgroup2")]
+    v = modes(quick)
+    assert v["syscall"]["ok"] and v["syscall"]["unchecked"] == []
+    assert not v["socket"]["ok"]                              # ADDFD_FLAG_SEND failed
+    assert [m["check"] for m in v["socket"]["missing"]] == ["seccomp_addfd_send"]
+    assert v["socket"]["unchecked"] == ["bpf_programs"]
+    assert v["oci"]["ok"] and v["oci"]["unchecked"] == ["oci_runtime"]
+
+
 def test_the_refusal_names_what_is_missing_and_what_to_do():
     v = modes(_checks("5.10.0"))
     assert refusal("syscall", v) is None

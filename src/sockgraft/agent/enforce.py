@@ -90,16 +90,12 @@ class Enforcer:
                                         in self._followable(policy, services).items()},
                                        key=str))
                     for mark, policy in policies.items()}
-        if (policies, services, redirects, self._socket_marks(sessions)) == self._nft_applied:
-            return
         loopbacks = {s.mark: graft.private_loopback(s.mark) for s in sessions
                      if s.graft_at == "socket"}
+        if (policies, services, redirects, loopbacks) == self._nft_applied:
+            return
         nft.apply(None, plan_ruleset(policies, services, redirects, loopbacks))
-        self._nft_applied = (policies, services, redirects, self._socket_marks(sessions))
-
-    @staticmethod
-    def _socket_marks(sessions) -> frozenset:
-        return frozenset(s.mark for s in sessions if s.graft_at == "socket")
+        self._nft_applied = (policies, services, redirects, loopbacks)
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
                  mark_held: Callable[[int], bool], rescan: bool = False) -> None:

@@ -90,7 +90,7 @@ class Agent:
         self.server: control.Server | None = None
         self._stop = False
         self._nft_due = False                   # reconcile nftables at the end of the turn
-        self._deferred: list[tuple[socket.socket, dict, int]] = []   # register replies
+        self._deferred: list[tuple[socket.socket, dict]] = []   # register replies
         self._starting: list[int] = []          # registered listeners not served yet
         self.metrics_listen = metrics
         self.metrics = None                     # agent/metrics.Metrics once started
@@ -237,14 +237,14 @@ class Agent:
                     if key in self.sessions:
                         self._drop_session(key)
                 self._starting.clear()
-                for conn, _reply, _key in self._deferred:
+                for conn, _reply in self._deferred:
                     control.reply(conn, {"ok": False, "error": f"nftables: {exc}"})
                 self._deferred.clear()
         starting, self._starting = self._starting, []
         for key in starting:
             self._serve(key)
         deferred, self._deferred = self._deferred, []
-        for conn, reply, _key in deferred:
+        for conn, reply in deferred:
             control.reply(conn, reply)
 
     def dispatch(self, fd: int, ev: int) -> None:
@@ -272,8 +272,7 @@ class Agent:
             if op == "register":
                 key = self._register(conn, msg, fds)       # takes the fd it keeps
                 # answered at the end of the turn, once nftables knows it
-                self._deferred.append((conn, {"ok": True, "mark": self.sessions[key].mark},
-                                       key))
+                self._deferred.append((conn, {"ok": True, "mark": self.sessions[key].mark}))
                 return
             elif op == "reload":
                 reply = self._reload(msg.get("container"))
@@ -344,6 +343,7 @@ class Agent:
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline,
                        ports=ports)
         key = listener.fileno()
+        first_of_mark = not self.sessions.holds(mark)
         self.sessions.add(key, sess)
         try:
             self.publisher.publish_node()
@@ -352,7 +352,7 @@ class Agent:
             # refused; nftables once per loop turn, before the reply (end_turn)
             self._nft_due = True
             self.sync_bpf()
-            if graft_at == "socket":
+            if graft_at == "socket" and first_of_mark:
                 # its private IPv6 loopback (the IPv4 one is in 127.0.0.0/8)
                 links.set_loopback_address(graft.private_loopback(mark)[1], True)
         except SockgraftError:

@@ -45,8 +45,8 @@ log = logging.getLogger("sockgraft.agent")
 SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
                  seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket",
                  seccomp.SYS_LISTEN: "listen"}
-CALLS = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
-         seccomp.SYS_SENDTO: "sendto"}
+CALLS = {nr: SYSCALL_NAMES[nr]          # the calls that carry an address
+         for nr in (seccomp.SYS_BIND, seccomp.SYS_CONNECT, seccomp.SYS_SENDTO)}
 
 
 @dataclass(slots=True)
@@ -236,7 +236,7 @@ class Grafter:
             return
         with contextlib.ExitStack() as owned:
             owned.enter_context(got)
-            info, proto = self._sock_info(got)
+            info, proto = self._sock_info(got, v6only=n.nr == seccomp.SYS_BIND)
             if n.nr == seccomp.SYS_BIND:
                 action = graft.decide_bind(cfg, info, addr, self.host_addrs,
                                            graft.private_loopback(sess.mark)
@@ -261,12 +261,13 @@ class Grafter:
         else:
             self.continue_(sess, n.id)
 
-    def _sock_info(self, dup: socket.socket) -> tuple[SockInfo, int]:
+    def _sock_info(self, dup: socket.socket, v6only: bool = False) -> tuple[SockInfo, int]:
         """What the decisions need to know of a target's socket, and its
         protocol number. Grafted = tagged by this agent (the mark is only the
         fallback without the guards: a container with CAP_NET_RAW can set it)."""
         family, type_, proto, mark = ksock.info(dup)
-        v6only = family == socket.AF_INET6 and ksock.v6only(dup)
+        # IPV6_V6ONLY matters to binds only (graft.match_bind): not read on connects
+        v6only = v6only and family == socket.AF_INET6 and ksock.v6only(dup)
         if self.bpf is not None:
             tag = self.bpf.tag_of(dup.fileno())
             grafted = tag is not None

@@ -42,8 +42,9 @@ def cmd_doctor(args) -> int:
                 print(f"     {'':{w}s}  fix: {c.fix}")
         print()
         for mode, v in verdicts.items():
+            unchecked = f" (not checked: {', '.join(v['unchecked'])})" if v["unchecked"] else ""
             print(f"mode {mode:12s} " + ("works" if v["ok"] else "NOT AVAILABLE: " + ", ".join(
-                m["check"] for m in v["missing"])))
+                m["check"] for m in v["missing"])) + unchecked)
     return 0 if verdicts["syscall"]["ok"] else 1
 
 
@@ -55,8 +56,5 @@ def agent_preflight(agent) -> None:
     why = nodecheck.refusal("syscall", verdicts)
     if why:
         raise AgentError(why)
-    # the programs are the agent's own business (--bpf); the kernel's part here
-    verdicts["socket"]["missing"] = [m for m in verdicts["socket"]["missing"]
-                                     if m["check"] != "bpf_programs"]
-    verdicts["socket"]["ok"] = not verdicts["socket"]["missing"]
+    # (the programs are not probed here: the agent loads them itself, --bpf)
     agent.socket_refusal = nodecheck.refusal("socket", verdicts)

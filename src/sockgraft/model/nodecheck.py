@@ -70,13 +70,16 @@ def runtime_ok(name: str, version: str) -> bool:
 
 
 def modes(checks: list[Check]) -> dict[str, dict]:
-    """Per mode: works or not, and the checks it misses with what to do."""
+    """Per mode: works or not, the checks that failed with what to do, and
+    the ones that were not run (a quick check leaves the slow probes out:
+    not a failure, not a proof either)."""
     by = {c.name: c for c in checks}
     out = {}
     for mode, needs in MODES.items():
-        missing = [n for n in needs if not (by.get(n) and by[n].ok)]
+        missing = [n for n in needs if n in by and not by[n].ok]
         out[mode] = {"ok": not missing,
-                     "missing": [{"check": n, "fix": FIX.get(n, "")} for n in missing]}
+                     "missing": [{"check": n, "fix": FIX.get(n, "")} for n in missing],
+                     "unchecked": [n for n in needs if n not in by]}
     return out
 
 
