@@ -61,6 +61,17 @@ def test_render_and_rerender_from_stored_runs(tmp_path):
     assert again["ratios"] == stored["ratios"]
 
 
+def test_without_matplotlib_the_report_is_written_and_plots_skipped(tmp_path, monkeypatch,
+                                                                     caplog):
+    """The agent's image carries no matplotlib (extra `bench`)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import raises ImportError
+    report.write_outputs(report.build(_runs(), {"rounds": 3, "seconds": 3}), str(tmp_path))
+    assert (tmp_path / "report.md").exists() and (tmp_path / "results.json").exists()
+    assert not (tmp_path / "plots").exists()
+    assert "plots skipped: matplotlib is not installed" in caplog.text
+
+
 def test_bench_paths_ports_and_graft_configs():
     plan = parse_topology(harness.topology_text("kx"), "<bench>")
     runs = harness.plan_runs(plan, "kx", 5201)

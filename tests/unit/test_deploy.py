@@ -94,6 +94,31 @@ def test_daemonset_is_a_valid_privileged_host_agent():
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == str(port)
 
 
+def test_daemonset_runs_the_image_the_recipe_builds():
+    """deploy/image/build.sh tags localhost/sockgraft/agent:VERSION with the
+    package version and lays out what the DaemonSet's containers use."""
+    import re
+    import tomllib
+
+    import sockgraft
+    with open(os.path.join(DEPLOY, "..", "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert sockgraft.__version__ == version
+    with open(os.path.join(DEPLOY, "image", "build.sh")) as f:
+        recipe = f.read()
+    assert re.search(r"^REF=localhost/sockgraft/agent:\$VERSION$", recipe, re.M)
+    pod = _load("kubernetes", "daemonset.yaml")["spec"]["template"]["spec"]
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["image"] == f"localhost/sockgraft/agent:{version}", c["name"]
+        assert c["imagePullPolicy"] == "Never"     # built and loaded on the node
+    init = " ".join(pod["initContainers"][0]["args"])
+    # every path the init container copies from is one the recipe fills
+    for src in re.findall(r"cp (/opt/sockgraft/\S+)", init):
+        rel = src.removeprefix("/opt/sockgraft/")
+        assert (rel == "host/sockgraft-cni" and "/opt/sockgraft/host/" in recipe) or \
+            (rel.startswith("deploy/") and os.path.exists(os.path.join(DEPLOY, rel[7:]))), src
+
+
 def test_configmap_agent_args_and_container_config_parse():
     cm = _load("kubernetes", "configmap.yaml")
     from sockgraft.cli.main import build_parser

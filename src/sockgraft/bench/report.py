@@ -10,6 +10,7 @@ round r of its reference), the way to get stable figures on a noisy machine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -17,6 +18,8 @@ import statistics
 # graft paths against their limit and against the path they replace
 REFERENCES = (("graft-local", "host-loopback"), ("graft-remote", "host-underlay"),
               ("graft-local", "bridge"), ("graft-remote", "vxlan"), ("graft-remote", "nat"))
+log = logging.getLogger(__name__)
+
 LOWER_IS_BETTER = {"rtt_avg_us", "rtt_p99_us", "cpu_us_per_op"}
 
 
@@ -118,8 +121,13 @@ def _fmt(v: float) -> str:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-    """One PNG per workload: median of each metric per path, min-max whiskers."""
-    import matplotlib
+    """One PNG per workload: median of each metric per path, min-max whiskers.
+    Without matplotlib (the agent's image has none) the plots are skipped, said once."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("plots skipped: matplotlib is not installed (pip install 'sockgraft[bench]')")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(out_dir, exist_ok=True)
