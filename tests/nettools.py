@@ -1,8 +1,15 @@
-"""Test helpers: real TCP/UDP traffic between lab namespaces, from forked children."""
+"""Test helpers: real TCP/UDP traffic between lab namespaces, from forked
+children; throwaway namespaces with local addresses."""
 
+import contextlib
 import os
+import secrets
 import select
+import shutil
 import socket
+import subprocess
+
+import pytest
 
 from sockgraft.kernel import netns
 
@@ -91,3 +98,45 @@ def full_backlog_server():
         f.connect_ex(srv.getsockname())
         fillers.append(f)
     return srv, fillers
+
+
+def _lo_up():
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def ip_in(ns, *args):
+    proc = subprocess.run(["ip", "-n", ns, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, f"ip -n {ns} {' '.join(args)}: {proc.stderr.strip()}"
+
+
+@contextlib.contextmanager
+def scratch_ns(prefix, v4=(), v6=(), default_routes=False):
+    """A throwaway network namespace named prefix + 6 hex: loopback up and a
+    veth pair with both ends inside, sgt0 holding the local addresses v4 (/24)
+    and v6 (/64) - this kernel has no dummy interface. default_routes: every
+    destination routes out of sgt0 (packets go nowhere: the peer end is
+    inside and nothing answers). Deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_NET_ADMIN) for network namespaces")
+    if not shutil.which("ip"):
+        pytest.skip("needs the ip tool (iproute2)")
+    name = prefix + secrets.token_hex(3)
+    netns.create(name)
+    try:
+        netns.run_in(name, _lo_up)
+        ip_in(name, "link", "add", "sgt0", "type", "veth", "peer", "name", "sgt1")
+        for a in v4:
+            ip_in(name, "addr", "add", f"{a}/24", "dev", "sgt0")
+        for a in v6:
+            ip_in(name, "addr", "add", f"{a}/64", "dev", "sgt0", "nodad")
+        ip_in(name, "link", "set", "sgt1", "up")
+        ip_in(name, "link", "set", "sgt0", "up")
+        if default_routes:
+            ip_in(name, "route", "add", "default", "dev", "sgt0")
+            ip_in(name, "-6", "route", "add", "default", "dev", "sgt0")
+        yield name
+    finally:
+        netns.delete(name)
+    assert not netns.exists(name)

@@ -16,15 +16,14 @@ from __future__ import annotations
 import errno
 import os
 import random
-import secrets
 import select
 import shutil
 import socket
-import subprocess
 import time
 
 import pytest
 
+from nettools import scratch_ns
 from sockgraft.kernel import netns, nft
 from sockgraft.model.nftpolicy import TABLE, plan_ruleset
 from sockgraft.model.policy import Policy, PolicyRule, decide, parse_policy_rule
@@ -52,40 +51,12 @@ POLICY = P("allow udp 198.18.5.0/24 5300-5310", "allow udp [fd53:5447::/64] 5300
 
 # ---------------------------------------------------------------- fixtures
 
-def _lo_up() -> None:
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def _ip(ns: str, *args: str) -> None:
-    proc = subprocess.run(["ip", "-n", ns, *args], capture_output=True, text=True)
-    assert proc.returncode == 0, f"ip -n {ns} {' '.join(args)}: {proc.stderr.strip()}"
-
-
 @pytest.fixture
 def ns():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_NET_ADMIN) for network namespaces and nftables")
     if not (shutil.which("nft") or os.path.exists("/usr/sbin/nft")):
         pytest.skip("needs the nft tool (apt-get install nftables)")
-    if not shutil.which("ip"):
-        pytest.skip("needs the ip tool (iproute2)")
-    name = PREFIX + secrets.token_hex(3)
-    netns.create(name)
-    try:
-        netns.run_in(name, _lo_up)
-        _ip(name, "link", "add", "sgt0", "type", "veth", "peer", "name", "sgt1")
-        for a in V4_LOCAL:
-            _ip(name, "addr", "add", f"{a}/24", "dev", "sgt0")
-        for a in V6_LOCAL:
-            _ip(name, "addr", "add", f"{a}/64", "dev", "sgt0", "nodad")
-        _ip(name, "link", "set", "sgt1", "up")
-        _ip(name, "link", "set", "sgt0", "up")
+    with scratch_ns(PREFIX, V4_LOCAL, V6_LOCAL) as name:
         yield name
-    finally:
-        netns.delete(name)
-    assert not netns.exists(name)
 
 
 # ---------------------------------------------------------------- in-namespace probe
