@@ -57,3 +57,51 @@ def test_socket_mode_is_refused_with_the_doctors_words_on_an_old_kernel(glab):
         assert rc == 0, err
     finally:
         del glab.env["SOCKGRAFT_DOCTOR_KERNEL"]
+
+
+def _children():
+    me = str(os.getpid())
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        out.append(p)
+            except OSError:
+                pass
+    return out
+
+
+def test_the_seccomp_ioctls_are_probed_on_a_real_notification():
+    """ADDFD, ADDFD_FLAG_SEND and SYNC_WAKE_UP tried on a child's trapped
+    call, not read off the kernel version; nothing left behind."""
+    from sockgraft.agent import doctor
+    fds = len(os.listdir("/proc/self/fd"))
+    checks = {c.name: c for c in doctor.run(doctor.QUICK)}
+    assert checks["seccomp_addfd_send"].ok and \
+        "FLAG_SEND answered a call" in checks["seccomp_addfd_send"].detail
+    assert checks["seccomp_addfd"].ok and "installed an fd" in checks["seccomp_addfd"].detail
+    assert checks["seccomp_sync_wake_up"].ok and \
+        "SYNC_WAKE_UP) accepted" in checks["seccomp_sync_wake_up"].detail
+    assert len(os.listdir("/proc/self/fd")) == fds and not _children()
+
+
+def test_when_the_probe_cannot_be_made_the_kernel_version_decides_and_says_so(monkeypatch):
+    """A node where the agent may not copy the child's listener (no
+    CAP_SYS_PTRACE): the checks fall back to the version, saying why."""
+    import errno
+
+    from sockgraft.agent import doctor
+    from sockgraft.errors import KernelError
+    from sockgraft.kernel import seccomp
+
+    def refused(pidfd, fd):
+        raise KernelError("pidfd_getfd", errno.EPERM)
+    monkeypatch.setattr(seccomp, "pidfd_getfd", refused)
+    fds = len(os.listdir("/proc/self/fd"))
+    checks = {c.name: c for c in doctor.seccomp_checks("5.10.0", simulated=False)}
+    assert not checks["seccomp_addfd_send"].ok and checks["seccomp_addfd"].ok
+    assert "probe failed" in checks["seccomp_addfd"].detail and \
+        "EPERM" in checks["seccomp_addfd"].detail
+    assert len(os.listdir("/proc/self/fd")) == fds and not _children()

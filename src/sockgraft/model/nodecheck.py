@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# feature -> the kernel that has it (for what cannot be probed without a
-# seccomp listener of our own)
+# feature -> the kernel that has it: the verdict when agent/doctor.listener_probe
+# cannot run, or when a test plays another kernel
 KERNEL_FEATURES = {
     "seccomp_addfd": ((5, 9), "SECCOMP_IOCTL_NOTIF_ADDFD"),
     "seccomp_addfd_send": ((5, 14), "SECCOMP_ADDFD_FLAG_SEND"),
