@@ -1,7 +1,9 @@
 """Notifier threads against real seccomp listeners: a child in its own network
 namespace gets host sockets (this process's namespace) with the container's
 mark; what the threads do not answer reaches the loop; the threads end when
-the child is gone or when they are stopped, and leave no fd behind."""
+the child is gone or when they are stopped, and leave no fd behind. Each
+test runs with socket() answered in Python and in the native loop
+(sockgraft._answer), which counts instead of handing over records."""
 
 import ctypes
 import fcntl
@@ -21,6 +23,23 @@ pytestmark = pytest.mark.priv
 MARK = 0x53470042
 SIOCGSKNS = 0x894C
 CLONE_NEWNET = 0x40000000
+
+
+@pytest.fixture(params=["python", "native"])
+def native_loop(request):
+    if request.param == "native" and notifiers.native is None:
+        pytest.fail(f"the native answer loop is not built: {notifiers.NATIVE_ERROR}")
+    return request.param == "native"
+
+
+def _answered(threads, inbox):
+    """[(key, proto)] of the sockets answered: the records the Python threads
+    handed over, or the native loop's counts."""
+    if threads.table is None:
+        return sorted((k, notifiers.unpack_answer(a).proto) for k, a in inbox.drain())
+    got = threads.harvest()
+    return sorted([(threads.key, "tcp")] * got.get("tcp", 0) +
+                  [(threads.key, "udp")] * got.get("udp", 0))
 
 
 def _fds() -> set[str]:
@@ -75,7 +94,7 @@ def _wait_gone(threads, timeout=5.0):
     return threads.alive
 
 
-def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child():
+def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child(native_loop):
     def body(w):
         out = []
         for family, typ in ((2, 1), (10, 2), (2, 1 | socket.SOCK_NONBLOCK)):
@@ -92,7 +111,8 @@ def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child():
     before = _fds()
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop)
+    assert (threads.table is not None) == native_loop
     sp.send(b"g")
     data = _read_all(r)
     rows = [struct.unpack_from("QII", data, i) for i in range(0, len(data), 16)]
@@ -103,17 +123,15 @@ def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child():
     assert [row[2] for row in rows[:3]] == [1, 1, 0]          # SOCK_NONBLOCK kept
     assert rows[3][0] != host_ns and rows[3][1] == 0           # raw: the child's own
     assert _wait_gone(threads) == 0, "threads outlived every filtered task"
-    items = [(k, notifiers.unpack_answer(a)) for k, a in inbox.drain()]
     # two threads: the hand-over order is not the call order
-    assert sorted((k, a.proto) for k, a in items) == [(fd, "tcp"), (fd, "tcp"), (fd, "udp")]
-    assert all(isinstance(a, notifiers.Answered) and a.tid == pid for _, a in items)
+    assert _answered(threads, inbox) == [(fd, "tcp"), (fd, "tcp"), (fd, "udp")]
     os.close(fd)
     sp.close()
     inbox.close()
     assert _fds() == before
 
 
-def test_other_calls_reach_the_loop_which_answers_them():
+def test_other_calls_reach_the_loop_which_answers_them(native_loop):
     def body(w):
         s = socket.socket()
         try:
@@ -124,7 +142,7 @@ def test_other_calls_reach_the_loop_which_answers_them():
 
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body, trap_listen=True)
-    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop)
     loop = seccomp.Listener(fd)
     sp.send(b"g")
     deadline = time.monotonic() + 5
@@ -142,7 +160,7 @@ def test_other_calls_reach_the_loop_which_answers_them():
     inbox.close()
 
 
-def test_disabled_threads_forward_socket_calls_too():
+def test_disabled_threads_forward_socket_calls_too(native_loop):
     """enabled() false (a container without a config): socket() goes to the
     loop, which lets the child create its own socket."""
     def body(w):
@@ -151,7 +169,8 @@ def test_disabled_threads_forward_socket_calls_too():
 
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=1, enabled=lambda: False)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=1, enabled=lambda: False,
+                                  native_loop=native_loop)
     loop = seccomp.Listener(fd)
     sp.send(b"g")
     deadline = time.monotonic() + 5
@@ -169,7 +188,7 @@ def test_disabled_threads_forward_socket_calls_too():
     inbox.close()
 
 
-def test_stop_interrupts_threads_blocked_in_recv_and_closes_their_fds():
+def test_stop_interrupts_threads_blocked_in_recv_and_closes_their_fds(native_loop):
     def body(w):
         time.sleep(30)
 
@@ -177,7 +196,7 @@ def test_stop_interrupts_threads_blocked_in_recv_and_closes_their_fds():
     before = _fds()
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=3)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=3, native_loop=native_loop)
     sp.send(b"g")
     time.sleep(0.1)
     assert threads.alive == 3
@@ -193,7 +212,7 @@ def test_stop_interrupts_threads_blocked_in_recv_and_closes_their_fds():
     assert _fds() == before
 
 
-def test_many_sockets_all_answered_without_leaks():
+def test_many_sockets_all_answered_without_leaks(native_loop):
     n = 3000
 
     def body(w):
@@ -204,16 +223,111 @@ def test_many_sockets_all_answered_without_leaks():
     before = _fds()
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(body)
-    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop)
     sp.send(b"g")
     assert _read_all(r) == b"ok"
     os.waitpid(pid, 0)
     assert _wait_gone(threads) == 0
-    items = inbox.drain()
-    answers = [notifiers.unpack_answer(a) for _, a in items]
-    assert len(answers) == n and {a.tid for a in answers} == {pid}
-    assert len({a.inode for a in answers}) > 1      # fresh host sockets, not one reused
+    if native_loop:
+        got = threads.harvest()
+        assert got["tcp"] == n and got["refused"] == 0 and got["handed"] == 0
+        assert not inbox.drain()
+    else:
+        answers = [notifiers.unpack_answer(a) for _, a in inbox.drain()]
+        assert len(answers) == n and {a.tid for a in answers} == {pid}
+        assert len({a.inode for a in answers}) > 1      # fresh host sockets, not one reused
     os.close(fd)
     sp.close()
     inbox.close()
     assert _fds() == before
+
+
+# --- what only the native loop decides (the Python path: tests/unit/test_notifier_model.py)
+
+def _plain_errno(family, typ, proto):
+    try:
+        socket.socket(family, typ, proto).close()
+        return 0
+    except OSError as exc:
+        return exc.errno
+
+
+HOSTILE = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_UDP),     # proto mismatch
+           (socket.AF_INET, socket.SOCK_STREAM | 0x4000, 0),              # unknown flag
+           (socket.AF_INET6, socket.SOCK_SEQPACKET, 0),                   # not a graft kind
+           (socket.AF_INET, 0xF, 0),                                      # type out of range
+           (socket.AF_INET, socket.SOCK_DGRAM, 1 << 20)]                  # huge protocol
+
+
+def test_native_loop_lets_the_kernel_answer_what_it_does_not_graft():
+    """socket() calls the native loop does not graft continue in the kernel
+    (the container's own answer, the same errno as an unfiltered process
+    gets); nothing reaches the agent's loop, and the counts say so."""
+    def body(w):
+        out = []
+        for family, typ, proto in HOSTILE:
+            try:
+                s = socket.socket(family, typ, proto)
+                out.append(struct.pack("iI", 0, s.getsockopt(socket.SOL_SOCKET, 36)))
+                s.close()
+            except OSError as exc:
+                out.append(struct.pack("iI", exc.errno, 0))
+        os.write(w, b"".join(out))
+
+    if notifiers.native is None:
+        pytest.fail(f"the native answer loop is not built: {notifiers.NATIVE_ERROR}")
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=1, native_loop=True)
+    sp.send(b"g")
+    data = _read_all(r)
+    os.waitpid(pid, 0)
+    got = [struct.unpack_from("iI", data, i) for i in range(0, len(data), 8)]
+    assert [e for e, _ in got] == [_plain_errno(*h) for h in HOSTILE]
+    assert all(mark == 0 for _, mark in got)            # none is a host socket
+    assert _wait_gone(threads) == 0
+    counts = threads.harvest()
+    assert counts["continued"] == len(HOSTILE) and counts["tcp"] == counts["udp"] == 0
+    assert not inbox.drain()
+    os.close(fd)
+    sp.close()
+    inbox.close()
+
+
+def test_native_configuration_swaps_while_threads_wait():
+    """refresh() after enabled() changed: the next socket() follows it."""
+    state = {"on": True}
+
+    def body(w):
+        marks = []
+        for _ in range(2):
+            s = socket.socket()
+            marks.append(s.getsockopt(socket.SOL_SOCKET, 36))
+            s.close()
+            time.sleep(0.3)         # the parent turns grafting off meanwhile
+        os.write(w, struct.pack("II", *marks))
+
+    if notifiers.native is None:
+        pytest.fail(f"the native answer loop is not built: {notifiers.NATIVE_ERROR}")
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=1, native_loop=True,
+                                  enabled=lambda: state["on"])
+    loop = seccomp.Listener(fd)
+    sp.send(b"g")
+    time.sleep(0.1)
+    state["on"] = False
+    threads.refresh()
+    deadline = time.monotonic() + 5
+    got = []
+    while not got and time.monotonic() < deadline:
+        got = [n for _, n in inbox.drain()]
+        time.sleep(0.005)
+    assert [n.nr for n in got] == [seccomp.SYS_SOCKET]
+    loop.continue_(got[0].id)
+    assert struct.unpack("II", _read_all(r)) == (MARK, 0)
+    os.waitpid(pid, 0)
+    threads.stop()
+    loop.close()
+    sp.close()
+    inbox.close()

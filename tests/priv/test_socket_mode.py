@@ -218,16 +218,28 @@ def test_uninstall_removes_pins_and_cgroup_only_when_stopped(tmp_path):
     assert "sockgraft" not in nft.list_tables(None, "inet")
 
 
-def test_sockets_answered_by_notifier_threads_are_counted_and_listed(slab):
-    """socket() answered by the container's two notifier threads: `stats`
-    shows them and counts every socket, `sockets` lists the open ones (what
-    the threads hand to the agent's loop), and both forget them at exit."""
+@pytest.mark.parametrize("answer", ["native", "python"])
+def test_sockets_answered_by_notifier_threads_are_counted_and_listed(slab, answer):
+    """socket() answered by the container's two notifier threads, in the
+    native loop or in Python (--native off): `stats` shows them and counts
+    every socket, `sockets` lists the open ones (the Python threads hand
+    records to the agent's loop; the native loop's are found on demand, by
+    mark, in the container's processes), and both forget them at exit."""
     import json
     import subprocess
     import sys
+    if answer == "python":
+        slab.stop_agent("h1")
+        slab.start_agent("h1", "--native", "off")
     hold = ("import socket, sys\n"
             "s = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]\n"
+            "c = socket.socket(); c.connect(('198.18.0.1', 8082))\n"
             "print('ready', len(s), flush=True)\nsys.stdin.read()\n")
+    srv = slab.spawn_plain("h1", [sys.executable, "-c",
+                                  "import socket, time; s = socket.create_server(('198.18.0.1',"
+                                  " 8082)); print('up', flush=True); c = s.accept(); "
+                                  "time.sleep(60)"])
+    assert srv.stdout.readline().strip() == "up"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", "h1-c1", "--lab",
          slab.plan.name, "--graft-at", "socket", "--", sys.executable, "-c", hold],
@@ -242,11 +254,17 @@ def test_sockets_answered_by_notifier_threads_are_counted_and_listed(slab):
 
     mine = containers()
     assert len(mine) == 1 and mine[0]["graft_at"] == "socket"
-    assert mine[0]["notifier_threads"] == 2 and mine[0]["grafted"] >= 40
+    assert mine[0]["native"] is (answer == "native")
+    assert mine[0]["notifier_threads"] == 2 and mine[0]["grafted"] >= 41
     rows = [r for r in json.loads(slab.sg("sockets", "--json", "--agent", agent).stdout)
             if r["container"] == "h1-c1"]
-    assert len(rows) == 40 and {r["kind"] for r in rows} == {"socket"}
-    assert len({r["inode"] for r in rows}) == 40 and {r["proto"] for r in rows} == {"udp"}
+    assert len(rows) == 41 and {r["kind"] for r in rows} == {"socket"}
+    assert len({r["inode"] for r in rows}) == 41
+    assert sorted(r["proto"] for r in rows) == ["tcp"] + ["udp"] * 40
+    assert all(os.readlink(f"/proc/{r['pid']}/fd/{r['fd']}") == f"socket:[{r['inode']}]"
+               for r in rows)                             # the holder's own fd numbers
+    (tcp,) = [r for r in rows if r["proto"] == "tcp"]
+    assert tcp["remote"] == "198.18.0.1:8082" and tcp["local"].startswith("198.18.0.1:")
     proc.stdin.close()
     assert proc.wait(timeout=30) == 0
     deadline = time.monotonic() + 10

@@ -73,3 +73,35 @@ def test_notifier_thread_count_is_bounded(tmp_path):
     with pytest.raises(AgentError):
         Agent(str(tmp_path / "a.sock"), ConfigStore(str(tmp_path)), notifier_threads=-1)
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_native_mode_choice_and_its_words_when_the_module_is_missing(monkeypatch, caplog):
+    from sockgraft.errors import AgentError
+    monkeypatch.setattr(notifiers, "native", None)
+    monkeypatch.setattr(notifiers, "NATIVE_ERROR", "No module named 'sockgraft._answer'")
+    assert notifiers.choose_native("off") is False
+    with pytest.raises(AgentError, match="--native on: the native answer loop is not built"):
+        notifiers.choose_native("on")
+    assert notifiers.choose_native("auto") is False
+    assert "answered in Python: the native answer loop is not built" in caplog.text
+    with pytest.raises(AgentError, match="native mode 'fast' unknown"):
+        notifiers.choose_native("fast")
+
+
+def test_the_native_loop_is_used_only_where_it_can_tag_like_python():
+    """With kernel guards, a tagger that cannot name its map (a test double)
+    keeps the Python path: an untagged host socket would escape the guards."""
+    from sockgraft.kernel import sockets as ksock
+    if notifiers.native is None:
+        pytest.fail(f"the native answer loop is not built: {notifiers.NATIVE_ERROR}")
+    assert notifiers.native_usable(ksock.HostSockets())
+    assert not notifiers.native_usable(ksock.HostSockets(tag=lambda fd, mark, flags: None))
+
+    class Progs:
+        def tag(self, fd, mark, flags=0):
+            pass
+
+        def tag_params(self, mark):
+            return 7, 3
+    hs = ksock.HostSockets(tag=Progs().tag)
+    assert notifiers.native_usable(hs) and hs.native_tag(0x53470001) == (7, 3)

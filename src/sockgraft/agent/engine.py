@@ -55,13 +55,14 @@ class Agent:
                  bpf: str = "off", bpf_name: str | None = None,
                  directory: DirectoryBackend | None = None, node: str | None = None,
                  oci_socket: str | None = None, notifier_threads: int = 2,
-                 metrics: str | None = None) -> None:
+                 metrics: str | None = None, native: str = "auto") -> None:
         """metrics: ADDR:PORT to serve Prometheus metrics on (agent/metrics.py)."""
         if bpf not in ("auto", "on", "off"):
             raise AgentError(f"bpf mode {bpf!r} unknown; accepted: auto, on, off")
         if not 0 <= notifier_threads <= 16:
             raise AgentError(f"notifier threads must be 0..16, got {notifier_threads}")
         self.notifier_threads = notifier_threads
+        self.native = notifiers.choose_native(native)    # socket() answered in C or Python
         self.inbox = notifiers.Inbox()
         self.name = name
         self.bpf_mode = bpf
@@ -376,7 +377,8 @@ class Agent:
             try:
                 threads = notifiers.Notifiers(
                     key, sess.mark, sess.container, self.inbox, threads=self.notifier_threads,
-                    enabled=lambda: self.grafter.grafts_sockets(sess), sockets=self.sockets)
+                    enabled=lambda: self.grafter.grafts_sockets(sess), sockets=self.sockets,
+                    native_loop=self.native)
             except SockgraftError as exc:
                 log.warning("%s: socket() answered from the loop only: %s", sess.container, exc)
         if threads is not None:
@@ -422,6 +424,7 @@ class Agent:
         with self._timed("bpf"):
             self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
                                    self.sessions.holds, rescan)
+        self.sessions.refresh_native()       # the native loops take what is now in force
 
     def _timed(self, what: str):
         return self.metrics.timer(what) if self.metrics is not None else nullcontext()
@@ -455,27 +458,12 @@ class Agent:
                     self.inventory.socket_answered(sess, item)
             elif isinstance(item, notifiers.ThreadFailed):
                 if sess is not None:
-                    self._notifier_failed(key, sess, item)
+                    self.sessions.takeover(key, self.ep, self.inventory, item)
             elif sess is not None:
                 self.grafter.handle(sess, item)
             else:
                 log.warning("notification %#x of a dropped session left unanswered", item.id)
-
-    def _notifier_failed(self, key: int, sess: Session, failed) -> None:
-        """A notifier thread of this session ended unexpectedly: the loop
-        receives the listener's notifications too (the surviving threads keep
-        going; each notification goes to one receiver), so none waits."""
-        self.inventory.count(sess, "notifier_failures")
-        if not sess.loop_serves:
-            sess.loop_serves = True
-            try:
-                self.ep.modify(key, select.EPOLLIN)
-            except OSError as exc:
-                log.error("%s: cannot serve the listener from the loop: %s", sess.container,
-                          exc)
-                return
-            log.warning("%s: the loop now answers this container's notifications (%s: %s)",
-                        sess.container, failed.thread, failed.error)
+        self.sessions.harvest(self.inventory)      # what the native loops answered
 
     # --- OCI runtimes --------------------------------------------------------
 
@@ -573,7 +561,7 @@ class Agent:
 
     def list_sockets(self) -> list[dict]:
         self.drain_inbox()
-        return self.inventory.list_sockets()
+        return self.inventory.list_sockets(self.sessions.natively_served())
 
     def stats(self) -> dict:
         self.drain_inbox()
@@ -594,6 +582,7 @@ class Agent:
                 "containers": [{"container": s.container, "pid": s.pid, "mark": s.mark,
                                 "configured": s.config is not None, "graft_at": s.graft_at,
                                 "notifier_threads": self.sessions.threads_alive(k),
+                                "native": self.sessions.native(k),
                                 **s.counters.as_dict()} for k, s in self.sessions.items()],
                 "pending_connects": len(self.grafter.connects.pending),
                 "grafted_tracked": len(self.inventory.grafted)}

@@ -8,6 +8,7 @@ over through the inbox; `socket_answered` turns them into records here)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -18,7 +19,9 @@ from ..kernel import seccomp
 from ..kernel import sockets as ksock
 from . import notifiers
 from .audit import AuditLog
-from .procfs import socket_open, tgid
+from .procfs import netns_of, pids_in_netns, socket_fds, socket_open, tgid
+
+log = logging.getLogger("sockgraft.agent")
 
 
 @dataclass
@@ -58,8 +61,13 @@ class Inventory:
 
     def count(self, sess, what: str) -> None:
         """One more `what` (a Counters field) for the session and in total."""
-        setattr(sess.counters, what, getattr(sess.counters, what) + 1)
-        setattr(self.totals, what, getattr(self.totals, what) + 1)
+        self.add(sess, what, 1)
+
+    def add(self, sess, what: str, n: int) -> None:
+        """n more `what` at once (the native loop's counts, harvested)."""
+        if n:
+            setattr(sess.counters, what, getattr(sess.counters, what) + n)
+            setattr(self.totals, what, getattr(self.totals, what) + n)
 
     def deny(self, sess, syscall: str, rule: str, where: str = "agent") -> None:
         """One denial: counted for the session (None: its container is not
@@ -109,9 +117,18 @@ class Inventory:
         if len(self.grafted) < 64:
             self.grafted = dict(self.grafted)   # a dict never shrinks in place
 
-    def list_sockets(self) -> list[dict]:
+    def list_sockets(self, native: dict[int, str] | None = None) -> list[dict]:
         """Grafted sockets still open in their process (checked now via /proc),
-        with their process id and current addresses."""
+        with their process id and current addresses. native: {mark:
+        container} of sessions whose socket() the native loop answers - it
+        keeps no record per socket: theirs are found now, by mark in the
+        kernel's socket tables, their holders by a scan of /proc."""
+        out = self._recorded()
+        if native:
+            out += native_sockets(native, {row["inode"] for row in out})
+        return out
+
+    def _recorded(self) -> list[dict]:
         out = []
         for key, g in list(self.grafted.items()):
             pid = tgid(g.pid)
@@ -124,6 +141,59 @@ class Inventory:
             row["remote"] = g.remote or peer
             out.append(row)
         return out
+
+
+def native_sockets(native: dict[int, tuple[str, int]], known: set[int]) -> list[dict]:
+    """The rows of sockets the native loop made (it keeps no record): every
+    socket of a process in the container's network namespace whose copy
+    carries the container's mark. native: {mark: (container, a pid of it)}."""
+    by_ns: dict[int, dict[int, str]] = {}
+    for mark, (container, pid) in native.items():
+        ino = netns_of(pid)
+        if ino is not None:
+            by_ns.setdefault(ino, {})[mark] = container
+    rows: list[dict] = []
+    seen = set(known)
+    for pid, ino in pids_in_netns(set(by_ns), skip=os.getpid()).items():
+        marks = by_ns[ino]
+        fds = {fd: i for fd, i in socket_fds(pid).items() if i not in seen}
+        if not fds:
+            continue
+        try:
+            pidfd = seccomp.pidfd_open(pid)
+        except KernelError:
+            continue
+        try:
+            for fd, inode in fds.items():
+                row = _native_row(pidfd, pid, fd, inode, marks)
+                if row is not None:
+                    seen.add(inode)
+                    rows.append(row)
+        finally:
+            os.close(pidfd)
+    return rows
+
+
+def _native_row(pidfd: int, pid: int, fd: int, inode: int,
+                marks: dict[int, str]) -> dict | None:
+    try:
+        with ksock.adopt(seccomp.pidfd_getfd(pidfd, fd)) as s:
+            mark = s.getsockopt(socket.SOL_SOCKET, ksock.SO_MARK)
+            if mark not in marks or s.family not in (socket.AF_INET, socket.AF_INET6):
+                return None
+            try:
+                local = fmt(s.getsockname())
+            except OSError:
+                local = ""
+            try:
+                remote = fmt(s.getpeername())
+            except OSError:
+                remote = ""
+            proto = "tcp" if s.type == socket.SOCK_STREAM else "udp"
+    except (KernelError, OSError):
+        return None
+    return {"container": marks[mark], "pid": pid, "fd": fd, "inode": inode, "proto": proto,
+            "kind": "socket", "endpoint": "", "local": local, "remote": remote, "since": 0.0}
 
 
 def addresses(pid: int, fd: int) -> tuple[str, str]:

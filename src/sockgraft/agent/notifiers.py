@@ -49,6 +49,13 @@ from ..kernel import seccomp
 from ..kernel import sockets as ksock
 from ..model import graft
 
+try:                        # the native answer loop (src/sockgraft/_answer.c)
+    from .. import _answer as native
+    NATIVE_ERROR = ""
+except ImportError as _exc:   # not built (no compiler/headers at install): Python answers
+    native = None
+    NATIVE_ERROR = str(_exc)
+
 log = logging.getLogger("sockgraft.agent")
 
 SOCK_TYPE_MASK = 0xF
@@ -246,18 +253,52 @@ def install_wake_handler() -> bool:
         return False
 
 
+NATIVE_MODES = ("auto", "on", "off")
+
+
+def choose_native(mode: str) -> bool:
+    """--native: answer socket() in native code? auto: when the module is
+    built (said once if not); on: refuse to start without it; off: never."""
+    if mode not in NATIVE_MODES:
+        raise AgentError(f"native mode {mode!r} unknown; accepted: {', '.join(NATIVE_MODES)}")
+    if mode == "off":
+        return False
+    if native is None:
+        if mode == "on":
+            raise AgentError(f"--native on: the native answer loop is not built "
+                             f"({NATIVE_ERROR}); reinstall with a C compiler and the Python "
+                             f"headers, or use --native auto")
+        log.warning("socket() of socket-mode containers is answered in Python: the native "
+                    "answer loop is not built (%s)", NATIVE_ERROR)
+        return False
+    return True
+
+
+def native_usable(sockets: ksock.HostSockets) -> bool:
+    """Can the native loop answer for these host sockets: the module is built
+    and, when the kernel guards run, it can tag sockets itself."""
+    return native is not None and (sockets.tag is None or sockets.native_tag(0)[0] >= 0)
+
+
 class Notifiers:
-    """The threads answering one socket-mode listener."""
+    """The threads answering one socket-mode listener: in native code
+    (`native`, a Table of this session's configuration and counters shared
+    by the threads' Workers) or in Python."""
 
     def __init__(self, listener_fd: int, mark: int, container: str, inbox: Inbox,
                  *, threads: int = 2, enabled: Callable[[], bool] = lambda: True,
-                 sockets: ksock.HostSockets | None = None) -> None:
+                 sockets: ksock.HostSockets | None = None, native_loop: bool = False) -> None:
         self.key = listener_fd      # what the loop knows the session by
         self.mark = mark
         self.sockets = sockets if sockets is not None else ksock.HostSockets()
         self.container = container
         self.inbox = inbox
         self.enabled = enabled
+        self.table = None
+        if native_loop and native_usable(self.sockets):
+            self.table = native.Table()
+            self.refresh()
+        self._harvested: dict[str, int] = {}
         if not install_wake_handler():
             raise AgentError("notifier threads need the wake-up signal handler, which only "
                              "the main thread can install")
@@ -286,6 +327,27 @@ class Notifiers:
     @property
     def alive(self) -> int:
         return sum(t.is_alive() for t in self._threads)
+
+    def refresh(self) -> None:
+        """Give the native loop the session's configuration now in force (on/off,
+        mark, socket uid, guard map and generation); swapped atomically. The
+        loop calls it after every change of policy state (sync_bpf)."""
+        if self.table is None:
+            return
+        tag_fd, gen = self.sockets.native_tag(self.mark)
+        guarded_ok = self.sockets.tag is None or tag_fd >= 0
+        self.table.configure(enabled=bool(self.enabled()) and guarded_ok, mark=self.mark,
+                             uid=ksock.fsuid_for(self.mark), tag_fd=tag_fd, gen=gen)
+
+    def harvest(self) -> dict[str, int]:
+        """What the native loop did since the last harvest: {tcp, udp,
+        refused, ...} increments (the loop turns them into counters)."""
+        if self.table is None:
+            return {}
+        now = self.table.counters()
+        delta = {k: v - self._harvested.get(k, 0) for k, v in now.items()}
+        self._harvested = now
+        return delta
 
     def _supervised(self, fd: int) -> None:
         """A thread's life: it ends quietly when asked to or when every
@@ -316,6 +378,8 @@ class Notifiers:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         except OSError:
             pass
+        if self.table is not None:
+            return self._run_native(fd)
         listener = seccomp.Listener(fd)
         spare = Spare()
         recv = listener.recv_raw
@@ -362,6 +426,28 @@ class Notifiers:
             listener.close()
         return True                     # stopped
 
+    def _run_native(self, fd: int) -> bool:
+        """The native loop (Worker.serve, GIL released) answers socket();
+        what it returns is for the agent's loop."""
+        worker = native.Worker(fd, self.table)      # its own dup of the listener
+        os.close(fd)
+        forward, key = self.inbox.forward, self.key
+        try:
+            while not self._stop:
+                r = worker.serve()
+                if type(r) is tuple:
+                    forward(key, seccomp.notif_of(r))
+                elif r == -errno.ENOENT:
+                    if _hung_up(worker):
+                        return True     # every filtered task exited
+                elif r != 0:            # 0: a signal (stop) interrupted NOTIF_RECV
+                    log.warning("%s: NOTIF_RECV failed: %s", self.container,
+                                os.strerror(-r))
+                    return False
+        finally:
+            worker.close()
+        return True                     # stopped
+
     def stop(self, timeout: float = 2.0) -> None:
         """Interrupt the threads and join them for up to `timeout` s (each
         closes its own fd; 0: wake them and return - the agent's loop never
@@ -385,3 +471,10 @@ class Notifiers:
                 t.join(0.05)
             if t.is_alive():
                 log.warning("%s: notifier thread %s did not stop", self.container, t.name)
+
+
+def _hung_up(worker) -> bool:
+    """Has the listener of a native worker reported POLLHUP (no task left)?"""
+    p = select.poll()
+    p.register(worker.fileno(), select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))

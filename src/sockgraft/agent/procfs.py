@@ -18,6 +18,43 @@ def socket_open(pid: int, fd: int, inode: int) -> bool:
         return False
 
 
+def netns_of(pid: int) -> int | None:
+    """The inode of a process's network namespace (None if it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def pids_in_netns(inodes: set[int], skip: int | None = None) -> dict[int, int]:
+    """{pid: netns inode} of every process in one of these namespaces (a scan
+    of /proc: for on-demand listings, not a hot path). skip: a pid left out."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != skip:
+            ino = netns_of(int(entry.name))
+            if ino in inodes:
+                out[int(entry.name)] = ino
+    return out
+
+
+def socket_fds(pid: int) -> dict[int, int]:
+    """{fd: socket inode} of a process's sockets."""
+    out = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out[int(fd)] = int(link[8:-1])
+    return out
+
+
 def tgid(tid: int) -> int:
     """The process (thread group) a thread id belongs to; tid itself if gone."""
     try:

@@ -7,6 +7,8 @@ attributes (never the table)."""
 
 from __future__ import annotations
 
+import logging
+import select
 import socket
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -16,6 +18,8 @@ from ..model import graft
 from ..model.redirect import PortMap
 from . import notifiers
 from .inventory import Counters
+
+log = logging.getLogger("sockgraft.agent")
 
 
 @dataclass
@@ -93,6 +97,50 @@ class SessionTable:
     def threads_of(self, key: int) -> notifiers.Notifiers | None:
         return self._threads.get(key)
 
+    def native(self, key: int) -> bool:
+        """Does the native loop answer this session's socket()?"""
+        threads = self._threads.get(key)
+        return threads is not None and threads.table is not None
+
     def threads_alive(self, key: int) -> int:
         threads = self._threads.get(key)
         return threads.alive if threads is not None else 0
+
+    def takeover(self, key: int, ep, inventory, failed: notifiers.ThreadFailed) -> None:
+        """A notifier thread of this session ended unexpectedly: the loop
+        receives the listener's notifications too (the surviving threads keep
+        going; each notification goes to one receiver), so none waits."""
+        sess = self._by_key[key]
+        inventory.count(sess, "notifier_failures")
+        if not sess.loop_serves:
+            sess.loop_serves = True
+            try:
+                ep.modify(key, select.EPOLLIN)
+            except OSError as exc:
+                log.error("%s: cannot serve the listener from the loop: %s", sess.container,
+                          exc)
+                return
+            log.warning("%s: the loop now answers this container's notifications (%s: %s)",
+                        sess.container, failed.thread, failed.error)
+
+    # --- the native answer loop --------------------------------------------------
+
+    def refresh_native(self) -> None:
+        """Every native loop takes its session's configuration now in force."""
+        for threads in self._threads.values():
+            threads.refresh()
+
+    def natively_served(self) -> dict[int, tuple[str, int]]:
+        """{mark: (container, pid)} of sessions whose socket() the native loop
+        answers: their sockets have no record (found on demand)."""
+        return {self._by_key[k].mark: (self._by_key[k].container, self._by_key[k].pid)
+                for k, t in self._threads.items() if t.table is not None and k in self._by_key}
+
+    def harvest(self, inventory) -> None:
+        """Count what the native loops answered since the last harvest."""
+        for key, threads in self._threads.items():
+            sess = self._by_key.get(key)
+            delta = threads.harvest()
+            if sess is not None and delta:
+                inventory.add(sess, "grafted", delta["tcp"] + delta["udp"])
+                inventory.add(sess, "errors", delta["refused"])

@@ -39,6 +39,7 @@ examples:
       --directory-cert /etc/sockgraft/node1.pem --directory-key /etc/sockgraft/node1-key.pem \
       --directory-user sockgraft-node1 --directory-password-file /etc/sockgraft/etcd-password
   sockgraft agent --oci-socket /run/sockgraft/oci-default.sock   runc/crun hand-offs here
+  sockgraft agent --host h1 --native off    socket() answered in Python (to compare)
 """
 
 RUN_EXAMPLES = """\
@@ -137,6 +138,10 @@ def register(sub) -> None:
                    help="threads per graft_at=socket container that wait for its socket() "
                         "calls and answer them on the caller's CPU (default 2; 0 = answer "
                         "from the agent's loop, slower per connection)")
+    p.add_argument("--native", choices=("auto", "on", "off"), default="auto",
+                   help="answer socket() of graft_at=socket containers in the native loop "
+                        "(C, outside the GIL): auto = when it is built (said once if not), "
+                        "on = refuse to start without it, off = in Python (default auto)")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. "
                         "127.0.0.1:9464, :9464 for every address; default: off)")
@@ -334,6 +339,7 @@ def cmd_agent(args) -> int:
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
                   notifier_threads=args.notifier_threads, metrics=args.metrics,
+                  native=args.native,
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
     doctor_cmd.agent_preflight(agent)                 # refuses what the node cannot do
@@ -578,6 +584,7 @@ def cmd_stats(args) -> int:
             print(f"  in-kernel programs off: {r['kernel_error']}")
         for s in r["containers"]:
             threads = (f"  notifier threads {s['notifier_threads']}"
+                       f"{' (native)' if s.get('native') else ''}"
                        if s.get("notifier_threads") else "")
             if s.get("notifier_failures"):
                 threads += f" ({s['notifier_failures']} failed: the loop answers)"

@@ -328,6 +328,11 @@ class Programs:
         they hand out)."""
         self.update("sg_sock", _FD.pack(fd), TAG.pack(mark, flags, self.gens.get(mark, 0)))
 
+    def tag_params(self, mark: int) -> tuple[int, int]:
+        """(sg_sock map fd, the mark's generation): what a native tagger
+        writes `tag`'s entry with (value TAG: mark, flags, gen)."""
+        return self.maps["sg_sock"], self.gens.get(mark, 0)
+
     def tag_of(self, fd: int) -> tuple[int, int] | None:
         """(mark, flags) of a tagged socket, None for an untagged one."""
         raw = self.lookup("sg_sock", _FD.pack(fd), TAG.size)

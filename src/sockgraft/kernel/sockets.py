@@ -161,6 +161,12 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _AS_ROOT = os.geteuid() == 0
 
 
+def fsuid_for(mark: int) -> int:
+    """The fsuid to create a container's host sockets under, -1 when this
+    process cannot switch (not root: its own uid owns them)."""
+    return socket_uid(mark) if _AS_ROOT else -1
+
+
 def socket_uid(mark: int) -> int:
     """The uid that owns a container's host sockets (sk_uid). The kernel joins
     sockets into one SO_REUSEPORT group only if they have the same owner: with
@@ -207,6 +213,13 @@ class HostSockets:
             s.close()
             raise
         return s
+
+    def native_tag(self, mark: int) -> tuple[int, int]:
+        """(sg_sock map fd, generation of mark) for a tagger that is not
+        Python (the native answer loop); (-1, 0) when no kernel guards run or
+        the tagger cannot say (then nothing but `make` may create sockets)."""
+        params = getattr(getattr(self.tag, "__self__", None), "tag_params", None)
+        return params(mark) if params is not None else (-1, 0)
 
     def host_socket(self, family: int, type_: int, proto: int, mark: int,
                     flags: int = 0) -> socket.socket:
