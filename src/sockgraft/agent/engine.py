@@ -283,6 +283,9 @@ class Agent:
                 reply = {"ok": True, **self.stats()}
             elif op == "services":
                 reply = {"ok": True, **self.publisher.listing()}
+            elif op == "native":       # for sessions served from now on (bench engine)
+                self.native = notifiers.choose_native("on" if msg.get("on") else "off")
+                reply = {"ok": True, "native": self.native}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name,
                          "store": os.path.abspath(self.store.dir)}

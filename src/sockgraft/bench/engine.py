@@ -7,6 +7,11 @@ one run, rounds interleaved (this machine is noisy: only ratios are stable).
   connect      crr (connect/send/recv/close loop): grafted client vs the same
                client on the plain container path, and vs a host client
   accept       crr from the host: to a grafted server vs to a host server
+  socket()     grafted at socket(): N socket()+close() in the container, answered
+               by the native loop and by the Python threads (flipped per session
+               through the agent's control socket), vs a plain container: the
+               latency the application sees (p50, p99) and the agent's CPU per
+               socket (its threads' schedstat run time); crr on both paths too
   scale        C containers x S grafted sockets on one agent: agent RSS and
                fd count before, at peak, and after everything closed
 
@@ -41,13 +46,13 @@ Progress = Callable[[str], None]
 
 
 def build_tools(dest: str) -> dict[str, str]:
-    """Compile the C workloads shipped with the package (crr, holdsocks)."""
+    """Compile the C workloads shipped with the package (crr, holdsocks, socklat)."""
     os.makedirs(dest, exist_ok=True)
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise KernelError("build benchmark tools", 2, "no C compiler (apt-get install gcc)")
     out = {}
-    for name in ("crr", "holdsocks"):
+    for name in ("crr", "holdsocks", "socklat"):
         src = resources.files("sockgraft").joinpath(f"bench/{name}.c")
         binary = os.path.join(dest, name)
         with resources.as_file(src) as path:
@@ -85,6 +90,44 @@ def _crr(place: Place, crr: str, target: str, port: int, seconds: float) -> dict
     return {"conn_per_s": res["conn_per_s"], "raw": proc.stdout}
 
 
+def _cpu_ns(pid: int) -> int:
+    """A process's CPU time so far, all threads (schedstat: nanoseconds)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass            # a thread that ended meanwhile
+    return total
+
+
+def _socklat(place: Place, socklat: str, n: int, agent_pid: int | None) -> dict:
+    """socklat in place; the agent's CPU time over exactly its loop."""
+    proc = popen_in(place, [socklat, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise KernelError("socklat", 5, proc.stderr.read()[-400:])
+        before = _cpu_ns(agent_pid) if agent_pid else 0
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        after = _cpu_ns(agent_pid) if agent_pid else 0
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        res = json.loads(line)
+    except (ValueError, subprocess.TimeoutExpired) as exc:
+        raise KernelError("socklat", 5, str(exc)) from None
+    finally:
+        _kill(proc)
+    if res.get("failed"):
+        raise KernelError("socklat", 5, f"{res['failed']} socket() calls failed")
+    res["agent_cpu_us_per_socket"] = (after - before) / 1000 / n if agent_pid else 0.0
+    res["raw"] = line
+    return res
+
+
 def _proc_status(pid: int) -> dict[str, int]:
     out = {"fds": len(os.listdir(f"/proc/{pid}/fd"))}
     with open(f"/proc/{pid}/status") as f:
@@ -95,7 +138,8 @@ def _proc_status(pid: int) -> dict[str, int]:
 
 
 def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
-        scale: tuple[int, int] = (100, 100), progress: Progress = print) -> dict:
+        scale: tuple[int, int] = (100, 100), progress: Progress = print,
+        sockets: int = 20000) -> dict:
     lab = "b" + secrets.token_hex(3)
     text = default_text()
     plan = parse_topology(text, "<default>", name=lab)
@@ -153,6 +197,24 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
                                      ("conn_socket", sock_c), ("conn_host", host)):
                 r = _crr(place, tools["crr"], h1_ip, 9100, seconds)
                 record(key, r["conn_per_s"], rnd, r["raw"])
+            progress(f"  round {rnd}/{rounds}: socket() answered natively and in Python")
+            agent_path = control.default_socket_path(h1.name, plan.name)
+            native_ok = control.request(agent_path, {"op": "native", "on": True})["native"]
+            for key, on in _order(rnd, ("native", True), ("python", False), ("plain", None)):
+                if on is not None and (on and not native_ok):
+                    continue                        # not built: the Python figures only
+                if on is not None:
+                    control.request(agent_path, {"op": "native", "on": on})
+                place = plain_c if on is None else sock_c
+                r = _socklat(place, tools["socklat"], sockets,
+                             None if on is None else agent_pids[h1.name])
+                record(f"socklat_p50_{key}", r["p50_us"], rnd, r["raw"])
+                record(f"socklat_p99_{key}", r["p99_us"], rnd)
+                if on is not None:
+                    record(f"agent_cpu_{key}", r["agent_cpu_us_per_socket"], rnd)
+                    c = _crr(sock_c, tools["crr"], h1_ip, 9100, seconds)
+                    record(f"conn_socket_{key}", c["conn_per_s"], rnd, c["raw"])
+            control.request(agent_path, {"op": "native", "on": native_ok})
             progress(f"  round {rnd}/{rounds}: accept rate")
             for key, port in _order(rnd, ("accept_host", 9100), ("accept_graft", 9201)):
                 r = _crr(host, tools["crr"], h1_ip, port, seconds)
@@ -204,6 +266,11 @@ def summarize(series: dict[str, list[float]], rounds: int, seconds: float) -> di
         "accept rate graft server/host server": _ratio_med(series["accept_graft"],
                                                            series["accept_host"]),
     }
+    if series.get("conn_socket_native") and series.get("conn_socket_python"):
+        ratios["connect rate socket-graft native/python"] = _ratio_med(
+            series["conn_socket_native"], series["conn_socket_python"])
+        ratios["agent cpu per socket native/python"] = _ratio_med(
+            series["agent_cpu_native"], series["agent_cpu_python"])
     return {"rounds": rounds, "seconds": seconds, "series": series, "median": med,
             "ratios": ratios}
 
@@ -343,6 +410,21 @@ def render(result: dict) -> str:
                  f"{r['connect rate socket-graft/plain container']:.2f}x plain |")
     lines.append(f"| server accept/s | {med['accept_host']:.0f} | | {med['accept_graft']:.0f} "
                  f"| {r['accept rate graft server/host server']:.2f}x host | | |")
+    if "socklat_p50_plain" in med:
+        lines += ["", "socket() of a socket-mode container (N socket()+close(), latency as the "
+                      "application sees it; agent CPU: all its threads, over the loop only)",
+                  "", "| socket() answered by | p50 us | p99 us | agent CPU us/socket | "
+                      "crr conn/s |", "|---|---|---|---|---|"]
+        for key, what in (("native", "native loop (C)"), ("python", "Python threads"),
+                          ("plain", "nobody (plain container)")):
+            if f"socklat_p50_{key}" in med:
+                cpu = f"{med[f'agent_cpu_{key}']:.1f}" if f"agent_cpu_{key}" in med else ""
+                crr = f"{med[f'conn_socket_{key}']:.0f}" if f"conn_socket_{key}" in med else ""
+                lines.append(f"| {what} | {med[f'socklat_p50_{key}']:.1f} | "
+                             f"{med[f'socklat_p99_{key}']:.1f} | {cpu} | {crr} |")
+        if "connect rate socket-graft native/python" in r:
+            lines += ["", f"native/python: crr {r['connect rate socket-graft native/python']:.2f}x"
+                          f", agent CPU per socket {r['agent cpu per socket native/python']:.2f}x"]
     s = result.get("scale") or {}
     if s:
         b, p, a = s["agent_before"], s["agent_peak"], s["agent_after"]

@@ -61,6 +61,8 @@ def register(sub) -> None:
     e.add_argument("--seconds", type=int, default=2, help="per measure (whole seconds)")
     e.add_argument("--scale", type=int, nargs=2, default=(100, 100),
                    metavar=("CONTAINERS", "SOCKETS"), help="0 0 skips the scale test")
+    e.add_argument("--sockets", type=int, default=20000, metavar="N",
+                   help="socket() calls per socket() measure (default 20000)")
     e.add_argument("--out", help="directory for raw output and results.json")
     e.set_defaults(func=cmd_engine, needs_root=True)
 
@@ -68,10 +70,13 @@ def register(sub) -> None:
 def cmd_engine(args) -> int:
     from ..bench import engine
     from ..errors import ConfigError
-    if args.rounds < 1 or args.seconds < 1 or min(args.scale) < 0:
-        raise ConfigError("accepted: --rounds >= 1, --seconds >= 1, --scale >= 0 0")
+    if args.rounds < 1 or args.seconds < 1 or min(args.scale) < 0 or \
+            not 100 <= args.sockets <= 1_000_000:
+        raise ConfigError("accepted: --rounds >= 1, --seconds >= 1, --scale >= 0 0, "
+                          "--sockets 100..1000000")
     result = engine.run(args.rounds, args.seconds, args.out, tuple(args.scale),
-                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+                        progress=lambda m: print(m, file=sys.stderr, flush=True),
+                        sockets=args.sockets)
     report = engine.render(result)
     print(report)
     if args.out:
