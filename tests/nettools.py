@@ -86,6 +86,16 @@ def echo(ns, addr, port, payload=b"hello sockgraft", proto="tcp", timeout=5):
     return netns.run_in(ns, _echo, addr, port, payload, proto, timeout)
 
 
+def http_get(ip, port):
+    """GET / over HTTP/1.0 from this namespace; the whole answer as text."""
+    with socket.create_connection((ip, port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.decode(errors="replace")
+
+
 def full_backlog_server():
     """A loopback listener whose accept queue is full: a new connect to it
     stays in progress (its SYN waits for a retransmission). Returns the

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from grafting import GraftLab
+from nettools import http_get
 from runtime import CNI_BIN, Cni, Runc, RuncEnv, conflist
 from sockgraft.agent import control
 from sockgraft.kernel import bpf as kbpf
@@ -167,7 +168,7 @@ def test_agent_from_the_image_grafts_a_runc_container(image_bundle, lab, state_d
         res = rt.start("web", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], WEB_ANN)
         assert res["ips"][0]["address"].startswith("198.19.101.")
         wait_listening(h1.netns, 8081)                # the container's bind(:80) is grafted
-        body = netns.run_in(h1.netns, _http_get, "198.18.0.1", 8081)
+        body = netns.run_in(h1.netns, http_get, "198.18.0.1", 8081)
         assert "hello from a grafted runc container" in body
         socks = json.loads(g.sg("sockets", "--json", "--agent", g.agent_socket("h1")).stdout)
         assert any(s["container"] == "web" and s["kind"] == "ingress" for s in socks), socks
@@ -183,14 +184,3 @@ def test_agent_from_the_image_grafts_a_runc_container(image_bundle, lab, state_d
             pass
         runc.kill_and_delete(cid)
     assert "Traceback" not in out.read_text(), out.read_text()[-3000:]
-
-
-def _http_get(ip, port):
-    import socket
-    with socket.create_connection((ip, port), timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    return data.decode(errors="replace")
-

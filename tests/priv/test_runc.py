@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from nettools import http_get
 from runtime import Cni, CniFailed, RuncEnv, conflist
 from sockgraft.kernel import netns
 from sockgraft.lab.traffic import wait_listening
@@ -23,15 +24,6 @@ WEB_ANN = {"sockgraft/endpoints": "ep-http=ipv4:198.18.0.1:8081",
 CLI_ANN = {"sockgraft/endpoints": "ep-out=ipv4:198.18.0.1:dynamic",
            "sockgraft/egress": "198.18.0.0/24=ep-out",
            "sockgraft/policy": "deny tcp 198.18.0.2 9"}
-
-
-def _http_get(ip, port):
-    with socket.create_connection((ip, port), timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    return data.decode(errors="replace")
 
 
 @pytest.fixture
@@ -61,7 +53,7 @@ def test_runc_server_and_client_grafted_by_annotations(rt):
     res = rt.start("web", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], WEB_ANN)
     assert res["ips"][0]["address"].startswith("198.19.101.")
     wait_listening(rt.h1.netns, 8081)      # the container's bind(:80) is a host socket
-    body = netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8081)
+    body = netns.run_in(rt.h1.netns, http_get, "198.18.0.1", 8081)
     assert "hello from a grafted runc container" in body
     socks = json.loads(g.sg("sockets", "--json").stdout)
     assert any(s["container"] == "web" and s["kind"] == "ingress" and
@@ -103,10 +95,10 @@ def test_agent_restart_keeps_oci_containers(rt):
     rt.start("web", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], WEB_ANN)
     wait_listening(rt.h1.netns, 8081)
     g.stop_agent("h1")
-    assert "hello" in netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8081)
+    assert "hello" in netns.run_in(rt.h1.netns, http_get, "198.18.0.1", 8081)
     g.start_agent("h1")
     _wait(lambda: _stats(g, "web") is not None, what="the holder to re-register")
-    assert "hello" in netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8081)
+    assert "hello" in netns.run_in(rt.h1.netns, http_get, "198.18.0.1", 8081)
 
 
 def test_bad_annotations_are_rejected_and_the_container_still_runs(rt):
@@ -225,7 +217,7 @@ def test_cni_names_the_container_and_carries_its_graft_config(glab, tmp_path):
     try:
         env.start("c0ffee", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], {})
         wait_listening(env.h1.netns, 8085)
-        assert "hello" in netns.run_in(env.h1.netns, _http_get, "198.18.0.1", 8085)
+        assert "hello" in netns.run_in(env.h1.netns, http_get, "198.18.0.1", 8085)
         assert _stats(glab, "pods.web") is not None
     finally:
         env.close()
@@ -310,14 +302,14 @@ def test_a_grafted_runc_server_stays_reachable_at_its_ip_and_published_port(glab
         deadline = time.monotonic() + 5
         while True:
             try:
-                body = netns.run_in(h2, _http_get, "198.18.0.1", 8090)   # published, from h2
+                body = netns.run_in(h2, http_get, "198.18.0.1", 8090)   # published, from h2
                 break
             except OSError:
                 assert time.monotonic() < deadline, "published port never reached the server"
                 time.sleep(0.2)
         assert "hello from a grafted runc container" in body
         assert "hello from a grafted runc container" in \
-            netns.run_in(env.h1.netns, _http_get, ip, 80)                # its IP, from h1
+            netns.run_in(env.h1.netns, http_get, ip, 80)                # its IP, from h1
         assert env.stop("web") == []
     finally:
         env.close()
@@ -332,12 +324,12 @@ def test_busybox_httpd_dual_stack_bind_is_grafted_by_an_ipv4_rule(rt):
     res = rt.start("dual", ["/bin/httpd", "-f", "-p", "80", "-h", "/www"], ann)
     wait_listening(rt.h1.netns, 8086)
     assert "hello from a grafted runc container" in \
-        netns.run_in(rt.h1.netns, _http_get, "198.18.0.1", 8086)
+        netns.run_in(rt.h1.netns, http_get, "198.18.0.1", 8086)
     ip = res["ips"][0]["address"].split("/")[0]
     deadline = time.monotonic() + 5
     while True:
         try:
-            body = netns.run_in(rt.h1.netns, _http_get, ip, 80)
+            body = netns.run_in(rt.h1.netns, http_get, ip, 80)
             break
         except OSError:
             assert time.monotonic() < deadline, "the container address never reached httpd"
