@@ -453,6 +453,10 @@ class Notifiers:
         closes its own fd; 0: wake them and return - the agent's loop never
         waits for them)."""
         self._stop = True
+        if self.table is not None:
+            # from now on the native loop makes no socket (the agent may close
+            # the guard map next): what it still receives goes to the loop
+            self.table.configure(enabled=False, mark=self.mark, uid=-1)
         for t in self._threads:
             if t.is_alive():
                 try:
