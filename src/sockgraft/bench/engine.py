@@ -90,16 +90,23 @@ def _crr(place: Place, crr: str, target: str, port: int, seconds: float) -> dict
     return {"conn_per_s": res["conn_per_s"], "raw": proc.stdout}
 
 
-def _cpu_ns(pid: int) -> int:
-    """A process's CPU time so far, all threads (schedstat: nanoseconds)."""
-    total = 0
+def _cpu_ns(pid: int) -> dict[str, int]:
+    """A process's CPU time so far per thread (schedstat: nanoseconds)."""
+    out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                out[tid] = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             pass            # a thread that ended meanwhile
-    return total
+    return out
+
+
+def _cpu_delta_ns(before: dict[str, int], after: dict[str, int]) -> int:
+    """CPU spent between two samples by the threads alive at both (a thread
+    of an earlier session that ended meanwhile takes its time with it: a
+    plain sum could even go down)."""
+    return sum(after[t] - before[t] for t in before.keys() & after.keys())
 
 
 def _socklat(place: Place, socklat: str, n: int, agent_pid: int | None) -> dict:
@@ -109,11 +116,11 @@ def _socklat(place: Place, socklat: str, n: int, agent_pid: int | None) -> dict:
     try:
         if proc.stdout.readline().strip() != "ready":
             raise KernelError("socklat", 5, proc.stderr.read()[-400:])
-        before = _cpu_ns(agent_pid) if agent_pid else 0
+        before = _cpu_ns(agent_pid) if agent_pid else {}
         proc.stdin.write("go\n")
         proc.stdin.flush()
         line = proc.stdout.readline()
-        after = _cpu_ns(agent_pid) if agent_pid else 0
+        after = _cpu_ns(agent_pid) if agent_pid else {}
         proc.stdin.close()
         proc.wait(timeout=30)
         res = json.loads(line)
@@ -123,7 +130,7 @@ def _socklat(place: Place, socklat: str, n: int, agent_pid: int | None) -> dict:
         _kill(proc)
     if res.get("failed"):
         raise KernelError("socklat", 5, f"{res['failed']} socket() calls failed")
-    res["agent_cpu_us_per_socket"] = (after - before) / 1000 / n if agent_pid else 0.0
+    res["agent_cpu_us_per_socket"] = _cpu_delta_ns(before, after) / 1000 / n
     res["raw"] = line
     return res
 
