@@ -105,3 +105,5 @@ def test_the_native_loop_is_used_only_where_it_can_tag_like_python():
             return 7, 3
     hs = ksock.HostSockets(tag=Progs().tag)
     assert notifiers.native_usable(hs) and hs.native_tag(0x53470001) == (7, 3)
+    assert ksock.HostSockets().native_tag(1) == (-1, 0)
+    assert ksock.HostSockets(tag=lambda fd, mark, flags: None).native_tag(1) is None

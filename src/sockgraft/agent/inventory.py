@@ -117,12 +117,11 @@ class Inventory:
         if len(self.grafted) < 64:
             self.grafted = dict(self.grafted)   # a dict never shrinks in place
 
-    def list_sockets(self, native: dict[int, str] | None = None) -> list[dict]:
+    def list_sockets(self, native: dict[int, tuple[str, int]] | None = None) -> list[dict]:
         """Grafted sockets still open in their process (checked now via /proc),
         with their process id and current addresses. native: {mark:
-        container} of sessions whose socket() the native loop answers - it
-        keeps no record per socket: theirs are found now, by mark in the
-        kernel's socket tables, their holders by a scan of /proc."""
+        (container, pid)} of sessions whose socket() the native loop answers -
+        it keeps no record per socket: theirs are found now (native_sockets)."""
         out = self._recorded()
         if native:
             out += native_sockets(native, {row["inode"] for row in out})

@@ -277,7 +277,7 @@ def choose_native(mode: str) -> bool:
 def native_usable(sockets: ksock.HostSockets) -> bool:
     """Can the native loop answer for these host sockets: the module is built
     and, when the kernel guards run, it can tag sockets itself."""
-    return native is not None and (sockets.tag is None or sockets.native_tag(0)[0] >= 0)
+    return native is not None and sockets.native_tag(0) is not None
 
 
 class Notifiers:
@@ -334,9 +334,9 @@ class Notifiers:
         loop calls it after every change of policy state (sync_bpf)."""
         if self.table is None:
             return
-        tag_fd, gen = self.sockets.native_tag(self.mark)
-        guarded_ok = self.sockets.tag is None or tag_fd >= 0
-        self.table.configure(enabled=bool(self.enabled()) and guarded_ok, mark=self.mark,
+        tag = self.sockets.native_tag(self.mark)
+        tag_fd, gen = tag if tag is not None else (-1, 0)
+        self.table.configure(enabled=bool(self.enabled()) and tag is not None, mark=self.mark,
                              uid=ksock.fsuid_for(self.mark), tag_fd=tag_fd, gen=gen)
 
     def harvest(self) -> dict[str, int]:

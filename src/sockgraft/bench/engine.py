@@ -187,6 +187,8 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
         wait_listening(h1.netns, 9100)
         wait_listening(h1.netns, 11111)
         wait_listening(h1.netns, 9201)      # the grafted server listens on the host side
+        agent_path = control.default_socket_path(h1.name, plan.name)
+        native_ok = control.request(agent_path, {"op": "native", "on": True})["native"]
         for rnd in range(1, rounds + 1):
             progress(f"  round {rnd}/{rounds}: iperf3")
             for key, place in _order(rnd, ("tput_host", host), ("tput_graft", graft_c),
@@ -205,10 +207,8 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
                 r = _crr(place, tools["crr"], h1_ip, 9100, seconds)
                 record(key, r["conn_per_s"], rnd, r["raw"])
             progress(f"  round {rnd}/{rounds}: socket() answered natively and in Python")
-            agent_path = control.default_socket_path(h1.name, plan.name)
-            native_ok = control.request(agent_path, {"op": "native", "on": True})["native"]
             for key, on in _order(rnd, ("native", True), ("python", False), ("plain", None)):
-                if on is not None and (on and not native_ok):
+                if on and not native_ok:
                     continue                        # not built: the Python figures only
                 if on is not None:
                     control.request(agent_path, {"op": "native", "on": on})

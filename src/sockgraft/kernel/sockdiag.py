@@ -11,7 +11,6 @@ reused."""
 from __future__ import annotations
 
 import socket
-from typing import Iterator, NamedTuple
 
 from ..errors import from_oserror
 
@@ -19,23 +18,11 @@ _PROTOS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
 _ALL_STATES = 0xFFF
 
 
-class DiagEntry(NamedTuple):
-    mark: int          # -1: not reported (no CAP_NET_ADMIN)
-    inode: int
-    proto: str         # "tcp" | "udp"
-    local: str
-    remote: str        # "" when not connected
-
-
-def _fmt(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def dump() -> Iterator[DiagEntry]:
-    """Every TCP and UDP socket (IPv4 and IPv6) of this netns that the
-    kernel's tables hold (bound or connected: a socket that is neither is in
-    no table). Raises KernelError if the dump fails."""
+def marks_in_use() -> set[int]:
+    """The marks of every TCP and UDP socket (IPv4 and IPv6) in this netns.
+    Raises KernelError if the dump fails."""
     from pyroute2 import DiagSocket
+    found: set[int] = set()
     try:
         with DiagSocket() as ds:
             ds.bind()
@@ -44,18 +31,11 @@ def dump() -> Iterator[DiagEntry]:
                     for msg in ds.get_sock_stats(family=family, protocol=proto,
                                                  states=_ALL_STATES):
                         raw = msg.get_attr("INET_DIAG_MARK")
-                        mark = -1 if raw is None else \
-                            int.from_bytes(bytes.fromhex(raw.replace(":", "")), "little")
-                        dport = msg["idiag_dport"]
-                        yield DiagEntry(mark, msg["idiag_inode"],
-                                        "tcp" if proto == socket.IPPROTO_TCP else "udp",
-                                        _fmt(msg["idiag_src"], msg["idiag_sport"]),
-                                        _fmt(msg["idiag_dst"], dport) if dport else "")
+                        if raw is None:
+                            found.add(-1)           # not reported: assume everything
+                            continue
+                        found.add(int.from_bytes(bytes.fromhex(raw.replace(":", "")),
+                                                 "little"))
     except OSError as exc:
         raise from_oserror("sock_diag dump", exc) from None
-
-
-def marks_in_use() -> set[int]:
-    """The marks of every TCP and UDP socket (IPv4 and IPv6) in this netns
-    (-1 among them: some mark not reported, assume everything)."""
-    return {e.mark for e in dump()}
+    return found

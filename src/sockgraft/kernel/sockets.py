@@ -214,12 +214,15 @@ class HostSockets:
             raise
         return s
 
-    def native_tag(self, mark: int) -> tuple[int, int]:
+    def native_tag(self, mark: int) -> tuple[int, int] | None:
         """(sg_sock map fd, generation of mark) for a tagger that is not
-        Python (the native answer loop); (-1, 0) when no kernel guards run or
-        the tagger cannot say (then nothing but `make` may create sockets)."""
+        Python (the native answer loop); (-1, 0) when no kernel guards run;
+        None when the tagger cannot say (then nothing but `make` may create
+        sockets)."""
+        if self.tag is None:
+            return -1, 0
         params = getattr(getattr(self.tag, "__self__", None), "tag_params", None)
-        return params(mark) if params is not None else (-1, 0)
+        return params(mark) if params is not None else None
 
     def host_socket(self, family: int, type_: int, proto: int, mark: int,
                     flags: int = 0) -> socket.socket:
