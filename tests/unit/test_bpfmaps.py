@@ -299,3 +299,21 @@ def test_guard_event_decoding(kind, op, label, port, family, addr, want_addr, ru
                              0, 42)
     ev = bpfmaps.decode_event(raw)
     assert (ev.address, ev.reason, ev.errno, ev.pid) == (want_addr, rule, err, 42)
+
+
+def test_policy_flags_say_socket_mode_and_splice_opt_out():
+    head = bpfmaps.POLICY_HEAD
+    flags = lambda **kw: head.unpack_from(bpfmaps.policy_entry(Policy(), 1, **kw).value)[0]
+    assert flags() == bpfmaps.F_SOCKET_MODE
+    assert flags(socket_mode=False) == 0
+    assert flags(socket_mode=False, splice=False) == bpfmaps.F_NO_SPLICE
+    assert flags(splice=False) == bpfmaps.F_SOCKET_MODE | bpfmaps.F_NO_SPLICE
+
+
+def test_local_keys_leave_loopback_to_the_program():
+    keys = bpfmaps.local_keys([ip_address("198.18.0.1"), ip_address("127.0.0.1"),
+                               ip_address("::1"), ip_address("fd53:6700:0:1::1"),
+                               ip_address("0.0.0.0")])
+    assert keys == {struct.pack("=I16s", 4, ip_address("198.18.0.1").packed),
+                    struct.pack("=I16s", 6, ip_address("fd53:6700:0:1::1").packed)}
+    assert all(len(k) == 20 for k in keys)

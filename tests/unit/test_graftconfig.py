@@ -106,7 +106,7 @@ def test_dump_is_deterministic_in_endpoint_order() -> None:
 
 @pytest.mark.parametrize("toml, field, needle", [
     ('container = "c"\ncolour = 1', "colour",
-     "unknown key 'colour'; accepted: version, container, graft_at, endpoints, rules, policy"),
+     "unknown key 'colour'; accepted: version, container, graft_at, splice, endpoints, rules, policy"),
     ('container = "c"\n[endpoints.e]\ntype = "ipv4"\naddr = "1.2.3.4"\nport = 1\nprt = 2',
      "endpoints.e.prt", "accepted: type, addr, port, path"),
     ('container = "c"\n[rules]\ningres = []', "rules.ingres", "accepted: ingress, egress"),
@@ -375,3 +375,14 @@ def test_policy_edits() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         without_policy_rule(c0, allow)
     assert with_policy(c0, Policy(builtin_denies=False)).policy.builtin_denies is False
+
+
+def test_splice_opt_out_round_trips_and_is_checked():
+    from sockgraft.model.graftconfig import load_config
+    cfg = load_config('container = "c"\nsplice = false\n', 't')
+    assert cfg.splice is False and "splice = false" in dump_config(cfg)
+    assert load_config(dump_config(cfg), 't') == cfg
+    assert load_config('container = "c"\n', 't').splice is True
+    assert "splice" not in dump_config(load_config('container = "c"\n', 't'))
+    with pytest.raises(ConfigError, match="splice must be true or false"):
+        load_config('container = "c"\nsplice = "no"\n', 't')

@@ -142,7 +142,8 @@ class Enforcer:
             self._gen = self._gen % 0xFFFF + 1
             gen = self._gen
             try:
-                entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode)
+                entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode,
+                                             splice=cfg.splice)
             except SockgraftError as exc:
                 log.warning("bpf: container %s keeps its previous policy: %s",
                             cfg.container, exc)

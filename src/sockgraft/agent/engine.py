@@ -55,10 +55,17 @@ class Agent:
                  bpf: str = "off", bpf_name: str | None = None,
                  directory: DirectoryBackend | None = None, node: str | None = None,
                  oci_socket: str | None = None, notifier_threads: int = 2,
-                 metrics: str | None = None, native: str = "auto") -> None:
-        """metrics: ADDR:PORT to serve Prometheus metrics on (agent/metrics.py)."""
+                 metrics: str | None = None, native: str = "auto",
+                 sockmap: str = "off") -> None:
+        """metrics: ADDR:PORT to serve Prometheus metrics on (agent/metrics.py).
+        sockmap: splice grafted local pairs (auto = when the kernel can)."""
         if bpf not in ("auto", "on", "off"):
             raise AgentError(f"bpf mode {bpf!r} unknown; accepted: auto, on, off")
+        if sockmap not in ("auto", "on", "off"):
+            raise AgentError(f"sockmap mode {sockmap!r} unknown; accepted: auto, on, off")
+        if sockmap == "on" and bpf == "off":
+            raise AgentError("--sockmap on needs the in-kernel programs (--bpf auto or on)")
+        self.sockmap_mode = sockmap
         if not 0 <= notifier_threads <= 16:
             raise AgentError(f"notifier threads must be 0..16, got {notifier_threads}")
         self.notifier_threads = notifier_threads
@@ -148,18 +155,22 @@ class Agent:
         its maps hold every socket-mode container's policy)."""
         progs = kbpf.Programs(self.bpf_name)
         try:
-            progs.load()
+            progs.load(splice=self.sockmap_mode)
             self.bpf = progs
             self.sockets.tag = progs.tag
             self.sync_bpf()
+            progs.set_local(bpfmaps.local_keys(self.grafter.host_addrs))
             progs.attach()
+            progs.set_splice(progs.splice)
+            if progs.splice:
+                log.info("grafted local pairs are spliced (sockmap)")
         except SockgraftError as exc:
             progs.close()
             self.bpf = None
             self.sockets.tag = None
             self.enforcer.reset_bpf()
             self.bpf_error = str(exc)
-            if self.bpf_mode == "on":
+            if self.bpf_mode == "on" or self.sockmap_mode == "on":
                 raise
             log.warning("in-kernel graft programs unavailable (graft_at=socket refused): %s",
                         exc)
@@ -286,6 +297,12 @@ class Agent:
             elif op == "native":       # for sessions served from now on (bench engine)
                 self.native = notifiers.choose_native("on" if msg.get("on") else "off")
                 reply = {"ok": True, "native": self.native}
+            elif op == "sockmap":      # connections established from now on (bench)
+                if self.bpf is None or not self.bpf.splice:
+                    raise AgentError("splicing is not loaded (start the agent with "
+                                     "--sockmap auto or on)")
+                self.bpf.set_splice(bool(msg.get("on")))
+                reply = {"ok": True, "sockmap": bool(msg.get("on"))}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name,
                          "store": os.path.abspath(self.store.dir)}
@@ -399,6 +416,8 @@ class Agent:
                 sess.config = self.store.load(sess.container) or sess.inline
                 n += 1
         self.grafter.host_addrs = host_addresses()
+        if self.bpf is not None:
+            self.bpf.set_local(bpfmaps.local_keys(self.grafter.host_addrs))
         self.publisher.publish_node()
         self.sync_nft()
         self.sync_bpf(rescan=True)
@@ -438,7 +457,11 @@ class Agent:
     def _on_bpf_events(self) -> None:
         """Denials the programs made in the kernel: count them, audit them."""
         assert self.bpf is not None
+        leaving = False
         for raw in self.bpf.drain():
+            if int.from_bytes(raw[:4], "little") == kbpf.EV_SPLICE_LEAVE:
+                leaving = True          # not a denial: a socket to unsplice
+                continue
             try:
                 ev = bpfmaps.decode_event(raw)
             except ValueError as exc:
@@ -450,6 +473,8 @@ class Agent:
             self.inventory.deny(self.sessions.by_mark(ev.mark), ev.op, label, "kernel")
             self.inventory.write_audit(container, ev.pid, ev.op, ev.address, "deny", rule,
                                        ev.errno, where="kernel")
+        if leaving:
+            self.bpf.release_leavers()
 
     def drain_inbox(self) -> None:
         """Take over what the notifier threads handed over: count and list
@@ -569,11 +594,18 @@ class Agent:
     def stats(self) -> dict:
         self.drain_inbox()
         kernel = None
+        spliced: dict[int, tuple] = {}
         if self.bpf is not None:
             judged, denied, redirected, guarded = self.bpf.counters()
             kernel = {"connects_judged": judged, "denied": denied,
                       "redirected": redirected, "guard_refused": guarded,
-                      "containers": len(self.enforcer.applied), "cgroup": self.bpf.cgroup}
+                      "containers": len(self.enforcer.applied), "cgroup": self.bpf.cgroup,
+                      "splice": self.bpf.splice, "splice_error": self.bpf.splice_error or None}
+            if self.bpf.splice:
+                spliced = self.bpf.splice_stats()
+                kernel["spliced_sockets"] = self.bpf.spliced_sockets()   # now
+                for i, what in enumerate(kbpf.SPLICE_STATS):
+                    kernel[f"splice_{what}"] = sum(v[i] for v in spliced.values())
         oci_stats = None if self.oci is None else {
             "accepted": self.oci.accepted, "rejected": self.oci.rejected,
             "holders": len(self.holders)}
@@ -586,6 +618,14 @@ class Agent:
                                 "configured": s.config is not None, "graft_at": s.graft_at,
                                 "notifier_threads": self.sessions.threads_alive(k),
                                 "native": self.sessions.native(k),
+                                **_splice_row(spliced.get(s.mark)),
                                 **s.counters.as_dict()} for k, s in self.sessions.items()],
                 "pending_connects": len(self.grafter.connects.pending),
                 "grafted_tracked": len(self.inventory.grafted)}
+
+
+def _splice_row(st: tuple | None) -> dict:
+    """A container's splice counters for `stats` (empty when nothing was)."""
+    if not st:
+        return {}
+    return {"spliced": dict(zip(kbpf.SPLICE_STATS, st))}

@@ -67,6 +67,7 @@
 #include <linux/in6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -75,6 +76,7 @@
 #define MAX_RULES 64
 
 #define F_SOCKET_MODE 1u
+#define F_NO_SPLICE 2u       /* the container asked not to be spliced */
 
 #define T_INGRESS 1u        /* tag flag: bound by the agent through an ingress rule */
 
@@ -93,6 +95,7 @@
 #define EV_DENY_MARK 7
 #define EV_DENY_LISTEN 8
 #define EV_DENY_UNKNOWN 9
+#define EV_SPLICE_LEAVE 10  /* not a denial: sockets in sg_splice_leave to remove */
 
 #define OP_CONNECT 1
 #define OP_SENDMSG 2
@@ -204,10 +207,17 @@ struct {
 	__type(value, struct sock_tag);
 } sg_sock SEC(".maps");
 
-/* [0] the agent's cgroup id: its own calls are not judged again */
+/* [0] the agent's cgroup id: its own calls are not judged again
+ * [1] CFG_SPLICE: 1 = grafted local pairs established from now on are spliced
+ * [2] CFG_RMEM_MAX: the most a spliced receiver may hold queued when its
+ *     application did not set SO_RCVBUF (8 x net.ipv4.tcp_rmem's default, at
+ *     most its maximum); beyond it the sender takes TCP, whose flow control
+ *     stops it as it would stop a TCP sender */
+#define CFG_SPLICE 1
+#define CFG_RMEM_MAX 2
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } sg_config SEC(".maps");
@@ -282,6 +292,151 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } sg_counters SEC(".maps");
+
+/* --- splicing of grafted local pairs (sockmap) -----------------------------
+ * A grafted TCP socket enters sg_splice when it is established (sockops),
+ * keyed by its own 4-tuple (v4-mapped addresses as IPv4: a dual-stack server
+ * meets an IPv4 client); a client only when its server may be on this node,
+ * an accepted socket only when its client entered. The two learn each other
+ * (sg_splice_clients, sg_splice_peer -> splice_state.peer). sg_msg runs on
+ * every sendmsg of a socket in the map and hands the data straight to the
+ * peer's receive queue (psock ingress), skipping TCP/IP. Each direction
+ * switches between the two paths only where the order of bytes is kept:
+ *   TCP -> spliced   only when every byte sent by TCP was read by the peer
+ *                    (sender write_seq == peer rcv_nxt == peer copied_seq);
+ *   spliced -> TCP   always (the peer reads its psock queue first), taken
+ *                    when the peer's psock queue holds its receive buffer's
+ *                    worth (TCP's flow control takes over: the queue never
+ *                    outgrows the buffer), when the peer set SO_RCVLOWAT
+ *                    (poll must honour it; the psock queue does not), or
+ *                    when the peer left the map.
+ * Only non-blocking sockets: a blocking recv() on a socket in a sockhash
+ * returns EAGAIN after a wakeup that brought no data (tcp_bpf_recvmsg waits
+ * once, it does not loop like tcp_recvmsg), and the socket's own sends wake
+ * it (write space) - measured here: a blocking client that sent 1 MB then
+ * waited for a reply got EAGAIN in 19 runs of 20, with its data on TCP or
+ * spliced alike. So a client enters only if its file is O_NONBLOCK when it
+ * connects; data goes into a peer's psock queue only while the peer's file
+ * is O_NONBLOCK (an accepted socket has no file before accept(): TCP until
+ * it has one); and a socket that sends while blocking takes TCP and is taken
+ * out of the map by the agent (woken by an EV_SPLICE_LEAVE event; nothing
+ * waits in its psock queue, by the rule before). Between that send and its
+ * removal (the agent's reaction time) a blocking recv could still meet the
+ * kernel's EAGAIN: docs/architecture.md says so.
+ * The kernel removes a socket from sg_splice when it closes. */
+struct splice_key {
+	__u32 family;
+	__u32 lip[4];       /* network order; IPv4 in [0] */
+	__u32 rip[4];
+	__u32 lport;        /* host order */
+	__u32 rport;
+};
+
+/* this node's own addresses (the agent writes them; loopback is known here):
+ * a client enters sg_splice only when its server may be local */
+struct local_key {
+	__u32 family;       /* 4 or 6 */
+	__u32 addr[4];      /* network order; IPv4 in [0] */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct local_key);
+	__type(value, __u8);
+} sg_local SEC(".maps");
+
+/* client key -> the client's struct sock, until its accepted peer enters;
+ * then client key -> the accepted socket, until the client's first send
+ * takes it (LRU: entries of pairs that never complete age out) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct splice_key);
+	__type(value, __u64);
+} sg_splice_clients SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct splice_key);
+	__type(value, __u64);
+} sg_splice_peer SEC(".maps");
+
+/* sockets whose file became blocking, for the agent to take out of sg_splice
+ * (a sk_msg program cannot delete from a sockhash) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct splice_key);
+	__type(value, __u8);
+} sg_splice_leave SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct splice_key);
+	__type(value, __u64);
+} sg_splice SEC(".maps");
+
+#define S_SPLICED 1u        /* this socket's sends go to its peer's psock queue */
+
+struct splice_state {
+	__u32 flags;
+	__u32 pad;
+	__u64 peer;         /* the peer's struct sock (read with probe_read only) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct splice_state);
+} sg_splice_st SEC(".maps");
+
+struct splice_stats {
+	__u64 sockets;      /* grafted sockets that entered sg_splice */
+	__u64 streams;      /* times a direction switched to the spliced path */
+	__u64 bytes;        /* bytes handed over spliced */
+	__u64 fallback;     /* sends to a known peer that took TCP */
+	__u64 left;         /* sockets that left the map (their file became blocking) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);     /* container mark */
+	__type(value, struct splice_stats);
+} sg_splice_stats SEC(".maps");
+
+/* the kernel's own structures, read through BTF (CO-RE) */
+struct tcp_sock___sg {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
+struct file___sg {
+	unsigned int f_flags;
+} __attribute__((preserve_access_index));
+
+struct socket___sg {
+	struct file___sg *file;
+} __attribute__((preserve_access_index));
+
+struct sock___sg {
+	void *sk_user_data;
+	int sk_rcvbuf;
+	int sk_rcvlowat;
+	__u8 sk_userlocks;
+	struct socket___sg *sk_socket;
+} __attribute__((preserve_access_index));
+
+#define O_NONBLOCK_ 04000
+
+struct sk_psock___sg {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
 
 static __always_inline void count(__u32 idx)
 {
@@ -1158,6 +1313,286 @@ int sg_ingress(struct __sk_buff *skb)
 	count(3);
 	report(EV_DENY_LISTEN, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port, IPPROTO_TCP);
 	return 0;
+}
+
+static __always_inline struct splice_stats *splice_stats(__u32 mark)
+{
+	struct splice_stats zero = {}, *st = bpf_map_lookup_elem(&sg_splice_stats, &mark);
+
+	if (st)
+		return st;
+	bpf_map_update_elem(&sg_splice_stats, &mark, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&sg_splice_stats, &mark);
+}
+
+static __always_inline int splice_on(void)
+{
+	__u32 k = CFG_SPLICE;
+	__u64 *on = bpf_map_lookup_elem(&sg_config, &k);
+
+	return on && *on;
+}
+
+/* v4-mapped IPv6 ends are keyed as IPv4 (a [::] server, an IPv4 client) */
+static __always_inline void key_unmap(struct splice_key *k)
+{
+	if (k->family != AF_INET6 || !is_v4mapped(k->lip) || !is_v4mapped(k->rip))
+		return;
+	k->family = AF_INET;
+	k->lip[0] = k->lip[3];
+	k->rip[0] = k->rip[3];
+	k->lip[1] = k->lip[2] = k->lip[3] = 0;
+	k->rip[1] = k->rip[2] = k->rip[3] = 0;
+}
+
+static __always_inline void key_reverse(const struct splice_key *k, struct splice_key *r)
+{
+	r->family = k->family;
+	r->lip[0] = k->rip[0];
+	r->lip[1] = k->rip[1];
+	r->lip[2] = k->rip[2];
+	r->lip[3] = k->rip[3];
+	r->rip[0] = k->lip[0];
+	r->rip[1] = k->lip[1];
+	r->rip[2] = k->lip[2];
+	r->rip[3] = k->lip[3];
+	r->lport = k->rport;
+	r->rport = k->lport;
+}
+
+/* the file of a socket (its struct sock at addr) is O_NONBLOCK */
+static __always_inline int nonblocking_at(__u64 addr)
+{
+	struct sock___sg *sk = (void *)addr;
+	struct socket___sg *so = BPF_CORE_READ(sk, sk_socket);
+	struct file___sg *f;
+
+	if (!so)
+		return 0;
+	f = BPF_CORE_READ(so, file);
+	return f && (BPF_CORE_READ(f, f_flags) & O_NONBLOCK_);
+}
+
+/* the same for a socket the program holds (read through BTF) */
+static __always_inline int nonblocking_sk(struct bpf_sock *sk)
+{
+	struct sock___sg *s = (void *)bpf_skc_to_tcp_sock(sk);
+	struct socket___sg *so;
+	struct file___sg *f;
+
+	if (!s)
+		return 0;
+	so = s->sk_socket;
+	if (!so)
+		return 0;
+	f = so->file;
+	return f && (f->f_flags & O_NONBLOCK_);
+}
+
+static __always_inline int peer_may_be_local(struct splice_key *k)
+{
+	struct local_key lk = {};
+	__u32 *a = k->rip;
+
+	if (k->family == AF_INET) {
+		if ((bpf_ntohl(a[0]) >> 24) == 127)
+			return 1;
+		lk.family = 4;
+	} else {
+		if (!a[0] && !a[1] && !a[2] && a[3] == bpf_htonl(1))
+			return 1;	/* ::1 */
+		if (bpf_ntohl(a[0]) == LO6_NET && !a[1] && !a[2])
+			return 1;	/* a private loopback fd53:4c4f::HL */
+		lk.family = 6;
+		lk.addr[1] = a[1];
+		lk.addr[2] = a[2];
+		lk.addr[3] = a[3];
+	}
+	lk.addr[0] = a[0];
+	return bpf_map_lookup_elem(&sg_local, &lk) != 0;
+}
+
+/* A grafted TCP socket enters sg_splice once established: a client
+ * (ACTIVE_) when its server may be local, the accepted socket (PASSIVE_,
+ * after its client's ACTIVE_) when its client entered. Only sockets of a
+ * live container whose config does not say splice = false. */
+SEC("sockops")
+int sg_sockops(struct bpf_sock_ops *ctx)
+{
+	struct splice_key k = {}, r = {};
+	struct splice_state *st;
+	struct splice_stats *stats;
+	struct sock_tag *t;
+	struct policy *p;
+	struct bpf_sock *sk;
+	__u64 me, *client;
+	int active = ctx->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+
+	if (!active && ctx->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	sk = ctx->sk;
+	if (!sk || !splice_on())
+		return 1;
+	t = bpf_sk_storage_get(&sg_sock, sk, 0, 0);
+	if (!t || stale(t))
+		return 1;
+	p = bpf_map_lookup_elem(&sg_policy, &t->mark);
+	if (!p || (p->flags & F_NO_SPLICE))
+		return 1;
+	k.family = ctx->family;
+	if (ctx->family == AF_INET) {
+		k.lip[0] = ctx->local_ip4;
+		k.rip[0] = ctx->remote_ip4;
+	} else if (ctx->family == AF_INET6) {
+		k.lip[0] = ctx->local_ip6[0];
+		k.lip[1] = ctx->local_ip6[1];
+		k.lip[2] = ctx->local_ip6[2];
+		k.lip[3] = ctx->local_ip6[3];
+		k.rip[0] = ctx->remote_ip6[0];
+		k.rip[1] = ctx->remote_ip6[1];
+		k.rip[2] = ctx->remote_ip6[2];
+		k.rip[3] = ctx->remote_ip6[3];
+	} else {
+		return 1;
+	}
+	k.lport = ctx->local_port;
+	k.rport = bpf_ntohl(ctx->remote_port);
+	key_unmap(&k);
+	me = (__u64)sk;
+	if (active) {
+		if (!peer_may_be_local(&k) || !nonblocking_sk(sk))
+			return 1;	/* no overhead for connections that cannot be spliced */
+		client = 0;
+	} else {
+		key_reverse(&k, &r);
+		client = bpf_map_lookup_elem(&sg_splice_clients, &r);
+		if (!client)
+			return 1;	/* not a grafted client of this node */
+	}
+	st = bpf_sk_storage_get(&sg_splice_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st || bpf_sock_hash_update(ctx, &sg_splice, &k, BPF_NOEXIST))
+		return 1;
+	if (active) {
+		bpf_map_update_elem(&sg_splice_clients, &k, &me, BPF_ANY);
+	} else {
+		st->peer = *client;
+		bpf_map_delete_elem(&sg_splice_clients, &r);
+		bpf_map_update_elem(&sg_splice_peer, &r, &me, BPF_ANY);
+	}
+	stats = splice_stats(t->mark);
+	if (stats)
+		stats->sockets++;
+	return 1;
+}
+
+/* May this send be handed to the peer's psock queue without reordering or
+ * outgrowing the peer's buffer? (see the comment at sg_splice) The peer is
+ * read with probe_read: a peer freed meanwhile reads as garbage, and then
+ * the redirect finds no peer in sg_splice and the send takes TCP. */
+static __always_inline int splice_ok(struct bpf_sock *sk, __u64 peer, __u32 spliced,
+				     __u32 size)
+{
+	struct tcp_sock___sg *me = (void *)bpf_skc_to_tcp_sock(sk);
+	struct tcp_sock___sg *tp = (void *)peer;
+	struct sock___sg *psk = (void *)peer;
+	struct sk_psock___sg *psock;
+	__u32 queued, limit, k = CFG_RMEM_MAX;
+	__u64 *rmem;
+
+	if (!me || BPF_CORE_READ(psk, sk_rcvlowat) > 1 || !nonblocking_at(peer))
+		return 0;
+	if (!spliced) {
+		__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
+
+		if (me->write_seq != rcv_nxt || BPF_CORE_READ(tp, copied_seq) != rcv_nxt)
+			return 0;	/* bytes sent by TCP not read yet: they come first */
+	}
+	/* sk_user_data carries flag bits (SK_USER_DATA_NOCOPY/BPF/PSOCK) */
+	psock = (void *)((__u64)BPF_CORE_READ(psk, sk_user_data) & ~7ULL);
+	if (!psock)
+		return 0;
+	queued = BPF_CORE_READ(psock, msg_tot_len);
+	limit = BPF_CORE_READ(psk, sk_rcvbuf);
+	rmem = bpf_map_lookup_elem(&sg_config, &k);
+	if (!(BPF_CORE_READ(psk, sk_userlocks) & 2 /* SOCK_RCVBUF_LOCK */) && rmem &&
+	    *rmem > limit)
+		limit = *rmem;
+	return queued + size <= limit;
+}
+
+SEC("sk_msg")
+int sg_msg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	struct splice_state *st;
+	struct splice_stats *stats;
+	struct splice_key k = {}, me = {};
+	struct sock_tag *t;
+	__u64 *peer;
+	__u32 was, ok;
+
+	if (!sk)
+		return SK_PASS;
+	t = bpf_sk_storage_get(&sg_sock, sk, 0, 0);
+	st = bpf_sk_storage_get(&sg_splice_st, sk, 0, 0);
+	if (!t || !st || stale(t))
+		return SK_PASS;	/* TCP: the egress guard judges a stale socket's packets */
+	me.family = msg->family;
+	me.lip[0] = msg->local_ip4;
+	me.rip[0] = msg->remote_ip4;
+	if (msg->family == AF_INET6) {
+		me.lip[0] = msg->local_ip6[0];
+		me.lip[1] = msg->local_ip6[1];
+		me.lip[2] = msg->local_ip6[2];
+		me.lip[3] = msg->local_ip6[3];
+		me.rip[0] = msg->remote_ip6[0];
+		me.rip[1] = msg->remote_ip6[1];
+		me.rip[2] = msg->remote_ip6[2];
+		me.rip[3] = msg->remote_ip6[3];
+	}
+	me.lport = msg->local_port;
+	me.rport = bpf_ntohl(msg->remote_port);
+	key_unmap(&me);
+	if (!nonblocking_sk(sk)) {
+		/* blocking now: TCP, and the agent takes it out of the map (its
+		 * psock queue is empty: nothing is spliced into a blocking peer) */
+		__u8 one = 1;
+		__u32 none[4] = {};
+
+		if (!bpf_map_update_elem(&sg_splice_leave, &me, &one, BPF_NOEXIST)) {
+			stats = splice_stats(t->mark);
+			if (stats)
+				stats->left++;
+			report(EV_SPLICE_LEAVE, t->mark, OP_SEND, 0, 4, none, 0, IPPROTO_TCP);
+		}
+		return SK_PASS;
+	}
+	if (!st->peer) {	/* a client learns its accepted peer at its first send */
+		peer = bpf_map_lookup_elem(&sg_splice_peer, &me);
+		if (!peer)
+			return SK_PASS;
+		st->peer = *peer;
+		bpf_map_delete_elem(&sg_splice_peer, &me);
+	}
+	key_reverse(&me, &k);
+	was = st->flags & S_SPLICED;
+	ok = splice_ok(sk, st->peer, was, msg->size);
+	if (ok && bpf_msg_redirect_hash(msg, &sg_splice, &k, BPF_F_INGRESS) != SK_PASS)
+		ok = 0;
+	stats = splice_stats(t->mark);
+	if (!ok) {
+		st->flags &= ~S_SPLICED;
+		if (stats)
+			stats->fallback++;
+		return SK_PASS;
+	}
+	st->flags |= S_SPLICED;
+	if (stats) {
+		stats->bytes += msg->size;
+		if (!was)
+			stats->streams++;
+	}
+	return SK_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -40,6 +40,7 @@ examples:
       --directory-user sockgraft-node1 --directory-password-file /etc/sockgraft/etcd-password
   sockgraft agent --oci-socket /run/sockgraft/oci-default.sock   runc/crun hand-offs here
   sockgraft agent --host h1 --native off    socket() answered in Python (to compare)
+  sockgraft agent --host h1 --sockmap auto  splice connections between grafted local sockets
 """
 
 RUN_EXAMPLES = """\
@@ -142,6 +143,11 @@ def register(sub) -> None:
                    help="answer socket() of graft_at=socket containers in the native loop "
                         "(C, outside the GIL): auto = when it is built (said once if not), "
                         "on = refuse to start without it, off = in Python (default auto)")
+    p.add_argument("--sockmap", choices=("auto", "on", "off"), default="off",
+                   help="splice TCP connections whose two ends are grafted sockets on this "
+                        "node (sockops + sk_msg: data skips TCP/IP; see docs/architecture.md "
+                        "for what applications see differently): auto = when the kernel "
+                        "can, on = refuse to start without it, off (default)")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. "
                         "127.0.0.1:9464, :9464 for every address; default: off)")
@@ -339,7 +345,7 @@ def cmd_agent(args) -> int:
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
                   notifier_threads=args.notifier_threads, metrics=args.metrics,
-                  native=args.native,
+                  native=args.native, sockmap=args.sockmap,
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
     doctor_cmd.agent_preflight(agent)                 # refuses what the node cannot do
@@ -580,6 +586,10 @@ def cmd_stats(args) -> int:
         if k:
             print(f"  in-kernel ({k['cgroup']}): connects judged {k['connects_judged']}  "
                   f"denied {k['denied']}  redirected {k['redirected']}")
+            if k.get("splice"):
+                print(f"  spliced sockets now {k.get('spliced_sockets', 0)}")
+            elif k.get("splice_error"):
+                print(f"  splicing off: {k['splice_error']}")
         elif r.get("kernel_error"):
             print(f"  in-kernel programs off: {r['kernel_error']}")
         for s in r["containers"]:
@@ -590,4 +600,8 @@ def cmd_stats(args) -> int:
                 threads += f" ({s['notifier_failures']} failed: the loop answers)"
             print(f"  {s['container']:12s} pid {s['pid']:<7d} grafted {s['grafted']}  "
                   f"passed {s['passed']}  denied {s['denied']}  errors {s['errors']}{threads}")
+            sp = s.get("spliced")
+            if sp:
+                print(f"  {'':12s} spliced: sockets {sp['sockets']}  streams {sp['streams']}  "
+                      f"bytes {sp['bytes']}  by TCP {sp['fallback']}  left {sp['left']}")
     return 0

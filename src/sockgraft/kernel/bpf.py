@@ -40,9 +40,23 @@ PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6",
             "sg_getsockname4", "sg_getsockname6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
+SPLICE_PROGRAMS = ("sg_sockops", "sg_msg")   # sockmap splicing of grafted local pairs
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
-        "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen")
-PINNED_MAPS = ("sg_sock",)     # outlive the agent: the identity of grafted sockets
+        "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen",
+        "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave")
+# outlive the agent: the identity of grafted sockets, and the spliced
+# connections with their state (freeing sg_splice would drop the bytes queued
+# in its sockets' psock queues)
+PINNED_MAPS = ("sg_sock", "sg_splice", "sg_splice_st")
+BPF_SK_MSG_VERDICT = 7
+CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
+CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
+SPLICE_KEY_SIZE = 44           # struct splice_key
+EV_SPLICE_LEAVE = 10           # event kind: sg_splice_leave has keys to remove
+# struct splice_stats, per container mark: sockets that entered the map,
+# switches of a direction to the spliced path, bytes spliced, sends to a known
+# peer that took TCP, sockets that left the map (their file became blocking)
+SPLICE_STATS = ("sockets", "streams", "bytes", "fallback", "left")
 BPF_ANY = 0
 TAG = struct.Struct("=IHH")    # struct sock_tag {mark, flags, gen}
 _FD = struct.Struct("=i")      # an SK_STORAGE map's key: the socket's fd
@@ -79,6 +93,8 @@ def _lib() -> ctypes.CDLL:
         ("bpf_link__destroy", i, [vp]),
         ("bpf_obj_get", i, [cp]),
         ("bpf_link_update", i, [i, i, vp]),
+        ("bpf_program__set_autoload", i, [vp, ctypes.c_bool]),
+        ("bpf_prog_attach", i, [i, i, i, ctypes.c_uint]),
         ("bpf_map_update_elem", i, [i, vp, vp, ctypes.c_uint64]),
         ("bpf_map_lookup_elem", i, [i, vp, vp]),
         ("bpf_map_delete_elem", i, [i, vp]),
@@ -249,8 +265,15 @@ class Programs:
         self._cb = None
         self._events: list[bytes] = []
         self.cgroup = ""
+        self.splice = False            # the sockmap programs are loaded
+        self.splice_error = ""
+        self._reused: set[str] = set()
+        self._local: set[bytes] = set()   # sg_local keys written
 
-    def load(self, *, join: bool = True) -> None:
+    def load(self, *, join: bool = True, splice: str = "off") -> None:
+        """splice: load the sockmap programs too - "on" (refusal is an
+        error), "auto" (a kernel that refuses them - no BTF, no sockmap - gets
+        the guards alone; `splice_error` says why) or "off"."""
         L = lib()
         ensure_bpffs()
         obj_path = compile_object()
@@ -259,25 +282,42 @@ class Programs:
         else:
             self.cgroup = cgroup_path(self.agent)
             os.makedirs(self.cgroup, exist_ok=True)
-        obj = L.bpf_object__open_file(obj_path.encode(), None)
-        if not obj:
-            raise _err("bpf_object__open_file", 0, obj_path)
-        self._obj = obj
-        reused = self._reuse_pinned()
-        rc = L.bpf_object__load(obj)
+        rc = self._open_load(obj_path, splice != "off")
+        if rc and splice == "auto":
+            self.close()
+            self.splice_error = (f"the kernel refused the splice programs: {os.strerror(-rc)} "
+                                 "(see the libbpf log above)")
+            log.warning("%s; grafted local pairs are not spliced", self.splice_error)
+            rc = self._open_load(obj_path, False)
         if rc:
             self.close()
-            raise BpfUnavailable(f"the kernel refused the graft programs: "
+            what = "splice" if splice == "on" else "graft"
+            raise BpfUnavailable(f"the kernel refused the {what} programs: "
                                  f"{os.strerror(-rc)} (see the libbpf log above)")
+        self.splice = splice != "off" and not self.splice_error
+        obj = self._obj
         for m in MAPS:
             mp = L.bpf_object__find_map_by_name(obj, m.encode())
             self.maps[m] = L.bpf_map__fd(mp)
         for m in PINNED_MAPS:
-            if m not in reused:
+            if m not in self._reused:
                 self._pin_map(m)
         # the agent's own calls are not judged again by the guards
         self.update("sg_config", b"\0\0\0\0",
                     os.stat(self.cgroup).st_ino.to_bytes(8, "little"))
+
+    def _open_load(self, obj_path: str, splice: bool) -> int:
+        L = lib()
+        obj = L.bpf_object__open_file(obj_path.encode(), None)
+        if not obj:
+            raise _err("bpf_object__open_file", 0, obj_path)
+        self._obj = obj
+        if not splice:
+            for name in SPLICE_PROGRAMS:
+                L.bpf_program__set_autoload(
+                    L.bpf_object__find_program_by_name(obj, name.encode()), False)
+        self._reused = self._reuse_pinned()
+        return L.bpf_object__load(obj)
 
     def _reuse_pinned(self) -> set[str]:
         """A restarted agent keeps the socket tags of its predecessor: reuse
@@ -348,9 +388,21 @@ class Programs:
         obj = self._obj
         pdir = pin_dir(self.agent)
         os.makedirs(pdir, exist_ok=True)
+        if self.splice:
+            # before sg_sockops fills the map: a socket takes the map's
+            # sk_msg program when it enters, never later
+            prog = L.bpf_object__find_program_by_name(obj, b"sg_msg")
+            rc = L.bpf_prog_attach(L.bpf_program__fd(prog), self.maps["sg_splice"],
+                                   BPF_SK_MSG_VERDICT, 0)
+            if rc:
+                raise _err("attach sg_msg to sg_splice", rc)
+        else:
+            stale = os.path.join(pdir, "link_sg_sockops")
+            if os.path.exists(stale):
+                os.unlink(stale)    # an earlier agent spliced: new connections are not
         cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for name in PROGRAMS:
+            for name in PROGRAMS + (("sg_sockops",) if self.splice else ()):
                 prog = L.bpf_object__find_program_by_name(obj, name.encode())
                 pfd = L.bpf_program__fd(prog)
                 pin = os.path.join(pdir, f"link_{name}")
@@ -426,6 +478,63 @@ class Programs:
                 return out
             out.append(nxt.raw)
             cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+    # --- splicing ---------------------------------------------------------------
+
+    def set_splice(self, on: bool) -> None:
+        """Splice grafted local pairs established from now on (or not). A
+        spliced receiver that did not set SO_RCVBUF may hold 8 times
+        tcp_rmem's default (at most its maximum) before its sender falls back
+        to TCP, whose flow control then blocks the sender as TCP would."""
+        try:
+            with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+                rmem = [int(v) for v in f.read().split()]
+            rmem_max = min(rmem[2], 8 * rmem[1])
+        except (OSError, ValueError, IndexError):
+            rmem_max = 1 << 20
+        self.update("sg_config", CFG_RMEM_MAX.to_bytes(4, "little"),
+                    rmem_max.to_bytes(8, "little"))
+        self.update("sg_config", CFG_SPLICE.to_bytes(4, "little"),
+                    int(on and self.splice).to_bytes(8, "little"))
+
+    def set_local(self, keys: set[bytes]) -> None:
+        """This node's addresses as sg_local keys (model/bpfmaps.local_keys):
+        writes only the difference."""
+        for k in self._local - keys:
+            self.delete("sg_local", k)
+        for k in keys - self._local:
+            self.update("sg_local", k, b"\1")
+        self._local = set(keys)
+
+    def splice_stats(self) -> dict[int, tuple[int, ...]]:
+        """mark -> SPLICE_STATS fields (sockets, streams, bytes, fallback,
+        left), summed over CPUs."""
+        possible = _possible_cpus() or os.cpu_count() or 1
+        size = 8 * len(SPLICE_STATS)
+        out = {}
+        for key in self.keys("sg_splice_stats", 4):
+            raw = self.lookup("sg_splice_stats", key, size * possible)
+            if raw is None:
+                continue
+            tot = [0] * len(SPLICE_STATS)
+            for j in range(0, len(raw), size):
+                for f, v in enumerate(struct.unpack_from(f"={len(SPLICE_STATS)}Q", raw, j)):
+                    tot[f] += v
+            out[int.from_bytes(key, "little")] = tuple(tot)
+        return out
+
+    def release_leavers(self) -> int:
+        """Take the sockets sg_msg named in sg_splice_leave (their file became
+        blocking) out of sg_splice; returns how many."""
+        n = 0
+        for key in self.keys("sg_splice_leave", SPLICE_KEY_SIZE):
+            n += self.delete("sg_splice", key)
+            self.delete("sg_splice_leave", key)
+        return n
+
+    def spliced_sockets(self) -> int:
+        """Sockets in sg_splice now (the kernel removes them as they close)."""
+        return len(self.keys("sg_splice", SPLICE_KEY_SIZE))
 
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected, and

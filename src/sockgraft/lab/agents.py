@@ -22,9 +22,11 @@ state_base = state_dir
 
 
 def start_agents(plan: LabPlan, timeout: float = 15.0,
-                 config_dir: str | None = None) -> dict[str, int]:
+                 config_dir: str | None = None, agent_args: tuple[str, ...] = ()
+                 ) -> dict[str, int]:
     """Start one agent per host; returns {host: pid}. Waits until each answers.
-    Sockets, logs and audit files are named by lab and host."""
+    Sockets, logs and audit files are named by lab and host. agent_args: more
+    `sockgraft agent` options (e.g. --sockmap auto)."""
     os.makedirs(state_base(), exist_ok=True)
     pids = {}
     for host in plan.hosts:
@@ -33,7 +35,7 @@ def start_agents(plan: LabPlan, timeout: float = 15.0,
         if answers(path):
             raise AgentError(f"an agent already serves {path}")
         log_path = os.path.join(state_base(), f"agent-{name}.log")
-        extra = ["--config-dir", config_dir] if config_dir else []
+        extra = (["--config-dir", config_dir] if config_dir else []) + list(agent_args)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sockgraft.cli.main", "agent", "--host", host.name,

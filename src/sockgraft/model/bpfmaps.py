@@ -38,6 +38,7 @@ from .policy import LinearRule, Policy, linearize
 
 MAX_RULES = 64
 F_SOCKET_MODE = 1
+F_NO_SPLICE = 2          # the container's config says splice = false
 V_DENY, V_ALLOW = 0, 1
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 PROTO_NUM = {"any": 0, "tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
@@ -120,7 +121,8 @@ def policy_key(mark: int) -> bytes:
     return mark.to_bytes(4, "little")
 
 
-def policy_entry(policy: Policy, gen: int, *, socket_mode: bool = True) -> PolicyEntry:
+def policy_entry(policy: Policy, gen: int, *, socket_mode: bool = True,
+                 splice: bool = True) -> PolicyEntry:
     rules, final = linearize(policy)
     if len(rules) > MAX_RULES:
         raise ConfigError(f"policy compiles to {len(rules)} rules; the in-kernel enforcer "
@@ -129,9 +131,21 @@ def policy_entry(policy: Policy, gen: int, *, socket_mode: bool = True) -> Polic
     labels = tuple(r.label for r in rules) + (final.label,)
     body = b"".join(_rule_bytes(r, i) for i, r in enumerate(rules))
     body = body.ljust(MAX_RULES * RULE.size, b"\0")
-    head = POLICY_HEAD.pack(F_SOCKET_MODE if socket_mode else 0, len(rules),
+    flags = (F_SOCKET_MODE if socket_mode else 0) | (0 if splice else F_NO_SPLICE)
+    head = POLICY_HEAD.pack(flags, len(rules),
                             V_ALLOW if final.allow else V_DENY, len(rules), gen & 0xFFFF, 0, 0)
     return PolicyEntry(head + body, labels)
+
+
+LOCAL_KEY = struct.Struct("=I16s")
+
+
+def local_keys(addrs: Iterable[IPv4Address | IPv6Address]) -> set[bytes]:
+    """sg_local's keys: the node's own addresses (a grafted client enters the
+    splice map only when its server may be on this node). Loopback and the
+    private loopbacks the program knows itself."""
+    return {LOCAL_KEY.pack(a.version, a.packed) for a in addrs
+            if not a.is_loopback and not a.is_unspecified}
 
 
 def _be16(port: int) -> int:

@@ -44,6 +44,8 @@ TOML schema (version 1)::
     version = 1                      # optional; only 1 is accepted
     container = "h1-c1"              # required
     graft_at = "syscall"             # optional: "syscall" (default) | "socket"
+    splice = true                    # optional: false keeps this container's TCP
+                                     # connections out of sockmap splicing
 
     [endpoints.ep-http]              # one table per endpoint; key = name
     type = "ipv4"                    # "ipv4" | "ipv6" | "unix"
@@ -72,6 +74,11 @@ sendmsg to the in-kernel programs (bpf/sockgraft.bpf.c): the fastest setup,
 for containers whose whole INET traffic goes through the host - a
 destination no egress rule covers is refused (EPERM), and the container's
 loopback is the host's (denied unless the policy opens it).
+
+splice: an agent started with --sockmap splices a connection whose two ends
+are grafted sockets on one node (docs/architecture.md lists what an
+application sees differently); false keeps every connection of this
+container on TCP.
 """
 
 from __future__ import annotations
@@ -193,6 +200,7 @@ class GraftConfig:
     egress: tuple[EgressRule, ...] = ()
     policy: Policy = field(default_factory=Policy)
     graft_at: str = "syscall"
+    splice: bool = True
     _in_idx: dict = field(init=False, repr=False, compare=False)
     _out_idx: dict = field(init=False, repr=False, compare=False)
 
@@ -236,7 +244,7 @@ class GraftConfig:
 
     def __hash__(self) -> int:
         return hash((self.container, tuple(sorted(self.endpoints.items())),
-                     self.ingress, self.egress, self.policy, self.graft_at))
+                     self.ingress, self.egress, self.policy, self.graft_at, self.splice))
 
 
 def match_ingress(cfg: GraftConfig, addr: InetAddr) -> tuple[IngressRule, Endpoint] | None:
@@ -287,7 +295,8 @@ def ingress_host_port(rule: IngressRule, endpoint: Endpoint, port: int) -> int:
 
 def _rebuild(cfg: GraftConfig, **changes: Any) -> GraftConfig:
     parts = dict(container=cfg.container, endpoints=cfg.endpoints, ingress=cfg.ingress,
-                 egress=cfg.egress, policy=cfg.policy, graft_at=cfg.graft_at)
+                 egress=cfg.egress, policy=cfg.policy, graft_at=cfg.graft_at,
+                 splice=cfg.splice)
     parts.update(changes)
     check_config(parts["container"], parts["endpoints"], parts["ingress"], parts["egress"],
                  parts["policy"], source=_src(cfg))
@@ -382,7 +391,7 @@ def without_policy_rule(cfg: GraftConfig, rule: PolicyRule) -> GraftConfig:
 # --------------------------------------------------------------------------
 # TOML
 
-_TOP_KEYS = ("version", "container", "graft_at", "endpoints", "rules", "policy")
+_TOP_KEYS = ("version", "container", "graft_at", "splice", "endpoints", "rules", "policy")
 GRAFT_AT = ("syscall", "socket")
 _EP_KEYS = ("type", "addr", "port", "path")
 _RULES_KEYS = ("ingress", "egress")
@@ -441,6 +450,9 @@ def config_from_dict(data: object, source: str) -> GraftConfig:
     if graft_at not in GRAFT_AT:
         _fail(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}", source,
               "graft_at", graft_at)
+    splice = data.get("splice", True)
+    if not isinstance(splice, bool):
+        _fail(f"splice must be true or false, got {splice!r}", source, "splice", splice)
 
     endpoints: dict[str, Endpoint] = {}
     for name, body in _table(data.get("endpoints", {}), "endpoints", source).items():
@@ -478,7 +490,7 @@ def config_from_dict(data: object, source: str) -> GraftConfig:
     policy = Policy(lists["allow"], lists["deny"], builtin)
 
     check_config(container, endpoints, ingress, egress, policy, source=source)
-    return GraftConfig(container, endpoints, ingress, egress, policy, graft_at)
+    return GraftConfig(container, endpoints, ingress, egress, policy, graft_at, splice)
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -514,6 +526,8 @@ def dump_config(cfg: GraftConfig) -> str:
              f"container = {_toml_str(cfg.container)}"]
     if cfg.graft_at != "syscall":
         lines.append(f"graft_at = {_toml_str(cfg.graft_at)}")
+    if not cfg.splice:
+        lines.append("splice = false")
     for name in sorted(cfg.endpoints):
         ep = cfg.endpoints[name]
         lines += ["", f"[endpoints.{_toml_key(name)}]", f"type = {_toml_str(ep.kind)}"]
