@@ -10,7 +10,7 @@ Sockets are non-blocking and every call waits in poll() first, as in an
 event loop (nginx, Go, redis); --blocking uses plain blocking sockets.
 
 CASES: bulk bidir halfclose peek waitall sendfile splicein spliceout rcvlowat
-       epoll nonblock unreadclose peerdies
+       epoll nonblock unreadclose peerdies oob
 """
 
 import errno
@@ -337,6 +337,22 @@ def c_peerdies(s):
         outcomes.append(err_name(lambda: s.send(b"b")))
         time.sleep(0.1)
     return {"sends": [o if isinstance(o, str) else "ok" for o in outcomes]}
+
+
+def s_oob(c):
+    c.sendall(b"g")
+    time.sleep(0.3)
+    raw = getattr(c, "sock", c)
+    urgent = err_name(lambda: raw.recv(1, socket.MSG_OOB | socket.MSG_DONTWAIT))
+    return {"urgent": urgent, "inline": read_exact(c, 2).decode()}
+
+
+def c_oob(s):
+    s.recv(1)
+    s.sendall(b"ab")
+    s.send(b"!", socket.MSG_OOB)
+    time.sleep(0.5)
+    return {}
 
 
 CASES = [n[2:] for n in dir() if n.startswith("s_")]

@@ -31,9 +31,10 @@ _port = itertools.count(BASE)
 DIFFERENT = {
     "spliceout": {"server": {"spliced": (0, 100000)}},
     "unreadclose": {"client": {"recv": ("", "ECONNRESET")}},
+    "oob": {"server": {"urgent": ("a", "!"), "inline": ("b!", "ab")}},
 }
 CASES = ["bulk", "bidir", "halfclose", "peek", "sendfile", "splicein", "rcvlowat", "epoll",
-         "nonblock", "peerdies", "spliceout", "unreadclose"]
+         "nonblock", "peerdies", "spliceout", "unreadclose", "oob"]
 
 
 def _client_cfg(graft_at):

@@ -9,6 +9,8 @@ Paths (names as in the report):
   vxlan          h1-c1 -> h2-c2 by container IP over the overlay
   graft-local    grafted h1-c1 -> h1-c2 by container IP; h1-c2's server is grafted
                  (ingress on h1's address), the directory sends the client there
+  graft-splice   graft-local with h1's agent splicing the pair (--sockmap auto;
+                 switched on for this path only, off for graft-local, per run)
   graft-remote   grafted h1-c1 -> h2-c2 by container IP; h2-c2's server is grafted
                  (ingress on h2's address): the cross-host overlay bypass
 
@@ -49,7 +51,7 @@ from .engine import build_tools
 from ..paths import state_dir
 
 PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
-         "graft-remote")
+         "graft-splice", "graft-remote")
 QUICK_WORKLOADS = ("iperf3", "sockperf-tcp", "crr")
 PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121, "crr": 9100,
          "http-close": 8080, "http-keepalive": 8090, "memcached": 11211, "redis": 6379}
@@ -101,6 +103,8 @@ def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
         "vxlan": Run(at(c22), port, (c22.netns, port), at(c11), str(c22.ipv4.ip), port),
         "graft-local": Run(at(c12, True), port, (h1.netns, port + 2), client,
                            str(c12.ipv4.ip), port, overlay=True),
+        "graft-splice": Run(at(c12, True), port, (h1.netns, port + 2), client,
+                            str(c12.ipv4.ip), port, overlay=True),
         "graft-remote": Run(at(c22, True), port, (h2.netns, port + 3), client,
                             str(c22.ipv4.ip), port, overlay=True),
     }
@@ -200,6 +204,13 @@ def measure(wl, run: Run, seconds: int, workdir: str, tools: dict[str, str],
         _stop(server)
 
 
+def _splice(plan, on: bool) -> None:
+    """h1's agent splices connections established from now on, or not."""
+    from ..agent import control
+    control.request(control.default_socket_path(plan.hosts[0].name, plan.name),
+                    {"op": "sockmap", "on": on}, timeout=5)
+
+
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
         out_dir: str = "bench-out", progress: Progress | None = None,
         pin: int | None = None) -> dict:
@@ -229,8 +240,9 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
     t0 = time.monotonic()
     builder.up(plan, text, "<bench>")
     try:
+        splicing = "graft-splice" in paths
         if any(p.startswith("graft") for p in paths):
-            agents.start_agents(plan)
+            agents.start_agents(plan, agent_args=("--sockmap", "auto") if splicing else ())
             for cfg in configs:
                 store.save(cfg)
             from ..agent import control
@@ -247,6 +259,8 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
                     workdir = tempfile.mkdtemp(prefix="sgbench-")
                     raw_name = f"r{rnd}-{name}-{path}.txt"
                     try:
+                        if splicing and path.startswith("graft"):
+                            _splice(plan, path == "graft-splice")
                         res = measure(wl, runs_of[path], seconds, workdir, tools, pin)
                         runs.append({"round": rnd, "workload": name, "path": path,
                                      "metrics": res["metrics"], "raw": f"raw/{raw_name}"})

@@ -1360,8 +1360,9 @@ static __always_inline void key_reverse(const struct splice_key *k, struct splic
 	r->rport = k->lport;
 }
 
-/* the file of a socket (its struct sock at addr) is O_NONBLOCK */
-static __always_inline int nonblocking_at(__u64 addr)
+/* the file of a socket (its struct sock at addr): 0 none yet (accepted,
+ * not accept()ed), 1 blocking, 2 O_NONBLOCK */
+static __always_inline int file_mode_at(__u64 addr)
 {
 	struct sock___sg *sk = (void *)addr;
 	struct socket___sg *so = BPF_CORE_READ(sk, sk_socket);
@@ -1370,7 +1371,9 @@ static __always_inline int nonblocking_at(__u64 addr)
 	if (!so)
 		return 0;
 	f = BPF_CORE_READ(so, file);
-	return f && (BPF_CORE_READ(f, f_flags) & O_NONBLOCK_);
+	if (!f)
+		return 0;
+	return BPF_CORE_READ(f, f_flags) & O_NONBLOCK_ ? 2 : 1;
 }
 
 /* the same for a socket the program holds (read through BTF) */
@@ -1387,6 +1390,18 @@ static __always_inline int nonblocking_sk(struct bpf_sock *sk)
 		return 0;
 	f = so->file;
 	return f && (f->f_flags & O_NONBLOCK_);
+}
+
+/* nothing waits in the psock queue of a socket the program holds */
+static __always_inline int psock_empty(struct bpf_sock *sk)
+{
+	struct sock___sg *s = (void *)bpf_skc_to_tcp_sock(sk);
+	struct sk_psock___sg *psock;
+
+	if (!s)
+		return 0;
+	psock = (void *)((__u64)s->sk_user_data & ~7ULL);
+	return !psock || !BPF_CORE_READ(psock, msg_tot_len);
 }
 
 static __always_inline int peer_may_be_local(struct splice_key *k)
@@ -1499,7 +1514,7 @@ static __always_inline int splice_ok(struct bpf_sock *sk, __u64 peer, __u32 spli
 	__u32 queued, limit, k = CFG_RMEM_MAX;
 	__u64 *rmem;
 
-	if (!me || BPF_CORE_READ(psk, sk_rcvlowat) > 1 || !nonblocking_at(peer))
+	if (!me || BPF_CORE_READ(psk, sk_rcvlowat) > 1 || file_mode_at(peer) != 2)
 		return 0;
 	if (!spliced) {
 		__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
@@ -1553,13 +1568,23 @@ int sg_msg(struct sk_msg_md *msg)
 	me.lport = msg->local_port;
 	me.rport = bpf_ntohl(msg->remote_port);
 	key_unmap(&me);
+	if (!st->peer) {	/* a client learns its accepted peer at its first send */
+		peer = bpf_map_lookup_elem(&sg_splice_peer, &me);
+		if (peer) {
+			st->peer = *peer;
+			bpf_map_delete_elem(&sg_splice_peer, &me);
+		}
+	}
 	if (!nonblocking_sk(sk)) {
-		/* blocking now: TCP, and the agent takes it out of the map (its
-		 * psock queue is empty: nothing is spliced into a blocking peer) */
+		/* blocking now: TCP, and the agent takes it out of the map once
+		 * nothing waits in its psock queue (nothing is spliced into a
+		 * blocking socket; bytes spliced before it turned blocking are
+		 * read first - it stays in the map until then) */
 		__u8 one = 1;
 		__u32 none[4] = {};
 
-		if (!bpf_map_update_elem(&sg_splice_leave, &me, &one, BPF_NOEXIST)) {
+		if (psock_empty(sk) &&
+		    !bpf_map_update_elem(&sg_splice_leave, &me, &one, BPF_NOEXIST)) {
 			stats = splice_stats(t->mark);
 			if (stats)
 				stats->left++;
@@ -1567,13 +1592,8 @@ int sg_msg(struct sk_msg_md *msg)
 		}
 		return SK_PASS;
 	}
-	if (!st->peer) {	/* a client learns its accepted peer at its first send */
-		peer = bpf_map_lookup_elem(&sg_splice_peer, &me);
-		if (!peer)
-			return SK_PASS;
-		st->peer = *peer;
-		bpf_map_delete_elem(&sg_splice_peer, &me);
-	}
+	if (!st->peer)
+		return SK_PASS;	/* the accepted peer is not established yet */
 	key_reverse(&me, &k);
 	was = st->flags & S_SPLICED;
 	ok = splice_ok(sk, st->peer, was, msg->size);
