@@ -1345,6 +1345,28 @@ static __always_inline void key_unmap(struct splice_key *k)
 	k->rip[1] = k->rip[2] = k->rip[3] = 0;
 }
 
+/* a socket's own splice key, from a context with the bpf_sock address
+ * fields (struct bpf_sock_ops, struct sk_msg_md: the same names) */
+#define KEY_OF(k, c) do {						\
+	(k).family = (c)->family;					\
+	if ((c)->family == AF_INET) {					\
+		(k).lip[0] = (c)->local_ip4;				\
+		(k).rip[0] = (c)->remote_ip4;				\
+	} else {							\
+		(k).lip[0] = (c)->local_ip6[0];				\
+		(k).lip[1] = (c)->local_ip6[1];				\
+		(k).lip[2] = (c)->local_ip6[2];				\
+		(k).lip[3] = (c)->local_ip6[3];				\
+		(k).rip[0] = (c)->remote_ip6[0];			\
+		(k).rip[1] = (c)->remote_ip6[1];			\
+		(k).rip[2] = (c)->remote_ip6[2];			\
+		(k).rip[3] = (c)->remote_ip6[3];			\
+	}								\
+	(k).lport = (c)->local_port;					\
+	(k).rport = bpf_ntohl((c)->remote_port);			\
+	key_unmap(&(k));						\
+} while (0)
+
 static __always_inline void key_reverse(const struct splice_key *k, struct splice_key *r)
 {
 	r->family = k->family;
@@ -1454,25 +1476,9 @@ int sg_sockops(struct bpf_sock_ops *ctx)
 	p = bpf_map_lookup_elem(&sg_policy, &t->mark);
 	if (!p || (p->flags & F_NO_SPLICE))
 		return 1;
-	k.family = ctx->family;
-	if (ctx->family == AF_INET) {
-		k.lip[0] = ctx->local_ip4;
-		k.rip[0] = ctx->remote_ip4;
-	} else if (ctx->family == AF_INET6) {
-		k.lip[0] = ctx->local_ip6[0];
-		k.lip[1] = ctx->local_ip6[1];
-		k.lip[2] = ctx->local_ip6[2];
-		k.lip[3] = ctx->local_ip6[3];
-		k.rip[0] = ctx->remote_ip6[0];
-		k.rip[1] = ctx->remote_ip6[1];
-		k.rip[2] = ctx->remote_ip6[2];
-		k.rip[3] = ctx->remote_ip6[3];
-	} else {
+	if (ctx->family != AF_INET && ctx->family != AF_INET6)
 		return 1;
-	}
-	k.lport = ctx->local_port;
-	k.rport = bpf_ntohl(ctx->remote_port);
-	key_unmap(&k);
+	KEY_OF(k, ctx);
 	me = (__u64)sk;
 	if (active) {
 		if (!peer_may_be_local(&k) || !nonblocking_sk(sk))
@@ -1552,22 +1558,7 @@ int sg_msg(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&sg_splice_st, sk, 0, 0);
 	if (!t || !st || stale(t))
 		return SK_PASS;	/* TCP: the egress guard judges a stale socket's packets */
-	me.family = msg->family;
-	me.lip[0] = msg->local_ip4;
-	me.rip[0] = msg->remote_ip4;
-	if (msg->family == AF_INET6) {
-		me.lip[0] = msg->local_ip6[0];
-		me.lip[1] = msg->local_ip6[1];
-		me.lip[2] = msg->local_ip6[2];
-		me.lip[3] = msg->local_ip6[3];
-		me.rip[0] = msg->remote_ip6[0];
-		me.rip[1] = msg->remote_ip6[1];
-		me.rip[2] = msg->remote_ip6[2];
-		me.rip[3] = msg->remote_ip6[3];
-	}
-	me.lport = msg->local_port;
-	me.rport = bpf_ntohl(msg->remote_port);
-	key_unmap(&me);
+	KEY_OF(me, msg);
 	if (!st->peer) {	/* a client learns its accepted peer at its first send */
 		peer = bpf_map_lookup_elem(&sg_splice_peer, &me);
 		if (peer) {
