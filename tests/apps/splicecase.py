@@ -3,7 +3,7 @@ case, both ends, each printing one JSON line of what the socket API told it.
 Run once with the agent splicing and once without, the two ends must see the
 same thing (except where docs/architecture.md says otherwise).
 
-  splicecase.py server PORT CASE [--blocking]   (one connection on 0.0.0.0:PORT)
+  splicecase.py server PORT CASE [--blocking|--blocking-server]   (one connection)
   splicecase.py client HOST PORT CASE [--blocking]
 
 Sockets are non-blocking and every call waits in poll() first, as in an
@@ -366,10 +366,13 @@ def main(argv):
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(("0.0.0.0", port))
+        if not blocking and "--blocking-server" not in argv:
+            ls.setblocking(False)       # an event loop's listener
         ls.listen(4)
         out({"listening": port})
+        select.select([ls], [], [], 30)
         c, _ = ls.accept()
-        if not blocking:
+        if not blocking and "--blocking-server" not in argv:
             c = Evented(c)
         res = globals()["s_" + case](c)
         try:

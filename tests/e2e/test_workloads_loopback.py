@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 PROGRAMS = {
     "iperf3": ["iperf3"],
     "sockperf-tcp": ["sockperf"],
+    "sockperf-tcp-nb": ["sockperf"],
     "sockperf-udp": ["sockperf"],
     "crr": [],
     "http-close": ["nginx", "wrk"],

@@ -128,3 +128,15 @@ def test_container_opt_out_keeps_its_connections_on_tcp(splab):
     assert c["reply_ok"] and s["sha_ok"] and moved == 0
     # the server's accepted socket enters only when its client did
     assert _totals(splab)["splice_sockets"] == before
+
+
+def test_a_blocking_server_takes_its_client_out(splab):
+    """An event-loop client of a blocking server (listener without
+    O_NONBLOCK): the accepted socket never enters, the client is taken out
+    of the map at once, and both ends see TCP."""
+    before = _totals(splab)
+    on_c, on_s, moved = _run_case(splab, "bidir", splice=True, extra=("--blocking-server",))
+    after = _totals(splab)
+    assert moved == 0 and on_c["in_ok"] and on_s["in_ok"]
+    assert after["splice_sockets"] - before["splice_sockets"] == 1      # the client only
+    assert after["splice_left"] - before["splice_left"] == 1

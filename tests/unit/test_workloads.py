@@ -34,8 +34,8 @@ def output(case):
 # --- the table itself ------------------------------------------------------------
 
 def test_table_names_and_order():
-    assert list(WORKLOADS) == ["iperf3", "sockperf-tcp", "sockperf-udp", "crr", "http-close",
-                               "http-keepalive", "memcached", "redis"]
+    assert list(WORKLOADS) == ["iperf3", "sockperf-tcp", "sockperf-tcp-nb", "sockperf-udp",
+                               "crr", "http-close", "http-keepalive", "memcached", "redis"]
     for name, w in WORKLOADS.items():
         assert w.name == name
         assert w.proto in ("tcp", "udp")
@@ -175,6 +175,10 @@ def test_argv_sockperf():
     assert argv("sockperf-tcp") == (
         ["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "5201"],
         ["sockperf", "pp", "--tcp", "-i", "10.0.0.2", "-p", "5201", "-t", "3", "-m", "64"])
+    assert argv("sockperf-tcp-nb") == (
+        ["sockperf", "sr", "--tcp", "--nonblocked", "-i", "0.0.0.0", "-p", "5201"],
+        ["sockperf", "pp", "--tcp", "--nonblocked", "-i", "10.0.0.2", "-p", "5201", "-t", "3",
+         "-m", "64"])
     assert argv("sockperf-udp") == (
         ["sockperf", "sr", "-i", "0.0.0.0", "-p", "5201"],
         ["sockperf", "pp", "-i", "10.0.0.2", "-p", "5201", "-t", "3", "-m", "64"])

@@ -184,6 +184,18 @@ def _bpf_programs() -> str:
     return f"{len(bpf.PROGRAMS)} programs compiled and accepted by the verifier"
 
 
+def _bpf_splice() -> str:
+    from ..kernel import bpf
+    name = f"doctor-{os.getpid()}"
+    progs = bpf.Programs(name)
+    try:
+        progs.load(join=False, splice="on")     # sockops + sk_msg, CO-RE against BTF
+    finally:
+        progs.close()
+        bpf.remove(name)
+    return f"{len(bpf.SPLICE_PROGRAMS)} splice programs (sockops, sk_msg) accepted"
+
+
 def _tc_clsact() -> str:
     from ..kernel import netns
     ns = f"sg-doctor-{secrets.token_hex(3)}"
@@ -223,7 +235,7 @@ def _oci_runtime() -> str:
 
 PROBES = (("seccomp_user_notif", _user_notif), ("pidfd_getfd", _pidfd_getfd),
           ("cgroup2", _cgroup2), ("bpffs", _bpffs), ("bpf_programs", _bpf_programs),
-          ("tc_clsact", _tc_clsact), ("nftables", _nftables), ("oci_runtime", _oci_runtime))
+          ("bpf_splice", _bpf_splice), ("tc_clsact", _tc_clsact), ("nftables", _nftables), ("oci_runtime", _oci_runtime))
 QUICK = ("seccomp_user_notif", "pidfd_getfd", "cgroup2")     # the agent's start
 
 

@@ -53,7 +53,8 @@ from ..paths import state_dir
 PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
          "graft-splice", "graft-remote")
 QUICK_WORKLOADS = ("iperf3", "sockperf-tcp", "crr")
-PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121, "crr": 9100,
+PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121,
+         "sockperf-tcp-nb": 11131, "crr": 9100,
          "http-close": 8080, "http-keepalive": 8090, "memcached": 11211, "redis": 6379}
 
 Progress = Callable[[str], None]

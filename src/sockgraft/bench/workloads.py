@@ -194,16 +194,17 @@ def parse_iperf3(stdout: str, stderr: str) -> dict[str, float]:
 
 # --- sockperf -----------------------------------------------------------------------
 
-def _sockperf_server(tcp: bool) -> ServerFn:
+def _sockperf_server(tcp: bool, nonblocked: bool = False) -> ServerFn:
     def build(exe: Exe, port: int, workdir: str) -> list[str]:
-        return [exe("sockperf"), "sr", *(["--tcp"] if tcp else []), "-i", "0.0.0.0",
-                "-p", str(port)]
+        return [exe("sockperf"), "sr", *(["--tcp"] if tcp else []),
+                *(["--nonblocked"] if nonblocked else []), "-i", "0.0.0.0", "-p", str(port)]
     return build
 
 
-def _sockperf_client(tcp: bool) -> ClientFn:
+def _sockperf_client(tcp: bool, nonblocked: bool = False) -> ClientFn:
     def build(exe: Exe, target: str, port: int, seconds: int, workdir: str) -> list[str]:
-        return [exe("sockperf"), "pp", *(["--tcp"] if tcp else []), "-i", target,
+        return [exe("sockperf"), "pp", *(["--tcp"] if tcp else []),
+                *(["--nonblocked"] if nonblocked else []), "-i", target,
                 "-p", str(port), "-t", str(seconds), "-m", "64"]
     return build
 
@@ -422,6 +423,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("sockperf-tcp", "tcp", ("rtt_avg_us", "rtt_p99_us"), "round trip",
              counters=("dropped",), packages=("sockperf",),
              server_fn=_sockperf_server(True), client_fn=_sockperf_client(True),
+             parse_fn=parse_sockperf),
+    # the same round trips over non-blocking sockets at both ends, as event
+    # loops use them (the only pairs sockmap splicing takes: docs/architecture.md)
+    Workload("sockperf-tcp-nb", "tcp", ("rtt_avg_us", "rtt_p99_us"), "round trip",
+             counters=("dropped",), packages=("sockperf",),
+             server_fn=_sockperf_server(True, True), client_fn=_sockperf_client(True, True),
              parse_fn=parse_sockperf),
     # sockperf 3.7's UDP client never connect()s: it sendto()s every message
     # with the server address on an unconnected socket (strace), and has no

@@ -363,6 +363,23 @@ struct {
 	__type(value, __u64);
 } sg_splice_peer SEC(".maps");
 
+/* grafted listeners (family, address as bound, port) -> their struct sock,
+ * from listen() until they close: an accepted socket enters sg_splice only
+ * while its listener's file is O_NONBLOCK (event loops accept non-blocking
+ * sockets; a blocking server would only pay tcp_bpf for nothing) */
+struct listen_key {
+	__u32 family;
+	__u32 addr[4];
+	__u32 port;         /* host order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct listen_key);
+	__type(value, __u64);
+} sg_splice_listeners SEC(".maps");
+
 /* sockets whose file became blocking, for the agent to take out of sg_splice
  * (a sk_msg program cannot delete from a sockhash) */
 struct {
@@ -1453,6 +1470,63 @@ static __always_inline int peer_may_be_local(struct splice_key *k)
  * (ACTIVE_) when its server may be local, the accepted socket (PASSIVE_,
  * after its client's ACTIVE_) when its client entered. Only sockets of a
  * live container whose config does not say splice = false. */
+static __always_inline void listen_key_of(struct bpf_sock_ops *ctx, struct listen_key *lk)
+{
+	lk->family = ctx->family;
+	lk->port = ctx->local_port;
+	if (ctx->family == AF_INET) {
+		lk->addr[0] = ctx->local_ip4;
+	} else {
+		lk->addr[0] = ctx->local_ip6[0];
+		lk->addr[1] = ctx->local_ip6[1];
+		lk->addr[2] = ctx->local_ip6[2];
+		lk->addr[3] = ctx->local_ip6[3];
+	}
+}
+
+/* a grafted listener is recorded at listen() (and forgotten when it closes:
+ * the STATE_CB it asks for) */
+static __always_inline int listener_event(struct bpf_sock_ops *ctx)
+{
+	struct listen_key lk = {};
+	struct sock_tag *t;
+	__u64 me;
+
+	if (ctx->op == BPF_SOCK_OPS_STATE_CB) {
+		if (ctx->args[0] == BPF_TCP_LISTEN && ctx->args[1] == BPF_TCP_CLOSE) {
+			listen_key_of(ctx, &lk);
+			bpf_map_delete_elem(&sg_splice_listeners, &lk);
+		}
+		return 1;
+	}
+	if (!ctx->sk || (ctx->family != AF_INET && ctx->family != AF_INET6))
+		return 1;
+	t = bpf_sk_storage_get(&sg_sock, ctx->sk, 0, 0);
+	if (!t)
+		return 1;
+	listen_key_of(ctx, &lk);
+	me = (__u64)ctx->sk;
+	if (!bpf_map_update_elem(&sg_splice_listeners, &lk, &me, BPF_ANY))
+		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags |
+					  BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
+/* 1 when the listener an accepted socket came from is known and blocking */
+static __always_inline int listener_blocking(struct bpf_sock_ops *ctx)
+{
+	struct listen_key lk = {};
+	__u64 *l;
+
+	listen_key_of(ctx, &lk);
+	l = bpf_map_lookup_elem(&sg_splice_listeners, &lk);
+	if (!l) {
+		lk.addr[0] = lk.addr[1] = lk.addr[2] = lk.addr[3] = 0;   /* a wildcard bind */
+		l = bpf_map_lookup_elem(&sg_splice_listeners, &lk);
+	}
+	return l && file_mode_at(*l) == 1;
+}
+
 SEC("sockops")
 int sg_sockops(struct bpf_sock_ops *ctx)
 {
@@ -1465,6 +1539,8 @@ int sg_sockops(struct bpf_sock_ops *ctx)
 	__u64 me, *client;
 	int active = ctx->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
 
+	if (ctx->op == BPF_SOCK_OPS_TCP_LISTEN_CB || ctx->op == BPF_SOCK_OPS_STATE_CB)
+		return splice_on() || ctx->op == BPF_SOCK_OPS_STATE_CB ? listener_event(ctx) : 1;
 	if (!active && ctx->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
 	sk = ctx->sk;
@@ -1489,6 +1565,22 @@ int sg_sockops(struct bpf_sock_ops *ctx)
 		client = bpf_map_lookup_elem(&sg_splice_clients, &r);
 		if (!client)
 			return 1;	/* not a grafted client of this node */
+		if (listener_blocking(ctx)) {
+			/* a blocking server: neither end is spliced; the agent takes
+			 * the client out (nothing was spliced into it: no peer yet) */
+			__u8 one = 1;
+			__u32 none[4] = {};
+
+			bpf_map_delete_elem(&sg_splice_clients, &r);
+			if (!bpf_map_update_elem(&sg_splice_leave, &r, &one, BPF_NOEXIST)) {
+				stats = splice_stats(t->mark);
+				if (stats)
+					stats->left++;
+				report(EV_SPLICE_LEAVE, t->mark, OP_SEND, 0, 4, none, 0,
+				       IPPROTO_TCP);
+			}
+			return 1;
+		}
 	}
 	st = bpf_sk_storage_get(&sg_splice_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st || bpf_sock_hash_update(ctx, &sg_splice, &k, BPF_NOEXIST))

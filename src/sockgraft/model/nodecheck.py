@@ -22,6 +22,7 @@ MODES = {
                "cgroup2", "bpf_programs"),
     "oci": ("seccomp_user_notif", "seccomp_addfd", "pidfd_getfd", "oci_runtime"),
     "enforcement": ("nftables",),
+    "splice": ("bpf_programs", "bpf_splice"),       # agent --sockmap
 }
 
 FIX = {
@@ -34,6 +35,8 @@ FIX = {
     "bpffs": "mount -t bpf bpf /sys/fs/bpf (the agent mounts it when it may)",
     "bpf_programs": "install clang and libbpf1 (./run does), a kernel with cgroup sock_addr, "
                     "sk_storage and cgroup_skb programs",
+    "bpf_splice": "a kernel with BTF (CONFIG_DEBUG_INFO_BTF) and sockmap "
+                  "(CONFIG_BPF_STREAM_PARSER); only for agent --sockmap",
     "tc_clsact": "a kernel with the clsact qdisc (CONFIG_NET_SCH_INGRESS)",
     "nftables": "install nftables (the per-packet policy of grafted sockets)",
     "oci_runtime": "install runc >= 1.1 or crun >= 0.19 (seccomp listenerPath)",
