@@ -339,6 +339,22 @@ def c_peerdies(s):
     return {"sends": [o if isinstance(o, str) else "ok" for o in outcomes]}
 
 
+def s_slow(c):
+    digest, n = read_all(c, 65536)
+    c.sendall(digest.encode())
+    return {"got": n, "sha_ok": digest == sha(pattern(4 * MB, 11))}
+
+
+def c_slow(s):
+    """4 MiB in 64 KiB pieces over about 3 s (an agent restart in between)."""
+    data = pattern(4 * MB, 11)
+    for off in range(0, len(data), 65536):
+        s.sendall(data[off:off + 65536])
+        time.sleep(0.05)
+    s.shutdown(socket.SHUT_WR)
+    return {"reply_ok": read_exact(s, 64).decode() == sha(data)}
+
+
 def s_oob(c):
     c.sendall(b"g")
     time.sleep(0.3)

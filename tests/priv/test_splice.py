@@ -9,6 +9,7 @@ carried the bytes."""
 import itertools
 import os
 import sys
+import time
 
 import pytest
 
@@ -140,3 +141,21 @@ def test_a_blocking_server_takes_its_client_out(splab):
     assert moved == 0 and on_c["in_ok"] and on_s["in_ok"]
     assert after["splice_sockets"] - before["splice_sockets"] == 1      # the client only
     assert after["splice_left"] - before["splice_left"] == 1
+
+
+def test_spliced_connection_survives_an_agent_restart(splab):
+    """The sockhash and the splice state are pinned: a restarted agent
+    reuses them, and a connection spliced before goes on, bytes intact."""
+    _agent(splab, "sockmap", on=True)
+    port = next(_port)
+    srv = splab.spawn("h1-c2", CASE + ["server", str(port), "slow"])
+    assert read_json_line(srv, timeout=20)["listening"] == port
+    cli = splab.spawn("h1-c1", CASE + ["client", H1, str(port), "slow"])
+    time.sleep(1.0)
+    assert _totals(splab)["spliced_sockets"] == 2
+    splab.stop_agent("h1")
+    splab.start_agent("h1", "--sockmap", "on")
+    assert read_json_line(cli, timeout=30)["reply_ok"]
+    res = read_json_line(srv, timeout=30)
+    assert res["sha_ok"] and res["got"] == 4 << 20
+    assert _totals(splab)["spliced_sockets"] == 0
