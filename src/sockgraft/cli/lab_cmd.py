@@ -19,6 +19,7 @@ LAB_EXAMPLES = """\
 examples:
   sockgraft lab up                          the embedded default: 2 hosts x 2 containers
   sockgraft lab up --config my-lab.toml     a topology of your own (see docs/architecture.md)
+  sockgraft lab up --agents --sockmap auto  with agents that splice grafted local pairs
   sockgraft lab status                      hosts, containers, bytes over each veth
   sockgraft lab status --json               the same, machine-readable
   sockgraft lab exec h1-c1 -- ping -c1 198.19.2.2    container to container over VXLAN
@@ -48,6 +49,9 @@ def register(sub) -> None:
                    help="also start one sockgraft agent per host, in the background")
     p.add_argument("--config-dir", help="the graft configuration store the agents read "
                                         "(default: the state directory's)")
+    p.add_argument("--sockmap", choices=("auto", "on", "off"), default="off",
+                   help="the agents splice connections between grafted local sockets "
+                        "(sockgraft agent --sockmap; default off)")
     p.set_defaults(func=cmd_up, needs_root=True)
 
     p = labsub.add_parser("down", help="remove everything the lab created",
@@ -101,7 +105,8 @@ def cmd_up(args) -> int:
     print(f"lab {plan.name} is up: {len(plan.hosts)} hosts, {len(plan.containers)} containers")
     if args.agents:
         try:
-            pids = agents.start_agents(plan, config_dir=args.config_dir)
+            pids = agents.start_agents(plan, config_dir=args.config_dir,
+                                       agent_args=("--sockmap", args.sockmap))
         except SockgraftError:
             builder.down(plan.name)
             raise
