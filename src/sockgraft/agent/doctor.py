@@ -172,27 +172,27 @@ def _bpffs() -> str:
     return "mounted at /sys/fs/bpf"
 
 
-def _bpf_programs() -> str:
+def _load_programs(splice: str) -> None:
+    """Compile and verify the programs, never attached; nothing left behind."""
     from ..kernel import bpf
     name = f"doctor-{os.getpid()}"
     progs = bpf.Programs(name)
     try:
-        progs.load(join=False)        # compiled and verified, never attached
+        progs.load(join=False, splice=splice)
     finally:
         progs.close()
-        bpf.remove(name)              # its pins and cgroup: nothing left behind
+        bpf.remove(name)              # its pins and cgroup
+
+
+def _bpf_programs() -> str:
+    from ..kernel import bpf
+    _load_programs("off")
     return f"{len(bpf.PROGRAMS)} programs compiled and accepted by the verifier"
 
 
 def _bpf_splice() -> str:
     from ..kernel import bpf
-    name = f"doctor-{os.getpid()}"
-    progs = bpf.Programs(name)
-    try:
-        progs.load(join=False, splice="on")     # sockops + sk_msg, CO-RE against BTF
-    finally:
-        progs.close()
-        bpf.remove(name)
+    _load_programs("on")              # sockops + sk_msg, CO-RE against the kernel's BTF
     return f"{len(bpf.SPLICE_PROGRAMS)} splice programs (sockops, sk_msg) accepted"
 
 
@@ -235,7 +235,8 @@ def _oci_runtime() -> str:
 
 PROBES = (("seccomp_user_notif", _user_notif), ("pidfd_getfd", _pidfd_getfd),
           ("cgroup2", _cgroup2), ("bpffs", _bpffs), ("bpf_programs", _bpf_programs),
-          ("bpf_splice", _bpf_splice), ("tc_clsact", _tc_clsact), ("nftables", _nftables), ("oci_runtime", _oci_runtime))
+          ("bpf_splice", _bpf_splice), ("tc_clsact", _tc_clsact), ("nftables", _nftables),
+          ("oci_runtime", _oci_runtime))
 QUICK = ("seccomp_user_notif", "pidfd_getfd", "cgroup2")     # the agent's start
 
 

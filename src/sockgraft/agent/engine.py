@@ -459,7 +459,7 @@ class Agent:
         assert self.bpf is not None
         leaving = False
         for raw in self.bpf.drain():
-            if int.from_bytes(raw[:4], "little") == kbpf.EV_SPLICE_LEAVE:
+            if int.from_bytes(raw[:4], "little") == bpfmaps.EV_SPLICE_LEAVE:
                 leaving = True          # not a denial: a socket to unsplice
                 continue
             try:
@@ -582,7 +582,8 @@ class Agent:
         self.holders = [p for p in self.holders if p.poll() is None]
         self.grafter.connects.expire(now)
         if self.metrics is not None:
-            self.metrics.publish({**self.stats(), "denials": dict(self.inventory.denials),
+            self.metrics.publish({**self.stats(splice=False),
+                                  "denials": dict(self.inventory.denials),
                                   "directory": self.publisher.listing()})
 
     # --- queries -------------------------------------------------------------
@@ -591,7 +592,9 @@ class Agent:
         self.drain_inbox()
         return self.inventory.list_sockets(self.sessions.natively_served())
 
-    def stats(self) -> dict:
+    def stats(self, splice: bool = True) -> dict:
+        """splice: read the splice counters and count the sockhash (map
+        scans; the metrics snapshot, every second, does without)."""
         self.drain_inbox()
         kernel = None
         spliced: dict[int, tuple] = {}
@@ -601,7 +604,7 @@ class Agent:
                       "redirected": redirected, "guard_refused": guarded,
                       "containers": len(self.enforcer.applied), "cgroup": self.bpf.cgroup,
                       "splice": self.bpf.splice, "splice_error": self.bpf.splice_error or None}
-            if self.bpf.splice:
+            if self.bpf.splice and splice:
                 spliced = self.bpf.splice_stats()
                 kernel["spliced_sockets"] = self.bpf.spliced_sockets()   # now
                 for i, what in enumerate(kbpf.SPLICE_STATS):

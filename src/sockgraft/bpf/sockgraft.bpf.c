@@ -1431,16 +1431,30 @@ static __always_inline int nonblocking_sk(struct bpf_sock *sk)
 	return f && (f->f_flags & O_NONBLOCK_);
 }
 
-/* nothing waits in the psock queue of a socket the program holds */
-static __always_inline int psock_empty(struct bpf_sock *sk)
+/* bytes waiting in a socket's psock queue; -1: it has no psock */
+static __always_inline __s64 psock_queued(struct sock___sg *s)
 {
-	struct sock___sg *s = (void *)bpf_skc_to_tcp_sock(sk);
-	struct sk_psock___sg *psock;
+	/* sk_user_data carries flag bits (SK_USER_DATA_NOCOPY/BPF/PSOCK) */
+	struct sk_psock___sg *psock =
+		(void *)((__u64)BPF_CORE_READ(s, sk_user_data) & ~7ULL);
 
-	if (!s)
-		return 0;
-	psock = (void *)((__u64)s->sk_user_data & ~7ULL);
-	return !psock || !BPF_CORE_READ(psock, msg_tot_len);
+	return psock ? BPF_CORE_READ(psock, msg_tot_len) : -1;
+}
+
+/* Name a socket (its splice key) for the agent to take out of sg_splice
+ * (a program cannot delete from a sockhash), once, counted for mark. */
+static __always_inline void ask_leave(struct splice_key *k, __u32 mark)
+{
+	struct splice_stats *stats;
+	__u32 none[4] = {};
+	__u8 one = 1;
+
+	if (bpf_map_update_elem(&sg_splice_leave, k, &one, BPF_NOEXIST))
+		return;
+	stats = splice_stats(mark);
+	if (stats)
+		stats->left++;
+	report(EV_SPLICE_LEAVE, mark, OP_SEND, 0, 4, none, 0, IPPROTO_TCP);
 }
 
 static __always_inline int peer_may_be_local(struct splice_key *k)
@@ -1568,17 +1582,8 @@ int sg_sockops(struct bpf_sock_ops *ctx)
 		if (listener_blocking(ctx)) {
 			/* a blocking server: neither end is spliced; the agent takes
 			 * the client out (nothing was spliced into it: no peer yet) */
-			__u8 one = 1;
-			__u32 none[4] = {};
-
 			bpf_map_delete_elem(&sg_splice_clients, &r);
-			if (!bpf_map_update_elem(&sg_splice_leave, &r, &one, BPF_NOEXIST)) {
-				stats = splice_stats(t->mark);
-				if (stats)
-					stats->left++;
-				report(EV_SPLICE_LEAVE, t->mark, OP_SEND, 0, 4, none, 0,
-				       IPPROTO_TCP);
-			}
+			ask_leave(&r, t->mark);
 			return 1;
 		}
 	}
@@ -1608,8 +1613,8 @@ static __always_inline int splice_ok(struct bpf_sock *sk, __u64 peer, __u32 spli
 	struct tcp_sock___sg *me = (void *)bpf_skc_to_tcp_sock(sk);
 	struct tcp_sock___sg *tp = (void *)peer;
 	struct sock___sg *psk = (void *)peer;
-	struct sk_psock___sg *psock;
-	__u32 queued, limit, k = CFG_RMEM_MAX;
+	__u32 limit, k = CFG_RMEM_MAX;
+	__s64 queued;
 	__u64 *rmem;
 
 	if (!me || BPF_CORE_READ(psk, sk_rcvlowat) > 1 || file_mode_at(peer) != 2)
@@ -1620,11 +1625,9 @@ static __always_inline int splice_ok(struct bpf_sock *sk, __u64 peer, __u32 spli
 		if (me->write_seq != rcv_nxt || BPF_CORE_READ(tp, copied_seq) != rcv_nxt)
 			return 0;	/* bytes sent by TCP not read yet: they come first */
 	}
-	/* sk_user_data carries flag bits (SK_USER_DATA_NOCOPY/BPF/PSOCK) */
-	psock = (void *)((__u64)BPF_CORE_READ(psk, sk_user_data) & ~7ULL);
-	if (!psock)
+	queued = psock_queued(psk);
+	if (queued < 0)
 		return 0;
-	queued = BPF_CORE_READ(psock, msg_tot_len);
 	limit = BPF_CORE_READ(psk, sk_rcvbuf);
 	rmem = bpf_map_lookup_elem(&sg_config, &k);
 	if (!(BPF_CORE_READ(psk, sk_userlocks) & 2 /* SOCK_RCVBUF_LOCK */) && rmem &&
@@ -1663,16 +1666,10 @@ int sg_msg(struct sk_msg_md *msg)
 		 * nothing waits in its psock queue (nothing is spliced into a
 		 * blocking socket; bytes spliced before it turned blocking are
 		 * read first - it stays in the map until then) */
-		__u8 one = 1;
-		__u32 none[4] = {};
+		struct sock___sg *s = (void *)bpf_skc_to_tcp_sock(sk);
 
-		if (psock_empty(sk) &&
-		    !bpf_map_update_elem(&sg_splice_leave, &me, &one, BPF_NOEXIST)) {
-			stats = splice_stats(t->mark);
-			if (stats)
-				stats->left++;
-			report(EV_SPLICE_LEAVE, t->mark, OP_SEND, 0, 4, none, 0, IPPROTO_TCP);
-		}
+		if (s && psock_queued(s) <= 0)
+			ask_leave(&me, t->mark);
 		return SK_PASS;
 	}
 	if (!st->peer)

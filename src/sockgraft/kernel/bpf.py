@@ -52,7 +52,6 @@ BPF_SK_MSG_VERDICT = 7
 CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
 CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
 SPLICE_KEY_SIZE = 44           # struct splice_key
-EV_SPLICE_LEAVE = 10           # event kind: sg_splice_leave has keys to remove
 # struct splice_stats, per container mark: sockets that entered the map,
 # switches of a direction to the spliced path, bytes spliced, sends to a known
 # peer that took TCP, sockets that left the map (their file became blocking)
@@ -509,23 +508,17 @@ class Programs:
     def splice_stats(self) -> dict[int, tuple[int, ...]]:
         """mark -> SPLICE_STATS fields (sockets, streams, bytes, fallback,
         left), summed over CPUs."""
-        possible = _possible_cpus() or os.cpu_count() or 1
-        size = 8 * len(SPLICE_STATS)
         out = {}
         for key in self.keys("sg_splice_stats", 4):
-            raw = self.lookup("sg_splice_stats", key, size * possible)
-            if raw is None:
-                continue
-            tot = [0] * len(SPLICE_STATS)
-            for j in range(0, len(raw), size):
-                for f, v in enumerate(struct.unpack_from(f"={len(SPLICE_STATS)}Q", raw, j)):
-                    tot[f] += v
-            out[int.from_bytes(key, "little")] = tuple(tot)
+            sums = self._percpu("sg_splice_stats", key, len(SPLICE_STATS))
+            if sums is not None:
+                out[int.from_bytes(key, "little")] = sums
         return out
 
     def release_leavers(self) -> int:
-        """Take the sockets sg_msg named in sg_splice_leave (their file became
-        blocking) out of sg_splice; returns how many."""
+        """Take the sockets named in sg_splice_leave (their file became
+        blocking, or their server's listener is blocking) out of sg_splice;
+        returns how many."""
         n = 0
         for key in self.keys("sg_splice_leave", SPLICE_KEY_SIZE):
             n += self.delete("sg_splice", key)
@@ -539,13 +532,21 @@ class Programs:
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected, and
         refused by the guards."""
+        return [(self._percpu("sg_counters", i.to_bytes(4, "little"), 1) or (0,))[0]
+                for i in range(4)]
+
+    def _percpu(self, m: str, key: bytes, fields: int) -> tuple[int, ...] | None:
+        """A per-CPU map's value of `fields` u64s, summed over CPUs (None: no
+        such key)."""
         possible = _possible_cpus() or os.cpu_count() or 1
-        out = []
-        for i in range(4):
-            raw = self.lookup("sg_counters", i.to_bytes(4, "little"), 8 * possible)
-            out.append(sum(int.from_bytes(raw[j:j + 8], "little")
-                           for j in range(0, len(raw), 8)) if raw else 0)
-        return out
+        raw = self.lookup(m, key, 8 * fields * possible)
+        if raw is None:
+            return None
+        tot = [0] * fields
+        for j in range(0, len(raw), 8 * fields):
+            for f, v in enumerate(struct.unpack_from(f"={fields}Q", raw, j)):
+                tot[f] += v
+        return tuple(tot)
 
     def close(self) -> None:
         """Free our handles. The pinned links stay attached (restart safety)."""

@@ -47,6 +47,7 @@ PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 EV_DENY_POLICY, EV_DENY_NO_EGRESS, EV_BIND_FAILED = 1, 2, 3
 EV_DENY_BIND, EV_DENY_SOCKOPT, EV_DENY_SOURCE, EV_DENY_MARK = 4, 5, 6, 7
 EV_DENY_LISTEN, EV_DENY_UNKNOWN = 8, 9
+EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unsplice
 OP_SETSOCKOPT = 4
 OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen"}
 
