@@ -1591,6 +1591,9 @@ int sg_sockops(struct bpf_sock_ops *ctx)
 	if (!st || bpf_sock_hash_update(ctx, &sg_splice, &k, BPF_NOEXIST))
 		return 1;
 	if (active) {
+		/* an entry of an earlier connection of this 4-tuple whose client
+		 * never sent (LRU keeps it): its peer is not this one's */
+		bpf_map_delete_elem(&sg_splice_peer, &k);
 		bpf_map_update_elem(&sg_splice_clients, &k, &me, BPF_ANY);
 	} else {
 		st->peer = *client;
