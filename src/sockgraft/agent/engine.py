@@ -35,6 +35,7 @@ from . import control, notifiers, oci
 from .audit import AuditLog
 from .directory import Backend as DirectoryBackend
 from .enforce import Enforcer
+from .fastpath import FastPath
 from .grafter import Grafter
 from .inventory import Inventory
 from .loop import listen_unix, unregister
@@ -56,16 +57,29 @@ class Agent:
                  directory: DirectoryBackend | None = None, node: str | None = None,
                  oci_socket: str | None = None, notifier_threads: int = 2,
                  metrics: str | None = None, native: str = "auto",
-                 sockmap: str = "off") -> None:
+                 sockmap: str = "off", fastpath: str = "off", lab: str | None = None,
+                 state_dir: str | None = None) -> None:
         """metrics: ADDR:PORT to serve Prometheus metrics on (agent/metrics.py).
-        sockmap: splice grafted local pairs (auto = when the kernel can)."""
+        sockmap: splice grafted local pairs (auto = when the kernel can).
+        fastpath: the tc programs on the containers' interfaces (policy in
+        the data path, local pairs forwarded directly); lab: the lab whose
+        host this agent serves (its containers' namespaces are named
+        sg-<lab>-<container>); state_dir: where CNI registrations are."""
         if bpf not in ("auto", "on", "off"):
             raise AgentError(f"bpf mode {bpf!r} unknown; accepted: auto, on, off")
         if sockmap not in ("auto", "on", "off"):
             raise AgentError(f"sockmap mode {sockmap!r} unknown; accepted: auto, on, off")
         if sockmap == "on" and bpf == "off":
             raise AgentError("--sockmap on needs the in-kernel programs (--bpf auto or on)")
+        if fastpath not in ("auto", "on", "off"):
+            raise AgentError(f"fastpath mode {fastpath!r} unknown; accepted: auto, on, off")
+        if fastpath == "on" and bpf == "off":
+            raise AgentError("--fastpath on needs the in-kernel programs (--bpf auto or on)")
         self.sockmap_mode = sockmap
+        self.fastpath_mode = fastpath
+        self.lab = lab
+        self.state_dir = state_dir
+        self.fast: FastPath | None = None
         if not 0 <= notifier_threads <= 16:
             raise AgentError(f"notifier threads must be 0..16, got {notifier_threads}")
         self.notifier_threads = notifier_threads
@@ -155,7 +169,7 @@ class Agent:
         its maps hold every socket-mode container's policy)."""
         progs = kbpf.Programs(self.bpf_name)
         try:
-            progs.load(splice=self.sockmap_mode)
+            progs.load(splice=self.sockmap_mode, fastpath=self.fastpath_mode)
             self.bpf = progs
             self.sockets.tag = progs.tag
             self.sync_bpf()
@@ -164,13 +178,26 @@ class Agent:
             progs.set_splice(progs.splice)
             if progs.splice:
                 log.info("grafted local pairs are spliced (sockmap)")
+            if progs.fast:
+                from ..paths import state_dir
+                self.fast = FastPath(self.lab, self.state_dir or state_dir())
+                progs.set_fast(True)
+                self.sync_fast()        # maps first, then the links (swapped in)
+                if self.fast.fileno() >= 0:
+                    self.ep.register(self.fast.fileno(), select.EPOLLIN)
+                log.info("packet fast path on %d container interfaces",
+                         len(self.fast.attached))
         except SockgraftError as exc:
+            if self.fast is not None:
+                self.fast.close()
+                self.fast = None
             progs.close()
             self.bpf = None
             self.sockets.tag = None
             self.enforcer.reset_bpf()
             self.bpf_error = str(exc)
-            if self.bpf_mode == "on" or self.sockmap_mode == "on":
+            if self.bpf_mode == "on" or self.sockmap_mode == "on" or \
+                    self.fastpath_mode == "on":
                 raise
             log.warning("in-kernel graft programs unavailable (graft_at=socket refused): %s",
                         exc)
@@ -200,6 +227,11 @@ class Agent:
             # A clean stop withdraws our records; a crash leaves them to expire.
             self.directory.close(withdraw=True)
             self.directory = self.publisher.directory = None
+        if self.fast is not None:
+            if self.fast.fileno() >= 0:
+                unregister(self.ep, self.fast.fileno())
+            self.fast.close()   # its pinned links stay: the data path keeps its policy
+            self.fast = None
         if self.bpf is not None:
             if self._bpf_events_fd >= 0:
                 unregister(self.ep, self._bpf_events_fd)
@@ -258,6 +290,8 @@ class Agent:
         deferred, self._deferred = self._deferred, []
         for conn, reply in deferred:
             control.reply(conn, reply)
+        if self.fast is not None and self.fast.due:
+            self.sync_fast()
 
     def dispatch(self, fd: int, ev: int) -> None:
         if fd in self.sessions:
@@ -274,6 +308,8 @@ class Agent:
             self._on_directory()
         elif self.oci is not None and self.oci.owns(fd):
             self.oci.dispatch(fd)
+        elif self.fast is not None and fd == self.fast.fileno():
+            self.fast.on_netlink()
 
     # --- control connections -------------------------------------------------
 
@@ -303,6 +339,13 @@ class Agent:
                                      "--sockmap auto or on)")
                 self.bpf.set_splice(bool(msg.get("on")))
                 reply = {"ok": True, "sockmap": bool(msg.get("on"))}
+            elif op == "fastpath":
+                if self.fast is None or self.bpf is None:
+                    raise AgentError("the packet fast path is not loaded (start the agent "
+                                     "with --fastpath auto or on)")
+                if "on" in msg:        # programs on / off every container interface
+                    self.fast.set_enabled(self.bpf, bool(msg["on"]), self._marks())
+                reply = {"ok": True, **self.fast.listing(self.bpf)}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name,
                          "store": os.path.abspath(self.store.dir)}
@@ -447,6 +490,21 @@ class Agent:
             self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
                                    self.sessions.holds, rescan)
         self.sessions.refresh_native()       # the native loops take what is now in force
+        if self.fast is not None:
+            self.sync_fast()                 # a container's policy mark may be new
+
+    def _marks(self) -> dict[str, int]:
+        """container -> the mark of its policy entry in sg_policy."""
+        return {a.cfg.container: mark for mark, a in self.enforcer.applied.items()}
+
+    def sync_fast(self, now: float | None = None) -> None:
+        if self.fast is None or self.bpf is None or not self.fast.enabled:
+            return
+        try:
+            with self._timed("fastpath"):
+                self.fast.reconcile(self.bpf, self._marks(), now)
+        except SockgraftError as exc:
+            log.warning("fastpath: %s", exc)
 
     def _timed(self, what: str):
         return self.metrics.timer(what) if self.metrics is not None else nullcontext()
@@ -581,6 +639,9 @@ class Agent:
             self.oci.sweep(now)
         self.holders = [p for p in self.holders if p.poll() is None]
         self.grafter.connects.expire(now)
+        if self.fast is not None and now - self.fast.last_sweep >= 5.0:
+            self.fast.last_sweep = now
+            self.sync_fast(now)
         if self.metrics is not None:
             self.metrics.publish({**self.stats(splice=False),
                                   "denials": dict(self.inventory.denials),
@@ -603,7 +664,9 @@ class Agent:
             kernel = {"connects_judged": judged, "denied": denied,
                       "redirected": redirected, "guard_refused": guarded,
                       "containers": len(self.enforcer.applied), "cgroup": self.bpf.cgroup,
-                      "splice": self.bpf.splice, "splice_error": self.bpf.splice_error or None}
+                      "splice": self.bpf.splice, "splice_error": self.bpf.splice_error or None,
+                      "fastpath": self.fast is not None and self.fast.enabled,
+                      "fastpath_error": self.bpf.fast_error or None}
             if self.bpf.splice and splice:
                 spliced = self.bpf.splice_stats()
                 kernel["spliced_sockets"] = self.bpf.spliced_sockets()   # now

@@ -212,12 +212,14 @@ struct {
  * [2] CFG_RMEM_MAX: the most a spliced receiver may hold queued when its
  *     application did not set SO_RCVBUF (8 x net.ipv4.tcp_rmem's default, at
  *     most its maximum); beyond it the sender takes TCP, whose flow control
- *     stops it as it would stop a TCP sender */
+ *     stops it as it would stop a TCP sender
+ * [3] CFG_FAST: 1 = the packet fast path forwards local pairs directly */
 #define CFG_SPLICE 1
 #define CFG_RMEM_MAX 2
+#define CFG_FAST 3
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, __u64);
 } sg_config SEC(".maps");
@@ -507,8 +509,9 @@ static __always_inline struct policy *grafted_policy(struct bpf_sock_addr *ctx, 
 	return p;
 }
 
-static __always_inline void report(__u32 kind, __u32 mark, __u32 op, __u32 label,
-				   __u8 family, const __u32 *addr, __u16 port, __u8 proto)
+static __always_inline void report_as(__u32 pid, __u32 kind, __u32 mark, __u32 op,
+				      __u32 label, __u8 family, const __u32 *addr, __u16 port,
+				      __u8 proto)
 {
 	struct event ev = {};
 
@@ -525,9 +528,13 @@ static __always_inline void report(__u32 kind, __u32 mark, __u32 op, __u32 label
 		ev.addr[2] = addr[2];
 		ev.addr[3] = addr[3];
 	}
-	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	ev.pid = pid;
 	bpf_ringbuf_output(&sg_events, &ev, sizeof(ev), 0);
 }
+
+#define report(kind, mark, op, label, family, addr, port, proto) \
+	report_as(bpf_get_current_pid_tgid() >> 32, kind, mark, op, label, family, addr, \
+		  port, proto)
 
 /* First match over the container's rule list; the label of the deciding rule
  * goes to *label. family is 4 (addr[0]) or 6. */
@@ -1696,6 +1703,377 @@ int sg_msg(struct sk_msg_md *msg)
 			stats->streams++;
 	}
 	return SK_PASS;
+}
+
+/* --- packet fast path for containers' own interfaces (--fastpath) ---------
+ * Two tc programs on the host side of every container's veth (tcx links,
+ * pinned): sg_fast_in sees what the container sends, sg_fast_out what the
+ * normal path delivers to it. They see every packet of the container,
+ * grafted or not (a grafted socket's data never crosses the veth).
+ *
+ * Policy in the data path: a port whose container has a policy entry
+ * (sg_fast_ports.mark -> sg_policy) has each flow it starts judged with the
+ * first-match list the cgroup programs use (judge()); the verdict is cached
+ * per flow in sg_fast_flows under the policy's generation, so a policy change
+ * (a new generation) re-judges every flow at its next packet. A flow the
+ * container did not start - its first packet came to the container, through
+ * the fast path or the normal one - is a reply and allowed (conntrack's
+ * "established"). ICMP errors and IPv6 neighbour discovery / MLD are not
+ * judged; non-first fragments carry no ports and follow their first. A
+ * policed container's packets must carry one of its own addresses.
+ *
+ * Same-host forwarding: a packet from a container's own address to the MAC
+ * and IP address of another local container (sg_fast_addrs) goes straight
+ * into that container's namespace with bpf_redirect_peer, skipping the
+ * bridge and the second veth hop. Everything else (ARP, broadcast and
+ * multicast, the gateway, other hosts, routed packets) takes the normal
+ * path unchanged. */
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#define IPPROTO_ICMPV6_ 58
+#define OP_PACKET 7
+#define FL_OUT 1            /* flow started by the port's container: judged */
+#define FL_IN 2             /* flow started by the other end: a reply */
+
+struct fast_port {
+	__u32 mark;         /* the container's policy key; 0 = no policy */
+	__u32 flags;
+};
+
+struct fast_addr_key {
+	__u8 family;
+	__u8 pad[3];
+	__u32 addr[4];
+};
+
+struct fast_addr {
+	__u32 ifindex;      /* the container's host-side veth */
+	__u8 mac[6];        /* its interface's MAC */
+	__u16 pad;
+};
+
+struct flow_key {
+	__u32 ifindex;      /* the port whose container is the local end */
+	__u8 family;
+	__u8 proto;
+	__u16 lport;        /* network order; 0 for protocols without ports */
+	__u16 rport;
+	__u16 pad;
+	__u32 raddr[4];     /* the remote end */
+};
+
+struct flow_val {
+	__u16 gen;          /* the policy generation the verdict was made under */
+	__u8 verdict;
+	__u8 origin;        /* FL_OUT / FL_IN */
+	__u32 label;
+};
+
+struct fast_stats {
+	__u64 fast_pkts;    /* redirected into a local container */
+	__u64 fast_bytes;
+	__u64 slow_pkts;    /* left to the normal path */
+	__u64 drops;        /* denied by the policy, or a forged source */
+	__u64 hits;         /* verdict cache */
+	__u64 misses;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct fast_port);
+} sg_fast_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct fast_addr_key);
+	__type(value, struct fast_addr);
+} sg_fast_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct flow_val);
+} sg_fast_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct fast_stats);
+} sg_fast_stats SEC(".maps");
+
+struct pkt {
+	__u8 family;
+	__u8 proto;
+	__u8 judged;        /* subject to the policy (not an ICMP error / ND) */
+	__u8 frag;          /* a non-first fragment: no ports */
+	__u16 sport;
+	__u16 dport;
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u8 dmac[6];
+};
+
+/* ICMP: errors and IPv6 ND / MLD / router discovery are not judged; an echo
+ * request and its reply carry their identifier as both ports (a flow each). */
+static __always_inline void icmp_parse(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	__u8 h[6];
+
+	if (bpf_skb_load_bytes(skb, off, h, 6))
+		return;
+	if (p->family == 4)
+		p->judged = !(h[0] == 3 || h[0] == 11 || h[0] == 12);
+	else	/* errors (1-4) and ND, MLD, router discovery (>= 130) */
+		p->judged = !(h[0] <= 4 || h[0] >= 130);
+	if ((p->family == 4 && (h[0] == 8 || h[0] == 0)) ||
+	    (p->family == 6 && (h[0] == 128 || h[0] == 129))) {
+		__builtin_memcpy(&p->sport, &h[4], 2);
+		p->dport = p->sport;
+	}
+}
+
+/* What the programs need of a packet; 0 = an IP packet they understand. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 off = 14;
+	__u16 ports[2];
+
+	if (bpf_skb_load_bytes(skb, 0, p->dmac, 6))
+		return -1;
+	p->judged = 1;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 h[20];
+
+		if (bpf_skb_load_bytes(skb, off, h, 20))
+			return -1;
+		p->family = 4;
+		p->proto = h[9];
+		__builtin_memcpy(&p->saddr[0], &h[12], 4);
+		__builtin_memcpy(&p->daddr[0], &h[16], 4);
+		p->frag = (((__u16)h[6] << 8 | h[7]) & 0x1fff) != 0;
+		off += (h[0] & 0xf) * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		__u8 h[40];
+
+		if (bpf_skb_load_bytes(skb, off, h, 40))
+			return -1;
+		p->family = 6;
+		p->proto = h[6];
+		__builtin_memcpy(p->saddr, &h[8], 16);
+		__builtin_memcpy(p->daddr, &h[24], 16);
+		off += 40;
+		/* no L4 protocol hides behind extension headers */
+		for (int i = 0; i < 4; i++) {
+			__u8 e[8];
+			__u8 cur = p->proto;
+
+			if (cur != 0 && cur != 43 && cur != 60 && cur != 44)
+				break;
+			if (bpf_skb_load_bytes(skb, off, e, 8))
+				return -1;
+			p->proto = e[0];
+			if (cur == 44) {
+				if (((__u16)e[2] << 8 | e[3]) & 0xfff8) {
+					p->frag = 1;
+					return 0;
+				}
+				off += 8;
+			} else {
+				off += ((__u32)e[1] + 1) * 8;
+			}
+		}
+		if (p->proto == 0 || p->proto == 43 || p->proto == 60 || p->proto == 44)
+			return -1;	/* more than four: not understood, judged below */
+	} else {
+		return -1;
+	}
+	if (p->frag)
+		return 0;
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+		if (bpf_skb_load_bytes(skb, off, ports, 4))
+			return -1;
+		p->sport = ports[0];
+		p->dport = ports[1];
+	} else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6_) {
+		icmp_parse(skb, off, p);
+	}
+	return 0;
+}
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline struct fast_stats *fast_stats(__u32 ifindex)
+{
+	return bpf_map_lookup_elem(&sg_fast_stats, &ifindex);
+}
+
+static __always_inline void flow_key_of(struct flow_key *k, __u32 ifindex, struct pkt *p,
+					int outgoing)
+{
+	k->ifindex = ifindex;
+	k->family = p->family;
+	k->proto = p->proto;
+	k->lport = outgoing ? p->sport : p->dport;
+	k->rport = outgoing ? p->dport : p->sport;
+	__builtin_memcpy(k->raddr, outgoing ? p->daddr : p->saddr, 16);
+}
+
+/* The flow arrives at the container of `ifindex`: its replies are allowed
+ * (a flow it started and was allowed stays its own: judged again when its
+ * policy changes; one it was denied becomes the other end's). */
+static __always_inline void note_incoming(__u32 ifindex, struct pkt *p)
+{
+	struct flow_key k = {};
+	struct flow_val v = {}, *c;
+	struct fast_port *port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
+
+	if (!port || !port->mark || p->frag)
+		return;
+	flow_key_of(&k, ifindex, p, 0);
+	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	if (c && (c->origin == FL_IN || c->verdict == V_ALLOW))
+		return;
+	v.verdict = V_ALLOW;
+	v.origin = FL_IN;
+	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
+}
+
+static __always_inline int link_source(struct pkt *p)
+{
+	if (p->family == 4)
+		return p->saddr[0] == 0;
+	return (p->saddr[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000) ||
+	       !(p->saddr[0] | p->saddr[1] | p->saddr[2] | p->saddr[3]);
+}
+
+/* The policy's verdict on a packet the container of `port` sends. */
+static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
+				      struct pkt *p, struct fast_stats *st)
+{
+	struct fast_addr_key src = {};
+	struct fast_addr *own;
+	struct flow_key k = {};
+	struct flow_val v = {}, *c;
+	struct policy *pol;
+	__u32 mark = port->mark, label = 0;
+
+	pol = bpf_map_lookup_elem(&sg_policy, &mark);
+	if (!pol)
+		return V_ALLOW;    /* configured without a policy entry (yet) */
+	/* its own source address: no policy evaded with a forged one (the
+	 * link's own sources - IPv6 link-local, unspecified - stay usable:
+	 * neighbour discovery, DAD, DHCP) */
+	src.family = p->family;
+	__builtin_memcpy(src.addr, p->saddr, 16);
+	own = bpf_map_lookup_elem(&sg_fast_addrs, &src);
+	if ((!own || own->ifindex != skb->ifindex) && !link_source(p)) {
+		if (st)
+			st->drops++;
+		return V_DENY;
+	}
+	if (!p->judged || p->frag)
+		return V_ALLOW;
+	flow_key_of(&k, skb->ifindex, p, 1);
+	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	if (c && (c->origin == FL_IN || c->gen == pol->gen)) {
+		if (st)
+			st->hits++;
+		if (c->verdict != V_ALLOW && st)
+			st->drops++;
+		return c->verdict;
+	}
+	if (st)
+		st->misses++;
+	v.verdict = judge(pol, p->family, p->daddr, bpf_ntohs(p->dport), p->proto, &label);
+	v.gen = pol->gen;
+	v.origin = FL_OUT;
+	v.label = label;
+	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
+	if (v.verdict != V_ALLOW) {
+		if (st)
+			st->drops++;
+		/* once per flow and policy generation: the audit line */
+		report_as(0, EV_DENY_POLICY, mark, OP_PACKET, label, p->family, p->daddr,
+			  bpf_ntohs(p->dport), p->proto);
+	}
+	return v.verdict;
+}
+
+SEC("tc")
+int sg_fast_in(struct __sk_buff *skb)
+{
+	struct fast_port *port;
+	struct fast_stats *st;
+	struct fast_addr_key dk = {};
+	struct fast_addr *dst, *src;
+	struct pkt p = {};
+	__u32 ifindex = skb->ifindex, k = CFG_FAST;
+	__u64 *on;
+
+	port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
+	if (!port)
+		return TC_ACT_OK;
+	st = fast_stats(ifindex);
+	if (parse(skb, &p)) {
+		/* not IP (ARP...) or not understood: the policy judges what it can */
+		if (port->mark && (skb->protocol == bpf_htons(ETH_P_IP) ||
+				   skb->protocol == bpf_htons(ETH_P_IPV6)) &&
+		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+			if (st)
+				st->drops++;
+			return TC_ACT_SHOT;
+		}
+		if (st)
+			st->slow_pkts++;
+		return TC_ACT_OK;
+	}
+	if (port->mark && fast_judge(skb, port, &p, st) != V_ALLOW)
+		return TC_ACT_SHOT;
+	on = bpf_map_lookup_elem(&sg_config, &k);
+	dk.family = p.family;
+	__builtin_memcpy(dk.addr, p.daddr, 16);
+	dst = on && *on ? bpf_map_lookup_elem(&sg_fast_addrs, &dk) : 0;
+	if (!dst || dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac)) {
+		if (st)
+			st->slow_pkts++;
+		return TC_ACT_OK;
+	}
+	/* only a container's own source goes the fast way (a forged one takes
+	 * the normal path, as it would without the programs) */
+	dk.family = p.family;
+	__builtin_memcpy(dk.addr, p.saddr, 16);
+	src = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
+	if (!src || src->ifindex != ifindex) {
+		if (st)
+			st->slow_pkts++;
+		return TC_ACT_OK;
+	}
+	note_incoming(dst->ifindex, &p);
+	if (st) {
+		st->fast_pkts++;
+		st->fast_bytes += skb->len;
+	}
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+SEC("tc")
+int sg_fast_out(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	__u32 ifindex = skb->ifindex;
+
+	if (!parse(skb, &p))
+		note_incoming(ifindex, &p);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -41,6 +41,8 @@ examples:
   sockgraft agent --oci-socket /run/sockgraft/oci-default.sock   runc/crun hand-offs here
   sockgraft agent --host h1 --native off    socket() answered in Python (to compare)
   sockgraft agent --host h1 --sockmap auto  splice connections between grafted local sockets
+  sockgraft agent --host h1 --fastpath auto tc programs on every container interface: policy
+                                            in the data path, local pairs skip the bridge
 """
 
 RUN_EXAMPLES = """\
@@ -148,6 +150,13 @@ def register(sub) -> None:
                         "node (sockops + sk_msg: data skips TCP/IP; see docs/architecture.md "
                         "for what applications see differently): auto = when the kernel "
                         "can, on = refuse to start without it, off (default)")
+    p.add_argument("--fastpath", choices=("auto", "on", "off"), default="off",
+                   help="tc programs on every container interface of this namespace: each "
+                        "container's policy judged per packet for traffic that is not grafted, "
+                        "and packets between two local containers handed straight into the "
+                        "destination's namespace (bpf_redirect_peer, skipping the bridge): "
+                        "auto = when the kernel can, on = refuse to start without it, "
+                        "off (default)")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. "
                         "127.0.0.1:9464, :9464 for every address; default: off)")
@@ -258,6 +267,23 @@ def register(sub) -> None:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("fastpath", help="the packet fast path: container interfaces, verdict "
+                                        "cache, packets forwarded directly and dropped",
+                       formatter_class=FMT, epilog="""examples:
+  sockgraft fastpath                 every interface with its container and counters
+  sockgraft fastpath --json
+  sockgraft fastpath --off           take the programs off every interface (normal path
+                                     alone; no data-path policy either)
+  sockgraft fastpath --on --agent /run/sockgraft/agent-h1.sock
+""")
+    p.add_argument("--agent", action="append", help="agent socket (default: every running "
+                                                     "agent that has the fast path loaded)")
+    p.add_argument("--json", action="store_true")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--on", dest="set", action="store_const", const=True)
+    g.add_argument("--off", dest="set", action="store_const", const=False)
+    p.set_defaults(func=cmd_fastpath, set=None)
+
 
 # --- helpers --------------------------------------------------------------------------
 
@@ -345,7 +371,8 @@ def cmd_agent(args) -> int:
                   manage_nft=not args.no_nft, bpf=args.bpf, bpf_name=bpf_name,
                   directory=directory, node=args.node or name,
                   notifier_threads=args.notifier_threads, metrics=args.metrics,
-                  native=args.native, sockmap=args.sockmap,
+                  native=args.native, sockmap=args.sockmap, fastpath=args.fastpath,
+                  lab=lab, state_dir=state_dir(),
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
     doctor_cmd.agent_preflight(agent)                 # refuses what the node cannot do
@@ -511,6 +538,46 @@ def _query(args, op: str) -> list[tuple[str, dict]]:
     for path in paths:
         out.append((path, control.request(path, {"op": op})))
     return out
+
+
+def cmd_fastpath(args) -> int:
+    msg: dict = {"op": "fastpath"}
+    if args.set is not None:
+        msg["on"] = args.set
+    results = []
+    for path in args.agent or agent_sockets():
+        try:
+            results.append((path, control.request(path, msg, timeout=10)))
+        except AgentError as exc:
+            if args.agent:
+                raise
+            logging.getLogger("sockgraft").info("%s: %s", path, exc)
+    if not results:
+        raise AgentError("no running agent has the fast path loaded (start one with "
+                         "`sockgraft agent --fastpath auto`)")
+    if args.json:
+        json.dump({p: {k: v for k, v in r.items() if k != "ok"} for p, r in results},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    for path, r in results:
+        print(f"{path}: fast path {'on' if r['enabled'] else 'off'}  addresses "
+              f"{r['addresses']}  flows cached {r['flows']}")
+        table = [("INTERFACE", "CONTAINER", "POLICY", "FAST PKTS", "FAST BYTES", "NORMAL",
+                  "DROPS", "HITS", "MISSES", "ADDRESSES")]
+        for row in r["ports"]:
+            table.append((row["ifname"] + ("" if row["attached"] else " (detached)"),
+                          row["container"] or "-", "judged" if row["judged"] else "-",
+                          *(str(row.get(k, 0)) for k in ("fast_pkts", "fast_bytes",
+                                                          "slow_pkts", "drops", "hits",
+                                                          "misses")),
+                          " ".join(row["addresses"]) or "-"))
+        widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+        for t in table:
+            print("  " + "  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+        for c in r["conflicts"]:
+            print(f"  conflict: {c}")
+    return 0
 
 
 def cmd_sockets(args) -> int:

@@ -20,6 +20,7 @@ examples:
   sockgraft lab up                          the embedded default: 2 hosts x 2 containers
   sockgraft lab up --config my-lab.toml     a topology of your own (see docs/architecture.md)
   sockgraft lab up --agents --sockmap auto  with agents that splice grafted local pairs
+  sockgraft lab up --agents --fastpath auto with the packet fast path on every container
   sockgraft lab status                      hosts, containers, bytes over each veth
   sockgraft lab status --json               the same, machine-readable
   sockgraft lab exec h1-c1 -- ping -c1 198.19.2.2    container to container over VXLAN
@@ -52,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--sockmap", choices=("auto", "on", "off"), default="off",
                    help="the agents splice connections between grafted local sockets "
                         "(sockgraft agent --sockmap; default off)")
+    p.add_argument("--fastpath", choices=("auto", "on", "off"), default="off",
+                   help="the agents put the packet fast path on every container interface "
+                        "(sockgraft agent --fastpath; default off)")
     p.set_defaults(func=cmd_up, needs_root=True)
 
     p = labsub.add_parser("down", help="remove everything the lab created",
@@ -106,7 +110,8 @@ def cmd_up(args) -> int:
     if args.agents:
         try:
             pids = agents.start_agents(plan, config_dir=args.config_dir,
-                                       agent_args=("--sockmap", args.sockmap))
+                                       agent_args=("--sockmap", args.sockmap,
+                                                   "--fastpath", args.fastpath))
         except SockgraftError:
             builder.down(plan.name)
             raise

@@ -41,9 +41,11 @@ PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getsockname4", "sg_getsockname6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
 SPLICE_PROGRAMS = ("sg_sockops", "sg_msg")   # sockmap splicing of grafted local pairs
+FAST_PROGRAMS = ("sg_fast_in", "sg_fast_out")  # tc: the containers' packet fast path
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
         "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen",
-        "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave")
+        "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave",
+        "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats")
 # outlive the agent: the identity of grafted sockets, and the spliced
 # connections with their state (freeing sg_splice would drop the bytes queued
 # in its sockets' psock queues)
@@ -51,6 +53,11 @@ PINNED_MAPS = ("sg_sock", "sg_splice", "sg_splice_st")
 BPF_SK_MSG_VERDICT = 7
 CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
 CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
+CFG_FAST = 3                   # sg_config[3]: the fast path forwards local pairs
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+# struct fast_stats, per container port (ifindex)
+FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses")
+FLOW_KEY_SIZE = 28             # struct flow_key
 SPLICE_KEY_SIZE = 44           # struct splice_key
 # struct splice_stats, per container mark: sockets that entered the map,
 # switches of a direction to the spliced path, bytes spliced, sends to a known
@@ -92,6 +99,8 @@ def _lib() -> ctypes.CDLL:
         ("bpf_link__destroy", i, [vp]),
         ("bpf_obj_get", i, [cp]),
         ("bpf_link_update", i, [i, i, vp]),
+        ("bpf_link_create", i, [i, i, i, vp]),
+        ("bpf_obj_pin", i, [i, cp]),
         ("bpf_program__set_autoload", i, [vp, ctypes.c_bool]),
         ("bpf_prog_attach", i, [i, i, i, ctypes.c_uint]),
         ("bpf_map_update_elem", i, [i, vp, vp, ctypes.c_uint64]),
@@ -266,13 +275,16 @@ class Programs:
         self.cgroup = ""
         self.splice = False            # the sockmap programs are loaded
         self.splice_error = ""
+        self.fast = False              # the tc fast path programs are loaded
+        self.fast_error = ""
         self._reused: set[str] = set()
         self._local: set[bytes] = set()   # sg_local keys written
 
-    def load(self, *, join: bool = True, splice: str = "off") -> None:
-        """splice: load the sockmap programs too - "on" (refusal is an
-        error), "auto" (a kernel that refuses them - no BTF, no sockmap - gets
-        the guards alone; `splice_error` says why) or "off"."""
+    def load(self, *, join: bool = True, splice: str = "off", fastpath: str = "off") -> None:
+        """splice, fastpath: load the sockmap programs / the tc fast path
+        too - "on" (refusal is an error), "auto" (a kernel that refuses them -
+        no BTF, no sockmap, no tcx - gets the guards alone; `splice_error`,
+        `fast_error` say why) or "off"."""
         L = lib()
         ensure_bpffs()
         obj_path = compile_object()
@@ -281,19 +293,25 @@ class Programs:
         else:
             self.cgroup = cgroup_path(self.agent)
             os.makedirs(self.cgroup, exist_ok=True)
-        rc = self._open_load(obj_path, splice != "off")
-        if rc and splice == "auto":
-            self.close()
-            self.splice_error = (f"the kernel refused the splice programs: {os.strerror(-rc)} "
-                                 "(see the libbpf log above)")
-            log.warning("%s; grafted local pairs are not spliced", self.splice_error)
-            rc = self._open_load(obj_path, False)
+        want = {"splice": splice != "off", "fast": fastpath != "off"}
+        rc = self._open_load(obj_path, want["splice"], want["fast"])
+        for part, mode, words in (("splice", splice, "grafted local pairs are not spliced"),
+                                  ("fast", fastpath, "no packet fast path")):
+            if rc and mode == "auto":
+                self.close()
+                setattr(self, f"{part}_error", f"the kernel refused the {part} programs: "
+                        f"{os.strerror(-rc)} (see the libbpf log above)")
+                log.warning("%s; %s", getattr(self, f"{part}_error"), words)
+                want[part] = False
+                rc = self._open_load(obj_path, want["splice"], want["fast"])
         if rc:
             self.close()
-            what = "splice" if splice == "on" else "graft"
+            what = ("splice" if splice == "on" else "fast path" if fastpath == "on"
+                    else "graft")
             raise BpfUnavailable(f"the kernel refused the {what} programs: "
                                  f"{os.strerror(-rc)} (see the libbpf log above)")
-        self.splice = splice != "off" and not self.splice_error
+        self.splice = want["splice"]
+        self.fast = want["fast"]
         obj = self._obj
         for m in MAPS:
             mp = L.bpf_object__find_map_by_name(obj, m.encode())
@@ -305,16 +323,16 @@ class Programs:
         self.update("sg_config", b"\0\0\0\0",
                     os.stat(self.cgroup).st_ino.to_bytes(8, "little"))
 
-    def _open_load(self, obj_path: str, splice: bool) -> int:
+    def _open_load(self, obj_path: str, splice: bool, fast: bool) -> int:
         L = lib()
         obj = L.bpf_object__open_file(obj_path.encode(), None)
         if not obj:
             raise _err("bpf_object__open_file", 0, obj_path)
         self._obj = obj
-        if not splice:
-            for name in SPLICE_PROGRAMS:
-                L.bpf_program__set_autoload(
-                    L.bpf_object__find_program_by_name(obj, name.encode()), False)
+        off = (() if splice else SPLICE_PROGRAMS) + (() if fast else FAST_PROGRAMS)
+        for name in off:
+            L.bpf_program__set_autoload(
+                L.bpf_object__find_program_by_name(obj, name.encode()), False)
         self._reused = self._reuse_pinned()
         return L.bpf_object__load(obj)
 
@@ -529,6 +547,73 @@ class Programs:
         """Sockets in sg_splice now (the kernel removes them as they close)."""
         return len(self.keys("sg_splice", SPLICE_KEY_SIZE))
 
+    # --- the packet fast path (tc) ----------------------------------------------
+
+    def set_fast(self, on: bool) -> None:
+        """Forward packets between local containers directly (or leave them
+        to the bridge; the policy is judged either way)."""
+        self.update("sg_config", CFG_FAST.to_bytes(4, "little"),
+                    int(on and self.fast).to_bytes(8, "little"))
+
+    def fast_attach(self, ifindex: int) -> None:
+        """sg_fast_in at tcx ingress and sg_fast_out at tcx egress of a
+        container's host-side interface, as pinned links (they stay attached
+        across agent restarts; a new agent swaps its programs in). A link
+        already pinned for this interface is updated in place."""
+        L = lib()
+        pdir = pin_dir(self.agent)
+        os.makedirs(pdir, exist_ok=True)
+        for name, where in (("sg_fast_in", BPF_TCX_INGRESS), ("sg_fast_out", BPF_TCX_EGRESS)):
+            pfd = L.bpf_program__fd(L.bpf_object__find_program_by_name(self._obj,
+                                                                        name.encode()))
+            pin = fast_pin(self.agent, ifindex, name)
+            if os.path.exists(pin):
+                lfd = L.bpf_obj_get(pin.encode())
+                if lfd >= 0:
+                    rc = L.bpf_link_update(lfd, pfd, None)
+                    os.close(lfd)
+                    if rc == 0:
+                        continue
+                os.unlink(pin)          # its interface is gone, or a foreign pin
+            lfd = L.bpf_link_create(pfd, ifindex, where, None)
+            if lfd < 0:
+                raise _err(f"attach {name} to interface {ifindex}", lfd)
+            try:
+                rc = L.bpf_obj_pin(lfd, pin.encode())
+                if rc:
+                    raise _err(f"pin {pin}", rc)
+            finally:
+                os.close(lfd)
+
+    def fast_detach(self, ifindex: int) -> None:
+        """Remove the pinned links of an interface (the last reference: the
+        programs leave it)."""
+        for name in FAST_PROGRAMS:
+            try:
+                os.unlink(fast_pin(self.agent, ifindex, name))
+            except FileNotFoundError:
+                pass
+
+    def fast_attached(self) -> set[int]:
+        """The interfaces with pinned fast path links."""
+        return fast_pins(self.agent)
+
+    def fast_stats(self) -> dict[int, tuple[int, ...]]:
+        """ifindex -> FAST_STATS fields, summed over CPUs."""
+        out = {}
+        for key in self.keys("sg_fast_stats", 4):
+            sums = self._percpu("sg_fast_stats", key, len(FAST_STATS))
+            if sums is not None:
+                out[int.from_bytes(key, "little")] = sums
+        return out
+
+    def fast_stats_reset(self, ifindex: int) -> None:
+        """A zeroed counters entry for a port (the programs only count into
+        entries that exist)."""
+        possible = _possible_cpus() or os.cpu_count() or 1
+        self.update("sg_fast_stats", ifindex.to_bytes(4, "little"),
+                    bytes(8 * len(FAST_STATS) * possible))
+
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected, and
         refused by the guards."""
@@ -558,6 +643,24 @@ class Programs:
             L.bpf_object__close(self._obj)
             self._obj = None
         self.maps = {}
+
+
+def fast_pin(agent: str, ifindex: int, program: str) -> str:
+    return os.path.join(pin_dir(agent), f"link_{program}_{ifindex}")
+
+
+def fast_pins(agent: str) -> set[int]:
+    out = set()
+    try:
+        names = os.listdir(pin_dir(agent))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        for program in FAST_PROGRAMS:
+            prefix = f"link_{program}_"
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                out.add(int(name[len(prefix):]))
+    return out
 
 
 def _possible_cpus() -> int:

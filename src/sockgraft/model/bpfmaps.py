@@ -22,6 +22,10 @@ sockaddrs are network order, as the kernel hands them to the program):
                  container's packets may carry (its endpoints; all-zero addr =
                  an endpoint on the wildcard address)
   sg_sock        socket-local storage {mark, flags}: kernel/bpf.Programs.tag
+  sg_fast_ports  u32 ifindex (a container's host-side veth) -> {mark, flags}
+  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], pad}
+  sg_fast_flows  {ifindex, family, proto, lport(be), rport(be), pad, raddr[4]}
+                 -> {gen, verdict, origin, label}: the per-flow verdict cache
 """
 
 from __future__ import annotations
@@ -42,14 +46,15 @@ F_NO_SPLICE = 2          # the container's config says splice = false
 V_DENY, V_ALLOW = 0, 1
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 PROTO_NUM = {"any": 0, "tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
-PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", 1: "icmp", 58: "icmpv6"}
 
 EV_DENY_POLICY, EV_DENY_NO_EGRESS, EV_BIND_FAILED = 1, 2, 3
 EV_DENY_BIND, EV_DENY_SOCKOPT, EV_DENY_SOURCE, EV_DENY_MARK = 4, 5, 6, 7
 EV_DENY_LISTEN, EV_DENY_UNKNOWN = 8, 9
 EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unsplice
 OP_SETSOCKOPT = 4
-OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen"}
+OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen",
+            7: "packet"}
 
 # The options the setsockopt guard refuses (bpf/sockgraft.bpf.c option_refused),
 # by (level, optname): names for audit lines; the C list must match (tested).
@@ -215,6 +220,41 @@ def svc_val(addr: IPv4Address | IPv6Address, port: int) -> bytes:
     return SVC_VAL.pack(addr.packed.ljust(16, b"\0"), _be16(port), addr.version, 0)
 
 
+FAST_PORT = struct.Struct("=II")
+FAST_ADDR_KEY = struct.Struct("=B3x16s")
+FAST_ADDR_VAL = struct.Struct("=I6sH")
+FLOW_KEY = struct.Struct("=IBBHHH16s")
+
+
+def fast_port_key(ifindex: int) -> bytes:
+    return ifindex.to_bytes(4, "little")
+
+
+def fast_port_val(mark: int) -> bytes:
+    """mark 0: a container without a policy entry (forwarded, not judged)."""
+    return FAST_PORT.pack(mark, 0)
+
+
+def fast_addr_key(addr: IPv4Address | IPv6Address) -> bytes:
+    return FAST_ADDR_KEY.pack(addr.version, addr.packed.ljust(16, b"\0"))
+
+
+def fast_addr_val(ifindex: int, mac: bytes) -> bytes:
+    if len(mac) != 6:
+        raise ConfigError(f"a MAC address has 6 bytes, got {len(mac)}", field="mac",
+                          value=mac.hex(":"))
+    return FAST_ADDR_VAL.pack(ifindex, mac, 0)
+
+
+def flow_ifindex(key: bytes) -> int:
+    return FLOW_KEY.unpack(key)[0]
+
+
+def flow_raddr(key: bytes) -> IPv4Address | IPv6Address:
+    _, family, _, _, _, _, raddr = FLOW_KEY.unpack(key)
+    return IPv4Address(raddr[:4]) if family == 4 else IPv6Address(raddr)
+
+
 @dataclass(frozen=True)
 class Event:
     kind: int
@@ -267,4 +307,5 @@ def decode_event(raw: bytes) -> Event:
 
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
-           "REFUSED_OPTIONS", "option_name"]
+           "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
+           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr"]

@@ -1,0 +1,221 @@
+"""The packet fast path (`sockgraft agent --fastpath`): the tc programs on
+every container interface of this namespace, kept in step with the node.
+
+Owns: the cache of what each container interface is (its container, MAC and
+addresses, read once from the container's namespace), the reconciliation of
+sg_fast_ports / sg_fast_addrs and the pinned tcx links with it, the flow
+verdicts that must go when an address moves, and the per-port listing.
+
+Triggers: netlink link events of this namespace (a veth came or went), the
+agent's reload (CNI ADD/DEL, configuration edits: a container's policy mark
+may have changed), and the 1-second sweep every FULL_EVERY seconds (addresses
+a container got after its interface appeared).
+
+Must not: decide (model/fastpath.py) or know map layouts (model/bpfmaps.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Mapping
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import SockgraftError
+from ..kernel import bpf as kbpf
+from ..kernel import ports as kports
+from ..model import bpfmaps
+from ..model import fastpath as mfast
+
+log = logging.getLogger("sockgraft.agent")
+
+FULL_EVERY = 5.0        # seconds between sweeps that retry interfaces without addresses
+RTMGRP_LINK = 1
+
+
+def cni_containers(state_dir: str) -> dict[str, str]:
+    """netns path -> container, from the CNI plugin's registrations."""
+    out = {}
+    d = os.path.join(state_dir, "cni")
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return out
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(d, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("netns"), str) and \
+                isinstance(rec.get("container"), str):
+            out[rec["netns"]] = rec["container"]
+    return out
+
+
+class FastPath:
+    def __init__(self, lab: str | None, state_dir: str) -> None:
+        self.lab = lab
+        self.state_dir = state_dir
+        self.facts: dict[int, mfast.Port] = {}      # host ifindex -> what it is
+        self.ports: dict[bytes, bytes] = {}         # what sg_fast_ports holds
+        self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
+        self.judged: dict[int, str] = {}
+        self.conflicts: list[str] = []
+        self.attached: set[int] = set()
+        self.enabled = True                         # programs on the interfaces
+        self.due = False
+        self.last_sweep = 0.0
+        self._last_full = 0.0
+        self._nl: IPRoute | None = None
+        try:
+            self._nl = IPRoute()
+            self._nl.bind(groups=RTMGRP_LINK)
+        except (OSError, NetlinkError) as exc:
+            log.warning("fastpath: no link events (%s): interfaces are found by the "
+                        "sweep", exc)
+            self._nl = None
+
+    def fileno(self) -> int:
+        return self._nl.fileno() if self._nl is not None else -1
+
+    def on_netlink(self) -> None:
+        """A link came, went or changed: reconcile at the end of the turn."""
+        assert self._nl is not None
+        try:
+            self._nl.get()
+        except (OSError, NetlinkError):
+            pass
+        self.due = True
+
+    def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
+    # --- reconciliation -----------------------------------------------------
+
+    def _resolve(self, veths: list[kports.Veth]) -> None:
+        """Read what the interfaces not known yet (or without an address yet)
+        are, from their containers' namespaces."""
+        want = [v for v in veths if v.ifindex not in self.facts
+                or not self.facts[v.ifindex].addrs]
+        if not want:
+            return
+        cni = cni_containers(self.state_dir)
+        paths = kports.netns_ids(kports.named_netns() + sorted(cni))
+        if any(v.nsid not in paths for v in want):
+            for nsid, path in kports.netns_ids(kports.process_netns()).items():
+                paths.setdefault(nsid, path)
+        for v in want:
+            path = paths.get(v.nsid)
+            if path is None:
+                continue
+            try:
+                mac, addrs = kports.peer_facts(path, v.peer_ifindex)
+            except SockgraftError as exc:
+                log.info("fastpath: %s: %s", v.ifname, exc)
+                continue
+            self.facts[v.ifindex] = mfast.Port(
+                v.ifindex, v.ifname, mfast.container_of(path, lab=self.lab, cni=cni),
+                mac, addrs)
+
+    def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int],
+                  now: float | None = None, full: bool = False) -> None:
+        """Make the maps and links match the node. marks: container -> mark
+        of its policy entry."""
+        now = time.monotonic() if now is None else now
+        if full or now - self._last_full >= FULL_EVERY:
+            self._last_full = now
+            for ifindex in [i for i, p in self.facts.items() if not p.addrs]:
+                del self.facts[ifindex]          # read again
+        self.due = False
+        veths = kports.veths()
+        present = {v.ifindex for v in veths}
+        for gone in [i for i in self.facts if i not in present]:
+            del self.facts[gone]
+        self._resolve(veths)
+        plan = mfast.plan(self.facts.values(), marks)
+        if plan.conflicts != self.conflicts:
+            for c in plan.conflicts:
+                log.warning("fastpath: %s", c)
+        self.conflicts = plan.conflicts
+        self.judged = plan.judged
+        port_writes, port_dels = mfast.diff(self.ports, plan.ports)
+        addr_writes, addr_dels = mfast.diff(self.addrs, plan.addrs)
+        moved = mfast.moved(self.addrs, plan.addrs)
+        for key, val in port_writes.items():
+            ifindex = int.from_bytes(key, "little")
+            if key not in self.ports:
+                bpf.fast_stats_reset(ifindex)
+            bpf.update("sg_fast_ports", key, val)
+        self.ports = dict(plan.ports)
+        if self.enabled:
+            for key in plan.ports:
+                ifindex = int.from_bytes(key, "little")
+                if ifindex not in self.attached:
+                    try:
+                        bpf.fast_attach(ifindex)
+                        self.attached.add(ifindex)
+                    except SockgraftError as exc:
+                        log.warning("fastpath: %s", exc)
+        for key, val in addr_writes.items():
+            bpf.update("sg_fast_addrs", key, val)
+        for key in addr_dels:
+            bpf.delete("sg_fast_addrs", key)
+        self.addrs = dict(plan.addrs)
+        gone = {int.from_bytes(k, "little") for k in port_dels}
+        if moved or gone or port_writes:
+            # verdicts about an address that moved, of a port that went, or
+            # of a port whose container (policy) changed
+            changed = gone | {int.from_bytes(k, "little") for k in port_writes}
+            self.forget_flows(bpf, changed, moved)
+        for key in port_dels:
+            bpf.delete("sg_fast_ports", key)
+            bpf.delete("sg_fast_stats", key)
+        for ifindex in (bpf.fast_attached() | self.attached) - present:
+            bpf.fast_detach(ifindex)
+            self.attached.discard(ifindex)
+
+    @staticmethod
+    def forget_flows(bpf: kbpf.Programs, ifindexes: set[int], addrs: set) -> int:
+        n = 0
+        for key in bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE):
+            if bpfmaps.flow_ifindex(key) in ifindexes or bpfmaps.flow_raddr(key) in addrs:
+                n += bpf.delete("sg_fast_flows", key)
+        return n
+
+    def set_enabled(self, bpf: kbpf.Programs, on: bool, marks: Mapping[str, int]) -> None:
+        """on: programs on every container interface, local pairs forwarded
+        directly; off: the programs leave every interface (the normal path
+        alone: no data-path policy either)."""
+        self.enabled = on
+        bpf.set_fast(on)
+        if on:
+            self.reconcile(bpf, marks, full=True)
+            return
+        for ifindex in bpf.fast_attached() | self.attached:
+            bpf.fast_detach(ifindex)
+        self.attached.clear()
+
+    # --- queries --------------------------------------------------------------
+
+    def listing(self, bpf: kbpf.Programs) -> dict:
+        stats = bpf.fast_stats()
+        rows = []
+        for ifindex, port in sorted(self.facts.items()):
+            st = stats.get(ifindex)
+            rows.append({"ifindex": ifindex, "ifname": port.ifname,
+                         "container": port.container, "judged": ifindex in self.judged,
+                         "attached": ifindex in self.attached,
+                         "mac": port.mac.hex(":"), "addresses": [str(a) for a in port.addrs],
+                         **(dict(zip(kbpf.FAST_STATS, st)) if st else {})})
+        return {"enabled": self.enabled, "ports": rows, "conflicts": list(self.conflicts),
+                "addresses": len(self.addrs),
+                "flows": len(bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE))}
