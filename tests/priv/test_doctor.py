@@ -24,7 +24,8 @@ def test_doctor_says_every_mode_works_here_and_leaves_nothing(tmp_path):
     out = json.loads(p.stdout)
     checks = {c["name"]: c for c in out["checks"]}
     assert set(checks) >= {"seccomp_user_notif", "seccomp_addfd", "seccomp_addfd_send",
-                           "pidfd_getfd", "cgroup2", "bpf_programs", "bpf_splice", "tc_clsact",
+                           "pidfd_getfd", "cgroup2", "bpf_programs", "bpf_splice", "bpf_fastpath",
+                           "tc_clsact",
                            "nftables",
                            "oci_runtime"}
     assert all(c["ok"] for c in checks.values()), [c for c in checks.values() if not c["ok"]]

@@ -9,7 +9,7 @@ from sockgraft.model.nodecheck import Check, kernel_checks, kernel_version, mode
 pytestmark = pytest.mark.unit
 
 ALL = ["seccomp_user_notif", "pidfd_getfd", "cgroup2", "bpffs", "bpf_programs", "bpf_splice",
-       "tc_clsact",
+       "bpf_fastpath", "tc_clsact",
        "nftables", "oci_runtime"]
 
 
@@ -18,14 +18,20 @@ def _checks(release="6.18.0", failing=()):
 
 
 @pytest.mark.parametrize("release, failing, works, broken", [
-    ("6.18.0", (), {"syscall", "socket", "oci", "enforcement", "splice"}, set()),
-    ("5.10.0", (), {"syscall", "oci", "enforcement", "splice"}, {"socket"}),  # no ADDFD_FLAG_SEND
-    ("5.4.0", (), {"enforcement", "splice"}, {"syscall", "socket", "oci"}),   # no ADDFD
-    ("6.1.0", ("bpf_programs",), {"syscall", "oci", "enforcement"}, {"socket", "splice"}),
-    ("6.1.0", ("bpf_splice",), {"syscall", "socket", "oci", "enforcement"}, {"splice"}),
-    ("6.1.0", ("oci_runtime", "nftables"), {"syscall", "socket", "splice"},
+    ("6.18.0", (), {"syscall", "socket", "oci", "enforcement", "splice", "fastpath"}, set()),
+    ("5.10.0", (), {"syscall", "oci", "enforcement", "splice", "fastpath"},
+     {"socket"}),                                                            # no ADDFD_FLAG_SEND
+    ("5.4.0", (), {"enforcement", "splice", "fastpath"}, {"syscall", "socket", "oci"}),  # no ADDFD
+    ("6.1.0", ("bpf_programs",), {"syscall", "oci", "enforcement"},
+     {"socket", "splice", "fastpath"}),
+    ("6.1.0", ("bpf_splice",), {"syscall", "socket", "oci", "enforcement", "fastpath"},
+     {"splice"}),
+    ("6.1.0", ("bpf_fastpath",), {"syscall", "socket", "oci", "enforcement", "splice"},
+     {"fastpath"}),
+    ("6.1.0", ("oci_runtime", "nftables"), {"syscall", "socket", "splice", "fastpath"},
      {"oci", "enforcement"}),
-    ("6.1.0", ("pidfd_getfd",), {"enforcement", "splice"}, {"syscall", "socket", "oci"}),
+    ("6.1.0", ("pidfd_getfd",), {"enforcement", "splice", "fastpath"},
+     {"syscall", "socket", "oci"}),
 ])
 def test_modes(release, failing, works, broken):
     v = modes(_checks(release, failing))

@@ -172,13 +172,18 @@ def _bpffs() -> str:
     return "mounted at /sys/fs/bpf"
 
 
-def _load_programs(splice: str) -> None:
-    """Compile and verify the programs, never attached; nothing left behind."""
+def _load_programs(splice: str, fastpath: str = "off", attach_lo: bool = False) -> None:
+    """Compile and verify the programs, never attached (attach_lo: the fast
+    path's tcx links on the loopback of the namespace this runs in, then
+    removed); nothing left behind."""
     from ..kernel import bpf
     name = f"doctor-{os.getpid()}"
     progs = bpf.Programs(name)
     try:
-        progs.load(join=False, splice=splice)
+        progs.load(join=False, splice=splice, fastpath=fastpath)
+        if attach_lo:
+            progs.fast_attach(1)
+            progs.fast_detach(1)
     finally:
         progs.close()
         bpf.remove(name)              # its pins and cgroup
@@ -194,6 +199,17 @@ def _bpf_splice() -> str:
     from ..kernel import bpf
     _load_programs("on")              # sockops + sk_msg, CO-RE against the kernel's BTF
     return f"{len(bpf.SPLICE_PROGRAMS)} splice programs (sockops, sk_msg) accepted"
+
+
+def _bpf_fastpath() -> str:
+    from ..kernel import bpf, netns
+    ns = f"sg-doctor-{secrets.token_hex(3)}"
+    netns.create(ns)
+    try:
+        netns.run_in(ns, _load_programs, "off", "on", True)
+    finally:
+        netns.delete(ns)
+    return f"{len(bpf.FAST_PROGRAMS)} fast path programs accepted and attached (tcx)"
 
 
 def _tc_clsact() -> str:
@@ -235,7 +251,8 @@ def _oci_runtime() -> str:
 
 PROBES = (("seccomp_user_notif", _user_notif), ("pidfd_getfd", _pidfd_getfd),
           ("cgroup2", _cgroup2), ("bpffs", _bpffs), ("bpf_programs", _bpf_programs),
-          ("bpf_splice", _bpf_splice), ("tc_clsact", _tc_clsact), ("nftables", _nftables),
+          ("bpf_splice", _bpf_splice), ("bpf_fastpath", _bpf_fastpath),
+          ("tc_clsact", _tc_clsact), ("nftables", _nftables),
           ("oci_runtime", _oci_runtime))
 QUICK = ("seccomp_user_notif", "pidfd_getfd", "cgroup2")     # the agent's start
 

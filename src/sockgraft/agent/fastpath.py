@@ -67,6 +67,7 @@ class FastPath:
         self.ports: dict[bytes, bytes] = {}         # what sg_fast_ports holds
         self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
         self.judged: dict[int, str] = {}
+        self.slots: dict[int, int] = {}             # ifindex -> its counters' slot
         self.conflicts: list[str] = []
         self.attached: set[int] = set()
         self.enabled = True                         # programs on the interfaces
@@ -141,7 +142,8 @@ class FastPath:
         for gone in [i for i in self.facts if i not in present]:
             del self.facts[gone]
         self._resolve(veths)
-        plan = mfast.plan(self.facts.values(), marks)
+        fresh = self._assign_slots()
+        plan = mfast.plan(self.facts.values(), marks, self.slots)
         if plan.conflicts != self.conflicts:
             for c in plan.conflicts:
                 log.warning("fastpath: %s", c)
@@ -150,10 +152,9 @@ class FastPath:
         port_writes, port_dels = mfast.diff(self.ports, plan.ports)
         addr_writes, addr_dels = mfast.diff(self.addrs, plan.addrs)
         moved = mfast.moved(self.addrs, plan.addrs)
+        for ifindex in fresh:
+            bpf.fast_stats_reset(self.slots[ifindex])
         for key, val in port_writes.items():
-            ifindex = int.from_bytes(key, "little")
-            if key not in self.ports:
-                bpf.fast_stats_reset(ifindex)
             bpf.update("sg_fast_ports", key, val)
         self.ports = dict(plan.ports)
         if self.enabled:
@@ -178,10 +179,30 @@ class FastPath:
             self.forget_flows(bpf, changed, moved)
         for key in port_dels:
             bpf.delete("sg_fast_ports", key)
-            bpf.delete("sg_fast_stats", key)
         for ifindex in (bpf.fast_attached() | self.attached) - present:
             bpf.fast_detach(ifindex)
             self.attached.discard(ifindex)
+
+    def _assign_slots(self) -> list[int]:
+        """A counters slot for every interface (the lowest free one for a new
+        interface); returns the interfaces that got one now."""
+        for ifindex in [i for i in self.slots if i not in self.facts]:
+            del self.slots[ifindex]
+        used = set(self.slots.values())
+        fresh = []
+        free = (s for s in range(kbpf.FAST_SLOTS) if s not in used)
+        for ifindex in sorted(self.facts):
+            if ifindex not in self.slots:
+                slot = next(free, None)
+                if slot is None:
+                    log.warning("fastpath: more than %d container interfaces; %s left to "
+                                "the normal path", kbpf.FAST_SLOTS, self.facts[ifindex].ifname)
+                    continue
+                self.slots[ifindex] = slot
+                fresh.append(ifindex)
+        for ifindex in [i for i in self.facts if i not in self.slots]:
+            del self.facts[ifindex]
+        return fresh
 
     @staticmethod
     def forget_flows(bpf: kbpf.Programs, ifindexes: set[int], addrs: set) -> int:
@@ -207,7 +228,7 @@ class FastPath:
     # --- queries --------------------------------------------------------------
 
     def listing(self, bpf: kbpf.Programs) -> dict:
-        stats = bpf.fast_stats()
+        stats = bpf.fast_stats(self.slots)
         rows = []
         for ifindex, port in sorted(self.facts.items()):
             st = stats.get(ifindex)

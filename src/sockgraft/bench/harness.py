@@ -13,6 +13,9 @@ Paths (names as in the report):
                  switched on for this path only, off for graft-local, per run)
   graft-remote   grafted h1-c1 -> h2-c2 by container IP; h2-c2's server is grafted
                  (ingress on h2's address): the cross-host overlay bypass
+  fast-local     the bridge path (plain, unmodified programs) with h1's agent's packet
+                 fast path on the containers' interfaces (--fastpath auto; its programs
+                 are on the interfaces for this path only, off the others, per run)
 
 The grafted client runs with graft_at = "socket" (every socket a host socket
 from birth, connects judged and redirected in the kernel); the grafted
@@ -51,7 +54,7 @@ from .engine import build_tools
 from ..paths import state_dir
 
 PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
-         "graft-splice", "graft-remote")
+         "graft-splice", "graft-remote", "fast-local")
 QUICK_WORKLOADS = ("iperf3", "sockperf-tcp", "crr")
 PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121,
          "sockperf-tcp-nb": 11131, "crr": 9100,
@@ -100,6 +103,7 @@ def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
         "host-loopback": Run(at(h1), port, (h1.netns, port), at(h1), "127.0.0.1", port),
         "host-underlay": Run(at(h2), port + 1, (h2.netns, port + 1), at(h1), h2_ip, port + 1),
         "bridge": Run(at(c12), port, (c12.netns, port), at(c11), str(c12.ipv4.ip), port),
+        "fast-local": Run(at(c12), port, (c12.netns, port), at(c11), str(c12.ipv4.ip), port),
         "nat": Run(at(c21), port, (c21.netns, port), at(c11), h2_ip, port),
         "vxlan": Run(at(c22), port, (c22.netns, port), at(c11), str(c22.ipv4.ip), port),
         "graft-local": Run(at(c12, True), port, (h1.netns, port + 2), client,
@@ -212,6 +216,14 @@ def _splice(plan, on: bool) -> None:
                     {"op": "sockmap", "on": on}, timeout=5)
 
 
+def _fastpath(plan, on: bool) -> None:
+    """The fast path's programs on h1's container interfaces, or off them
+    (every other path measures the node without them)."""
+    from ..agent import control
+    control.request(control.default_socket_path(plan.hosts[0].name, plan.name),
+                    {"op": "fastpath", "on": on}, timeout=10)
+
+
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
         out_dir: str = "bench-out", progress: Progress | None = None,
         pin: int | None = None) -> dict:
@@ -242,8 +254,10 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
     builder.up(plan, text, "<bench>")
     try:
         splicing = "graft-splice" in paths
-        if any(p.startswith("graft") for p in paths):
-            agents.start_agents(plan, agent_args=("--sockmap", "auto") if splicing else ())
+        fast = "fast-local" in paths
+        if any(p.startswith(("graft", "fast")) for p in paths):
+            agents.start_agents(plan, agent_args=(("--sockmap", "auto") if splicing else ())
+                                + (("--fastpath", "auto") if fast else ()))
             for cfg in configs:
                 store.save(cfg)
             from ..agent import control
@@ -262,6 +276,8 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
                     try:
                         if splicing and path.startswith("graft"):
                             _splice(plan, path == "graft-splice")
+                        if fast:
+                            _fastpath(plan, path.startswith("fast"))
                         res = measure(wl, runs_of[path], seconds, workdir, tools, pin)
                         runs.append({"round": rnd, "workload": name, "path": path,
                                      "metrics": res["metrics"], "raw": f"raw/{raw_name}"})

@@ -1720,24 +1720,31 @@ int sg_msg(struct sk_msg_md *msg)
  * the fast path or the normal one - is a reply and allowed (conntrack's
  * "established"). ICMP errors and IPv6 neighbour discovery / MLD are not
  * judged; non-first fragments carry no ports and follow their first. A
- * policed container's packets must carry one of its own addresses.
+ * policed container's packets must carry one of its own addresses (or a
+ * link-local / unspecified one: neighbour discovery, DAD, DHCP).
  *
  * Same-host forwarding: a packet from a container's own address to the MAC
  * and IP address of another local container (sg_fast_addrs) goes straight
  * into that container's namespace with bpf_redirect_peer, skipping the
  * bridge and the second veth hop. Everything else (ARP, broadcast and
  * multicast, the gateway, other hosts, routed packets) takes the normal
- * path unchanged. */
+ * path unchanged.
+ *
+ * Per packet: one hash lookup for the port, one for the destination, the
+ * flow cache (LRU) only for policed containers; headers read in place. */
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define IPPROTO_ICMPV6_ 58
 #define OP_PACKET 7
 #define FL_OUT 1            /* flow started by the port's container: judged */
 #define FL_IN 2             /* flow started by the other end: a reply */
+#define FAST_SLOTS 4096
 
 struct fast_port {
 	__u32 mark;         /* the container's policy key; 0 = no policy */
-	__u32 flags;
+	__u32 slot;         /* its counters: sg_fast_stats[slot] */
+	__u32 addr4;        /* its IPv4 address (network order); 0 = none */
+	__u32 addr6[4];     /* its IPv6 address; all 0 = none (more: sg_fast_addrs) */
 };
 
 struct fast_addr_key {
@@ -1750,6 +1757,7 @@ struct fast_addr {
 	__u32 ifindex;      /* the container's host-side veth */
 	__u8 mac[6];        /* its interface's MAC */
 	__u16 pad;
+	__u32 mark;         /* its policy key: replies it may send are recorded */
 };
 
 struct flow_key {
@@ -1780,7 +1788,7 @@ struct fast_stats {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, FAST_SLOTS);
 	__type(key, __u32);
 	__type(value, struct fast_port);
 } sg_fast_ports SEC(".maps");
@@ -1800,8 +1808,8 @@ struct {
 } sg_fast_flows SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FAST_SLOTS);
 	__type(key, __u32);
 	__type(value, struct fast_stats);
 } sg_fast_stats SEC(".maps");
@@ -1820,12 +1828,8 @@ struct pkt {
 
 /* ICMP: errors and IPv6 ND / MLD / router discovery are not judged; an echo
  * request and its reply carry their identifier as both ports (a flow each). */
-static __always_inline void icmp_parse(struct __sk_buff *skb, __u32 off, struct pkt *p)
+static __always_inline void icmp_parse(const __u8 *h, struct pkt *p)
 {
-	__u8 h[6];
-
-	if (bpf_skb_load_bytes(skb, off, h, 6))
-		return;
 	if (p->family == 4)
 		p->judged = !(h[0] == 3 || h[0] == 11 || h[0] == 12);
 	else	/* errors (1-4) and ND, MLD, router discovery (>= 130) */
@@ -1837,83 +1841,115 @@ static __always_inline void icmp_parse(struct __sk_buff *skb, __u32 off, struct 
 	}
 }
 
-/* What the programs need of a packet; 0 = an IP packet they understand. */
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int l4_parse(struct pkt *p, const __u8 *l4)
 {
-	__u32 off = 14;
-	__u16 ports[2];
-
-	if (bpf_skb_load_bytes(skb, 0, p->dmac, 6))
-		return -1;
-	p->judged = 1;
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		__u8 h[20];
-
-		if (bpf_skb_load_bytes(skb, off, h, 20))
-			return -1;
-		p->family = 4;
-		p->proto = h[9];
-		__builtin_memcpy(&p->saddr[0], &h[12], 4);
-		__builtin_memcpy(&p->daddr[0], &h[16], 4);
-		p->frag = (((__u16)h[6] << 8 | h[7]) & 0x1fff) != 0;
-		off += (h[0] & 0xf) * 4;
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		__u8 h[40];
-
-		if (bpf_skb_load_bytes(skb, off, h, 40))
-			return -1;
-		p->family = 6;
-		p->proto = h[6];
-		__builtin_memcpy(p->saddr, &h[8], 16);
-		__builtin_memcpy(p->daddr, &h[24], 16);
-		off += 40;
-		/* no L4 protocol hides behind extension headers */
-		for (int i = 0; i < 4; i++) {
-			__u8 e[8];
-			__u8 cur = p->proto;
-
-			if (cur != 0 && cur != 43 && cur != 60 && cur != 44)
-				break;
-			if (bpf_skb_load_bytes(skb, off, e, 8))
-				return -1;
-			p->proto = e[0];
-			if (cur == 44) {
-				if (((__u16)e[2] << 8 | e[3]) & 0xfff8) {
-					p->frag = 1;
-					return 0;
-				}
-				off += 8;
-			} else {
-				off += ((__u32)e[1] + 1) * 8;
-			}
-		}
-		if (p->proto == 0 || p->proto == 43 || p->proto == 60 || p->proto == 44)
-			return -1;	/* more than four: not understood, judged below */
-	} else {
-		return -1;
-	}
-	if (p->frag)
-		return 0;
 	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
-		if (bpf_skb_load_bytes(skb, off, ports, 4))
-			return -1;
-		p->sport = ports[0];
-		p->dport = ports[1];
+		__builtin_memcpy(&p->sport, l4, 2);
+		__builtin_memcpy(&p->dport, l4 + 2, 2);
 	} else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6_) {
-		icmp_parse(skb, off, p);
+		icmp_parse(l4, p);
 	}
 	return 0;
 }
 
-static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+/* IPv6 behind extension headers (rare): read with bpf_skb_load_bytes, so
+ * that no L4 protocol hides behind them. */
+static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p)
 {
-	return *(const __u32 *)a == *(const __u32 *)b &&
-	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+	__u32 off = 14 + 40;
+	__u8 l4[6] = {};
+
+	for (int i = 0; i < 4; i++) {
+		__u8 e[8];
+		__u8 cur = p->proto;
+
+		if (cur != 0 && cur != 43 && cur != 60 && cur != 44)
+			break;
+		if (bpf_skb_load_bytes(skb, off, e, 8))
+			return -1;
+		p->proto = e[0];
+		if (cur == 44) {
+			if (((__u16)e[2] << 8 | e[3]) & 0xfff8) {
+				p->frag = 1;
+				return 0;
+			}
+			off += 8;
+		} else {
+			off += ((__u32)e[1] + 1) * 8;
+		}
+	}
+	if (p->proto == 0 || p->proto == 43 || p->proto == 60 || p->proto == 44)
+		return -1;	/* more than four: not understood */
+	if (bpf_skb_load_bytes(skb, off, l4, 6) &&
+	    bpf_skb_load_bytes(skb, off, l4, 4))
+		return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
+	return l4_parse(p, l4);
 }
 
-static __always_inline struct fast_stats *fast_stats(__u32 ifindex)
+/* What the programs need of a packet, read in place; 0 = an IP packet they
+ * understand. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
-	return bpf_map_lookup_elem(&sg_fast_stats, &ifindex);
+	__u8 *data = (void *)(long)skb->data;
+	__u8 *end = (void *)(long)skb->data_end;
+
+	p->judged = 1;
+	if (data + 14 + 40 + 8 > end && skb->len > (__u32)(end - data)) {
+		/* headers not all in the linear part: pull them in */
+		__u32 want = skb->len < 14 + 40 + 8 ? skb->len : 14 + 40 + 8;
+
+		if (bpf_skb_pull_data(skb, want) < 0)
+			return -1;
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+	}
+	if (data + 14 > end)
+		return -1;
+	__builtin_memcpy(p->dmac, data, 6);
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 *ip = data + 14, *l4;
+		__u32 ihl;
+
+		if (ip + 20 > end)
+			return -1;
+		p->family = 4;
+		p->proto = ip[9];
+		__builtin_memcpy(&p->saddr[0], ip + 12, 4);
+		__builtin_memcpy(&p->daddr[0], ip + 16, 4);
+		p->frag = (((__u16)ip[6] << 8 | ip[7]) & 0x1fff) != 0;
+		if (p->frag)
+			return 0;
+		ihl = (ip[0] & 0xf) * 4;
+		if (ihl < 20)
+			return -1;
+		l4 = ip + ihl;
+		if (l4 + 6 > end) {
+			if (l4 + 4 > end)
+				return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
+			if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+				__builtin_memcpy(&p->sport, l4, 2);
+				__builtin_memcpy(&p->dport, l4 + 2, 2);
+			}
+			return 0;
+		}
+		return l4_parse(p, l4);
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		__u8 *ip = data + 14;
+
+		if (ip + 40 > end)
+			return -1;
+		p->family = 6;
+		p->proto = ip[6];
+		__builtin_memcpy(p->saddr, ip + 8, 16);
+		__builtin_memcpy(p->daddr, ip + 24, 16);
+		if (p->proto == 0 || p->proto == 43 || p->proto == 60 || p->proto == 44)
+			return parse_ext6(skb, p);
+		if (ip + 40 + 6 > end)
+			return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
+		return l4_parse(p, ip + 40);
+	}
+	return -1;
 }
 
 static __always_inline void flow_key_of(struct flow_key *k, __u32 ifindex, struct pkt *p,
@@ -1927,16 +1963,15 @@ static __always_inline void flow_key_of(struct flow_key *k, __u32 ifindex, struc
 	__builtin_memcpy(k->raddr, outgoing ? p->daddr : p->saddr, 16);
 }
 
-/* The flow arrives at the container of `ifindex`: its replies are allowed
- * (a flow it started and was allowed stays its own: judged again when its
- * policy changes; one it was denied becomes the other end's). */
+/* The flow arrives at the policed container of `ifindex`: its replies are
+ * allowed (a flow it started and was allowed stays its own: judged again
+ * when its policy changes; one it was denied becomes the other end's). */
 static __always_inline void note_incoming(__u32 ifindex, struct pkt *p)
 {
 	struct flow_key k = {};
 	struct flow_val v = {}, *c;
-	struct fast_port *port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
 
-	if (!port || !port->mark || p->frag)
+	if (p->frag)
 		return;
 	flow_key_of(&k, ifindex, p, 0);
 	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
@@ -1947,6 +1982,27 @@ static __always_inline void note_incoming(__u32 ifindex, struct pkt *p)
 	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
 }
 
+/* Does the packet carry the port's own source address? */
+static __always_inline int own_source(struct fast_port *port, struct pkt *p, __u32 ifindex)
+{
+	struct fast_addr_key k = {};
+	struct fast_addr *a;
+
+	if (p->family == 4) {
+		if (port->addr4 && p->saddr[0] == port->addr4)
+			return 1;
+	} else if ((port->addr6[0] | port->addr6[1] | port->addr6[2] | port->addr6[3]) &&
+		   p->saddr[0] == port->addr6[0] && p->saddr[1] == port->addr6[1] &&
+		   p->saddr[2] == port->addr6[2] && p->saddr[3] == port->addr6[3]) {
+		return 1;
+	}
+	/* a container with more addresses than one per family */
+	k.family = p->family;
+	__builtin_memcpy(k.addr, p->saddr, 16);
+	a = bpf_map_lookup_elem(&sg_fast_addrs, &k);
+	return a && a->ifindex == ifindex;
+}
+
 static __always_inline int link_source(struct pkt *p)
 {
 	if (p->family == 4)
@@ -1955,12 +2011,11 @@ static __always_inline int link_source(struct pkt *p)
 	       !(p->saddr[0] | p->saddr[1] | p->saddr[2] | p->saddr[3]);
 }
 
-/* The policy's verdict on a packet the container of `port` sends. */
+/* The policy's verdict on a packet the container of `port` sends; *known:
+ * the flow was in the cache (its other end was told about it then). */
 static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
-				      struct pkt *p, struct fast_stats *st)
+				      struct pkt *p, struct fast_stats *st, int own, int *known)
 {
-	struct fast_addr_key src = {};
-	struct fast_addr *own;
 	struct flow_key k = {};
 	struct flow_val v = {}, *c;
 	struct policy *pol;
@@ -1969,13 +2024,8 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	pol = bpf_map_lookup_elem(&sg_policy, &mark);
 	if (!pol)
 		return V_ALLOW;    /* configured without a policy entry (yet) */
-	/* its own source address: no policy evaded with a forged one (the
-	 * link's own sources - IPv6 link-local, unspecified - stay usable:
-	 * neighbour discovery, DAD, DHCP) */
-	src.family = p->family;
-	__builtin_memcpy(src.addr, p->saddr, 16);
-	own = bpf_map_lookup_elem(&sg_fast_addrs, &src);
-	if ((!own || own->ifindex != skb->ifindex) && !link_source(p)) {
+	/* no policy evaded with a forged source address */
+	if (!own && !link_source(p)) {
 		if (st)
 			st->drops++;
 		return V_DENY;
@@ -1985,10 +2035,12 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	flow_key_of(&k, skb->ifindex, p, 1);
 	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
 	if (c && (c->origin == FL_IN || c->gen == pol->gen)) {
-		if (st)
+		*known = 1;
+		if (st) {
 			st->hits++;
-		if (c->verdict != V_ALLOW && st)
-			st->drops++;
+			if (c->verdict != V_ALLOW)
+				st->drops++;
+		}
 		return c->verdict;
 	}
 	if (st)
@@ -2008,23 +2060,31 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	return v.verdict;
 }
 
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
 SEC("tc")
 int sg_fast_in(struct __sk_buff *skb)
 {
 	struct fast_port *port;
 	struct fast_stats *st;
 	struct fast_addr_key dk = {};
-	struct fast_addr *dst, *src;
+	struct fast_addr *dst;
 	struct pkt p = {};
 	__u32 ifindex = skb->ifindex, k = CFG_FAST;
 	__u64 *on;
+	int own, known = 0;
 
 	port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
 	if (!port)
 		return TC_ACT_OK;
-	st = fast_stats(ifindex);
+	st = bpf_map_lookup_elem(&sg_fast_stats, &port->slot);
 	if (parse(skb, &p)) {
-		/* not IP (ARP...) or not understood: the policy judges what it can */
+		/* not IP (ARP...), or IP the programs do not understand: a policed
+		 * container's is dropped (nothing unjudged gets out) */
 		if (port->mark && (skb->protocol == bpf_htons(ETH_P_IP) ||
 				   skb->protocol == bpf_htons(ETH_P_IPV6)) &&
 		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
@@ -2036,33 +2096,31 @@ int sg_fast_in(struct __sk_buff *skb)
 			st->slow_pkts++;
 		return TC_ACT_OK;
 	}
-	if (port->mark && fast_judge(skb, port, &p, st) != V_ALLOW)
+	own = own_source(port, &p, ifindex);
+	if (port->mark && fast_judge(skb, port, &p, st, own, &known) != V_ALLOW)
 		return TC_ACT_SHOT;
 	on = bpf_map_lookup_elem(&sg_config, &k);
+	if (!own || !on || !*on)
+		goto slow;	/* a forged source takes the normal path, as without us */
 	dk.family = p.family;
 	__builtin_memcpy(dk.addr, p.daddr, 16);
-	dst = on && *on ? bpf_map_lookup_elem(&sg_fast_addrs, &dk) : 0;
-	if (!dst || dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac)) {
-		if (st)
-			st->slow_pkts++;
-		return TC_ACT_OK;
-	}
-	/* only a container's own source goes the fast way (a forged one takes
-	 * the normal path, as it would without the programs) */
-	dk.family = p.family;
-	__builtin_memcpy(dk.addr, p.saddr, 16);
-	src = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
-	if (!src || src->ifindex != ifindex) {
-		if (st)
-			st->slow_pkts++;
-		return TC_ACT_OK;
-	}
-	note_incoming(dst->ifindex, &p);
+	dst = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
+	if (!dst || dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac))
+		goto slow;
+	/* the destination's replies are allowed: told at a flow's first packet
+	 * (a sender without a policy has no flow cache: at each) - the reply
+	 * path's lookups keep the entry fresh in the LRU */
+	if (dst->mark && !known)
+		note_incoming(dst->ifindex, &p);
 	if (st) {
 		st->fast_pkts++;
 		st->fast_bytes += skb->len;
 	}
 	return bpf_redirect_peer(dst->ifindex, 0);
+slow:
+	if (st)
+		st->slow_pkts++;
+	return TC_ACT_OK;
 }
 
 SEC("tc")
@@ -2070,8 +2128,9 @@ int sg_fast_out(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	__u32 ifindex = skb->ifindex;
+	struct fast_port *port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
 
-	if (!parse(skb, &p))
+	if (port && port->mark && !parse(skb, &p))
 		note_incoming(ifindex, &p);
 	return TC_ACT_OK;
 }

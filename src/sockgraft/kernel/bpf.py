@@ -57,6 +57,7 @@ CFG_FAST = 3                   # sg_config[3]: the fast path forwards local pair
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 # struct fast_stats, per container port (ifindex)
 FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses")
+FAST_SLOTS = 4096              # sg_fast_ports / sg_fast_stats entries
 FLOW_KEY_SIZE = 28             # struct flow_key
 SPLICE_KEY_SIZE = 44           # struct splice_key
 # struct splice_stats, per container mark: sockets that entered the map,
@@ -598,20 +599,20 @@ class Programs:
         """The interfaces with pinned fast path links."""
         return fast_pins(self.agent)
 
-    def fast_stats(self) -> dict[int, tuple[int, ...]]:
-        """ifindex -> FAST_STATS fields, summed over CPUs."""
+    def fast_stats(self, slots: dict[int, int]) -> dict[int, tuple[int, ...]]:
+        """ifindex -> FAST_STATS fields, summed over CPUs; slots: ifindex ->
+        its counters' slot."""
         out = {}
-        for key in self.keys("sg_fast_stats", 4):
-            sums = self._percpu("sg_fast_stats", key, len(FAST_STATS))
+        for ifindex, slot in slots.items():
+            sums = self._percpu("sg_fast_stats", slot.to_bytes(4, "little"), len(FAST_STATS))
             if sums is not None:
-                out[int.from_bytes(key, "little")] = sums
+                out[ifindex] = sums
         return out
 
-    def fast_stats_reset(self, ifindex: int) -> None:
-        """A zeroed counters entry for a port (the programs only count into
-        entries that exist)."""
+    def fast_stats_reset(self, slot: int) -> None:
+        """Zero a counters slot before a new port takes it."""
         possible = _possible_cpus() or os.cpu_count() or 1
-        self.update("sg_fast_stats", ifindex.to_bytes(4, "little"),
+        self.update("sg_fast_stats", slot.to_bytes(4, "little"),
                     bytes(8 * len(FAST_STATS) * possible))
 
     def counters(self) -> list[int]:

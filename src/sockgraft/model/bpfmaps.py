@@ -22,8 +22,9 @@ sockaddrs are network order, as the kernel hands them to the program):
                  container's packets may carry (its endpoints; all-zero addr =
                  an endpoint on the wildcard address)
   sg_sock        socket-local storage {mark, flags}: kernel/bpf.Programs.tag
-  sg_fast_ports  u32 ifindex (a container's host-side veth) -> {mark, flags}
-  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], pad}
+  sg_fast_ports  u32 ifindex (a container's host-side veth) -> {mark, slot,
+                 addr4, addr6[4]}: its policy, counters slot, own addresses
+  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], pad, mark}
   sg_fast_flows  {ifindex, family, proto, lport(be), rport(be), pad, raddr[4]}
                  -> {gen, verdict, origin, label}: the per-flow verdict cache
 """
@@ -220,9 +221,9 @@ def svc_val(addr: IPv4Address | IPv6Address, port: int) -> bytes:
     return SVC_VAL.pack(addr.packed.ljust(16, b"\0"), _be16(port), addr.version, 0)
 
 
-FAST_PORT = struct.Struct("=II")
+FAST_PORT = struct.Struct("=II4s16s")
 FAST_ADDR_KEY = struct.Struct("=B3x16s")
-FAST_ADDR_VAL = struct.Struct("=I6sH")
+FAST_ADDR_VAL = struct.Struct("=I6sHI")
 FLOW_KEY = struct.Struct("=IBBHHH16s")
 
 
@@ -230,20 +231,28 @@ def fast_port_key(ifindex: int) -> bytes:
     return ifindex.to_bytes(4, "little")
 
 
-def fast_port_val(mark: int) -> bytes:
-    """mark 0: a container without a policy entry (forwarded, not judged)."""
-    return FAST_PORT.pack(mark, 0)
+def fast_port_val(mark: int, slot: int, addrs: Iterable[IPv4Address | IPv6Address] = ()
+                  ) -> bytes:
+    """mark 0: a container without a policy entry (forwarded, not judged).
+    slot: its counters' index. addrs: its own addresses; the first of each
+    family is kept here (the program compares it in place), the others are
+    found in sg_fast_addrs."""
+    v4 = next((a for a in addrs if a.version == 4), None)
+    v6 = next((a for a in addrs if a.version == 6), None)
+    return FAST_PORT.pack(mark, slot, v4.packed if v4 else bytes(4),
+                          v6.packed if v6 else bytes(16))
 
 
 def fast_addr_key(addr: IPv4Address | IPv6Address) -> bytes:
     return FAST_ADDR_KEY.pack(addr.version, addr.packed.ljust(16, b"\0"))
 
 
-def fast_addr_val(ifindex: int, mac: bytes) -> bytes:
+def fast_addr_val(ifindex: int, mac: bytes, mark: int = 0) -> bytes:
+    """mark: the owner's policy key (0: not judged; its replies need no record)."""
     if len(mac) != 6:
         raise ConfigError(f"a MAC address has 6 bytes, got {len(mac)}", field="mac",
                           value=mac.hex(":"))
-    return FAST_ADDR_VAL.pack(ifindex, mac, 0)
+    return FAST_ADDR_VAL.pack(ifindex, mac, 0, mark)
 
 
 def flow_ifindex(key: bytes) -> int:

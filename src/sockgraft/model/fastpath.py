@@ -64,14 +64,20 @@ def _routable(a: IPv4Address | IPv6Address) -> bool:
     return not (a.is_link_local or a.is_loopback or a.is_multicast or a.is_unspecified)
 
 
-def plan(ports: Iterable[Port], marks: Mapping[str, int]) -> Plan:
+def plan(ports: Iterable[Port], marks: Mapping[str, int],
+         slots: Mapping[int, int] | None = None) -> Plan:
     """marks: container -> the mark of its policy entry (configured
-    containers only)."""
+    containers only); slots: ifindex -> its counters' slot (default: the
+    order of the interfaces)."""
     out = Plan()
     owners: dict[bytes, list[Port]] = {}
-    for port in sorted(ports, key=lambda p: p.ifindex):
-        mark = marks.get(port.container or "", 0)
-        out.ports[bpfmaps.fast_port_key(port.ifindex)] = bpfmaps.fast_port_val(mark)
+    mark_of: dict[int, int] = {}
+    for i, port in enumerate(sorted(ports, key=lambda p: p.ifindex)):
+        mark = mark_of[port.ifindex] = marks.get(port.container or "", 0)
+        slot = slots[port.ifindex] if slots is not None else i
+        own = [a for a in port.addrs if _routable(a)]
+        out.ports[bpfmaps.fast_port_key(port.ifindex)] = bpfmaps.fast_port_val(mark, slot,
+                                                                                own)
         if mark:
             out.judged[port.ifindex] = port.container or ""
         if len(port.mac) != 6:
@@ -82,7 +88,7 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int]) -> Plan:
     for key, claimed in owners.items():
         if len(claimed) == 1:
             p = claimed[0]
-            out.addrs[key] = bpfmaps.fast_addr_val(p.ifindex, p.mac)
+            out.addrs[key] = bpfmaps.fast_addr_val(p.ifindex, p.mac, mark_of[p.ifindex])
         else:
             addr = _addr_of(key)
             out.conflicts.append(f"{addr} is claimed by "

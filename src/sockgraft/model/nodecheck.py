@@ -23,6 +23,7 @@ MODES = {
     "oci": ("seccomp_user_notif", "seccomp_addfd", "pidfd_getfd", "oci_runtime"),
     "enforcement": ("nftables",),
     "splice": ("bpf_programs", "bpf_splice"),       # agent --sockmap
+    "fastpath": ("bpf_programs", "bpf_fastpath"),   # agent --fastpath
 }
 
 FIX = {
@@ -37,6 +38,8 @@ FIX = {
                     "sk_storage and cgroup_skb programs",
     "bpf_splice": "a kernel with BTF (CONFIG_DEBUG_INFO_BTF) and sockmap "
                   "(CONFIG_BPF_STREAM_PARSER); only for agent --sockmap",
+    "bpf_fastpath": "a kernel >= 6.6 (tcx links, bpf_redirect_peer); only for agent "
+                    "--fastpath",
     "tc_clsact": "a kernel with the clsact qdisc (CONFIG_NET_SCH_INGRESS)",
     "nftables": "install nftables (the per-packet policy of grafted sockets)",
     "oci_runtime": "install runc >= 1.1 or crun >= 0.19 (seccomp listenerPath)",

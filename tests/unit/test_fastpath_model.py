@@ -1,0 +1,106 @@
+"""The packet fast path's desired state (model/fastpath.py) and its map bytes
+(model/bpfmaps.py): which interfaces are judged, which addresses lead where,
+conflicts, and the differences the agent writes."""
+
+from __future__ import annotations
+
+import re
+from ipaddress import ip_address
+
+import pytest
+
+from sockgraft.errors import ConfigError
+from sockgraft.model import bpfmaps
+from sockgraft.model import fastpath as mf
+
+pytestmark = pytest.mark.unit
+
+MAC1, MAC2, MAC3 = bytes.fromhex("020000000001"), bytes.fromhex("020000000002"), \
+    bytes.fromhex("020000000003")
+
+
+def port(ifindex, container, mac, *addrs):
+    return mf.Port(ifindex, f"veth{ifindex}", container, mac,
+                   tuple(ip_address(a) for a in addrs))
+
+
+def test_container_of_prefers_cni_then_the_lab_naming():
+    cni = {"/var/run/netns/cni-1234": "default.web"}
+    assert mf.container_of("/var/run/netns/cni-1234", lab=None, cni=cni) == "default.web"
+    assert mf.container_of("/run/netns/sg-demo-h1-c1", lab="demo", cni={}) == "h1-c1"
+    # another lab's namespace is no container of this one
+    assert mf.container_of("/run/netns/sg-other-h1-c1", lab="demo", cni={}) is None
+    assert mf.container_of("/run/netns/web", lab=None, cni={}) == "web"
+    assert mf.container_of("/proc/123/ns/net", lab=None, cni={}) is None
+
+
+def test_plan_judges_configured_containers_and_maps_their_addresses():
+    ports = [port(7, "a", MAC1, "10.0.0.2", "fd00::2", "fe80::1"),
+             port(9, "b", MAC2, "10.0.0.3"),
+             port(11, None, MAC3, "10.0.0.4")]
+    plan = mf.plan(ports, {"a": 0x53470001})
+    assert plan.judged == {7: "a"}
+    assert bpfmaps.FAST_PORT.unpack(plan.ports[bpfmaps.fast_port_key(7)]) == (
+        0x53470001, 0, ip_address("10.0.0.2").packed, ip_address("fd00::2").packed)
+    assert bpfmaps.FAST_PORT.unpack(plan.ports[bpfmaps.fast_port_key(9)]) == (
+        0, 1, ip_address("10.0.0.3").packed, bytes(16))
+    assert set(plan.ports) == {bpfmaps.fast_port_key(i) for i in (7, 9, 11)}
+    got = {str(mf._addr_of(k)): bpfmaps.FAST_ADDR_VAL.unpack(v)
+           for k, v in plan.addrs.items()}
+    # link-local is never a fast destination; the owner's mark travels along
+    assert got == {"10.0.0.2": (7, MAC1, 0, 0x53470001), "fd00::2": (7, MAC1, 0, 0x53470001),
+                   "10.0.0.3": (9, MAC2, 0, 0), "10.0.0.4": (11, MAC3, 0, 0)}
+    # slots as the agent assigned them
+    again = mf.plan(ports, {"a": 0x53470001}, {7: 5, 9: 0, 11: 1})
+    assert bpfmaps.FAST_PORT.unpack(again.ports[bpfmaps.fast_port_key(7)])[1] == 5
+    assert plan.conflicts == []
+
+
+def test_an_address_claimed_twice_leads_nowhere_fast():
+    plan = mf.plan([port(7, "a", MAC1, "10.0.0.2"), port(9, "b", MAC2, "10.0.0.2",
+                                                        "10.0.0.3")], {})
+    assert bpfmaps.fast_addr_key(ip_address("10.0.0.2")) not in plan.addrs
+    assert bpfmaps.fast_addr_key(ip_address("10.0.0.3")) in plan.addrs
+    assert len(plan.conflicts) == 1 and re.search(r"10\.0\.0\.2 .*veth7, veth9",
+                                                  plan.conflicts[0])
+
+
+def test_a_port_without_a_mac_forwards_nothing_to_it():
+    plan = mf.plan([port(7, "a", b"", "10.0.0.2")], {})
+    assert plan.addrs == {} and bpfmaps.fast_port_key(7) in plan.ports
+
+
+def test_diff_and_moved_addresses():
+    old = mf.plan([port(7, "a", MAC1, "10.0.0.2"), port(9, "b", MAC2, "10.0.0.3")], {})
+    # b went away; a new container c took its address
+    new = mf.plan([port(7, "a", MAC1, "10.0.0.2"), port(12, "c", MAC3, "10.0.0.3")], {})
+    writes, deletes = mf.diff(old.ports, new.ports)
+    assert set(writes) == {bpfmaps.fast_port_key(12)}
+    assert deletes == [bpfmaps.fast_port_key(9)]
+    writes, deletes = mf.diff(old.addrs, new.addrs)
+    assert list(writes) == [bpfmaps.fast_addr_key(ip_address("10.0.0.3"))] and deletes == []
+    assert mf.moved(old.addrs, new.addrs) == {ip_address("10.0.0.3")}
+    assert mf.moved(new.addrs, new.addrs) == set()
+
+
+def test_flow_key_layout_is_the_programs():
+    key = bpfmaps.FLOW_KEY.pack(42, 6, 6, 0x5000, 0xbb01, 0, ip_address("fd00::9").packed)
+    assert len(key) == 28
+    assert bpfmaps.flow_ifindex(key) == 42
+    assert bpfmaps.flow_raddr(key) == ip_address("fd00::9")
+    key4 = bpfmaps.FLOW_KEY.pack(3, 4, 17, 1, 2, 0, ip_address("10.1.2.3").packed.ljust(16,
+                                                                                       b"\0"))
+    assert bpfmaps.flow_raddr(key4) == ip_address("10.1.2.3")
+
+
+def test_a_bad_mac_is_a_clear_error():
+    with pytest.raises(ConfigError, match="6 bytes"):
+        bpfmaps.fast_addr_val(3, b"\1\2")
+
+
+def test_packet_denials_decode_as_packets():
+    raw = bpfmaps.EVENT.pack(bpfmaps.EV_DENY_POLICY, 0x53470001, 7, 0,
+                             ip_address("10.0.0.3").packed.ljust(16, b"\0"), 7120, 4, 6, 0)
+    ev = bpfmaps.decode_event(raw)
+    assert (ev.op, ev.address, ev.proto, ev.reason) == ("packet", "10.0.0.3:7120", "tcp",
+                                                        "policy")
