@@ -294,3 +294,125 @@ def test_programs_survive_an_agent_restart(flab):
     flab.sg("policy", "del", "--container", "h1-c1", "deny", "tcp", C2, "7150")
     assert netns.run_in(ns1, _tcp_bulk, C2, 7150, 10000) == 10000
     assert _port(flab, "h1-c1")["fast_pkts"] > 0
+
+
+# --- across hosts: the encapsulation cache ----------------------------------------------
+
+C22, C22_6 = "198.19.2.3", "fd53:6700:0:2::3"
+
+
+@pytest.fixture
+def flab2(lab, state_dir):
+    g = GraftLab(lab, state_dir)
+    try:
+        g.start_agent("h1", "--fastpath", "on")
+        g.start_agent("h2", "--fastpath", "on")
+        yield g
+    finally:
+        g.close()
+
+
+def _fast_on(g, host, **kw):
+    return control.request(g.agent_socket(host), {"op": "fastpath", **kw}, timeout=10)
+
+
+def _row(g, host, container):
+    for row in _fast_on(g, host)["ports"]:
+        if row["container"] == container:
+            return row
+    raise AssertionError(f"no port for {container}")
+
+
+def _vx_packets(g, host):
+    c = builder.interface_counters(g.plan.node(host).netns)["sg-vx0"]
+    return c["tx_packets"] + c["rx_packets"]
+
+
+def _cached(g, host, n=2, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = _fast_on(g, host)
+        if got["remote_routes"] >= n or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_remote_pair_skips_the_overlay_devices(flab2, family):
+    """The first packet takes the normal path (it resolves the underlay
+    neighbour); from then on the pair's packets are encapsulated at the
+    sender's veth and decapsulated at the receiver's underlay device: the
+    VXLAN devices of both hosts carry (almost) nothing."""
+    g = flab2
+    dst = C22 if family == 4 else C22_6
+    assert _ping(g, "h1-c1", dst, 1) == 0
+    assert _ping(g, "h2-c2", C1 if family == 4 else C1_6, 1) == 0
+    assert _cached(g, "h1")["remote_routes"] == 2 and _cached(g, "h2")["remote_routes"] == 2
+    _server(g, "h2-c2", COUNT_SERVER, dst, 7200)
+    _server(g, "h2-c2", UDP_ECHO, dst, 7201)
+    vx1, vx2 = _vx_packets(g, "h1"), _vx_packets(g, "h2")
+    enc, dec = _row(g, "h1", "h1-c1")["encap_pkts"], _row(g, "h2", "h2-c2")["decap_pkts"]
+    n = 4 << 20
+    assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, dst, 7200, n) == n
+    assert netns.run_in(_ns(g, "h1-c1"), _udp_echo, dst, 7201, b"x" * 1400) == b"x" * 1400
+    assert _ping(g, "h1-c1", dst) == 0
+    assert _row(g, "h1", "h1-c1")["encap_pkts"] - enc > 20
+    assert _row(g, "h2", "h2-c2")["decap_pkts"] - dec > 20
+    # replies came back the same way
+    assert _row(g, "h2", "h2-c2")["encap_pkts"] > 10 and _row(g, "h1", "h1-c1")["decap_pkts"] > 10
+    assert _vx_packets(g, "h1") - vx1 < 10 and _vx_packets(g, "h2") - vx2 < 10
+
+
+def _ttl_ping(g, container, dst, ttl):
+    return subprocess.run(["ip", "netns", "exec", _ns(g, container), "ping", "-c", "1",
+                           "-W", "1", "-t", str(ttl), dst], capture_output=True,
+                          text=True).stdout
+
+
+def test_remote_path_looks_like_the_overlay(flab2):
+    """Hop counts, ICMP errors and fragments as over the VXLAN devices: a
+    packet is routed twice (TTL 2 dies at the second host, which says so),
+    a closed UDP port answers with port unreachable, a 3000-byte ping is
+    fragmented and reassembled - with the fast path and without it."""
+    g = flab2
+    assert _ping(g, "h1-c1", C22, 1) == 0 and _ping(g, "h2-c2", C1, 1) == 0
+    _cached(g, "h1")
+    _cached(g, "h2")
+    seen = []
+    for on in (True, False):
+        _fast_on(g, "h1", on=on)
+        _fast_on(g, "h2", on=on)
+        before = _row(g, "h1", "h1-c1")["encap_pkts"]
+        short, enough = _ttl_ping(g, "h1-c1", C22, 2), _ttl_ping(g, "h1-c1", C22, 3)
+        refused = netns.run_in(_ns(g, "h1-c1"), _udp_echo, C22, 7299, b"?")
+        big = subprocess.run(["ip", "netns", "exec", _ns(g, "h1-c1"), "ping", "-c", "1", "-W",
+                              "1", "-s", "3000", C22], capture_output=True).returncode
+        moved = _row(g, "h1", "h1-c1")["encap_pkts"] - before
+        seen.append(("Time to live exceeded" in short, " 0% packet loss" in enough, refused,
+                     big))
+        assert (moved > 3) == on, (on, moved)
+    assert seen[0] == seen[1] == (True, True, "refused", 0), seen
+
+
+def test_a_changed_overlay_table_changes_the_cache(flab2):
+    """The cache follows the kernel's tables: the neighbour entry of the
+    other host's gateway goes away - the route is no longer cached (the
+    normal path is all there is); it comes back - cached again."""
+    g = flab2
+    h1 = g.plan.node("h1").netns
+    assert _ping(g, "h1-c1", C22, 1) == 0
+    assert _cached(g, "h1")["remote_routes"] == 2
+    out = subprocess.run(["ip", "-n", h1, "neigh", "show", "198.19.2.0", "dev", "sg-vx0"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    mac = out[out.index("lladdr") + 1]
+    subprocess.run(["ip", "-n", h1, "neigh", "del", "198.19.2.0", "dev", "sg-vx0"], check=True)
+    deadline = time.monotonic() + 10
+    while _fast_on(g, "h1")["remote_routes"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    got = _fast_on(g, "h1")
+    assert got["remote_routes"] == 1
+    assert any("198.19.2.0/24" in w and "no neighbour" in w for w in got["waiting"])
+    subprocess.run(["ip", "-n", h1, "neigh", "replace", "198.19.2.0", "lladdr", mac, "dev",
+                    "sg-vx0", "nud", "permanent"], check=True)
+    assert _cached(g, "h1")["remote_routes"] == 2
+    assert _ping(g, "h1-c1", C22, 2) == 0

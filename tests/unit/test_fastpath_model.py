@@ -19,9 +19,12 @@ MAC1, MAC2, MAC3 = bytes.fromhex("020000000001"), bytes.fromhex("020000000002"),
     bytes.fromhex("020000000003")
 
 
+GW = bytes.fromhex("0200000000ff")
+
+
 def port(ifindex, container, mac, *addrs):
     return mf.Port(ifindex, f"veth{ifindex}", container, mac,
-                   tuple(ip_address(a) for a in addrs))
+                   tuple(ip_address(a) for a in addrs), GW)
 
 
 def test_container_of_prefers_cni_then_the_lab_naming():
@@ -41,15 +44,16 @@ def test_plan_judges_configured_containers_and_maps_their_addresses():
     plan = mf.plan(ports, {"a": 0x53470001})
     assert plan.judged == {7: "a"}
     assert bpfmaps.FAST_PORT.unpack(plan.ports[bpfmaps.fast_port_key(7)]) == (
-        0x53470001, 0, ip_address("10.0.0.2").packed, ip_address("fd00::2").packed)
+        0x53470001, 0, ip_address("10.0.0.2").packed, ip_address("fd00::2").packed, GW)
     assert bpfmaps.FAST_PORT.unpack(plan.ports[bpfmaps.fast_port_key(9)]) == (
-        0, 1, ip_address("10.0.0.3").packed, bytes(16))
+        0, 1, ip_address("10.0.0.3").packed, bytes(16), GW)
     assert set(plan.ports) == {bpfmaps.fast_port_key(i) for i in (7, 9, 11)}
     got = {str(mf._addr_of(k)): bpfmaps.FAST_ADDR_VAL.unpack(v)
            for k, v in plan.addrs.items()}
     # link-local is never a fast destination; the owner's mark travels along
-    assert got == {"10.0.0.2": (7, MAC1, 0, 0x53470001), "fd00::2": (7, MAC1, 0, 0x53470001),
-                   "10.0.0.3": (9, MAC2, 0, 0), "10.0.0.4": (11, MAC3, 0, 0)}
+    assert got == {"10.0.0.2": (7, MAC1, GW, 0x53470001, 0),
+                   "fd00::2": (7, MAC1, GW, 0x53470001, 0),
+                   "10.0.0.3": (9, MAC2, GW, 0, 1), "10.0.0.4": (11, MAC3, GW, 0, 2)}
     # slots as the agent assigned them
     again = mf.plan(ports, {"a": 0x53470001}, {7: 5, 9: 0, 11: 1})
     assert bpfmaps.FAST_PORT.unpack(again.ports[bpfmaps.fast_port_key(7)])[1] == 5
@@ -104,3 +108,55 @@ def test_packet_denials_decode_as_packets():
     ev = bpfmaps.decode_event(raw)
     assert (ev.op, ev.address, ev.proto, ev.reason) == ("packet", "10.0.0.3:7120", "tcp",
                                                         "policy")
+
+
+VX = bytes.fromhex("025347000001")
+VX2 = bytes.fromhex("025347000002")
+UL, HOP = bytes.fromhex("0a0000000001"), bytes.fromhex("0a0000000002")
+
+
+def overlay(**kw):
+    base = dict(ifindex=6, ifname="sg-vx0", vni=42, dport=8472, local="198.18.0.1",
+                underlay=2, mac=VX,
+                routes=(("198.19.2.0/24", "198.19.2.0"),
+                        ("fd53:6700:0:2::/64", "fd53:6700:0:ffff::2")),
+                neighbours=(("198.19.2.0", VX2), ("fd53:6700:0:ffff::2", VX2)),
+                fdb=((VX2, "198.18.0.2"),),
+                next_hops=(("198.18.0.2", 2, HOP, UL),))
+    base.update(kw)
+    return mf.Overlay(**base)
+
+
+def test_remote_entries_are_the_outer_headers_the_vxlan_device_would_write():
+    plan = mf.plan_remote([overlay()], (32768, 60999))
+    assert plan.waiting == []
+    v4 = bpfmaps.REMOTE_VAL.unpack(plan.remote[bpfmaps.remote_key(
+        __import__("ipaddress").ip_network("198.19.2.0/24"))])
+    assert v4 == (2, ip_address("198.18.0.1").packed, ip_address("198.18.0.2").packed, 42,
+                  bpfmaps._be16(8472), HOP, UL, VX2, VX, 32768, 60999)
+    assert len(plan.remote) == 2            # the IPv6 overlay route too (outer IPv4)
+    assert list(plan.peers) == [ip_address("198.18.0.2").packed]
+    assert bpfmaps.TUNNEL_VAL.unpack(plan.tunnels[bpfmaps.fast_port_key(2)]) == (
+        42, ip_address("198.18.0.1").packed, bpfmaps._be16(8472), VX)
+    # LPM key: 32 + prefix length, then family and address
+    k = bpfmaps.REMOTE_KEY.unpack(bpfmaps.remote_key(
+        __import__("ipaddress").ip_network("fd53:6700:0:2::/64")))
+    assert k[:2] == (32 + 64, 6)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(next_hops=()), "not resolved yet"),
+    (dict(fdb=()), "no FDB entry"),
+    (dict(neighbours=()), "no neighbour"),
+])
+def test_an_unresolved_route_is_left_to_the_normal_path(change, reason):
+    plan = mf.plan_remote([overlay(**change)], (32768, 60999))
+    assert plan.remote == {}
+    assert len(plan.waiting) == 2 and all(reason in w for w in plan.waiting)
+    # the tunnel still decapsulates what the other host sends the fast way
+    assert bpfmaps.fast_port_key(2) in plan.tunnels
+
+
+def test_an_overlay_without_an_ipv4_local_address_is_left_alone():
+    plan = mf.plan_remote([overlay(local="")], (32768, 60999))
+    assert plan.remote == {} and plan.tunnels == {} and plan.waiting

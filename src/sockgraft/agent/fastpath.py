@@ -16,6 +16,7 @@ Must not: decide (model/fastpath.py) or know map layouts (model/bpfmaps.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from ..model import fastpath as mfast
 log = logging.getLogger("sockgraft.agent")
 
 FULL_EVERY = 5.0        # seconds between sweeps that retry interfaces without addresses
-RTMGRP_LINK = 1
+# links come and go; neighbours, FDB entries and routes fill the overlay cache
+RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x4, 0x40, 0x400
 
 
 def cni_containers(state_dir: str) -> dict[str, str]:
@@ -70,6 +72,11 @@ class FastPath:
         self.slots: dict[int, int] = {}             # ifindex -> its counters' slot
         self.conflicts: list[str] = []
         self.attached: set[int] = set()
+        self.remote: dict[bytes, bytes] = {}        # what sg_fast_remote holds
+        self.tunnels: dict[bytes, bytes] = {}       # sg_fast_tunnels
+        self.peers: dict[bytes, bytes] = {}         # sg_fast_peers
+        self.underlays: set[int] = set()            # decapsulating underlay devices
+        self.waiting: list[str] = []                # overlay routes not (yet) cached
         self.enabled = True                         # programs on the interfaces
         self.due = False
         self.last_sweep = 0.0
@@ -77,7 +84,8 @@ class FastPath:
         self._nl: IPRoute | None = None
         try:
             self._nl = IPRoute()
-            self._nl.bind(groups=RTMGRP_LINK)
+            self._nl.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE |
+                          RTMGRP_IPV6_ROUTE)
         except (OSError, NetlinkError) as exc:
             log.warning("fastpath: no link events (%s): interfaces are found by the "
                         "sweep", exc)
@@ -125,7 +133,7 @@ class FastPath:
                 continue
             self.facts[v.ifindex] = mfast.Port(
                 v.ifindex, v.ifname, mfast.container_of(path, lab=self.lab, cni=cni),
-                mac, addrs)
+                mac, addrs, v.bridge_mac)
 
     def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int],
                   now: float | None = None, full: bool = False) -> None:
@@ -179,9 +187,47 @@ class FastPath:
             self.forget_flows(bpf, changed, moved)
         for key in port_dels:
             bpf.delete("sg_fast_ports", key)
-        for ifindex in (bpf.fast_attached() | self.attached) - present:
+        self._reconcile_remote(bpf)
+        for ifindex in (bpf.fast_attached() | self.attached) - (present | self.underlays):
             bpf.fast_detach(ifindex)
             self.attached.discard(ifindex)
+
+    def _reconcile_remote(self, bpf: kbpf.Programs) -> None:
+        """The encapsulation cache and the decapsulating underlays, from the
+        overlay's tables (kernel/ports.vxlans, model/fastpath.plan_remote)."""
+        overlays = [mfast.Overlay(**dataclasses.asdict(v)) for v in kports.vxlans()]
+        plan = mfast.plan_remote(overlays, kports.local_port_range())
+        if plan.waiting != self.waiting:
+            for w in plan.waiting:
+                log.info("fastpath: %s", w)
+        self.waiting = plan.waiting
+        underlays = {int.from_bytes(k, "little") for k in plan.tunnels}
+        # decapsulation first: what the other hosts send the fast way must
+        # find this host ready before this host sends the fast way
+        for m, old, new in (("sg_fast_peers", self.peers, plan.peers),
+                            ("sg_fast_tunnels", self.tunnels, plan.tunnels)):
+            writes, _ = mfast.diff(old, new)
+            for key, val in writes.items():
+                bpf.update(m, key, val)
+        if self.enabled:
+            for ifindex in underlays - self.underlays:
+                try:
+                    bpf.fast_attach(ifindex, kbpf.UNDERLAY_PROGRAMS)
+                except SockgraftError as exc:
+                    log.warning("fastpath: underlay: %s", exc)
+                    underlays.discard(ifindex)
+        writes, dels = mfast.diff(self.remote, plan.remote)
+        for key, val in writes.items():
+            bpf.update("sg_fast_remote", key, val)
+        for key in dels:
+            bpf.delete("sg_fast_remote", key)
+        for m, old, new in (("sg_fast_peers", self.peers, plan.peers),
+                            ("sg_fast_tunnels", self.tunnels, plan.tunnels)):
+            _, dels = mfast.diff(old, new)
+            for key in dels:
+                bpf.delete(m, key)
+        self.remote, self.peers, self.tunnels = plan.remote, plan.peers, plan.tunnels
+        self.underlays = underlays
 
     def _assign_slots(self) -> list[int]:
         """A counters slot for every interface (the lowest free one for a new
@@ -224,6 +270,7 @@ class FastPath:
         for ifindex in bpf.fast_attached() | self.attached:
             bpf.fast_detach(ifindex)
         self.attached.clear()
+        self.underlays.clear()
 
     # --- queries --------------------------------------------------------------
 
@@ -238,5 +285,6 @@ class FastPath:
                          "mac": port.mac.hex(":"), "addresses": [str(a) for a in port.addrs],
                          **(dict(zip(kbpf.FAST_STATS, st)) if st else {})})
         return {"enabled": self.enabled, "ports": rows, "conflicts": list(self.conflicts),
-                "addresses": len(self.addrs),
+                "addresses": len(self.addrs), "remote_routes": len(self.remote),
+                "underlays": sorted(self.underlays), "waiting": list(self.waiting),
                 "flows": len(bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE))}

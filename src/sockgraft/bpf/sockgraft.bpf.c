@@ -1745,6 +1745,8 @@ struct fast_port {
 	__u32 slot;         /* its counters: sg_fast_stats[slot] */
 	__u32 addr4;        /* its IPv4 address (network order); 0 = none */
 	__u32 addr6[4];     /* its IPv6 address; all 0 = none (more: sg_fast_addrs) */
+	__u8 gw[6];         /* its bridge's MAC: what it sends routed packets to */
+	__u16 pad;
 };
 
 struct fast_addr_key {
@@ -1756,8 +1758,41 @@ struct fast_addr_key {
 struct fast_addr {
 	__u32 ifindex;      /* the container's host-side veth */
 	__u8 mac[6];        /* its interface's MAC */
-	__u16 pad;
+	__u8 gw[6];         /* its bridge's MAC: the source of what is routed to it */
 	__u32 mark;         /* its policy key: replies it may send are recorded */
+	__u32 slot;         /* its counters */
+};
+
+/* Across hosts: the overlay's routes, as the kernel's tables say (a route
+ * via the VXLAN device, its neighbour and FDB entries, the underlay's
+ * neighbour), written by the agent. LPM key: family byte, then the address. */
+struct remote_key {
+	__u32 prefixlen;    /* 32 + the route's prefix length */
+	__u8 family;
+	__u8 pad[3];
+	__u32 addr[4];
+};
+
+struct remote {
+	__u32 ifindex;      /* the underlay device */
+	__u32 saddr;        /* outer source: this host's VTEP address */
+	__u32 daddr;        /* outer destination: the other host's */
+	__u32 vni;          /* host order */
+	__u16 dport;        /* network order */
+	__u8 outer_dmac[6]; /* the underlay next hop */
+	__u8 outer_smac[6]; /* the underlay device's */
+	__u8 inner_dmac[6]; /* the other host's VXLAN device */
+	__u8 inner_smac[6]; /* ours */
+	__u16 sport_min;    /* outer source ports (a flow hash picks one), host order */
+	__u16 sport_max;
+};
+
+/* What the underlay device of `ifindex` accepts for decapsulation. */
+struct tunnel {
+	__u32 vni;          /* host order */
+	__u32 addr;         /* this host's VTEP address (outer destination) */
+	__u16 dport;        /* network order */
+	__u8 vtep_mac[6];   /* our VXLAN device's MAC: the inner destination */
 };
 
 struct flow_key {
@@ -1784,6 +1819,10 @@ struct fast_stats {
 	__u64 drops;        /* denied by the policy, or a forged source */
 	__u64 hits;         /* verdict cache */
 	__u64 misses;
+	__u64 encap_pkts;   /* encapsulated here, straight to the underlay */
+	__u64 encap_bytes;
+	__u64 decap_pkts;   /* decapsulated at the underlay, straight into it */
+	__u64 decap_bytes;
 };
 
 struct {
@@ -1806,6 +1845,29 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct flow_val);
 } sg_fast_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct remote_key);
+	__type(value, struct remote);
+} sg_fast_remote SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, struct tunnel);
+} sg_fast_tunnels SEC(".maps");
+
+/* the other hosts' VTEP addresses: the only outer sources decapsulated */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u8);
+} sg_fast_peers SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -1854,9 +1916,9 @@ static __always_inline int l4_parse(struct pkt *p, const __u8 *l4)
 
 /* IPv6 behind extension headers (rare): read with bpf_skb_load_bytes, so
  * that no L4 protocol hides behind them. */
-static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p)
+static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 base)
 {
-	__u32 off = 14 + 40;
+	__u32 off = base + 40;
 	__u8 l4[6] = {};
 
 	for (int i = 0; i < 4; i++) {
@@ -1886,27 +1948,30 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p)
 	return l4_parse(p, l4);
 }
 
-/* What the programs need of a packet, read in place; 0 = an IP packet they
+/* What the programs need of a packet whose Ethernet header (of type
+ * `proto`) starts at `base`, read in place; 0 = an IP packet they
  * understand. */
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const __u32 base,
+				    __u16 proto)
 {
 	__u8 *data = (void *)(long)skb->data;
 	__u8 *end = (void *)(long)skb->data_end;
 
 	p->judged = 1;
-	if (data + 14 + 40 + 8 > end && skb->len > (__u32)(end - data)) {
+	if (data + base + 14 + 40 + 8 > end && skb->len > (__u32)(end - data)) {
 		/* headers not all in the linear part: pull them in */
-		__u32 want = skb->len < 14 + 40 + 8 ? skb->len : 14 + 40 + 8;
+		__u32 want = skb->len < base + 14 + 40 + 8 ? skb->len : base + 14 + 40 + 8;
 
 		if (bpf_skb_pull_data(skb, want) < 0)
 			return -1;
 		data = (void *)(long)skb->data;
 		end = (void *)(long)skb->data_end;
 	}
+	data += base;
 	if (data + 14 > end)
 		return -1;
 	__builtin_memcpy(p->dmac, data, 6);
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+	if (proto == bpf_htons(ETH_P_IP)) {
 		__u8 *ip = data + 14, *l4;
 		__u32 ihl;
 
@@ -1934,7 +1999,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		}
 		return l4_parse(p, l4);
 	}
-	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+	if (proto == bpf_htons(ETH_P_IPV6)) {
 		__u8 *ip = data + 14;
 
 		if (ip + 40 > end)
@@ -1944,13 +2009,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		__builtin_memcpy(p->saddr, ip + 8, 16);
 		__builtin_memcpy(p->daddr, ip + 24, 16);
 		if (p->proto == 0 || p->proto == 43 || p->proto == 60 || p->proto == 44)
-			return parse_ext6(skb, p);
+			return parse_ext6(skb, p, base + 14);
 		if (ip + 40 + 6 > end)
 			return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
 		return l4_parse(p, ip + 40);
 	}
 	return -1;
 }
+
+#define parse(skb, p) parse_at(skb, p, 0, (skb)->protocol)
 
 static __always_inline void flow_key_of(struct flow_key *k, __u32 ifindex, struct pkt *p,
 					int outgoing)
@@ -2066,6 +2133,209 @@ static __always_inline int same_mac(const __u8 *a, const __u8 *b)
 	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
 }
 
+
+#define ADJ_DECAP_L3_IPV4 (1ULL << 7)      /* BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (6.3) */
+#define ADJ_DECAP_L3_IPV6 (1ULL << 8)
+#define VXLAN_ROOM 50       /* outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14 */
+#define VXLAN_HDRS 64       /* outer Ethernet + VXLAN_ROOM */
+
+struct vxlan_hdrs {
+	__u8 eth_dst[6];
+	__u8 eth_src[6];
+	__u16 eth_proto;
+	__u8 ver_ihl;
+	__u8 tos;
+	__u16 tot_len;
+	__u16 id;
+	__u16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__u16 check;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u16 ulen;
+	__u16 ucheck;
+	__u32 vx_flags;
+	__u32 vx_vni;
+	__u8 in_dst[6];
+	__u8 in_src[6];
+	__u16 in_proto;
+} __attribute__((packed));
+
+static __always_inline __u16 ip_csum(const void *ip)
+{
+	const __u16 *w = ip;
+	__u32 sum = 0;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum;
+}
+
+/* One hop of routing, as the kernel's forwarding would do it: the TTL
+ * (hop limit) of the IP header at `off` goes down by one. Returns -1 when
+ * it may not (<= 1: the normal path answers with time exceeded). */
+static __always_inline int hop(struct __sk_buff *skb, __u32 off, __u8 family)
+{
+	__u8 *data = (void *)(long)skb->data;
+	__u8 *end = (void *)(long)skb->data_end;
+
+	if (data + off + 40 > end && (family == 6 || data + off + 20 > end))
+		return -1;
+	if (family == 4) {
+		__u16 old = *(__u16 *)(data + off + 8);	/* ttl, protocol */
+		__u16 new;
+
+		if (data[off + 8] <= 1)
+			return -1;
+		data[off + 8]--;
+		new = *(__u16 *)(data + off + 8);
+		return bpf_l3_csum_replace(skb, off + 10, old, new, 2) ? -1 : 0;
+	}
+	if (data[off + 7] <= 1)
+		return -1;
+	data[off + 7]--;
+	return 0;
+}
+
+/* Check-only twin of hop(): may the packet be routed once more? */
+static __always_inline int may_hop(struct __sk_buff *skb, __u32 off, __u8 family)
+{
+	__u8 *data = (void *)(long)skb->data;
+	__u8 *end = (void *)(long)skb->data_end;
+
+	if (family == 4)
+		return data + off + 20 <= end && data[off + 8] > 1;
+	return data + off + 40 <= end && data[off + 7] > 1;
+}
+
+/* A packet routed to another host's container: encapsulated as the VXLAN
+ * device would (its VNI, port, MACs; outer UDP checksum 0, allowed for
+ * IPv4), inner TTL down by one, sent out of the underlay device. Returns
+ * -1 to leave it to the normal path (no route, TTL, MAC not the bridge's). */
+static __always_inline int encap(struct __sk_buff *skb, struct fast_port *port, struct pkt *p,
+				 struct fast_stats *st)
+{
+	struct remote_key rk = {};
+	struct remote *r;
+	struct vxlan_hdrs h = {};
+	__u32 len = skb->len, hash, span;
+	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+		      BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(14);
+
+	if (!same_mac(p->dmac, port->gw))
+		return -1;
+	rk.prefixlen = 32 + (p->family == 4 ? 32 : 128);
+	rk.family = p->family;
+	__builtin_memcpy(rk.addr, p->daddr, 16);
+	r = bpf_map_lookup_elem(&sg_fast_remote, &rk);
+	if (!r || !may_hop(skb, 14, p->family))
+		return -1;
+	__builtin_memcpy(h.eth_dst, r->outer_dmac, 6);
+	__builtin_memcpy(h.eth_src, r->outer_smac, 6);
+	h.eth_proto = bpf_htons(ETH_P_IP);
+	h.ver_ihl = 0x45;
+	h.tot_len = bpf_htons(len + VXLAN_ROOM - 14);	/* outer IP .. inner end */
+	h.ttl = 64;
+	h.protocol = IPPROTO_UDP;
+	h.saddr = r->saddr;
+	h.daddr = r->daddr;
+	h.check = ip_csum(&h.ver_ihl);
+	hash = bpf_get_hash_recalc(skb);
+	span = r->sport_max > r->sport_min ? r->sport_max - r->sport_min + 1 : 1;
+	h.sport = bpf_htons(r->sport_min + hash % span);
+	h.dport = r->dport;
+	h.ulen = bpf_htons(len + VXLAN_ROOM - 14 - 20);
+	h.vx_flags = bpf_htonl(0x08000000);
+	h.vx_vni = bpf_htonl(r->vni << 8);
+	__builtin_memcpy(h.in_dst, r->inner_dmac, 6);
+	__builtin_memcpy(h.in_src, r->inner_smac, 6);
+	h.in_proto = p->family == 4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
+	if (bpf_skb_adjust_room(skb, VXLAN_ROOM, BPF_ADJ_ROOM_MAC, flags))
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0) || hop(skb, VXLAN_HDRS, p->family))
+		return TC_ACT_SHOT;	/* half-built: cannot go back */
+	if (st) {
+		st->encap_pkts++;
+		st->encap_bytes += len;
+	}
+	return bpf_redirect(r->ifindex, 0);
+}
+
+/* At an underlay device: a VXLAN packet from a known host, for a container
+ * of this one, is decapsulated and handed straight into the container (as
+ * the VXLAN device, routing and the bridge would deliver it: TTL down by
+ * one, the bridge's MAC as its source). Everything else: the normal path. */
+SEC("tc")
+int sg_fast_decap(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct tunnel *t = bpf_map_lookup_elem(&sg_fast_tunnels, &ifindex);
+	struct fast_addr_key dk = {};
+	struct fast_addr *dst;
+	struct fast_stats *st;
+	struct pkt p = {};
+	__u8 *data, *end;
+	__u16 in_proto;
+	__u32 vni, saddr, len;
+	__u8 eth[14];
+
+	if (!t || skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	if (data + VXLAN_HDRS > end) {
+		if (skb->len < VXLAN_HDRS + 20 || bpf_skb_pull_data(skb, VXLAN_HDRS + 40) < 0)
+			return TC_ACT_OK;
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		if (data + VXLAN_HDRS > end)
+			return TC_ACT_OK;
+	}
+	/* outer IPv4 without options or fragments, UDP to our VXLAN port */
+	if (data[14] != 0x45 || data[23] != IPPROTO_UDP ||
+	    (((__u16)data[20] << 8 | data[21]) & 0x3fff))
+		return TC_ACT_OK;
+	if (*(__u32 *)(data + 30) != t->addr || *(__u16 *)(data + 36) != t->dport)
+		return TC_ACT_OK;
+	saddr = *(__u32 *)(data + 26);
+	if (!bpf_map_lookup_elem(&sg_fast_peers, &saddr))
+		return TC_ACT_OK;
+	vni = bpf_ntohl(*(__u32 *)(data + 46)) >> 8;
+	if (!(data[42] & 0x08) || vni != t->vni || !same_mac(data + 50, t->vtep_mac))
+		return TC_ACT_OK;
+	in_proto = *(__u16 *)(data + 62);
+	if (parse_at(skb, &p, 50, in_proto))
+		return TC_ACT_OK;
+	dk.family = p.family;
+	__builtin_memcpy(dk.addr, p.daddr, 16);
+	dst = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
+	if (!dst || !may_hop(skb, VXLAN_HDRS, p.family))
+		return TC_ACT_OK;
+	st = bpf_map_lookup_elem(&sg_fast_stats, &dst->slot);
+	if (dst->mark)
+		note_incoming(dst->ifindex, &p);
+	len = skb->len;
+	if (bpf_skb_adjust_room(skb, -VXLAN_ROOM, BPF_ADJ_ROOM_MAC,
+				p.family == 4 ? ADJ_DECAP_L3_IPV4 : ADJ_DECAP_L3_IPV6))
+		return TC_ACT_OK;
+	__builtin_memcpy(eth, dst->mac, 6);
+	__builtin_memcpy(eth + 6, dst->gw, 6);
+	__builtin_memcpy(eth + 12, &in_proto, 2);
+	if (bpf_skb_store_bytes(skb, 0, eth, 14, 0) || hop(skb, 14, p.family))
+		return TC_ACT_SHOT;	/* half-undone: cannot go back */
+	if (st) {
+		st->decap_pkts++;
+		st->decap_bytes += len - VXLAN_HDRS;
+	}
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
 SEC("tc")
 int sg_fast_in(struct __sk_buff *skb)
 {
@@ -2105,7 +2375,14 @@ int sg_fast_in(struct __sk_buff *skb)
 	dk.family = p.family;
 	__builtin_memcpy(dk.addr, p.daddr, 16);
 	dst = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
-	if (!dst || dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac))
+	if (!dst) {
+		int ret = encap(skb, port, &p, st);	/* another host's container? */
+
+		if (ret >= 0)
+			return ret;
+		goto slow;
+	}
+	if (dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac))
 		goto slow;
 	/* the destination's replies are allowed: told at a flow's first packet
 	 * (a sender without a policy has no flow cache: at each) - the reply

@@ -562,21 +562,26 @@ def cmd_fastpath(args) -> int:
         return 0
     for path, r in results:
         print(f"{path}: fast path {'on' if r['enabled'] else 'off'}  addresses "
-              f"{r['addresses']}  flows cached {r['flows']}")
+              f"{r['addresses']}  flows cached {r['flows']}  overlay routes cached "
+              f"{r.get('remote_routes', 0)}  decapsulating on {len(r.get('underlays', []))} "
+              f"underlay device(s)")
         table = [("INTERFACE", "CONTAINER", "POLICY", "FAST PKTS", "FAST BYTES", "NORMAL",
-                  "DROPS", "HITS", "MISSES", "ADDRESSES")]
+                  "DROPS", "HITS", "MISSES", "ENCAP", "DECAP", "ADDRESSES")]
         for row in r["ports"]:
             table.append((row["ifname"] + ("" if row["attached"] else " (detached)"),
                           row["container"] or "-", "judged" if row["judged"] else "-",
                           *(str(row.get(k, 0)) for k in ("fast_pkts", "fast_bytes",
                                                           "slow_pkts", "drops", "hits",
-                                                          "misses")),
+                                                          "misses", "encap_pkts",
+                                                          "decap_pkts")),
                           " ".join(row["addresses"]) or "-"))
         widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
         for t in table:
             print("  " + "  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
         for c in r["conflicts"]:
             print(f"  conflict: {c}")
+        for w in r.get("waiting", []):
+            print(f"  not cached: {w}")
     return 0
 
 

@@ -41,11 +41,14 @@ PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getsockname4", "sg_getsockname6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
 SPLICE_PROGRAMS = ("sg_sockops", "sg_msg")   # sockmap splicing of grafted local pairs
-FAST_PROGRAMS = ("sg_fast_in", "sg_fast_out")  # tc: the containers' packet fast path
+FAST_PROGRAMS = ("sg_fast_in", "sg_fast_out", "sg_fast_decap")  # tc: the packet fast path
+PORT_PROGRAMS = (("sg_fast_in", 46), ("sg_fast_out", 47))  # a container's veth: tcx in/out
+UNDERLAY_PROGRAMS = (("sg_fast_decap", 46),)                # an underlay device: tcx in
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
         "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen",
         "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave",
-        "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats")
+        "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats",
+        "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers")
 # outlive the agent: the identity of grafted sockets, and the spliced
 # connections with their state (freeing sg_splice would drop the bytes queued
 # in its sockets' psock queues)
@@ -56,7 +59,8 @@ CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
 CFG_FAST = 3                   # sg_config[3]: the fast path forwards local pairs
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 # struct fast_stats, per container port (ifindex)
-FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses")
+FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses",
+              "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes")
 FAST_SLOTS = 4096              # sg_fast_ports / sg_fast_stats entries
 FLOW_KEY_SIZE = 28             # struct flow_key
 SPLICE_KEY_SIZE = 44           # struct splice_key
@@ -556,15 +560,16 @@ class Programs:
         self.update("sg_config", CFG_FAST.to_bytes(4, "little"),
                     int(on and self.fast).to_bytes(8, "little"))
 
-    def fast_attach(self, ifindex: int) -> None:
-        """sg_fast_in at tcx ingress and sg_fast_out at tcx egress of a
-        container's host-side interface, as pinned links (they stay attached
-        across agent restarts; a new agent swaps its programs in). A link
-        already pinned for this interface is updated in place."""
+    def fast_attach(self, ifindex: int, programs=PORT_PROGRAMS) -> None:
+        """programs ((name, tcx attach type), ...) on an interface: by
+        default sg_fast_in at tcx ingress and sg_fast_out at tcx egress of a
+        container's host-side interface; UNDERLAY_PROGRAMS for an underlay
+        device. Pinned links: they stay attached across agent restarts; a
+        new agent swaps its programs in (a pinned link is updated in place)."""
         L = lib()
         pdir = pin_dir(self.agent)
         os.makedirs(pdir, exist_ok=True)
-        for name, where in (("sg_fast_in", BPF_TCX_INGRESS), ("sg_fast_out", BPF_TCX_EGRESS)):
+        for name, where in programs:
             pfd = L.bpf_program__fd(L.bpf_object__find_program_by_name(self._obj,
                                                                         name.encode()))
             pin = fast_pin(self.agent, ifindex, name)

@@ -28,7 +28,30 @@ class Veth:
     ifname: str
     nsid: int               # the namespace of the other end, as this one numbers it
     peer_ifindex: int       # the other end's index in its namespace
+    bridge_mac: bytes = b""  # the bridge it is a port of
 
+
+NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80   # REACHABLE STALE DELAY PROBE PERMANENT
+
+
+@dataclass(frozen=True)
+class Vxlan:
+    """One VXLAN device of this namespace and what its tables say."""
+    ifindex: int
+    ifname: str
+    vni: int
+    dport: int
+    local: str                      # this host's VTEP address ("" = none set)
+    underlay: int                   # IFLA_VXLAN_LINK
+    mac: bytes
+    routes: tuple                   # ((network text, gateway text or ""), ...)
+    neighbours: tuple               # ((ip text, mac bytes), ...) on the device
+    fdb: tuple                      # ((mac bytes, remote ip text), ...)
+    next_hops: tuple                # ((remote ip, oif, next-hop mac, oif mac), ...)
+
+
+def _mac(text: str | None) -> bytes:
+    return bytes.fromhex(text.replace(":", "")) if text else b""
 
 def veths() -> list[Veth]:
     """Every veth of this namespace that is a bridge port and whose peer is
@@ -39,7 +62,7 @@ def veths() -> list[Veth]:
     try:
         with IPRoute() as ipr:
             links = ipr.get_links()
-            bridges = {link["index"] for link in links
+            bridges = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS")) for link in links
                        if (info := link.get_attr("IFLA_LINKINFO")) is not None
                        and info.get_attr("IFLA_INFO_KIND") == "bridge"}
             for link in links:
@@ -52,7 +75,8 @@ def veths() -> list[Veth]:
                 peer = link.get_attr("IFLA_LINK")
                 if nsid is None or nsid < 0 or not peer:
                     continue
-                out.append(Veth(link["index"], link.get_attr("IFLA_IFNAME"), nsid, peer))
+                out.append(Veth(link["index"], link.get_attr("IFLA_IFNAME"), nsid, peer,
+                                bridges[link.get_attr("IFLA_MASTER")]))
     except (OSError, NetlinkError) as exc:
         raise from_oserror("link dump", exc, "veths") from exc
     return out
@@ -136,3 +160,69 @@ def ifindexes() -> set[int]:
             return {link["index"] for link in ipr.get_links()}
     except (OSError, NetlinkError) as exc:
         raise from_oserror("link dump", exc, "ifindexes") from exc
+
+
+def vxlans() -> list[Vxlan]:
+    """The VXLAN devices of this namespace with their routes, neighbours and
+    FDB entries, and how each remote VTEP is reached on the underlay (the
+    next hop's MAC only once the kernel resolved it)."""
+    out = []
+    try:
+        with IPRoute() as ipr:
+            links = ipr.get_links()
+            macs = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS")) for link in links}
+            for link in links:
+                info = link.get_attr("IFLA_LINKINFO")
+                if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+                    continue
+                data = info.get_attr("IFLA_INFO_DATA")
+                idx = link["index"]
+                routes = []
+                for fam in (2, 10):
+                    for r in ipr.get_routes(family=fam, oif=idx, table=254):
+                        gw = r.get_attr("RTA_GATEWAY")
+                        dst = r.get_attr("RTA_DST")
+                        if dst is None or gw is None:
+                            continue
+                        routes.append((f"{dst}/{r['dst_len']}", gw))
+                neigh = tuple((n.get_attr("NDA_DST"), _mac(n.get_attr("NDA_LLADDR")))
+                              for fam in (2, 10)
+                              for n in ipr.get_neighbours(family=fam, ifindex=idx)
+                              if n["state"] & NUD_USABLE and n.get_attr("NDA_LLADDR"))
+                fdb = tuple((_mac(n.get_attr("NDA_LLADDR")), n.get_attr("NDA_DST"))
+                            for n in ipr.fdb("dump", ifindex=idx)
+                            if n["ifindex"] == idx and n.get_attr("NDA_DST"))
+                hops = []
+                for _mac_, remote in fdb:
+                    try:
+                        got = ipr.route("get", dst=remote)
+                    except NetlinkError:
+                        continue
+                    if not got:
+                        continue
+                    oif = got[0].get_attr("RTA_OIF")
+                    via = got[0].get_attr("RTA_GATEWAY") or remote
+                    for n in ipr.get_neighbours(family=2, ifindex=oif, dst=via):
+                        if n["state"] & NUD_USABLE and n.get_attr("NDA_LLADDR"):
+                            hops.append((remote, oif, _mac(n.get_attr("NDA_LLADDR")),
+                                         macs.get(oif, b"")))
+                            break
+                out.append(Vxlan(idx, link.get_attr("IFLA_IFNAME"),
+                                 data.get_attr("IFLA_VXLAN_ID") or 0,
+                                 data.get_attr("IFLA_VXLAN_PORT") or 4789,
+                                 data.get_attr("IFLA_VXLAN_LOCAL") or "",
+                                 data.get_attr("IFLA_VXLAN_LINK") or 0, macs[idx],
+                                 tuple(routes), neigh, fdb, tuple(hops)))
+    except (OSError, NetlinkError) as exc:
+        raise from_oserror("overlay dump", exc, "vxlan") from exc
+    return out
+
+
+def local_port_range() -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range: the VXLAN device's outer source ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999

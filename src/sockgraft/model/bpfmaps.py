@@ -23,8 +23,13 @@ sockaddrs are network order, as the kernel hands them to the program):
                  an endpoint on the wildcard address)
   sg_sock        socket-local storage {mark, flags}: kernel/bpf.Programs.tag
   sg_fast_ports  u32 ifindex (a container's host-side veth) -> {mark, slot,
-                 addr4, addr6[4]}: its policy, counters slot, own addresses
-  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], pad, mark}
+                 addr4, addr6[4], gw[6], pad}: its policy, counters slot, own
+                 addresses, its bridge's MAC
+  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], gw[6], mark, slot}
+  sg_fast_remote LPM {32 + plen, family, pad[3], addr[4]} -> struct remote (the
+                 outer headers towards another host's containers)
+  sg_fast_tunnels u32 underlay ifindex -> {vni, local addr, dport(be), vtep mac}
+  sg_fast_peers  u32 remote VTEP address (be) -> u8
   sg_fast_flows  {ifindex, family, proto, lport(be), rport(be), pad, raddr[4]}
                  -> {gen, verdict, origin, label}: the per-flow verdict cache
 """
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Iterable
 
 from ..errors import ConfigError
@@ -221,9 +226,12 @@ def svc_val(addr: IPv4Address | IPv6Address, port: int) -> bytes:
     return SVC_VAL.pack(addr.packed.ljust(16, b"\0"), _be16(port), addr.version, 0)
 
 
-FAST_PORT = struct.Struct("=II4s16s")
+FAST_PORT = struct.Struct("=II4s16s6s2x")
 FAST_ADDR_KEY = struct.Struct("=B3x16s")
-FAST_ADDR_VAL = struct.Struct("=I6sHI")
+FAST_ADDR_VAL = struct.Struct("=I6s6sII")
+REMOTE_KEY = struct.Struct("=IB3x16s")
+REMOTE_VAL = struct.Struct("=I4s4sIH6s6s6s6sHH2x")
+TUNNEL_VAL = struct.Struct("=I4sH6s")
 FLOW_KEY = struct.Struct("=IBBHHH16s")
 
 
@@ -231,8 +239,8 @@ def fast_port_key(ifindex: int) -> bytes:
     return ifindex.to_bytes(4, "little")
 
 
-def fast_port_val(mark: int, slot: int, addrs: Iterable[IPv4Address | IPv6Address] = ()
-                  ) -> bytes:
+def fast_port_val(mark: int, slot: int, addrs: Iterable[IPv4Address | IPv6Address] = (),
+                  gw: bytes = bytes(6)) -> bytes:
     """mark 0: a container without a policy entry (forwarded, not judged).
     slot: its counters' index. addrs: its own addresses; the first of each
     family is kept here (the program compares it in place), the others are
@@ -240,19 +248,46 @@ def fast_port_val(mark: int, slot: int, addrs: Iterable[IPv4Address | IPv6Addres
     v4 = next((a for a in addrs if a.version == 4), None)
     v6 = next((a for a in addrs if a.version == 6), None)
     return FAST_PORT.pack(mark, slot, v4.packed if v4 else bytes(4),
-                          v6.packed if v6 else bytes(16))
+                          v6.packed if v6 else bytes(16), _mac6(gw))
+
+
+def _mac6(mac: bytes) -> bytes:
+    if len(mac) != 6:
+        raise ConfigError(f"a MAC address has 6 bytes, got {len(mac)}", field="mac",
+                          value=mac.hex(":"))
+    return mac
 
 
 def fast_addr_key(addr: IPv4Address | IPv6Address) -> bytes:
     return FAST_ADDR_KEY.pack(addr.version, addr.packed.ljust(16, b"\0"))
 
 
-def fast_addr_val(ifindex: int, mac: bytes, mark: int = 0) -> bytes:
-    """mark: the owner's policy key (0: not judged; its replies need no record)."""
-    if len(mac) != 6:
-        raise ConfigError(f"a MAC address has 6 bytes, got {len(mac)}", field="mac",
-                          value=mac.hex(":"))
-    return FAST_ADDR_VAL.pack(ifindex, mac, 0, mark)
+def fast_addr_val(ifindex: int, mac: bytes, mark: int = 0, gw: bytes = bytes(6),
+                  slot: int = 0) -> bytes:
+    """mark: the owner's policy key (0: not judged; its replies need no
+    record); gw: its bridge's MAC; slot: its counters."""
+    return FAST_ADDR_VAL.pack(ifindex, _mac6(mac), _mac6(gw), mark, slot)
+
+
+def remote_key(net: IPv4Network | IPv6Network) -> bytes:
+    return REMOTE_KEY.pack(32 + net.prefixlen, net.version,
+                           net.network_address.packed.ljust(16, b"\0"))
+
+
+def remote_val(ifindex: int, saddr: IPv4Address, daddr: IPv4Address, vni: int, dport: int,
+               outer_dmac: bytes, outer_smac: bytes, inner_dmac: bytes, inner_smac: bytes,
+               sports: tuple[int, int]) -> bytes:
+    return REMOTE_VAL.pack(ifindex, saddr.packed, daddr.packed, vni, _be16(dport),
+                           _mac6(outer_dmac), _mac6(outer_smac), _mac6(inner_dmac),
+                           _mac6(inner_smac), sports[0], sports[1])
+
+
+def tunnel_val(vni: int, local: IPv4Address, dport: int, vtep_mac: bytes) -> bytes:
+    return TUNNEL_VAL.pack(vni, local.packed, _be16(dport), _mac6(vtep_mac))
+
+
+def peer_key(addr: IPv4Address) -> bytes:
+    return addr.packed
 
 
 def flow_ifindex(key: bytes) -> int:
@@ -317,4 +352,5 @@ def decode_event(raw: bytes) -> Event:
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
-           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr"]
+           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "remote_key",
+           "remote_val", "tunnel_val", "peer_key"]

@@ -20,7 +20,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Iterable, Mapping
 
 from . import bpfmaps
@@ -34,6 +34,7 @@ class Port:
     container: str | None           # whose it is, when known
     mac: bytes                      # the container-side interface's MAC
     addrs: tuple[IPv4Address | IPv6Address, ...] = ()
+    gw: bytes = bytes(6)            # its bridge's MAC
 
 
 @dataclass
@@ -72,12 +73,14 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
     out = Plan()
     owners: dict[bytes, list[Port]] = {}
     mark_of: dict[int, int] = {}
+    slot_of: dict[int, int] = {}
     for i, port in enumerate(sorted(ports, key=lambda p: p.ifindex)):
         mark = mark_of[port.ifindex] = marks.get(port.container or "", 0)
         slot = slots[port.ifindex] if slots is not None else i
         own = [a for a in port.addrs if _routable(a)]
-        out.ports[bpfmaps.fast_port_key(port.ifindex)] = bpfmaps.fast_port_val(mark, slot,
-                                                                                own)
+        out.ports[bpfmaps.fast_port_key(port.ifindex)] = bpfmaps.fast_port_val(
+            mark, slot, own, port.gw if len(port.gw) == 6 else bytes(6))
+        slot_of[port.ifindex] = slot
         if mark:
             out.judged[port.ifindex] = port.container or ""
         if len(port.mac) != 6:
@@ -88,11 +91,88 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
     for key, claimed in owners.items():
         if len(claimed) == 1:
             p = claimed[0]
-            out.addrs[key] = bpfmaps.fast_addr_val(p.ifindex, p.mac, mark_of[p.ifindex])
+            out.addrs[key] = bpfmaps.fast_addr_val(p.ifindex, p.mac, mark_of[p.ifindex],
+                                                   p.gw if len(p.gw) == 6 else bytes(6),
+                                                   slot_of[p.ifindex])
         else:
             addr = _addr_of(key)
             out.conflicts.append(f"{addr} is claimed by "
                                  f"{', '.join(p.ifname for p in claimed)}: normal path")
+    return out
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One VXLAN device and what the kernel's tables say about it (see
+    kernel/ports.Vxlan)."""
+    ifindex: int
+    ifname: str
+    vni: int
+    dport: int
+    local: str
+    underlay: int
+    mac: bytes
+    routes: tuple = ()          # ((network, gateway), ...)
+    neighbours: tuple = ()      # ((ip, mac), ...) on the device
+    fdb: tuple = ()             # ((mac, remote host address), ...)
+    next_hops: tuple = ()       # ((remote address, oif, next-hop mac, oif mac), ...)
+
+
+@dataclass
+class RemotePlan:
+    remote: dict[bytes, bytes] = field(default_factory=dict)     # sg_fast_remote
+    tunnels: dict[bytes, bytes] = field(default_factory=dict)    # sg_fast_tunnels
+    peers: dict[bytes, bytes] = field(default_factory=dict)      # sg_fast_peers
+    waiting: list[str] = field(default_factory=list)   # routes left to the normal path
+
+
+def plan_remote(overlays: Iterable[Overlay], sports: tuple[int, int]) -> RemotePlan:
+    """The encapsulation cache: for every route through a VXLAN device whose
+    gateway the device's neighbour table maps to a MAC, which the FDB maps
+    to a remote host, which the underlay's neighbour table maps to a next
+    hop - the outer headers the device itself would write. Anything not
+    (yet) resolved is left to the normal path, which resolves it; only
+    IPv4 underlays (outer IPv6 is not built)."""
+    out = RemotePlan()
+    for ov in overlays:
+        try:
+            local = ip_address(ov.local) if ov.local else None
+        except ValueError:
+            local = None
+        if not isinstance(local, IPv4Address) or len(ov.mac) != 6:
+            out.waiting.append(f"{ov.ifname}: no IPv4 local address: normal path")
+            continue
+        neigh = {str(ip_address(ip)): mac for ip, mac in ov.neighbours if len(mac) == 6}
+        fdb = {mac: remote for mac, remote in ov.fdb}
+        hops = {remote: (oif, mac, oif_mac) for remote, oif, mac, oif_mac in ov.next_hops}
+        underlays = set()
+        for net_text, gw_text in ov.routes:
+            net = ip_network(net_text)
+            vtep_mac = neigh.get(str(ip_address(gw_text)))
+            remote = fdb.get(vtep_mac) if vtep_mac else None
+            hop = hops.get(remote) if remote else None
+            if hop is None or len(hop[1]) != 6 or len(hop[2]) != 6:
+                what = ("no neighbour for its gateway" if vtep_mac is None else
+                        "no FDB entry for its gateway's MAC" if remote is None else
+                        "the underlay next hop is not resolved yet")
+                out.waiting.append(f"{net} via {ov.ifname}: {what}: normal path")
+                continue
+            rip = ip_address(remote)
+            if not isinstance(rip, IPv4Address):
+                out.waiting.append(f"{net} via {ov.ifname}: IPv6 underlay: normal path")
+                continue
+            oif, hop_mac, oif_mac = hop
+            out.remote[bpfmaps.remote_key(net)] = bpfmaps.remote_val(
+                oif, local, rip, ov.vni, ov.dport, hop_mac, oif_mac, vtep_mac, ov.mac, sports)
+            out.peers[bpfmaps.peer_key(rip)] = b"\1"
+            underlays.add(oif)
+        for remote in fdb.values():
+            rip = ip_address(remote)
+            if isinstance(rip, IPv4Address):
+                out.peers[bpfmaps.peer_key(rip)] = b"\1"
+        for oif in underlays | ({ov.underlay} if ov.underlay else set()):
+            out.tunnels[bpfmaps.fast_port_key(oif)] = bpfmaps.tunnel_val(ov.vni, local,
+                                                                          ov.dport, ov.mac)
     return out
 
 
@@ -115,4 +195,5 @@ def moved(old: Mapping[bytes, bytes], new: Mapping[bytes, bytes]
     return {_addr_of(k) for k, v in old.items() if new.get(k) != v}
 
 
-__all__ = ["Port", "Plan", "container_of", "plan", "diff", "moved"]
+__all__ = ["Port", "Plan", "Overlay", "RemotePlan", "container_of", "plan", "plan_remote",
+           "diff", "moved"]
