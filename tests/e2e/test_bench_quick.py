@@ -33,7 +33,8 @@ def test_bench_quick_produces_everything_for_every_path(state_dir, tmp_path):
     assert pairs == {("graft-local", "host-loopback"), ("graft-local", "bridge"),
                      ("graft-remote", "host-underlay"), ("graft-remote", "vxlan"),
                      ("graft-remote", "nat"), ("graft-splice", "host-loopback"),
-                     ("graft-splice", "graft-local"), ("fast-local", "bridge")}
+                     ("graft-splice", "graft-local"), ("fast-local", "bridge"),
+                     ("fast-remote", "vxlan")}
     assert len(list((out / "raw").iterdir())) == len(QUICK_WORKLOADS) * len(PATHS)
     assert "Requests" not in (out / "raw" / "r1-iperf3-nat.txt").read_text()
     assert '"sum_received"' in (out / "raw" / "r1-iperf3-graft-remote.txt").read_text()

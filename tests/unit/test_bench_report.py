@@ -14,7 +14,8 @@ def _runs():
     runs = []
     vals = {"host-loopback": [40, 30, 50], "graft-local": [38, 33, 45], "bridge": [20, 15, 25],
             "host-underlay": [24, 20, 30], "graft-remote": [23, 21, 27], "vxlan": [12, 10, 15],
-            "nat": [16, 14, 20], "graft-splice": [52, 40, 60]}
+            "nat": [16, 14, 20], "graft-splice": [52, 40, 60], "fast-local": [22, 18, 27],
+            "fast-remote": [15, 12, 19]}
     for path, series in vals.items():
         for rnd, v in enumerate(series, start=1):
             runs.append({"round": rnd, "workload": "iperf3", "path": path,

@@ -15,7 +15,9 @@ Paths (names as in the report):
                  (ingress on h2's address): the cross-host overlay bypass
   fast-local     the bridge path (plain, unmodified programs) with h1's agent's packet
                  fast path on the containers' interfaces (--fastpath auto; its programs
-                 are on the interfaces for this path only, off the others, per run)
+                 are on the interfaces for the fast paths only, off the others, per run)
+  fast-remote    the vxlan path (plain programs) with both agents' fast path: packets
+                 encapsulated at h1-c1's veth, decapsulated at h2's underlay device
 
 The grafted client runs with graft_at = "socket" (every socket a host socket
 from birth, connects judged and redirected in the kernel); the grafted
@@ -54,7 +56,7 @@ from .engine import build_tools
 from ..paths import state_dir
 
 PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
-         "graft-splice", "graft-remote", "fast-local")
+         "graft-splice", "graft-remote", "fast-local", "fast-remote")
 QUICK_WORKLOADS = ("iperf3", "sockperf-tcp", "crr")
 PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121,
          "sockperf-tcp-nb": 11131, "crr": 9100,
@@ -106,6 +108,7 @@ def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
         "fast-local": Run(at(c12), port, (c12.netns, port), at(c11), str(c12.ipv4.ip), port),
         "nat": Run(at(c21), port, (c21.netns, port), at(c11), h2_ip, port),
         "vxlan": Run(at(c22), port, (c22.netns, port), at(c11), str(c22.ipv4.ip), port),
+        "fast-remote": Run(at(c22), port, (c22.netns, port), at(c11), str(c22.ipv4.ip), port),
         "graft-local": Run(at(c12, True), port, (h1.netns, port + 2), client,
                            str(c12.ipv4.ip), port, overlay=True),
         "graft-splice": Run(at(c12, True), port, (h1.netns, port + 2), client,
@@ -217,11 +220,30 @@ def _splice(plan, on: bool) -> None:
 
 
 def _fastpath(plan, on: bool) -> None:
-    """The fast path's programs on h1's container interfaces, or off them
-    (every other path measures the node without them)."""
+    """The fast path's programs on both hosts' interfaces, or off them (every
+    other path measures the nodes without them). On: the overlay's
+    underlay neighbours resolved first (one ping each way, normal path) so
+    the encapsulation cache is complete before the run."""
     from ..agent import control
-    control.request(control.default_socket_path(plan.hosts[0].name, plan.name),
-                    {"op": "fastpath", "on": on}, timeout=10)
+    for h in plan.hosts:
+        control.request(control.default_socket_path(h.name, plan.name),
+                        {"op": "fastpath", "on": on}, timeout=10)
+    if on:
+        _warm_overlay(plan)
+
+
+def _warm_overlay(plan, timeout: float = 5.0) -> None:
+    from ..agent import control
+    c11, c22 = plan.hosts[0].containers[0], plan.hosts[1].containers[1]
+    for src, dst in ((c11, c22), (c22, c11)):
+        subprocess.run(["ip", "netns", "exec", src.netns, "ping", "-c", "1", "-W", "1",
+                        str(dst.ipv4.ip)], capture_output=True)
+    deadline = time.monotonic() + timeout
+    for h in plan.hosts:
+        path = control.default_socket_path(h.name, plan.name)
+        while control.request(path, {"op": "fastpath"}, timeout=10).get("remote_routes", 0) \
+                < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
@@ -254,7 +276,7 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
     builder.up(plan, text, "<bench>")
     try:
         splicing = "graft-splice" in paths
-        fast = "fast-local" in paths
+        fast = any(p.startswith("fast") for p in paths)
         if any(p.startswith(("graft", "fast")) for p in paths):
             agents.start_agents(plan, agent_args=(("--sockmap", "auto") if splicing else ())
                                 + (("--fastpath", "auto") if fast else ()))

@@ -15,11 +15,11 @@ import os
 import platform
 import statistics
 
-# graft paths against their limit and against the path they replace
+# graft and fast paths against their limit and against the path they replace
 REFERENCES = (("graft-local", "host-loopback"), ("graft-remote", "host-underlay"),
               ("graft-local", "bridge"), ("graft-remote", "vxlan"), ("graft-remote", "nat"),
               ("graft-splice", "host-loopback"), ("graft-splice", "graft-local"),
-              ("fast-local", "bridge"))
+              ("fast-local", "bridge"), ("fast-remote", "vxlan"))
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"rtt_avg_us", "rtt_p99_us", "cpu_us_per_op"}

@@ -28,7 +28,7 @@ examples:
   sockgraft bench --pin 1 --out results-pinned  both ends of every measure on CPU 1
 
 Paths: host-loopback host-underlay bridge nat vxlan graft-local graft-splice graft-remote
-  fast-local.
+  fast-local fast-remote.
 Workloads: iperf3 sockperf-tcp sockperf-tcp-nb sockperf-udp crr http-close http-keepalive
   memcached redis.
 Writes DIR/raw/* (every tool's output), DIR/results.json, DIR/report.md, DIR/plots/*.png.
