@@ -234,7 +234,8 @@ def _demo_graft(plan, seconds: float):
     h1, h2 = plan.hosts[0], plan.hosts[1]
     client, server = h1.containers[0], h2.containers[0]
     print(f"\n== grafting: agents on {h1.name} and {h2.name}")
-    agents.start_agents(plan)
+    agents.start_agents(plan, agent_args=("--fastpath", "auto"))
+    fast = _fastpath(plan, False)
     store = ConfigStore()
     # client: its traffic to the underlay and to other containers leaves from
     # h1's address; server: a bind to 0.0.0.0:5201 / [::]:5201 really listens
@@ -284,7 +285,47 @@ def _demo_graft(plan, seconds: float):
             ready=lambda: agents.wait_published(plan.name, h1.name, "tcp", cip, 5201))
     print("  grafted sockets skip the container's veth, bridge, NAT and the VXLAN overlay:"
           " one network stack.")
+    if fast:
+        _demo_fast(plan, measure)
     return store
+
+
+def _fastpath(plan, on: bool) -> bool:
+    """The agents' packet fast path on or off every container interface;
+    False if an agent does not have it (the kernel refused it)."""
+    from ..agent import control
+    from ..errors import AgentError
+    try:
+        for h in plan.hosts:
+            control.request(control.default_socket_path(h.name, plan.name),
+                            {"op": "fastpath", "on": on}, timeout=10)
+    except AgentError:
+        return False
+    return True
+
+
+def _demo_fast(plan, measure) -> None:
+    """Plain (non-grafted) containers, bridge and VXLAN, without and with
+    the packet fast path."""
+    from ..lab.traffic import Place
+    from ..bench.harness import _warm_overlay
+    h1 = plan.hosts[0]
+    c1 = h1.containers[0]
+    others = [(c, "bridge") for c in h1.containers[1:2]] + \
+             [(c, "VXLAN") for c in plan.hosts[1].containers[1:2]]
+    print("\n== packet fast path (agents --fastpath): plain containers, nothing grafted")
+    for on in (False, True):
+        _fastpath(plan, on)
+        if on:
+            _warm_overlay(plan)
+        for dst, via in others:
+            ip = str(dst.ipv4.ip)
+            measure(f"{c1.name} -> {dst.name} {ip}:5201, "
+                    f"{'fast path' if on else 'plain (' + via + ')'}",
+                    Place(dst.netns), 5201, Place(c1.netns), 5201, None, c1.name, to=ip)
+    print("  same host: handed into the destination's namespace (bpf_redirect_peer); across"
+          " hosts: encapsulated in tc, no VXLAN device on either host. `sockgraft fastpath`"
+          " shows the counters.")
 
 
 def _vxlan_bytes(plan, host: str) -> int:
