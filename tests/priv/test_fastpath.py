@@ -416,3 +416,21 @@ def test_a_changed_overlay_table_changes_the_cache(flab2):
                     "sg-vx0", "nud", "permanent"], check=True)
     assert _cached(g, "h1")["remote_routes"] == 2
     assert _ping(g, "h1-c1", C22, 2) == 0
+
+
+def test_a_thousand_rules_are_judged_in_the_data_path(flab):
+    """The rule list is walked with bpf_loop: 1,000 rules, the deciding one
+    last, judged like one (the flow's first packet; the cache the rest)."""
+    from sockgraft.model import graftconfig as gc
+    from sockgraft.model.policy import Policy, parse_policy_rule
+    rules = [parse_policy_rule(f"deny tcp 10.{i // 250}.{i % 250}.0/24") for i in range(999)]
+    rules.append(parse_policy_rule(f"deny tcp {C2} 7160"))
+    flab.configure("h1-c1", gc.dump_config(gc.GraftConfig("h1-c1", policy=Policy(deny=tuple(
+        rules)))))
+    _server(flab, "h1-c2", COUNT_SERVER, C2, 7160)
+    _server(flab, "h1-c2", COUNT_SERVER, C2, 7161)
+    ns1 = _ns(flab, "h1-c1")
+    assert netns.run_in(ns1, _tcp_connects, C2, 7160) == "timeout"
+    assert netns.run_in(ns1, _tcp_bulk, C2, 7161, 100000) == 100000
+    lines = [a for a in flab.audit("h1") if a.get("syscall") == "packet"]
+    assert any(a["rule"] == "deny[999]" for a in lines), lines

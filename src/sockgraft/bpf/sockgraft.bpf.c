@@ -73,7 +73,7 @@
 #define AF_INET6 10
 #define MARK_MASK 0xffff0000u
 #define MARK_BASE 0x53470000u
-#define MAX_RULES 64
+#define MAX_RULES 1024    /* walked with bpf_loop: the verifier sees one rule */
 
 #define F_SOCKET_MODE 1u
 #define F_NO_SPLICE 2u       /* the container asked not to be spliced */
@@ -246,6 +246,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);	/* 37 KB a container: only those there are */
 	__type(key, __u32);
 	__type(value, struct policy);
 } sg_policy SEC(".maps");
@@ -537,33 +538,65 @@ static __always_inline void report_as(__u32 pid, __u32 kind, __u32 mark, __u32 o
 		  port, proto)
 
 /* First match over the container's rule list; the label of the deciding rule
- * goes to *label. family is 4 (addr[0]) or 6. */
+ * goes to *label. family is 4 (addr[0]) or 6. The walk is a bpf_loop: any
+ * number of rules up to MAX_RULES costs the verifier one rule. */
+struct judge_ctx {
+	struct policy *p;
+	__u32 addr[4];
+	__u16 port;
+	__u8 family;
+	__u8 proto;
+	__u32 label;
+	int verdict;
+};
+
+static long judge_one(__u64 i, void *data)
+{
+	struct judge_ctx *c = data;
+	struct rule *r;
+
+	if (i >= MAX_RULES)
+		return 1;
+	r = &c->p->rules[i];
+	if (r->family && r->family != c->family)
+		return 0;
+	if (r->proto && r->proto != c->proto)
+		return 0;
+	if (c->port < r->port_lo || c->port > r->port_hi)
+		return 0;
+	if ((c->addr[0] & r->mask[0]) != r->addr[0])
+		return 0;
+	if (c->family == 6 &&
+	    ((c->addr[1] & r->mask[1]) != r->addr[1] ||
+	     (c->addr[2] & r->mask[2]) != r->addr[2] ||
+	     (c->addr[3] & r->mask[3]) != r->addr[3]))
+		return 0;
+	c->label = r->label;
+	c->verdict = r->verdict;
+	return 1;
+}
+
 static __always_inline int judge(struct policy *p, __u8 family, const __u32 *addr,
 				 __u16 port, __u8 proto, __u32 *label)
 {
+	struct judge_ctx c = {};
 	__u32 n = p->nrules;
 
-	for (__u32 i = 0; i < MAX_RULES; i++) {
-		struct rule *r;
-
-		if (i >= n)
-			break;
-		r = &p->rules[i];
-		if (r->family && r->family != family)
-			continue;
-		if (r->proto && r->proto != proto)
-			continue;
-		if (port < r->port_lo || port > r->port_hi)
-			continue;
-		if ((addr[0] & r->mask[0]) != r->addr[0])
-			continue;
-		if (family == 6 &&
-		    ((addr[1] & r->mask[1]) != r->addr[1] ||
-		     (addr[2] & r->mask[2]) != r->addr[2] ||
-		     (addr[3] & r->mask[3]) != r->addr[3]))
-			continue;
-		*label = r->label;
-		return r->verdict;
+	c.p = p;
+	c.addr[0] = addr[0];
+	if (family == 6) {
+		c.addr[1] = addr[1];
+		c.addr[2] = addr[2];
+		c.addr[3] = addr[3];
+	}
+	c.port = port;
+	c.family = family;
+	c.proto = proto;
+	c.verdict = -1;
+	bpf_loop(n < MAX_RULES ? n : MAX_RULES, judge_one, &c, 0);
+	if (c.verdict >= 0) {
+		*label = c.label;
+		return c.verdict;
 	}
 	*label = p->default_label;
 	return p->default_verdict;

@@ -46,7 +46,7 @@ from .graft import LOOPBACK4_NET, LOOPBACK6_NET
 from .graftconfig import GraftConfig
 from .policy import LinearRule, Policy, linearize
 
-MAX_RULES = 64
+MAX_RULES = 1024         # struct policy's rules[] (bpf/sockgraft.bpf.c)
 F_SOCKET_MODE = 1
 F_NO_SPLICE = 2          # the container's config says splice = false
 V_DENY, V_ALLOW = 0, 1
