@@ -67,6 +67,42 @@ def register(sub) -> None:
                    help="socket() calls per socket() measure (default 20000)")
     e.add_argument("--out", help="directory for raw output and results.json")
     e.set_defaults(func=cmd_engine, needs_root=True)
+    pol = bsub.add_parser("policy", help="the fast path's data-path policy at scale: policy "
+                                         "change to enforcement, cost of many rules",
+                          formatter_class=FMT, epilog="""examples:
+  sockgraft bench policy                          200 containers, 30 changes, 1000 rules
+  sockgraft bench policy --containers 50 --changes 10 --rules 200 --out /tmp/pol
+""")
+    pol.add_argument("--containers", type=int, default=200, help="in the lab (4..250)")
+    pol.add_argument("--changes", type=int, default=30, help="policy changes timed")
+    pol.add_argument("--rules", type=int, default=1000, help="rules of the costly policy "
+                                                             "(at most 1024)")
+    pol.add_argument("--rounds", type=int, default=5)
+    pol.add_argument("--seconds", type=int, default=2, help="per measure (whole seconds)")
+    pol.add_argument("--out", help="directory for results.json and policy-report.md")
+    pol.set_defaults(func=cmd_policy_bench, needs_root=True)
+
+
+def cmd_policy_bench(args) -> int:
+    import json
+    import os
+    from ..bench import policy
+    from ..errors import ConfigError
+    if args.changes < 1 or args.rounds < 1 or args.seconds < 1 or \
+            not 10 <= args.rules <= 1024:
+        raise ConfigError("accepted: --changes >= 1, --rounds >= 1, --seconds >= 1, "
+                          "--rules 10..1024")
+    result = policy.run(args.containers, args.changes, args.rules, args.rounds, args.seconds,
+                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    text = policy.render(result)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(args.out, "policy-report.md"), "w") as f:
+            f.write(text)
+    return 0
 
 
 def cmd_engine(args) -> int:
