@@ -464,6 +464,7 @@ class Agent:
         self.publisher.publish_node()
         self.sync_nft()
         self.sync_bpf(rescan=True)
+        self.sync_fast(full=True)
         return {"ok": True, "reloaded": n}
 
     # --- enforcement (agent/enforce.py) and the in-kernel programs -------------
@@ -490,19 +491,22 @@ class Agent:
             self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
                                    self.sessions.holds, rescan)
         self.sessions.refresh_native()       # the native loops take what is now in force
-        if self.fast is not None:
-            self.sync_fast()                 # a container's policy mark may be new
+        if self.fast is not None and self.fast.marks != self._marks():
+            self.fast.due = True             # a container's policy mark is new: end of turn
 
     def _marks(self) -> dict[str, int]:
         """container -> the mark of its policy entry in sg_policy."""
         return {a.cfg.container: mark for mark, a in self.enforcer.applied.items()}
 
-    def sync_fast(self, now: float | None = None) -> None:
+    def sync_fast(self, now: float | None = None, full: bool = False) -> None:
+        """The fast path's maps and links in step with the node; full (a
+        reload: CNI ADD/DEL, a configuration edit): interfaces without
+        addresses are read again too."""
         if self.fast is None or self.bpf is None or not self.fast.enabled:
             return
         try:
             with self._timed("fastpath"):
-                self.fast.reconcile(self.bpf, self._marks(), now)
+                self.fast.reconcile(self.bpf, self._marks(), now, full=full)
         except SockgraftError as exc:
             log.warning("fastpath: %s", exc)
 

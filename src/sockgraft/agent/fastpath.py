@@ -69,6 +69,7 @@ class FastPath:
         self.ports: dict[bytes, bytes] = {}         # what sg_fast_ports holds
         self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
         self.judged: dict[int, str] = {}
+        self.marks: dict[str, int] = {}             # the marks the maps were written with
         self.slots: dict[int, int] = {}             # ifindex -> its counters' slot
         self.conflicts: list[str] = []
         self.attached: set[int] = set()
@@ -145,6 +146,7 @@ class FastPath:
             for ifindex in [i for i, p in self.facts.items() if not p.addrs]:
                 del self.facts[ifindex]          # read again
         self.due = False
+        self.marks = dict(marks)
         veths = kports.veths()
         present = {v.ifindex for v in veths}
         for gone in [i for i in self.facts if i not in present]:

@@ -662,6 +662,10 @@ def cmd_stats(args) -> int:
                 print(f"  spliced sockets now {k.get('spliced_sockets', 0)}")
             elif k.get("splice_error"):
                 print(f"  splicing off: {k['splice_error']}")
+            if k.get("fastpath"):
+                print("  packet fast path on (`sockgraft fastpath` for its counters)")
+            elif k.get("fastpath_error"):
+                print(f"  packet fast path off: {k['fastpath_error']}")
         elif r.get("kernel_error"):
             print(f"  in-kernel programs off: {r['kernel_error']}")
         for s in r["containers"]:
