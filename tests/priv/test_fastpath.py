@@ -434,3 +434,45 @@ def test_a_thousand_rules_are_judged_in_the_data_path(flab):
     assert netns.run_in(ns1, _tcp_bulk, C2, 7161, 100000) == 100000
     lines = [a for a in flab.audit("h1") if a.get("syscall") == "packet"]
     assert any(a["rule"] == "deny[999]" for a in lines), lines
+
+
+GRAFTED_SERVER = """
+container = "h2-c1"
+[endpoints.ep-http]
+type = "ipv4"
+addr = "198.18.0.2"
+port = 8081
+[rules]
+ingress = ["0.0.0.0:80=ep-http"]
+"""
+
+
+def test_a_grafted_server_stays_reachable_at_its_container_address(flab2):
+    """The fast path never delivers around a grafted server's DNAT: plain
+    clients on its own host (which the fast path would hand into the
+    container) and on the other host (decapsulated at the underlay) still
+    reach its host listener at the container's address, while other ports
+    of the same container keep the fast path."""
+    from grafting import PROBE, read_json_line
+    from nettools import echo
+    g = flab2
+    g.configure("h2-c1", GRAFTED_SERVER)
+    srv = g.spawn("h2-c1", PROBE + ["tcp-server", "0.0.0.0", "80", "--count", "2"])
+    assert read_json_line(srv)["local"] == ["198.18.0.2", 8081]
+    # the DNAT and its sg_fast_redirects entry are written in the same loop turn
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "198.19.2.2" not in subprocess.run(
+            ["ip", "netns", "exec", g.plan.node("h2").netns, "nft", "list", "ruleset"],
+            capture_output=True, text=True).stdout:
+        time.sleep(0.05)
+    assert _ping(g, "h1-c1", "198.19.2.2", 1) == 0          # overlay resolved
+    _cached(g, "h1")
+    assert echo(_ns(g, "h2-c2"), "198.19.2.2", 80, b"same host") == b"same host"
+    assert read_json_line(srv)["accepted"][0] == "198.19.2.3"
+    assert echo(_ns(g, "h1-c1"), "198.19.2.2", 80, b"across") == b"across"
+    assert read_json_line(srv)["accepted"][0] == "198.19.1.2"
+    # another port of the same container: plain server in it, fast path
+    _server(g, "h2-c1", COUNT_SERVER, "198.19.2.2", 7300)
+    before = _row(g, "h2", "h2-c1")["decap_pkts"]
+    assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, "198.19.2.2", 7300, 100000) == 100000
+    assert _row(g, "h2", "h2-c1")["decap_pkts"] > before

@@ -51,9 +51,9 @@ def test_plan_judges_configured_containers_and_maps_their_addresses():
     got = {str(mf._addr_of(k)): bpfmaps.FAST_ADDR_VAL.unpack(v)
            for k, v in plan.addrs.items()}
     # link-local is never a fast destination; the owner's mark travels along
-    assert got == {"10.0.0.2": (7, MAC1, GW, 0x53470001, 0),
-                   "fd00::2": (7, MAC1, GW, 0x53470001, 0),
-                   "10.0.0.3": (9, MAC2, GW, 0, 1), "10.0.0.4": (11, MAC3, GW, 0, 2)}
+    assert got == {"10.0.0.2": (7, MAC1, GW, 0x53470001, 0, 0),
+                   "fd00::2": (7, MAC1, GW, 0x53470001, 0, 0),
+                   "10.0.0.3": (9, MAC2, GW, 0, 1, 0), "10.0.0.4": (11, MAC3, GW, 0, 2, 0)}
     # slots as the agent assigned them
     again = mf.plan(ports, {"a": 0x53470001}, {7: 5, 9: 0, 11: 1})
     assert bpfmaps.FAST_PORT.unpack(again.ports[bpfmaps.fast_port_key(7)])[1] == 5
@@ -160,3 +160,21 @@ def test_an_unresolved_route_is_left_to_the_normal_path(change, reason):
 def test_an_overlay_without_an_ipv4_local_address_is_left_alone():
     plan = mf.plan_remote([overlay(local="")], (32768, 60999))
     assert plan.remote == {} and plan.tunnels == {} and plan.waiting
+
+
+def test_a_grafted_servers_dnat_keeps_its_packets_on_the_normal_path():
+    """A container address:port that a grafted server's DNAT takes is listed
+    (and its address flagged), so the programs never deliver around it;
+    published-port redirects (the host's address) need nothing."""
+    from sockgraft.model.redirect import Redirect
+    reds = [Redirect("tcp", 4, ip_address("10.0.0.3"), 80, ip_address("198.18.0.1"), 9080,
+                     "container address"),
+            Redirect("tcp", 4, None, 8080, ip_address("198.18.0.1"), 9080, "published")]
+    plan = mf.plan([port(7, "a", MAC1, "10.0.0.2"), port(9, "b", MAC2, "10.0.0.3")], {},
+                   redirects=reds)
+    assert list(plan.redirects) == [bpfmaps.redirect_key("tcp", ip_address("10.0.0.3"), 80)]
+    flags = {str(mf._addr_of(k)): bpfmaps.FAST_ADDR_VAL.unpack(v)[5]
+             for k, v in plan.addrs.items()}
+    assert flags == {"10.0.0.2": 0, "10.0.0.3": bpfmaps.FA_REDIRECTS}
+    k = bpfmaps.REDIRECT_KEY.unpack(plan_key := list(plan.redirects)[0])
+    assert k[:3] == (4, 6, bpfmaps._be16(80)) and len(plan_key) == 20

@@ -51,6 +51,7 @@ class Enforcer:
         self._svc_rev: dict[bytes, bytes] = {}
         self._nft_applied: object = None
         self._follow: tuple[object, dict] = (None, {})   # (service table, {policy: part})
+        self.redirects: tuple = ()          # the grafted servers' DNAT (model/redirect)
 
     def _followable(self, policy, services: Mapping) -> Mapping:
         """graft.followable, once per policy and service table: the nftables
@@ -82,6 +83,7 @@ class Enforcer:
         redirects = tuple(redirect.plan(
             servers, {s.container: s.addresses for s in sessions},
             {s.container: s.ports for s in sessions}))
+        self.redirects = redirects
         policies = {}
         for sess in sessions:
             policies[sess.mark] = (sess.config.policy if sess.config else

@@ -481,6 +481,8 @@ class Agent:
         with self._timed("nftables"):
             self.enforcer.sync_nft(self.sessions.values(), self.publisher.services,
                                    self.publisher.servers.values())
+        if self.fast is not None and self.fast.redirect_set != self.enforcer.redirects:
+            self.fast.due = True    # a grafted server's DNAT: around it no more
 
     def _servers_changed(self) -> None:
         """A grafted server came or went: its redirects, at the end of the turn."""
@@ -506,7 +508,8 @@ class Agent:
             return
         try:
             with self._timed("fastpath"):
-                self.fast.reconcile(self.bpf, self._marks(), now, full=full)
+                self.fast.reconcile(self.bpf, self._marks(), now, full=full,
+                                    redirects=self.enforcer.redirects)
         except SockgraftError as exc:
             log.warning("fastpath: %s", exc)
 

@@ -70,6 +70,8 @@ class FastPath:
         self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
         self.judged: dict[int, str] = {}
         self.marks: dict[str, int] = {}             # the marks the maps were written with
+        self.redirect_set: tuple = ()               # ... and the grafted servers' DNAT
+        self.redirects: dict[bytes, bytes] = {}     # what sg_fast_redirects holds
         self.slots: dict[int, int] = {}             # ifindex -> its counters' slot
         self.conflicts: list[str] = []
         self.attached: set[int] = set()
@@ -137,9 +139,10 @@ class FastPath:
                 mac, addrs, v.bridge_mac)
 
     def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int],
-                  now: float | None = None, full: bool = False) -> None:
+                  now: float | None = None, full: bool = False,
+                  redirects: tuple = ()) -> None:
         """Make the maps and links match the node. marks: container -> mark
-        of its policy entry."""
+        of its policy entry; redirects: the grafted servers' DNAT."""
         now = time.monotonic() if now is None else now
         if full or now - self._last_full >= FULL_EVERY:
             self._last_full = now
@@ -147,13 +150,14 @@ class FastPath:
                 del self.facts[ifindex]          # read again
         self.due = False
         self.marks = dict(marks)
+        self.redirect_set = redirects
         veths = kports.veths()
         present = {v.ifindex for v in veths}
         for gone in [i for i in self.facts if i not in present]:
             del self.facts[gone]
         self._resolve(veths)
         fresh = self._assign_slots()
-        plan = mfast.plan(self.facts.values(), marks, self.slots)
+        plan = mfast.plan(self.facts.values(), marks, self.slots, redirects)
         if plan.conflicts != self.conflicts:
             for c in plan.conflicts:
                 log.warning("fastpath: %s", c)
@@ -161,6 +165,10 @@ class FastPath:
         self.judged = plan.judged
         port_writes, port_dels = mfast.diff(self.ports, plan.ports)
         addr_writes, addr_dels = mfast.diff(self.addrs, plan.addrs)
+        # the DNAT's ports before the addresses that point at them
+        red_writes, red_dels = mfast.diff(self.redirects, plan.redirects)
+        for key, val in red_writes.items():
+            bpf.update("sg_fast_redirects", key, val)
         moved = mfast.moved(self.addrs, plan.addrs)
         for ifindex in fresh:
             bpf.fast_stats_reset(self.slots[ifindex])
@@ -181,6 +189,9 @@ class FastPath:
         for key in addr_dels:
             bpf.delete("sg_fast_addrs", key)
         self.addrs = dict(plan.addrs)
+        for key in red_dels:
+            bpf.delete("sg_fast_redirects", key)
+        self.redirects = dict(plan.redirects)
         gone = {int.from_bytes(k, "little") for k in port_dels}
         if moved or gone or port_writes:
             # verdicts about an address that moved, of a port that went, or

@@ -1793,7 +1793,21 @@ struct fast_addr {
 	__u8 mac[6];        /* its interface's MAC */
 	__u8 gw[6];         /* its bridge's MAC: the source of what is routed to it */
 	__u32 mark;         /* its policy key: replies it may send are recorded */
-	__u32 slot;         /* its counters */
+	__u16 slot;         /* its counters */
+	__u16 flags;        /* FA_REDIRECTS */
+};
+
+#define FA_REDIRECTS 1      /* a grafted server of this container is redirected
+			     * (nftables DNAT at the host's prerouting): packets
+			     * to its address:port must meet that hook */
+
+/* (family, protocol, port, container address) a grafted server's DNAT takes:
+ * never delivered around it (model/redirect.py) */
+struct redirect_key {
+	__u8 family;
+	__u8 proto;
+	__u16 port;         /* network order */
+	__u32 addr[4];
 };
 
 /* Across hosts: the overlay's routes, as the kernel's tables say (a route
@@ -1893,6 +1907,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct tunnel);
 } sg_fast_tunnels SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct redirect_key);
+	__type(value, __u8);
+} sg_fast_redirects SEC(".maps");
 
 /* the other hosts' VTEP addresses: the only outer sources decapsulated */
 struct {
@@ -2160,6 +2181,20 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	return v.verdict;
 }
 
+/* Would the host's DNAT of a grafted server take this packet? */
+static __always_inline int redirected(struct fast_addr *dst, struct pkt *p)
+{
+	struct redirect_key k = {};
+
+	if (!(dst->flags & FA_REDIRECTS) || p->frag)
+		return 0;
+	k.family = p->family;
+	k.proto = p->proto;
+	k.port = p->dport;
+	__builtin_memcpy(k.addr, p->daddr, 16);
+	return bpf_map_lookup_elem(&sg_fast_redirects, &k) != 0;
+}
+
 static __always_inline int same_mac(const __u8 *a, const __u8 *b)
 {
 	return *(const __u32 *)a == *(const __u32 *)b &&
@@ -2348,7 +2383,7 @@ int sg_fast_decap(struct __sk_buff *skb)
 	dk.family = p.family;
 	__builtin_memcpy(dk.addr, p.daddr, 16);
 	dst = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
-	if (!dst || !may_hop(skb, VXLAN_HDRS, p.family))
+	if (!dst || !may_hop(skb, VXLAN_HDRS, p.family) || redirected(dst, &p))
 		return TC_ACT_OK;
 	st = bpf_map_lookup_elem(&sg_fast_stats, &dst->slot);
 	if (dst->mark)
@@ -2415,7 +2450,7 @@ int sg_fast_in(struct __sk_buff *skb)
 			return ret;
 		goto slow;
 	}
-	if (dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac))
+	if (dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac) || redirected(dst, &p))
 		goto slow;
 	/* the destination's replies are allowed: told at a flow's first packet
 	 * (a sender without a policy has no flow cache: at each) - the reply

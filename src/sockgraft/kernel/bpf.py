@@ -48,7 +48,7 @@ MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev
         "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen",
         "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave",
         "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats",
-        "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers")
+        "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers", "sg_fast_redirects")
 # outlive the agent: the identity of grafted sockets, and the spliced
 # connections with their state (freeing sg_splice would drop the bytes queued
 # in its sockets' psock queues)

@@ -25,7 +25,10 @@ sockaddrs are network order, as the kernel hands them to the program):
   sg_fast_ports  u32 ifindex (a container's host-side veth) -> {mark, slot,
                  addr4, addr6[4], gw[6], pad}: its policy, counters slot, own
                  addresses, its bridge's MAC
-  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], gw[6], mark, slot}
+  sg_fast_addrs  {family, pad[3], addr[4]} -> {ifindex, mac[6], gw[6], mark, slot u16,
+                 flags u16 (FA_REDIRECTS)}
+  sg_fast_redirects {family, proto, port(be), addr[4]} -> u8: a grafted server's
+                 DNAT takes these (never delivered around it)
   sg_fast_remote LPM {32 + plen, family, pad[3], addr[4]} -> struct remote (the
                  outer headers towards another host's containers)
   sg_fast_tunnels u32 underlay ifindex -> {vni, local addr, dport(be), vtep mac}
@@ -228,7 +231,9 @@ def svc_val(addr: IPv4Address | IPv6Address, port: int) -> bytes:
 
 FAST_PORT = struct.Struct("=II4s16s6s2x")
 FAST_ADDR_KEY = struct.Struct("=B3x16s")
-FAST_ADDR_VAL = struct.Struct("=I6s6sII")
+FAST_ADDR_VAL = struct.Struct("=I6s6sIHH")
+FA_REDIRECTS = 1
+REDIRECT_KEY = struct.Struct("=BBH16s")
 REMOTE_KEY = struct.Struct("=IB3x16s")
 REMOTE_VAL = struct.Struct("=I4s4sIH6s6s6s6sHH2x")
 TUNNEL_VAL = struct.Struct("=I4sH6s")
@@ -263,10 +268,17 @@ def fast_addr_key(addr: IPv4Address | IPv6Address) -> bytes:
 
 
 def fast_addr_val(ifindex: int, mac: bytes, mark: int = 0, gw: bytes = bytes(6),
-                  slot: int = 0) -> bytes:
+                  slot: int = 0, redirects: bool = False) -> bytes:
     """mark: the owner's policy key (0: not judged; its replies need no
-    record); gw: its bridge's MAC; slot: its counters."""
-    return FAST_ADDR_VAL.pack(ifindex, _mac6(mac), _mac6(gw), mark, slot)
+    record); gw: its bridge's MAC; slot: its counters; redirects: a grafted
+    server of it is redirected (sg_fast_redirects says which ports)."""
+    return FAST_ADDR_VAL.pack(ifindex, _mac6(mac), _mac6(gw), mark, slot,
+                              FA_REDIRECTS if redirects else 0)
+
+
+def redirect_key(proto: str, addr: IPv4Address | IPv6Address, port: int) -> bytes:
+    return REDIRECT_KEY.pack(addr.version, PROTO_NUM[proto], _be16(port),
+                             addr.packed.ljust(16, b"\0"))
 
 
 def remote_key(net: IPv4Network | IPv6Network) -> bytes:
@@ -353,4 +365,4 @@ __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_ent
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
            "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "remote_key",
-           "remote_val", "tunnel_val", "peer_key"]
+           "remote_val", "tunnel_val", "peer_key", "redirect_key"]

@@ -15,6 +15,8 @@ Rules:
   path, which resolves it as it always did): reported as a conflict.
 - Link-local, loopback, multicast and unspecified addresses are never fast
   path destinations.
+- A container address:port a grafted server's DNAT takes (model/redirect.py,
+  "container address") is delivered the normal way, through that DNAT.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Plan:
     addrs: dict[bytes, bytes] = field(default_factory=dict)      # sg_fast_addrs
     conflicts: list[str] = field(default_factory=list)
     judged: dict[int, str] = field(default_factory=dict)         # ifindex -> container
+    redirects: dict[bytes, bytes] = field(default_factory=dict)  # sg_fast_redirects
 
 
 def container_of(netns_path: str, *, lab: str | None,
@@ -66,11 +69,18 @@ def _routable(a: IPv4Address | IPv6Address) -> bool:
 
 
 def plan(ports: Iterable[Port], marks: Mapping[str, int],
-         slots: Mapping[int, int] | None = None) -> Plan:
+         slots: Mapping[int, int] | None = None, redirects: Iterable = ()) -> Plan:
     """marks: container -> the mark of its policy entry (configured
     containers only); slots: ifindex -> its counters' slot (default: the
-    order of the interfaces)."""
+    order of the interfaces); redirects: model/redirect.Redirect of this
+    node (those to a container address keep their packets on the normal
+    path)."""
     out = Plan()
+    redirected: set = set()
+    for r in redirects:
+        if r.daddr is not None and r.why == "container address":
+            out.redirects[bpfmaps.redirect_key(r.proto, r.daddr, r.dport)] = b"\1"
+            redirected.add(r.daddr)
     owners: dict[bytes, list[Port]] = {}
     mark_of: dict[int, int] = {}
     slot_of: dict[int, int] = {}
@@ -93,7 +103,8 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
             p = claimed[0]
             out.addrs[key] = bpfmaps.fast_addr_val(p.ifindex, p.mac, mark_of[p.ifindex],
                                                    p.gw if len(p.gw) == 6 else bytes(6),
-                                                   slot_of[p.ifindex])
+                                                   slot_of[p.ifindex],
+                                                   _addr_of(key) in redirected)
         else:
             addr = _addr_of(key)
             out.conflicts.append(f"{addr} is claimed by "
