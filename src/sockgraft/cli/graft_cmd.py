@@ -278,10 +278,12 @@ def register(sub) -> None:
 """)
     p.add_argument("--agent", action="append", help="agent socket (default: every running "
                                                      "agent that has the fast path loaded)")
-    p.add_argument("--json", action="store_true")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--on", dest="set", action="store_const", const=True)
-    g.add_argument("--off", dest="set", action="store_const", const=False)
+    g.add_argument("--on", dest="set", action="store_const", const=True,
+                   help="programs on every container interface (again)")
+    g.add_argument("--off", dest="set", action="store_const", const=False,
+                   help="programs off every interface: the normal path alone")
+    p.add_argument("--json", action="store_true", help="machine-readable")
     p.set_defaults(func=cmd_fastpath, set=None)
 
 
