@@ -476,3 +476,31 @@ def test_a_grafted_server_stays_reachable_at_its_container_address(flab2):
     before = _row(g, "h2", "h2-c1")["decap_pkts"]
     assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, "198.19.2.2", 7300, 100000) == 100000
     assert _row(g, "h2", "h2-c1")["decap_pkts"] > before
+
+
+def test_a_packet_larger_than_the_overlay_gets_the_overlays_answer(flab2):
+    """A container whose MTU is larger than the overlay's (1500 against
+    1450): a 1500-byte packet with DF set is not encapsulated by the fast
+    path (it would exceed the underlay) but left to the normal path, whose
+    routing answers fragmentation needed, mtu 1450 - with the fast path as
+    without it; a packet that fits goes the fast way."""
+    g = flab2
+    h1, c1 = g.plan.node("h1").netns, _ns(g, "h1-c1")
+    for ns, dev in ((h1, "sgv-h1-c1"), (c1, "eth0")):
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1500"], check=True)
+    assert _ping(g, "h1-c1", C22, 1) == 0 and _ping(g, "h2-c2", C1, 1) == 0
+    _cached(g, "h1")
+    _cached(g, "h2")
+    answers = []
+    for on in (True, False):
+        _fast_on(g, "h1", on=on)
+        _fast_on(g, "h2", on=on)
+        before = _row(g, "h1", "h1-c1")["encap_pkts"]
+        subprocess.run(["ip", "-n", c1, "route", "flush", "cache"], check=True)  # no PMTU yet
+        big = subprocess.run(["ip", "netns", "exec", c1, "ping", "-c", "1", "-W", "1", "-M",
+                              "do", "-s", "1472", C22], capture_output=True, text=True)
+        answers.append("Frag needed and DF set (mtu = 1450)" in big.stdout + big.stderr)
+        fits = _ttl_ping(g, "h1-c1", C22, 64)
+        assert " 0% packet loss" in fits
+        assert (_row(g, "h1", "h1-c1")["encap_pkts"] > before) == on
+    assert answers == [True, True], answers

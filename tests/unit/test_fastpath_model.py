@@ -133,7 +133,7 @@ def test_remote_entries_are_the_outer_headers_the_vxlan_device_would_write():
     v4 = bpfmaps.REMOTE_VAL.unpack(plan.remote[bpfmaps.remote_key(
         __import__("ipaddress").ip_network("198.19.2.0/24"))])
     assert v4 == (2, ip_address("198.18.0.1").packed, ip_address("198.18.0.2").packed, 42,
-                  bpfmaps._be16(8472), HOP, UL, VX2, VX, 32768, 60999)
+                  bpfmaps._be16(8472), HOP, UL, VX2, VX, 32768, 60999, 1450)
     assert len(plan.remote) == 2            # the IPv6 overlay route too (outer IPv4)
     assert list(plan.peers) == [ip_address("198.18.0.2").packed]
     assert bpfmaps.TUNNEL_VAL.unpack(plan.tunnels[bpfmaps.fast_port_key(2)]) == (

@@ -1832,6 +1832,8 @@ struct remote {
 	__u8 inner_smac[6]; /* ours */
 	__u16 sport_min;    /* outer source ports (a flow hash picks one), host order */
 	__u16 sport_max;
+	__u16 mtu;          /* the VXLAN device's: larger packets take the normal path,
+			     * whose routing answers them (fragmentation needed) */
 };
 
 /* What the underlay device of `ifindex` accepts for decapsulation. */
@@ -2282,6 +2284,30 @@ static __always_inline int may_hop(struct __sk_buff *skb, __u32 off, __u8 family
 	return data + off + 40 <= end && data[off + 7] > 1;
 }
 
+/* Would the packet (each segment of a GSO packet) exceed the overlay's MTU? */
+static __always_inline int too_big(struct __sk_buff *skb, struct pkt *p, __u32 mtu)
+{
+	__u32 iphl = 40, seg;
+	__u8 b;
+
+	if (!skb->gso_size)
+		return skb->len - 14 > mtu;
+	if (p->family == 4) {
+		if (bpf_skb_load_bytes(skb, 14, &b, 1))
+			return 1;
+		iphl = (b & 0xf) * 4;
+	}
+	seg = iphl + skb->gso_size;
+	if (p->proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, 14 + iphl + 12, &b, 1))
+			return 1;
+		seg += (b >> 4) * 4;
+	} else if (p->proto == IPPROTO_UDP) {
+		seg += 8;
+	}
+	return seg > mtu;
+}
+
 /* A packet routed to another host's container: encapsulated as the VXLAN
  * device would (its VNI, port, MACs; outer UDP checksum 0, allowed for
  * IPv4), inner TTL down by one, sent out of the underlay device. Returns
@@ -2302,7 +2328,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct fast_port *port, 
 	rk.family = p->family;
 	__builtin_memcpy(rk.addr, p->daddr, 16);
 	r = bpf_map_lookup_elem(&sg_fast_remote, &rk);
-	if (!r || !may_hop(skb, 14, p->family))
+	if (!r || !may_hop(skb, 14, p->family) || too_big(skb, p, r->mtu))
 		return -1;
 	__builtin_memcpy(h.eth_dst, r->outer_dmac, 6);
 	__builtin_memcpy(h.eth_src, r->outer_smac, 6);

@@ -48,6 +48,7 @@ class Vxlan:
     neighbours: tuple               # ((ip text, mac bytes), ...) on the device
     fdb: tuple                      # ((mac bytes, remote ip text), ...)
     next_hops: tuple                # ((remote ip, oif, next-hop mac, oif mac), ...)
+    mtu: int = 1450
 
 
 def _mac(text: str | None) -> bytes:
@@ -212,7 +213,8 @@ def vxlans() -> list[Vxlan]:
                                  data.get_attr("IFLA_VXLAN_PORT") or 4789,
                                  data.get_attr("IFLA_VXLAN_LOCAL") or "",
                                  data.get_attr("IFLA_VXLAN_LINK") or 0, macs[idx],
-                                 tuple(routes), neigh, fdb, tuple(hops)))
+                                 tuple(routes), neigh, fdb, tuple(hops),
+                                 link.get_attr("IFLA_MTU") or 1450))
     except (OSError, NetlinkError) as exc:
         raise from_oserror("overlay dump", exc, "vxlan") from exc
     return out

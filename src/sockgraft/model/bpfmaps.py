@@ -235,7 +235,7 @@ FAST_ADDR_VAL = struct.Struct("=I6s6sIHH")
 FA_REDIRECTS = 1
 REDIRECT_KEY = struct.Struct("=BBH16s")
 REMOTE_KEY = struct.Struct("=IB3x16s")
-REMOTE_VAL = struct.Struct("=I4s4sIH6s6s6s6sHH2x")
+REMOTE_VAL = struct.Struct("=I4s4sIH6s6s6s6sHHH")
 TUNNEL_VAL = struct.Struct("=I4sH6s")
 FLOW_KEY = struct.Struct("=IBBHHH16s")
 
@@ -288,10 +288,10 @@ def remote_key(net: IPv4Network | IPv6Network) -> bytes:
 
 def remote_val(ifindex: int, saddr: IPv4Address, daddr: IPv4Address, vni: int, dport: int,
                outer_dmac: bytes, outer_smac: bytes, inner_dmac: bytes, inner_smac: bytes,
-               sports: tuple[int, int]) -> bytes:
+               sports: tuple[int, int], mtu: int = 1450) -> bytes:
     return REMOTE_VAL.pack(ifindex, saddr.packed, daddr.packed, vni, _be16(dport),
                            _mac6(outer_dmac), _mac6(outer_smac), _mac6(inner_dmac),
-                           _mac6(inner_smac), sports[0], sports[1])
+                           _mac6(inner_smac), sports[0], sports[1], mtu)
 
 
 def tunnel_val(vni: int, local: IPv4Address, dport: int, vtep_mac: bytes) -> bytes:

@@ -127,6 +127,7 @@ class Overlay:
     neighbours: tuple = ()      # ((ip, mac), ...) on the device
     fdb: tuple = ()             # ((mac, remote host address), ...)
     next_hops: tuple = ()       # ((remote address, oif, next-hop mac, oif mac), ...)
+    mtu: int = 1450             # the device's: larger packets take the normal path
 
 
 @dataclass
@@ -174,7 +175,8 @@ def plan_remote(overlays: Iterable[Overlay], sports: tuple[int, int]) -> RemoteP
                 continue
             oif, hop_mac, oif_mac = hop
             out.remote[bpfmaps.remote_key(net)] = bpfmaps.remote_val(
-                oif, local, rip, ov.vni, ov.dport, hop_mac, oif_mac, vtep_mac, ov.mac, sports)
+                oif, local, rip, ov.vni, ov.dport, hop_mac, oif_mac, vtep_mac, ov.mac, sports,
+                ov.mtu)
             out.peers[bpfmaps.peer_key(rip)] = b"\1"
             underlays.add(oif)
         for remote in fdb.values():
