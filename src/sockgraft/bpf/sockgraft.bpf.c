@@ -2376,7 +2376,7 @@ int sg_fast_decap(struct __sk_buff *skb)
 	struct pkt p = {};
 	__u8 *data, *end;
 	__u16 in_proto;
-	__u32 vni, saddr, len;
+	__u32 vni, saddr, len, slot;
 	__u8 eth[14];
 
 	if (!t || skb->protocol != bpf_htons(ETH_P_IP))
@@ -2411,7 +2411,8 @@ int sg_fast_decap(struct __sk_buff *skb)
 	dst = bpf_map_lookup_elem(&sg_fast_addrs, &dk);
 	if (!dst || !may_hop(skb, VXLAN_HDRS, p.family) || redirected(dst, &p))
 		return TC_ACT_OK;
-	st = bpf_map_lookup_elem(&sg_fast_stats, &dst->slot);
+	slot = dst->slot;		/* the key is a u32: not the u16 in place */
+	st = bpf_map_lookup_elem(&sg_fast_stats, &slot);
 	if (dst->mark)
 		note_incoming(dst->ifindex, &p);
 	len = skb->len;
