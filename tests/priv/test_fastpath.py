@@ -24,12 +24,24 @@ C1_6, C2_6 = "fd53:6700:0:1::2", "fd53:6700:0:1::3"
 
 @pytest.fixture
 def flab(lab, state_dir):
+    """A lab of the test's own, h1's agent with the fast path (tests that
+    configure policies, move addresses, change MTUs, restart the agent)."""
     g = GraftLab(lab, state_dir)
     try:
         g.start_agent("h1", "--fastpath", "on")
         yield g
     finally:
         g.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One lab, both agents with the fast path, for the tests that leave it
+    as they found it (no configuration, fresh ports, the fast path back on)."""
+    from grafting import shared_lab
+    with shared_lab(tmp_path_factory, "fastpath", ("h1", "--fastpath", "on"),
+                    ("h2", "--fastpath", "on")) as g:
+        yield g
 
 
 def _fast(g, **kw):
@@ -128,52 +140,55 @@ def _ping(g, container, addr, count=3):
 # --- tests ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_local_pair_skips_the_bridge(flab, family):
+def test_local_pair_skips_the_bridge(shared, family):
     """TCP, UDP and ping between two containers of one host: delivered by
     the fast path (its counters), not through the bridge (the destination
     veth's transmit counter barely moves: ARP/ND only)."""
+    g = shared
     dst = C2 if family == 4 else C2_6
-    _server(flab, "h1-c2", COUNT_SERVER, dst, 7100)
-    _server(flab, "h1-c2", UDP_ECHO, dst, 7101)
-    assert _ping(flab, "h1-c1", dst) == 0          # neighbours resolved (normal path)
-    before, tx0 = _port(flab, "h1-c1")["fast_pkts"], _tx_to(flab, "h1-c2")
+    _server(g, "h1-c2", COUNT_SERVER, dst, 7100)
+    _server(g, "h1-c2", UDP_ECHO, dst, 7101)
+    assert _ping(g, "h1-c1", dst) == 0          # neighbours resolved (normal path)
+    before, tx0 = _port(g, "h1-c1")["fast_pkts"], _tx_to(g, "h1-c2")
+    back = _port(g, "h1-c2")["fast_pkts"]
     n = 4 << 20
-    assert netns.run_in(_ns(flab, "h1-c1"), _tcp_bulk, dst, 7100, n) == n
-    assert netns.run_in(_ns(flab, "h1-c1"), _udp_echo, dst, 7101, b"ping") == b"ping"
-    assert _ping(flab, "h1-c1", dst) == 0
-    moved = _port(flab, "h1-c1")["fast_pkts"] - before
+    assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, dst, 7100, n) == n
+    assert netns.run_in(_ns(g, "h1-c1"), _udp_echo, dst, 7101, b"ping") == b"ping"
+    assert _ping(g, "h1-c1", dst) == 0
+    moved = _port(g, "h1-c1")["fast_pkts"] - before
     assert moved > 50, f"only {moved} packets took the fast path"
-    assert _tx_to(flab, "h1-c2") - tx0 < 10, "the bridge still delivered the pair's packets"
+    assert _tx_to(g, "h1-c2") - tx0 < 10, "the bridge still delivered the pair's packets"
     # the other direction went the fast way too (acks, echo replies)
-    assert _port(flab, "h1-c2")["fast_pkts"] > 10
+    assert _port(g, "h1-c2")["fast_pkts"] - back > 10
 
 
-def test_icmp_errors_come_back_through_it(flab):
+def test_icmp_errors_come_back_through_it(shared):
     """A datagram to a closed port: the destination's ICMP port unreachable
     reaches the sender (a connected UDP socket sees ECONNREFUSED)."""
-    assert _ping(flab, "h1-c1", C2, 1) == 0
-    got = netns.run_in(_ns(flab, "h1-c1"), _udp_echo, C2, 7199, b"anyone?")
+    assert _ping(shared, "h1-c1", C2, 1) == 0
+    got = netns.run_in(_ns(shared, "h1-c1"), _udp_echo, C2, 7199, b"anyone?")
     assert got == "refused"
 
 
-def test_off_takes_the_programs_away_and_traffic_still_flows(flab):
+def test_off_takes_the_programs_away_and_traffic_still_flows(shared):
     """fastpath --off: the programs leave the interfaces (pins gone), the
     bridge carries the pair as before; --on brings them back."""
-    _server(flab, "h1-c2", COUNT_SERVER, C2, 7110)
-    off = _fast(flab, on=False)
+    g = shared
+    _server(g, "h1-c2", COUNT_SERVER, C2, 7110)
+    off = _fast(g, on=False)
     assert not off["enabled"] and not any(r["attached"] for r in off["ports"])
     pins = [n for n in os.listdir(os.path.join("/sys/fs/bpf/sockgraft",
-                                               f"{flab.plan.name}-h1"))
+                                               f"{g.plan.name}-h1"))
             if n.startswith("link_sg_fast")]
     assert pins == []
-    before, tx0 = _port(flab, "h1-c1")["fast_pkts"], _tx_to(flab, "h1-c2")
-    assert netns.run_in(_ns(flab, "h1-c1"), _tcp_bulk, C2, 7110, 1 << 20) == 1 << 20
-    assert _port(flab, "h1-c1")["fast_pkts"] == before
-    assert _tx_to(flab, "h1-c2") - tx0 > 20          # the bridge delivered them
-    on = _fast(flab, on=True)
+    before, tx0 = _port(g, "h1-c1")["fast_pkts"], _tx_to(g, "h1-c2")
+    assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, C2, 7110, 1 << 20) == 1 << 20
+    assert _port(g, "h1-c1")["fast_pkts"] == before
+    assert _tx_to(g, "h1-c2") - tx0 > 20          # the bridge delivered them
+    on = _fast(g, on=True)
     assert on["enabled"] and all(r["attached"] for r in on["ports"])
-    assert netns.run_in(_ns(flab, "h1-c1"), _tcp_bulk, C2, 7110, 1 << 20) == 1 << 20
-    assert _port(flab, "h1-c1")["fast_pkts"] > before
+    assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, C2, 7110, 1 << 20) == 1 << 20
+    assert _port(g, "h1-c1")["fast_pkts"] > before
 
 
 def test_policy_drops_denied_flows_in_the_data_path(flab):
@@ -338,12 +353,12 @@ def _cached(g, host, n=2, timeout=10):
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_remote_pair_skips_the_overlay_devices(flab2, family):
+def test_remote_pair_skips_the_overlay_devices(shared, family):
     """The first packet takes the normal path (it resolves the underlay
     neighbour); from then on the pair's packets are encapsulated at the
     sender's veth and decapsulated at the receiver's underlay device: the
     VXLAN devices of both hosts carry (almost) nothing."""
-    g = flab2
+    g = shared
     dst = C22 if family == 4 else C22_6
     assert _ping(g, "h1-c1", dst, 1) == 0
     assert _ping(g, "h2-c2", C1 if family == 4 else C1_6, 1) == 0
@@ -352,6 +367,7 @@ def test_remote_pair_skips_the_overlay_devices(flab2, family):
     _server(g, "h2-c2", UDP_ECHO, dst, 7201)
     vx1, vx2 = _vx_packets(g, "h1"), _vx_packets(g, "h2")
     enc, dec = _row(g, "h1", "h1-c1")["encap_pkts"], _row(g, "h2", "h2-c2")["decap_pkts"]
+    enc2, dec1 = _row(g, "h2", "h2-c2")["encap_pkts"], _row(g, "h1", "h1-c1")["decap_pkts"]
     n = 4 << 20
     assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, dst, 7200, n) == n
     assert netns.run_in(_ns(g, "h1-c1"), _udp_echo, dst, 7201, b"x" * 1400) == b"x" * 1400
@@ -359,7 +375,8 @@ def test_remote_pair_skips_the_overlay_devices(flab2, family):
     assert _row(g, "h1", "h1-c1")["encap_pkts"] - enc > 20
     assert _row(g, "h2", "h2-c2")["decap_pkts"] - dec > 20
     # replies came back the same way
-    assert _row(g, "h2", "h2-c2")["encap_pkts"] > 10 and _row(g, "h1", "h1-c1")["decap_pkts"] > 10
+    assert _row(g, "h2", "h2-c2")["encap_pkts"] - enc2 > 10
+    assert _row(g, "h1", "h1-c1")["decap_pkts"] - dec1 > 10
     assert _vx_packets(g, "h1") - vx1 < 10 and _vx_packets(g, "h2") - vx2 < 10
 
 
@@ -369,12 +386,12 @@ def _ttl_ping(g, container, dst, ttl):
                           text=True).stdout
 
 
-def test_remote_path_looks_like_the_overlay(flab2):
+def test_remote_path_looks_like_the_overlay(shared):
     """Hop counts, ICMP errors and fragments as over the VXLAN devices: a
     packet is routed twice (TTL 2 dies at the second host, which says so),
     a closed UDP port answers with port unreachable, a 3000-byte ping is
     fragmented and reassembled - with the fast path and without it."""
-    g = flab2
+    g = shared
     assert _ping(g, "h1-c1", C22, 1) == 0 and _ping(g, "h2-c2", C1, 1) == 0
     _cached(g, "h1")
     _cached(g, "h2")
@@ -391,14 +408,16 @@ def test_remote_path_looks_like_the_overlay(flab2):
         seen.append(("Time to live exceeded" in short, " 0% packet loss" in enough, refused,
                      big))
         assert (moved > 3) == on, (on, moved)
+    for h in ("h1", "h2"):
+        _fast_on(g, h, on=True)
     assert seen[0] == seen[1] == (True, True, "refused", 0), seen
 
 
-def test_a_changed_overlay_table_changes_the_cache(flab2):
+def test_a_changed_overlay_table_changes_the_cache(shared):
     """The cache follows the kernel's tables: the neighbour entry of the
     other host's gateway goes away - the route is no longer cached (the
     normal path is all there is); it comes back - cached again."""
-    g = flab2
+    g = shared
     h1 = g.plan.node("h1").netns
     assert _ping(g, "h1-c1", C22, 1) == 0
     assert _cached(g, "h1")["remote_routes"] == 2

@@ -46,18 +46,34 @@ def _client_cfg(graft_at):
     return gc.with_graft_at(cfg, graft_at)
 
 
+def _configure(g):
+    g.configure("h1-c2", gc.dump_config(
+        grafts.ingress_on("h1-c2", f"{BASE}-{BASE + 99}", H1, BASE)))
+    g.configure("h1-c1", gc.dump_config(_client_cfg("socket")))
+
+
 @pytest.fixture
 def splab(lab, state_dir):
+    """A lab of the test's own (for tests that change the configuration or
+    restart the agent)."""
     from grafting import GraftLab
     g = GraftLab(lab, state_dir)
     try:
         g.start_agent("h1", "--sockmap", "on")
-        g.configure("h1-c2", gc.dump_config(
-            grafts.ingress_on("h1-c2", f"{BASE}-{BASE + 99}", H1, BASE)))
-        g.configure("h1-c1", gc.dump_config(_client_cfg("socket")))
+        _configure(g)
         yield g
     finally:
         g.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One lab for the cases that leave it as they found it (each connection
+    on fresh ports, splicing switched per run)."""
+    from grafting import shared_lab
+    with shared_lab(tmp_path_factory, "splice", ("h1", "--sockmap", "on")) as g:
+        _configure(g)
+        yield g
 
 
 def _agent(g, op, **kw):
@@ -90,9 +106,9 @@ def _strip(d):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_case_same_as_tcp(splab, case):
-    on_c, on_s, moved_on = _run_case(splab, case, splice=True)
-    off_c, off_s, moved_off = _run_case(splab, case, splice=False)
+def test_case_same_as_tcp(shared, case):
+    on_c, on_s, moved_on = _run_case(shared, case, splice=True)
+    off_c, off_s, moved_off = _run_case(shared, case, splice=False)
     assert moved_off == 0, "splicing off still spliced"
     differ = DIFFERENT.get(case, {})
     for side, on, off in (("client", on_c, off_c), ("server", on_s, off_s)):
@@ -101,18 +117,20 @@ def test_case_same_as_tcp(splab, case):
             assert (on.pop(key), off.pop(key)) == (spliced_v, tcp_v), (case, side, key)
         assert on == off, f"{case}: the {side} saw {on} spliced, {off} over TCP"
     if case in ("bulk", "bidir", "sendfile", "splicein", "nonblock"):
-        assert moved_on > 1 << 20, f"{case}: only {moved_on} bytes spliced"
+        # a slow reader's queue bound (1 MiB here) sends the rest by TCP: on a
+        # loaded machine that may be all but the first MiB
+        assert moved_on >= 512 << 10, f"{case}: only {moved_on} bytes spliced"
     if case == "rcvlowat":
         assert on_s["early"] == [] and on_s["late"] and on_s["got"] == 100
 
 
 @pytest.mark.parametrize("case", ["bulk", "bidir", "halfclose", "waitall", "unreadclose"])
-def test_blocking_sockets_stay_on_tcp(splab, case):
+def test_blocking_sockets_stay_on_tcp(shared, case):
     """A blocking recv() on a socket in a sockhash returns EAGAIN after a
     wakeup without data (its own sends wake it): blocking applications never
     enter the map, and see exactly TCP."""
-    on_c, on_s, moved_on = _run_case(splab, case, splice=True, extra=("--blocking",))
-    off_c, off_s, _ = _run_case(splab, case, splice=False, extra=("--blocking",))
+    on_c, on_s, moved_on = _run_case(shared, case, splice=True, extra=("--blocking",))
+    off_c, off_s, _ = _run_case(shared, case, splice=False, extra=("--blocking",))
     assert moved_on == 0
     assert (_strip(on_c), _strip(on_s)) == (_strip(off_c), _strip(off_s))
 

@@ -100,13 +100,15 @@ class Enforcer:
         self._nft_applied = (policies, services, redirects, loopbacks)
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
-                 mark_held: Callable[[int], bool], rescan: bool = False) -> None:
+                 mark_held: Callable[[int], bool], rescan: bool | str = False) -> None:
         """Write the policy, egress rules and granted source addresses of
         every configured container (registered here, or configured in the
         store: a restarted agent must judge sockets grafted before it
         started) into the kernel maps. Egress rules change under a new
         generation, flipped atomically; sources are added before the flip
-        and removed after it."""
+        and removed after it. rescan: read the store again - every
+        container (True), or the one named (a reload for one container:
+        the others' files are not parsed again)."""
         if self.bpf is None:
             return
         wanted: dict[int, tuple[graft.GraftConfig, bool, tuple[str, ...]]] = {}
@@ -115,7 +117,9 @@ class Enforcer:
                 socket_mode = sess.graft_at == "socket"
                 wanted[sess.mark] = (sess.config, socket_mode,
                                      sess.addresses + _private(sess.mark, socket_mode))
-        if rescan or self._store_configs is None:
+        if isinstance(rescan, str) and self._store_configs is not None:
+            self._rescan_one(rescan, mark_held)
+        elif rescan or self._store_configs is None:
             found = {}
             marks = self.store.marks()
             for name in self.store.containers():
@@ -168,6 +172,19 @@ class Enforcer:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._forget_egress(self.applied.pop(mark))
         self.sync_bpf_services(services)
+
+    def _rescan_one(self, name: str, mark_held: Callable[[int], bool]) -> None:
+        assert self._store_configs is not None
+        configs = {m: e for m, e in self._store_configs.items() if e[0].container != name}
+        try:
+            cfg = self.store.load(name)
+            if cfg is not None:
+                mark = self.store.marks().get(name) or self.store.mark(name, in_use=mark_held)
+                configs[mark] = (cfg, cfg.graft_at == "socket",
+                                 _private(mark, cfg.graft_at == "socket"))
+        except SockgraftError as exc:
+            log.warning("bpf: skipping container %s: %s", name, exc)
+        self._store_configs = configs
 
     def _forget_egress(self, old: BpfApplied, keep: list[bytes] = ()) -> None:
         assert self.bpf is not None

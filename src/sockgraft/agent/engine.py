@@ -462,9 +462,12 @@ class Agent:
         if self.bpf is not None:
             self.bpf.set_local(bpfmaps.local_keys(self.grafter.host_addrs))
         self.publisher.publish_node()
-        self.sync_nft()
-        self.sync_bpf(rescan=True)
+        # the in-kernel judges first (a policy change takes effect at the
+        # next connect and packet), then the nftables table (one load of
+        # every container's chain)
+        self.sync_bpf(rescan=container if isinstance(container, str) and container else True)
         self.sync_fast(full=True)
+        self.sync_nft()
         return {"ok": True, "reloaded": n}
 
     # --- enforcement (agent/enforce.py) and the in-kernel programs -------------
@@ -488,7 +491,7 @@ class Agent:
         """A grafted server came or went: its redirects, at the end of the turn."""
         self._nft_due = True
 
-    def sync_bpf(self, rescan: bool = False) -> None:
+    def sync_bpf(self, rescan: bool | str = False) -> None:
         with self._timed("bpf"):
             self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
                                    self.sessions.holds, rescan)

@@ -542,6 +542,7 @@ static __always_inline void report_as(__u32 pid, __u32 kind, __u32 mark, __u32 o
  * number of rules up to MAX_RULES costs the verifier one rule. */
 struct judge_ctx {
 	struct policy *p;
+	__u32 n;
 	__u32 addr[4];
 	__u16 port;
 	__u8 family;
@@ -550,14 +551,8 @@ struct judge_ctx {
 	int verdict;
 };
 
-static long judge_one(__u64 i, void *data)
+static __always_inline int rule_matches(struct judge_ctx *c, struct rule *r)
 {
-	struct judge_ctx *c = data;
-	struct rule *r;
-
-	if (i >= MAX_RULES)
-		return 1;
-	r = &c->p->rules[i];
 	if (r->family && r->family != c->family)
 		return 0;
 	if (r->proto && r->proto != c->proto)
@@ -571,9 +566,32 @@ static long judge_one(__u64 i, void *data)
 	     (c->addr[2] & r->mask[2]) != r->addr[2] ||
 	     (c->addr[3] & r->mask[3]) != r->addr[3]))
 		return 0;
-	c->label = r->label;
-	c->verdict = r->verdict;
 	return 1;
+}
+
+#define JUDGE_BLOCK 8      /* rules per bpf_loop step: the call costs more than a rule */
+
+/* Rules [block * JUDGE_BLOCK, + JUDGE_BLOCK) of c->p, up to c->n. */
+static long judge_block(__u64 block, void *data)
+{
+	struct judge_ctx *c = data;
+
+	__u32 base = (__u32)(block & (MAX_RULES / JUDGE_BLOCK - 1)) * JUDGE_BLOCK;
+
+	for (int j = 0; j < JUDGE_BLOCK; j++) {
+		__u32 i = base + j;
+		struct rule *r;
+
+		if (i >= c->n || i >= MAX_RULES)
+			return 1;
+		r = &c->p->rules[i & (MAX_RULES - 1)];
+		if (rule_matches(c, r)) {
+			c->label = r->label;
+			c->verdict = r->verdict;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 static __always_inline int judge(struct policy *p, __u8 family, const __u32 *addr,
@@ -593,7 +611,8 @@ static __always_inline int judge(struct policy *p, __u8 family, const __u32 *add
 	c.family = family;
 	c.proto = proto;
 	c.verdict = -1;
-	bpf_loop(n < MAX_RULES ? n : MAX_RULES, judge_one, &c, 0);
+	c.n = n < MAX_RULES ? n : MAX_RULES;
+	bpf_loop((c.n + JUDGE_BLOCK - 1) / JUDGE_BLOCK, judge_block, &c, 0);
 	if (c.verdict >= 0) {
 		*label = c.label;
 		return c.verdict;
