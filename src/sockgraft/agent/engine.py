@@ -291,7 +291,7 @@ class Agent:
         for conn, reply in deferred:
             control.reply(conn, reply)
         if self.fast is not None and self.fast.due:
-            self.sync_fast()
+            self.sync_fast(links=self.fast.due_links, overlay=self.fast.due_overlay)
 
     def dispatch(self, fd: int, ev: int) -> None:
         if fd in self.sessions:
@@ -458,15 +458,17 @@ class Agent:
             if container is None or sess.container == container:
                 sess.config = self.store.load(sess.container) or sess.inline
                 n += 1
+        # the in-kernel judges first (a policy change takes effect at the
+        # next connect and packet), then what takes longer with many
+        # containers: the node's addresses (a dump of every interface's),
+        # the fast path's interfaces (a link dump), the nftables table (one
+        # load of every container's chain)
+        self.sync_bpf(rescan=container if isinstance(container, str) and container else True)
         self.grafter.host_addrs = host_addresses()
         if self.bpf is not None:
             self.bpf.set_local(bpfmaps.local_keys(self.grafter.host_addrs))
         self.publisher.publish_node()
-        # the in-kernel judges first (a policy change takes effect at the
-        # next connect and packet), then the nftables table (one load of
-        # every container's chain)
-        self.sync_bpf(rescan=container if isinstance(container, str) and container else True)
-        self.sync_fast(full=True)
+        self.sync_fast(full=True, overlay=False)     # a CNI ADD/DEL: its interface
         self.sync_nft()
         return {"ok": True, "reloaded": n}
 
@@ -485,7 +487,7 @@ class Agent:
             self.enforcer.sync_nft(self.sessions.values(), self.publisher.services,
                                    self.publisher.servers.values())
         if self.fast is not None and self.fast.redirect_set != self.enforcer.redirects:
-            self.fast.due = True    # a grafted server's DNAT: around it no more
+            self.fast.due_plan = True   # a grafted server's DNAT: around it no more
 
     def _servers_changed(self) -> None:
         """A grafted server came or went: its redirects, at the end of the turn."""
@@ -497,14 +499,16 @@ class Agent:
                                    self.sessions.holds, rescan)
         self.sessions.refresh_native()       # the native loops take what is now in force
         if self.fast is not None and self.fast.marks != self._marks():
-            self.fast.due = True             # a container's policy mark is new: end of turn
+            self.fast.due_plan = True        # a container's policy mark is new: end of turn
 
     def _marks(self) -> dict[str, int]:
         """container -> the mark of its policy entry in sg_policy."""
         return {a.cfg.container: mark for mark, a in self.enforcer.applied.items()}
 
-    def sync_fast(self, now: float | None = None, full: bool = False) -> None:
-        """The fast path's maps and links in step with the node; full (a
+    def sync_fast(self, now: float | None = None, full: bool = False, links: bool = True,
+                  overlay: bool = True) -> None:
+        """The fast path's maps and links in step with the node (links: read
+        the interfaces again; overlay: the VXLAN devices' tables); full (a
         reload: CNI ADD/DEL, a configuration edit): interfaces without
         addresses are read again too."""
         if self.fast is None or self.bpf is None or not self.fast.enabled:
@@ -512,7 +516,8 @@ class Agent:
         try:
             with self._timed("fastpath"):
                 self.fast.reconcile(self.bpf, self._marks(), now, full=full,
-                                    redirects=self.enforcer.redirects)
+                                    redirects=self.enforcer.redirects, links=links,
+                                    overlay=overlay)
         except SockgraftError as exc:
             log.warning("fastpath: %s", exc)
 
@@ -649,9 +654,10 @@ class Agent:
             self.oci.sweep(now)
         self.holders = [p for p in self.holders if p.poll() is None]
         self.grafter.connects.expire(now)
-        if self.fast is not None and now - self.fast.last_sweep >= 5.0:
-            self.fast.last_sweep = now
-            self.sync_fast(now)
+        scope = self.fast.sweep_scope(now) if self.fast is not None else None
+        if scope is not None:
+            links, overlay, full = scope
+            self.sync_fast(now, full=full, links=links, overlay=overlay)
         if self.metrics is not None:
             self.metrics.publish({**self.stats(splice=False),
                                   "denials": dict(self.inventory.denials),

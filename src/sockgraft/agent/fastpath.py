@@ -79,10 +79,12 @@ class FastPath:
         self.tunnels: dict[bytes, bytes] = {}       # sg_fast_tunnels
         self.peers: dict[bytes, bytes] = {}         # sg_fast_peers
         self.underlays: set[int] = set()            # decapsulating underlay devices
+        self.overlay_ifindexes: set[int] = set()    # VXLAN devices and their underlays
         self.waiting: list[str] = []                # overlay routes not (yet) cached
         self.enabled = True                         # programs on the interfaces
-        self.due = False
-        self.last_sweep = 0.0
+        self.due_links = self.due_overlay = self.due_plan = False
+        self._present: set[int] | None = None       # the container veths last seen
+        self._vx_indexes: list[int] = []            # the VXLAN devices last seen
         self._last_full = 0.0
         self._nl: IPRoute | None = None
         try:
@@ -98,13 +100,32 @@ class FastPath:
         return self._nl.fileno() if self._nl is not None else -1
 
     def on_netlink(self) -> None:
-        """A link came, went or changed: reconcile at the end of the turn."""
+        """Netlink events: reconcile at the end of the turn when one can
+        matter - a link came, went or changed, a route changed, or a
+        neighbour / FDB entry of an overlay device or its underlay did.
+        The containers' own neighbour entries on the bridge (a busy node
+        has many, changing state all the time) do not."""
         assert self._nl is not None
         try:
-            self._nl.get()
+            msgs = self._nl.get()
         except (OSError, NetlinkError):
-            pass
-        self.due = True
+            self.due_links = True
+            return
+        for m in msgs:
+            links, overlay = self.relevant(m.get("event", ""), m.get("ifindex"),
+                                           self.overlay_ifindexes)
+            self.due_links |= links
+            self.due_overlay |= overlay
+
+    @staticmethod
+    def relevant(event: str, ifindex, overlay_ifindexes: set[int]) -> tuple[bool, bool]:
+        """(read the links again, read the overlay's tables again) for one
+        netlink event."""
+        if "LINK" in event:
+            return True, True
+        if "NEIGH" in event:
+            return False, ifindex in overlay_ifindexes
+        return False, "ROUTE" in event
 
     def close(self) -> None:
         if self._nl is not None:
@@ -125,37 +146,49 @@ class FastPath:
         if any(v.nsid not in paths for v in want):
             for nsid, path in kports.netns_ids(kports.process_netns()).items():
                 paths.setdefault(nsid, path)
+        got = kports.peers_facts([(paths[v.nsid], v.peer_ifindex) for v in want
+                                  if v.nsid in paths])
         for v in want:
             path = paths.get(v.nsid)
-            if path is None:
+            if path is None or (path, v.peer_ifindex) not in got:
                 continue
-            try:
-                mac, addrs = kports.peer_facts(path, v.peer_ifindex)
-            except SockgraftError as exc:
-                log.info("fastpath: %s: %s", v.ifname, exc)
-                continue
+            mac, addrs = got[(path, v.peer_ifindex)]
             self.facts[v.ifindex] = mfast.Port(
                 v.ifindex, v.ifname, mfast.container_of(path, lab=self.lab, cni=cni),
                 mac, addrs, v.bridge_mac)
 
+    @property
+    def due(self) -> bool:
+        """Something changed: reconcile at the end of the turn (due_plan: the
+        maps again from what is known - a policy mark, a grafted server)."""
+        return self.due_links or self.due_overlay or self.due_plan
+
     def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int],
                   now: float | None = None, full: bool = False,
-                  redirects: tuple = ()) -> None:
+                  redirects: tuple = (), links: bool = True, overlay: bool = True) -> None:
         """Make the maps and links match the node. marks: container -> mark
-        of its policy entry; redirects: the grafted servers' DNAT."""
+        of its policy entry; redirects: the grafted servers' DNAT. links: read
+        the node's interfaces again (one link dump: ~0.1 s with 200
+        containers); overlay: the VXLAN devices' tables (a few requests about
+        those devices only); full: interfaces without addresses read again
+        from their namespaces. Without either, only the maps are rewritten
+        from what is known (a policy mark or a grafted server changed)."""
         now = time.monotonic() if now is None else now
-        if full or now - self._last_full >= FULL_EVERY:
-            self._last_full = now
+        if full:
             for ifindex in [i for i, p in self.facts.items() if not p.addrs]:
                 del self.facts[ifindex]          # read again
-        self.due = False
+        links = links or self._present is None
+        overlay = overlay or links
+        self.due_links = self.due_overlay = self.due_plan = False
         self.marks = dict(marks)
         self.redirect_set = redirects
-        veths = kports.veths()
-        present = {v.ifindex for v in veths}
-        for gone in [i for i in self.facts if i not in present]:
-            del self.facts[gone]
-        self._resolve(veths)
+        if links:
+            veths, self._vx_indexes = kports.scan()
+            self._present = {v.ifindex for v in veths}
+            for gone in [i for i in self.facts if i not in self._present]:
+                del self.facts[gone]
+            self._resolve(veths)
+        present = self._present or set()
         fresh = self._assign_slots()
         plan = mfast.plan(self.facts.values(), marks, self.slots, redirects)
         if plan.conflicts != self.conflicts:
@@ -200,15 +233,30 @@ class FastPath:
             self.forget_flows(bpf, changed, moved)
         for key in port_dels:
             bpf.delete("sg_fast_ports", key)
-        self._reconcile_remote(bpf)
-        for ifindex in (bpf.fast_attached() | self.attached) - (present | self.underlays):
-            bpf.fast_detach(ifindex)
-            self.attached.discard(ifindex)
+        if overlay:
+            self._reconcile_remote(bpf)
+        if links or overlay:
+            for ifindex in (bpf.fast_attached() | self.attached) - (present | self.underlays):
+                bpf.fast_detach(ifindex)
+                self.attached.discard(ifindex)
+
+    def sweep_scope(self, now: float) -> tuple[bool, bool, bool] | None:
+        """What the 1-second sweep should read again, if anything: (links,
+        overlay, full) - every FULL_EVERY seconds the overlay's tables
+        (cheap) and, when some interface has no address yet, the links."""
+        if now - self._last_full < FULL_EVERY:
+            return None
+        self._last_full = now
+        waiting = any(not p.addrs for p in self.facts.values())
+        return waiting, True, waiting
 
     def _reconcile_remote(self, bpf: kbpf.Programs) -> None:
         """The encapsulation cache and the decapsulating underlays, from the
         overlay's tables (kernel/ports.vxlans, model/fastpath.plan_remote)."""
-        overlays = [mfast.Overlay(**dataclasses.asdict(v)) for v in kports.vxlans()]
+        overlays = [mfast.Overlay(**dataclasses.asdict(v))
+                    for v in kports.vxlans(self._vx_indexes)]
+        self.overlay_ifindexes = {o.ifindex for o in overlays} | {o.underlay for o in overlays} \
+            | {hop[1] for o in overlays for hop in o.next_hops}
         plan = mfast.plan_remote(overlays, kports.local_port_range())
         if plan.waiting != self.waiting:
             for w in plan.waiting:
