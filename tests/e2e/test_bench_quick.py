@@ -11,7 +11,7 @@ from sockgraft.bench.harness import PATHS
 
 # two of the quick workloads keep the suite short: a stream and a connection
 # rate cover both kinds of figure; every workload's parser has unit tests
-WORKLOADS = ("iperf3", "crr")
+RUN = ("iperf3", "crr")
 from sockgraft.kernel import netns
 
 pytestmark = pytest.mark.e2e
@@ -21,13 +21,13 @@ def test_bench_quick_produces_everything_for_every_path(state_dir, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, SOCKGRAFT_STATE_DIR=str(state_dir))
     sg = [sys.executable, "-m", "sockgraft.cli.main", "bench"]
-    proc = subprocess.run(sg + ["--quick", "--workloads", *WORKLOADS, "--out", str(out)],
+    proc = subprocess.run(sg + ["--quick", "--workloads", *RUN, "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["failures"] == []
     have = {(s["workload"], s["path"]) for s in res["summary"]}
-    assert have == {(w, p) for w in WORKLOADS for p in PATHS}
+    assert have == {(w, p) for w in RUN for p in PATHS}
     from sockgraft.bench.workloads import WORKLOADS
     for s in res["summary"]:
         assert set(s) >= {"workload", "path", "metric", "min", "median", "max", "rounds"}
@@ -39,10 +39,10 @@ def test_bench_quick_produces_everything_for_every_path(state_dir, tmp_path):
                      ("graft-remote", "nat"), ("graft-splice", "host-loopback"),
                      ("graft-splice", "graft-local"), ("fast-local", "bridge"),
                      ("fast-remote", "vxlan")}
-    assert len(list((out / "raw").iterdir())) == len(WORKLOADS) * len(PATHS)
+    assert len(list((out / "raw").iterdir())) == len(RUN) * len(PATHS)
     assert "Requests" not in (out / "raw" / "r1-iperf3-nat.txt").read_text()
     assert '"sum_received"' in (out / "raw" / "r1-iperf3-graft-remote.txt").read_text()
-    for w in WORKLOADS:
+    for w in RUN:
         assert (out / "plots" / f"{w}.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "| graft-remote |" in md and "Only ratios within one run are stable" in md

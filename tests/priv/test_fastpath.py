@@ -343,6 +343,19 @@ def _vx_packets(g, host):
     return c["tx_packets"] + c["rx_packets"]
 
 
+def _warm(g):
+    """One ping each way (the normal path resolves the underlay neighbours),
+    then until both agents cached the overlay routes."""
+    assert _ping(g, "h1-c1", C22, 1) == 0 and _ping(g, "h2-c2", C1, 1) == 0
+    _cached(g, "h1")
+    _cached(g, "h2")
+
+
+def _fast_both(g, on):
+    for h in ("h1", "h2"):
+        _fast_on(g, h, on=on)
+
+
 def _cached(g, host, n=2, timeout=10):
     deadline = time.monotonic() + timeout
     while True:
@@ -392,13 +405,10 @@ def test_remote_path_looks_like_the_overlay(shared):
     a closed UDP port answers with port unreachable, a 3000-byte ping is
     fragmented and reassembled - with the fast path and without it."""
     g = shared
-    assert _ping(g, "h1-c1", C22, 1) == 0 and _ping(g, "h2-c2", C1, 1) == 0
-    _cached(g, "h1")
-    _cached(g, "h2")
+    _warm(g)
     seen = []
     for on in (True, False):
-        _fast_on(g, "h1", on=on)
-        _fast_on(g, "h2", on=on)
+        _fast_both(g, on)
         before = _row(g, "h1", "h1-c1")["encap_pkts"]
         short, enough = _ttl_ping(g, "h1-c1", C22, 2), _ttl_ping(g, "h1-c1", C22, 3)
         refused = netns.run_in(_ns(g, "h1-c1"), _udp_echo, C22, 7299, b"?")
@@ -408,8 +418,7 @@ def test_remote_path_looks_like_the_overlay(shared):
         seen.append(("Time to live exceeded" in short, " 0% packet loss" in enough, refused,
                      big))
         assert (moved > 3) == on, (on, moved)
-    for h in ("h1", "h2"):
-        _fast_on(g, h, on=True)
+    _fast_both(g, True)
     assert seen[0] == seen[1] == (True, True, "refused", 0), seen
 
 
@@ -507,13 +516,10 @@ def test_a_packet_larger_than_the_overlay_gets_the_overlays_answer(flab2):
     h1, c1 = g.plan.node("h1").netns, _ns(g, "h1-c1")
     for ns, dev in ((h1, "sgv-h1-c1"), (c1, "eth0")):
         subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1500"], check=True)
-    assert _ping(g, "h1-c1", C22, 1) == 0 and _ping(g, "h2-c2", C1, 1) == 0
-    _cached(g, "h1")
-    _cached(g, "h2")
+    _warm(g)
     answers = []
     for on in (True, False):
-        _fast_on(g, "h1", on=on)
-        _fast_on(g, "h2", on=on)
+        _fast_both(g, on)
         before = _row(g, "h1", "h1-c1")["encap_pkts"]
         subprocess.run(["ip", "-n", c1, "route", "flush", "cache"], check=True)  # no PMTU yet
         big = subprocess.run(["ip", "netns", "exec", c1, "ping", "-c", "1", "-W", "1", "-M",

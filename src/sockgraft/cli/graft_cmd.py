@@ -542,6 +542,14 @@ def _query(args, op: str) -> list[tuple[str, dict]]:
     return out
 
 
+def _print_json(results: list[tuple[str, dict]]) -> int:
+    """Every agent's answer, by socket path, without the "ok" key."""
+    json.dump({p: {k: v for k, v in r.items() if k != "ok"} for p, r in results},
+              sys.stdout, indent=2)
+    print()
+    return 0
+
+
 def cmd_fastpath(args) -> int:
     msg: dict = {"op": "fastpath"}
     if args.set is not None:
@@ -558,10 +566,7 @@ def cmd_fastpath(args) -> int:
         raise AgentError("no running agent has the fast path loaded (start one with "
                          "`sockgraft agent --fastpath auto`)")
     if args.json:
-        json.dump({p: {k: v for k, v in r.items() if k != "ok"} for p, r in results},
-                  sys.stdout, indent=2)
-        print()
-        return 0
+        return _print_json(results)
     for path, r in results:
         print(f"{path}: fast path {'on' if r['enabled'] else 'off'}  addresses "
               f"{r['addresses']}  flows cached {r['flows']}  overlay routes cached "
@@ -646,10 +651,7 @@ def cmd_services(args) -> int:
 def cmd_stats(args) -> int:
     results = _query(args, "stats")
     if args.json:
-        json.dump({p: {k: v for k, v in r.items() if k != "ok"} for p, r in results},
-                  sys.stdout, indent=2)
-        print()
-        return 0
+        return _print_json(results)
     for path, r in results:
         c = r["counters"]
         print(f"{path}: grafted {c['grafted']}  passed {c['passed']}  denied {c['denied']}  "

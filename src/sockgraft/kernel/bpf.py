@@ -428,14 +428,8 @@ class Programs:
                 prog = L.bpf_object__find_program_by_name(obj, name.encode())
                 pfd = L.bpf_program__fd(prog)
                 pin = os.path.join(pdir, f"link_{name}")
-                if os.path.exists(pin):
-                    lfd = L.bpf_obj_get(pin.encode())
-                    if lfd >= 0:
-                        rc = L.bpf_link_update(lfd, pfd, None)
-                        os.close(lfd)
-                        if rc == 0:
-                            continue
-                    os.unlink(pin)     # stale or foreign pin: attach afresh
+                if _swap_pinned(pin, pfd):
+                    continue
                 link = L.bpf_program__attach_cgroup(prog, cg_fd)
                 if not link:
                     raise _err(f"attach {name} to {self.cgroup}", 0)
@@ -573,14 +567,8 @@ class Programs:
             pfd = L.bpf_program__fd(L.bpf_object__find_program_by_name(self._obj,
                                                                         name.encode()))
             pin = fast_pin(self.agent, ifindex, name)
-            if os.path.exists(pin):
-                lfd = L.bpf_obj_get(pin.encode())
-                if lfd >= 0:
-                    rc = L.bpf_link_update(lfd, pfd, None)
-                    os.close(lfd)
-                    if rc == 0:
-                        continue
-                os.unlink(pin)          # its interface is gone, or a foreign pin
+            if _swap_pinned(pin, pfd):
+                continue
             lfd = L.bpf_link_create(pfd, ifindex, where, None)
             if lfd < 0:
                 raise _err(f"attach {name} to interface {ifindex}", lfd)
@@ -649,6 +637,24 @@ class Programs:
             L.bpf_object__close(self._obj)
             self._obj = None
         self.maps = {}
+
+
+def _swap_pinned(pin: str, prog_fd: int) -> bool:
+    """Swap program prog_fd into the link pinned at `pin` (BPF_LINK_UPDATE:
+    it stays attached throughout); False when there is no such link - a
+    stale pin (its cgroup or interface is gone) or a foreign one is removed,
+    to be attached afresh."""
+    if not os.path.exists(pin):
+        return False
+    L = lib()
+    lfd = L.bpf_obj_get(pin.encode())
+    if lfd >= 0:
+        rc = L.bpf_link_update(lfd, prog_fd, None)
+        os.close(lfd)
+        if rc == 0:
+            return True
+    os.unlink(pin)
+    return False
 
 
 def fast_pin(agent: str, ifindex: int, program: str) -> str:
