@@ -37,23 +37,36 @@ class GraftLab:
         return os.path.join(self.state_dir, f"audit-{self.plan.name}-{host}.log")
 
     def start_agent(self, host, *extra):
-        log = open(self._log_path(host), "ab")
-        p = subprocess.Popen(SG + ["agent", "--host", host, "--lab", self.plan.name,
-                                   "--audit-log", self.audit_path(host), *extra],
-                             env=self.env, stdout=log, stderr=log)
-        log.close()
+        return self.start_agents((host, *extra))[host]
+
+    def start_agents(self, *specs):
+        """Start agents ((host, *args) each) at once, then wait until each
+        answers: their start-up (about a second each) overlaps."""
+        procs = {}
+        for host, *extra in specs:
+            log = open(self._log_path(host), "ab")
+            procs[host] = subprocess.Popen(
+                SG + ["agent", "--host", host, "--lab", self.plan.name,
+                      "--audit-log", self.audit_path(host), *extra],
+                env=self.env, stdout=log, stderr=log)
+            log.close()
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                control.request(self.agent_socket(host), {"op": "ping"}, timeout=1)
-                break
-            except Exception:
-                if p.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"agent {host} did not start (rc={p.poll()}): "
-                                       f"{self.agent_log(host)} {_where(p.pid)}")
-                time.sleep(0.05)
-        self.agents[host] = p
-        return p
+        for host, p in procs.items():
+            while True:
+                try:
+                    control.request(self.agent_socket(host), {"op": "ping"}, timeout=1)
+                    break
+                except Exception:
+                    if p.poll() is not None or time.monotonic() > deadline:
+                        for q in procs.values():
+                            if q.poll() is None:
+                                q.kill()
+                                q.wait()
+                        raise RuntimeError(f"agent {host} did not start (rc={p.poll()}): "
+                                           f"{self.agent_log(host)} {_where(p.pid)}")
+                    time.sleep(0.05)
+            self.agents[host] = p
+        return procs
 
     def stop_agent(self, host, sig=signal.SIGTERM):
         p = self.agents.pop(host)
@@ -176,8 +189,7 @@ def agents_on(plan, state_dir):
     """A GraftLab with an agent started on each host of `plan`; stopped after."""
     g = GraftLab(plan, state_dir)
     try:
-        for h in plan.hosts:
-            g.start_agent(h.name)
+        g.start_agents(*((h.name,) for h in plan.hosts))
         yield g
     finally:
         g.close()
@@ -199,8 +211,7 @@ def shared_lab(tmp_path_factory, prefix, *agents):
         with default_lab(prefix[0] + secrets.token_hex(4)) as plan:
             g = GraftLab(plan, d)
             try:
-                for host, *args in agents:
-                    g.start_agent(host, *args)
+                g.start_agents(*agents)
                 yield g
             finally:
                 g.close()

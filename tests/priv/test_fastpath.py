@@ -320,8 +320,7 @@ C22, C22_6 = "198.19.2.3", "fd53:6700:0:2::3"
 def flab2(lab, state_dir):
     g = GraftLab(lab, state_dir)
     try:
-        g.start_agent("h1", "--fastpath", "on")
-        g.start_agent("h2", "--fastpath", "on")
+        g.start_agents(("h1", "--fastpath", "on"), ("h2", "--fastpath", "on"))
         yield g
     finally:
         g.close()

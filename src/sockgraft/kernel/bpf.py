@@ -157,8 +157,10 @@ def compile_object() -> str:
         raise BpfUnavailable("clang not found; install clang (./run installs it)")
     os.makedirs(out_dir, exist_ok=True)
     src_path = os.path.join(out_dir, f"sockgraft-{digest}.c")
-    with open(src_path, "wb") as f:
+    src_tmp = f"{src_path}.{os.getpid()}.tmp"     # agents may start at once: no torn file
+    with open(src_tmp, "wb") as f:
         f.write(src)
+    os.replace(src_tmp, src_path)
     arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
     tmp = obj + f".{os.getpid()}.tmp"
     cmd = [clang, "-O2", "-g", "-target", "bpf", "-Wall", "-I", arch_inc, "-c", src_path,
