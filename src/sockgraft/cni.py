@@ -94,25 +94,31 @@ def state_path(state_dir: str, cid: str, ifname: str) -> str:
     return os.path.join(state_dir, "cni", f"{_safe_id(cid)}-{ifname}.json")
 
 
-def registrations(state_dir: str, cid: str) -> list[dict]:
-    """What ADD registered for a container id (one record per interface)."""
+def registered(state_dir: str, prefix: str = "") -> list[dict]:
+    """Every record ADD wrote (whose file name starts with `prefix`), in
+    file name order; unreadable ones are skipped."""
     d = os.path.join(state_dir, "cni")
-    safe = _safe_id(cid)
     out = []
     try:
         names = sorted(os.listdir(d))
-    except FileNotFoundError:
+    except OSError:
         return out
     for name in names:
-        if name.startswith(safe + "-") and name.endswith(".json"):
+        if name.startswith(prefix) and name.endswith(".json"):
             try:
                 with open(os.path.join(d, name)) as f:
                     rec = json.load(f)
             except (OSError, ValueError):
                 continue
-            if isinstance(rec, dict) and rec.get("id") == cid:
+            if isinstance(rec, dict):
                 out.append(rec)
     return out
+
+
+def registrations(state_dir: str, cid: str) -> list[dict]:
+    """What ADD registered for a container id (one record per interface)."""
+    return [rec for rec in registered(state_dir, _safe_id(cid) + "-")
+            if rec.get("id") == cid]
 
 
 def _store(state_dir: str):

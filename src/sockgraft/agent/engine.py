@@ -505,8 +505,7 @@ class Agent:
         """container -> the mark of its policy entry in sg_policy."""
         return {a.cfg.container: mark for mark, a in self.enforcer.applied.items()}
 
-    def sync_fast(self, now: float | None = None, full: bool = False, links: bool = True,
-                  overlay: bool = True) -> None:
+    def sync_fast(self, full: bool = False, links: bool = True, overlay: bool = True) -> None:
         """The fast path's maps and links in step with the node (links: read
         the interfaces again; overlay: the VXLAN devices' tables); full (a
         reload: CNI ADD/DEL, a configuration edit): interfaces without
@@ -515,7 +514,7 @@ class Agent:
             return
         try:
             with self._timed("fastpath"):
-                self.fast.reconcile(self.bpf, self._marks(), now, full=full,
+                self.fast.reconcile(self.bpf, self._marks(), full=full,
                                     redirects=self.enforcer.redirects, links=links,
                                     overlay=overlay)
         except SockgraftError as exc:
@@ -657,7 +656,7 @@ class Agent:
         scope = self.fast.sweep_scope(now) if self.fast is not None else None
         if scope is not None:
             links, overlay, full = scope
-            self.sync_fast(now, full=full, links=links, overlay=overlay)
+            self.sync_fast(full=full, links=links, overlay=overlay)
         if self.metrics is not None:
             self.metrics.publish({**self.stats(splice=False),
                                   "denials": dict(self.inventory.denials),

@@ -17,15 +17,13 @@ Must not: decide (model/fastpath.py) or know map layouts (model/bpfmaps.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import time
 from typing import Mapping
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .. import cni
 from ..errors import SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import ports as kports
@@ -41,24 +39,25 @@ RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x4, 0x40
 
 def cni_containers(state_dir: str) -> dict[str, str]:
     """netns path -> container, from the CNI plugin's registrations."""
-    out = {}
-    d = os.path.join(state_dir, "cni")
-    try:
-        names = sorted(os.listdir(d))
-    except OSError:
-        return out
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(d, name)) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("netns"), str) and \
-                isinstance(rec.get("container"), str):
-            out[rec["netns"]] = rec["container"]
-    return out
+    return {rec["netns"]: rec["container"] for rec in cni.registered(state_dir)
+            if isinstance(rec.get("netns"), str) and isinstance(rec.get("container"), str)}
+
+
+def _write(bpf: kbpf.Programs, m: str, old: Mapping[bytes, bytes],
+           new: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+    """Write to map m the entries of `new` that `old` (what it holds) lacks
+    or holds otherwise; returns them."""
+    writes, _ = mfast.diff(old, new)
+    for key, val in writes.items():
+        bpf.update(m, key, val)
+    return writes
+
+
+def _drop(bpf: kbpf.Programs, m: str, old: Mapping[bytes, bytes],
+          new: Mapping[bytes, bytes]) -> None:
+    """Delete from map m the keys of `old` that `new` no longer has."""
+    for key in mfast.diff(old, new)[1]:
+        bpf.delete(m, key)
 
 
 class FastPath:
@@ -163,8 +162,7 @@ class FastPath:
         maps again from what is known - a policy mark, a grafted server)."""
         return self.due_links or self.due_overlay or self.due_plan
 
-    def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int],
-                  now: float | None = None, full: bool = False,
+    def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int], full: bool = False,
                   redirects: tuple = (), links: bool = True, overlay: bool = True) -> None:
         """Make the maps and links match the node. marks: container -> mark
         of its policy entry; redirects: the grafted servers' DNAT. links: read
@@ -173,7 +171,6 @@ class FastPath:
         those devices only); full: interfaces without addresses read again
         from their namespaces. Without either, only the maps are rewritten
         from what is known (a policy mark or a grafted server changed)."""
-        now = time.monotonic() if now is None else now
         if full:
             for ifindex in [i for i, p in self.facts.items() if not p.addrs]:
                 del self.facts[ifindex]          # read again
@@ -196,18 +193,12 @@ class FastPath:
                 log.warning("fastpath: %s", c)
         self.conflicts = plan.conflicts
         self.judged = plan.judged
-        port_writes, port_dels = mfast.diff(self.ports, plan.ports)
-        addr_writes, addr_dels = mfast.diff(self.addrs, plan.addrs)
         # the DNAT's ports before the addresses that point at them
-        red_writes, red_dels = mfast.diff(self.redirects, plan.redirects)
-        for key, val in red_writes.items():
-            bpf.update("sg_fast_redirects", key, val)
+        _write(bpf, "sg_fast_redirects", self.redirects, plan.redirects)
         moved = mfast.moved(self.addrs, plan.addrs)
         for ifindex in fresh:
             bpf.fast_stats_reset(self.slots[ifindex])
-        for key, val in port_writes.items():
-            bpf.update("sg_fast_ports", key, val)
-        self.ports = dict(plan.ports)
+        port_writes = _write(bpf, "sg_fast_ports", self.ports, plan.ports)
         if self.enabled:
             for key in plan.ports:
                 ifindex = int.from_bytes(key, "little")
@@ -217,22 +208,19 @@ class FastPath:
                         self.attached.add(ifindex)
                     except SockgraftError as exc:
                         log.warning("fastpath: %s", exc)
-        for key, val in addr_writes.items():
-            bpf.update("sg_fast_addrs", key, val)
-        for key in addr_dels:
-            bpf.delete("sg_fast_addrs", key)
+        _write(bpf, "sg_fast_addrs", self.addrs, plan.addrs)
+        _drop(bpf, "sg_fast_addrs", self.addrs, plan.addrs)
         self.addrs = dict(plan.addrs)
-        for key in red_dels:
-            bpf.delete("sg_fast_redirects", key)
+        _drop(bpf, "sg_fast_redirects", self.redirects, plan.redirects)
         self.redirects = dict(plan.redirects)
-        gone = {int.from_bytes(k, "little") for k in port_dels}
+        gone = {int.from_bytes(k, "little") for k in self.ports if k not in plan.ports}
         if moved or gone or port_writes:
             # verdicts about an address that moved, of a port that went, or
             # of a port whose container (policy) changed
             changed = gone | {int.from_bytes(k, "little") for k in port_writes}
             self.forget_flows(bpf, changed, moved)
-        for key in port_dels:
-            bpf.delete("sg_fast_ports", key)
+        _drop(bpf, "sg_fast_ports", self.ports, plan.ports)
+        self.ports = dict(plan.ports)
         if overlay:
             self._reconcile_remote(bpf)
         if links or overlay:
@@ -265,11 +253,8 @@ class FastPath:
         underlays = {int.from_bytes(k, "little") for k in plan.tunnels}
         # decapsulation first: what the other hosts send the fast way must
         # find this host ready before this host sends the fast way
-        for m, old, new in (("sg_fast_peers", self.peers, plan.peers),
-                            ("sg_fast_tunnels", self.tunnels, plan.tunnels)):
-            writes, _ = mfast.diff(old, new)
-            for key, val in writes.items():
-                bpf.update(m, key, val)
+        _write(bpf, "sg_fast_peers", self.peers, plan.peers)
+        _write(bpf, "sg_fast_tunnels", self.tunnels, plan.tunnels)
         if self.enabled:
             for ifindex in underlays - self.underlays:
                 try:
@@ -277,16 +262,10 @@ class FastPath:
                 except SockgraftError as exc:
                     log.warning("fastpath: underlay: %s", exc)
                     underlays.discard(ifindex)
-        writes, dels = mfast.diff(self.remote, plan.remote)
-        for key, val in writes.items():
-            bpf.update("sg_fast_remote", key, val)
-        for key in dels:
-            bpf.delete("sg_fast_remote", key)
-        for m, old, new in (("sg_fast_peers", self.peers, plan.peers),
-                            ("sg_fast_tunnels", self.tunnels, plan.tunnels)):
-            _, dels = mfast.diff(old, new)
-            for key in dels:
-                bpf.delete(m, key)
+        _write(bpf, "sg_fast_remote", self.remote, plan.remote)
+        _drop(bpf, "sg_fast_remote", self.remote, plan.remote)
+        _drop(bpf, "sg_fast_peers", self.peers, plan.peers)
+        _drop(bpf, "sg_fast_tunnels", self.tunnels, plan.tunnels)
         self.remote, self.peers, self.tunnels = plan.remote, plan.peers, plan.tunnels
         self.underlays = underlays
 

@@ -229,10 +229,10 @@ def _fastpath(plan, on: bool) -> None:
         control.request(control.default_socket_path(h.name, plan.name),
                         {"op": "fastpath", "on": on}, timeout=10)
     if on:
-        _warm_overlay(plan)
+        warm_overlay(plan)
 
 
-def _warm_overlay(plan, timeout: float = 5.0) -> None:
+def warm_overlay(plan, timeout: float = 5.0) -> None:
     from ..agent import control
     c11, c22 = plan.hosts[0].containers[0], plan.hosts[1].containers[1]
     for src, dst in ((c11, c22), (c22, c11)):

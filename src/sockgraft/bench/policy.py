@@ -167,7 +167,7 @@ def rules_cost(plan, store: ConfigStore, rules: int, rounds: int, seconds: int,
     """fast-remote iperf3 and crr with h1-c1's policy empty against `rules`
     rules (the deciding allow last, behind rules-1 denies that never match)."""
     from . import workloads as wmod
-    from .harness import Run, _warm_overlay, measure
+    from .harness import Run, warm_overlay, measure
     h1, h2 = plan.hosts[0], plan.hosts[1]
     c1, dst = h1.containers[0], h2.containers[0]
     many = tuple(parse_policy_rule(f"deny tcp 10.{i // 250}.{i % 250}.0/24")
@@ -187,7 +187,7 @@ def rules_cost(plan, store: ConfigStore, rules: int, rounds: int, seconds: int,
                 store.save(gc.with_policy(cfg, policies[label]))
                 control.request(control.default_socket_path(h1.name, plan.name),
                                 {"op": "reload", "container": c1.name}, timeout=10)
-                _warm_overlay(plan)
+                warm_overlay(plan)
                 workdir = tempfile.mkdtemp(prefix="sgbench-")
                 try:
                     res = measure(wl, run, seconds, workdir, tools)

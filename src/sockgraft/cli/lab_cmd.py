@@ -308,7 +308,7 @@ def _demo_fast(plan, measure) -> None:
     """Plain (non-grafted) containers, bridge and VXLAN, without and with
     the packet fast path."""
     from ..lab.traffic import Place
-    from ..bench.harness import _warm_overlay
+    from ..bench.harness import warm_overlay
     h1 = plan.hosts[0]
     c1 = h1.containers[0]
     others = [(c, "bridge") for c in h1.containers[1:2]] + \
@@ -317,7 +317,7 @@ def _demo_fast(plan, measure) -> None:
     for on in (False, True):
         _fastpath(plan, on)
         if on:
-            _warm_overlay(plan)
+            warm_overlay(plan)
         for dst, via in others:
             ip = str(dst.ipv4.ip)
             measure(f"{c1.name} -> {dst.name} {ip}:5201, "

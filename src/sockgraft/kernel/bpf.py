@@ -42,8 +42,10 @@ PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
 SPLICE_PROGRAMS = ("sg_sockops", "sg_msg")   # sockmap splicing of grafted local pairs
 FAST_PROGRAMS = ("sg_fast_in", "sg_fast_out", "sg_fast_decap")  # tc: the packet fast path
-PORT_PROGRAMS = (("sg_fast_in", 46), ("sg_fast_out", 47))  # a container's veth: tcx in/out
-UNDERLAY_PROGRAMS = (("sg_fast_decap", 46),)                # an underlay device: tcx in
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+PORT_PROGRAMS = (("sg_fast_in", BPF_TCX_INGRESS),          # a container's veth
+                 ("sg_fast_out", BPF_TCX_EGRESS))
+UNDERLAY_PROGRAMS = (("sg_fast_decap", BPF_TCX_INGRESS),)  # an underlay device
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
         "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen",
         "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave",
@@ -57,7 +59,6 @@ BPF_SK_MSG_VERDICT = 7
 CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
 CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
 CFG_FAST = 3                   # sg_config[3]: the fast path forwards local pairs
-BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 # struct fast_stats, per container port (ifindex)
 FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses",
               "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes")

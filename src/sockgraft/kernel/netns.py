@@ -126,11 +126,16 @@ def enter(name_or_path: str) -> None:
     p = name_or_path if name_or_path.startswith("/") else path(name_or_path)
     fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise KernelError("setns", err, p)
+        setns_fd(fd, p)
     finally:
         os.close(fd)
+
+
+def setns_fd(fd: int, what: str) -> None:
+    """setns(2) the calling thread into the network namespace open at fd
+    (what: its name, for the error)."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise KernelError("setns", ctypes.get_errno(), what)
 
 
 def run_in(name: str, fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any:

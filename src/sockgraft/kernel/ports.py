@@ -9,7 +9,6 @@ and model/fastpath.py do).
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import os
@@ -21,7 +20,8 @@ from typing import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import from_oserror
+from ..errors import KernelError, from_oserror
+from . import netns
 
 RT_SCOPE_UNIVERSE = 0
 
@@ -58,47 +58,40 @@ class Vxlan:
 def _mac(text: str | None) -> bytes:
     return bytes.fromhex(text.replace(":", "")) if text else b""
 
+
+def _kind(link) -> str | None:
+    """A link message's IFLA_INFO_KIND (veth, bridge, vxlan...), or None."""
+    info = link.get_attr("IFLA_LINKINFO")
+    return None if info is None else info.get_attr("IFLA_INFO_KIND")
+
+
 def scan() -> tuple[list[Veth], list[int]]:
-    """One link dump: (veths(), the VXLAN devices' indexes)."""
+    """One link dump: the containers' interfaces, and the VXLAN devices'
+    indexes (what vxlans() asks about).
+
+    The containers' interfaces: every veth of this namespace that is a
+    bridge port and whose peer is in another namespace (bridge, Docker's
+    docker0, CNI's bridge plugin). An underlay veth with an address of its
+    own is not a bridge port."""
     try:
         with IPRoute() as ipr:
             links = ipr.get_links()
     except (OSError, NetlinkError) as exc:
         raise from_oserror("link dump", exc, "links") from exc
-    vx = [link["index"] for link in links
-          if (info := link.get_attr("IFLA_LINKINFO")) is not None
-          and info.get_attr("IFLA_INFO_KIND") == "vxlan"]
-    return veths(links), vx
-
-
-def veths(links: list | None = None) -> list[Veth]:
-    """Every veth of this namespace that is a bridge port and whose peer is
-    in another namespace: the containers' interfaces (bridge, Docker's
-    docker0, CNI's bridge plugin). An underlay veth with an address of its
-    own is not a bridge port. links: a link dump already made."""
-    out = []
-    try:
-        with IPRoute() as ipr:
-            if links is None:
-                links = ipr.get_links()
-            bridges = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS")) for link in links
-                       if (info := link.get_attr("IFLA_LINKINFO")) is not None
-                       and info.get_attr("IFLA_INFO_KIND") == "bridge"}
-            for link in links:
-                if link.get_attr("IFLA_MASTER") not in bridges:
-                    continue
-                info = link.get_attr("IFLA_LINKINFO")
-                if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
-                    continue
-                nsid = link.get_attr("IFLA_LINK_NETNSID")
-                peer = link.get_attr("IFLA_LINK")
-                if nsid is None or nsid < 0 or not peer:
-                    continue
-                out.append(Veth(link["index"], link.get_attr("IFLA_IFNAME"), nsid, peer,
-                                bridges[link.get_attr("IFLA_MASTER")]))
-    except (OSError, NetlinkError) as exc:
-        raise from_oserror("link dump", exc, "veths") from exc
-    return out
+    bridges = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS")) for link in links
+               if _kind(link) == "bridge"}
+    veths = []
+    for link in links:
+        master = link.get_attr("IFLA_MASTER")
+        if master not in bridges or _kind(link) != "veth":
+            continue
+        nsid = link.get_attr("IFLA_LINK_NETNSID")
+        peer = link.get_attr("IFLA_LINK")
+        if nsid is None or nsid < 0 or not peer:
+            continue
+        veths.append(Veth(link["index"], link.get_attr("IFLA_IFNAME"), nsid, peer,
+                          bridges[master]))
+    return veths, [link["index"] for link in links if _kind(link) == "vxlan"]
 
 
 def netns_ids(paths: Iterable[str]) -> dict[int, str]:
@@ -146,15 +139,6 @@ def process_netns() -> list[str]:
     return out
 
 
-def peer_facts(netns_path: str, ifindex: int) -> tuple[bytes, tuple]:
-    """(MAC, global addresses) of interface `ifindex` in the namespace at
-    netns_path. Link-local and tentative addresses are left out."""
-    got = peers_facts([(netns_path, ifindex)])
-    if (netns_path, ifindex) not in got:
-        raise from_oserror("netlink open", OSError(2, "no such namespace"), netns_path)
-    return got[(netns_path, ifindex)]
-
-
 def _facts_here(ifindex: int) -> tuple[bytes, tuple]:
     with IPRoute() as ipr:
         links = ipr.get_links(ifindex)
@@ -172,10 +156,11 @@ def _facts_here(ifindex: int) -> tuple[bytes, tuple]:
 
 
 def peers_facts(wanted: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[bytes, tuple]]:
-    """peer_facts for many (netns path, ifindex) at once: one helper thread
-    enters each namespace in turn (setns on itself only) and asks there -
-    about 2 ms a namespace, where a pyroute2 NetNS (a process each) takes
-    15-40. Namespaces that cannot be entered or asked are left out."""
+    """(MAC, global addresses) of interface ifindex in the namespace at each
+    netns path (link-local and tentative addresses left out). One helper
+    thread enters each namespace in turn (setns on itself only) and asks
+    there - about 2 ms a namespace, where a pyroute2 NetNS (a process each)
+    takes 15-40. Namespaces that cannot be entered or asked are left out."""
     out: dict[tuple[str, int], tuple[bytes, tuple]] = {}
 
     def work() -> None:
@@ -187,15 +172,16 @@ def peers_facts(wanted: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[by
                 except OSError:
                     continue
                 try:
-                    if _setns(fd) != 0:
-                        continue
+                    netns.setns_fd(fd, path)
                     try:
                         out[(path, ifindex)] = _facts_here(ifindex)
                     except (OSError, NetlinkError):
                         pass
+                except KernelError:
+                    continue
                 finally:
                     os.close(fd)
-                    _setns(home)
+                    netns.setns_fd(home, "home")
         finally:
             os.close(home)
 
@@ -203,22 +189,6 @@ def peers_facts(wanted: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[by
     t.start()
     t.join()
     return out
-
-
-def _setns(fd: int) -> int:
-    return _libc.setns(fd, 0x40000000)      # CLONE_NEWNET
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def ifindexes() -> set[int]:
-    """The interface indexes of this namespace now."""
-    try:
-        with IPRoute() as ipr:
-            return {link["index"] for link in ipr.get_links()}
-    except (OSError, NetlinkError) as exc:
-        raise from_oserror("link dump", exc, "ifindexes") from exc
 
 
 def _fdb(ifname: str) -> tuple:
@@ -262,27 +232,13 @@ def _routes(ifname: str) -> tuple:
     return tuple(out)
 
 
-def vxlan_indexes() -> list[int]:
-    """The VXLAN devices of this namespace (one link dump)."""
-    try:
-        with IPRoute() as ipr:
-            return [link["index"] for link in ipr.get_links()
-                    if (info := link.get_attr("IFLA_LINKINFO")) is not None
-                    and info.get_attr("IFLA_INFO_KIND") == "vxlan"]
-    except (OSError, NetlinkError) as exc:
-        raise from_oserror("link dump", exc, "vxlan") from exc
-
-
-def vxlans(indexes: list[int] | None = None) -> list[Vxlan]:
-    """The VXLAN devices of this namespace (`indexes`: those, found by
-    vxlan_indexes() when the links last changed; None: a link dump finds
-    them) with their routes, neighbours and FDB entries, and how each remote
-    VTEP is reached on the underlay (the next hop's MAC only once the kernel
-    resolved it). Only requests about those devices: cheap however many
-    containers the node has."""
+def vxlans(indexes: list[int]) -> list[Vxlan]:
+    """The VXLAN devices of this namespace (`indexes`: those scan() found when
+    the links last changed) with their routes, neighbours and FDB entries,
+    and how each remote VTEP is reached on the underlay (the next hop's MAC
+    only once the kernel resolved it). Only requests about those devices:
+    cheap however many containers the node has."""
     out = []
-    if indexes is None:
-        indexes = vxlan_indexes()
     try:
         with IPRoute() as ipr:
             for idx in indexes:
@@ -290,10 +246,9 @@ def vxlans(indexes: list[int] | None = None) -> list[Vxlan]:
                     (link,) = ipr.get_links(idx)
                 except (NetlinkError, ValueError):
                     continue            # gone since
-                info = link.get_attr("IFLA_LINKINFO")
-                if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+                if _kind(link) != "vxlan":
                     continue
-                data = info.get_attr("IFLA_INFO_DATA")
+                data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
                 routes = _routes(link.get_attr("IFLA_IFNAME"))
                 neigh = tuple((n.get_attr("NDA_DST"), _mac(n.get_attr("NDA_LLADDR")))
                               for fam in (2, 10)
