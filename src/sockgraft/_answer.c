@@ -7,6 +7,8 @@
  *          through bpf(BPF_MAP_UPDATE_ELEM)) -> NOTIF_ADDFD with FLAG_SEND
  *          (installed and returned in one step) -> refill the spare
  *     an inet socket() of a kind nobody grafts: NOTIF_SEND with FLAG_CONTINUE
+ *   or connect() of a syscall-mode container (Table connect on): answer_connect
+ *     below - the common case grafted here, everything else to Python
  *     anything else: return its fields to Python (the agent's loop decides)
  * without taking the GIL and without a Python object per socket: the Table
  * counts. It holds no policy: Python writes the few numbers it needs (mark,
@@ -36,6 +38,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,6 +47,15 @@
 #endif
 #ifndef SO_MARK
 #define SO_MARK 36
+#endif
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
 #endif
 
 #define TYPE_MASK 0xF
@@ -63,9 +75,15 @@ struct config {
 	uint32_t gen;
 	uint32_t kinds;
 	int enabled;
+	/* syscall mode: connect() grafted here (answer_connect) */
+	int connect;
+	int eg4_fd, eg6_fd;	/* sg_egress4/6: the container's egress rules */
+	uint32_t egress_gen;	/* their generation (the policy's) */
+	int sndbuf, rcvbuf;	/* the container's default buffer sizes (getsockopt), 0: unknown */
 };
 
-enum { C_TCP, C_UDP, C_CONTINUED, C_REFUSED, C_GONE, C_HANDED, C_NS, C_N };
+enum { C_TCP, C_UDP, C_CONTINUED, C_REFUSED, C_GONE, C_HANDED, C_NS, C_CONNECTS, C_CONNECT_NS,
+       C_N };
 
 typedef struct {
 	PyObject_HEAD
@@ -90,15 +108,26 @@ static void table_read(Table *t, struct config *out)
 static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"enabled", "mark", "uid", "tag_fd", "gen", "kinds",
-				"tag_flags", NULL};
+				"tag_flags", "connect", "eg4_fd", "eg6_fd", "egress_gen",
+				"sndbuf", "rcvbuf", NULL};
 	struct config c = {0};
 	long long uid = -1;
-	unsigned int mark = 0, gen = 0, kinds = 0xF, tag_flags = 0;
-	int enabled = 0, tag_fd = -1;
+	unsigned int mark = 0, gen = 0, kinds = 0xF, tag_flags = 0, egress_gen = 0;
+	int enabled = 0, tag_fd = -1, connect = 0, eg4_fd = -1, eg6_fd = -1, sndbuf = 0,
+	    rcvbuf = 0;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIII", names, &enabled, &mark, &uid,
-					 &tag_fd, &gen, &kinds, &tag_flags))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIii", names, &enabled, &mark,
+					 &uid, &tag_fd, &gen, &kinds, &tag_flags, &connect,
+					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf))
 		return NULL;
+	/* connect() is grafted here only with the guards: the kernel judges the
+	 * connect it continues (sg_connect4/6) */
+	c.connect = connect && tag_fd >= 0 && eg4_fd >= 0 && eg6_fd >= 0;
+	c.eg4_fd = eg4_fd;
+	c.eg6_fd = eg6_fd;
+	c.egress_gen = egress_gen;
+	c.sndbuf = sndbuf;
+	c.rcvbuf = rcvbuf;
 	c.enabled = enabled;
 	c.mark = mark;
 	c.uid = uid;
@@ -116,14 +145,17 @@ static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 
 static PyObject *Table_counters(Table *self, PyObject *unused)
 {
-	return Py_BuildValue("{sKsKsKsKsKsKsK}",
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}",
 			     "tcp", (unsigned long long)atomic_load(&self->count[C_TCP]),
 			     "udp", (unsigned long long)atomic_load(&self->count[C_UDP]),
 			     "continued", (unsigned long long)atomic_load(&self->count[C_CONTINUED]),
 			     "refused", (unsigned long long)atomic_load(&self->count[C_REFUSED]),
 			     "gone", (unsigned long long)atomic_load(&self->count[C_GONE]),
 			     "handed", (unsigned long long)atomic_load(&self->count[C_HANDED]),
-			     "answer_ns", (unsigned long long)atomic_load(&self->count[C_NS]));
+			     "answer_ns", (unsigned long long)atomic_load(&self->count[C_NS]),
+			     "connects", (unsigned long long)atomic_load(&self->count[C_CONNECTS]),
+			     "connect_ns",
+			     (unsigned long long)atomic_load(&self->count[C_CONNECT_NS]));
 }
 
 static int Table_init(Table *self, PyObject *args, PyObject *kw)
@@ -132,6 +164,7 @@ static int Table_init(Table *self, PyObject *args, PyObject *kw)
 	memset(&self->cfg, 0, sizeof(self->cfg));
 	self->cfg.uid = -1;
 	self->cfg.tag_fd = -1;
+	self->cfg.eg4_fd = self->cfg.eg6_fd = -1;
 	for (int i = 0; i < C_N; i++)
 		atomic_store(&self->count[i], 0);
 	if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw)))
@@ -159,12 +192,82 @@ static PyTypeObject TableType = {
 	.tp_methods = Table_methods,
 };
 
+/* --- the options a grafted connect() carries over -------------------------------- */
+
+/* kernel/sockets.py OPTIONS, the same list: (level, name, size (0: int), family
+ * (0: all), type (0: all)). Each is copied only when the application's socket
+ * differs from a fresh socket of its kind (the buffer sizes also when they
+ * differ from the container's defaults), so untouched defaults and buffer
+ * autotuning stay. */
+struct opt {
+	int level, name, size, family, type;
+};
+
+static const struct opt OPTS[] = {
+	{SOL_SOCKET, 2, 0, 0, 0},			/* SO_REUSEADDR */
+	{SOL_SOCKET, 15, 0, 0, 0},			/* SO_REUSEPORT */
+	{SOL_SOCKET, 9, 0, 0, 0},			/* SO_KEEPALIVE */
+	{SOL_SOCKET, 6, 0, 0, SOCK_DGRAM},		/* SO_BROADCAST */
+	{SOL_SOCKET, 12, 0, 0, 0},			/* SO_PRIORITY */
+	{SOL_SOCKET, 10, 0, 0, SOCK_STREAM},		/* SO_OOBINLINE */
+	{SOL_SOCKET, 13, 8, 0, 0},			/* SO_LINGER */
+	{SOL_SOCKET, 18, 0, 0, 0},			/* SO_RCVLOWAT */
+	{SOL_SOCKET, 20, 16, 0, 0},			/* SO_RCVTIMEO_OLD */
+	{SOL_SOCKET, 21, 16, 0, 0},			/* SO_SNDTIMEO_OLD */
+	{SOL_SOCKET, SO_SNDBUF, 0, 0, 0},
+	{SOL_SOCKET, SO_RCVBUF, 0, 0, 0},
+	{IPPROTO_TCP, 1, 0, 0, SOCK_STREAM},		/* TCP_NODELAY */
+	{IPPROTO_TCP, 4, 0, 0, SOCK_STREAM},		/* TCP_KEEPIDLE */
+	{IPPROTO_TCP, 5, 0, 0, SOCK_STREAM},		/* TCP_KEEPINTVL */
+	{IPPROTO_TCP, 6, 0, 0, SOCK_STREAM},		/* TCP_KEEPCNT */
+	{IPPROTO_TCP, 18, 0, 0, SOCK_STREAM},		/* TCP_USER_TIMEOUT */
+	{IPPROTO_TCP, 25, 0, 0, SOCK_STREAM},		/* TCP_NOTSENT_LOWAT */
+	{IPPROTO_TCP, 9, 0, 0, SOCK_STREAM},		/* TCP_DEFER_ACCEPT */
+	{IPPROTO_TCP, 13, 16, 0, SOCK_STREAM},		/* TCP_CONGESTION */
+	{IPPROTO_IP, 1, 0, AF_INET, 0},			/* IP_TOS */
+	{IPPROTO_IP, 2, 0, AF_INET, 0},			/* IP_TTL */
+	{IPPROTO_IP, 11, 0, AF_INET, SOCK_DGRAM},	/* IP_RECVERR */
+	{IPPROTO_IP, 8, 0, AF_INET, SOCK_DGRAM},	/* IP_PKTINFO */
+	{IPPROTO_IPV6, 26, 0, AF_INET6, 0},		/* IPV6_V6ONLY */
+	{IPPROTO_IPV6, 67, 0, AF_INET6, 0},		/* IPV6_TCLASS */
+	{IPPROTO_IPV6, 16, 0, AF_INET6, 0},		/* IPV6_UNICAST_HOPS */
+	{IPPROTO_IPV6, 25, 0, AF_INET6, SOCK_DGRAM},	/* IPV6_RECVERR */
+	{IPPROTO_IPV6, 49, 0, AF_INET6, SOCK_DGRAM},	/* IPV6_RECVPKTINFO */
+};
+#define N_OPTS ((int)(sizeof(OPTS) / sizeof(OPTS[0])))
+
+struct optval {
+	int ok;			/* getsockopt answered */
+	socklen_t len;
+	unsigned char v[16];
+};
+
+/* One kind's applicable options and a fresh socket's values. */
+struct plan {
+	int ready, n;
+	int idx[N_OPTS];
+	struct optval def[N_OPTS];
+};
+
+static void get_opt(int fd, const struct opt *o, struct optval *out)
+{
+	out->len = o->size ? (socklen_t)o->size : sizeof(int);
+	memset(out->v, 0, sizeof(out->v));
+	out->ok = getsockopt(fd, o->level, o->name, out->v, &out->len) == 0;
+}
+
+static int plan_index(int family, int type)
+{
+	return (family == AF_INET6) * 2 + (type == SOCK_DGRAM);
+}
+
 /* --- the worker: one per notifier thread ------------------------------------------ */
 
 typedef struct {
 	PyObject_HEAD
 	int fd;			/* our dup of the listener */
 	Table *table;
+	struct plan plans[4];	/* by plan_index */
 	int spare;		/* a host socket made ahead of time, or -1 */
 	int spare_family, spare_type, spare_proto;
 	uint32_t spare_mark, spare_gen;
@@ -258,6 +361,169 @@ static void refill(Worker *w, int family, int type, int proto, const struct conf
 	w->spare_tagged = c->tag_fd >= 0;
 }
 
+static const struct plan *plan_of(Worker *w, int family, int type, int proto)
+{
+	struct plan *p = &w->plans[plan_index(family, type)];
+	int fresh;
+
+	if (p->ready)
+		return p;
+	fresh = socket(family, type | SOCK_CLOEXEC, proto);
+	if (fresh < 0)
+		return NULL;
+	p->n = 0;
+	for (int i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &OPTS[i];
+
+		if ((o->family && o->family != family) || (o->type && o->type != type))
+			continue;
+		p->idx[p->n] = i;
+		get_opt(fresh, o, &p->def[p->n]);
+		p->n++;
+	}
+	close(fresh);
+	p->ready = 1;
+	return p;
+}
+
+/* kernel/sockets.py OptionCopier.copy: what the application set on its socket,
+ * onto the host socket. */
+static void copy_options(Worker *w, int src, int dst, int family, int type, int proto,
+			 const struct config *c)
+{
+	const struct plan *p = plan_of(w, family, type, proto);
+	struct optval v;
+
+	if (!p)
+		return;
+	for (int k = 0; k < p->n; k++) {
+		const struct opt *o = &OPTS[p->idx[k]];
+		const struct optval *d = &p->def[k];
+
+		get_opt(src, o, &v);
+		if (!v.ok || (d->ok && d->len == v.len && !memcmp(d->v, v.v, v.len)))
+			continue;
+		if (o->level == SOL_SOCKET && (o->name == SO_SNDBUF || o->name == SO_RCVBUF)) {
+			int val, want = o->name == SO_SNDBUF ? c->sndbuf : c->rcvbuf;
+
+			memcpy(&val, v.v, sizeof(val));
+			if (want && val == want)
+				continue;	/* the container's default: autotuning stays */
+			val /= 2;	/* the kernel reports twice what was set */
+			setsockopt(dst, o->level, o->name, &val, sizeof(val));
+			continue;
+		}
+		setsockopt(dst, o->level, o->name, v.v, v.len);	/* refused: left (e.g. an
+								   unknown congestion control) */
+	}
+}
+
+static int map_lookup(int map_fd, const void *key, void *value)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = map_fd;
+	attr.key = (uint64_t)(uintptr_t)key;
+	attr.value = (uint64_t)(uintptr_t)value;
+	return syscall(__NR_bpf, BPF_MAP_LOOKUP_ELEM, &attr, sizeof(attr)) ? -errno : 0;
+}
+
+/* Is the socket tagged by the agent (grafted already)? 1, 0, or -errno. */
+static int tagged(int tag_fd, int sock_fd)
+{
+	unsigned char val[8];
+	int key = sock_fd, rc = map_lookup(tag_fd, &key, val);
+
+	return rc == 0 ? 1 : rc == -ENOENT ? 0 : rc;
+}
+
+/* model/bpfmaps.py EGRESS4_KEY / EGRESS6_KEY / EGRESS_VAL */
+struct eg4_key {
+	uint32_t prefixlen, mark;
+	uint16_t gen, port;
+	uint8_t addr[4];
+} __attribute__((packed));
+
+struct eg6_key {
+	uint32_t prefixlen, mark;
+	uint16_t gen, port;
+	uint8_t addr[16];
+} __attribute__((packed));
+
+struct eg_val {
+	uint32_t plen, label, src[4];
+	uint16_t src_port;
+	uint8_t src_family, pad;
+};
+
+/* The container's egress rule for addr:port as sg_connect4/6 find it (the
+ * same maps, the same longest-prefix choice between the rule for the port
+ * and the portless one): 1 (*plen = its prefix length), 0: none, -errno. */
+static int egress(const struct config *c, int v4, const uint8_t *addr, uint16_t port_be,
+		  uint32_t *plen)
+{
+	struct eg_val with_port, portless;
+	int a, b;
+
+	if (v4) {
+		struct eg4_key k = {64 + 32, c->mark, (uint16_t)c->egress_gen, port_be, {0}};
+
+		memcpy(k.addr, addr, 4);
+		a = map_lookup(c->eg4_fd, &k, &with_port);
+		k.port = 0;
+		b = map_lookup(c->eg4_fd, &k, &portless);
+	} else {
+		struct eg6_key k = {64 + 128, c->mark, (uint16_t)c->egress_gen, port_be, {0}};
+
+		memcpy(k.addr, addr, 16);
+		a = map_lookup(c->eg6_fd, &k, &with_port);
+		k.port = 0;
+		b = map_lookup(c->eg6_fd, &k, &portless);
+	}
+	if ((a && a != -ENOENT) || (b && b != -ENOENT))
+		return a && a != -ENOENT ? a : b;
+	if (!a && (b || with_port.plen >= portless.plen)) {
+		*plen = with_port.plen;
+		return 1;
+	}
+	if (!b) {
+		*plen = portless.plen;
+		return 1;
+	}
+	return 0;
+}
+
+/* close-on-exec of the application's fd (a per-fd-table flag no dup shows):
+ * 1, 0, or -1 when /proc/<tid>/fdinfo/<fd> cannot be read */
+static int target_cloexec(pid_t tid, int fd)
+{
+	char path[64], buf[256], *p;
+	int f;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
+	f = open(path, O_RDONLY | O_CLOEXEC);
+	if (f < 0)
+		return -1;
+	n = read(f, buf, sizeof(buf) - 1);
+	close(f);
+	if (n <= 0)
+		return -1;
+	buf[n] = 0;
+	p = strstr(buf, "flags:");
+	if (!p)
+		return -1;
+	return (strtoul(p + 6, NULL, 8) & O_CLOEXEC) ? 1 : 0;
+}
+
+static int sockopt_int(int fd, int level, int name, int *out)
+{
+	socklen_t len = sizeof(*out);
+
+	return getsockopt(fd, level, name, out, &len);
+}
+
 static int respond(int fd, uint64_t id, int error, uint32_t flags)
 {
 	struct seccomp_notif_resp r;
@@ -277,6 +543,126 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
+/* connect() of a syscall-mode container (grafter.py _graft_then_continue, in
+ * native code): read the address, copy the application's socket, and where
+ * the container has an egress rule for it (and it is not its own loopback or
+ * "this host"), install a marked, tagged host socket with the application's
+ * options at its fd number and let the kernel go on with the connect(). The
+ * kernel guard judges that connect on the address the kernel reads
+ * (sg_connect4/6: the policy, the endpoint it binds, the container's own
+ * loopback) - this code holds no policy. No egress rule: the kernel goes on
+ * with the container's own socket. Everything else goes to Python, which
+ * answers it as before: a non-blocking socket (its epoll registrations move
+ * with it), a grafted one, another family or type, an address length or
+ * read that is not the common case. 1: answered here; 0: for Python. */
+static int answer_connect(Worker *w, struct seccomp_notif *n, const struct config *c)
+{
+	Table *t = w->table;
+	int fd = (int)(uint32_t)n->data.args[0];
+	uint32_t alen = (uint32_t)n->data.args[2];
+	union {
+		struct sockaddr sa;
+		struct sockaddr_in in4;
+		struct sockaddr_in6 in6;
+	} a;
+	struct iovec lv = {&a, alen}, rv = {(void *)(uintptr_t)n->data.args[1], alen};
+	struct seccomp_notif_addfd add;
+	const uint8_t *ip;
+	uint16_t port;
+	uint32_t plen = 0;
+	int family, v4, pidfd, app, dom, typ, proto, cloexec, host, rc, lo, unspec;
+	uint64_t t0 = now_ns();
+
+	if (alen != sizeof(a.in4) && alen != sizeof(a.in6))
+		return 0;
+	if (process_vm_readv((pid_t)n->pid, &lv, 1, &rv, 1, 0) != (ssize_t)alen)
+		return 0;
+	family = a.sa.sa_family;
+	if (family == AF_INET && alen == sizeof(a.in4)) {
+		ip = (const uint8_t *)&a.in4.sin_addr;
+		port = a.in4.sin_port;
+		v4 = 1;
+	} else if (family == AF_INET6 && alen == sizeof(a.in6)) {
+		v4 = IN6_IS_ADDR_V4MAPPED(&a.in6.sin6_addr);
+		ip = a.in6.sin6_addr.s6_addr + (v4 ? 12 : 0);
+		port = a.in6.sin6_port;
+	} else {
+		return 0;
+	}
+	/* the application's socket (a valid notification later proves this tid
+	 * was the caller's all along: ADDFD fails for a call no longer waiting) */
+	pidfd = (int)syscall(SYS_pidfd_open, (pid_t)n->pid, PIDFD_THREAD);
+	if (pidfd < 0)
+		return 0;
+	app = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+	close(pidfd);
+	if (app < 0)
+		return 0;
+	if (sockopt_int(app, SOL_SOCKET, SO_DOMAIN, &dom) || dom != family ||
+	    sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) ||
+	    (typ != SOCK_STREAM && typ != SOCK_DGRAM) ||
+	    sockopt_int(app, SOL_SOCKET, SO_PROTOCOL, &proto) ||
+	    (fcntl(app, F_GETFL) & O_NONBLOCK) || tagged(c->tag_fd, app) != 0)
+		goto python;
+	unspec = v4 ? !(ip[0] | ip[1] | ip[2] | ip[3]) : IN6_IS_ADDR_UNSPECIFIED(&a.in6.sin6_addr);
+	lo = v4 ? ip[0] == 127 : IN6_IS_ADDR_LOOPBACK(&a.in6.sin6_addr);
+	rc = unspec ? 0 : egress(c, v4, ip, port, &plen);
+	if (rc < 0)
+		goto python;
+	if (rc == 0 || (lo && plen < (v4 ? 8u : 128u))) {
+		/* no egress rule, or the container's own: the kernel connects its socket */
+		close(app);
+		rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_CONTINUED], 1);
+		return 1;
+	}
+	cloexec = target_cloexec((pid_t)n->pid, fd);
+	if (cloexec < 0)
+		goto python;
+	host = take_spare(w, family, typ, proto, c);
+	if (host < 0)
+		host = host_socket(family, typ, proto, c);	/* blocking, like the application's */
+	if (host < 0) {
+		close(app);
+		rc = respond(w->fd, n->id, -host, 0);
+		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_REFUSED], 1);
+		return 1;
+	}
+	copy_options(w, app, host, family, typ, proto, c);
+	close(app);
+	memset(&add, 0, sizeof(add));
+	add.id = n->id;
+	add.flags = SECCOMP_ADDFD_FLAG_SETFD;
+	add.srcfd = (uint32_t)host;
+	add.newfd = (uint32_t)fd;
+	add.newfd_flags = cloexec ? O_CLOEXEC : 0;
+	do {
+		rc = ioctl(w->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+	} while (rc < 0 && errno == EINTR);
+	if (rc < 0) {
+		int err = errno;
+
+		close(host);
+		if (err == ENOENT) {
+			atomic_fetch_add(&t->count[C_GONE], 1);
+		} else {
+			respond(w->fd, n->id, err, 0);
+			atomic_fetch_add(&t->count[C_REFUSED], 1);
+		}
+		return 1;
+	}
+	close(host);
+	rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+	atomic_fetch_add(&t->count[typ == SOCK_STREAM ? C_TCP : C_UDP], 1);
+	atomic_fetch_add(&t->count[C_CONNECTS], 1);
+	refill(w, family, typ, proto, c);
+	atomic_fetch_add(&t->count[C_CONNECT_NS], now_ns() - t0);
+	return 1;
+python:
+	close(app);
+	return 0;
+}
+
 /* 1: answered here; 0: for Python */
 static int answer(Worker *w, struct seccomp_notif *n)
 {
@@ -289,9 +675,12 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	struct seccomp_notif_addfd a;
 	uint64_t t0;
 
-	if (n->data.nr != __NR_socket || n->data.arch != AUDIT_ARCH_X86_64)
+	if (n->data.arch != AUDIT_ARCH_X86_64 ||
+	    (n->data.nr != __NR_socket && n->data.nr != __NR_connect))
 		return 0;
 	table_read(t, &c);
+	if (n->data.nr == __NR_connect)
+		return c.connect ? answer_connect(w, n, &c) : 0;
 	if (!c.enabled)
 		return 0;
 	t0 = now_ns();

@@ -69,9 +69,12 @@ def test_egress_ipv6_and_mapped(glab):
 def test_denied_connect_gets_eacces_and_an_audit_line(glab):
     glab.configure("h1-c1", EGRESS_V4)
     r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7199)
-    assert r["connect_errno"] == "EACCES" and not r["replaced"]
+    # (the native loop grafts, then the kernel guard refuses the connect: the
+    # socket is a host socket by then; the Python path refuses before)
+    assert r["connect_errno"] == "EACCES"
     r = glab.probe("h1-c1", "tcp-client", "127.0.0.1", 7198)   # grafted loopback: builtin
     assert r["connect_errno"] == "EACCES"
+    time.sleep(1.5)                         # kernel denials are audited once a second
     lines = glab.audit("h1")
     assert {(a["syscall"], a["address"], a["rule"], a["verdict"]) for a in lines} >= {
         ("connect", "198.18.0.2:7199", "deny[0]", "deny"),
@@ -79,9 +82,27 @@ def test_denied_connect_gets_eacces_and_an_audit_line(glab):
     assert all(a["container"] == "h1-c1" for a in lines)
 
 
-def test_nonblocking_threaded_and_options(glab):
+@pytest.mark.parametrize("answer", ["native", "python"])
+def test_nonblocking_threaded_and_options(glab, answer):
+    """The same connects answered by the native loop (blocking sockets; it
+    hands non-blocking ones to Python) and with it off (the Python grafter):
+    same fd, the application's options and close-on-exec, a destination
+    without egress rule left to the container's own socket."""
+    import json
+    agent = glab.agent_socket("h1")
+    from sockgraft.agent import control
+    assert control.request(agent, {"op": "native", "on": answer == "native"})["ok"]
     glab.configure("h1-c1", EGRESS_V4)
     h2 = glab.plan.node("h2")
+
+    def native_count():
+        st = json.loads(glab.sg("stats", "--json", "--agent", agent).stdout)
+        return list(st.values())[0]["counters"]["native"]
+    before = native_count()
+    c12 = glab.plan.hosts[0].containers[1]
+    with EchoServer(c12.netns, "0.0.0.0", 7107):               # no egress rule
+        r = glab.probe("h1-c1", "tcp-client", str(c12.ipv4.ip), 7107)
+    assert r["echo"] == "ping" and not r["replaced"] and r["mark"] == 0
     with EchoServer(h2.netns, "0.0.0.0", 7104):
         r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7104, "--nonblock")
     assert r["connect_errno"] in ("EINPROGRESS", 0) and r["so_error"] == 0
@@ -96,6 +117,8 @@ def test_nonblocking_threaded_and_options(glab):
     with EchoServer(h2.netns, "0.0.0.0", 7106):
         r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7106, "--cloexec", "0")
     assert r["replaced"] and r["cloexec"] is False
+    # the two blocking grafts were the native loop's, or none was
+    assert native_count() - before == (2 if answer == "native" else 0)
 
 
 INGRESS = """
@@ -308,30 +331,35 @@ def test_bind_of_an_unclaimed_host_address_is_denied(glab):
     assert read_json_line(srv)["local"] == ["198.19.1.2", 7501]
 
 
-def test_exit_while_a_connect_is_pending_leaks_nothing(glab):
+def test_a_blocking_connect_waits_in_the_kernel_not_in_the_agent(glab):
+    """The agent installs the host socket and lets the kernel go on with the
+    application's connect(): a connect that takes long (ARP for an absent
+    address) waits in the application's thread, the agent holds nothing for
+    it, and an application killed meanwhile leaves nothing behind."""
+    import json
     glab.configure("h1-c1", EGRESS_V4)
     h2 = glab.plan.node("h2")
     with EchoServer(h2.netns, "0.0.0.0", 7401):
         glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7401)    # warm up
     time.sleep(1.2)                                              # let the sweep run
     fds = glab.agent_fds("h1")
+
+    def stats():
+        out = glab.sg("stats", "--json", "--agent", glab.agent_socket("h1")).stdout
+        return list(json.loads(out).values())[0]
+    grafted = stats()["counters"]["grafted"]
     # 198.18.0.99 does not exist: the blocking connect waits for ARP to fail
     p = glab.spawn("h1-c1", PROBE + ["tcp-client", "198.18.0.99", "7402"])
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        import json
-        st = json.loads(glab.sg("stats", "--json").stdout)
-        if any(v["pending_connects"] for v in st.values()):
-            break
+    while stats()["counters"]["grafted"] == grafted:
+        assert time.monotonic() < deadline, "the connect was never grafted"
         time.sleep(0.05)
-    else:
-        pytest.fail("the connect never became pending")
+    time.sleep(0.5)
+    assert p.poll() is None, "the connect should still be waiting for ARP"
+    assert stats()["pending_connects"] == 0
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
     time.sleep(2.5)
-    import json
-    st = json.loads(glab.sg("stats", "--json", "--agent", glab.agent_socket("h1")).stdout)
-    assert list(st.values())[0]["pending_connects"] == 0
     assert glab.agent_fds("h1") <= fds
     with EchoServer(h2.netns, "0.0.0.0", 7403):
         assert glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7403)["echo"] == "ping"

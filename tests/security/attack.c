@@ -25,6 +25,10 @@
  *   recvwait SECONDS              a datagram (or stream data) within SECONDS
  *   name                          getsockname
  *   loop N ADDR:PORT              N connects of fresh TCP sockets (a flood of denials)
+ *   race tcp|udp N A:P B:P        N fresh sockets, each connect()ed (tcp) or sent one
+ *                                 datagram (udp) through one sockaddr buffer that a
+ *                                 second thread keeps switching between A and B (the
+ *                                 agent reads one, the kernel may read the other)
  *   sleep SECONDS
  *
  * It never exits early: every step runs and reports, so a test sees the
@@ -38,6 +42,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <time.h>
 #include <stdlib.h>
@@ -87,6 +93,22 @@ static const char *ename(int e)
 }
 
 static struct timespec step_start;
+
+/* the race step's shared sockaddr and its flipper thread */
+static struct sockaddr_storage race_buf, race_a, race_b;
+static atomic_int race_stop;
+
+static void *race_flip(void *unused)
+{
+	(void)unused;
+	while (!atomic_load_explicit(&race_stop, memory_order_relaxed)) {
+		memcpy(&race_buf, &race_a, sizeof(race_a));
+		__asm__ volatile("" ::: "memory");	/* both stores happen */
+		memcpy(&race_buf, &race_b, sizeof(race_b));
+		__asm__ volatile("" ::: "memory");
+	}
+	return 0;
+}
 
 static void report(const char *op, const char *arg, long ret, int err, const char *extra)
 {
@@ -336,6 +358,49 @@ int main(int argc, char **argv)
 			}
 			snprintf(extra, sizeof(extra), "\"failed\": %d", fails);
 			report(op, arg, 0, 0, extra);
+		} else if (!strcmp(op, "race")) {
+			int udp = !strcmp(argv[i++], "udp"), n = atoi(argv[i++]), ok = 0, fails = 0;
+			const char *a = argv[i++], *b = argv[i++];
+			int by_errno[160] = {0};
+			socklen_t alen_b;
+			pthread_t flipper;
+			char extra[512];
+			size_t used;
+
+			alen = parse(a, &race_a);
+			alen_b = parse(b, &race_b);
+			if (alen_b > alen)
+				alen = alen_b;
+			memcpy(&race_buf, &race_a, sizeof(race_a));
+			atomic_store(&race_stop, 0);
+			pthread_create(&flipper, 0, race_flip, 0);
+			for (int k = 0; k < n; k++) {
+				int s = socket(race_a.ss_family, udp ? SOCK_DGRAM : SOCK_STREAM, 0);
+				long rr = udp ? sendto(s, "x", 1, 0, (struct sockaddr *)&race_buf, alen)
+					      : connect(s, (struct sockaddr *)&race_buf, alen);
+
+				if (rr < 0) {
+					fails++;
+					by_errno[errno < 160 ? errno : 0]++;
+				} else {
+					ok++;
+				}
+				close(s);
+			}
+			atomic_store(&race_stop, 1);
+			pthread_join(flipper, 0);
+			used = (size_t)snprintf(extra, sizeof(extra), "\"ok\": %d, \"failed\": %d, "
+						"\"errnos\": {", ok, fails);
+			for (int e = 0, first = 1; e < 160 && used < sizeof(extra) - 40; e++) {
+				if (!by_errno[e])
+					continue;
+				used += (size_t)snprintf(extra + used, sizeof(extra) - used,
+							 "%s\"%s\": %d", first ? "" : ", ",
+							 ename(e), by_errno[e]);
+				first = 0;
+			}
+			snprintf(extra + used, sizeof(extra) - used, "}");
+			report(op, a, 0, 0, extra);
 		} else if (!strcmp(op, "sleep")) {
 			usleep((useconds_t)(atof(argv[i++]) * 1e6));
 		} else {

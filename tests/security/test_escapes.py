@@ -67,8 +67,8 @@ def configure(g, container, mode, http_port=8081):
     g.configure(container, CONFIG.format(c=container, mode=mode, http_port=http_port))
 
 
-def attack(g, container, mode, caps, *steps, timeout=60):
-    opts = ["--graft-at", "socket"] if mode == "socket" else []
+def attack(g, container, mode, caps, *steps, timeout=60, options=()):
+    opts = (["--graft-at", "socket"] if mode == "socket" else []) + list(options)
     rc, lines, err = g.run(container, [g.attack_bin, "--caps", caps, *map(str, steps)],
                            timeout=timeout, options=opts)
     assert lines and lines[-1] == {"done": True}, f"attack did not finish (rc {rc}): {err}"
@@ -262,6 +262,69 @@ def _connect(ip, port):
         return s.connect_ex((ip, port))
     finally:
         s.close()
+
+
+RACE = """
+container = "h1-c1"
+graft_at = "syscall"
+[endpoints.ep-out]
+type = "ipv4"
+addr = "198.18.0.1"
+port = "dynamic"
+[endpoints.ep-out6]
+type = "ipv6"
+addr = "fd53:6700:0:1::1"
+port = "dynamic"
+[rules]
+egress = ["0.0.0.0/0=ep-out", "::/0=ep-out6"]
+[policy]
+allow = ["allow any {peer}", "allow any {lo} 7502"]
+"""
+
+
+@pytest.fixture(params=["native", "python"])
+def answer(request, sec):
+    """The h1 agent's syscall-mode connect()s answered by the native loop or
+    by the Python grafter (the control op applies to later sessions)."""
+    from sockgraft.agent import control
+    agent = sec.agent_socket("h1")
+    assert control.request(agent, {"op": "native", "on": request.param == "native"})["ok"]
+    yield request.param
+    control.request(agent, {"op": "native", "on": True})
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_an_address_changed_after_the_agents_read_reaches_nothing_more(sec, fam, answer):
+    """Syscall mode grafts at connect() and sendto() and lets the kernel go
+    on with the call, which reads the address again. A second thread keeps
+    switching the address between an allowed peer (grafted) and the
+    container's own loopback port the policy allows (which the agent keeps in
+    the container: a broad egress rule never moves loopback to the host). A
+    grafted socket that reaches the host's loopback port would be an escape;
+    the kernel guard refuses it (loopback:container-own)."""
+    f = FAM[fam]
+    sec.configure("h1-c1", RACE.format(peer=f["peer"], lo=f["lo"]))
+    h1, peer_ns = sec.plan.node("h1").netns, sec.plan.node(f["peer_node"]).netns
+    before = len(sec.audit("h1"))
+    peer, lo = ap(f["peer"], 7501), ap(f["lo"], 7502)
+    with Sentinel(h1, f["lo"], 7502, "udp") as lo_udp, \
+            Sentinel(h1, f["lo"], 7502, "tcp") as lo_tcp, \
+            Sentinel(peer_ns, f["peer"], 7501, "tcp"):
+        out = attack(sec, "h1-c1", "syscall", "docker", "race", "tcp", 400, peer, lo,
+                     "race", "udp", 400, ap(f["peer"], 7500), lo, timeout=120,
+                     options=["--udp-sendto"])
+    tcp, udp = out
+    assert tcp["ok"] > 0 and udp["ok"] > 0, out          # the allowed peer was reached
+    assert lo_tcp.received == [] and lo_udp.received == [], "reached the host's loopback"
+    # what the kernel refused (the agent read the peer, the kernel the loopback
+    # port): EACCES; the container's own loopback answers ECONNREFUSED
+    assert set(tcp["errnos"]) <= {"EACCES", "ECONNREFUSED"}, tcp
+    assert set(udp["errnos"]) <= {"EACCES"}, udp      # (a datagram to its own lo is sent)
+    assert tcp["errnos"].get("EACCES") and udp["errnos"].get("EACCES"), \
+        f"the race never reached the kernel guard ({out}): the test proves nothing"
+    time.sleep(2.5)                                      # the agent flushes once a second
+    assert any(a["container"] == "h1-c1" and a.get("by") == "kernel" and
+               a["rule"] == "loopback:container-own" for a in sec.audit("h1")[before:])
 
 
 @pytest.mark.parametrize("mode", ["syscall", "socket"])

@@ -16,12 +16,14 @@ Never switches namespaces: it lives in the host namespace it was started in
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
 import select
 import signal
 import socket
+import threading
 import time
 from contextlib import nullcontext
 
@@ -46,6 +48,16 @@ from .store import ConfigStore
 from .targets import Targets
 
 log = logging.getLogger("sockgraft.agent")
+
+
+def _locked(method):
+    """Run an Agent method holding its loop lock (re-entrant): notifier
+    threads answer calls under the same lock (Agent.serve_notification)."""
+    @functools.wraps(method)
+    def run(self, *args, **kw):
+        with self.lock:
+            return method(self, *args, **kw)
+    return run
 
 MAX_CLIENTS = 256
 
@@ -111,6 +123,10 @@ class Agent:
                                self.publisher, self.ep, bpf)
         self.server: control.Server | None = None
         self._stop = False
+        # The loop's state (sessions, inventory, pending connects, targets) has
+        # one owner at a time: the loop while it handles a turn, or a notifier
+        # thread answering a call of its listener (serve_notification).
+        self.lock = threading.RLock()
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict]] = []   # register replies
         self._starting: list[int] = []          # registered listeners not served yet
@@ -208,7 +224,9 @@ class Agent:
     def stop(self) -> None:
         self._stop = True
 
+    @_locked
     def close(self) -> None:
+        self._stop = True           # notifier threads hand what they receive to the loop
         self.grafter.close()
         for fd in self.sessions.keys():
             self._drop_session(fd)
@@ -254,16 +272,33 @@ class Agent:
                 events = self.ep.poll(0.5)
             except InterruptedError:
                 continue
-            for fd, ev in events:
-                self.dispatch(fd, ev)
-            if self.inbox.waiting():
-                self.drain_inbox()
-            self.end_turn()
-            now = time.monotonic()
-            if now >= next_sweep:
-                self.sweep(now)
-                next_sweep = now + 1.0
+            with self.lock:
+                for fd, ev in events:
+                    self.dispatch(fd, ev)
+                if self.inbox.waiting():
+                    self.drain_inbox()
+                self.end_turn()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self.sweep(now)
+                    next_sweep = now + 1.0
 
+    def serve_notification(self, key: int, n: seccomp.Notification) -> bool:
+        """A notifier thread's call that is not a socket() it answers itself
+        (connect, bind, listen, sendto): answered in that thread, which the
+        kernel woke on the trapping task's CPU, under the loop's lock - no
+        second wake-up of the loop per call. False: the session is gone or
+        the agent is stopping; the loop takes it."""
+        with self.lock:
+            if self._stop:
+                return False
+            sess = self.sessions.get(key)
+            if sess is None:
+                return False
+            self.grafter.handle(sess, n)
+            return True
+
+    @_locked
     def end_turn(self) -> None:
         """Once per loop turn: one nftables reload for every registration of
         the turn (not one per container: quadratic when many start at once),
@@ -293,6 +328,7 @@ class Agent:
         if self.fast is not None and self.fast.due:
             self.sync_fast(links=self.fast.due_links, overlay=self.fast.due_overlay)
 
+    @_locked
     def dispatch(self, fd: int, ev: int) -> None:
         if fd in self.sessions:
             self._on_listener(fd, ev)
@@ -436,14 +472,15 @@ class Agent:
         if sess is None:
             return
         threads = None
-        if sess.graft_at == "socket" and self.notifier_threads:
+        if self.notifier_threads:
             try:
                 threads = notifiers.Notifiers(
                     key, sess.mark, sess.container, self.inbox, threads=self.notifier_threads,
                     enabled=lambda: self.grafter.grafts_sockets(sess), sockets=self.sockets,
-                    native_loop=self.native)
+                    native_loop=self.native, serve=self.serve_notification,
+                    connects=lambda: self.native_connect(sess))
             except SockgraftError as exc:
-                log.warning("%s: socket() answered from the loop only: %s", sess.container, exc)
+                log.warning("%s: calls answered from the loop only: %s", sess.container, exc)
         if threads is not None:
             # the threads receive every notification; the loop only hears
             # that the last filtered task exited (EPOLLHUP is always reported)
@@ -525,6 +562,24 @@ class Agent:
 
     def _sync_bpf_services(self) -> None:
         self.enforcer.sync_bpf_services(self.publisher.services)
+        self.sessions.refresh_native()     # a directory redirect is followed in Python
+
+    def native_connect(self, sess: Session) -> dict | None:
+        """What the native loop needs to graft this syscall-mode session's
+        blocking connect()s itself (its egress rules in the kernel maps under
+        the generation in force; the kernel guard judges each connect), or
+        None: the grafter answers them. Python keeps them whenever the kernel
+        maps are not the session's configuration and while the directory
+        names services (their redirect is followed by the agent's connect)."""
+        if sess.graft_at != "syscall" or sess.config is None or self.bpf is None or \
+                self.publisher.services:
+            return None
+        applied = self.enforcer.applied.get(sess.mark)
+        if applied is None or applied.cfg != sess.config:
+            return None
+        return {"eg4_fd": self.bpf.maps["sg_egress4"], "eg6_fd": self.bpf.maps["sg_egress6"],
+                "egress_gen": applied.gen, "sndbuf": sess.buffers.get(ksock.SO_SNDBUF, 0),
+                "rcvbuf": sess.buffers.get(ksock.SO_RCVBUF, 0)}
 
     def _on_bpf_events(self) -> None:
         """Denials the programs made in the kernel: count them, audit them."""
@@ -548,6 +603,7 @@ class Agent:
         if leaving:
             self.bpf.release_leavers()
 
+    @_locked
     def drain_inbox(self) -> None:
         """Take over what the notifier threads handed over: count and list
         the sockets they answered, handle the notifications they forwarded."""
@@ -630,6 +686,7 @@ class Agent:
         self.publisher.sweep()
         self._trim_due = True
 
+    @_locked
     def sweep(self, now: float) -> None:
         """Expire connects whose application thread gave up or that time out;
         close cached pidfds and memory fds of threads that exited."""

@@ -339,12 +339,29 @@ class Grafter:
                                     t.info.proto, host, a.requested)
 
     def _do_graft_connect(self, t: Trapped, a: GraftConnect, owned) -> None:
+        if self.bpf is not None and a.overlay is None:
+            self._graft_then_continue(t, a, owned)
+            return
         host = owned.enter_context(self._host_socket(t))
         _bind_local(host, a.local, defer_port=True)
         remote = str(a.dest) if a.overlay is None else f"{a.overlay} via {a.dest}"
         self.connects.start(t.sess, t.n.id, t.n.pid, t.fd, host, a.dest, inject=True,
                             record=self._record(t, "egress", a.endpoint.name, host, remote),
                             app=t.dup)
+
+    def _graft_then_continue(self, t: Trapped, a: GraftConnect, owned) -> None:
+        """With the kernel guards loaded: the host socket (tagged, the
+        application's options and blocking mode) replaces the application's,
+        then its connect() goes on in the kernel. sg_connect4/6 judge the
+        address the kernel reads - the policy, the egress endpoint (they bind
+        its source), the container's own loopback (refused: it stays in the
+        container) - so an address changed after the agent read it reaches
+        nothing the configuration does not grant. The handshake, blocking,
+        EINPROGRESS, EINTR and SO_ERROR are the kernel's own, in the
+        application's thread; the agent never waits on the network."""
+        host = owned.enter_context(self._host_socket(t))
+        self._inject(t, host, self._record(t, "egress", a.endpoint.name, host, str(a.dest)))
+        t.sess.listener.continue_(t.n.id)
 
     def _do_graft_send(self, t: Trapped, a: GraftSend, owned) -> None:
         host = owned.enter_context(self._host_socket(t))

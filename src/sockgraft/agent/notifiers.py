@@ -287,9 +287,18 @@ class Notifiers:
 
     def __init__(self, listener_fd: int, mark: int, container: str, inbox: Inbox,
                  *, threads: int = 2, enabled: Callable[[], bool] = lambda: True,
-                 sockets: ksock.HostSockets | None = None, native_loop: bool = False) -> None:
+                 sockets: ksock.HostSockets | None = None, native_loop: bool = False,
+                 serve: Callable[[int, seccomp.Notification], bool] | None = None,
+                 connects: Callable[[], dict | None] = lambda: None) -> None:
+        """serve(key, notification): answer a call that is not a grafted
+        socket() in this thread (the agent's loop lock taken inside); False:
+        forward it to the loop instead. connects(): the native loop's
+        parameters for grafting connect() itself (Table.configure keywords:
+        eg4_fd, eg6_fd, egress_gen, sndbuf, rcvbuf), None: it does not."""
         self.key = listener_fd      # what the loop knows the session by
         self.mark = mark
+        self.serve = serve
+        self.connects = connects
         self.sockets = sockets if sockets is not None else ksock.HostSockets()
         self.container = container
         self.inbox = inbox
@@ -336,8 +345,10 @@ class Notifiers:
             return
         tag = self.sockets.native_tag(self.mark)
         tag_fd, gen = tag if tag is not None else (-1, 0)
+        connects = self.connects() if tag is not None else None
         self.table.configure(enabled=bool(self.enabled()) and tag is not None, mark=self.mark,
-                             uid=ksock.fsuid_for(self.mark), tag_fd=tag_fd, gen=gen)
+                             uid=ksock.fsuid_for(self.mark), tag_fd=tag_fd, gen=gen,
+                             **({"connect": True, **connects} if connects else {}))
 
     def harvest(self) -> dict[str, int]:
         """What the native loop did since the last harvest: {tcp, udp,
@@ -383,7 +394,7 @@ class Notifiers:
         listener = seccomp.Listener(fd)
         spare = Spare()
         recv = listener.recv_raw
-        answered, forward = self.inbox.answered, self.inbox.forward
+        answered, other = self.inbox.answered, self._other
         key, mark, enabled, sockets = self.key, self.mark, self.enabled, self.sockets
         sys_socket, arch = seccomp.SYS_SOCKET, seccomp.AUDIT_ARCH_X86_64
         try:
@@ -400,7 +411,7 @@ class Notifiers:
                     log.warning("%s: NOTIF_RECV failed: %s", self.container, exc)
                     return False
                 if v[3] != sys_socket or v[4] != arch or not enabled():
-                    forward(key, seccomp.notif_of(v))
+                    other(seccomp.notif_of(v))
                     continue
                 req = (v[6] & 0xFFFFFFFF, v[7] & 0xFFFFFFFF, v[8] & 0xFFFFFFFF)
                 try:
@@ -431,12 +442,12 @@ class Notifiers:
         what it returns is for the agent's loop."""
         worker = native.Worker(fd, self.table)      # its own dup of the listener
         os.close(fd)
-        forward, key = self.inbox.forward, self.key
+        other = self._other
         try:
             while not self._stop:
                 r = worker.serve()
                 if type(r) is tuple:
-                    forward(key, seccomp.notif_of(r))
+                    other(seccomp.notif_of(r))
                 elif r == -errno.ENOENT:
                     if _hung_up(worker):
                         return True     # every filtered task exited
@@ -447,6 +458,13 @@ class Notifiers:
         finally:
             worker.close()
         return True                     # stopped
+
+    def _other(self, n: seccomp.Notification) -> None:
+        """A call that is not a grafted socket(): answered here when the agent
+        lets threads serve (woken on the trapping task's CPU, no second
+        wake-up of the loop), else by the loop."""
+        if self.serve is None or self._stop or not self.serve(self.key, n):
+            self.inbox.forward(self.key, n)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Interrupt the threads and join them for up to `timeout` s (each

@@ -96,6 +96,7 @@
 #define EV_DENY_LISTEN 8
 #define EV_DENY_UNKNOWN 9
 #define EV_SPLICE_LEAVE 10  /* not a denial: sockets in sg_splice_leave to remove */
+#define EV_DENY_KEPT 11     /* syscall mode: the container's own loopback / "this host" */
 
 #define OP_CONNECT 1
 #define OP_SENDMSG 2
@@ -830,26 +831,51 @@ static __always_inline int is_private6(const __u32 *a, __u32 mark)
 /* Loopback stays the container's unless an egress rule names loopback
  * (a rule inside 127.0.0.0/8 or ::1/128 grafts it onto the host's, as in
  * syscall mode). */
-static __always_inline int own_loopback4(struct policy *p, __u32 mark, __u32 a_be,
-					 __u16 port_be)
+/* Where a loopback-ish destination of a grafted socket goes.
+ * LO_OWN (socket mode): the container's own loopback (no egress rule inside
+ * the loopback range) is its private loopback address on the host.
+ * LO_KEPT (syscall mode): the agent keeps the container's own loopback and
+ * "this host" (0.0.0.0, ::) in the container (model.graft._keeps_loopback);
+ * the kernel re-reads the address of a call the agent continued, so a
+ * grafted socket whose application changed the address after the agent read
+ * it is refused them here: it reaches nothing the agent would not graft.
+ * 0: judged like any other destination. */
+#define LO_OWN 1
+#define LO_KEPT 2
+
+static __always_inline int loopback_of(struct policy *p, __u32 mark, __u8 fam, const __u32 *a,
+				       const __u32 *j, __u16 port_be)
 {
+	int socket_mode = p->flags & F_SOCKET_MODE;
 	struct egress_val *e;
 
-	if (!(p->flags & F_SOCKET_MODE) || !is_lo4(a_be))
-		return 0;
-	e = egress4(mark, p->gen, a_be, port_be);
-	return !(e && e->plen >= 8);
+	if (fam == 4) {
+		if (!socket_mode && j[0] == 0)
+			return LO_KEPT;
+		if (!is_lo4(j[0]))
+			return 0;
+		e = egress4(mark, p->gen, j[0], port_be);
+		if (e && e->plen >= 8)
+			return 0;
+	} else {
+		if (!socket_mode && !(a[0] | a[1] | a[2] | a[3]))
+			return LO_KEPT;
+		if (!is_lo6(a))
+			return 0;
+		e = egress6(mark, p->gen, a, port_be);
+		if (e && e->plen >= 128)
+			return 0;
+	}
+	return socket_mode ? LO_OWN : LO_KEPT;
 }
 
-static __always_inline int own_loopback6(struct policy *p, __u32 mark, const __u32 *a,
-					 __u16 port_be)
+static __always_inline int refuse_kept(__u32 mark, __u32 op, __u8 fam, const __u32 *j,
+				       __u16 port_be, __u8 proto)
 {
-	struct egress_val *e;
-
-	if (!(p->flags & F_SOCKET_MODE) || !is_lo6(a))
-		return 0;
-	e = egress6(mark, p->gen, a, port_be);
-	return !(e && e->plen >= 128);
+	count(1);
+	report(EV_DENY_KEPT, mark, op, 0, fam, j, bpf_ntohs(port_be), proto);
+	bpf_set_retval(-13 /* EACCES */);
+	return 0;
 }
 
 static __always_inline int bind_lo4(struct bpf_sock_addr *ctx, __u32 mark)
@@ -923,11 +949,12 @@ static __always_inline void show_lo6(struct bpf_sock_addr *ctx, __u32 mark)
 SEC("cgroup/connect4")
 int sg_connect4(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, j[4] = {};
+	__u32 mark, j[4] = {}, port;
 	struct policy *p;
 	struct sockaddr_in sin = {};
 	struct egress_val *e;
 	__u8 proto;
+	int lo;
 
 	if (by_agent())		/* it checked this destination itself */
 		return 1;
@@ -936,12 +963,16 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 		return unknown_container(mark, OP_CONNECT);
 	proto = sock_proto(ctx);
 	count(0);
-	if (own_loopback4(p, mark, ctx->user_ip4, ctx->user_port)) {
+	j[0] = ctx->user_ip4;
+	port = ctx->user_port;
+	lo = loopback_of(p, mark, 4, j, j, port);
+	if (lo == LO_OWN) {
 		ctx->user_ip4 = lo4_of(mark);
 		return bind_lo4(ctx, mark);
 	}
-	j[0] = ctx->user_ip4;
-	e = admit(p, mark, OP_CONNECT, 4, j, ctx->user_port, proto);
+	if (lo == LO_KEPT)
+		return refuse_kept(mark, OP_CONNECT, 4, j, port, proto);
+	e = admit(p, mark, OP_CONNECT, 4, j, port, proto);
 	if (!e)
 		return 0;
 	redirect4(ctx, proto, mark);	/* after the checks: judged on what the application asked */
@@ -962,11 +993,12 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sg_connect6(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, a[4], j[4];
+	__u32 mark, a[4], j[4], port;
 	struct policy *p;
 	struct sockaddr_in6 sin6 = {};
 	struct egress_val *e;
 	__u8 proto, fam;
+	int lo;
 
 	if (by_agent())		/* it checked this destination itself */
 		return 1;
@@ -976,12 +1008,15 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 	proto = sock_proto(ctx);
 	count(0);
 	fam = dest6(ctx, a, j);
-	if (fam == 4 ? own_loopback4(p, mark, j[0], ctx->user_port) :
-	    own_loopback6(p, mark, a, ctx->user_port)) {
+	port = ctx->user_port;
+	lo = loopback_of(p, mark, fam, a, j, port);
+	if (lo == LO_OWN) {
 		store_lo6(ctx, mark, fam);
 		return bind_lo6(ctx, mark, fam);
 	}
-	e = admit(p, mark, OP_CONNECT, fam, j, ctx->user_port, proto);
+	if (lo == LO_KEPT)
+		return refuse_kept(mark, OP_CONNECT, fam, j, port, proto);
+	e = admit(p, mark, OP_CONNECT, fam, j, port, proto);
 	if (!e)
 		return 0;
 	redirect6(ctx, fam, j, proto, mark);
@@ -1010,20 +1045,25 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg4")
 int sg_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, j[4] = {};
-	struct policy *p = grafted_policy(ctx, &mark, 1);
+	__u32 mark, j[4] = {ctx->user_ip4, 0, 0, 0}, port = ctx->user_port;
+	struct policy *p = grafted_policy(ctx, &mark, 0);
 	struct egress_val *e;
+	int lo;
 
 	if (!p)
 		return 1;
-	if (own_loopback4(p, mark, ctx->user_ip4, ctx->user_port)) {
+	lo = loopback_of(p, mark, 4, j, j, port);
+	if (lo == LO_KEPT)
+		return refuse_kept(mark, OP_SENDMSG, 4, j, port, IPPROTO_UDP);
+	if (!(p->flags & F_SOCKET_MODE))	/* nftables judges its datagrams */
+		return 1;
+	if (lo == LO_OWN) {
 		ctx->user_ip4 = lo4_of(mark);
 		if (ctx->sk->src_ip4 == 0)
 			ctx->msg_src_ip4 = lo4_of(mark);
 		return 1;
 	}
-	j[0] = ctx->user_ip4;
-	e = admit(p, mark, OP_SENDMSG, 4, j, ctx->user_port, IPPROTO_UDP);
+	e = admit(p, mark, OP_SENDMSG, 4, j, port, IPPROTO_UDP);
 	if (!e)
 		return 0;
 	redirect4(ctx, IPPROTO_UDP, mark);
@@ -1035,16 +1075,22 @@ int sg_sendmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg6")
 int sg_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	__u32 mark, a[4], j[4];
-	struct policy *p = grafted_policy(ctx, &mark, 1);
+	__u32 mark, a[4], j[4], port;
+	struct policy *p = grafted_policy(ctx, &mark, 0);
 	struct egress_val *e;
 	__u8 fam;
+	int lo;
 
 	if (!p)
 		return 1;
 	fam = dest6(ctx, a, j);
-	if (fam == 4 ? own_loopback4(p, mark, j[0], ctx->user_port) :
-	    own_loopback6(p, mark, a, ctx->user_port)) {
+	port = ctx->user_port;
+	lo = loopback_of(p, mark, fam, a, j, port);
+	if (lo == LO_KEPT)
+		return refuse_kept(mark, OP_SENDMSG, fam, j, port, IPPROTO_UDP);
+	if (!(p->flags & F_SOCKET_MODE))	/* nftables judges its datagrams */
+		return 1;
+	if (lo == LO_OWN) {
 		store_lo6(ctx, mark, fam);
 		if (no_addr6(ctx)) {
 			if (fam == 4) {
@@ -1061,7 +1107,7 @@ int sg_sendmsg6(struct bpf_sock_addr *ctx)
 		}
 		return 1;
 	}
-	e = admit(p, mark, OP_SENDMSG, fam, j, ctx->user_port, IPPROTO_UDP);
+	e = admit(p, mark, OP_SENDMSG, fam, j, port, IPPROTO_UDP);
 	if (!e)
 		return 0;
 	redirect6(ctx, fam, j, IPPROTO_UDP, mark);

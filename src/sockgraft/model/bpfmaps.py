@@ -61,6 +61,7 @@ EV_DENY_POLICY, EV_DENY_NO_EGRESS, EV_BIND_FAILED = 1, 2, 3
 EV_DENY_BIND, EV_DENY_SOCKOPT, EV_DENY_SOURCE, EV_DENY_MARK = 4, 5, 6, 7
 EV_DENY_LISTEN, EV_DENY_UNKNOWN = 8, 9
 EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unsplice
+EV_DENY_KEPT = 11        # syscall mode: the container's own loopback / "this host"
 OP_SETSOCKOPT = 4
 OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen",
             7: "packet"}
@@ -327,7 +328,8 @@ class Event:
                 EV_BIND_FAILED: "egress:bind-failed", EV_DENY_BIND: "bind:no-endpoint",
                 EV_DENY_SOCKOPT: "sockopt:refused", EV_DENY_SOURCE: "source:not-granted",
                 EV_DENY_MARK: "mark:forged", EV_DENY_LISTEN: "listen:no-endpoint",
-                EV_DENY_UNKNOWN: "container:no-policy"}.get(self.kind, f"kind {self.kind}")
+                EV_DENY_UNKNOWN: "container:no-policy",
+                EV_DENY_KEPT: "loopback:container-own"}.get(self.kind, f"kind {self.kind}")
 
     @property
     def errno(self) -> int:
@@ -337,7 +339,7 @@ class Event:
         the endpoint address could not be bound; EPERM for the other guards
         (options, forged sources and marks, listeners: the kernel's own errno
         for a refused setsockopt or a dropped packet)."""
-        return {EV_DENY_POLICY: 13, EV_DENY_BIND: 13, EV_DENY_UNKNOWN: 13,
+        return {EV_DENY_POLICY: 13, EV_DENY_BIND: 13, EV_DENY_UNKNOWN: 13, EV_DENY_KEPT: 13,
                 EV_DENY_NO_EGRESS: 101, EV_BIND_FAILED: 99}.get(self.kind, 1)
 
 
