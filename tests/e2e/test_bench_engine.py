@@ -35,4 +35,9 @@ def test_bench_engine_prints_and_stores_its_figures(state_dir, tmp_path):
         assert med[f"agent_cpu_{key}"] > 0 and med[f"conn_socket_{key}"] > 0, key
     assert med["socklat_p50_plain"] < med["socklat_p50_native"]     # trapped costs more
     assert "| native loop (C) |" in proc.stdout and "| Python threads |" in proc.stdout
+    # connect() of a syscall-mode container, both paths
+    for key in ("native", "python"):
+        assert med[f"conn_graft_{key}"] > 0 and med[f"agent_cpu_connect_{key}"] > 0, key
+        assert res["ratios"][f"connect rate syscall-graft {key}/plain container"] > 0.05
+    assert "| Python grafter |" in proc.stdout
     assert not [n for n in netns.list_names() if n.startswith("sg-b")]

@@ -102,6 +102,14 @@ def _cpu_ns(pid: int) -> dict[str, int]:
     return out
 
 
+def _process_cpu_us(pid: int) -> float:
+    """A process's user+system CPU so far, its exited threads included (a
+    session's notifier threads end with it): /proc/<pid>/stat, clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_delta_ns(before: dict[str, int], after: dict[str, int]) -> int:
     """CPU spent between two samples by the threads alive at both (a thread
     of an earlier session that ended meanwhile takes its time with it: a
@@ -221,6 +229,14 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
                     record(f"agent_cpu_{key}", r["agent_cpu_us_per_socket"], rnd)
                     c = _crr(sock_c, tools["crr"], h1_ip, 9100, seconds)
                     record(f"conn_socket_{key}", c["conn_per_s"], rnd, c["raw"])
+                    # connect() of a syscall-mode client: grafted by the native
+                    # loop (blocking sockets) or by the Python grafter
+                    cpu0 = _process_cpu_us(agent_pids[h1.name])
+                    c = _crr(graft_c, tools["crr"], h1_ip, 9100, seconds)
+                    conns = max(1, json.loads(c["raw"]).get("conns", 0))
+                    record(f"conn_graft_{key}", c["conn_per_s"], rnd, c["raw"])
+                    record(f"agent_cpu_connect_{key}",
+                           (_process_cpu_us(agent_pids[h1.name]) - cpu0) / conns, rnd)
             control.request(agent_path, {"op": "native", "on": native_ok})
             progress(f"  round {rnd}/{rounds}: accept rate")
             for key, port in _order(rnd, ("accept_host", 9100), ("accept_graft", 9201)):
@@ -278,6 +294,10 @@ def summarize(series: dict[str, list[float]], rounds: int, seconds: float) -> di
             series["conn_socket_native"], series["conn_socket_python"])
         ratios["agent cpu per socket native/python"] = _ratio_med(
             series["agent_cpu_native"], series["agent_cpu_python"])
+    for key in ("native", "python"):
+        if series.get(f"conn_graft_{key}"):
+            ratios[f"connect rate syscall-graft {key}/plain container"] = _ratio_med(
+                series[f"conn_graft_{key}"], series["conn_plain"])
     return {"rounds": rounds, "seconds": seconds, "series": series, "median": med,
             "ratios": ratios}
 
@@ -432,6 +452,17 @@ def render(result: dict) -> str:
         if "connect rate socket-graft native/python" in r:
             lines += ["", f"native/python: crr {r['connect rate socket-graft native/python']:.2f}x"
                           f", agent CPU per socket {r['agent cpu per socket native/python']:.2f}x"]
+    if any(f"conn_graft_{k}" in med for k in ("native", "python")):
+        lines += ["", "connect() of a syscall-mode container (crr to the host; agent CPU: "
+                      "the whole process, per connection)", "",
+                  "| connect() grafted by | crr conn/s | ratio to plain container | "
+                  "agent CPU us/connect |", "|---|---|---|---|"]
+        for key, what in (("native", "native loop (C)"), ("python", "Python grafter")):
+            if f"conn_graft_{key}" in med:
+                lines.append(f"| {what} | {med[f'conn_graft_{key}']:.0f} | "
+                             f"{r[f'connect rate syscall-graft {key}/plain container']:.2f}x | "
+                             f"{med[f'agent_cpu_connect_{key}']:.1f} |")
+        lines.append(f"| nobody (plain container) | {med['conn_plain']:.0f} | 1.00x | |")
     s = result.get("scale") or {}
     if s:
         b, p, a = s["agent_before"], s["agent_peak"], s["agent_after"]
