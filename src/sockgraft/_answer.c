@@ -78,6 +78,7 @@ struct config {
 	/* syscall mode: connect() grafted here (answer_connect) */
 	int connect;
 	int eg4_fd, eg6_fd;	/* sg_egress4/6: the container's egress rules */
+	int svc_fd;		/* sg_services: directory redirects (Python follows them) */
 	uint32_t egress_gen;	/* their generation (the policy's) */
 	int sndbuf, rcvbuf;	/* the container's default buffer sizes (getsockopt), 0: unknown */
 };
@@ -109,20 +110,21 @@ static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"enabled", "mark", "uid", "tag_fd", "gen", "kinds",
 				"tag_flags", "connect", "eg4_fd", "eg6_fd", "egress_gen",
-				"sndbuf", "rcvbuf", NULL};
+				"sndbuf", "rcvbuf", "svc_fd", NULL};
 	struct config c = {0};
 	long long uid = -1;
 	unsigned int mark = 0, gen = 0, kinds = 0xF, tag_flags = 0, egress_gen = 0;
 	int enabled = 0, tag_fd = -1, connect = 0, eg4_fd = -1, eg6_fd = -1, sndbuf = 0,
-	    rcvbuf = 0;
+	    rcvbuf = 0, svc_fd = -1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIii", names, &enabled, &mark,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiii", names, &enabled, &mark,
 					 &uid, &tag_fd, &gen, &kinds, &tag_flags, &connect,
-					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf))
+					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf, &svc_fd))
 		return NULL;
 	/* connect() is grafted here only with the guards: the kernel judges the
 	 * connect it continues (sg_connect4/6) */
-	c.connect = connect && tag_fd >= 0 && eg4_fd >= 0 && eg6_fd >= 0;
+	c.connect = connect && tag_fd >= 0 && eg4_fd >= 0 && eg6_fd >= 0 && svc_fd >= 0;
+	c.svc_fd = svc_fd;
 	c.eg4_fd = eg4_fd;
 	c.eg6_fd = eg6_fd;
 	c.egress_gen = egress_gen;
@@ -164,7 +166,7 @@ static int Table_init(Table *self, PyObject *args, PyObject *kw)
 	memset(&self->cfg, 0, sizeof(self->cfg));
 	self->cfg.uid = -1;
 	self->cfg.tag_fd = -1;
-	self->cfg.eg4_fd = self->cfg.eg6_fd = -1;
+	self->cfg.eg4_fd = self->cfg.eg6_fd = self->cfg.svc_fd = -1;
 	for (int i = 0; i < C_N; i++)
 		atomic_store(&self->count[i], 0);
 	if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw)))
@@ -268,6 +270,10 @@ typedef struct {
 	int fd;			/* our dup of the listener */
 	Table *table;
 	struct plan plans[4];	/* by plan_index */
+	/* pidfds of the threads that trapped lately, by tid % N_PIDFDS: a pidfd of
+	 * a thread that has exited fails (ESRCH) and is opened again */
+#define N_PIDFDS 16
+	int pidfd_tid[N_PIDFDS], pidfd[N_PIDFDS];
 	int spare;		/* a host socket made ahead of time, or -1 */
 	int spare_family, spare_type, spare_proto;
 	uint32_t spare_mark, spare_gen;
@@ -317,6 +323,36 @@ static int host_socket(int family, int type, int proto, const struct config *c)
 		return err;
 	}
 	return s;
+}
+
+static void drop_pidfds(Worker *w)
+{
+	for (int i = 0; i < N_PIDFDS; i++) {
+		if (w->pidfd[i] >= 0)
+			close(w->pidfd[i]);
+		w->pidfd[i] = -1;
+		w->pidfd_tid[i] = 0;
+	}
+}
+
+/* A copy of fd of thread tid (pidfd_getfd), or -errno. */
+static int target_fd(Worker *w, pid_t tid, int fd)
+{
+	int slot = (int)((unsigned)tid % N_PIDFDS), copy;
+
+	if (w->pidfd[slot] >= 0 && w->pidfd_tid[slot] == tid) {
+		copy = (int)syscall(SYS_pidfd_getfd, w->pidfd[slot], fd, 0);
+		if (copy >= 0 || errno != ESRCH)
+			return copy >= 0 ? copy : -errno;
+	}
+	if (w->pidfd[slot] >= 0)
+		close(w->pidfd[slot]);
+	w->pidfd_tid[slot] = tid;
+	w->pidfd[slot] = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
+	if (w->pidfd[slot] < 0)
+		return -errno;
+	copy = (int)syscall(SYS_pidfd_getfd, w->pidfd[slot], fd, 0);
+	return copy >= 0 ? copy : -errno;
 }
 
 static void drop_spare(Worker *w)
@@ -494,6 +530,30 @@ static int egress(const struct config *c, int v4, const uint8_t *addr, uint16_t 
 	return 0;
 }
 
+/* model/bpfmaps.py SVC_KEY: is addr:port a directory service this container
+ * is sent to? 1, 0, or -errno */
+static int service(const struct config *c, int v4, const uint8_t *addr, uint16_t port_be,
+		   int proto)
+{
+	struct {
+		uint8_t addr[16];
+		uint16_t port;
+		uint8_t family, proto;
+		uint32_t mark;
+	} __attribute__((packed)) k;
+	unsigned char val[20];
+	int rc;
+
+	memset(&k, 0, sizeof(k));
+	memcpy(k.addr, addr, v4 ? 4 : 16);
+	k.port = port_be;
+	k.family = v4 ? 4 : 6;
+	k.proto = (uint8_t)proto;
+	k.mark = c->mark;
+	rc = map_lookup(c->svc_fd, &k, val);
+	return rc == 0 ? 1 : rc == -ENOENT ? 0 : rc;
+}
+
 /* close-on-exec of the application's fd (a per-fd-table flag no dup shows):
  * 1, 0, or -1 when /proc/<tid>/fdinfo/<fd> cannot be read */
 static int target_cloexec(pid_t tid, int fd)
@@ -570,7 +630,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	const uint8_t *ip;
 	uint16_t port;
 	uint32_t plen = 0;
-	int family, v4, pidfd, app, dom, typ, proto, cloexec, host, rc, lo, unspec;
+	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec;
 	uint64_t t0 = now_ns();
 
 	if (alen != sizeof(a.in4) && alen != sizeof(a.in6))
@@ -591,11 +651,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	}
 	/* the application's socket (a valid notification later proves this tid
 	 * was the caller's all along: ADDFD fails for a call no longer waiting) */
-	pidfd = (int)syscall(SYS_pidfd_open, (pid_t)n->pid, PIDFD_THREAD);
-	if (pidfd < 0)
-		return 0;
-	app = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
-	close(pidfd);
+	app = target_fd(w, (pid_t)n->pid, fd);
 	if (app < 0)
 		return 0;
 	if (sockopt_int(app, SOL_SOCKET, SO_DOMAIN, &dom) || dom != family ||
@@ -607,8 +663,8 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	unspec = v4 ? !(ip[0] | ip[1] | ip[2] | ip[3]) : IN6_IS_ADDR_UNSPECIFIED(&a.in6.sin6_addr);
 	lo = v4 ? ip[0] == 127 : IN6_IS_ADDR_LOOPBACK(&a.in6.sin6_addr);
 	rc = unspec ? 0 : egress(c, v4, ip, port, &plen);
-	if (rc < 0)
-		goto python;
+	if (rc < 0 || (rc > 0 && service(c, v4, ip, port, proto) != 0))
+		goto python;	/* (the grafter follows a directory redirect itself) */
 	if (rc == 0 || (lo && plen < (v4 ? 8u : 128u))) {
 		/* no egress rule, or the container's own: the kernel connects its socket */
 		close(app);
@@ -763,6 +819,7 @@ static PyObject *Worker_serve(Worker *self, PyObject *unused)
 static PyObject *Worker_close(Worker *self, PyObject *unused)
 {
 	drop_spare(self);
+	drop_pidfds(self);
 	if (self->fd >= 0)
 		close(self->fd);
 	self->fd = -1;
@@ -785,6 +842,8 @@ static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 	Py_INCREF(table);
 	Py_XSETREF(self->table, (Table *)table);
 	self->spare = -1;
+	for (int i = 0; i < N_PIDFDS; i++)
+		self->pidfd[i] = -1;
 	return 0;
 }
 

@@ -197,17 +197,18 @@ class Enforcer:
                 self.bpf.delete("sg_sources", k)
 
     def sync_bpf_services(self, services: Mapping) -> None:
-        """The directory redirects (sg_services, per socket-mode container:
-        only what its policy lets it follow) and their reverse."""
+        """The directory redirects (sg_services, per container: only what its
+        policy lets it follow) and their reverse (getpeername, socket mode).
+        A syscall-mode container's entries serve its grafted sockets' connects
+        that the kernel continues, and tell the native loop which connects
+        the grafter follows itself."""
         if self.bpf is None:
             return
         fwd, rev = {}, {}
         for (proto, ov, port), (hip, hport) in services.items():
             rev[bpfmaps.svc_key(hip, hport, proto)] = bpfmaps.svc_val(ov, port)
-        # the redirect, per socket-mode container: only what its policy lets it follow
+        # the redirect, per container: only what its policy lets it follow
         for mark, applied in self.applied.items():
-            if not applied.socket_mode:
-                continue
             for (proto, ov, port), (hip, hport) in self._followable(
                     applied.cfg.policy, services).items():
                 fwd[bpfmaps.svc_key(ov, port, proto, mark)] = bpfmaps.svc_val(hip, hport)

@@ -569,15 +569,16 @@ class Agent:
         blocking connect()s itself (its egress rules in the kernel maps under
         the generation in force; the kernel guard judges each connect), or
         None: the grafter answers them. Python keeps them whenever the kernel
-        maps are not the session's configuration and while the directory
-        names services (their redirect is followed by the agent's connect)."""
-        if sess.graft_at != "syscall" or sess.config is None or self.bpf is None or \
-                self.publisher.services:
+        maps are not the session's configuration; the native loop hands it
+        each connect to a directory service too (sg_services: the agent
+        follows the redirect itself)."""
+        if sess.graft_at != "syscall" or sess.config is None or self.bpf is None:
             return None
         applied = self.enforcer.applied.get(sess.mark)
         if applied is None or applied.cfg != sess.config:
             return None
         return {"eg4_fd": self.bpf.maps["sg_egress4"], "eg6_fd": self.bpf.maps["sg_egress6"],
+                "svc_fd": self.bpf.maps["sg_services"],
                 "egress_gen": applied.gen, "sndbuf": sess.buffers.get(ksock.SO_SNDBUF, 0),
                 "rcvbuf": sess.buffers.get(ksock.SO_RCVBUF, 0)}
 
