@@ -31,6 +31,7 @@
 #include <linux/bpf.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -274,6 +275,7 @@ typedef struct {
 	 * a thread that has exited fails (ESRCH) and is opened again */
 #define N_PIDFDS 16
 	int pidfd_tid[N_PIDFDS], pidfd[N_PIDFDS];
+	int fdinfo[N_PIDFDS];	/* /proc/<tid>/fdinfo of the same thread (O_PATH) */
 	int spare;		/* a host socket made ahead of time, or -1 */
 	int spare_family, spare_type, spare_proto;
 	uint32_t spare_mark, spare_gen;
@@ -330,7 +332,9 @@ static void drop_pidfds(Worker *w)
 	for (int i = 0; i < N_PIDFDS; i++) {
 		if (w->pidfd[i] >= 0)
 			close(w->pidfd[i]);
-		w->pidfd[i] = -1;
+		if (w->fdinfo[i] >= 0)
+			close(w->fdinfo[i]);
+		w->pidfd[i] = w->fdinfo[i] = -1;
 		w->pidfd_tid[i] = 0;
 	}
 }
@@ -347,6 +351,9 @@ static int target_fd(Worker *w, pid_t tid, int fd)
 	}
 	if (w->pidfd[slot] >= 0)
 		close(w->pidfd[slot]);
+	if (w->fdinfo[slot] >= 0)
+		close(w->fdinfo[slot]);
+	w->fdinfo[slot] = -1;
 	w->pidfd_tid[slot] = tid;
 	w->pidfd[slot] = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
 	if (w->pidfd[slot] < 0)
@@ -555,15 +562,26 @@ static int service(const struct config *c, int v4, const uint8_t *addr, uint16_t
 }
 
 /* close-on-exec of the application's fd (a per-fd-table flag no dup shows):
- * 1, 0, or -1 when /proc/<tid>/fdinfo/<fd> cannot be read */
-static int target_cloexec(pid_t tid, int fd)
+ * 1, 0, or -1 when /proc/<tid>/fdinfo/<fd> cannot be read. Looked up from
+ * the thread's fdinfo directory, kept beside its cached pidfd (target_fd
+ * just proved that thread alive). */
+static int target_cloexec(Worker *w, pid_t tid, int fd)
 {
+	int slot = (int)((unsigned)tid % N_PIDFDS), f;
 	char path[64], buf[256], *p;
-	int f;
 	ssize_t n;
 
-	snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
-	f = open(path, O_RDONLY | O_CLOEXEC);
+	if (w->pidfd_tid[slot] == tid && w->pidfd[slot] >= 0 && w->fdinfo[slot] < 0) {
+		snprintf(path, sizeof(path), "/proc/%d/fdinfo", (int)tid);
+		w->fdinfo[slot] = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	}
+	if (w->pidfd_tid[slot] == tid && w->fdinfo[slot] >= 0) {
+		snprintf(path, sizeof(path), "%d", fd);
+		f = openat(w->fdinfo[slot], path, O_RDONLY | O_CLOEXEC);
+	} else {
+		snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
+		f = open(path, O_RDONLY | O_CLOEXEC);
+	}
 	if (f < 0)
 		return -1;
 	n = read(f, buf, sizeof(buf) - 1);
@@ -672,7 +690,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_CONTINUED], 1);
 		return 1;
 	}
-	cloexec = target_cloexec((pid_t)n->pid, fd);
+	cloexec = target_cloexec(w, (pid_t)n->pid, fd);
 	if (cloexec < 0)
 		goto python;
 	host = take_spare(w, family, typ, proto, c);
@@ -707,8 +725,12 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		}
 		return 1;
 	}
-	close(host);
 	rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+	/* the application, woken on this CPU (SYNC_WAKE_UP), connects now; the
+	 * bookkeeping and the next spare wait for it (this thread runs
+	 * SCHED_BATCH: without the yield the woken task waits for them) */
+	sched_yield();
+	close(host);
 	atomic_fetch_add(&t->count[typ == SOCK_STREAM ? C_TCP : C_UDP], 1);
 	atomic_fetch_add(&t->count[C_CONNECTS], 1);
 	refill(w, family, typ, proto, c);
@@ -843,7 +865,7 @@ static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 	Py_XSETREF(self->table, (Table *)table);
 	self->spare = -1;
 	for (int i = 0; i < N_PIDFDS; i++)
-		self->pidfd[i] = -1;
+		self->pidfd[i] = self->fdinfo[i] = -1;
 	return 0;
 }
 

@@ -97,7 +97,7 @@ def test_nonblocking_threaded_and_options(glab, answer):
 
     def native_count():
         st = json.loads(glab.sg("stats", "--json", "--agent", agent).stdout)
-        return list(st.values())[0]["counters"]["native"]
+        return list(st.values())[0]["counters"]["by_native"]
     before = native_count()
     c12 = glab.plan.hosts[0].containers[1]
     with EchoServer(c12.netns, "0.0.0.0", 7107):               # no egress rule
@@ -318,6 +318,34 @@ def test_sockets_lists_grafted_sockets(glab):
     assert mine[0]["kind"] == "ingress" and mine[0]["proto"] == "tcp"
     table = glab.sg("sockets").stdout
     assert "ep-http" in table and "h2-c1" in table
+
+
+HOLD = ("import json, os, socket, sys, time\n"
+        "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+        "print(json.dumps({'pid': os.getpid(), 'fd': s.fileno()}), flush=True)\n"
+        "time.sleep(30)\n")
+
+
+@pytest.mark.parametrize("answer", ["native", "python"])
+def test_sockets_lists_grafted_clients(glab, answer):
+    """A connection grafted at connect() is listed with its container, pid,
+    fd and addresses whichever path grafted it (the native loop keeps no
+    record: its sockets are found when asked, by the container's mark)."""
+    import json
+    import sys
+    from sockgraft.agent import control
+    assert control.request(glab.agent_socket("h1"),
+                           {"op": "native", "on": answer == "native"})["ok"]
+    glab.configure("h1-c1", EGRESS_V4)
+    with EchoServer(glab.plan.node("h2").netns, "0.0.0.0", 7120):
+        p = glab.spawn("h1-c1", [sys.executable, "-c", HOLD, "198.18.0.2", "7120"])
+        held = read_json_line(p)
+        rows = json.loads(glab.sg("sockets", "--json").stdout)
+        p.kill()
+    mine = [r for r in rows if r["container"] == "h1-c1" and r["fd"] == held["fd"]]
+    assert len(mine) == 1 and mine[0]["pid"] == held["pid"], rows
+    assert mine[0]["local"].startswith("198.18.0.1:") and mine[0]["proto"] == "tcp"
+    assert mine[0]["remote"] == "198.18.0.2:7120"
 
 
 def test_bind_of_an_unclaimed_host_address_is_denied(glab):

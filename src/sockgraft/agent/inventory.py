@@ -31,7 +31,7 @@ class Counters:
     denied: int = 0
     errors: int = 0
     notifier_failures: int = 0              # notifier threads that ended unexpectedly
-    native: int = 0                         # of grafted: by the native loop (socket, connect)
+    by_native: int = 0                      # of grafted: by the native loop (socket, connect)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -143,6 +143,6 @@ class SessionTable:
             delta = threads.harvest()
             if sess is not None and delta:
                 inventory.add(sess, "grafted", delta["tcp"] + delta["udp"])
-                inventory.add(sess, "native", delta["tcp"] + delta["udp"])
+                inventory.add(sess, "by_native", delta["tcp"] + delta["udp"])
                 inventory.add(sess, "passed", delta["continued"])
                 inventory.add(sess, "errors", delta["refused"])
