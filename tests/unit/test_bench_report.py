@@ -120,10 +120,13 @@ def test_pin_to_a_cpu_we_may_not_use_is_refused_before_anything_is_built(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_agent_cpu_counts_threads_alive_at_both_samples():
+def test_agent_cpu_counts_threads_alive_at_both_samples_and_new_ones():
     """A notifier thread of an earlier session that ended between the two
-    samples must not make the agent's CPU go down (seen in CI: -0.09 us)."""
+    samples must not make the agent's CPU go down (seen in CI: -0.09 us); one
+    that started in between ran only in between (seen in CI: 0.0 us when a
+    session's threads were newer than the first sample); a reused id is
+    never negative."""
     from sockgraft.bench.engine import _cpu_delta_ns
-    before = {"1": 1000, "7": 5_000_000, "8": 200}
-    after = {"1": 1500, "8": 900, "9": 50}          # 7 ended, 9 started
-    assert _cpu_delta_ns(before, after) == 500 + 700
+    before = {"1": 1000, "7": 5_000_000, "8": 200, "10": 9000}
+    after = {"1": 1500, "8": 900, "9": 50, "10": 30}   # 7 ended, 9 started, 10 reused
+    assert _cpu_delta_ns(before, after) == 500 + 700 + 50

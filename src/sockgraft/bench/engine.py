@@ -111,10 +111,12 @@ def _process_cpu_us(pid: int) -> float:
 
 
 def _cpu_delta_ns(before: dict[str, int], after: dict[str, int]) -> int:
-    """CPU spent between two samples by the threads alive at both (a thread
-    of an earlier session that ended meanwhile takes its time with it: a
-    plain sum could even go down)."""
-    return sum(after[t] - before[t] for t in before.keys() & after.keys())
+    """CPU spent between two samples: by the threads alive at both, plus all
+    of a thread's that started in between (a session's notifier threads). A
+    thread of an earlier session that ended meanwhile takes its time with it
+    (a plain sum could even go down); a reused thread id never counts less
+    than nothing."""
+    return sum(max(0, after[t] - before[t]) if t in before else after[t] for t in after)
 
 
 def _socklat(place: Place, socklat: str, n: int, agent_pid: int | None) -> dict:

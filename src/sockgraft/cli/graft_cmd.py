@@ -138,11 +138,12 @@ def register(sub) -> None:
                         "listenerPath; default oci-<host>.sock in the state directory; "
                         "'off' to disable)")
     p.add_argument("--notifier-threads", type=int, default=2, metavar="N",
-                   help="threads per graft_at=socket container that wait for its socket() "
-                        "calls and answer them on the caller's CPU (default 2; 0 = answer "
-                        "from the agent's loop, slower per connection)")
+                   help="threads per container that wait for its trapped calls and answer "
+                        "them on the caller's CPU (default 2; 0 = answer from the agent's "
+                        "loop, slower per connection)")
     p.add_argument("--native", choices=("auto", "on", "off"), default="auto",
-                   help="answer socket() of graft_at=socket containers in the native loop "
+                   help="answer socket() of graft_at=socket containers and blocking "
+                        "connect() of graft_at=syscall ones in the native loop "
                         "(C, outside the GIL): auto = when it is built (said once if not), "
                         "on = refuse to start without it, off = in Python (default auto)")
     p.add_argument("--sockmap", choices=("auto", "on", "off"), default="off",
