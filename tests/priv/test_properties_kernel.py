@@ -262,11 +262,19 @@ def test_bpf_policy_map_gives_decides_verdict(bpf_env, policy, cases, socket_mod
     errs = netns.run_in(ns, _connect_tagged, progs, outside, cases)
     events = [bpfmaps.decode_event(raw) for raw in progs.drain()]
     denials = iter(e for e in events if e.kind == bpfmaps.EV_DENY_POLICY)
+    kept = iter(e for e in events if e.kind == bpfmaps.EV_DENY_KEPT)
     for (dest, proto), (err, kernel_err) in zip(cases, errs):
         want = decide(policy, proto, dest.unmapped())
         what = f"{proto} connect {dest}: {errno.errorcode.get(err, err)} (untagged: " \
                f"{errno.errorcode.get(kernel_err, kernel_err)}), decide() {want}\n" \
                f"policy: {policy}"
+        if want.allowed and not socket_mode and dest.unmapped().ip.is_loopback:
+            # a syscall-mode container's own loopback (the egress rule is
+            # 0.0.0.0/0) stays in the container: a grafted socket is refused it
+            assert err == errno.EACCES, what
+            ev = next(kept, None)
+            assert ev is not None and ev.address == _judged(dest), (what, ev)
+            continue
         if want.allowed:
             # the kernel's own EACCES (a broadcast address without SO_BROADCAST)
             # is the only EACCES an allowed connect may meet
@@ -278,3 +286,4 @@ def test_bpf_policy_map_gives_decides_verdict(bpf_env, policy, cases, socket_mod
         assert entry.labels[ev.label] == want.rule, (ev, want)
         assert ev.op == "connect" and ev.proto == proto
     assert next(denials, None) is None, "a denial event without a refused connect"
+    assert next(kept, None) is None, "a loopback refusal without a refused connect"

@@ -970,11 +970,11 @@ int sg_connect4(struct bpf_sock_addr *ctx)
 		ctx->user_ip4 = lo4_of(mark);
 		return bind_lo4(ctx, mark);
 	}
-	if (lo == LO_KEPT)
-		return refuse_kept(mark, OP_CONNECT, 4, j, port, proto);
 	e = admit(p, mark, OP_CONNECT, 4, j, port, proto);
 	if (!e)
 		return 0;
+	if (lo == LO_KEPT)	/* (after the policy: its refusal is the one to report) */
+		return refuse_kept(mark, OP_CONNECT, 4, j, port, proto);
 	redirect4(ctx, proto, mark);	/* after the checks: judged on what the application asked */
 	if (!unbound4(ctx))
 		return 1;
@@ -1014,11 +1014,11 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 		store_lo6(ctx, mark, fam);
 		return bind_lo6(ctx, mark, fam);
 	}
-	if (lo == LO_KEPT)
-		return refuse_kept(mark, OP_CONNECT, fam, j, port, proto);
 	e = admit(p, mark, OP_CONNECT, fam, j, port, proto);
 	if (!e)
 		return 0;
+	if (lo == LO_KEPT)	/* (after the policy: its refusal is the one to report) */
+		return refuse_kept(mark, OP_CONNECT, fam, j, port, proto);
 	redirect6(ctx, fam, j, proto, mark);
 	if (!unbound6(ctx))
 		return 1;
