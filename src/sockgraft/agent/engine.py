@@ -296,6 +296,10 @@ class Agent:
             if sess is None:
                 return False
             self.grafter.handle(sess, n)
+            if self._nft_due or self._deferred or (self.fast is not None and self.fast.due):
+                # e.g. a grafted server's redirects: the loop loads them now,
+                # not at its next timeout
+                self.inbox.wake()
             return True
 
     @_locked

@@ -207,6 +207,10 @@ class Inbox:
 
     def forward(self, key: int, n: "seccomp.Notification | ThreadFailed") -> None:
         self._items.append((key, n))
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the loop run a turn (its end-of-turn work)."""
         try:
             os.write(self._w, b"\0")
         except BlockingIOError:
