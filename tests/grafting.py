@@ -30,6 +30,11 @@ class GraftLab:
     def agent_socket(self, host):
         return os.path.join(self.state_dir, f"agent-{self.plan.name}-{host}.sock")
 
+    def set_native(self, host, on):
+        """Sessions that start from now on are answered by the agent's native
+        loop (on) or by Python (the agent's control op `native`)."""
+        assert control.request(self.agent_socket(host), {"op": "native", "on": on})["ok"]
+
     def oci_socket(self, host):
         return os.path.join(self.state_dir, f"oci-{self.plan.name}-{host}.sock")
 

@@ -197,47 +197,68 @@ static PyTypeObject TableType = {
 
 /* --- the options a grafted connect() carries over -------------------------------- */
 
-/* kernel/sockets.py OPTIONS, the same list: (level, name, size (0: int), family
- * (0: all), type (0: all)). Each is copied only when the application's socket
- * differs from a fresh socket of its kind (the buffer sizes also when they
- * differ from the container's defaults), so untouched defaults and buffer
- * autotuning stay. */
+/* kernel/sockets.py OPTIONS, handed over once by set_options() (one list for
+ * both paths): (level, name, size (0: int), families and types as bit masks
+ * (fam_bit/type_bit, 0: all)). Each is copied only when the application's
+ * socket differs from a fresh socket of its kind (the buffer sizes also when
+ * they differ from the container's defaults), so untouched defaults and
+ * buffer autotuning stay. Until set, connect() is left to Python. */
 struct opt {
-	int level, name, size, family, type;
+	int level, name, size, families, types;
 };
 
-static const struct opt OPTS[] = {
-	{SOL_SOCKET, 2, 0, 0, 0},			/* SO_REUSEADDR */
-	{SOL_SOCKET, 15, 0, 0, 0},			/* SO_REUSEPORT */
-	{SOL_SOCKET, 9, 0, 0, 0},			/* SO_KEEPALIVE */
-	{SOL_SOCKET, 6, 0, 0, SOCK_DGRAM},		/* SO_BROADCAST */
-	{SOL_SOCKET, 12, 0, 0, 0},			/* SO_PRIORITY */
-	{SOL_SOCKET, 10, 0, 0, SOCK_STREAM},		/* SO_OOBINLINE */
-	{SOL_SOCKET, 13, 8, 0, 0},			/* SO_LINGER */
-	{SOL_SOCKET, 18, 0, 0, 0},			/* SO_RCVLOWAT */
-	{SOL_SOCKET, 20, 16, 0, 0},			/* SO_RCVTIMEO_OLD */
-	{SOL_SOCKET, 21, 16, 0, 0},			/* SO_SNDTIMEO_OLD */
-	{SOL_SOCKET, SO_SNDBUF, 0, 0, 0},
-	{SOL_SOCKET, SO_RCVBUF, 0, 0, 0},
-	{IPPROTO_TCP, 1, 0, 0, SOCK_STREAM},		/* TCP_NODELAY */
-	{IPPROTO_TCP, 4, 0, 0, SOCK_STREAM},		/* TCP_KEEPIDLE */
-	{IPPROTO_TCP, 5, 0, 0, SOCK_STREAM},		/* TCP_KEEPINTVL */
-	{IPPROTO_TCP, 6, 0, 0, SOCK_STREAM},		/* TCP_KEEPCNT */
-	{IPPROTO_TCP, 18, 0, 0, SOCK_STREAM},		/* TCP_USER_TIMEOUT */
-	{IPPROTO_TCP, 25, 0, 0, SOCK_STREAM},		/* TCP_NOTSENT_LOWAT */
-	{IPPROTO_TCP, 9, 0, 0, SOCK_STREAM},		/* TCP_DEFER_ACCEPT */
-	{IPPROTO_TCP, 13, 16, 0, SOCK_STREAM},		/* TCP_CONGESTION */
-	{IPPROTO_IP, 1, 0, AF_INET, 0},			/* IP_TOS */
-	{IPPROTO_IP, 2, 0, AF_INET, 0},			/* IP_TTL */
-	{IPPROTO_IP, 11, 0, AF_INET, SOCK_DGRAM},	/* IP_RECVERR */
-	{IPPROTO_IP, 8, 0, AF_INET, SOCK_DGRAM},	/* IP_PKTINFO */
-	{IPPROTO_IPV6, 26, 0, AF_INET6, 0},		/* IPV6_V6ONLY */
-	{IPPROTO_IPV6, 67, 0, AF_INET6, 0},		/* IPV6_TCLASS */
-	{IPPROTO_IPV6, 16, 0, AF_INET6, 0},		/* IPV6_UNICAST_HOPS */
-	{IPPROTO_IPV6, 25, 0, AF_INET6, SOCK_DGRAM},	/* IPV6_RECVERR */
-	{IPPROTO_IPV6, 49, 0, AF_INET6, SOCK_DGRAM},	/* IPV6_RECVPKTINFO */
-};
-#define N_OPTS ((int)(sizeof(OPTS) / sizeof(OPTS[0])))
+#define MAX_OPTS 64
+static struct opt OPTS[MAX_OPTS];
+static int N_OPTS = -1;		/* -1: not set */
+
+static int fam_bit(int family)
+{
+	return family == AF_INET ? 1 : family == AF_INET6 ? 2 : 0;
+}
+
+static int type_bit(int type)
+{
+	return type == SOCK_STREAM ? 1 : type == SOCK_DGRAM ? 2 : 0;
+}
+
+static PyObject *set_options(PyObject *mod, PyObject *arg)
+{
+	PyObject *seq = PySequence_Fast(arg, "set_options: a sequence of "
+					"(level, name, size, families, types)");
+	struct opt tmp[MAX_OPTS];
+	Py_ssize_t n;
+
+	if (!seq)
+		return NULL;
+	n = PySequence_Fast_GET_SIZE(seq);
+	if (n > MAX_OPTS) {
+		Py_DECREF(seq);
+		PyErr_Format(PyExc_ValueError, "set_options: more than %d options", MAX_OPTS);
+		return NULL;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		struct opt *o = &tmp[i];
+
+		if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiii", &o->level,
+				      &o->name, &o->size, &o->families, &o->types)) {
+			Py_DECREF(seq);
+			return NULL;
+		}
+		if (o->size < 0 || o->size > 16) {
+			Py_DECREF(seq);
+			PyErr_SetString(PyExc_ValueError, "set_options: size 0..16");
+			return NULL;
+		}
+	}
+	Py_DECREF(seq);
+	if (N_OPTS >= 0) {	/* workers may be reading it: once only */
+		PyErr_SetString(PyExc_RuntimeError, "set_options: already set");
+		return NULL;
+	}
+	memcpy(OPTS, tmp, sizeof(tmp[0]) * (size_t)n);
+	N_OPTS = (int)n;
+	Py_RETURN_NONE;
+}
 
 struct optval {
 	int ok;			/* getsockopt answered */
@@ -248,8 +269,8 @@ struct optval {
 /* One kind's applicable options and a fresh socket's values. */
 struct plan {
 	int ready, n;
-	int idx[N_OPTS];
-	struct optval def[N_OPTS];
+	int idx[MAX_OPTS];
+	struct optval def[MAX_OPTS];
 };
 
 static void get_opt(int fd, const struct opt *o, struct optval *out)
@@ -418,7 +439,8 @@ static const struct plan *plan_of(Worker *w, int family, int type, int proto)
 	for (int i = 0; i < N_OPTS; i++) {
 		const struct opt *o = &OPTS[i];
 
-		if ((o->family && o->family != family) || (o->type && o->type != type))
+		if ((o->families && !(o->families & fam_bit(family))) ||
+		    (o->types && !(o->types & type_bit(type))))
 			continue;
 		p->idx[p->n] = i;
 		get_opt(fresh, o, &p->def[p->n]);
@@ -651,8 +673,8 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec;
 	uint64_t t0 = now_ns();
 
-	if (alen != sizeof(a.in4) && alen != sizeof(a.in6))
-		return 0;
+	if (N_OPTS < 0 || (alen != sizeof(a.in4) && alen != sizeof(a.in6)))
+		return 0;	/* (without the option list it could not copy them) */
 	if (process_vm_readv((pid_t)n->pid, &lv, 1, &rv, 1, 0) != (ssize_t)alen)
 		return 0;
 	family = a.sa.sa_family;
@@ -904,9 +926,18 @@ static PyTypeObject WorkerType = {
 	.tp_methods = Worker_methods,
 };
 
+static PyMethodDef module_methods[] = {
+	{"set_options", set_options, METH_O,
+	 "set_options([(level, name, size, families, types), ...]): the options a grafted "
+	 "connect() carries over (kernel/sockets.py OPTIONS; families bit 1 AF_INET, 2 "
+	 "AF_INET6, types bit 1 SOCK_STREAM, 2 SOCK_DGRAM, 0 all). Once, before serving."},
+	{NULL}
+};
+
 static struct PyModuleDef module = {
 	PyModuleDef_HEAD_INIT, "sockgraft._answer",
-	"socket() of socket-mode containers answered in native code, outside the GIL", -1, NULL,
+	"socket() of socket-mode containers and blocking connect() of syscall-mode ones "
+	"answered in native code, outside the GIL", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__answer(void)

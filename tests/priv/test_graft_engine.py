@@ -90,8 +90,7 @@ def test_nonblocking_threaded_and_options(glab, answer):
     without egress rule left to the container's own socket."""
     import json
     agent = glab.agent_socket("h1")
-    from sockgraft.agent import control
-    assert control.request(agent, {"op": "native", "on": answer == "native"})["ok"]
+    glab.set_native("h1", answer == "native")
     glab.configure("h1-c1", EGRESS_V4)
     h2 = glab.plan.node("h2")
 
@@ -333,9 +332,7 @@ def test_sockets_lists_grafted_clients(glab, answer):
     record: its sockets are found when asked, by the container's mark)."""
     import json
     import sys
-    from sockgraft.agent import control
-    assert control.request(glab.agent_socket("h1"),
-                           {"op": "native", "on": answer == "native"})["ok"]
+    glab.set_native("h1", answer == "native")
     glab.configure("h1-c1", EGRESS_V4)
     with EchoServer(glab.plan.node("h2").netns, "0.0.0.0", 7120):
         p = glab.spawn("h1-c1", [sys.executable, "-c", HOLD, "198.18.0.2", "7120"])

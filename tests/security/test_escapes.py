@@ -286,11 +286,9 @@ allow = ["allow any {peer}", "allow any {lo} 7502"]
 def answer(request, sec):
     """The h1 agent's syscall-mode connect()s answered by the native loop or
     by the Python grafter (the control op applies to later sessions)."""
-    from sockgraft.agent import control
-    agent = sec.agent_socket("h1")
-    assert control.request(agent, {"op": "native", "on": request.param == "native"})["ok"]
+    sec.set_native("h1", request.param == "native")
     yield request.param
-    control.request(agent, {"op": "native", "on": True})
+    sec.set_native("h1", True)
 
 
 @pytest.mark.parametrize("fam", [4, 6])

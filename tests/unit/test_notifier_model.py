@@ -107,3 +107,22 @@ def test_the_native_loop_is_used_only_where_it_can_tag_like_python():
     assert notifiers.native_usable(hs) and hs.native_tag(0x53470001) == (7, 3)
     assert ksock.HostSockets().native_tag(1) == (-1, 0)
     assert ksock.HostSockets(tag=lambda fd, mark, flags: None).native_tag(1) is None
+
+
+def test_the_native_loop_copies_the_one_option_list():
+    """The native connect path takes kernel/sockets.py OPTIONS itself (no
+    second list in C): every entry, families and types as bit masks."""
+    import socket
+    from sockgraft.kernel import sockets as ksock
+    got = notifiers.native_options()
+    assert len(got) == len(ksock.OPTIONS)
+    for (level, opt, size, fams, types), (l2, o2, s2, fmask, tmask) in zip(ksock.OPTIONS, got):
+        assert (level, opt, size) == (l2, o2, s2)
+        assert fmask == (0 if fams is None else
+                         (1 if socket.AF_INET in fams else 0) | (2 if socket.AF_INET6 in fams
+                                                                 else 0))
+        assert tmask == (0 if types is None else
+                         (1 if socket.SOCK_STREAM in types else 0) |
+                         (2 if socket.SOCK_DGRAM in types else 0))
+    assert notifiers.native_options([(0, 1, 0, (socket.AF_INET,), (socket.SOCK_DGRAM,))]) == \
+        [(0, 1, 0, 1, 2)]

@@ -56,6 +56,22 @@ except ImportError as _exc:   # not built (no compiler/headers at install): Pyth
     native = None
     NATIVE_ERROR = str(_exc)
 
+
+def native_options(options=ksock.OPTIONS) -> list[tuple[int, int, int, int, int]]:
+    """The options a grafted connect() carries over (kernel/sockets.py
+    OPTIONS, the one list) as the native loop takes them: families and types
+    as bit masks (AF_INET 1, AF_INET6 2; SOCK_STREAM 1, SOCK_DGRAM 2; 0: all).
+    Pure."""
+    fam = {socket.AF_INET: 1, socket.AF_INET6: 2}
+    typ = {socket.SOCK_STREAM: 1, socket.SOCK_DGRAM: 2}
+    return [(level, opt, size, sum(fam[f] for f in fams) if fams else 0,
+             sum(typ[t] for t in types) if types else 0)
+            for level, opt, size, fams, types in options]
+
+
+if native is not None:
+    native.set_options(native_options())
+
 log = logging.getLogger("sockgraft.agent")
 
 SOCK_TYPE_MASK = 0xF

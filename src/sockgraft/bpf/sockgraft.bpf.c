@@ -828,10 +828,9 @@ static __always_inline int is_private6(const __u32 *a, __u32 mark)
 	       a[3] == bpf_htonl(mark & 0xffff);
 }
 
-/* Loopback stays the container's unless an egress rule names loopback
- * (a rule inside 127.0.0.0/8 or ::1/128 grafts it onto the host's, as in
- * syscall mode). */
-/* Where a loopback-ish destination of a grafted socket goes.
+/* Where a loopback-ish destination of a grafted socket goes. Loopback stays
+ * the container's unless an egress rule names loopback (a rule inside
+ * 127.0.0.0/8 or ::1/128 grafts it onto the host's, in both modes).
  * LO_OWN (socket mode): the container's own loopback (no egress rule inside
  * the loopback range) is its private loopback address on the host.
  * LO_KEPT (syscall mode): the agent keeps the container's own loopback and
