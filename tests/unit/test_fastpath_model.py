@@ -178,3 +178,25 @@ def test_a_grafted_servers_dnat_keeps_its_packets_on_the_normal_path():
     assert flags == {"10.0.0.2": 0, "10.0.0.3": bpfmaps.FA_REDIRECTS}
     k = bpfmaps.REDIRECT_KEY.unpack(plan_key := list(plan.redirects)[0])
     assert k[:3] == (4, 6, bpfmaps._be16(80)) and len(plan_key) == 20
+
+
+def test_the_containers_interfaces_among_a_namespaces_links():
+    """kernel/ports.veths_of: bridge ports that are veths with a peer in another
+    namespace; VXLAN devices listed apart; everything else left out."""
+    from sockgraft.kernel.ports import Link, Veth, veths_of
+    br = Link(2, "br0", "bridge", None, None, None, b"\2" * 6)
+    links = [
+        Link(9, "c2", "veth", 2, 0, 7, b"\x09" * 6),
+        Link(5, "c1", "veth", 2, 1, 3, b"\5" * 6),
+        Link(6, "loose", "veth", None, 0, 4, b""),        # not a bridge port
+        Link(7, "same-ns", "veth", 2, None, 8, b""),      # peer in this namespace
+        Link(8, "minus", "veth", 2, -1, 8, b""),          # no id for the peer's namespace
+        Link(10, "dummy", "dummy", 2, 0, 1, b""),         # a bridge port, not a veth
+        Link(11, "vx0", "vxlan", None, None, None, b""),
+        Link(12, "other-master", "veth", 6, 0, 1, b""),   # master is not a bridge
+        br,
+    ]
+    veths, vxlans = veths_of(links)
+    assert veths == [Veth(5, "c1", 1, 3, b"\2" * 6), Veth(9, "c2", 0, 7, b"\2" * 6)]
+    assert vxlans == [11]
+    assert veths_of([]) == ([], [])

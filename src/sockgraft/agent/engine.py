@@ -198,9 +198,10 @@ class Agent:
                 from ..paths import state_dir
                 self.fast = FastPath(self.lab, self.state_dir or state_dir())
                 progs.set_fast(True)
-                self.sync_fast()        # maps first, then the links (swapped in)
+                self.sync_fast(wait=True)    # maps first, then the links (swapped in)
                 if self.fast.fileno() >= 0:
                     self.ep.register(self.fast.fileno(), select.EPOLLIN)
+                self.ep.register(self.fast.reader.fileno(), select.EPOLLIN)
                 log.info("packet fast path on %d container interfaces",
                          len(self.fast.attached))
         except SockgraftError as exc:
@@ -248,6 +249,7 @@ class Agent:
         if self.fast is not None:
             if self.fast.fileno() >= 0:
                 unregister(self.ep, self.fast.fileno())
+            unregister(self.ep, self.fast.reader.fileno())
             self.fast.close()   # its pinned links stay: the data path keeps its policy
             self.fast = None
         if self.bpf is not None:
@@ -350,6 +352,8 @@ class Agent:
             self.oci.dispatch(fd)
         elif self.fast is not None and fd == self.fast.fileno():
             self.fast.on_netlink()
+        elif self.fast is not None and fd == self.fast.reader.fileno():
+            self._fast_call(self.fast.on_overlay_read, self.bpf)
 
     # --- control connections -------------------------------------------------
 
@@ -500,16 +504,21 @@ class Agent:
                 sess.config = self.store.load(sess.container) or sess.inline
                 n += 1
         # the in-kernel judges first (a policy change takes effect at the
-        # next connect and packet), then what takes longer with many
-        # containers: the node's addresses (a dump of every interface's),
-        # the fast path's interfaces (a link dump), the nftables table (one
-        # load of every container's chain)
+        # next connect and packet), then the node's addresses (one dump of
+        # every interface's, ~20 ms with 200 containers), the fast path's
+        # interfaces (from the link table the events keep: a CNI ADD's veth
+        # came just before; its addresses are read from its namespace) and
+        # the nftables table (loaded only if a registered container's chain
+        # changed). Nothing here reads every link or the overlay's tables:
+        # the next reload must not wait behind this one.
         self.sync_bpf(rescan=container if isinstance(container, str) and container else True)
         self.grafter.host_addrs = host_addresses()
         if self.bpf is not None:
             self.bpf.set_local(bpfmaps.local_keys(self.grafter.host_addrs))
         self.publisher.publish_node()
-        self.sync_fast(full=True, overlay=False)     # a CNI ADD/DEL: its interface
+        if self.fast is not None:
+            self.fast.drain_netlink()
+        self.sync_fast(full=True, links=False, overlay=False)
         self.sync_nft()
         return {"ok": True, "reloaded": n}
 
@@ -546,18 +555,22 @@ class Agent:
         """container -> the mark of its policy entry in sg_policy."""
         return {a.cfg.container: mark for mark, a in self.enforcer.applied.items()}
 
-    def sync_fast(self, full: bool = False, links: bool = True, overlay: bool = True) -> None:
-        """The fast path's maps and links in step with the node (links: read
-        the interfaces again; overlay: the VXLAN devices' tables); full (a
-        reload: CNI ADD/DEL, a configuration edit): interfaces without
-        addresses are read again too."""
+    def sync_fast(self, full: bool = False, links: bool = True, overlay: bool = True,
+                  wait: bool = False) -> None:
+        """The fast path's maps and links in step with the node (links: the
+        interfaces again; overlay: the VXLAN devices' tables, read by a
+        thread unless wait); full (a reload: CNI ADD/DEL, a configuration
+        edit): interfaces without addresses are read again too."""
         if self.fast is None or self.bpf is None or not self.fast.enabled:
             return
+        self._fast_call(self.fast.reconcile, self.bpf, self._marks(), full=full,
+                        redirects=self.enforcer.redirects, links=links, overlay=overlay,
+                        wait=wait)
+
+    def _fast_call(self, fn, *args, **kw) -> None:
         try:
             with self._timed("fastpath"):
-                self.fast.reconcile(self.bpf, self._marks(), full=full,
-                                    redirects=self.enforcer.redirects, links=links,
-                                    overlay=overlay)
+                fn(*args, **kw)
         except SockgraftError as exc:
             log.warning("fastpath: %s", exc)
 

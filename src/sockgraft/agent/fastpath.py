@@ -6,10 +6,18 @@ addresses, read once from the container's namespace), the reconciliation of
 sg_fast_ports / sg_fast_addrs and the pinned tcx links with it, the flow
 verdicts that must go when an address moves, and the per-port listing.
 
-Triggers: netlink link events of this namespace (a veth came or went), the
+Triggers: netlink events of this namespace (a veth came, went or changed:
+the link table is kept from the events themselves, one dump only at start
+or when events were lost; a route or an overlay neighbour changed), the
 agent's reload (CNI ADD/DEL, configuration edits: a container's policy mark
 may have changed), and the 1-second sweep every FULL_EVERY seconds (addresses
-a container got after its interface appeared).
+a container got after its interface appeared, the overlay's tables).
+
+Nothing here holds the agent's loop for long: a policy reload waits for
+whatever the loop is doing. The overlay's tables (netlink requests and two
+`ip`/`bridge` commands, 50-100 ms) are read by a thread of their own
+(OverlayReader) and applied by the loop when read; the link table is
+updated from events (a dump of 200 veths takes 0.1-0.2 s).
 
 Must not: decide (model/fastpath.py) or know map layouts (model/bpfmaps.py).
 """
@@ -18,10 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 from typing import Mapping
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import cni
 from ..errors import SockgraftError
@@ -60,6 +67,79 @@ def _drop(bpf: kbpf.Programs, m: str, old: Mapping[bytes, bytes],
         bpf.delete(m, key)
 
 
+def read_overlay(indexes: list[int]) -> tuple[list[mfast.Overlay], tuple[int, int]]:
+    """The VXLAN devices' tables and the outer source port range."""
+    return ([mfast.Overlay(**dataclasses.asdict(v)) for v in kports.vxlans(indexes)],
+            kports.local_port_range())
+
+
+class OverlayReader:
+    """kernel/ports.vxlans() in a thread: the loop asks (ask), the thread
+    reads, a byte on the pipe (fileno) tells the loop to take() the result.
+    Asked again while reading: read again after. The result is the latest
+    read; an error is handed over as the exception."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._cv = threading.Condition()
+        self._asked: list[int] | None = None
+        self._result: object = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def fileno(self) -> int:
+        return self._r
+
+    def ask(self, indexes: list[int]) -> None:
+        with self._cv:
+            self._asked = list(indexes)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sockgraft-overlay",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._asked is None and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                indexes, self._asked = self._asked, None
+            try:
+                got: object = read_overlay(indexes)
+            except SockgraftError as exc:
+                got = exc
+            with self._cv:
+                if self._closed:
+                    return
+                self._result = got
+                try:
+                    os.write(self._w, b"\1")
+                except BlockingIOError:
+                    pass                # the loop has a byte to wake it already
+
+    def take(self) -> object:
+        """The latest read (None: nothing new)."""
+        try:
+            os.read(self._r, 4096)
+        except BlockingIOError:
+            pass
+        with self._cv:
+            got, self._result = self._result, None
+        return got
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(5)
+        os.close(self._r)
+        os.close(self._w)
+
+
 class FastPath:
     def __init__(self, lab: str | None, state_dir: str) -> None:
         self.lab = lab
@@ -82,15 +162,16 @@ class FastPath:
         self.waiting: list[str] = []                # overlay routes not (yet) cached
         self.enabled = True                         # programs on the interfaces
         self.due_links = self.due_overlay = self.due_plan = False
-        self._present: set[int] | None = None       # the container veths last seen
+        self.links: dict[int, kports.Link] | None = None   # this namespace's links
+        self._present: set[int] = set()             # the container veths last seen
         self._vx_indexes: list[int] = []            # the VXLAN devices last seen
         self._last_full = 0.0
-        self._nl: IPRoute | None = None
+        self.reader = OverlayReader()
+        self._nl: kports.Events | None = None
         try:
-            self._nl = IPRoute()
-            self._nl.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE |
-                          RTMGRP_IPV6_ROUTE)
-        except (OSError, NetlinkError) as exc:
+            self._nl = kports.Events(RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE |
+                                     RTMGRP_IPV6_ROUTE)
+        except OSError as exc:
             log.warning("fastpath: no link events (%s): interfaces are found by the "
                         "sweep", exc)
             self._nl = None
@@ -100,21 +181,54 @@ class FastPath:
 
     def on_netlink(self) -> None:
         """Netlink events: reconcile at the end of the turn when one can
-        matter - a link came, went or changed, a route changed, or a
+        matter - a link came, went or changed what the fast path reads of
+        it (the link table is updated from the event itself; a bridge
+        port's state changes do not count), a route changed, or a
         neighbour / FDB entry of an overlay device or its underlay did.
         The containers' own neighbour entries on the bridge (a busy node
-        has many, changing state all the time) do not."""
+        has many, changing state all the time) do not. Lost events (the
+        socket overflowed): the links are dumped again."""
         assert self._nl is not None
         try:
-            msgs = self._nl.get()
-        except (OSError, NetlinkError):
-            self.due_links = True
-            return
+            msgs, lost = self._nl.read()
+        except SockgraftError as exc:
+            log.warning("fastpath: %s", exc)
+            msgs, lost = [], True
+        if lost:
+            self.links = None           # events lost: dump again
+            self.due_links = self.due_overlay = True
         for m in msgs:
-            links, overlay = self.relevant(m.get("event", ""), m.get("ifindex"),
+            # m[...], not m.get(): get() prefers an attribute of that name
+            # (IFLA_EVENT, NDA_IFINDEX) to the message's own field
+            event = m["event"] if "event" in m else ""
+            if "LINK" in event:
+                changed = self.on_link(event, m)
+                self.due_links |= changed
+                self.due_overlay |= changed
+                continue
+            links, overlay = self.relevant(event, m["ifindex"] if "ifindex" in m else None,
                                            self.overlay_ifindexes)
             self.due_links |= links
             self.due_overlay |= overlay
+
+    def drain_netlink(self) -> None:
+        """The events already queued (a reload looks at the links as they
+        are now: a CNI ADD's veth came just before it)."""
+        if self._nl is not None:
+            self.on_netlink()
+
+    def on_link(self, event: str, msg) -> bool:
+        """One link event into the table; True when what the fast path
+        reads of the links changed."""
+        link = kports.link_of(msg)
+        if link is None or self.links is None:
+            return False
+        if event == "RTM_DELLINK":
+            return self.links.pop(link.ifindex, None) is not None
+        if self.links.get(link.ifindex) == link:
+            return False
+        self.links[link.ifindex] = link
+        return True
 
     @staticmethod
     def relevant(event: str, ifindex, overlay_ifindexes: set[int]) -> tuple[bool, bool]:
@@ -127,6 +241,7 @@ class FastPath:
         return False, "ROUTE" in event
 
     def close(self) -> None:
+        self.reader.close()
         if self._nl is not None:
             self._nl.close()
             self._nl = None
@@ -163,29 +278,32 @@ class FastPath:
         return self.due_links or self.due_overlay or self.due_plan
 
     def reconcile(self, bpf: kbpf.Programs, marks: Mapping[str, int], full: bool = False,
-                  redirects: tuple = (), links: bool = True, overlay: bool = True) -> None:
+                  redirects: tuple = (), links: bool = True, overlay: bool = True,
+                  wait: bool = False) -> None:
         """Make the maps and links match the node. marks: container -> mark
-        of its policy entry; redirects: the grafted servers' DNAT. links: read
-        the node's interfaces again (one link dump: ~0.1 s with 200
-        containers); overlay: the VXLAN devices' tables (a few requests about
-        those devices only); full: interfaces without addresses read again
-        from their namespaces. Without either, only the maps are rewritten
-        from what is known (a policy mark or a grafted server changed)."""
+        of its policy entry; redirects: the grafted servers' DNAT. links: the
+        node's interfaces again (from the link table the events keep; one
+        dump when there is none); overlay: the VXLAN devices' tables (read by
+        the reader thread and applied when read - at once with wait); full:
+        interfaces without addresses read again from their namespaces.
+        Without either, only the maps are rewritten from what is known (a
+        policy mark or a grafted server changed)."""
         if full:
             for ifindex in [i for i, p in self.facts.items() if not p.addrs]:
                 del self.facts[ifindex]          # read again
-        links = links or self._present is None
+        if self.links is None or (self._nl is None and (links or full)):
+            self.links = kports.dump_links()     # no table (yet), or no events to keep it
+            links = True
         overlay = overlay or links
         self.due_links = self.due_overlay = self.due_plan = False
         self.marks = dict(marks)
         self.redirect_set = redirects
-        if links:
-            veths, self._vx_indexes = kports.scan()
+        if links or full:
+            veths, self._vx_indexes = kports.veths_of(self.links.values())
             self._present = {v.ifindex for v in veths}
             for gone in [i for i in self.facts if i not in self._present]:
                 del self.facts[gone]
             self._resolve(veths)
-        present = self._present or set()
         fresh = self._assign_slots()
         plan = mfast.plan(self.facts.values(), marks, self.slots, redirects)
         if plan.conflicts != self.conflicts:
@@ -221,31 +339,51 @@ class FastPath:
             self.forget_flows(bpf, changed, moved)
         _drop(bpf, "sg_fast_ports", self.ports, plan.ports)
         self.ports = dict(plan.ports)
-        if overlay:
-            self._reconcile_remote(bpf)
+        if overlay and wait:
+            self.reader.take()          # an older read must not undo this one
+            self._reconcile_remote(bpf, read_overlay(self._vx_indexes))
+        elif overlay:
+            self.reader.ask(self._vx_indexes)
         if links or overlay:
-            for ifindex in (bpf.fast_attached() | self.attached) - (present | self.underlays):
-                bpf.fast_detach(ifindex)
-                self.attached.discard(ifindex)
+            self._detach_gone(bpf)
+
+    def _detach_gone(self, bpf: kbpf.Programs) -> None:
+        """The programs leave interfaces that are neither a container's nor
+        a decapsulating underlay any more."""
+        for ifindex in (bpf.fast_attached() | self.attached) - (self._present | self.underlays):
+            bpf.fast_detach(ifindex)
+            self.attached.discard(ifindex)
+
+    def on_overlay_read(self, bpf: kbpf.Programs) -> None:
+        """The reader thread read the overlay's tables: into the maps."""
+        got = self.reader.take()
+        if got is None or not self.enabled:
+            return
+        if isinstance(got, SockgraftError):
+            raise got
+        self._reconcile_remote(bpf, got)
+        self._detach_gone(bpf)
 
     def sweep_scope(self, now: float) -> tuple[bool, bool, bool] | None:
         """What the 1-second sweep should read again, if anything: (links,
-        overlay, full) - every FULL_EVERY seconds the overlay's tables
-        (cheap) and, when some interface has no address yet, the links."""
+        overlay, full) - every FULL_EVERY seconds the overlay's tables (by
+        the reader thread: events keep them current, this catches what no
+        event says) and, when some interface has no address yet, those
+        interfaces from their namespaces."""
         if now - self._last_full < FULL_EVERY:
             return None
         self._last_full = now
         waiting = any(not p.addrs for p in self.facts.values())
         return waiting, True, waiting
 
-    def _reconcile_remote(self, bpf: kbpf.Programs) -> None:
+    def _reconcile_remote(self, bpf: kbpf.Programs,
+                          read: tuple[list[mfast.Overlay], tuple[int, int]]) -> None:
         """The encapsulation cache and the decapsulating underlays, from the
-        overlay's tables (kernel/ports.vxlans, model/fastpath.plan_remote)."""
-        overlays = [mfast.Overlay(**dataclasses.asdict(v))
-                    for v in kports.vxlans(self._vx_indexes)]
+        overlay's tables as read (kernel/ports.vxlans, model/fastpath.plan_remote)."""
+        overlays, port_range = read
         self.overlay_ifindexes = {o.ifindex for o in overlays} | {o.underlay for o in overlays} \
             | {hop[1] for o in overlays for hop in o.next_hops}
-        plan = mfast.plan_remote(overlays, kports.local_port_range())
+        plan = mfast.plan_remote(overlays, port_range)
         if plan.waiting != self.waiting:
             for w in plan.waiting:
                 log.info("fastpath: %s", w)
@@ -305,7 +443,7 @@ class FastPath:
         self.enabled = on
         bpf.set_fast(on)
         if on:
-            self.reconcile(bpf, marks, full=True)
+            self.reconcile(bpf, marks, full=True, wait=True)
             return
         for ifindex in bpf.fast_attached() | self.attached:
             bpf.fast_detach(ifindex)

@@ -20,7 +20,6 @@ import struct
 import time
 from typing import Any, Callable
 
-from pyroute2 import netns as _pr_netns
 
 from ..errors import KernelError, from_oserror
 
@@ -51,6 +50,7 @@ def create(name: str) -> None:
     if exists(name):
         raise KernelError("netns create", errno.EEXIST, name)
     try:
+        from pyroute2 import netns as _pr_netns   # not at import: every CLI command loads this
         _pr_netns.create(name)
     except OSError as exc:
         raise from_oserror("netns create", exc, name) from exc
@@ -61,6 +61,7 @@ def delete(name: str) -> bool:
     if not exists(name):
         return False
     try:
+        from pyroute2 import netns as _pr_netns
         _pr_netns.remove(name)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.EINVAL):

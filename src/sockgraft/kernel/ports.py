@@ -9,9 +9,11 @@ and model/fastpath.py do).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from ..errors import KernelError, from_oserror
 from . import netns
@@ -65,33 +68,110 @@ def _kind(link) -> str | None:
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
-def scan() -> tuple[list[Veth], list[int]]:
-    """One link dump: the containers' interfaces, and the VXLAN devices'
-    indexes (what vxlans() asks about).
+@dataclass(frozen=True)
+class Link:
+    """What the fast path needs of one link message - a dump's or a netlink
+    event's (the kernel sends the whole link in both)."""
+    ifindex: int
+    ifname: str
+    kind: str | None            # IFLA_INFO_KIND: veth, bridge, vxlan... or None
+    master: int | None          # IFLA_MASTER: the bridge it is a port of
+    nsid: int | None            # IFLA_LINK_NETNSID: the peer's namespace
+    peer: int | None            # IFLA_LINK: the peer's index there
+    mac: bytes
 
-    The containers' interfaces: every veth of this namespace that is a
-    bridge port and whose peer is in another namespace (bridge, Docker's
-    docker0, CNI's bridge plugin). An underlay veth with an address of its
-    own is not a bridge port."""
+
+AF_UNSPEC = 0
+
+
+def link_of(msg) -> Link | None:
+    """A link message as a Link; None for one that is not about a link of
+    this namespace as such (AF_BRIDGE port messages: the same change comes
+    as an AF_UNSPEC message too)."""
+    if msg["family"] != AF_UNSPEC:
+        return None
+    return Link(msg["index"], msg.get_attr("IFLA_IFNAME") or "", _kind(msg),
+                msg.get_attr("IFLA_MASTER"), msg.get_attr("IFLA_LINK_NETNSID"),
+                msg.get_attr("IFLA_LINK"), _mac(msg.get_attr("IFLA_ADDRESS")))
+
+
+def dump_links() -> dict[int, Link]:
+    """One link dump of this namespace: ifindex -> Link (~0.1-0.2 s with 200
+    containers: pyroute2 parses every attribute; the fast path keeps the
+    table up to date from link events instead of dumping again)."""
     try:
         with IPRoute() as ipr:
             links = ipr.get_links()
     except (OSError, NetlinkError) as exc:
         raise from_oserror("link dump", exc, "links") from exc
-    bridges = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS")) for link in links
-               if _kind(link) == "bridge"}
-    veths = []
-    for link in links:
-        master = link.get_attr("IFLA_MASTER")
-        if master not in bridges or _kind(link) != "veth":
-            continue
-        nsid = link.get_attr("IFLA_LINK_NETNSID")
-        peer = link.get_attr("IFLA_LINK")
-        if nsid is None or nsid < 0 or not peer:
-            continue
-        veths.append(Veth(link["index"], link.get_attr("IFLA_IFNAME"), nsid, peer,
-                          bridges[master]))
-    return veths, [link["index"] for link in links if _kind(link) == "vxlan"]
+    return {link.ifindex: link for link in map(link_of, links) if link is not None}
+
+
+def veths_of(links: Iterable[Link]) -> tuple[list[Veth], list[int]]:
+    """The containers' interfaces, and the VXLAN devices' indexes (what
+    vxlans() asks about), among a namespace's links.
+
+    The containers' interfaces: every veth of this namespace that is a
+    bridge port and whose peer is in another namespace (bridge, Docker's
+    docker0, CNI's bridge plugin). An underlay veth with an address of its
+    own is not a bridge port."""
+    links = sorted(links, key=lambda link: link.ifindex)
+    bridges = {link.ifindex: link.mac for link in links if link.kind == "bridge"}
+    veths = [Veth(link.ifindex, link.ifname, link.nsid, link.peer, bridges[link.master])
+             for link in links
+             if link.kind == "veth" and link.master in bridges and link.nsid is not None
+             and link.nsid >= 0 and link.peer]
+    return veths, [link.ifindex for link in links if link.kind == "vxlan"]
+
+
+def scan() -> tuple[list[Veth], list[int]]:
+    """veths_of(one link dump)."""
+    return veths_of(dump_links().values())
+
+
+class Events:
+    """This namespace's rtnetlink notifications of `groups` (RTMGRP_* bits),
+    read without blocking until none is left. A socket of our own, parsed
+    by pyroute2's marshal: IPRoute.get() hands out one datagram per call
+    and keeps what else it read in a queue that epoll cannot see."""
+
+    NETLINK_ROUTE = 0
+
+    def __init__(self, groups: int, rcvbuf: int = 4 << 20) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, self.NETLINK_ROUTE)
+        try:
+            try:    # a node starting many containers sends bursts
+                self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)   # SO_RCVBUFFORCE
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.bind((0, groups))
+        except OSError:
+            self.sock.close()
+            raise
+        self.marshal = MarshalRtnl()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> tuple[list, bool]:
+        """(the messages queued, whether some were lost: the socket overflowed)."""
+        msgs: list = []
+        lost = False
+        while True:
+            try:
+                data = self.sock.recv(1 << 17)
+            except BlockingIOError:
+                return msgs, lost
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    lost = True
+                    continue
+                raise from_oserror("netlink events", exc, "rtnetlink") from exc
+            msgs.extend(self.marshal.parse(data))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def netns_ids(paths: Iterable[str]) -> dict[int, str]:
