@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/bpf.h>
+#include <linux/kcmp.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <sched.h>
@@ -297,6 +298,11 @@ typedef struct {
 #define N_PIDFDS 16
 	int pidfd_tid[N_PIDFDS], pidfd[N_PIDFDS];
 	int fdinfo[N_PIDFDS];	/* /proc/<tid>/fdinfo of the same thread (O_PATH) */
+	/* the epoll instances among the same thread's fds, read at ep_at (ns;
+	 * 0: not read): a non-blocking socket watched by one goes to Python */
+#define N_EPOLL 8
+	int ep_n[N_PIDFDS], ep_fd[N_PIDFDS][N_EPOLL];
+	uint64_t ep_at[N_PIDFDS];
 	int spare;		/* a host socket made ahead of time, or -1 */
 	int spare_family, spare_type, spare_proto;
 	uint32_t spare_mark, spare_gen;
@@ -375,6 +381,7 @@ static int target_fd(Worker *w, pid_t tid, int fd)
 	if (w->fdinfo[slot] >= 0)
 		close(w->fdinfo[slot]);
 	w->fdinfo[slot] = -1;
+	w->ep_at[slot] = 0;
 	w->pidfd_tid[slot] = tid;
 	w->pidfd[slot] = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
 	if (w->pidfd[slot] < 0)
@@ -617,6 +624,94 @@ static int target_cloexec(Worker *w, pid_t tid, int fd)
 	return (strtoul(p + 6, NULL, 8) & O_CLOEXEC) ? 1 : 0;
 }
 
+static uint64_t now_ns(void);
+
+/* The epoll instances of thread tid (its fd table's "anon_inode:[eventpoll]"
+ * links), cached for EPOLL_TTL_NS beside the thread's pidfd like the Python
+ * grafter's EpollIndex: their count, or -1 (unreadable, more than N_EPOLL of
+ * them, or more than EPOLL_SCAN fds to look at: Python answers). */
+#define EPOLL_TTL_NS 1000000000ull
+#define EPOLL_SCAN 4096
+struct dirent64_ {
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short d_reclen;
+	unsigned char d_type;
+	char d_name[];
+};
+
+static int epoll_fds(Worker *w, pid_t tid)
+{
+	int slot = (int)((unsigned)tid % N_PIDFDS), d, n = 0, seen = 0;
+	uint64_t now = now_ns();
+	char path[64], buf[8192], link[32];
+	long got;
+
+	if (w->pidfd_tid[slot] != tid || w->pidfd[slot] < 0)
+		return -1;
+	if (w->ep_at[slot] && now - w->ep_at[slot] < EPOLL_TTL_NS)
+		return w->ep_n[slot];
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)tid);
+	d = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (d < 0)
+		return -1;
+	while ((got = syscall(SYS_getdents64, d, buf, sizeof(buf))) > 0) {
+		for (long off = 0; off < got;) {
+			struct dirent64_ *e = (struct dirent64_ *)(buf + off);
+			ssize_t k;
+
+			off += e->d_reclen;
+			if (e->d_name[0] == '.')
+				continue;
+			if (++seen > EPOLL_SCAN)
+				goto out;
+			k = readlinkat(d, e->d_name, link, sizeof(link));
+			if (k != 22 || memcmp(link, "anon_inode:[eventpoll]", 22))
+				continue;
+			if (n == N_EPOLL)
+				goto out;
+			w->ep_fd[slot][n++] = atoi(e->d_name);
+		}
+	}
+	if (got < 0)
+		goto out;
+	close(d);
+	w->ep_n[slot] = n;
+	w->ep_at[slot] = now;
+	return n;
+out:
+	close(d);
+	return -1;
+}
+
+/* Is the application's fd watched by one of its epoll instances (kcmp
+ * KCMP_EPOLL_TFD: the file the epoll item (fd, n-th of that number) holds
+ * against the file at fd)? 1 watched, 0 not, -1 unknown (Python answers;
+ * an epoll fd closed since the scan: scanned again next time). A socket
+ * added to epoll before connect() (nginx) would lose its registration with
+ * the file it replaces: Python carries it over (kernel/epollfix). */
+static int watched(Worker *w, pid_t tid, int fd)
+{
+	int slot = (int)((unsigned)tid % N_PIDFDS), n = epoll_fds(w, tid);
+
+	for (int i = 0; i < n; i++) {
+		for (uint32_t toff = 0; toff < 64; toff++) {
+			struct kcmp_epoll_slot es = {(uint32_t)w->ep_fd[slot][i], (uint32_t)fd, toff};
+			long r = syscall(SYS_kcmp, tid, tid, KCMP_EPOLL_TFD, fd, &es);
+
+			if (r == 0)
+				return 1;
+			if (r > 0)
+				continue;	/* an item of that number holding another file */
+			if (errno == ENOENT)
+				break;
+			w->ep_at[slot] = 0;
+			return -1;
+		}
+	}
+	return n < 0 ? -1 : 0;
+}
+
 static int sockopt_int(int fd, int level, int name, int *out)
 {
 	socklen_t len = sizeof(*out);
@@ -651,10 +746,13 @@ static uint64_t now_ns(void)
  * kernel guard judges that connect on the address the kernel reads
  * (sg_connect4/6: the policy, the endpoint it binds, the container's own
  * loopback) - this code holds no policy. No egress rule: the kernel goes on
- * with the container's own socket. Everything else goes to Python, which
- * answers it as before: a non-blocking socket (its epoll registrations move
- * with it), a grafted one, another family or type, an address length or
- * read that is not the common case. 1: answered here; 0: for Python. */
+ * with the container's own socket. A non-blocking socket (Go, event loops)
+ * is grafted here too unless one of the process's epoll instances watches
+ * it already (its registration must move with it: Python does that);
+ * the host socket gets O_NONBLOCK and the kernel answers EINPROGRESS.
+ * Everything else goes to Python, which answers it as before: a watched
+ * socket, a grafted one, another family or type, an address length or read
+ * that is not the common case. 1: answered here; 0: for Python. */
 static int answer_connect(Worker *w, struct seccomp_notif *n, const struct config *c)
 {
 	Table *t = w->table;
@@ -670,7 +768,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	const uint8_t *ip;
 	uint16_t port;
 	uint32_t plen = 0;
-	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec;
+	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec, fl;
 	uint64_t t0 = now_ns();
 
 	if (N_OPTS < 0 || (alen != sizeof(a.in4) && alen != sizeof(a.in6)))
@@ -698,7 +796,8 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	    sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) ||
 	    (typ != SOCK_STREAM && typ != SOCK_DGRAM) ||
 	    sockopt_int(app, SOL_SOCKET, SO_PROTOCOL, &proto) ||
-	    (fcntl(app, F_GETFL) & O_NONBLOCK) || tagged(c->tag_fd, app) != 0)
+	    (fl = fcntl(app, F_GETFL)) < 0 || (fl & O_ASYNC) || tagged(c->tag_fd, app) != 0 ||
+	    ((fl & O_NONBLOCK) && watched(w, (pid_t)n->pid, fd) != 0))
 		goto python;
 	unspec = v4 ? !(ip[0] | ip[1] | ip[2] | ip[3]) : IN6_IS_ADDR_UNSPECIFIED(&a.in6.sin6_addr);
 	lo = v4 ? ip[0] == 127 : IN6_IS_ADDR_LOOPBACK(&a.in6.sin6_addr);
@@ -717,12 +816,16 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		goto python;
 	host = take_spare(w, family, typ, proto, c);
 	if (host < 0)
-		host = host_socket(family, typ, proto, c);	/* blocking, like the application's */
+		host = host_socket(family, typ, proto, c);	/* blocking; O_NONBLOCK below */
 	if (host < 0) {
 		close(app);
 		rc = respond(w->fd, n->id, -host, 0);
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_REFUSED], 1);
 		return 1;
+	}
+	if ((fl & O_NONBLOCK) && fcntl(host, F_SETFL, O_NONBLOCK)) {
+		close(host);
+		goto python;
 	}
 	copy_options(w, app, host, family, typ, proto, c);
 	close(app);
@@ -887,7 +990,7 @@ static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 	Py_XSETREF(self->table, (Table *)table);
 	self->spare = -1;
 	for (int i = 0; i < N_PIDFDS; i++)
-		self->pidfd[i] = self->fdinfo[i] = -1;
+		self->pidfd[i] = self->fdinfo[i] = -1, self->ep_at[i] = 0;
 	return 0;
 }
 

@@ -177,14 +177,19 @@ def connect_badptr():
     out({"rc": rc, "errno": errno.errorcode.get(err, err)})
 
 
-def epoll_client(host, port):
-    """Registers with epoll BEFORE connect (as nginx does), then MODs the
-    registration (which needs the item keyed by this fd number)."""
+def epoll_client(host, port, when="before"):
+    """Registers with epoll BEFORE connect (as nginx does) - or after it
+    (Go's netpoll, libuv, asyncio: `after`) -, then MODs the registration
+    (which needs the item keyed by this fd number)."""
     s = socket.socket(fam(host), socket.SOCK_STREAM)
     s.setblocking(False)
     ep = select.epoll()
-    ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLIN | select.EPOLLET)
+    events = select.EPOLLOUT | select.EPOLLIN | select.EPOLLET
+    if when == "before":
+        ep.register(s.fileno(), events)
     err = s.connect_ex((host, int(port)))
+    if when != "before":
+        ep.register(s.fileno(), events)
     res = {"connect_errno": errno.errorcode.get(err, err)}
     res["out"] = bool(ep.poll(5))
     s.send(b"ping")

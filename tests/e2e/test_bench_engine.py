@@ -37,7 +37,12 @@ def test_bench_engine_prints_and_stores_its_figures(state_dir, tmp_path):
     assert "| native loop (C) |" in proc.stdout and "| Python threads |" in proc.stdout
     # connect() of a syscall-mode container, both paths
     for key in ("native", "python"):
-        assert med[f"conn_graft_{key}"] > 0 and med[f"agent_cpu_connect_{key}"] > 0, key
+        for nb in ("", "_nb"):
+            assert med[f"conn_graft{nb}_{key}"] > 0, key + nb
+            assert med[f"agent_cpu_connect{nb}_{key}"] > 0, key + nb
         assert res["ratios"][f"connect rate syscall-graft {key}/plain container"] > 0.05
-    assert "| Python grafter |" in proc.stdout
+        assert res["ratios"][f"connect rate syscall-graft non-blocking {key}/plain container"] \
+            > 0.05
+    assert "| Python grafter | blocking |" in proc.stdout
+    assert "| native loop (C) | non-blocking |" in proc.stdout
     assert not [n for n in netns.list_names() if n.startswith("sg-b")]

@@ -1,6 +1,7 @@
 """The grafting engine on the real kernel: agents in lab hosts, unmodified
 programs under `sockgraft run` in lab containers."""
 
+import json
 import os
 import signal
 import time
@@ -84,20 +85,15 @@ def test_denied_connect_gets_eacces_and_an_audit_line(glab):
 
 @pytest.mark.parametrize("answer", ["native", "python"])
 def test_nonblocking_threaded_and_options(glab, answer):
-    """The same connects answered by the native loop (blocking sockets; it
-    hands non-blocking ones to Python) and with it off (the Python grafter):
+    """The same connects answered by the native loop (blocking and
+    non-blocking sockets) and with it off (the Python grafter):
     same fd, the application's options and close-on-exec, a destination
     without egress rule left to the container's own socket."""
-    import json
-    agent = glab.agent_socket("h1")
     glab.set_native("h1", answer == "native")
     glab.configure("h1-c1", EGRESS_V4)
     h2 = glab.plan.node("h2")
 
-    def native_count():
-        st = json.loads(glab.sg("stats", "--json", "--agent", agent).stdout)
-        return list(st.values())[0]["counters"]["by_native"]
-    before = native_count()
+    before = _native_count(glab)
     c12 = glab.plan.hosts[0].containers[1]
     with EchoServer(c12.netns, "0.0.0.0", 7107):               # no egress rule
         r = glab.probe("h1-c1", "tcp-client", str(c12.ipv4.ip), 7107)
@@ -116,8 +112,14 @@ def test_nonblocking_threaded_and_options(glab, answer):
     with EchoServer(h2.netns, "0.0.0.0", 7106):
         r = glab.probe("h1-c1", "tcp-client", "198.18.0.2", 7106, "--cloexec", "0")
     assert r["replaced"] and r["cloexec"] is False
-    # the two blocking grafts were the native loop's, or none was
-    assert native_count() - before == (2 if answer == "native" else 0)
+    # the three grafts (non-blocking too: not in epoll) were the native loop's, or none was
+    assert _native_count(glab) - before == (3 if answer == "native" else 0)
+
+
+def _native_count(glab) -> int:
+    """Connects the native loop grafted so far (stats' by_native)."""
+    st = json.loads(glab.sg("stats", "--json", "--agent", glab.agent_socket("h1")).stdout)
+    return list(st.values())[0]["counters"]["by_native"]
 
 
 INGRESS = """
@@ -462,11 +464,21 @@ def test_thousand_sockets_in_several_containers_then_nothing_left(glab, tmp_path
     assert not [r for r in rows if r["container"].startswith("many-")]
 
 
-def test_epoll_registration_made_before_connect_survives_the_graft(glab):
+@pytest.mark.parametrize("answer", ["native", "python"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_epoll_registration_made_before_connect_survives_the_graft(glab, answer, when):
+    """A non-blocking socket in epoll before its connect() (nginx) keeps its
+    registration through the graft: the native loop sees the epoll item
+    (kcmp) and hands it to Python, which carries it over. Registered after
+    the connect (Go, libuv, asyncio), the native loop grafts it itself."""
+    glab.set_native("h1", answer == "native")
     glab.configure("h1-c1", EGRESS_V4)
     h2 = glab.plan.node("h2")
+    before = _native_count(glab)
     with EchoServer(h2.netns, "0.0.0.0", 7600):
-        r = glab.probe("h1-c1", "epoll-client", "198.18.0.2", 7600)
+        r = glab.probe("h1-c1", "epoll-client", "198.18.0.2", 7600, when)
+    assert r["connect_errno"] == "EINPROGRESS"           # non-blocking, as asked
     assert r["local"][0] == "198.18.0.1"                 # grafted
     assert r["out"] and r["in"] and r["echo"] == "ping"   # events of the new socket arrive
     assert r["modify"] == "ok"                            # keyed by the app's fd number
+    assert _native_count(glab) - before == (answer == "native" and when == "after")

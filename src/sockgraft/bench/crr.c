@@ -2,6 +2,9 @@
  *
  *   crr server PORT                 accept; read 1 byte; write 1 byte; close (forever)
  *   crr client HOST PORT SECONDS    loop connect/send/recv/close; print JSON
+ *   crr client-nb HOST PORT SECONDS the same with non-blocking sockets, as an event
+ *                                   loop does it (Go, libuv): connect -> EINPROGRESS,
+ *                                   poll for writable, SO_ERROR, then poll each step
  *
  * Built by sockgraft's benchmarks with the system C compiler; a plain libc
  * program, so it is grafted exactly like any unmodified application. */
@@ -9,6 +12,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,7 +46,25 @@ static int server(int port) {
     }
 }
 
-static int client(const char *host, int port, double secs) {
+/* one connect/send/recv on a non-blocking socket; 0 when it went through */
+static int exchange_nb(int s, const struct sockaddr_in *a) {
+    struct pollfd p = {.fd = s};
+    int err = 0;
+    socklen_t len = sizeof err;
+    char b = 'x';
+    if (connect(s, (const struct sockaddr *)a, sizeof *a) != 0) {
+        if (errno != EINPROGRESS) return -1;
+        p.events = POLLOUT;
+        if (poll(&p, 1, 5000) != 1 || getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len) || err)
+            return -1;
+    }
+    if (write(s, &b, 1) != 1) return -1;
+    p.events = POLLIN;
+    if (poll(&p, 1, 5000) != 1 || read(s, &b, 1) != 1) return -1;
+    return 0;
+}
+
+static int client(const char *host, int port, double secs, int nonblocking) {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     long n = 0, fail = 0;
     double t0, t1 = 0;
@@ -52,9 +74,10 @@ static int client(const char *host, int port, double secs) {
     }
     t0 = now();
     do {
-        int s = socket(AF_INET, SOCK_STREAM, 0);
+        int s = socket(AF_INET, SOCK_STREAM | (nonblocking ? SOCK_NONBLOCK : 0), 0);
         char b = 'x';
-        if (connect(s, (struct sockaddr *)&a, sizeof a) == 0 && write(s, &b, 1) == 1 &&
+        if (nonblocking ? exchange_nb(s, &a) == 0 :
+            connect(s, (struct sockaddr *)&a, sizeof a) == 0 && write(s, &b, 1) == 1 &&
             read(s, &b, 1) == 1)
             n++;
         else
@@ -70,7 +93,10 @@ static int client(const char *host, int port, double secs) {
 
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
-    if (argc == 5 && !strcmp(argv[1], "client")) return client(argv[2], atoi(argv[3]), atof(argv[4]));
-    fprintf(stderr, "usage: crr server PORT | crr client HOST PORT SECONDS\n");
+    if (argc == 5 && !strcmp(argv[1], "client"))
+        return client(argv[2], atoi(argv[3]), atof(argv[4]), 0);
+    if (argc == 5 && !strcmp(argv[1], "client-nb"))
+        return client(argv[2], atoi(argv[3]), atof(argv[4]), 1);
+    fprintf(stderr, "usage: crr server PORT | crr client|client-nb HOST PORT SECONDS\n");
     return 2;
 }

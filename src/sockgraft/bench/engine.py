@@ -79,8 +79,10 @@ def _sockperf(place: Place, target: str, port: int, seconds: float) -> dict:
             "raw": text}
 
 
-def _crr(place: Place, crr: str, target: str, port: int, seconds: float) -> dict:
-    proc = run_in(place, [crr, "client", target, str(port), str(seconds)], timeout=seconds + 30)
+def _crr(place: Place, crr: str, target: str, port: int, seconds: float,
+         nonblocking: bool = False) -> dict:
+    proc = run_in(place, [crr, "client-nb" if nonblocking else "client", target, str(port),
+                          str(seconds)], timeout=seconds + 30)
     try:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -213,8 +215,9 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
                 record(key.replace("rtt", "p99"), r["rtt_p99_us"], rnd)
             progress(f"  round {rnd}/{rounds}: connect rate")
             for key, place in _order(rnd, ("conn_plain", plain_c), ("conn_graft", graft_c),
-                                     ("conn_socket", sock_c), ("conn_host", host)):
-                r = _crr(place, tools["crr"], h1_ip, 9100, seconds)
+                                     ("conn_socket", sock_c), ("conn_host", host),
+                                     ("conn_plain_nb", plain_c)):
+                r = _crr(place, tools["crr"], h1_ip, 9100, seconds, key.endswith("_nb"))
                 record(key, r["conn_per_s"], rnd, r["raw"])
             progress(f"  round {rnd}/{rounds}: socket() answered natively and in Python")
             for key, on in _order(rnd, ("native", True), ("python", False), ("plain", None)):
@@ -232,13 +235,14 @@ def run(rounds: int = 3, seconds: float = 2.0, out_dir: str | None = None,
                     c = _crr(sock_c, tools["crr"], h1_ip, 9100, seconds)
                     record(f"conn_socket_{key}", c["conn_per_s"], rnd, c["raw"])
                     # connect() of a syscall-mode client: grafted by the native
-                    # loop (blocking sockets) or by the Python grafter
-                    cpu0 = _process_cpu_us(agent_pids[h1.name])
-                    c = _crr(graft_c, tools["crr"], h1_ip, 9100, seconds)
-                    conns = max(1, json.loads(c["raw"]).get("conns", 0))
-                    record(f"conn_graft_{key}", c["conn_per_s"], rnd, c["raw"])
-                    record(f"agent_cpu_connect_{key}",
-                           (_process_cpu_us(agent_pids[h1.name]) - cpu0) / conns, rnd)
+                    # loop or by the Python grafter; blocking and non-blocking
+                    for nb in ("", "_nb"):
+                        cpu0 = _process_cpu_us(agent_pids[h1.name])
+                        c = _crr(graft_c, tools["crr"], h1_ip, 9100, seconds, bool(nb))
+                        conns = max(1, json.loads(c["raw"]).get("conns", 0))
+                        record(f"conn_graft{nb}_{key}", c["conn_per_s"], rnd, c["raw"])
+                        record(f"agent_cpu_connect{nb}_{key}",
+                               (_process_cpu_us(agent_pids[h1.name]) - cpu0) / conns, rnd)
             control.request(agent_path, {"op": "native", "on": native_ok})
             progress(f"  round {rnd}/{rounds}: accept rate")
             for key, port in _order(rnd, ("accept_host", 9100), ("accept_graft", 9201)):
@@ -300,6 +304,9 @@ def summarize(series: dict[str, list[float]], rounds: int, seconds: float) -> di
         if series.get(f"conn_graft_{key}"):
             ratios[f"connect rate syscall-graft {key}/plain container"] = _ratio_med(
                 series[f"conn_graft_{key}"], series["conn_plain"])
+        if series.get(f"conn_graft_nb_{key}") and series.get("conn_plain_nb"):
+            ratios[f"connect rate syscall-graft non-blocking {key}/plain container"] = \
+                _ratio_med(series[f"conn_graft_nb_{key}"], series["conn_plain_nb"])
     return {"rounds": rounds, "seconds": seconds, "series": series, "median": med,
             "ratios": ratios}
 
@@ -456,15 +463,20 @@ def render(result: dict) -> str:
                           f", agent CPU per socket {r['agent cpu per socket native/python']:.2f}x"]
     if any(f"conn_graft_{k}" in med for k in ("native", "python")):
         lines += ["", "connect() of a syscall-mode container (crr to the host; agent CPU: "
-                      "the whole process, per connection)", "",
-                  "| connect() grafted by | crr conn/s | ratio to plain container | "
-                  "agent CPU us/connect |", "|---|---|---|---|"]
-        for key, what in (("native", "native loop (C)"), ("python", "Python grafter")):
-            if f"conn_graft_{key}" in med:
-                lines.append(f"| {what} | {med[f'conn_graft_{key}']:.0f} | "
-                             f"{r[f'connect rate syscall-graft {key}/plain container']:.2f}x | "
-                             f"{med[f'agent_cpu_connect_{key}']:.1f} |")
-        lines.append(f"| nobody (plain container) | {med['conn_plain']:.0f} | 1.00x | |")
+                      "the whole process, per connection; non-blocking: connect -> "
+                      "EINPROGRESS -> poll, as Go and event loops do)", "",
+                  "| connect() grafted by | sockets | crr conn/s | ratio to plain container | "
+                  "agent CPU us/connect |", "|---|---|---|---|---|"]
+        for nb, how in (("", "blocking"), ("_nb", "non-blocking")):
+            for key, what in (("native", "native loop (C)"), ("python", "Python grafter")):
+                ratio = r.get(f"connect rate syscall-graft {'non-blocking ' if nb else ''}"
+                              f"{key}/plain container")
+                if f"conn_graft{nb}_{key}" in med and ratio is not None:
+                    lines.append(f"| {what} | {how} | {med[f'conn_graft{nb}_{key}']:.0f} | "
+                                 f"{ratio:.2f}x | {med[f'agent_cpu_connect{nb}_{key}']:.1f} |")
+            if f"conn_plain{nb}" in med:
+                lines.append(f"| nobody (plain container) | {how} | "
+                             f"{med[f'conn_plain{nb}']:.0f} | 1.00x | |")
     s = result.get("scale") or {}
     if s:
         b, p, a = s["agent_before"], s["agent_peak"], s["agent_after"]
