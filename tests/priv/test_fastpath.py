@@ -602,3 +602,85 @@ def test_the_link_table_follows_the_events_without_a_dump(tmp_path):
         assert dumps == 1, f"{name}: dumped the links again"
     assert [s[1] for s in steps] == [True, False, True, True, True, True]
     assert [s[3] for s in steps] == [1, 1, 1, 2, 1, 0]
+
+
+ICMP_SEEN = ("import socket,sys\n"
+             "fam = socket.AF_INET6 if sys.argv[1] == '6' else socket.AF_INET\n"
+             "proto = socket.IPPROTO_ICMPV6 if sys.argv[1] == '6' else socket.IPPROTO_ICMP\n"
+             "s = socket.socket(fam, socket.SOCK_RAW, proto)\n"
+             "print('up', flush=True)\n"
+             "while True:\n"
+             "    d = s.recv(4096); i = d.find(b'MARK-')\n"
+             "    if i >= 0: print(d[i:i + 7].decode(), flush=True)\n")
+
+
+def _icmp_error(dst, quoted_src, quoted_dst, sport, dport, marker):
+    """An ICMP port unreachable to dst quoting a UDP datagram quoted_src:sport
+    -> quoted_dst:dport whose payload is marker (a raw socket: root in a
+    container has CAP_NET_RAW)."""
+    import struct
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(marker), 0) + marker
+    if ":" in dst:
+        quote = struct.pack("!IHBB16s16s", 0x60000000, len(udp), socket.IPPROTO_UDP, 64,
+                            socket.inet_pton(socket.AF_INET6, quoted_src),
+                            socket.inet_pton(socket.AF_INET6, quoted_dst)) + udp
+        msg = struct.pack("!BBHI", 1, 4, 0, 0) + quote       # the kernel sums ICMPv6
+        fam, proto = socket.AF_INET6, socket.IPPROTO_ICMPV6
+    else:
+        quote = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64,
+                            socket.IPPROTO_UDP, 0, socket.inet_aton(quoted_src),
+                            socket.inet_aton(quoted_dst)) + udp
+        msg = bytearray(struct.pack("!BBHI", 3, 3, 0, 0) + quote)
+        total = sum(int.from_bytes(msg[i:i + 2], "big") for i in range(0, len(msg) - 1, 2))
+        total += msg[-1] << 8 if len(msg) % 2 else 0
+        while total >> 16:
+            total = (total & 0xffff) + (total >> 16)
+        msg[2:4] = (~total & 0xffff).to_bytes(2, "big")
+        msg = bytes(msg)
+        fam, proto = socket.AF_INET, socket.IPPROTO_ICMP
+    with socket.socket(fam, socket.SOCK_RAW, proto) as s:
+        s.sendto(msg, (dst, 0))
+    return True
+
+
+def _udp_send(src, sport, dst, dport):
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.bind((src, sport))
+        s.sendto(b"hello", (dst, dport))
+    return True
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_icmp_errors_are_judged_as_related(flab, family):
+    """A policed container's ICMP errors pass only about a flow it may have
+    (conntrack's RELATED): a forged error quoting a datagram that never came
+    is dropped and counted - whatever the policy allows -, the same error
+    quoting a datagram that did come passes, and the kernel's own port
+    unreachable about a flow the other end started passes under a policy
+    that denies the other end."""
+    c1, c2 = (C1, C2) if family == 4 else (C1_6, C2_6)
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any",
+            "198.19.0.0/16" if family == 4 else "fd53:6700::/32")
+    seen = _server(flab, "h1-c2", ICMP_SEEN, str(family), "-")
+    ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+    assert _ping(flab, "h1-c1", c2, 1) == 0                  # neighbours resolved
+    before = _port(flab, "h1-c1")["drops"]
+    # about nothing c2 ever sent: dropped although c1 may reach c2
+    netns.run_in(ns1, _icmp_error, c2, c2, c1, 7151, 7152, b"MARK-01")
+    # c2 sends c1 a datagram; an error quoting it is related
+    netns.run_in(ns2, _udp_send, c2, 7153, c1, 7154)
+    time.sleep(0.2)
+    netns.run_in(ns1, _icmp_error, c2, c2, c1, 7153, 7154, b"MARK-02")
+    assert seen.stdout.readline().strip() == "MARK-02"       # MARK-01 never came
+    assert _port(flab, "h1-c1")["drops"] == before + 1
+    # c1 may not start anything with c2; c2's datagram to a closed port of c1
+    # still gets c1's kernel's answer
+    flab.sg("policy", "add", "--container", "h1-c1", "deny", "any", c2)
+    assert netns.run_in(ns2, _udp_echo, c1, 7155, b"anyone?") == "refused"
+    netns.run_in(ns1, _icmp_error, c2, c2, c1, 7156, 7157, b"MARK-03")
+    netns.run_in(ns2, _udp_send, c2, 7158, c1, 7159)
+    time.sleep(0.2)
+    netns.run_in(ns1, _icmp_error, c2, c2, c1, 7158, 7159, b"MARK-04")
+    assert seen.stdout.readline().strip() == "MARK-04"
+    assert _port(flab, "h1-c1")["drops"] == before + 2

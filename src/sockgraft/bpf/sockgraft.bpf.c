@@ -1815,8 +1815,9 @@ int sg_msg(struct sk_msg_md *msg)
  * (a new generation) re-judges every flow at its next packet. A flow the
  * container did not start - its first packet came to the container, through
  * the fast path or the normal one - is a reply and allowed (conntrack's
- * "established"). ICMP errors and IPv6 neighbour discovery / MLD are not
- * judged; non-first fragments carry no ports and follow their first. A
+ * "established"). An ICMP error passes only when it quotes a packet of such
+ * a flow (conntrack's "related": related()); IPv6 neighbour discovery / MLD
+ * are not judged; non-first fragments carry no ports and follow their first. A
  * policed container's packets must carry one of its own addresses (or a
  * link-local / unspecified one: neighbour discovery, DAD, DHCP).
  *
@@ -2001,6 +2002,9 @@ struct pkt {
 	__u8 proto;
 	__u8 judged;        /* subject to the policy (not an ICMP error / ND) */
 	__u8 frag;          /* a non-first fragment: no ports */
+	__u8 icmp_err;      /* an ICMP / ICMPv6 error: judged by the flow it is about */
+	__u8 pad_;
+	__u16 l4off;        /* offset of the L4 header from skb->data */
 	__u16 sport;
 	__u16 dport;
 	__u32 saddr[4];
@@ -2008,14 +2012,16 @@ struct pkt {
 	__u8 dmac[6];
 };
 
-/* ICMP: errors and IPv6 ND / MLD / router discovery are not judged; an echo
- * request and its reply carry their identifier as both ports (a flow each). */
+/* ICMP: errors are judged by the flow they quote (related()); IPv6 ND / MLD /
+ * router discovery are not judged; an echo request and its reply carry
+ * their identifier as both ports (a flow each). */
 static __always_inline void icmp_parse(const __u8 *h, struct pkt *p)
 {
 	if (p->family == 4)
-		p->judged = !(h[0] == 3 || h[0] == 11 || h[0] == 12);
-	else	/* errors (1-4) and ND, MLD, router discovery (>= 130) */
-		p->judged = !(h[0] <= 4 || h[0] >= 130);
+		p->icmp_err = h[0] == 3 || h[0] == 11 || h[0] == 12;
+	else	/* errors (1-4); ND, MLD, router discovery (>= 130) */
+		p->icmp_err = h[0] >= 1 && h[0] <= 4;
+	p->judged = !p->icmp_err && !(p->family == 6 && h[0] >= 130);
 	if ((p->family == 4 && (h[0] == 8 || h[0] == 0)) ||
 	    (p->family == 6 && (h[0] == 128 || h[0] == 129))) {
 		__builtin_memcpy(&p->sport, &h[4], 2);
@@ -2065,6 +2071,7 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 	if (bpf_skb_load_bytes(skb, off, l4, 6) &&
 	    bpf_skb_load_bytes(skb, off, l4, 4))
 		return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
+	p->l4off = (__u16)off;
 	return l4_parse(p, l4);
 }
 
@@ -2108,6 +2115,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		if (ihl < 20)
 			return -1;
 		l4 = ip + ihl;
+		p->l4off = (__u16)(base + 14 + ihl);
 		if (l4 + 6 > end) {
 			if (l4 + 4 > end)
 				return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
@@ -2130,6 +2138,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		__builtin_memcpy(p->daddr, ip + 24, 16);
 		if (p->proto == 0 || p->proto == 43 || p->proto == 60 || p->proto == 44)
 			return parse_ext6(skb, p, base + 14);
+		p->l4off = (__u16)(base + 14 + 40);
 		if (ip + 40 + 6 > end)
 			return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
 		return l4_parse(p, ip + 40);
@@ -2198,6 +2207,63 @@ static __always_inline int link_source(struct pkt *p)
 	       !(p->saddr[0] | p->saddr[1] | p->saddr[2] | p->saddr[3]);
 }
 
+/* An ICMP error the container of `ifindex` sends is conntrack's RELATED
+ * only: it must be about a packet of a flow the container may have - the
+ * offending packet quoted in it came from the error's destination to the
+ * container's own source address, and its flow is in sg_fast_flows as one
+ * the remote started (FL_IN) or one the container started and was allowed
+ * under the current generation. Anything else (an error about nothing, a
+ * quote that does not match, IPv6 extension headers or a non-first
+ * fragment quoted) is V_DENY: errors are no channel around the policy. */
+static __noinline int related(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, __u16 gen)
+{
+	struct flow_key k = {};
+	struct flow_val *c;
+	__u8 ip[40], l4[8];
+	__u32 off = (__u32)p->l4off + 8, ihl;
+
+	if (p->family == 4) {
+		if (bpf_skb_load_bytes(skb, off, ip, 20))
+			return V_DENY;
+		ihl = (ip[0] & 0xf) * 4;
+		if (ihl < 20 || (((__u16)ip[6] << 8 | ip[7]) & 0x1fff))
+			return V_DENY;
+		k.proto = ip[9];
+		if (*(__u32 *)(ip + 12) != p->daddr[0] || *(__u32 *)(ip + 16) != p->saddr[0])
+			return V_DENY;
+		__builtin_memcpy(k.raddr, ip + 12, 4);
+		off += ihl;
+	} else {
+		if (bpf_skb_load_bytes(skb, off, ip, 40))
+			return V_DENY;
+		k.proto = ip[6];
+		for (int i = 0; i < 4; i++)
+			if (*(__u32 *)(ip + 8 + 4 * i) != p->daddr[i] ||
+			    *(__u32 *)(ip + 24 + 4 * i) != p->saddr[i])
+				return V_DENY;
+		__builtin_memcpy(k.raddr, ip + 8, 16);
+		off += 40;
+	}
+	if (bpf_skb_load_bytes(skb, off, l4, 8))
+		return V_DENY;
+	if (k.proto == IPPROTO_TCP || k.proto == IPPROTO_UDP) {
+		__builtin_memcpy(&k.rport, l4, 2);
+		__builtin_memcpy(&k.lport, l4 + 2, 2);
+	} else if ((k.proto == IPPROTO_ICMP && p->family == 4 && l4[0] == 8) ||
+		   (k.proto == IPPROTO_ICMPV6_ && p->family == 6 && l4[0] == 128)) {
+		__builtin_memcpy(&k.rport, l4 + 4, 2);	/* an echo request it got */
+		k.lport = k.rport;
+	} else {
+		return V_DENY;
+	}
+	k.ifindex = ifindex;
+	k.family = p->family;
+	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	if (c && (c->origin == FL_IN || (c->verdict == V_ALLOW && c->gen == gen)))
+		return V_ALLOW;
+	return V_DENY;
+}
+
 /* The policy's verdict on a packet the container of `port` sends; *known:
  * the flow was in the cache (its other end was told about it then). */
 static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
@@ -2216,6 +2282,12 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 		if (st)
 			st->drops++;
 		return V_DENY;
+	}
+	if (p->icmp_err && !p->frag) {
+		v.verdict = related(skb, p, skb->ifindex, pol->gen);
+		if (v.verdict != V_ALLOW && st)
+			st->drops++;
+		return v.verdict;
 	}
 	if (!p->judged || p->frag)
 		return V_ALLOW;
