@@ -50,13 +50,13 @@ from ..lab import agents, builder, grafts
 from ..lab.traffic import Place, wait_listening
 from ..model import graftconfig as gc
 from ..model.endpoint import make_endpoint, parse_egress, parse_ingress
+from ..model.paths import BENCH_PATHS
 from ..model.topology import parse_topology
 from . import report
 from .engine import build_tools
 from ..paths import state_dir
 
-PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan", "graft-local",
-         "graft-splice", "graft-remote", "fast-local", "fast-remote")
+PATHS = BENCH_PATHS
 QUICK_WORKLOADS = ("iperf3", "sockperf-tcp", "crr")
 PORTS = {"iperf3": 5201, "sockperf-tcp": 11111, "sockperf-udp": 11121,
          "sockperf-tcp-nb": 11131, "crr": 9100,

@@ -37,7 +37,7 @@ Only ratios within one run are meaningful on a shared or small machine.
 
 
 def register(sub) -> None:
-    from ..bench.harness import PATHS
+    from ..model.paths import BENCH_PATHS as PATHS      # (not bench.harness: pyroute2)
     p = sub.add_parser("bench", help="benchmarks: every path, real workloads",
                        formatter_class=FMT, epilog=BENCH_EXAMPLES)
     p.add_argument("--quick", action="store_true",
