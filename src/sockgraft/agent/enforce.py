@@ -145,7 +145,12 @@ class Enforcer:
             if old is not None and old.cfg == cfg and old.socket_mode == socket_mode and \
                     old.addresses == own:
                 continue
-            self._gen = self._gen % 0xFFFF + 1
+            if self._gen == 0xFFFF:
+                # the generations come round again: no verdict cached under
+                # one of them may be taken for the new policy's
+                self._gen = 0
+                self.forget_verdicts()
+            self._gen += 1
             gen = self._gen
             try:
                 entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode,
@@ -195,6 +200,20 @@ class Enforcer:
         for k in old.sources:
             if k not in keep:
                 self.bpf.delete("sg_sources", k)
+
+    def forget_verdicts(self) -> int:
+        """Delete the fast path's cached policy verdicts (sg_fast_flows
+        records of flows a container started; the replies' records stay)."""
+        if self.bpf is None or "sg_fast_flows" not in self.bpf.maps:
+            return 0
+        n = 0
+        for key in self.bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE):
+            val = self.bpf.lookup("sg_fast_flows", key, bpfmaps.FLOW_VAL.size)
+            if val is not None and bpfmaps.flow_judged(val):
+                n += self.bpf.delete("sg_fast_flows", key)
+        if n:
+            log.info("fastpath: the policy generations wrapped; %d cached verdicts dropped", n)
+        return n
 
     def sync_bpf_services(self, services: Mapping) -> None:
         """The directory redirects (sg_services, per container: only what its

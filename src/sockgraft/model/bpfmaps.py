@@ -312,6 +312,16 @@ def flow_raddr(key: bytes) -> IPv4Address | IPv6Address:
     return IPv4Address(raddr[:4]) if family == 4 else IPv6Address(raddr)
 
 
+FLOW_VAL = struct.Struct("=HBBI")       # gen, verdict, origin, label
+FL_OUT, FL_IN = 1, 2                     # started by the port's container / by the remote
+
+
+def flow_judged(val: bytes) -> bool:
+    """A verdict the policy made (a flow the container started), not a reply
+    permission: it holds only under its generation."""
+    return FLOW_VAL.unpack(val[:FLOW_VAL.size])[2] == FL_OUT
+
+
 @dataclass(frozen=True)
 class Event:
     kind: int
@@ -366,5 +376,5 @@ def decode_event(raw: bytes) -> Event:
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
-           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "remote_key",
+           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "flow_judged", "remote_key",
            "remote_val", "tunnel_val", "peer_key", "redirect_key"]

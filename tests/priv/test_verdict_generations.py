@@ -1,0 +1,61 @@
+"""The fast path's verdict cache across a wrap of the policy generations:
+records are matched by generation (a u16), so when the counter comes round
+again, a verdict cached long ago under a number now given to another policy
+would be read as current. The enforcer drops the cached verdicts when it
+wraps; the replies' records (not verdicts) stay."""
+
+import secrets
+
+import pytest
+
+from sockgraft.agent.enforce import Enforcer
+from sockgraft.agent.store import ConfigStore
+from sockgraft.kernel import bpf as kbpf
+from sockgraft.model import bpfmaps
+from sockgraft.model import graftconfig as gc
+from sockgraft.model.policy import Policy, parse_policy_rule
+
+pytestmark = pytest.mark.priv
+
+
+def _flow(ifindex: int, port: int) -> bytes:
+    return bpfmaps.FLOW_KEY.pack(ifindex, 4, 6, port, 80, 0, bytes([10, 0, 0, 1]) + bytes(12))
+
+
+def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
+    name = "tgen-" + secrets.token_hex(3)
+    progs = kbpf.Programs(name)
+    progs.load(join=False, fastpath="on")
+    try:
+        store = ConfigStore(str(tmp_path / "store"))
+        store.save(gc.GraftConfig("c1", policy=Policy(
+            allow=(parse_policy_rule("allow any 10.0.0.0/8"),))))
+        enf = Enforcer(store, manage_nft=False)
+        enf.bpf = progs
+        enf._gen = 0xFFFD
+        enf.sync_bpf([], {}, lambda mark: False, rescan=True)
+        assert enf._gen == 0xFFFE
+        verdict = bpfmaps.FLOW_VAL.pack(0xFFFE, 1, bpfmaps.FL_OUT, 0)
+        older = bpfmaps.FLOW_VAL.pack(1, 1, bpfmaps.FL_OUT, 0)    # the next number given
+        reply = bpfmaps.FLOW_VAL.pack(7, 1, bpfmaps.FL_IN, 0)
+        progs.update("sg_fast_flows", _flow(5, 1000), verdict)
+        progs.update("sg_fast_flows", _flow(5, 1001), older)
+        progs.update("sg_fast_flows", _flow(5, 1002), reply)
+        # a change below the wrap keeps the cache (the generation judges it)
+        store.edit("c1", lambda cfg: gc.with_policy_rule(
+            cfg, parse_policy_rule("deny tcp 10.9.0.0/16")))
+        enf.sync_bpf([], {}, lambda mark: False, rescan=True)
+        assert enf._gen == 0xFFFF
+        assert len(progs.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE)) == 3
+        # the change that wraps: generation 1 again
+        store.edit("c1", lambda cfg: gc.with_policy_rule(
+            cfg, parse_policy_rule("deny udp 10.8.0.0/16")))
+        enf.sync_bpf([], {}, lambda mark: False, rescan=True)
+        enf.sync_bpf([], {}, lambda mark: False, rescan=True)      # (nothing new: no wrap)
+        assert enf._gen == 1
+        left = progs.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE)
+        assert left == [_flow(5, 1002)]                       # the reply's record only
+    finally:
+        progs.close()
+        kbpf.remove(name)
+    assert not kbpf.leftovers(name)
