@@ -684,3 +684,72 @@ def test_icmp_errors_are_judged_as_related(flab, family):
     netns.run_in(ns1, _icmp_error, c2, c2, c1, 7158, 7159, b"MARK-04")
     assert seen.stdout.readline().strip() == "MARK-04"
     assert _port(flab, "h1-c1")["drops"] == before + 2
+
+
+def _icmp6_to(dst, ifname, msg):
+    """An ICMPv6 message (the kernel sums it) to dst; a link-local or multicast
+    dst goes out of ifname."""
+    scope = socket.if_nametoindex(ifname) if dst.startswith(("fe80", "ff")) else 0
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.sendto(msg, (dst, 0, 0, scope))
+    return True
+
+
+def _nd(kind, target, marker=b""):
+    """A neighbour solicitation (135) / advertisement (136) / router
+    advertisement (134), marker (if any) in an option of an unknown type."""
+    import struct
+    if kind == 134:
+        msg = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    else:
+        msg = struct.pack("!BBHI16s", kind, 0, 0, 0, socket.inet_pton(socket.AF_INET6, target))
+    if marker:
+        msg += bytes([254, 2]) + marker + bytes(16 - 2 - len(marker))
+    return msg
+
+
+def _link_local(ns):
+    """eth0's link-local address in ns, once its duplicate detection is over."""
+    import json
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ip", "-n", ns, "-j", "-6", "addr", "show", "dev", "eth0"],
+                             capture_output=True, text=True, check=True)
+        for link in json.loads(out.stdout):
+            for a in link.get("addr_info", []):
+                if a.get("scope") == "link" and not a.get("tentative"):
+                    return a["local"]
+        time.sleep(0.1)
+    raise AssertionError(f"no link-local address in {ns}")
+
+
+def test_neighbour_discovery_carries_nothing_else(flab):
+    """A policed container's neighbour discovery passes as the link needs it
+    (TCP over IPv6 works), but nothing rides on it: a solicitation with an
+    extra option is dropped to a global, a link-local or a multicast
+    destination - whatever the policy allows -, and so is a router
+    advertisement (no rogue RA). The same malformed solicitation from an
+    unpoliced container arrives (the receiver sees what is sent)."""
+    import struct
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "fd53:6700::/48")
+    seen2 = _server(flab, "h1-c2", ICMP_SEEN, "6", "-")
+    seen1 = _server(flab, "h1-c1", ICMP_SEEN, "6", "-")
+    _server(flab, "h1-c2", COUNT_SERVER, C2_6, 7160)
+    ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+    link2 = _link_local(ns2)
+    assert netns.run_in(ns1, _tcp_bulk, C2_6, 7160, 100000) == 100000
+    netns.run_in(ns2, _icmp6_to, C1_6, "eth0", _nd(135, C1_6, b"MARK-10"))   # unpoliced
+    assert seen1.stdout.readline().strip() == "MARK-10"
+    before = _port(flab, "h1-c1")["drops"]
+    for dst in (C2_6, link2, "ff02::1"):
+        netns.run_in(ns1, _icmp6_to, dst, "eth0", _nd(135, C2_6, b"MARK-11"))
+    netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(134, "", b"MARK-12"))
+    netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(134, ""))
+    # what the policy allows still arrives: an echo request with a marker
+    netns.run_in(ns1, _icmp6_to, C2_6, "eth0",
+                 struct.pack("!BBHHH", 128, 0, 0, 99, 1) + b"MARK-13")
+    assert seen2.stdout.readline().strip() == "MARK-13"          # nothing before it
+    assert _port(flab, "h1-c1")["drops"] == before + 5
+    assert netns.run_in(ns1, _tcp_bulk, C2_6, 7160, 100000) == 100000

@@ -1816,8 +1816,10 @@ int sg_msg(struct sk_msg_md *msg)
  * container did not start - its first packet came to the container, through
  * the fast path or the normal one - is a reply and allowed (conntrack's
  * "established"). An ICMP error passes only when it quotes a packet of such
- * a flow (conntrack's "related": related()); IPv6 neighbour discovery / MLD
- * are not judged; non-first fragments carry no ports and follow their first. A
+ * a flow (conntrack's "related": related()); IPv6 neighbour discovery passes
+ * when well formed (no room to carry anything), MLD to a multicast group,
+ * router advertisements and redirects never (icmp_parse());
+ * non-first fragments carry no ports and follow their first. A
  * policed container's packets must carry one of its own addresses (or a
  * link-local / unspecified one: neighbour discovery, DAD, DHCP).
  *
@@ -2003,7 +2005,7 @@ struct pkt {
 	__u8 judged;        /* subject to the policy (not an ICMP error / ND) */
 	__u8 frag;          /* a non-first fragment: no ports */
 	__u8 icmp_err;      /* an ICMP / ICMPv6 error: judged by the flow it is about */
-	__u8 pad_;
+	__u8 bad;           /* dropped from a policed container whatever its policy */
 	__u16 l4off;        /* offset of the L4 header from skb->data */
 	__u16 sport;
 	__u16 dport;
@@ -2012,30 +2014,65 @@ struct pkt {
 	__u8 dmac[6];
 };
 
-/* ICMP: errors are judged by the flow they quote (related()); IPv6 ND / MLD /
- * router discovery are not judged; an echo request and its reply carry
- * their identifier as both ports (a flow each). */
-static __always_inline void icmp_parse(const __u8 *h, struct pkt *p)
+/* Neighbour discovery (RFC 4861) as the link needs it and nothing more: a
+ * router solicitation, neighbour solicitation or advertisement with at
+ * most its one link-layer address option (no room to carry anything). */
+static __always_inline int nd_ok(const __u8 *h, const __u8 *end, __u32 len)
 {
-	if (p->family == 4)
-		p->icmp_err = h[0] == 3 || h[0] == 11 || h[0] == 12;
-	else	/* errors (1-4); ND, MLD, router discovery (>= 130) */
-		p->icmp_err = h[0] >= 1 && h[0] <= 4;
-	p->judged = !p->icmp_err && !(p->family == 6 && h[0] >= 130);
-	if ((p->family == 4 && (h[0] == 8 || h[0] == 0)) ||
-	    (p->family == 6 && (h[0] == 128 || h[0] == 129))) {
+	__u32 base = h[0] == 133 ? 8 : 24;
+	__u8 opt = h[0] == 136 ? 2 : 1;
+
+	if (len == base)
+		return 1;
+	if (len != base + 8 || h + base + 2 > end)
+		return 0;
+	return h[base] == opt && h[base + 1] == 1;
+}
+
+/* ICMP: errors are judged by the flow they quote (related()); an echo
+ * request and its reply carry their identifier as both ports (a flow each).
+ * IPv6: MLD to a multicast group is not judged; router solicitations,
+ * neighbour solicitations and advertisements pass when well formed (any
+ * destination: unreachability probes and answers are unicast) and are
+ * dropped otherwise; router advertisements and redirects are dropped (a
+ * container is no router: no rogue RA); every other type is judged. len:
+ * the ICMPv6 message's length (0: unknown - behind extension headers). */
+static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len,
+				       struct pkt *p)
+{
+	__u8 t = h[0];
+
+	if (p->family == 4) {
+		p->icmp_err = t == 3 || t == 11 || t == 12;
+		p->judged = !p->icmp_err;
+	} else {
+		p->icmp_err = t >= 1 && t <= 4;
+		p->judged = !p->icmp_err;
+		if (t == 130 || t == 131 || t == 132 || t == 143) {
+			if ((p->daddr[0] & bpf_htonl(0xff000000)) == bpf_htonl(0xff000000))
+				p->judged = 0;
+		} else if (t == 133 || t == 135 || t == 136) {
+			p->judged = 0;
+			p->bad = !nd_ok(h, end, len);
+		} else if (t == 134 || t == 137) {
+			p->judged = 0;
+			p->bad = 1;
+		}
+	}
+	if ((p->family == 4 && (t == 8 || t == 0)) ||
+	    (p->family == 6 && (t == 128 || t == 129))) {
 		__builtin_memcpy(&p->sport, &h[4], 2);
 		p->dport = p->sport;
 	}
 }
 
-static __always_inline int l4_parse(struct pkt *p, const __u8 *l4)
+static __always_inline int l4_parse(struct pkt *p, const __u8 *l4, const __u8 *end, __u32 len)
 {
 	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
 		__builtin_memcpy(&p->sport, l4, 2);
 		__builtin_memcpy(&p->dport, l4 + 2, 2);
 	} else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6_) {
-		icmp_parse(l4, p);
+		icmp_parse(l4, end, len, p);
 	}
 	return 0;
 }
@@ -2072,7 +2109,7 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 	    bpf_skb_load_bytes(skb, off, l4, 4))
 		return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
 	p->l4off = (__u16)off;
-	return l4_parse(p, l4);
+	return l4_parse(p, l4, l4 + sizeof(l4), 0);
 }
 
 /* What the programs need of a packet whose Ethernet header (of type
@@ -2125,7 +2162,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 			}
 			return 0;
 		}
-		return l4_parse(p, l4);
+		return l4_parse(p, l4, end, 0);
 	}
 	if (proto == bpf_htons(ETH_P_IPV6)) {
 		__u8 *ip = data + 14;
@@ -2141,7 +2178,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		p->l4off = (__u16)(base + 14 + 40);
 		if (ip + 40 + 6 > end)
 			return p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ? -1 : 0;
-		return l4_parse(p, ip + 40);
+		return l4_parse(p, ip + 40, end, (__u32)ip[4] << 8 | ip[5]);
 	}
 	return -1;
 }
@@ -2279,6 +2316,11 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 		return V_ALLOW;    /* configured without a policy entry (yet) */
 	/* no policy evaded with a forged source address */
 	if (!own && !link_source(p)) {
+		if (st)
+			st->drops++;
+		return V_DENY;
+	}
+	if (p->bad) {
 		if (st)
 			st->drops++;
 		return V_DENY;
