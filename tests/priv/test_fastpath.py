@@ -753,3 +753,43 @@ def test_neighbour_discovery_carries_nothing_else(flab):
     assert seen2.stdout.readline().strip() == "MARK-13"          # nothing before it
     assert _port(flab, "h1-c1")["drops"] == before + 5
     assert netns.run_in(ns1, _tcp_bulk, C2_6, 7160, 100000) == 100000
+
+
+ARP_SEEN = ("import socket\n"
+            "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))\n"
+            "print('up', flush=True)\n"
+            "while True:\n"
+            "    d, a = s.recvfrom(2048)\n"
+            "    if a[2] != socket.PACKET_OUTGOING and d[21] == 2 and d[38:42] == d[28:32]:\n"
+            "        print(socket.inet_ntoa(d[28:32]), flush=True)\n")
+
+
+def _garp(addr):
+    """A gratuitous ARP reply: `addr` is at this container's eth0 MAC."""
+    with open("/sys/class/net/eth0/address") as f:
+        mac = bytes.fromhex(f.read().strip().replace(":", ""))
+    ip = socket.inet_aton(addr)
+    frame = (b"\xff" * 6 + mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + mac + ip +
+             b"\xff" * 6 + ip)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind(("eth0", 0))
+        s.send(frame)
+    return True
+
+
+def test_a_policed_container_cannot_claim_anothers_address_by_arp(flab):
+    """ARP from a policed container must name one of its own addresses as
+    the sender (the forged-source rule, for ARP): announcing that another
+    container's address is at its MAC - the first step of a man in the
+    middle on the bridge - is dropped and counted; its own announcement
+    passes."""
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "198.19.0.0/16")
+    seen = _server(flab, "h1-c2", ARP_SEEN, "-", "-")
+    ns1 = _ns(flab, "h1-c1")
+    before = _port(flab, "h1-c1")["drops"]
+    netns.run_in(ns1, _garp, "198.19.1.1")       # the gateway's
+    netns.run_in(ns1, _garp, C2)                 # its neighbour's
+    netns.run_in(ns1, _garp, C1)                 # its own
+    assert seen.stdout.readline().strip() == C1
+    assert _port(flab, "h1-c1")["drops"] == before + 2
+    assert _ping(flab, "h1-c1", C2, 1) == 0

@@ -2609,6 +2609,31 @@ int sg_fast_decap(struct __sk_buff *skb)
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
+#define ETH_P_ARP_ 0x0806
+
+/* An ARP packet of the port's container names one of its own addresses as
+ * the sender (or 0.0.0.0: a probe) - the forged-source rule for ARP: a
+ * policed container cannot tell its neighbours (other containers, the
+ * gateway) that another's address is at its MAC. Anything but Ethernet/IPv4
+ * ARP is refused as well. */
+static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u32 ifindex)
+{
+	struct pkt p = {};
+	__u8 a[14];
+
+	if (bpf_skb_load_bytes(skb, 14, a, sizeof(a)))
+		return 0;
+	/* htype 1, ptype IPv4, hlen 6, plen 4; the sender's address after its MAC */
+	if (a[0] != 0 || a[1] != 1 || a[2] != 0x08 || a[3] != 0 || a[4] != 6 || a[5] != 4)
+		return 0;
+	if (bpf_skb_load_bytes(skb, 14 + 14, &p.saddr[0], 4))
+		return 0;
+	if (!p.saddr[0])
+		return 1;
+	p.family = 4;
+	return own_source(port, &p, ifindex);
+}
+
 SEC("tc")
 int sg_fast_in(struct __sk_buff *skb)
 {
@@ -2625,6 +2650,17 @@ int sg_fast_in(struct __sk_buff *skb)
 	if (!port)
 		return TC_ACT_OK;
 	st = bpf_map_lookup_elem(&sg_fast_stats, &port->slot);
+	if (skb->protocol == bpf_htons(ETH_P_ARP_)) {
+		if (port->mark && !arp_own(skb, port, ifindex) &&
+		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+			if (st)
+				st->drops++;
+			return TC_ACT_SHOT;	/* no neighbour poisoned with another's address */
+		}
+		if (st)
+			st->slow_pkts++;
+		return TC_ACT_OK;
+	}
 	if (parse(skb, &p)) {
 		/* not IP (ARP...), or IP the programs do not understand: a policed
 		 * container's is dropped (nothing unjudged gets out) */
