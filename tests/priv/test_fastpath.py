@@ -611,7 +611,9 @@ ICMP_SEEN = ("import socket,sys\n"
              "print('up', flush=True)\n"
              "while True:\n"
              "    d = s.recv(4096); i = d.find(b'MARK-')\n"
-             "    if i >= 0: print(d[i:i + 7].decode(), flush=True)\n")
+             "    if i >= 0: print(d[i:i + 7].decode(), flush=True)\n"
+             "    elif fam == socket.AF_INET6 and d[0] == 136:\n"
+             "        print('NA', socket.inet_ntop(fam, d[8:24]), flush=True)\n")
 
 
 def _icmp_error(dst, quoted_src, quoted_dst, sport, dport, marker):
@@ -741,7 +743,7 @@ def test_neighbour_discovery_carries_nothing_else(flab):
     link2 = _link_local(ns2)
     assert netns.run_in(ns1, _tcp_bulk, C2_6, 7160, 100000) == 100000
     netns.run_in(ns2, _icmp6_to, C1_6, "eth0", _nd(135, C1_6, b"MARK-10"))   # unpoliced
-    assert seen1.stdout.readline().strip() == "MARK-10"
+    _upto(seen1, "MARK-10")
     before = _port(flab, "h1-c1")["drops"]
     for dst in (C2_6, link2, "ff02::1"):
         netns.run_in(ns1, _icmp6_to, dst, "eth0", _nd(135, C2_6, b"MARK-11"))
@@ -750,9 +752,27 @@ def test_neighbour_discovery_carries_nothing_else(flab):
     # what the policy allows still arrives: an echo request with a marker
     netns.run_in(ns1, _icmp6_to, C2_6, "eth0",
                  struct.pack("!BBHHH", 128, 0, 0, 99, 1) + b"MARK-13")
-    assert seen2.stdout.readline().strip() == "MARK-13"          # nothing before it
+    assert not [m for m in _upto(seen2, "MARK-13") if m.startswith("MARK")]   # none before
     assert _port(flab, "h1-c1")["drops"] == before + 5
     assert netns.run_in(ns1, _tcp_bulk, C2_6, 7160, 100000) == 100000
+    # a well-formed advertisement of the neighbour's address at c1's MAC: dropped;
+    # of its own: passes
+    netns.run_in(ns1, _icmp6_to, C2_6, "eth0", _nd(136, C2_6))
+    netns.run_in(ns1, _icmp6_to, C2_6, "eth0", _nd(136, C1_6))
+    netns.run_in(ns1, _icmp6_to, C2_6, "eth0",
+                 struct.pack("!BBHHH", 128, 0, 0, 99, 2) + b"MARK-14")
+    got = _upto(seen2, "MARK-14")
+    assert f"NA {C1_6}" in got and f"NA {C2_6}" not in got
+    assert _port(flab, "h1-c1")["drops"] == before + 6
+
+
+def _upto(proc, line):
+    """The lines proc prints before `line` (which must come)."""
+    out = []
+    while (got := proc.stdout.readline().strip()) != line:
+        assert got, f"{line} never came"
+        out.append(got)
+    return out
 
 
 ARP_SEEN = ("import socket\n"

@@ -2012,6 +2012,8 @@ struct pkt {
 	__u32 saddr[4];
 	__u32 daddr[4];
 	__u8 dmac[6];
+	__u8 na;            /* a neighbour advertisement: its target below */
+	__u32 target[4];
 };
 
 /* Neighbour discovery (RFC 4861) as the link needs it and nothing more: a
@@ -2054,6 +2056,10 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 		} else if (t == 133 || t == 135 || t == 136) {
 			p->judged = 0;
 			p->bad = !nd_ok(h, end, len);
+			if (t == 136 && !p->bad && h + 24 <= end) {
+				p->na = 1;	/* whose address it announces: fast_judge */
+				__builtin_memcpy(p->target, h + 8, 16);
+			}
 		} else if (t == 134 || t == 137) {
 			p->judged = 0;
 			p->bad = 1;
@@ -2301,6 +2307,20 @@ static __noinline int related(struct __sk_buff *skb, struct pkt *p, __u32 ifinde
 	return V_DENY;
 }
 
+/* A neighbour advertisement names one of the container's own addresses
+ * (ND's forged-source rule: no neighbour told that another's address is at
+ * this MAC); a link-local target is not known here and passes. */
+static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 ifindex)
+{
+	struct pkt q = {};
+
+	if ((p->target[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000))
+		return 1;
+	q.family = 6;
+	__builtin_memcpy(q.saddr, p->target, 16);
+	return own_source(port, &q, ifindex);
+}
+
 /* The policy's verdict on a packet the container of `port` sends; *known:
  * the flow was in the cache (its other end was told about it then). */
 static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
@@ -2320,7 +2340,7 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 			st->drops++;
 		return V_DENY;
 	}
-	if (p->bad) {
+	if (p->bad || (p->na && !own_target(port, p, skb->ifindex))) {
 		if (st)
 			st->drops++;
 		return V_DENY;
