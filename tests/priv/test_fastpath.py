@@ -243,7 +243,8 @@ def test_a_policed_container_cannot_forge_its_source(flab):
     flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "198.19.0.0/16")
     srv = _server(flab, "h1-c2", UDP_ECHO.replace("s.sendto(d, a)", "print(a[0], flush=True)"),
                   C2, 7130)
-    _add_addr(_ns(flab, "h1-c1"), "198.19.1.77")
+    assert _ping(flab, "h1-c1", C2, 1) == 0     # resolved (an ARP request from the
+    _add_addr(_ns(flab, "h1-c1"), "198.19.1.77")    # forged address is dropped as well)
     before = _port(flab, "h1-c1")["drops"]
     netns.run_in(_ns(flab, "h1-c1"), _udp_from, "198.19.1.77", C2, 7130)
     netns.run_in(_ns(flab, "h1-c1"), _udp_from, C1, C2, 7130)
