@@ -127,14 +127,19 @@ def test_down_removes_everything_and_is_idempotent(state_dir, lab_name):
     assert builder.down(lab_name) is False
 
 
+def _ours(lab: str) -> list[str]:
+    """The namespaces of lab `lab` (other labs may come and go meanwhile:
+    tests of other sessions on the same machine)."""
+    return sorted(n for n in netns.list_names() if n.startswith(f"sg-{lab}-"))
+
+
 def test_broken_topology_changes_nothing(state_dir, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[[hosts]]\nname='h1'\ncontainers=[{name='c1', publish=['x']}]\n")
-    before = netns.list_names()
     assert cli(["lab", "up", "--config", str(bad), "--name", "tbroken"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "hosts[0].containers[0].publish[0]" in err and "'x'" in err
-    assert netns.list_names() == before
+    assert _ours("tbroken") == []
     assert not (state_dir / "labs").exists() or not list((state_dir / "labs").iterdir())
 
 
@@ -147,11 +152,10 @@ def test_failure_in_the_middle_rolls_back(state_dir, lab_name, monkeypatch):
         raise KernelError("vxlan add", 17, "injected")
 
     monkeypatch.setattr(builder, "_build_overlay", boom)
-    before = netns.list_names()
     with pytest.raises(KernelError, match="injected"):
         builder.up(plan, default_text(), "<default>")
     assert calls == ["h1"]  # hosts and containers had been built by then
-    assert netns.list_names() == before
+    assert _ours(lab_name) == []
     assert not (state_dir / "labs" / f"{lab_name}.json").exists()
 
 
@@ -160,10 +164,9 @@ def test_existing_namespace_of_the_same_name_is_not_touched(state_dir, lab_name)
     squatter = plan.node("h2").netns
     netns.create(squatter)
     try:
-        before = netns.list_names()
         with pytest.raises(LabError, match=squatter):
             builder.up(plan, default_text(), "<default>")
-        assert netns.list_names() == before
+        assert _ours(lab_name) == [squatter]
     finally:
         netns.delete(squatter)
 
