@@ -163,17 +163,22 @@ def test_a_blocking_server_takes_its_client_out(splab):
 
 def test_spliced_connection_survives_an_agent_restart(splab):
     """The sockhash and the splice state are pinned: a restarted agent
-    reuses them, and a connection spliced before goes on, bytes intact."""
+    reuses them, and a connection spliced before goes on, bytes intact. The
+    sockets keep the sk_msg program they entered with; the maps it writes are
+    the new agent's too: its byte counts go on from where they were."""
     _agent(splab, "sockmap", on=True)
     port = next(_port)
     srv = splab.spawn("h1-c2", CASE + ["server", str(port), "slow"])
     assert read_json_line(srv, timeout=20)["listening"] == port
     cli = splab.spawn("h1-c1", CASE + ["client", H1, str(port), "slow"])
     time.sleep(1.0)
-    assert _totals(splab)["spliced_sockets"] == 2
+    before = _totals(splab)
+    assert before["spliced_sockets"] == 2 and before["splice_bytes"] > 0
     splab.stop_agent("h1")
     splab.start_agent("h1", "--sockmap", "on")
     assert read_json_line(cli, timeout=30)["reply_ok"]
     res = read_json_line(srv, timeout=30)
     assert res["sha_ok"] and res["got"] == 4 << 20
-    assert _totals(splab)["spliced_sockets"] == 0
+    after = _totals(splab)
+    assert after["spliced_sockets"] == 0
+    assert after["splice_bytes"] > before["splice_bytes"]

@@ -53,8 +53,13 @@ MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev
         "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers", "sg_fast_redirects")
 # outlive the agent: the identity of grafted sockets, and the spliced
 # connections with their state (freeing sg_splice would drop the bytes queued
-# in its sockets' psock queues)
-PINNED_MAPS = ("sg_sock", "sg_splice", "sg_splice_st")
+# in its sockets' psock queues) - and every other map the sk_msg program
+# reads or writes: a socket keeps the sk_msg program it entered the map with,
+# so after a restart the old program must see the new agent's generations and
+# configuration, and its leave requests, events and counters must reach the
+# new agent
+PINNED_MAPS = ("sg_sock", "sg_splice", "sg_splice_st", "sg_gen", "sg_config", "sg_events",
+               "sg_splice_leave", "sg_splice_stats", "sg_splice_peer")
 BPF_SK_MSG_VERDICT = 7
 CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
 CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
@@ -363,8 +368,9 @@ class Programs:
             if rc == 0:
                 reused.add(m)
                 continue
-            log.warning("pinned map %s does not fit this version (%s): replaced; sockets "
-                        "grafted before are no longer guarded", pin, os.strerror(-rc))
+            log.warning("pinned map %s does not fit this version (%s): replaced; what it "
+                        "kept across the restart is lost (for sg_sock: sockets grafted "
+                        "before are no longer guarded)", pin, os.strerror(-rc))
             os.unlink(pin)
         return reused
 
