@@ -109,7 +109,7 @@ class OverlayReader:
                 indexes, self._asked = self._asked, None
             try:
                 got: object = read_overlay(indexes)
-            except SockgraftError as exc:
+            except Exception as exc:    # noqa: BLE001 - handed to the loop, the thread lives on
                 got = exc
             with self._cv:
                 if self._closed:
@@ -361,6 +361,9 @@ class FastPath:
             return
         if isinstance(got, SockgraftError):
             raise got
+        if isinstance(got, BaseException):
+            log.error("fastpath: reading the overlay failed: %r", got)
+            return
         self._reconcile_remote(bpf, got)
         self._detach_gone(bpf)
 
