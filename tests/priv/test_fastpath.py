@@ -249,7 +249,8 @@ def test_a_policed_container_cannot_forge_its_source(flab):
     netns.run_in(_ns(flab, "h1-c1"), _udp_from, "198.19.1.77", C2, 7130)
     netns.run_in(_ns(flab, "h1-c1"), _udp_from, C1, C2, 7130)
     assert srv.stdout.readline().strip() == C1       # only the genuine one arrived
-    assert _port(flab, "h1-c1")["drops"] == before + 1
+    row = _port(flab, "h1-c1")
+    assert row["drops"] == before + 1 and row["spoofed"] >= 1
 
 
 def test_an_address_that_moves_to_another_container(flab):
@@ -807,10 +808,11 @@ def test_a_policed_container_cannot_claim_anothers_address_by_arp(flab):
     flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "198.19.0.0/16")
     seen = _server(flab, "h1-c2", ARP_SEEN, "-", "-")
     ns1 = _ns(flab, "h1-c1")
-    before = _port(flab, "h1-c1")["drops"]
+    before, spoofed = _port(flab, "h1-c1")["drops"], _port(flab, "h1-c1")["spoofed"]
     netns.run_in(ns1, _garp, "198.19.1.1")       # the gateway's
     netns.run_in(ns1, _garp, C2)                 # its neighbour's
     netns.run_in(ns1, _garp, C1)                 # its own
     assert seen.stdout.readline().strip() == C1
     assert _port(flab, "h1-c1")["drops"] == before + 2
+    assert _port(flab, "h1-c1")["spoofed"] == spoofed + 2
     assert _ping(flab, "h1-c1", C2, 1) == 0

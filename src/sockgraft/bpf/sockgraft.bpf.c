@@ -1932,13 +1932,15 @@ struct fast_stats {
 	__u64 fast_pkts;    /* redirected into a local container */
 	__u64 fast_bytes;
 	__u64 slow_pkts;    /* left to the normal path */
-	__u64 drops;        /* denied by the policy, or a forged source */
+	__u64 drops;        /* denied by the policy, or spoofed (below) */
 	__u64 hits;         /* verdict cache */
 	__u64 misses;
 	__u64 encap_pkts;   /* encapsulated here, straight to the underlay */
 	__u64 encap_bytes;
 	__u64 decap_pkts;   /* decapsulated at the underlay, straight into it */
 	__u64 decap_bytes;
+	__u64 spoofed;      /* of the drops: a forged source (IP, ARP, ND target),
+			     * malformed ND, router advertisements, redirects */
 };
 
 struct {
@@ -2221,6 +2223,14 @@ static __always_inline void note_incoming(__u32 ifindex, struct pkt *p)
 	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
 }
 
+static __always_inline void spoofed(struct fast_stats *st)
+{
+	if (st) {
+		st->drops++;
+		st->spoofed++;
+	}
+}
+
 /* Does the packet carry the port's own source address? */
 static __always_inline int own_source(struct fast_port *port, struct pkt *p, __u32 ifindex)
 {
@@ -2336,13 +2346,11 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 		return V_ALLOW;    /* configured without a policy entry (yet) */
 	/* no policy evaded with a forged source address */
 	if (!own && !link_source(p)) {
-		if (st)
-			st->drops++;
+		spoofed(st);
 		return V_DENY;
 	}
 	if (p->bad || (p->na && !own_target(port, p, skb->ifindex))) {
-		if (st)
-			st->drops++;
+		spoofed(st);
 		return V_DENY;
 	}
 	if (p->icmp_err && !p->frag) {
@@ -2673,8 +2681,7 @@ int sg_fast_in(struct __sk_buff *skb)
 	if (skb->protocol == bpf_htons(ETH_P_ARP_)) {
 		if (port->mark && !arp_own(skb, port, ifindex) &&
 		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
-			if (st)
-				st->drops++;
+			spoofed(st);
 			return TC_ACT_SHOT;	/* no neighbour poisoned with another's address */
 		}
 		if (st)

@@ -574,12 +574,13 @@ def cmd_fastpath(args) -> int:
               f"{r.get('remote_routes', 0)}  decapsulating on {len(r.get('underlays', []))} "
               f"underlay device(s)")
         table = [("INTERFACE", "CONTAINER", "POLICY", "FAST PKTS", "FAST BYTES", "NORMAL",
-                  "DROPS", "HITS", "MISSES", "ENCAP", "DECAP", "ADDRESSES")]
+                  "DROPS", "SPOOFED", "HITS", "MISSES", "ENCAP", "DECAP", "ADDRESSES")]
         for row in r["ports"]:
             table.append((row["ifname"] + ("" if row["attached"] else " (detached)"),
                           row["container"] or "-", "judged" if row["judged"] else "-",
                           *(str(row.get(k, 0)) for k in ("fast_pkts", "fast_bytes",
-                                                          "slow_pkts", "drops", "hits",
+                                                          "slow_pkts", "drops", "spoofed",
+                                                          "hits",
                                                           "misses", "encap_pkts",
                                                           "decap_pkts")),
                           " ".join(row["addresses"]) or "-"))

@@ -66,7 +66,7 @@ CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
 CFG_FAST = 3                   # sg_config[3]: the fast path forwards local pairs
 # struct fast_stats, per container port (ifindex)
 FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses",
-              "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes")
+              "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes", "spoofed")
 FAST_SLOTS = 4096              # sg_fast_ports / sg_fast_stats entries
 FLOW_KEY_SIZE = 28             # struct flow_key
 SPLICE_KEY_SIZE = 44           # struct splice_key
