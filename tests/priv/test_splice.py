@@ -30,7 +30,6 @@ _port = itertools.count(BASE)
 # What an application sees differently on a spliced connection (documented in
 # docs/architecture.md, "Splicing"): {case: {side: {key: (spliced, tcp)}}}
 DIFFERENT = {
-    "spliceout": {"server": {"spliced": (0, 100000)}},
     "unreadclose": {"client": {"recv": ("", "ECONNRESET")}},
     "oob": {"server": {"urgent": ("a", "!"), "inline": ("b!", "ab")}},
 }
@@ -120,6 +119,10 @@ def test_case_same_as_tcp(shared, case):
         # a slow reader's queue bound (1 MiB here) sends the rest by TCP: on a
         # loaded machine that may be all but the first MiB
         assert moved_on >= 512 << 10, f"{case}: only {moved_on} bytes spliced"
+    if case == "spliceout":
+        # bytes were spliced to the server's psock queue: its splice() got
+        # them through the agent (Grafter._on_splice), then TCP's
+        assert moved_on > 0
     if case == "rcvlowat":
         assert on_s["early"] == [] and on_s["late"] and on_s["got"] == 100
 

@@ -317,3 +317,18 @@ def test_local_keys_leave_loopback_to_the_program():
     assert keys == {struct.pack("=I16s", 4, ip_address("198.18.0.1").packed),
                     struct.pack("=I16s", 6, ip_address("fd53:6700:0:1::1").packed)}
     assert all(len(k) == 20 for k in keys)
+
+
+def test_splice_key_is_the_programs():
+    """KEY_OF + key_unmap: family, addresses (IPv4 in the first word), ports
+    in host order; a v4-mapped pair keyed as IPv4."""
+    from sockgraft.model.bpfmaps import SPLICE_KEY, splice_key
+    k = splice_key("::ffff:198.18.0.1", 40000, "::ffff:198.18.0.2", 80)
+    assert k == splice_key("198.18.0.1", 40000, "198.18.0.2", 80)
+    fam, lip, rip, lport, rport = SPLICE_KEY.unpack(k)
+    assert (fam, lip[:4], rip[:4], lport, rport) == (2, bytes([198, 18, 0, 1]),
+                                                     bytes([198, 18, 0, 2]), 40000, 80)
+    assert lip[4:] == rip[4:] == bytes(12) and len(k) == 44
+    assert SPLICE_KEY.unpack(splice_key("fd53::1", 1, "fd53::2", 2))[0] == 10
+    with pytest.raises(ConfigError):
+        splice_key("1.2.3.4", 1, "fd53::2", 2)

@@ -352,3 +352,14 @@ def test_bad_specs_say_where(spec, fld):
     with pytest.raises(ConfigError) as info:
         scf.build_filter(spec)
     assert info.value.field == fld
+
+
+@pytest.mark.parametrize("spec", [scf.default_graft_filter, scf.socket_graft_filter],
+                         ids=["syscall", "socket"])
+def test_splice_is_trapped_only_when_asked(spec):
+    """An agent that splices local pairs wants every splice() (out of a
+    spliced socket the kernel would read nothing); other agents none."""
+    args = (5, 0, 7, 0, 65536, 2)
+    assert verdict(scf.build_filter(spec()), 275, args=args) == ALLOW
+    assert verdict(scf.build_filter(scf.with_splice(spec())), 275, args=args) == NOTIF
+    assert verdict(scf.build_filter(scf.with_splice(spec())), 276, args=args) == ALLOW   # tee

@@ -37,6 +37,7 @@ class BpfApplied:
     labels: tuple[str, ...]         # policy label index -> rule name
     egress_labels: list[str]
     addresses: tuple[str, ...] = ()  # the container's own, granted as reply sources
+    splice: bool = False            # its connections may be spliced (policy flag)
 
 
 class Enforcer:
@@ -112,7 +113,11 @@ class Enforcer:
         if self.bpf is None:
             return
         wanted: dict[int, tuple[graft.GraftConfig, bool, tuple[str, ...]]] = {}
+        # spliced only where every process tree of the container traps
+        # splice(): the kernel's splice out of a spliced socket reads nothing
+        traps: dict[int, bool] = {}
         for sess in sessions:
+            traps[sess.mark] = traps.get(sess.mark, True) and sess.traps_splice
             if sess.config is not None:
                 socket_mode = sess.graft_at == "socket"
                 wanted[sess.mark] = (sess.config, socket_mode,
@@ -142,8 +147,9 @@ class Enforcer:
                 self.bpf.set_gen(mark, gens.get(mark, 0))
         for mark, (cfg, socket_mode, own) in wanted.items():
             old = self.applied.get(mark)
+            splice = cfg.splice and traps.get(mark, False)
             if old is not None and old.cfg == cfg and old.socket_mode == socket_mode and \
-                    old.addresses == own:
+                    old.addresses == own and old.splice == splice:
                 continue
             if self._gen == 0xFFFF:
                 # the generations come round again: no verdict cached under
@@ -154,7 +160,7 @@ class Enforcer:
             gen = self._gen
             try:
                 entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode,
-                                             splice=cfg.splice)
+                                             splice=splice)
             except SockgraftError as exc:
                 log.warning("bpf: container %s keeps its previous policy: %s",
                             cfg.container, exc)
@@ -172,7 +178,7 @@ class Enforcer:
                 self._forget_egress(old, keep=sources)
             self.applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
                                             [k for k, _ in v4], [k for k, _ in v6],
-                                            entry.labels, elabels, own)
+                                            entry.labels, elabels, own, splice)
         for mark in [m for m in self.applied if m not in wanted]:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
             self._forget_egress(self.applied.pop(mark))

@@ -392,7 +392,8 @@ class Agent:
                 reply = {"ok": True, **self.fast.listing(self.bpf)}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name,
-                         "store": os.path.abspath(self.store.dir)}
+                         "store": os.path.abspath(self.store.dir),
+                         "splice": self.bpf is not None and self.bpf.splice}
             else:
                 reply = {"ok": False, "error": f"unknown op {op!r}"}
         except SockgraftError as exc:
@@ -449,7 +450,7 @@ class Agent:
                        {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
                         ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn,
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline,
-                       ports=ports)
+                       ports=ports, traps_splice=msg.get("traps_splice") is True)
         key = listener.fileno()
         first_of_mark = not self.sessions.holds(mark)
         self.sessions.add(key, sess)

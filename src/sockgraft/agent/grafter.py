@@ -23,15 +23,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
 
-from ..errors import KernelError, NotFound, NotificationGone
+from ..errors import KernelError, NotFound, NotificationGone, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import epollfix, seccomp
 from ..kernel import sockets as ksock
-from ..model import graft
+from ..model import bpfmaps, graft
 from ..model.graft import (BindGrafted, BindLoopback, ConnectGrafted, Continue, Deny, Fail,
                            GraftBind, GraftConnect, GraftSend, Listen, SockInfo)
 from ..model.sockaddr import InetAddr
@@ -42,7 +43,8 @@ from .sessions import Session
 
 log = logging.getLogger("sockgraft.agent")
 
-SYSCALL_NAMES = {seccomp.SYS_BIND: "bind", seccomp.SYS_CONNECT: "connect",
+SYSCALL_NAMES = {seccomp.SYS_SPLICE: "splice", seccomp.SYS_BIND: "bind",
+                 seccomp.SYS_CONNECT: "connect",
                  seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket",
                  seccomp.SYS_LISTEN: "listen"}
 CALLS = {nr: SYSCALL_NAMES[nr]          # the calls that carry an address
@@ -166,6 +168,8 @@ class Grafter:
             self._on_socket(sess, n)
         elif n.nr == seccomp.SYS_LISTEN:
             self._on_listen(sess, n)
+        elif n.nr == seccomp.SYS_SPLICE:
+            self._on_splice(sess, n)
         elif n.nr in CALLS:
             self._on_address(sess, n, name)
         else:
@@ -181,6 +185,77 @@ class Grafter:
         a = notifiers.answer_socket(sess.listener, n.id, n.pid, n.args, sess.mark, self.sockets)
         if a is not None:
             self.inv.socket_answered(sess, a)
+
+    # the peer's sends that passed the no-rx check just before it was set
+    # finish their hand-over into the psock queue within microseconds
+    SPLICE_QUIESCE = 0.001
+
+    def _on_splice(self, sess: Session, n: seccomp.Notification) -> None:
+        """splice() of a container whose connections may be spliced (its
+        filter traps it: seccomp_filter.with_splice). Out of a socket in
+        sg_splice the kernel reads the TCP queue only, while the bytes its
+        peer spliced to it wait in its psock queue: nothing more is spliced
+        into it (sg_splice_norx), what waits is handed to the pipe as the
+        call's result, and once nothing waits the socket leaves the map and
+        the kernel goes on with the call (and every later one) as TCP. Any
+        other splice (a pipe, a file, a socket not in the map): the kernel's."""
+        bpf = self.bpf
+        fd_in, off_in = n.args[0] & 0xFFFFFFFF, n.args[1]
+        fd_out, length = n.args[2] & 0xFFFFFFFF, n.args[4]
+        if bpf is None or not bpf.splice or off_in:
+            self.continue_(sess, n.id)
+            return
+        got = self.targets.dup_socket(n.pid, fd_in)
+        if isinstance(got, int):
+            self.continue_(sess, n.id)          # not a socket: the kernel's own answer
+            return
+        with got:
+            key = _splice_key(got)
+            if key is None or not bpf.spliced(key):
+                self.continue_(sess, n.id)
+                return
+            bpf.stop_splicing_into(key)
+            waiting = ksock.inq(got)             # tcp_bpf: the psock queue's bytes
+            if waiting == 0:
+                time.sleep(self.SPLICE_QUIESCE)
+                waiting = ksock.inq(got)
+            if waiting == 0:
+                bpf.unsplice(key)
+                bpf.allow_splicing_into(key)     # (out of the map: nothing can be)
+                log.info("%s pid %d: splice() out of a spliced socket: it takes TCP from "
+                         "now on", sess.container, n.pid)
+                self.continue_(sess, n.id)
+                return
+            if not sess.listener.id_valid(n.id):
+                raise NotificationGone(n.id)     # (read nothing for a call gone)
+            self.respond(sess, n.id, **self._psock_to_pipe(n, got, fd_out, min(length,
+                                                                              waiting)))
+
+    def _psock_to_pipe(self, n: seccomp.Notification, sock: socket.socket, fd_out: int,
+                       want: int) -> dict:
+        """Move up to `want` waiting bytes into the application's pipe at
+        fd_out (only an empty one: its whole size is then free); the answer."""
+        try:
+            pipe = self.targets.getfd(n.pid, fd_out)
+        except KernelError as exc:
+            return {"error": exc.errno or errno.EBADF}
+        try:
+            room = ksock.empty_pipe_room(pipe)
+            if room is None:
+                return {"error": errno.EINVAL}   # splice needs a pipe on one side
+            if room == 0:
+                return {"error": errno.EAGAIN}   # the application empties it first
+            data = sock.recv(min(want, room), socket.MSG_DONTWAIT)
+            written = 0
+            while written < len(data):
+                written += os.write(pipe, data[written:])
+            return {"val": len(data)}
+        except BlockingIOError:
+            return {"error": errno.EAGAIN}
+        except OSError as exc:
+            return {"error": exc.errno or errno.EIO}
+        finally:
+            os.close(pipe)
 
     def _on_listen(self, sess: Session, n: seccomp.Notification) -> None:
         """listen(): graft.decide_listen. Whatever the verdict, the kernel never
@@ -442,3 +517,15 @@ def _bound(sock: socket.socket) -> bool:
     except OSError:
         return True
     return name[1] != 0 or name[0] not in ("0.0.0.0", "::")
+
+
+def _splice_key(sock: socket.socket) -> bytes | None:
+    """sg_splice's key of a connected TCP socket (None: not one)."""
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                  socket.AF_INET6):
+            return None
+        local, remote = sock.getsockname(), sock.getpeername()
+        return bpfmaps.splice_key(local[0], local[1], remote[0], remote[1])
+    except (OSError, ValueError, SockgraftError):
+        return None

@@ -43,7 +43,7 @@ REGISTER_TIMEOUT = 30.0
 
 
 def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto: bool,
-           graft_at: str) -> None:
+           graft_at: str, trap_splice: bool = False) -> None:
     """Runs in the forked child; never returns."""
     try:
         if ns_path:
@@ -51,6 +51,8 @@ def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto:
         facts = netns_facts()
         spec = (seccomp_filter.socket_graft_filter() if graft_at == "socket"
                 else seccomp_filter.default_graft_filter(trap_sendto))
+        if trap_splice:
+            spec = seccomp_filter.with_splice(spec)
         prog = seccomp_filter.build_filter(spec)
         listener = seccomp.install_filter(prog, listener=True)
         socket.send_fds(sp, [json.dumps(facts).encode()], [listener])
@@ -126,13 +128,16 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
         ports: list[dict] | None = None) -> int:
     if graft_at not in GRAFT_AT:
         raise AgentError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(GRAFT_AT)}")
-    # Fail before anything starts if no agent answers.
-    control.request(agent_path, {"op": "ping"}, timeout=5)
+    # Fail before anything starts if no agent answers. An agent that splices
+    # local grafted pairs wants the container's splice() calls too (its
+    # sockets are spliced only when every session of the container traps it).
+    pong = control.request(agent_path, {"op": "ping"}, timeout=5)
+    trap_splice = bool(pong.get("splice"))
     parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         parent_sp.close()
-        _child(child_sp, ns_path, argv, trap_sendto, graft_at)
+        _child(child_sp, ns_path, argv, trap_sendto, graft_at, trap_splice)
     child_sp.close()
     listener = -1
     try:
@@ -144,7 +149,7 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
         listener = fds[0]
         got = json.loads(msg or b"{}")
         hello = {"buffers": got.get("buffers", {}), "addresses": got.get("addresses", []),
-                 "graft_at": graft_at, "ports": ports or []}
+                 "graft_at": graft_at, "ports": ports or [], "traps_splice": trap_splice}
         conn = _register(agent_path, container, pid, listener, hello)
         parent_sp.send(GO)
     except BaseException:

@@ -40,6 +40,7 @@ class Session:
     loop_serves: bool = True                # the loop receives its notifications (False
                                             # while notifier threads alone do)
     ports: tuple[PortMap, ...] = ()         # its published ports (lab, CNI portMappings)
+    traps_splice: bool = False              # its filter traps splice(): may be spliced
 
 
 class SessionTable:

@@ -400,6 +400,17 @@ struct {
 	__type(value, __u64);
 } sg_splice SEC(".maps");
 
+/* sockets whose application called splice(2) on them: nothing more is
+ * spliced into them (their peer's sends take TCP) while the agent hands
+ * what waits in their psock queue to the pipe and takes them out of the map
+ * (tcp_splice_read reads the TCP queue only; written by the agent) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct splice_key);
+	__type(value, __u8);
+} sg_splice_norx SEC(".maps");
+
 #define S_SPLICED 1u        /* this socket's sends go to its peer's psock queue */
 
 struct splice_state {
@@ -1783,7 +1794,7 @@ int sg_msg(struct sk_msg_md *msg)
 		return SK_PASS;	/* the accepted peer is not established yet */
 	key_reverse(&me, &k);
 	was = st->flags & S_SPLICED;
-	ok = splice_ok(sk, st->peer, was, msg->size);
+	ok = !bpf_map_lookup_elem(&sg_splice_norx, &k) && splice_ok(sk, st->peer, was, msg->size);
 	if (ok && bpf_msg_redirect_hash(msg, &sg_splice, &k, BPF_F_INGRESS) != SK_PASS)
 		ok = 0;
 	stats = splice_stats(t->mark);

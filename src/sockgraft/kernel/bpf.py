@@ -49,6 +49,7 @@ UNDERLAY_PROGRAMS = (("sg_fast_decap", BPF_TCX_INGRESS),)  # an underlay device
 MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev",
         "sg_events", "sg_counters", "sg_sock", "sg_config", "sg_sources", "sg_gen",
         "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave",
+        "sg_splice_norx",
         "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats",
         "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers", "sg_fast_redirects")
 # outlive the agent: the identity of grafted sockets, and the spliced
@@ -59,7 +60,7 @@ MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev
 # configuration, and its leave requests, events and counters must reach the
 # new agent
 PINNED_MAPS = ("sg_sock", "sg_splice", "sg_splice_st", "sg_gen", "sg_config", "sg_events",
-               "sg_splice_leave", "sg_splice_stats", "sg_splice_peer")
+               "sg_splice_leave", "sg_splice_stats", "sg_splice_peer", "sg_splice_norx")
 BPF_SK_MSG_VERDICT = 7
 CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
 CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
@@ -550,6 +551,22 @@ class Programs:
             n += self.delete("sg_splice", key)
             self.delete("sg_splice_leave", key)
         return n
+
+    def spliced(self, key: bytes) -> bool:
+        """Is the socket of this splice key (model/bpfmaps.splice_key) in sg_splice?"""
+        return self.lookup("sg_splice", key, 8) is not None
+
+    def stop_splicing_into(self, key: bytes) -> None:
+        """Nothing more is spliced into this socket: its peer's sends take TCP."""
+        self.update("sg_splice_norx", key, b"\1")
+
+    def allow_splicing_into(self, key: bytes) -> None:
+        self.delete("sg_splice_norx", key)
+
+    def unsplice(self, key: bytes) -> bool:
+        """Take the socket out of sg_splice (its psock queue must be empty:
+        what waits there is dropped with it)."""
+        return self.delete("sg_splice", key)
 
     def spliced_sockets(self) -> int:
         """Sockets in sg_splice now (the kernel removes them as they close)."""

@@ -17,7 +17,7 @@ from .seccomp import (AUDIT_ARCH_X86_64, BPF_MAXINSNS, SOCK_FILTER_STRUCT, MAX_E
                       SECCOMP_DATA_NR, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO,
                       SECCOMP_RET_USER_NOTIF, SYS_BIND, SYS_CONNECT, SYS_IO_URING_ENTER,
                       SYS_IO_URING_REGISTER, SYS_IO_URING_SETUP, SYS_LISTEN, SYS_SENDTO,
-                      SYS_SOCKET, X32_SYSCALL_BIT)
+                      SYS_SOCKET, SYS_SPLICE, X32_SYSCALL_BIT)
 
 
 # classic BPF opcodes (include/uapi/linux/bpf_common.h)
@@ -213,6 +213,17 @@ def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
             SYS_IO_URING_REGISTER: errno.ENOSYS,
         },
     )
+
+
+def with_splice(spec: FilterSpec) -> FilterSpec:
+    """Trap splice() as well: for containers of an agent that splices local
+    grafted pairs (--sockmap). The kernel's splice out of a TCP socket reads
+    its TCP queue only, never the psock queue a spliced socket's data waits
+    in: the agent hands that over to the pipe first and takes the socket
+    out of the map (Grafter._on_splice). Every splice() of the container
+    then costs a round trip to the agent; its other calls nothing."""
+    spec.trap[SYS_SPLICE] = None
+    return spec
 
 
 def socket_graft_filter() -> FilterSpec:

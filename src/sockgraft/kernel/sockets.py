@@ -13,6 +13,7 @@ import ctypes
 import fcntl
 import os
 import socket
+import stat
 from typing import Callable
 
 import _socket
@@ -264,3 +265,24 @@ def set_blocking(sock: socket.socket, blocking: bool) -> None:
 def so_error(sock: socket.socket) -> int:
     return sock.getsockopt(SOL_SOCKET, SO_ERROR)
 
+
+
+FIONREAD = 0x541B           # = SIOCINQ
+F_GETPIPE_SZ = 1032
+
+
+def inq(sock: socket.socket) -> int:
+    """Bytes waiting to be read (SIOCINQ; for a socket in a sockhash -
+    tcp_bpf - the bytes in its psock queue only)."""
+    buf = fcntl.ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, "little", signed=True)
+
+
+def empty_pipe_room(fd: int) -> int | None:
+    """The size of the pipe at fd when it holds nothing (0: it holds
+    something), None when fd is no pipe."""
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return None
+    if int.from_bytes(fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0"), "little"):
+        return 0
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)

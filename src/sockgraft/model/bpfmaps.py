@@ -164,6 +164,25 @@ def local_keys(addrs: Iterable[IPv4Address | IPv6Address]) -> set[bytes]:
             if not a.is_loopback and not a.is_unspecified}
 
 
+SPLICE_KEY = struct.Struct("=I16s16sII")       # family, local ip, remote ip, ports (host order)
+AF_INET, AF_INET6 = 2, 10
+
+
+def splice_key(local: str, lport: int, remote: str, rport: int) -> bytes:
+    """sg_splice's key of a connection as its own end sees it (getsockname /
+    getpeername): a v4-mapped pair is keyed as IPv4, as the program's
+    key_unmap does."""
+    lip, rip = ip_address(local.split("%")[0]), ip_address(remote.split("%")[0])
+    if isinstance(lip, IPv6Address) and lip.ipv4_mapped and \
+            isinstance(rip, IPv6Address) and rip.ipv4_mapped:
+        lip, rip = lip.ipv4_mapped, rip.ipv4_mapped
+    if lip.version != rip.version:
+        raise ConfigError(f"splice key of {local} and {remote}: two families", value=local)
+    fam = AF_INET if lip.version == 4 else AF_INET6
+    return SPLICE_KEY.pack(fam, lip.packed.ljust(16, b"\0"), rip.packed.ljust(16, b"\0"),
+                           lport, rport)
+
+
 def _be16(port: int) -> int:
     """A port in network order, as the u16 the program loads."""
     return struct.unpack("=H", struct.pack("!H", port))[0]
@@ -376,5 +395,5 @@ def decode_event(raw: bytes) -> Event:
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
-           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "flow_judged", "remote_key",
+           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "flow_judged", "splice_key", "remote_key",
            "remote_val", "tunnel_val", "peer_key", "redirect_key"]
