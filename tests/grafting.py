@@ -312,3 +312,25 @@ def _where(pid):
         except OSError:
             pass
     return " | ".join(out)
+
+
+def build_go(tmp_path, source: str, name: str = "prog") -> str:
+    """go build of one main.go (static: CGO_ENABLED=0), offline; skips the
+    test when go is not installed. Returns the binary's path."""
+    import shutil
+    import pytest
+    go = shutil.which("go")
+    if not go:
+        pytest.skip("go is not installed (apt-get install golang-go)")
+    src = tmp_path / f"{name}-src"
+    src.mkdir()
+    (src / "main.go").write_text(source)
+    (src / "go.mod").write_text("module sgtest\n\ngo 1.19\n")
+    env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="", GOPROXY="off", GOTOOLCHAIN="local",
+               GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"),
+               GO111MODULE="on", GOWORK="off")
+    prog = tmp_path / name
+    proc = subprocess.run([go, "build", "-o", str(prog), "."], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"go build failed: {proc.stderr[-2000:]}"
+    return str(prog)

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from grafting import read_json_line
+from grafting import build_go, read_json_line
 from sockgraft.kernel import netns
 from sockgraft.lab import builder
 
@@ -476,22 +476,9 @@ func main() {
 
 @pytest.fixture
 def go_prog(tmp_path):
-    go = shutil.which("go")
-    if not go:
-        pytest.skip("go is not installed (apt-get install golang-go)")
-    src = tmp_path / "gosrc"
-    src.mkdir()
-    (src / "main.go").write_text(GO_SRC)
-    (src / "go.mod").write_text("module sgtest\n\ngo 1.19\n")
-    env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="", GOPROXY="off", GOTOOLCHAIN="local",
-               GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"),
-               GO111MODULE="on", GOWORK="off")
-    prog = tmp_path / "sgecho"
-    proc = subprocess.run([go, "build", "-o", str(prog), "."], cwd=src, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"go build failed: {proc.stderr[-2000:]}"
+    prog = build_go(tmp_path, GO_SRC, "sgecho")
     assert not _elf_has_interp(prog), "CGO_ENABLED=0 should give a static binary"
-    return str(prog)
+    return prog
 
 
 GO_GRAFT_IN = """

@@ -185,3 +185,97 @@ def test_spliced_connection_survives_an_agent_restart(splab):
     after = _totals(splab)
     assert after["spliced_sockets"] == 0
     assert after["splice_bytes"] > before["splice_bytes"]
+
+
+GO_PROXY = r"""
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+)
+
+// proxy LISTEN BACKEND: one connection; io.Copy from the client to the
+// backend (Go splices: the client's socket -> a pipe -> the backend) until
+// the client half-closes, then the backend's answer back to the client.
+func main() {
+	ln, err := net.Listen("tcp4", os.Args[1])
+	if err != nil {
+		fmt.Printf("{\"error\": %q}\n", err.Error())
+		os.Exit(1)
+	}
+	fmt.Println("{\"listening\": true}")
+	c, err := ln.Accept()
+	if err != nil {
+		os.Exit(1)
+	}
+	b, err := net.Dial("tcp4", os.Args[2])
+	if err != nil {
+		fmt.Printf("{\"error\": %q}\n", err.Error())
+		os.Exit(1)
+	}
+	n, err := io.Copy(b, c)
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	b.(*net.TCPConn).CloseWrite()
+	reply, _ := io.ReadAll(b)
+	c.Write(reply)
+	c.Close()
+	fmt.Printf("{\"copied\": %d, \"error\": %q}\n", n, msg)
+}
+"""
+
+SHA_SERVER = ("import hashlib, socket, sys\n"
+              "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(1); print('up', flush=True)\n"
+              "c, _ = s.accept(); h = hashlib.sha256(); n = 0\n"
+              "while (b := c.recv(65536)): h.update(b); n += len(b)\n"
+              "c.sendall(f'{n} {h.hexdigest()}'.encode()); c.close()\n")
+
+# an event-loop client: non-blocking, poll before every step
+NB_CLIENT = ("import hashlib, json, select, socket, sys\n"
+             "data = bytes(range(256)) * (int(sys.argv[3]) // 256)\n"
+             "s = socket.socket(); s.setblocking(False)\n"
+             "s.connect_ex((sys.argv[1], int(sys.argv[2])))\n"
+             "p = select.poll(); p.register(s, select.POLLOUT); p.poll(5000)\n"
+             "sent = 0\n"
+             "while sent < len(data):\n"
+             "    p.poll(5000)\n"
+             "    try:\n"
+             "        sent += s.send(data[sent:sent + 65536])\n"
+             "    except BlockingIOError:\n"
+             "        pass\n"
+             "s.shutdown(socket.SHUT_WR)\n"
+             "p.modify(s, select.POLLIN); got = b''\n"
+             "while p.poll(10000) and (b := s.recv(4096)):\n"
+             "    got += b\n"
+             "print(json.dumps({'reply': got.decode(),\n"
+             "                  'want': f'{len(data)} {hashlib.sha256(data).hexdigest()}'}))\n")
+
+
+def test_a_go_proxy_splices_out_of_a_spliced_connection(splab, tmp_path):
+    """Go's io.Copy between two TCP connections splices out of the one it
+    reads (the real case behind the splice(2) rule): a grafted Go proxy whose
+    client connection is spliced forwards every byte to its backend, in
+    order; the splice counters prove bytes went spliced before."""
+    from grafting import build_go
+    proxy = build_go(tmp_path, GO_PROXY, "sgproxy")
+    _agent(splab, "sockmap", on=True)
+    port, backend = next(_port), 7190
+    be = splab.spawn_plain("h1-c2", [sys.executable, "-c", SHA_SERVER, str(backend)])
+    assert be.stdout.readline().strip() == "up"
+    srv = splab.spawn("h1-c2", [proxy, f"0.0.0.0:{port}", f"127.0.0.1:{backend}"])
+    assert read_json_line(srv, timeout=20)["listening"]
+    before = _totals(splab)["splice_bytes"]
+    n = 4 << 20
+    rc, lines, err = splab.run("h1-c1", [sys.executable, "-c", NB_CLIENT, H1, str(port),
+                                         str(n)], timeout=60)
+    assert rc == 0 and lines, err
+    assert lines[-1]["reply"] == lines[-1]["want"]
+    res = read_json_line(srv, timeout=30)
+    assert res == {"copied": n, "error": ""}
+    assert _totals(splab)["splice_bytes"] > before
