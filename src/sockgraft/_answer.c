@@ -39,6 +39,7 @@
 #include <sys/fsuid.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -83,6 +84,7 @@ struct config {
 	int svc_fd;		/* sg_services: directory redirects (Python follows them) */
 	uint32_t egress_gen;	/* their generation (the policy's) */
 	int sndbuf, rcvbuf;	/* the container's default buffer sizes (getsockopt), 0: unknown */
+	int splice_fd;		/* sg_splice when the session traps splice(), else -1 */
 };
 
 enum { C_TCP, C_UDP, C_CONTINUED, C_REFUSED, C_GONE, C_HANDED, C_NS, C_CONNECTS, C_CONNECT_NS,
@@ -112,17 +114,19 @@ static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"enabled", "mark", "uid", "tag_fd", "gen", "kinds",
 				"tag_flags", "connect", "eg4_fd", "eg6_fd", "egress_gen",
-				"sndbuf", "rcvbuf", "svc_fd", NULL};
+				"sndbuf", "rcvbuf", "svc_fd", "splice_fd", NULL};
 	struct config c = {0};
 	long long uid = -1;
 	unsigned int mark = 0, gen = 0, kinds = 0xF, tag_flags = 0, egress_gen = 0;
 	int enabled = 0, tag_fd = -1, connect = 0, eg4_fd = -1, eg6_fd = -1, sndbuf = 0,
-	    rcvbuf = 0, svc_fd = -1;
+	    rcvbuf = 0, svc_fd = -1, splice_fd = -1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiii", names, &enabled, &mark,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiiii", names, &enabled, &mark,
 					 &uid, &tag_fd, &gen, &kinds, &tag_flags, &connect,
-					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf, &svc_fd))
+					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf, &svc_fd,
+					 &splice_fd))
 		return NULL;
+	c.splice_fd = splice_fd;
 	/* connect() is grafted here only with the guards: the kernel judges the
 	 * connect it continues (sg_connect4/6) */
 	c.connect = connect && tag_fd >= 0 && eg4_fd >= 0 && eg6_fd >= 0 && svc_fd >= 0;
@@ -168,7 +172,7 @@ static int Table_init(Table *self, PyObject *args, PyObject *kw)
 	memset(&self->cfg, 0, sizeof(self->cfg));
 	self->cfg.uid = -1;
 	self->cfg.tag_fd = -1;
-	self->cfg.eg4_fd = self->cfg.eg6_fd = self->cfg.svc_fd = -1;
+	self->cfg.eg4_fd = self->cfg.eg6_fd = self->cfg.svc_fd = self->cfg.splice_fd = -1;
 	for (int i = 0; i < C_N; i++)
 		atomic_store(&self->count[i], 0);
 	if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw)))
@@ -866,6 +870,81 @@ python:
 	return 0;
 }
 
+/* sg_splice's key (bpf/sockgraft.bpf.c struct splice_key: KEY_OF + key_unmap) */
+struct splice_key_ {
+	uint32_t family;
+	uint32_t lip[4], rip[4];
+	uint32_t lport, rport;	/* host order */
+};
+
+static int v4mapped(const struct in6_addr *a)
+{
+	return IN6_IS_ADDR_V4MAPPED(a);
+}
+
+/* splice() of a session whose connections may be spliced (its filter traps
+ * every splice): the kernel's own call, unless fd_in is a socket in
+ * sg_splice - then Python hands its psock queue to the pipe first
+ * (Grafter._on_splice). 1: answered (CONTINUE); 0: for Python. */
+static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config *c)
+{
+	Table *t = w->table;
+	int fd = (int)(uint32_t)n->data.args[0], app, typ, rc;
+	union {
+		struct sockaddr sa;
+		struct sockaddr_in in4;
+		struct sockaddr_in6 in6;
+	} l, r;
+	socklen_t ll = sizeof(l), rl = sizeof(r);
+	struct splice_key_ k;
+	struct stat st;
+	uint64_t cookie;
+
+	if (n->data.args[1])
+		goto kernel;	/* an offset for fd_in: not a socket's splice */
+	app = target_fd(w, (pid_t)n->pid, fd);
+	if (app == -EBADF)
+		goto kernel;	/* its own EBADF */
+	if (app < 0)
+		return 0;
+	rc = fstat(app, &st) || !S_ISSOCK(st.st_mode) ||
+	     sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) || typ != SOCK_STREAM ||
+	     getsockname(app, &l.sa, &ll) || getpeername(app, &r.sa, &rl) ||
+	     l.sa.sa_family != r.sa.sa_family;
+	close(app);
+	if (rc)
+		goto kernel;	/* a pipe, a file, no connected TCP socket */
+	memset(&k, 0, sizeof(k));
+	if (l.sa.sa_family == AF_INET) {
+		k.family = AF_INET;
+		k.lip[0] = l.in4.sin_addr.s_addr;
+		k.rip[0] = r.in4.sin_addr.s_addr;
+		k.lport = ntohs(l.in4.sin_port);
+		k.rport = ntohs(r.in4.sin_port);
+	} else if (l.sa.sa_family == AF_INET6) {
+		if (v4mapped(&l.in6.sin6_addr) && v4mapped(&r.in6.sin6_addr)) {
+			k.family = AF_INET;
+			memcpy(&k.lip[0], l.in6.sin6_addr.s6_addr + 12, 4);
+			memcpy(&k.rip[0], r.in6.sin6_addr.s6_addr + 12, 4);
+		} else {
+			k.family = AF_INET6;
+			memcpy(k.lip, l.in6.sin6_addr.s6_addr, 16);
+			memcpy(k.rip, r.in6.sin6_addr.s6_addr, 16);
+		}
+		k.lport = ntohs(l.in6.sin6_port);
+		k.rport = ntohs(r.in6.sin6_port);
+	} else {
+		goto kernel;
+	}
+	rc = map_lookup(c->splice_fd, &k, &cookie);
+	if (rc != -ENOENT)
+		return 0;	/* in the map (or unknown): Python */
+kernel:
+	rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+	atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_CONTINUED], 1);
+	return 1;
+}
+
 /* 1: answered here; 0: for Python */
 static int answer(Worker *w, struct seccomp_notif *n)
 {
@@ -879,9 +958,12 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	uint64_t t0;
 
 	if (n->data.arch != AUDIT_ARCH_X86_64 ||
-	    (n->data.nr != __NR_socket && n->data.nr != __NR_connect))
+	    (n->data.nr != __NR_socket && n->data.nr != __NR_connect &&
+	     n->data.nr != __NR_splice))
 		return 0;
 	table_read(t, &c);
+	if (n->data.nr == __NR_splice)
+		return c.splice_fd >= 0 ? answer_splice(w, n, &c) : 0;
 	if (n->data.nr == __NR_connect)
 		return c.connect ? answer_connect(w, n, &c) : 0;
 	if (!c.enabled)

@@ -487,7 +487,8 @@ class Agent:
                     key, sess.mark, sess.container, self.inbox, threads=self.notifier_threads,
                     enabled=lambda: self.grafter.grafts_sockets(sess), sockets=self.sockets,
                     native_loop=self.native, serve=self.serve_notification,
-                    connects=lambda: self.native_connect(sess))
+                    connects=lambda: self.native_connect(sess),
+                    splice_map=lambda: self._splice_map(sess))
             except SockgraftError as exc:
                 log.warning("%s: calls answered from the loop only: %s", sess.container, exc)
         if threads is not None:
@@ -581,6 +582,13 @@ class Agent:
     def _sync_bpf_services(self) -> None:
         self.enforcer.sync_bpf_services(self.publisher.services)
         self.sessions.refresh_native()     # a directory redirect is followed in Python
+
+    def _splice_map(self, sess: Session) -> int:
+        """sg_splice's fd for the native loop of a session that traps
+        splice() (it continues every splice not out of a spliced socket), -1."""
+        if not sess.traps_splice or self.bpf is None or not self.bpf.splice:
+            return -1
+        return self.bpf.maps["sg_splice"]
 
     def native_connect(self, sess: Session) -> dict | None:
         """What the native loop needs to graft this syscall-mode session's

@@ -309,16 +309,20 @@ class Notifiers:
                  *, threads: int = 2, enabled: Callable[[], bool] = lambda: True,
                  sockets: ksock.HostSockets | None = None, native_loop: bool = False,
                  serve: Callable[[int, seccomp.Notification], bool] | None = None,
-                 connects: Callable[[], dict | None] = lambda: None) -> None:
+                 connects: Callable[[], dict | None] = lambda: None,
+                 splice_map: Callable[[], int] = lambda: -1) -> None:
         """serve(key, notification): answer a call that is not a grafted
         socket() in this thread (the agent's loop lock taken inside); False:
         forward it to the loop instead. connects(): the native loop's
         parameters for grafting connect() itself (Table.configure keywords:
-        eg4_fd, eg6_fd, egress_gen, sndbuf, rcvbuf), None: it does not."""
+        eg4_fd, eg6_fd, egress_gen, sndbuf, rcvbuf), None: it does not.
+        splice_map(): sg_splice's fd when the session traps splice() (the
+        native loop continues every splice not out of a spliced socket), -1."""
         self.key = listener_fd      # what the loop knows the session by
         self.mark = mark
         self.serve = serve
         self.connects = connects
+        self.splice_map = splice_map
         self.sockets = sockets if sockets is not None else ksock.HostSockets()
         self.container = container
         self.inbox = inbox
@@ -368,6 +372,7 @@ class Notifiers:
         connects = self.connects() if tag is not None else None
         self.table.configure(enabled=bool(self.enabled()) and tag is not None, mark=self.mark,
                              uid=ksock.fsuid_for(self.mark), tag_fd=tag_fd, gen=gen,
+                             splice_fd=self.splice_map(),
                              **({"connect": True, **connects} if connects else {}))
 
     def harvest(self) -> dict[str, int]:
