@@ -815,4 +815,13 @@ def test_a_policed_container_cannot_claim_anothers_address_by_arp(flab):
     assert seen.stdout.readline().strip() == C1
     assert _port(flab, "h1-c1")["drops"] == before + 2
     assert _port(flab, "h1-c1")["spoofed"] == spoofed + 2
+    # audited (the 1st, 2nd, 4th... spoofed packet of an interface and CPU)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [(a["container"], a["rule"], a["address"]) for a in flab.audit("h1")
+                 if a.get("syscall") == "packet"]
+        if ("h1-c1", "spoof:arp", "198.19.1.1:0") in lines:
+            break
+        time.sleep(0.2)
+    assert ("h1-c1", "spoof:arp", "198.19.1.1:0") in lines, lines
     assert _ping(flab, "h1-c1", C2, 1) == 0

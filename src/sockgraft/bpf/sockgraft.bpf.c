@@ -97,6 +97,12 @@
 #define EV_DENY_UNKNOWN 9
 #define EV_SPLICE_LEAVE 10  /* not a denial: sockets in sg_splice_leave to remove */
 #define EV_DENY_KEPT 11     /* syscall mode: the container's own loopback / "this host" */
+#define EV_DENY_SPOOF 12    /* fast path: label = what (SP_*), the address claimed */
+#define SP_SOURCE 1         /* an IP source that is not the container's */
+#define SP_ARP 2            /* an ARP sender address that is not its own */
+#define SP_ND_TARGET 3      /* a neighbour advertisement of another's address */
+#define SP_ND_MALFORMED 4   /* neighbour discovery carrying more than the link needs */
+#define SP_ROUTER 5         /* a router advertisement or redirect */
 
 #define OP_CONNECT 1
 #define OP_SENDMSG 2
@@ -2018,7 +2024,7 @@ struct pkt {
 	__u8 judged;        /* subject to the policy (not an ICMP error / ND) */
 	__u8 frag;          /* a non-first fragment: no ports */
 	__u8 icmp_err;      /* an ICMP / ICMPv6 error: judged by the flow it is about */
-	__u8 bad;           /* dropped from a policed container whatever its policy */
+	__u8 bad;           /* dropped from a policed container whatever its policy: SP_* */
 	__u16 l4off;        /* offset of the L4 header from skb->data */
 	__u16 sport;
 	__u16 dport;
@@ -2068,14 +2074,14 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 				p->judged = 0;
 		} else if (t == 133 || t == 135 || t == 136) {
 			p->judged = 0;
-			p->bad = !nd_ok(h, end, len);
+			p->bad = nd_ok(h, end, len) ? 0 : SP_ND_MALFORMED;
 			if (t == 136 && !p->bad && h + 24 <= end) {
 				p->na = 1;	/* whose address it announces: fast_judge */
 				__builtin_memcpy(p->target, h + 8, 16);
 			}
 		} else if (t == 134 || t == 137) {
 			p->judged = 0;
-			p->bad = 1;
+			p->bad = SP_ROUTER;
 		}
 	}
 	if ((p->family == 4 && (t == 8 || t == 0)) ||
@@ -2234,12 +2240,20 @@ static __always_inline void note_incoming(__u32 ifindex, struct pkt *p)
 	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
 }
 
-static __always_inline void spoofed(struct fast_stats *st)
+/* A spoofed packet of a policed container: dropped, counted, and reported
+ * for the audit at the 1st, 2nd, 4th, 8th... of its interface on a CPU (a
+ * flood costs the ring buffer a logarithm of itself). */
+static __always_inline void spoofed(struct fast_stats *st, __u32 mark, __u32 what,
+				    __u8 family, const __u32 *addr, __u8 proto)
 {
-	if (st) {
-		st->drops++;
-		st->spoofed++;
-	}
+	__u64 n;
+
+	if (!st)
+		return;
+	st->drops++;
+	n = ++st->spoofed;
+	if (!(n & (n - 1)))
+		report_as(0, EV_DENY_SPOOF, mark, OP_PACKET, what, family, addr, 0, proto);
 }
 
 /* Does the packet carry the port's own source address? */
@@ -2357,11 +2371,15 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 		return V_ALLOW;    /* configured without a policy entry (yet) */
 	/* no policy evaded with a forged source address */
 	if (!own && !link_source(p)) {
-		spoofed(st);
+		spoofed(st, mark, SP_SOURCE, p->family, p->saddr, p->proto);
 		return V_DENY;
 	}
-	if (p->bad || (p->na && !own_target(port, p, skb->ifindex))) {
-		spoofed(st);
+	if (p->bad) {
+		spoofed(st, mark, p->bad, p->family, p->daddr, p->proto);
+		return V_DENY;
+	}
+	if (p->na && !own_target(port, p, skb->ifindex)) {
+		spoofed(st, mark, SP_ND_TARGET, p->family, p->target, p->proto);
 		return V_DENY;
 	}
 	if (p->icmp_err && !p->frag) {
@@ -2655,7 +2673,8 @@ int sg_fast_decap(struct __sk_buff *skb)
  * policed container cannot tell its neighbours (other containers, the
  * gateway) that another's address is at its MAC. Anything but Ethernet/IPv4
  * ARP is refused as well. */
-static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u32 ifindex)
+static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u32 ifindex,
+			       __u32 *spa)
 {
 	struct pkt p = {};
 	__u8 a[14];
@@ -2667,6 +2686,7 @@ static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u
 		return 0;
 	if (bpf_skb_load_bytes(skb, 14 + 14, &p.saddr[0], 4))
 		return 0;
+	*spa = p.saddr[0];
 	if (!p.saddr[0])
 		return 1;
 	p.family = 4;
@@ -2690,9 +2710,11 @@ int sg_fast_in(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	st = bpf_map_lookup_elem(&sg_fast_stats, &port->slot);
 	if (skb->protocol == bpf_htons(ETH_P_ARP_)) {
-		if (port->mark && !arp_own(skb, port, ifindex) &&
+		__u32 spa[4] = {};
+
+		if (port->mark && !arp_own(skb, port, ifindex, spa) &&
 		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
-			spoofed(st);
+			spoofed(st, port->mark, SP_ARP, 4, spa, 0);
 			return TC_ACT_SHOT;	/* no neighbour poisoned with another's address */
 		}
 		if (st)

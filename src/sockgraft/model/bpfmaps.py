@@ -62,6 +62,9 @@ EV_DENY_BIND, EV_DENY_SOCKOPT, EV_DENY_SOURCE, EV_DENY_MARK = 4, 5, 6, 7
 EV_DENY_LISTEN, EV_DENY_UNKNOWN = 8, 9
 EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unsplice
 EV_DENY_KEPT = 11        # syscall mode: the container's own loopback / "this host"
+EV_DENY_SPOOF = 12       # fast path: a spoofed packet (label: what), sampled 1, 2, 4, 8...
+SPOOF_WHAT = {1: "spoof:source", 2: "spoof:arp", 3: "spoof:nd-target", 4: "spoof:nd-malformed",
+              5: "spoof:router-advertisement"}
 OP_SETSOCKOPT = 4
 OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen",
             7: "packet"}
@@ -353,6 +356,8 @@ class Event:
 
     @property
     def reason(self) -> str:
+        if self.kind == EV_DENY_SPOOF:
+            return SPOOF_WHAT.get(self.label, f"spoof:{self.label}")
         return {EV_DENY_POLICY: "policy", EV_DENY_NO_EGRESS: "egress:no-rule",
                 EV_BIND_FAILED: "egress:bind-failed", EV_DENY_BIND: "bind:no-endpoint",
                 EV_DENY_SOCKOPT: "sockopt:refused", EV_DENY_SOURCE: "source:not-granted",
