@@ -197,9 +197,11 @@ import (
 	"os"
 )
 
-// proxy LISTEN BACKEND: one connection; io.Copy from the client to the
-// backend (Go splices: the client's socket -> a pipe -> the backend) until
-// the client half-closes, then the backend's answer back to the client.
+// proxy LISTEN BACKEND: one connection; says "g" once it is accepted (the
+// client's bytes before that would take TCP: no file to splice into yet),
+// then io.Copy from the client to the backend (Go splices: the client's
+// socket -> a pipe -> the backend) until the client half-closes, then the
+// backend's answer back to the client.
 func main() {
 	ln, err := net.Listen("tcp4", os.Args[1])
 	if err != nil {
@@ -216,6 +218,7 @@ func main() {
 		fmt.Printf("{\"error\": %q}\n", err.Error())
 		os.Exit(1)
 	}
+	c.Write([]byte("g"))
 	n, err := io.Copy(b, c)
 	msg := ""
 	if err != nil {
@@ -241,8 +244,9 @@ NB_CLIENT = ("import hashlib, json, select, socket, sys\n"
              "data = bytes(range(256)) * (int(sys.argv[3]) // 256)\n"
              "s = socket.socket(); s.setblocking(False)\n"
              "s.connect_ex((sys.argv[1], int(sys.argv[2])))\n"
-             "p = select.poll(); p.register(s, select.POLLOUT); p.poll(5000)\n"
-             "sent = 0\n"
+             "p = select.poll(); p.register(s, select.POLLIN); p.poll(10000)\n"
+             "assert s.recv(1) == b'g'   # accepted: from now on its bytes are spliced\n"
+             "p.modify(s, select.POLLOUT); sent = 0\n"
              "while sent < len(data):\n"
              "    p.poll(5000)\n"
              "    try:\n"
