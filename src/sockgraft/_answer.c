@@ -39,7 +39,6 @@
 #include <sys/fsuid.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -877,11 +876,6 @@ struct splice_key_ {
 	uint32_t lport, rport;	/* host order */
 };
 
-static int v4mapped(const struct in6_addr *a)
-{
-	return IN6_IS_ADDR_V4MAPPED(a);
-}
-
 /* splice() of a session whose connections may be spliced (its filter traps
  * every splice): the kernel's own call, unless fd_in is a socket in
  * sg_splice - then Python hands its psock queue to the pipe first
@@ -897,7 +891,6 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 	} l, r;
 	socklen_t ll = sizeof(l), rl = sizeof(r);
 	struct splice_key_ k;
-	struct stat st;
 	uint64_t cookie;
 
 	if (n->data.args[1])
@@ -907,8 +900,7 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 		goto kernel;	/* its own EBADF */
 	if (app < 0)
 		return 0;
-	rc = fstat(app, &st) || !S_ISSOCK(st.st_mode) ||
-	     sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) || typ != SOCK_STREAM ||
+	rc = sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) || typ != SOCK_STREAM ||	/* ENOTSOCK */
 	     getsockname(app, &l.sa, &ll) || getpeername(app, &r.sa, &rl) ||
 	     l.sa.sa_family != r.sa.sa_family;
 	close(app);
@@ -922,7 +914,8 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 		k.lport = ntohs(l.in4.sin_port);
 		k.rport = ntohs(r.in4.sin_port);
 	} else if (l.sa.sa_family == AF_INET6) {
-		if (v4mapped(&l.in6.sin6_addr) && v4mapped(&r.in6.sin6_addr)) {
+		if (IN6_IS_ADDR_V4MAPPED(&l.in6.sin6_addr) &&
+		    IN6_IS_ADDR_V4MAPPED(&r.in6.sin6_addr)) {
 			k.family = AF_INET;
 			memcpy(&k.lip[0], l.in6.sin6_addr.s6_addr + 12, 4);
 			memcpy(&k.rip[0], r.in6.sin6_addr.s6_addr + 12, 4);

@@ -124,11 +124,6 @@ def veths_of(links: Iterable[Link]) -> tuple[list[Veth], list[int]]:
     return veths, [link.ifindex for link in links if link.kind == "vxlan"]
 
 
-def scan() -> tuple[list[Veth], list[int]]:
-    """veths_of(one link dump)."""
-    return veths_of(dump_links().values())
-
-
 class Events:
     """This namespace's rtnetlink notifications of `groups` (RTMGRP_* bits),
     read without blocking until none is left. A socket of our own, parsed
@@ -313,7 +308,7 @@ def _routes(ifname: str) -> tuple:
 
 
 def vxlans(indexes: list[int]) -> list[Vxlan]:
-    """The VXLAN devices of this namespace (`indexes`: those scan() found when
+    """The VXLAN devices of this namespace (`indexes`: those veths_of() found when
     the links last changed) with their routes, neighbours and FDB entries,
     and how each remote VTEP is reached on the underlay (the next hop's MAC
     only once the kernel resolved it). Only requests about those devices:

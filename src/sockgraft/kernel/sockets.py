@@ -271,11 +271,14 @@ FIONREAD = 0x541B           # = SIOCINQ
 F_GETPIPE_SZ = 1032
 
 
+def _fionread(fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0"), "little", signed=True)
+
+
 def inq(sock: socket.socket) -> int:
     """Bytes waiting to be read (SIOCINQ; for a socket in a sockhash -
     tcp_bpf - the bytes in its psock queue only)."""
-    buf = fcntl.ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0")
-    return int.from_bytes(buf, "little", signed=True)
+    return _fionread(sock.fileno())
 
 
 def empty_pipe_room(fd: int) -> int | None:
@@ -283,6 +286,4 @@ def empty_pipe_room(fd: int) -> int | None:
     something), None when fd is no pipe."""
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         return None
-    if int.from_bytes(fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0"), "little"):
-        return 0
-    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    return 0 if _fionread(fd) else fcntl.fcntl(fd, F_GETPIPE_SZ)
