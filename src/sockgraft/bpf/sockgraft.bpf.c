@@ -1834,7 +1834,7 @@ int sg_msg(struct sk_msg_md *msg)
  * the fast path or the normal one - is a reply and allowed (conntrack's
  * "established"). An ICMP error passes only when it quotes a packet of such
  * a flow (conntrack's "related": related()); IPv6 neighbour discovery passes
- * when well formed (no room to carry anything), MLD to a multicast group,
+ * when well formed (judged beyond the link), MLD to a multicast group,
  * router advertisements and redirects never (icmp_parse());
  * non-first fragments carry no ports and follow their first. A
  * policed container's packets must carry one of its own addresses (or a
@@ -2037,7 +2037,8 @@ struct pkt {
 
 /* Neighbour discovery (RFC 4861) as the link needs it and nothing more: a
  * router solicitation, neighbour solicitation or advertisement with at
- * most its one link-layer address option (no room to carry anything). */
+ * most its one link-layer address option (what is left to carry - a target
+ * and a link-layer address - goes where the policy lets it: icmp_parse). */
 static __always_inline int nd_ok(const __u8 *h, const __u8 *end, __u32 len)
 {
 	__u32 base = h[0] == 133 ? 8 : 24;
@@ -2053,9 +2054,10 @@ static __always_inline int nd_ok(const __u8 *h, const __u8 *end, __u32 len)
 /* ICMP: errors are judged by the flow they quote (related()); an echo
  * request and its reply carry their identifier as both ports (a flow each).
  * IPv6: MLD to a multicast group is not judged; router solicitations,
- * neighbour solicitations and advertisements pass when well formed (any
- * destination: unreachability probes and answers are unicast) and are
- * dropped otherwise; router advertisements and redirects are dropped (a
+ * neighbour solicitations and advertisements must be well formed (else
+ * dropped) and are judged like any ICMPv6 unless sent on the link
+ * (link-local or multicast destination; a unicast probe or answer to a
+ * global address passes as a reply when its peer spoke first); router advertisements and redirects are dropped (a
  * container is no router: no rogue RA); every other type is judged. len:
  * the ICMPv6 message's length (0: unknown - behind extension headers). */
 static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len,
@@ -2067,13 +2069,19 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 		p->icmp_err = t == 3 || t == 11 || t == 12;
 		p->judged = !p->icmp_err;
 	} else {
+		int mcast = (p->daddr[0] & bpf_htonl(0xff000000)) == bpf_htonl(0xff000000);
+		int link = mcast || (p->daddr[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000);
+
 		p->icmp_err = t >= 1 && t <= 4;
 		p->judged = !p->icmp_err;
 		if (t == 130 || t == 131 || t == 132 || t == 143) {
-			if ((p->daddr[0] & bpf_htonl(0xff000000)) == bpf_htonl(0xff000000))
+			if (mcast)
 				p->judged = 0;
 		} else if (t == 133 || t == 135 || t == 136) {
-			p->judged = 0;
+			/* on the link unjudged; to a global address (a probe, an
+			 * answer) like any ICMPv6: its target field is 16 bytes an
+			 * application chooses - no channel to where it may not go */
+			p->judged = !link;
 			p->bad = nd_ok(h, end, len) ? 0 : SP_ND_MALFORMED;
 			if (t == 136 && !p->bad && h + 24 <= end) {
 				p->na = 1;	/* whose address it announces: fast_judge */
