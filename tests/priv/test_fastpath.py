@@ -846,3 +846,69 @@ def test_neighbour_discovery_beyond_the_link_is_judged(flab):
     netns.run_in(ns1, _icmp6_to, h2c1, "eth0", _nd(135, "fd53:6700:0:9::78"))
     # (its neighbours' own solicitations of it come too; the denied one never)
     assert "NS fd53:6700:0:9::77" not in _upto(seen, "NS fd53:6700:0:9::78")
+
+
+FRAG_SEEN = ("import socket\n"
+             "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))\n"
+             "s.bind(('eth0', 0)); print('up', flush=True)\n"
+             "while True:\n"
+             "    d, a = s.recvfrom(65536); i = d.find(b'MARK-')\n"
+             "    if a[2] != socket.PACKET_OUTGOING and i >= 0:\n"
+             "        print(d[i:i + 7].decode(), flush=True)\n")
+
+
+def _udp_big(dst, dport, size, marker):
+    """One datagram of `size` bytes ending in marker: the kernel sends it in
+    fragments, the marker in the last."""
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x" * (size - len(marker)) + marker, (dst, dport))
+    return True
+
+
+def _orphan_fragment(src, dst, marker):
+    """A non-first UDP fragment alone (offset 1480, a fresh identification),
+    marker as its payload, through a raw socket (CAP_NET_RAW)."""
+    import random
+    import struct
+    ident = random.randrange(1, 1 << 16)
+    data = marker + bytes(64)
+    if ":" in dst:
+        hdr = struct.pack("!IHBB16s16s", 0x60000000, 8 + len(data), 44, 64,
+                          socket.inet_pton(socket.AF_INET6, src),
+                          socket.inet_pton(socket.AF_INET6, dst))
+        pkt = hdr + struct.pack("!BBHI", socket.IPPROTO_UDP, 0, 1480, ident) + data
+        fam = socket.AF_INET6
+    else:
+        pkt = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(data), ident, 1480 // 8, 64,
+                          socket.IPPROTO_UDP, 0, socket.inet_aton(src),
+                          socket.inet_aton(dst)) + data
+        fam = socket.AF_INET
+    with socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        s.sendto(pkt, (dst, 0))
+    return True
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_fragments_get_their_first_fragments_verdict(flab, family):
+    """Non-first fragments carry no ports: a policed container's get the
+    verdict of their datagram's first fragment. A datagram to an allowed port
+    arrives whole, every fragment of one to a denied port is dropped (not
+    only the first: a receiver reading packets before reassembly - an
+    AF_PACKET socket - would see the rest), and a fragment sent without its
+    first is dropped and counted as spoofed."""
+    c1, c2 = (C1, C2) if family == 4 else (C1_6, C2_6)
+    seen = _server(flab, "h1-c2", FRAG_SEEN, "-", "-")
+    assert _ping(flab, "h1-c1", c2, 1) == 0                  # neighbours resolved
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "udp", c2, "7170")
+    ns1 = _ns(flab, "h1-c1")
+    before = _port(flab, "h1-c1")
+    netns.run_in(ns1, _udp_big, c2, 7170, 4000, b"MARK-31")
+    assert _upto(seen, "MARK-31") == []
+    netns.run_in(ns1, _udp_big, c2, 7171, 4000, b"MARK-32")
+    netns.run_in(ns1, _orphan_fragment, c1, c2, b"MARK-33")
+    netns.run_in(ns1, _udp_big, c2, 7170, 100, b"MARK-34")
+    assert _upto(seen, "MARK-34") == []                      # neither 32 nor 33
+    after = _port(flab, "h1-c1")
+    assert after["spoofed"] == before["spoofed"] + 1
+    assert after["drops"] >= before["drops"] + 4              # 32's three, 33

@@ -103,6 +103,7 @@
 #define SP_ND_TARGET 3      /* a neighbour advertisement of another's address */
 #define SP_ND_MALFORMED 4   /* neighbour discovery carrying more than the link needs */
 #define SP_ROUTER 5         /* a router advertisement or redirect */
+#define SP_FRAGMENT 6       /* a non-first fragment whose first was not judged */
 
 #define OP_CONNECT 1
 #define OP_SENDMSG 2
@@ -1836,7 +1837,9 @@ int sg_msg(struct sk_msg_md *msg)
  * a flow (conntrack's "related": related()); IPv6 neighbour discovery passes
  * when well formed (judged beyond the link), MLD to a multicast group,
  * router advertisements and redirects never (icmp_parse());
- * non-first fragments carry no ports and follow their first. A
+ * non-first fragments carry no ports and get their first's verdict
+ * (recorded per identification; a fragment without its judged first is
+ * dropped: frag_verdict()). A
  * policed container's packets must carry one of its own addresses (or a
  * link-local / unspecified one: neighbour discovery, DAD, DHCP).
  *
@@ -1934,9 +1937,11 @@ struct flow_key {
 	__u8 proto;
 	__u16 lport;        /* network order; 0 for protocols without ports */
 	__u16 rport;
-	__u16 pad;
+	__u16 kind;         /* 0: a flow; FK_FRAGS: one datagram's fragments, whose
+			     * identification lport:rport hold (frag_key) */
 	__u32 raddr[4];     /* the remote end */
 };
+#define FK_FRAGS 1
 
 struct flow_val {
 	__u16 gen;          /* the policy generation the verdict was made under */
@@ -2023,6 +2028,8 @@ struct pkt {
 	__u8 proto;
 	__u8 judged;        /* subject to the policy (not an ICMP error / ND) */
 	__u8 frag;          /* a non-first fragment: no ports */
+	__u8 frag1;         /* the first fragment of several: its verdict is theirs */
+	__u32 fragid;       /* the fragments' identification (IPv4: 16 bits) */
 	__u8 icmp_err;      /* an ICMP / ICMPv6 error: judged by the flow it is about */
 	__u8 bad;           /* dropped from a policed container whatever its policy: SP_* */
 	__u16 l4off;        /* offset of the L4 header from skb->data */
@@ -2127,10 +2134,12 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 			return -1;
 		p->proto = e[0];
 		if (cur == 44) {
+			__builtin_memcpy(&p->fragid, e + 4, 4);
 			if (((__u16)e[2] << 8 | e[3]) & 0xfff8) {
 				p->frag = 1;
 				return 0;
 			}
+			p->frag1 = e[3] & 1;
 			off += 8;
 		} else {
 			off += ((__u32)e[1] + 1) * 8;
@@ -2179,6 +2188,8 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		__builtin_memcpy(&p->saddr[0], ip + 12, 4);
 		__builtin_memcpy(&p->daddr[0], ip + 16, 4);
 		p->frag = (((__u16)ip[6] << 8 | ip[7]) & 0x1fff) != 0;
+		p->frag1 = !p->frag && (ip[6] & 0x20);
+		p->fragid = (__u32)ip[4] << 8 | ip[5];
 		if (p->frag)
 			return 0;
 		ihl = (ip[0] & 0xf) * 4;
@@ -2364,39 +2375,23 @@ static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 if
 	return own_source(port, &q, ifindex);
 }
 
-/* The policy's verdict on a packet the container of `port` sends; *known:
- * the flow was in the cache (its other end was told about it then). */
-static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
-				      struct pkt *p, struct fast_stats *st, int own, int *known)
+/* The verdict on a packet that is not a non-first fragment: an ICMP error
+ * by what it quotes, a flow by the cache or the policy's list. */
+static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
+				       struct policy *pol, __u32 mark, struct fast_stats *st,
+				       int *known)
 {
 	struct flow_key k = {};
 	struct flow_val v = {}, *c;
-	struct policy *pol;
-	__u32 mark = port->mark, label = 0;
+	__u32 label = 0;
 
-	pol = bpf_map_lookup_elem(&sg_policy, &mark);
-	if (!pol)
-		return V_ALLOW;    /* configured without a policy entry (yet) */
-	/* no policy evaded with a forged source address */
-	if (!own && !link_source(p)) {
-		spoofed(st, mark, SP_SOURCE, p->family, p->saddr, p->proto);
-		return V_DENY;
-	}
-	if (p->bad) {
-		spoofed(st, mark, p->bad, p->family, p->daddr, p->proto);
-		return V_DENY;
-	}
-	if (p->na && !own_target(port, p, skb->ifindex)) {
-		spoofed(st, mark, SP_ND_TARGET, p->family, p->target, p->proto);
-		return V_DENY;
-	}
-	if (p->icmp_err && !p->frag) {
+	if (p->icmp_err) {
 		v.verdict = related(skb, p, skb->ifindex, pol->gen);
 		if (v.verdict != V_ALLOW && st)
 			st->drops++;
 		return v.verdict;
 	}
-	if (!p->judged || p->frag)
+	if (!p->judged)
 		return V_ALLOW;
 	flow_key_of(&k, skb->ifindex, p, 1);
 	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
@@ -2424,6 +2419,82 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 			  bpf_ntohs(p->dport), p->proto);
 	}
 	return v.verdict;
+}
+
+/* The fragments of one datagram the container sends: keyed by its
+ * identification, destination and protocol (what reassembly keys them by;
+ * the source is the container's own, checked before) in the flow cache. */
+static __always_inline void frag_key(struct flow_key *k, __u32 ifindex, struct pkt *p)
+{
+	k->ifindex = ifindex;
+	k->family = p->family;
+	k->proto = p->proto;
+	k->kind = FK_FRAGS;
+	k->lport = (__u16)(p->fragid >> 16);
+	k->rport = (__u16)p->fragid;
+	__builtin_memcpy(k->raddr, p->daddr, 16);
+}
+
+/* A non-first fragment carries no ports: it gets its first fragment's
+ * verdict, recorded under the same policy generation; without one (sent
+ * alone, before its first, its first too long ago or under another policy)
+ * it is dropped - no payload reaches an address the policy denies, not
+ * even a receiver that reads packets before reassembly. */
+static __always_inline int frag_verdict(struct pkt *p, __u32 ifindex, __u32 mark, __u16 gen,
+					struct fast_stats *st)
+{
+	struct flow_key k = {};
+	struct flow_val *c;
+
+	frag_key(&k, ifindex, p);
+	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	if (c && c->gen == gen) {
+		if (c->verdict != V_ALLOW && st)
+			st->drops++;
+		return c->verdict;
+	}
+	spoofed(st, mark, SP_FRAGMENT, p->family, p->daddr, p->proto);
+	return V_DENY;
+}
+
+/* The policy's verdict on a packet the container of `port` sends; *known:
+ * the flow was in the cache (its other end was told about it then). */
+static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
+				      struct pkt *p, struct fast_stats *st, int own, int *known)
+{
+	struct flow_key k = {};
+	struct flow_val v = {};
+	struct policy *pol;
+	__u32 mark = port->mark;
+	int verdict;
+
+	pol = bpf_map_lookup_elem(&sg_policy, &mark);
+	if (!pol)
+		return V_ALLOW;    /* configured without a policy entry (yet) */
+	/* no policy evaded with a forged source address */
+	if (!own && !link_source(p)) {
+		spoofed(st, mark, SP_SOURCE, p->family, p->saddr, p->proto);
+		return V_DENY;
+	}
+	if (p->bad) {
+		spoofed(st, mark, p->bad, p->family, p->daddr, p->proto);
+		return V_DENY;
+	}
+	if (p->na && !own_target(port, p, skb->ifindex)) {
+		spoofed(st, mark, SP_ND_TARGET, p->family, p->target, p->proto);
+		return V_DENY;
+	}
+	if (p->frag)
+		return frag_verdict(p, skb->ifindex, mark, pol->gen, st);
+	verdict = judge_first(skb, p, pol, mark, st, known);
+	if (p->frag1) {
+		frag_key(&k, skb->ifindex, p);
+		v.verdict = verdict;
+		v.gen = pol->gen;
+		v.origin = FL_OUT;	/* forgotten with the verdicts at a generation wrap */
+		bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
+	}
+	return verdict;
 }
 
 /* Would the host's DNAT of a grafted server take this packet? */

@@ -33,8 +33,10 @@ sockaddrs are network order, as the kernel hands them to the program):
                  outer headers towards another host's containers)
   sg_fast_tunnels u32 underlay ifindex -> {vni, local addr, dport(be), vtep mac}
   sg_fast_peers  u32 remote VTEP address (be) -> u8
-  sg_fast_flows  {ifindex, family, proto, lport(be), rport(be), pad, raddr[4]}
-                 -> {gen, verdict, origin, label}: the per-flow verdict cache
+  sg_fast_flows  {ifindex, family, proto, lport(be), rport(be), kind, raddr[4]}
+                 -> {gen, verdict, origin, label}: the per-flow verdict cache;
+                 kind FK_FRAGS: a datagram's fragments (lport:rport its
+                 identification), the verdict of its first fragment
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unspli
 EV_DENY_KEPT = 11        # syscall mode: the container's own loopback / "this host"
 EV_DENY_SPOOF = 12       # fast path: a spoofed packet (label: what), sampled 1, 2, 4, 8...
 SPOOF_WHAT = {1: "spoof:source", 2: "spoof:arp", 3: "spoof:nd-target", 4: "spoof:nd-malformed",
-              5: "spoof:router-advertisement"}
+              5: "spoof:router-advertisement", 6: "spoof:fragment"}
 OP_SETSOCKOPT = 4
 OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen",
             7: "packet"}
