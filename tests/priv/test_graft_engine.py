@@ -482,3 +482,48 @@ def test_epoll_registration_made_before_connect_survives_the_graft(glab, answer,
     assert r["out"] and r["in"] and r["echo"] == "ping"   # events of the new socket arrive
     assert r["modify"] == "ok"                            # keyed by the app's fd number
     assert _native_count(glab) - before == (answer == "native" and when == "after")
+
+
+CONNECT_LOOP = """
+import json, socket, sys, threading, time
+ok = plain = failed = 0
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(1), stop.set()), daemon=True).start()
+sys.stdout.write("up\\n"); sys.stdout.flush()
+deadline = time.monotonic() + 60
+while not stop.is_set() and time.monotonic() < deadline:
+    s = socket.socket()
+    try:
+        s.connect(("198.18.0.2", int(sys.argv[1])))
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK): ok += 1
+        else: plain += 1
+    except OSError:
+        failed += 1
+    s.close()
+print(json.dumps({"grafted": ok, "plain": plain, "failed": failed}), flush=True)
+"""
+ACCEPT_CLOSE = ("import socket,sys\n"
+                "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(512); print('up', flush=True)\n"
+                "while True: s.accept()[0].close()\n")
+
+
+def test_connects_racing_policy_changes_are_all_grafted(glab):
+    """A new egress generation while the native loop answers connects: each
+    one is grafted under the old rules or the new (never left to the
+    container's socket because the old generation's rules were gone before
+    the loop took the new one)."""
+    glab.configure("h1-c1", EGRESS_V4)
+    srv = glab.spawn_plain("h2", ["python3", "-c", ACCEPT_CLOSE, "7110"])
+    assert srv.stdout.readline().strip() == "up"
+    app = glab.spawn("h1-c1", ["python3", "-c", CONNECT_LOOP, "7110"])
+    assert app.stdout.readline().strip() == "up"
+    two = EGRESS_V4.replace('deny = ["deny tcp 198.18.0.2 7199"]',
+                            'deny = ["deny tcp 198.18.0.2 7199", "deny tcp 198.18.0.2 7198"]')
+    assert two != EGRESS_V4
+    for i in range(24):
+        glab.configure("h1-c1", EGRESS_V4 if i % 2 else two)
+    app.stdin.write("x")
+    app.stdin.flush()
+    got = json.loads(app.stdout.readline())
+    assert got["plain"] == 0 and got["failed"] == 0 and got["grafted"] >= 100, got

@@ -101,7 +101,8 @@ class Enforcer:
         self._nft_applied = (policies, services, redirects, loopbacks)
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
-                 mark_held: Callable[[int], bool], rescan: bool | str = False) -> None:
+                 mark_held: Callable[[int], bool], rescan: bool | str = False,
+                 before_retire: Callable[[], None] | None = None) -> None:
         """Write the policy, egress rules and granted source addresses of
         every configured container (registered here, or configured in the
         store: a restarted agent must judge sockets grafted before it
@@ -109,7 +110,10 @@ class Enforcer:
         generation, flipped atomically; sources are added before the flip
         and removed after it. rescan: read the store again - every
         container (True), or the one named (a reload for one container:
-        the others' files are not parsed again)."""
+        the others' files are not parsed again). before_retire: called once
+        the new generations are in force and before the old ones' entries
+        go (the native loops take the new generation in it: a connect it
+        answers under the old one still finds that one's rules)."""
         if self.bpf is None:
             return
         wanted: dict[int, tuple[graft.GraftConfig, bool, tuple[str, ...]]] = {}
@@ -142,6 +146,7 @@ class Enforcer:
         # the generation first: a socket tagged for a mark's earlier holder is
         # refused from the moment its new holder can get sockets
         gens = self.store.generations()
+        retired: list[tuple[BpfApplied, list[bytes]]] = []
         for mark in wanted:
             if self.bpf.gens.get(mark) != gens.get(mark, 0):
                 self.bpf.set_gen(mark, gens.get(mark, 0))
@@ -175,13 +180,17 @@ class Enforcer:
                 self.bpf.update("sg_egress6", k, v)
             self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
             if old is not None:
-                self._forget_egress(old, keep=sources)
+                retired.append((old, sources))
             self.applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
                                             [k for k, _ in v4], [k for k, _ in v6],
                                             entry.labels, elabels, own, splice)
         for mark in [m for m in self.applied if m not in wanted]:
             self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
-            self._forget_egress(self.applied.pop(mark))
+            retired.append((self.applied.pop(mark), []))
+        if retired and before_retire is not None:
+            before_retire()
+        for old, keep in retired:
+            self._forget_egress(old, keep=keep)
         self.sync_bpf_services(services)
 
     def _rescan_one(self, name: str, mark_held: Callable[[int], bool]) -> None:

@@ -548,7 +548,8 @@ class Agent:
     def sync_bpf(self, rescan: bool | str = False) -> None:
         with self._timed("bpf"):
             self.enforcer.sync_bpf(self.sessions.values(), self.publisher.services,
-                                   self.sessions.holds, rescan)
+                                   self.sessions.holds, rescan,
+                                   before_retire=self.sessions.refresh_native)
         self.sessions.refresh_native()       # the native loops take what is now in force
         if self.fast is not None and self.fast.marks != self._marks():
             self.fast.due_plan = True        # a container's policy mark is new: end of turn
