@@ -59,3 +59,34 @@ def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
         progs.close()
         kbpf.remove(name)
     assert not kbpf.leftovers(name)
+
+
+def test_the_flow_cache_is_read_and_pruned_in_batches(tmp_path):
+    """Programs.entries reads a hash map a batch at a time (here 64 entries
+    per call over 1,000) and sees every entry once; delete_many deletes a
+    list past a key that is gone already; FastPath.forget_flows prunes by
+    interface and by remote address."""
+    from sockgraft.agent.fastpath import FastPath
+    name = "tbat-" + secrets.token_hex(3)
+    progs = kbpf.Programs(name)
+    progs.load(join=False, fastpath="on")
+    try:
+        val = bpfmaps.FLOW_VAL.pack(3, 1, bpfmaps.FL_OUT, 0)
+        keys = [_flow(5 + i % 4, 1000 + i) for i in range(1000)]
+        for k in keys:
+            progs.update("sg_fast_flows", k, val)
+        got = progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size,
+                            batch=64)
+        assert sorted(k for k, _ in got) == sorted(keys) and {v for _, v in got} == {val}
+        progs.delete("sg_fast_flows", keys[1])
+        assert progs.delete_many("sg_fast_flows", keys[:3]) == 2
+        assert FastPath.forget_flows(progs, {5}, set()) == 250 - 1
+        assert len(progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
+                                 bpfmaps.FLOW_VAL.size)) == 1000 - 3 - 249
+        from ipaddress import IPv4Address
+        assert FastPath.forget_flows(progs, set(), {IPv4Address("10.0.0.1")}) == 1000 - 3 - 249
+        assert progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) == []
+    finally:
+        progs.close()
+        kbpf.remove(name)
+    assert not kbpf.leftovers(name)

@@ -90,11 +90,15 @@ def test_diff_and_moved_addresses():
 def test_flow_key_layout_is_the_programs():
     key = bpfmaps.FLOW_KEY.pack(42, 6, 6, 0x5000, 0xbb01, 0, ip_address("fd00::9").packed)
     assert len(key) == 28
-    assert bpfmaps.flow_ifindex(key) == 42
-    assert bpfmaps.flow_raddr(key) == ip_address("fd00::9")
     key4 = bpfmaps.FLOW_KEY.pack(3, 4, 17, 1, 2, 0, ip_address("10.1.2.3").packed.ljust(16,
                                                                                        b"\0"))
-    assert bpfmaps.flow_raddr(key4) == ip_address("10.1.2.3")
+    by_port = bpfmaps.flow_matcher({42}, ())
+    assert by_port(key) and not by_port(key4)
+    by_addr = bpfmaps.flow_matcher((), {ip_address("10.1.2.3")})
+    assert by_addr(key4) and not by_addr(key)
+    # the same 16 bytes under the other family are another address
+    assert not bpfmaps.flow_matcher((), {ip_address("::a01:203")})(key4)
+    assert bpfmaps.flow_matcher({7}, {ip_address("fd00::9")})(key)
 
 
 def test_a_bad_mac_is_a_clear_error():

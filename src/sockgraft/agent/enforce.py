@@ -221,11 +221,9 @@ class Enforcer:
         records of flows a container started; the replies' records stay)."""
         if self.bpf is None or "sg_fast_flows" not in self.bpf.maps:
             return 0
-        n = 0
-        for key in self.bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE):
-            val = self.bpf.lookup("sg_fast_flows", key, bpfmaps.FLOW_VAL.size)
-            if val is not None and bpfmaps.flow_judged(val):
-                n += self.bpf.delete("sg_fast_flows", key)
+        n = self.bpf.delete_many("sg_fast_flows", [
+            k for k, v in self.bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
+                                           bpfmaps.FLOW_VAL.size) if bpfmaps.flow_judged(v)])
         if n:
             log.info("fastpath: the policy generations wrapped; %d cached verdicts dropped", n)
         return n

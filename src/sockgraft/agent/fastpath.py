@@ -433,11 +433,10 @@ class FastPath:
 
     @staticmethod
     def forget_flows(bpf: kbpf.Programs, ifindexes: set[int], addrs: set) -> int:
-        n = 0
-        for key in bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE):
-            if bpfmaps.flow_ifindex(key) in ifindexes or bpfmaps.flow_raddr(key) in addrs:
-                n += bpf.delete("sg_fast_flows", key)
-        return n
+        match = bpfmaps.flow_matcher(ifindexes, addrs)
+        gone = [k for k, _ in bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
+                                          bpfmaps.FLOW_VAL.size) if match(k)]
+        return bpf.delete_many("sg_fast_flows", gone)
 
     def set_enabled(self, bpf: kbpf.Programs, on: bool, marks: Mapping[str, int]) -> None:
         """on: programs on every container interface, local pairs forwarded
@@ -468,4 +467,5 @@ class FastPath:
         return {"enabled": self.enabled, "ports": rows, "conflicts": list(self.conflicts),
                 "addresses": len(self.addrs), "remote_routes": len(self.remote),
                 "underlays": sorted(self.underlays), "waiting": list(self.waiting),
-                "flows": len(bpf.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE))}
+                "flows": len(bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
+                                         bpfmaps.FLOW_VAL.size))}

@@ -70,6 +70,7 @@ FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses",
               "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes", "spoofed")
 FAST_SLOTS = 4096              # sg_fast_ports / sg_fast_stats entries
 FLOW_KEY_SIZE = 28             # struct flow_key
+ENOTSUPP = 524                 # the kernel's own "not supported" (no Python name)
 SPLICE_KEY_SIZE = 44           # struct splice_key
 # struct splice_stats, per container mark: sockets that entered the map,
 # switches of a direction to the spliced path, bytes spliced, sends to a known
@@ -119,6 +120,8 @@ def _lib() -> ctypes.CDLL:
         ("bpf_map_lookup_elem", i, [i, vp, vp]),
         ("bpf_map_delete_elem", i, [i, vp]),
         ("bpf_map_get_next_key", i, [i, vp, vp]),
+        ("bpf_map_lookup_batch", i, [i, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_uint32), vp]),
+        ("bpf_map_delete_batch", i, [i, vp, ctypes.POINTER(ctypes.c_uint32), vp]),
         ("ring_buffer__new", vp, [i, vp, vp, vp]),
         ("ring_buffer__epoll_fd", i, [vp]),
         ("ring_buffer__consume", i, [vp]),
@@ -504,6 +507,51 @@ class Programs:
                 return out
             out.append(nxt.raw)
             cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+    def entries(self, m: str, key_size: int, value_size: int,
+                batch: int = 8192) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map, read a batch at a time
+        (BPF_MAP_LOOKUP_BATCH: a few system calls for a full flow cache
+        instead of two per entry, and no restart from the first key when
+        the LRU drops the one the walk stands on)."""
+        out: list[tuple[bytes, bytes]] = []
+        keys = ctypes.create_string_buffer(key_size * batch)
+        vals = ctypes.create_string_buffer(value_size * batch)
+        tokens = [ctypes.create_string_buffer(max(key_size, 8)) for _ in range(2)]
+        token_in = None
+        while True:
+            count = ctypes.c_uint32(batch)
+            rc = lib().bpf_map_lookup_batch(self.maps[m], token_in, tokens[0], keys, vals,
+                                            ctypes.byref(count), None)
+            if rc and -rc not in (errno.ENOENT,):
+                if -rc == errno.ENOSPC and batch < (1 << 20):
+                    return self.entries(m, key_size, value_size, batch * 4)
+                if -rc in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP) and not out:
+                    return [(k, v) for k in self.keys(m, key_size)
+                            if (v := self.lookup(m, k, value_size)) is not None]
+                raise _err(f"read {m}", rc)
+            raw_k, raw_v = keys.raw, vals.raw
+            for i in range(count.value):
+                out.append((raw_k[i * key_size:(i + 1) * key_size],
+                            raw_v[i * value_size:(i + 1) * value_size]))
+            if rc:                      # ENOENT: that was the last batch
+                return out
+            token_in = tokens[1]
+            ctypes.memmove(token_in, tokens[0], len(tokens[0]))
+
+    def delete_many(self, m: str, keys: list[bytes]) -> int:
+        """Delete these keys (BPF_MAP_DELETE_BATCH; one by one past a key
+        that is gone already); the number deleted."""
+        if not keys:
+            return 0
+        size = len(keys[0])
+        buf = ctypes.create_string_buffer(b"".join(keys), size * len(keys))
+        count = ctypes.c_uint32(len(keys))
+        rc = lib().bpf_map_delete_batch(self.maps[m], buf, ctypes.byref(count), None)
+        if not rc:
+            return len(keys)
+        done = count.value
+        return done + sum(self.delete(m, k) for k in keys[done:])
 
     # --- splicing ---------------------------------------------------------------
 

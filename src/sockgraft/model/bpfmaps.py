@@ -327,13 +327,12 @@ def peer_key(addr: IPv4Address) -> bytes:
     return addr.packed
 
 
-def flow_ifindex(key: bytes) -> int:
-    return FLOW_KEY.unpack(key)[0]
-
-
-def flow_raddr(key: bytes) -> IPv4Address | IPv6Address:
-    _, family, _, _, _, _, raddr = FLOW_KEY.unpack(key)
-    return IPv4Address(raddr[:4]) if family == 4 else IPv6Address(raddr)
+def flow_matcher(ifindexes: Iterable[int], addrs: Iterable[IPv4Address | IPv6Address]):
+    """A test of a flow key (raw bytes, a full cache's worth per call):
+    is it of one of these interfaces, or with one of these remote ends?"""
+    ifs = {struct.pack("=I", i) for i in ifindexes}
+    remotes = {bytes([a.version]) + a.packed.ljust(16, b"\0") for a in addrs}
+    return lambda key: key[:4] in ifs or (key[4:5] + key[12:28]) in remotes
 
 
 FLOW_VAL = struct.Struct("=HBBI")       # gen, verdict, origin, label
@@ -402,5 +401,5 @@ def decode_event(raw: bytes) -> Event:
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
-           "fast_addr_key", "fast_addr_val", "flow_ifindex", "flow_raddr", "flow_judged", "splice_key", "remote_key",
+           "fast_addr_key", "fast_addr_val", "flow_matcher", "flow_judged", "splice_key", "remote_key",
            "remote_val", "tunnel_val", "peer_key", "redirect_key"]
