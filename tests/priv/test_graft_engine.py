@@ -3,6 +3,7 @@ programs under `sockgraft run` in lab containers."""
 
 import json
 import os
+import select
 import signal
 import time
 
@@ -502,6 +503,11 @@ while not stop.is_set() and time.monotonic() < deadline:
     s.close()
 print(json.dumps({"grafted": ok, "plain": plain, "failed": failed}), flush=True)
 """
+ACCEPT_KEEP = ("import socket,sys\n"
+               "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+               "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(512); print('up', flush=True)\n"
+               "keep = []\n"
+               "while True: keep.append(s.accept()[0])\n")
 ACCEPT_CLOSE = ("import socket,sys\n"
                 "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
                 "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(512); print('up', flush=True)\n"
@@ -527,3 +533,46 @@ def test_connects_racing_policy_changes_are_all_grafted(glab):
     app.stdin.flush()
     got = json.loads(app.stdout.readline())
     assert got["plain"] == 0 and got["failed"] == 0 and got["grafted"] >= 100, got
+
+
+EPOLL_LATE = """
+import json, select, socket, sys, time
+addr = (sys.argv[1], int(sys.argv[2]))
+keep = []
+for _ in range(8):              # the agent's threads read this process's epoll
+    c = socket.socket(); c.setblocking(False)   # instances: none
+    c.connect_ex(addr)
+    select.select([], [c], [], 3)
+    keep.append(c)
+time.sleep(0.2)
+for _ in range(3):
+    ep = select.epoll()         # a new one, within the second the agent kept its list
+    s = socket.socket(); s.setblocking(False)
+    ep.register(s.fileno(), select.EPOLLOUT)     # watched before connect() (nginx's order)
+    s.connect_ex(addr)
+    ev = ep.poll(2)
+    print(json.dumps({"events": ev[0][1] if ev else 0,
+                      "so_error": s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR),
+                      "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)}), flush=True)
+    keep += [ep, s]
+"""
+
+
+@pytest.mark.parametrize("answer", ["native", "python"])
+def test_an_epoll_made_just_before_a_connect_keeps_its_registration(glab, answer):
+    """A process connects (the agent reads its epoll instances), then makes a
+    new epoll instance and registers a non-blocking socket with it before
+    connect(): the graft must carry that registration over (the instance is
+    seen: `sockgraft run` traps epoll_create(1) and the agent's list is old
+    from then on). Before, the list read a moment earlier was kept for a
+    second and the socket was swapped under the epoll: no event ever came."""
+    glab.set_native("h1", answer == "native")
+    glab.configure("h1-c1", EGRESS_V4)
+    srv = glab.spawn_plain("h2", ["python3", "-c", ACCEPT_KEEP, "7108"])
+    assert srv.stdout.readline().strip() == "up"
+    rc, out, err = glab.run("h1-c1", ["python3", "-c", EPOLL_LATE, "198.18.0.2", "7108"])
+    assert rc == 0 and len(out) == 3, err
+    # EPOLLOUT of the connected host socket (not EPOLLOUT|EPOLLHUP of the
+    # unconnected container socket the registration stayed with, not nothing)
+    assert [o["events"] for o in out] == [select.EPOLLOUT] * 3, out
+    assert all(o["mark"] != 0 and o["so_error"] == 0 for o in out), out

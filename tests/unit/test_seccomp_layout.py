@@ -363,3 +363,16 @@ def test_splice_is_trapped_only_when_asked(spec):
     assert verdict(scf.build_filter(spec()), 275, args=args) == ALLOW
     assert verdict(scf.build_filter(scf.with_splice(spec())), 275, args=args) == NOTIF
     assert verdict(scf.build_filter(scf.with_splice(spec())), 276, args=args) == ALLOW   # tee
+
+
+def test_epoll_create_is_trapped_only_when_asked():
+    """A syscall-mode container of an agent that knows them traps
+    epoll_create and epoll_create1 (the agent learns of each new epoll
+    instance); epoll_ctl and epoll_wait never reach the agent."""
+    plain = scf.build_filter(scf.default_graft_filter())
+    asked = scf.build_filter(scf.with_epoll(scf.default_graft_filter()))
+    for nr in (213, 291):                       # epoll_create, epoll_create1
+        assert verdict(plain, nr, args=(0,) * 6) == ALLOW
+        assert verdict(asked, nr, args=(0,) * 6) == NOTIF
+    for nr in (233, 232, 281):                  # epoll_ctl, epoll_wait, epoll_pwait
+        assert verdict(asked, nr, args=(0,) * 6) == ALLOW

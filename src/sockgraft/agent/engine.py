@@ -393,7 +393,8 @@ class Agent:
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "name": self.name,
                          "store": os.path.abspath(self.store.dir),
-                         "splice": self.bpf is not None and self.bpf.splice}
+                         "splice": self.bpf is not None and self.bpf.splice,
+                         "epoll": True}
             else:
                 reply = {"ok": False, "error": f"unknown op {op!r}"}
         except SockgraftError as exc:
@@ -450,7 +451,8 @@ class Agent:
                        {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
                         ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn,
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline,
-                       ports=ports, traps_splice=msg.get("traps_splice") is True)
+                       ports=ports, traps_splice=msg.get("traps_splice") is True,
+                       traps_epoll=msg.get("traps_epoll") is True)
         key = listener.fileno()
         first_of_mark = not self.sessions.holds(mark)
         self.sessions.add(key, sess)
@@ -605,7 +607,7 @@ class Agent:
         if applied is None or applied.cfg != sess.config:
             return None
         return {"eg4_fd": self.bpf.maps["sg_egress4"], "eg6_fd": self.bpf.maps["sg_egress6"],
-                "svc_fd": self.bpf.maps["sg_services"],
+                "svc_fd": self.bpf.maps["sg_services"], "traps_epoll": sess.traps_epoll,
                 "egress_gen": applied.gen, "sndbuf": sess.buffers.get(ksock.SO_SNDBUF, 0),
                 "rcvbuf": sess.buffers.get(ksock.SO_RCVBUF, 0)}
 

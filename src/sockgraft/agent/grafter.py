@@ -46,7 +46,8 @@ log = logging.getLogger("sockgraft.agent")
 SYSCALL_NAMES = {seccomp.SYS_SPLICE: "splice", seccomp.SYS_BIND: "bind",
                  seccomp.SYS_CONNECT: "connect",
                  seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket",
-                 seccomp.SYS_LISTEN: "listen"}
+                 seccomp.SYS_LISTEN: "listen", seccomp.SYS_EPOLL_CREATE: "epoll_create",
+                 seccomp.SYS_EPOLL_CREATE1: "epoll_create1"}
 CALLS = {nr: SYSCALL_NAMES[nr]          # the calls that carry an address
          for nr in (seccomp.SYS_BIND, seccomp.SYS_CONNECT, seccomp.SYS_SENDTO)}
 
@@ -170,6 +171,9 @@ class Grafter:
             self._on_listen(sess, n)
         elif n.nr == seccomp.SYS_SPLICE:
             self._on_splice(sess, n)
+        elif n.nr in (seccomp.SYS_EPOLL_CREATE, seccomp.SYS_EPOLL_CREATE1):
+            epollfix.note_epoll_made()          # the lists of epoll fds are old now
+            self.continue_(sess, n.id)          # (the kernel makes the instance)
         elif n.nr in CALLS:
             self._on_address(sess, n, name)
         else:
@@ -436,6 +440,10 @@ class Grafter:
         application's thread; the agent never waits on the network."""
         host = owned.enter_context(self._host_socket(t))
         self._inject(t, host, self._record(t, "egress", a.endpoint.name, host, str(a.dest)))
+        # the application's old socket goes before its connect() returns: while
+        # our copy kept it alive, an epoll item still on it (one the host
+        # socket got a copy of) told an unconnected socket's EPOLLOUT|EPOLLHUP
+        t.dup.close()
         t.sess.listener.continue_(t.n.id)
 
     def _do_graft_send(self, t: Trapped, a: GraftSend, owned) -> None:

@@ -43,7 +43,7 @@ REGISTER_TIMEOUT = 30.0
 
 
 def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto: bool,
-           graft_at: str, trap_splice: bool = False) -> None:
+           graft_at: str, trap_splice: bool = False, trap_epoll: bool = False) -> None:
     """Runs in the forked child; never returns."""
     try:
         if ns_path:
@@ -53,6 +53,8 @@ def _child(sp: socket.socket, ns_path: str | None, argv: list[str], trap_sendto:
                 else seccomp_filter.default_graft_filter(trap_sendto))
         if trap_splice:
             spec = seccomp_filter.with_splice(spec)
+        if trap_epoll:
+            spec = seccomp_filter.with_epoll(spec)
         prog = seccomp_filter.build_filter(spec)
         listener = seccomp.install_filter(prog, listener=True)
         socket.send_fds(sp, [json.dumps(facts).encode()], [listener])
@@ -133,11 +135,14 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
     # sockets are spliced only when every session of the container traps it).
     pong = control.request(agent_path, {"op": "ping"}, timeout=5)
     trap_splice = bool(pong.get("splice"))
+    # an agent that knows epoll_create(1) learns of each new epoll instance
+    # (its non-blocking connect grafts need them; socket mode has none)
+    trap_epoll = bool(pong.get("epoll")) and graft_at != "socket"
     parent_sp, child_sp = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         parent_sp.close()
-        _child(child_sp, ns_path, argv, trap_sendto, graft_at, trap_splice)
+        _child(child_sp, ns_path, argv, trap_sendto, graft_at, trap_splice, trap_epoll)
     child_sp.close()
     listener = -1
     try:
@@ -149,7 +154,8 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
         listener = fds[0]
         got = json.loads(msg or b"{}")
         hello = {"buffers": got.get("buffers", {}), "addresses": got.get("addresses", []),
-                 "graft_at": graft_at, "ports": ports or [], "traps_splice": trap_splice}
+                 "graft_at": graft_at, "ports": ports or [], "traps_splice": trap_splice,
+                 "traps_epoll": trap_epoll}
         conn = _register(agent_path, container, pid, listener, hello)
         parent_sp.send(GO)
     except BaseException:

@@ -41,6 +41,7 @@ class Session:
                                             # while notifier threads alone do)
     ports: tuple[PortMap, ...] = ()         # its published ports (lab, CNI portMappings)
     traps_splice: bool = False              # its filter traps splice(): may be spliced
+    traps_epoll: bool = False               # its filter traps epoll_create(1)
 
 
 class SessionTable:

@@ -41,9 +41,37 @@ _EVENT = struct.Struct("=IQ")        # struct epoll_event is packed on x86_64
 _EVENTPOLL = "anon_inode:[eventpoll]"
 
 
+try:
+    from .. import _answer as _native
+except ImportError:          # the extension is not built: only Python notes them
+    _native = None
+_made_ns = 0
+
+
+def note_epoll_made() -> None:
+    """A process of a session whose filter traps epoll_create(1) makes an
+    epoll instance: every list of epoll fds read before is old (the native
+    loops' too)."""
+    global _made_ns
+    if _native is not None:
+        _native.note_epoll_made()
+    else:
+        _made_ns = time.monotonic_ns()
+
+
+def epoll_made_ns() -> int:
+    return _native.epoll_made_ns() if _native is not None else _made_ns
+
+
+SETTLE_NS = 50_000_000       # the instance is made after the agent's CONTINUE
+
+
 class EpollIndex:
     """Which fds of a process are epoll instances, cached per process for a
-    second (listing /proc/PID/fd costs one readlink per fd)."""
+    second (listing /proc/PID/fd costs one readlink per fd), and never
+    across an epoll_create(1) a session's filter trapped (a list read within
+    SETTLE_NS after one is used once, not kept: the kernel may not have made
+    the instance yet)."""
 
     def __init__(self, ttl: float = 1.0, max_procs: int = 1024) -> None:
         self.ttl = ttl
@@ -52,8 +80,9 @@ class EpollIndex:
 
     def epoll_fds(self, tid: int) -> tuple[int, ...]:
         now = time.monotonic()
+        made = epoll_made_ns()
         hit = self._cache.get(tid)
-        if hit and now - hit[0] < self.ttl:
+        if hit and now - hit[0] < self.ttl and hit[0] * 1e9 > made + SETTLE_NS:
             return hit[1]
         found = []
         try:
@@ -68,7 +97,10 @@ class EpollIndex:
                 continue
         if len(self._cache) >= self.max_procs:
             self._cache.clear()
-        self._cache[tid] = (now, tuple(found))
+        if now * 1e9 > made + SETTLE_NS:
+            self._cache[tid] = (now, tuple(found))
+        else:
+            self._cache.pop(tid, None)
         return tuple(found)
 
     def forget(self, tid: int) -> None:

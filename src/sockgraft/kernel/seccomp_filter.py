@@ -17,7 +17,8 @@ from .seccomp import (AUDIT_ARCH_X86_64, BPF_MAXINSNS, SOCK_FILTER_STRUCT, MAX_E
                       SECCOMP_DATA_NR, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO,
                       SECCOMP_RET_USER_NOTIF, SYS_BIND, SYS_CONNECT, SYS_IO_URING_ENTER,
                       SYS_IO_URING_REGISTER, SYS_IO_URING_SETUP, SYS_LISTEN, SYS_SENDTO,
-                      SYS_SOCKET, SYS_SPLICE, X32_SYSCALL_BIT)
+                      SYS_SOCKET, SYS_SPLICE, SYS_EPOLL_CREATE, SYS_EPOLL_CREATE1,
+                      X32_SYSCALL_BIT)
 
 
 # classic BPF opcodes (include/uapi/linux/bpf_common.h)
@@ -223,6 +224,19 @@ def with_splice(spec: FilterSpec) -> FilterSpec:
     out of the map (Grafter._on_splice). Every splice() of the container
     then costs a round trip to the agent; its other calls nothing."""
     spec.trap[SYS_SPLICE] = None
+    return spec
+
+
+def with_epoll(spec: FilterSpec) -> FilterSpec:
+    """Trap epoll_create and epoll_create1 as well (syscall mode, an agent
+    that says so): the agent lets the kernel make the instance and learns
+    that one exists. Before grafting a non-blocking connect() it must know
+    whether an epoll instance of the process watches the socket (the swap
+    would drop that registration); its list of the process's instances is
+    then kept until the next one is made, instead of a second during which
+    a new one went unseen. One round trip per epoll instance made."""
+    spec.trap[SYS_EPOLL_CREATE] = None
+    spec.trap[SYS_EPOLL_CREATE1] = None
     return spec
 
 
