@@ -769,12 +769,19 @@ def test_neighbour_discovery_carries_nothing_else(flab):
     assert _port(flab, "h1-c1")["drops"] == before + 6
 
 
-def _upto(proc, line):
-    """The lines proc prints before `line` (which must come)."""
+def _upto(proc, line, timeout=15.0):
+    """The lines proc prints before `line` (which must come: proc is killed
+    if it has not within timeout)."""
+    import threading
     out = []
-    while (got := proc.stdout.readline().strip()) != line:
-        assert got, f"{line} never came"
-        out.append(got)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        while (got := proc.stdout.readline().strip()) != line:
+            assert got, f"{line} never came (before it: {out})"
+            out.append(got)
+    finally:
+        watchdog.cancel()
     return out
 
 
@@ -866,6 +873,24 @@ def _udp_big(dst, dport, size, marker):
     return True
 
 
+def _fragments_behind_options(src, dst, dport, marker):
+    """An IPv6 UDP datagram in two fragments with a destination options
+    header after the fragment header (the first fragment's UDP header is
+    behind it; the second carries marker), through a raw socket."""
+    import random
+    import struct
+    ident = random.randrange(1, 1 << 32)
+    ips = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+    first = (struct.pack("!BBHI", 60, 0, 1, ident) + bytes([17, 0, 1, 4, 0, 0, 0, 0]) +
+             struct.pack("!HHHH", 7199, dport, 8 + 16 + len(marker), 0) + bytes(16))
+    second = struct.pack("!BBHI", 60, 0, 32, ident) + marker
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        for frag in (first, second):
+            s.sendto(struct.pack("!IHBB", 0x60000000, len(frag), 44, 64) + ips + frag,
+                     (dst, 0))
+    return True
+
+
 def _orphan_fragment(src, dst, marker):
     """A non-first UDP fragment alone (offset 1480, a fresh identification),
     marker as its payload, through a raw socket (CAP_NET_RAW)."""
@@ -905,6 +930,9 @@ def test_fragments_get_their_first_fragments_verdict(flab, family):
     before = _port(flab, "h1-c1")
     netns.run_in(ns1, _udp_big, c2, 7170, 4000, b"MARK-31")
     assert _upto(seen, "MARK-31") == []
+    if family == 6:     # the first fragment's UDP header behind another header
+        netns.run_in(ns1, _fragments_behind_options, c1, c2, 7170, b"MARK-30")
+        assert _upto(seen, "MARK-30") == []
     netns.run_in(ns1, _udp_big, c2, 7171, 4000, b"MARK-32")
     netns.run_in(ns1, _orphan_fragment, c1, c2, b"MARK-33")
     netns.run_in(ns1, _udp_big, c2, 7170, 100, b"MARK-34")

@@ -2029,6 +2029,8 @@ struct pkt {
 	__u8 judged;        /* subject to the policy (not an ICMP error / ND) */
 	__u8 frag;          /* a non-first fragment: no ports */
 	__u8 frag1;         /* the first fragment of several: its verdict is theirs */
+	__u8 fragproto;     /* what follows the IPv4 header / the fragment header: the
+			     * same in every fragment (IPv6: options may come before L4) */
 	__u32 fragid;       /* the fragments' identification (IPv4: 16 bits) */
 	__u8 icmp_err;      /* an ICMP / ICMPv6 error: judged by the flow it is about */
 	__u8 bad;           /* dropped from a policed container whatever its policy: SP_* */
@@ -2135,6 +2137,7 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 		p->proto = e[0];
 		if (cur == 44) {
 			__builtin_memcpy(&p->fragid, e + 4, 4);
+			p->fragproto = e[0];
 			if (((__u16)e[2] << 8 | e[3]) & 0xfff8) {
 				p->frag = 1;
 				return 0;
@@ -2190,6 +2193,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		p->frag = (((__u16)ip[6] << 8 | ip[7]) & 0x1fff) != 0;
 		p->frag1 = !p->frag && (ip[6] & 0x20);
 		p->fragid = (__u32)ip[4] << 8 | ip[5];
+		p->fragproto = ip[9];
 		if (p->frag)
 			return 0;
 		ihl = (ip[0] & 0xf) * 4;
@@ -2421,14 +2425,16 @@ static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 	return v.verdict;
 }
 
-/* The fragments of one datagram the container sends: keyed by its
- * identification, destination and protocol (what reassembly keys them by;
- * the source is the container's own, checked before) in the flow cache. */
+/* The fragments of one datagram the container sends: keyed in the flow
+ * cache by its identification, destination and the header after the IP /
+ * fragment header (reassembly keys IPv4 by source, destination, protocol and
+ * identification, IPv6 by source, destination and identification; the
+ * source is the container's own, checked before). */
 static __always_inline void frag_key(struct flow_key *k, __u32 ifindex, struct pkt *p)
 {
 	k->ifindex = ifindex;
 	k->family = p->family;
-	k->proto = p->proto;
+	k->proto = p->fragproto;
 	k->kind = FK_FRAGS;
 	k->lport = (__u16)(p->fragid >> 16);
 	k->rport = (__u16)p->fragid;
