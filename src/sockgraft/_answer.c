@@ -784,7 +784,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	const uint8_t *ip;
 	uint16_t port;
 	uint32_t plen = 0;
-	struct config now;
+	struct config now, fresh;
 	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec, fl;
 	uint64_t t0 = now_ns();
 
@@ -819,17 +819,18 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	unspec = v4 ? !(ip[0] | ip[1] | ip[2] | ip[3]) : IN6_IS_ADDR_UNSPECIFIED(&a.in6.sin6_addr);
 	lo = v4 ? ip[0] == 127 : IN6_IS_ADDR_LOOPBACK(&a.in6.sin6_addr);
 	rc = unspec ? 0 : egress(c, v4, ip, port, &plen);
-	if (rc == 0 && !unspec) {
+	for (int tries = 0; rc == 0 && !unspec; tries++) {
 		/* no rule under the generation read at the start: if Python has
 		 * flipped to a new one since (and may have deleted the old one's
-		 * rules), the rules in force decide */
+		 * rules), the rules in force decide - again if it flipped meanwhile */
 		table_read(t, &now);
-		if (now.egress_gen != c->egress_gen) {
-			if (!now.connect)
-				goto python;	/* Python answers them now */
-			c = &now;
-			rc = egress(c, v4, ip, port, &plen);
-		}
+		if (now.egress_gen == c->egress_gen)
+			break;
+		if (!now.connect || tries == 8)
+			goto python;	/* Python answers them (now) */
+		memcpy(&fresh, &now, sizeof(fresh));
+		c = &fresh;
+		rc = egress(c, v4, ip, port, &plen);
 	}
 	if (rc < 0 || (rc > 0 && service(c, v4, ip, port, proto) != 0))
 		goto python;	/* (the grafter follows a directory redirect itself) */

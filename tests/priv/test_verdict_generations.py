@@ -79,14 +79,59 @@ def test_the_flow_cache_is_read_and_pruned_in_batches(tmp_path):
                             batch=64)
         assert sorted(k for k, _ in got) == sorted(keys) and {v for _, v in got} == {val}
         progs.delete("sg_fast_flows", keys[1])
-        assert progs.delete_many("sg_fast_flows", keys[:3]) == 2
-        assert FastPath.forget_flows(progs, {5}, set()) == 250 - 1
+        progs.delete("sg_fast_flows", keys[3])
+        assert progs.delete_many("sg_fast_flows", keys[:6]) == 4     # two gone already
+        # keys[0..5] had ifindex 5, 6, 7, 8, 5, 6: two of ifindex 5 are gone
+        assert FastPath.forget_flows(progs, {5}, set()) == 250 - 2
+        left = 1000 - 6 - 248
         assert len(progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
-                                 bpfmaps.FLOW_VAL.size)) == 1000 - 3 - 249
+                                 bpfmaps.FLOW_VAL.size)) == left
         from ipaddress import IPv4Address
-        assert FastPath.forget_flows(progs, set(), {IPv4Address("10.0.0.1")}) == 1000 - 3 - 249
+        assert FastPath.forget_flows(progs, set(), {IPv4Address("10.0.0.1")}) == left
         assert progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) == []
     finally:
         progs.close()
         kbpf.remove(name)
     assert not kbpf.leftovers(name)
+
+
+def test_a_generation_a_container_holds_is_never_given_again(tmp_path):
+    """When the counter comes round to the generation a container holds, its
+    next policy change skips it: given again, the new egress rules would
+    have the old ones' keys (and be deleted with them), and verdicts cached
+    under the old policy would match the new one."""
+    name = "tgen-" + secrets.token_hex(3)
+    progs = kbpf.Programs(name)
+    progs.load(join=False, fastpath="on")
+    try:
+        store = ConfigStore(str(tmp_path / "store"))
+        store.save(gc.load_config(EGRESS, source="test"))
+        enf = Enforcer(store, manage_nft=False)
+        enf.bpf = progs
+        enf._gen = 4
+        enf.sync_bpf([], {}, lambda mark: False, rescan=True)
+        (mark, held), = enf.applied.items()
+        assert held.gen == 5 and held.keys4
+        enf._gen = 4                                  # as if it came round
+        store.edit("c1", lambda cfg: gc.with_policy_rule(
+            cfg, parse_policy_rule("deny udp 10.8.0.0/16")))
+        enf.sync_bpf([], {}, lambda mark: False, rescan=True)
+        now = enf.applied[mark]
+        assert now.gen == 6
+        assert all(progs.lookup("sg_egress4", k, bpfmaps.EGRESS_VAL.size) is not None for k in now.keys4)
+        assert all(progs.lookup("sg_egress4", k, bpfmaps.EGRESS_VAL.size) is None for k in held.keys4)
+    finally:
+        progs.close()
+        kbpf.remove(name)
+    assert not kbpf.leftovers(name)
+
+
+EGRESS = """
+container = "c1"
+[endpoints.out]
+type = "ipv4"
+addr = "10.0.0.1"
+port = "dynamic"
+[rules]
+egress = ["10.0.0.0/8=out"]
+"""

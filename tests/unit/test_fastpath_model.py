@@ -99,6 +99,8 @@ def test_flow_key_layout_is_the_programs():
     # the same 16 bytes under the other family are another address
     assert not bpfmaps.flow_matcher((), {ip_address("::a01:203")})(key4)
     assert bpfmaps.flow_matcher({7}, {ip_address("fd00::9")})(key)
+    frags = bpfmaps.FLOW_KEY.pack(42, 6, 17, 0x1234, 0x5678, 1, ip_address("fd00::9").packed)
+    assert bpfmaps.flow_is_flow(key) and not bpfmaps.flow_is_flow(frags)
 
 
 def test_a_bad_mac_is_a_clear_error():

@@ -150,48 +150,67 @@ class Enforcer:
         for mark in wanted:
             if self.bpf.gens.get(mark) != gens.get(mark, 0):
                 self.bpf.set_gen(mark, gens.get(mark, 0))
-        for mark, (cfg, socket_mode, own) in wanted.items():
-            old = self.applied.get(mark)
-            splice = cfg.splice and traps.get(mark, False)
-            if old is not None and old.cfg == cfg and old.socket_mode == socket_mode and \
-                    old.addresses == own and old.splice == splice:
-                continue
+        try:
+            for mark, (cfg, socket_mode, own) in wanted.items():
+                old = self.applied.get(mark)
+                splice = cfg.splice and traps.get(mark, False)
+                if old is not None and old.cfg == cfg and old.socket_mode == socket_mode and \
+                        old.addresses == own and old.splice == splice:
+                    continue
+                gen = self._next_gen()
+                try:
+                    entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode,
+                                                 splice=splice)
+                except SockgraftError as exc:
+                    log.warning("bpf: container %s keeps its previous policy: %s",
+                                cfg.container, exc)
+                    continue
+                v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
+                sources = bpfmaps.source_keys(cfg, mark, own)
+                new = BpfApplied(cfg, socket_mode, sources, gen, [k for k, _ in v4],
+                                 [k for k, _ in v6], entry.labels, elabels, own, splice)
+                try:
+                    for k in sources:
+                        self.bpf.update("sg_sources", k, b"\1")
+                    for k, v in v4:
+                        self.bpf.update("sg_egress4", k, v)
+                    for k, v in v6:
+                        self.bpf.update("sg_egress6", k, v)
+                    self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
+                except SockgraftError:
+                    # the old generation stays in force: nothing of the new one
+                    self._forget_egress(new, keep=old.sources if old is not None else [])
+                    raise
+                if old is not None:
+                    retired.append((old, sources))
+                self.applied[mark] = new
+            for mark in [m for m in self.applied if m not in wanted]:
+                self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
+                retired.append((self.applied.pop(mark), []))
+        finally:
+            # whatever failed above: what the new generations replaced goes
+            # (a rule left behind would come back if its generation did)
+            try:
+                if retired and before_retire is not None:
+                    before_retire()
+            finally:
+                for old, keep in retired:
+                    self._forget_egress(old, keep=keep)
+        self.sync_bpf_services(services)
+
+    def _next_gen(self) -> int:
+        """A policy generation no container holds now (a u16 that comes round:
+        its egress rules are keyed by it, its cached verdicts match by it)."""
+        held = {a.gen for a in self.applied.values()}
+        while True:
             if self._gen == 0xFFFF:
                 # the generations come round again: no verdict cached under
                 # one of them may be taken for the new policy's
                 self._gen = 0
                 self.forget_verdicts()
             self._gen += 1
-            gen = self._gen
-            try:
-                entry = bpfmaps.policy_entry(cfg.policy, gen, socket_mode=socket_mode,
-                                             splice=splice)
-            except SockgraftError as exc:
-                log.warning("bpf: container %s keeps its previous policy: %s",
-                            cfg.container, exc)
-                continue
-            v4, v6, elabels = bpfmaps.egress_entries(cfg, mark, gen)
-            sources = bpfmaps.source_keys(cfg, mark, own)
-            for k in sources:
-                self.bpf.update("sg_sources", k, b"\1")
-            for k, v in v4:
-                self.bpf.update("sg_egress4", k, v)
-            for k, v in v6:
-                self.bpf.update("sg_egress6", k, v)
-            self.bpf.update("sg_policy", bpfmaps.policy_key(mark), entry.value)
-            if old is not None:
-                retired.append((old, sources))
-            self.applied[mark] = BpfApplied(cfg, socket_mode, sources, gen,
-                                            [k for k, _ in v4], [k for k, _ in v6],
-                                            entry.labels, elabels, own, splice)
-        for mark in [m for m in self.applied if m not in wanted]:
-            self.bpf.delete("sg_policy", bpfmaps.policy_key(mark))
-            retired.append((self.applied.pop(mark), []))
-        if retired and before_retire is not None:
-            before_retire()
-        for old, keep in retired:
-            self._forget_egress(old, keep=keep)
-        self.sync_bpf_services(services)
+            if self._gen not in held:
+                return self._gen
 
     def _rescan_one(self, name: str, mark_held: Callable[[int], bool]) -> None:
         assert self._store_configs is not None

@@ -467,5 +467,6 @@ class FastPath:
         return {"enabled": self.enabled, "ports": rows, "conflicts": list(self.conflicts),
                 "addresses": len(self.addrs), "remote_routes": len(self.remote),
                 "underlays": sorted(self.underlays), "waiting": list(self.waiting),
-                "flows": len(bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
-                                         bpfmaps.FLOW_VAL.size))}
+                "flows": sum(1 for k, _ in bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
+                                                       bpfmaps.FLOW_VAL.size)
+                             if bpfmaps.flow_is_flow(k))}

@@ -540,18 +540,24 @@ class Programs:
             ctypes.memmove(token_in, tokens[0], len(tokens[0]))
 
     def delete_many(self, m: str, keys: list[bytes]) -> int:
-        """Delete these keys (BPF_MAP_DELETE_BATCH; one by one past a key
-        that is gone already); the number deleted."""
-        if not keys:
-            return 0
-        size = len(keys[0])
-        buf = ctypes.create_string_buffer(b"".join(keys), size * len(keys))
-        count = ctypes.c_uint32(len(keys))
-        rc = lib().bpf_map_delete_batch(self.maps[m], buf, ctypes.byref(count), None)
-        if not rc:
-            return len(keys)
-        done = count.value
-        return done + sum(self.delete(m, k) for k in keys[done:])
+        """Delete these keys (BPF_MAP_DELETE_BATCH, past any key that is gone
+        already - the LRU may have dropped it since it was read); the number
+        deleted."""
+        done, i = 0, 0
+        while i < len(keys):
+            chunk = keys[i:]
+            size = len(chunk[0])
+            buf = ctypes.create_string_buffer(b"".join(chunk), size * len(chunk))
+            count = ctypes.c_uint32(len(chunk))
+            rc = lib().bpf_map_delete_batch(self.maps[m], buf, ctypes.byref(count), None)
+            if not rc:
+                return done + len(chunk)
+            if -rc != errno.ENOENT:
+                # (the count is the kernel's only for a missing key): one by one
+                return done + sum(self.delete(m, k) for k in chunk)
+            done += count.value
+            i += count.value + 1            # the missing key
+        return done
 
     # --- splicing ---------------------------------------------------------------
 

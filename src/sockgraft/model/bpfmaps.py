@@ -327,6 +327,11 @@ def peer_key(addr: IPv4Address) -> bytes:
     return addr.packed
 
 
+def flow_is_flow(key: bytes) -> bool:
+    """A flow's record, not a fragmented datagram's (kind FK_FRAGS)."""
+    return key[10:12] == b"\0\0"
+
+
 def flow_matcher(ifindexes: Iterable[int], addrs: Iterable[IPv4Address | IPv6Address]):
     """A test of a flow key (raw bytes, a full cache's worth per call):
     is it of one of these interfaces, or with one of these remote ends?"""
@@ -401,5 +406,5 @@ def decode_event(raw: bytes) -> Event:
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
-           "fast_addr_key", "fast_addr_val", "flow_matcher", "flow_judged", "splice_key", "remote_key",
+           "fast_addr_key", "fast_addr_val", "flow_matcher", "flow_is_flow", "flow_judged", "splice_key", "remote_key",
            "remote_val", "tunnel_val", "peer_key", "redirect_key"]
