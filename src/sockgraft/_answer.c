@@ -84,8 +84,6 @@ struct config {
 	uint32_t egress_gen;	/* their generation (the policy's) */
 	int sndbuf, rcvbuf;	/* the container's default buffer sizes (getsockopt), 0: unknown */
 	int splice_fd;		/* sg_splice when the session traps splice(), else -1 */
-	int traps_epoll;	/* its filter traps epoll_create(1): an epoll cache holds
-				 * until the next one (epoll_made_ns), not only a second */
 };
 
 enum { C_TCP, C_UDP, C_CONTINUED, C_REFUSED, C_GONE, C_HANDED, C_NS, C_CONNECTS, C_CONNECT_NS,
@@ -96,6 +94,8 @@ typedef struct {
 	atomic_uint seq;	/* odd while configure() writes */
 	struct config cfg;
 	atomic_ullong count[C_N];
+	atomic_ullong epoll_made;	/* CLOCK_MONOTONIC ns of the session's last
+					 * epoll_create(1) (its filter traps them) */
 } Table;
 
 static void table_read(Table *t, struct config *out)
@@ -115,20 +115,19 @@ static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"enabled", "mark", "uid", "tag_fd", "gen", "kinds",
 				"tag_flags", "connect", "eg4_fd", "eg6_fd", "egress_gen",
-				"sndbuf", "rcvbuf", "svc_fd", "splice_fd", "traps_epoll", NULL};
+				"sndbuf", "rcvbuf", "svc_fd", "splice_fd", NULL};
 	struct config c = {0};
 	long long uid = -1;
 	unsigned int mark = 0, gen = 0, kinds = 0xF, tag_flags = 0, egress_gen = 0;
 	int enabled = 0, tag_fd = -1, connect = 0, eg4_fd = -1, eg6_fd = -1, sndbuf = 0,
-	    rcvbuf = 0, svc_fd = -1, splice_fd = -1, traps_epoll = 0;
+	    rcvbuf = 0, svc_fd = -1, splice_fd = -1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiiiip", names, &enabled, &mark,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiiii", names, &enabled, &mark,
 					 &uid, &tag_fd, &gen, &kinds, &tag_flags, &connect,
 					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf, &svc_fd,
-					 &splice_fd, &traps_epoll))
+					 &splice_fd))
 		return NULL;
 	c.splice_fd = splice_fd;
-	c.traps_epoll = traps_epoll;
 	/* connect() is grafted here only with the guards: the kernel judges the
 	 * connect it continues (sg_connect4/6) */
 	c.connect = connect && tag_fd >= 0 && eg4_fd >= 0 && eg6_fd >= 0 && svc_fd >= 0;
@@ -151,6 +150,19 @@ static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 	atomic_thread_fence(memory_order_release);
 	atomic_fetch_add_explicit(&self->seq, 1, memory_order_acq_rel);
 	Py_RETURN_NONE;
+}
+
+static uint64_t now_ns(void);
+
+static PyObject *Table_note_epoll_made(Table *self, PyObject *unused)
+{
+	atomic_store(&self->epoll_made, now_ns());
+	Py_RETURN_NONE;
+}
+
+static PyObject *Table_epoll_made(Table *self, PyObject *unused)
+{
+	return PyLong_FromUnsignedLongLong((unsigned long long)atomic_load(&self->epoll_made));
 }
 
 static PyObject *Table_counters(Table *self, PyObject *unused)
@@ -177,12 +189,17 @@ static int Table_init(Table *self, PyObject *args, PyObject *kw)
 	self->cfg.eg4_fd = self->cfg.eg6_fd = self->cfg.svc_fd = self->cfg.splice_fd = -1;
 	for (int i = 0; i < C_N; i++)
 		atomic_store(&self->count[i], 0);
+	atomic_store(&self->epoll_made, 0);
 	if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw)))
 		return Table_configure(self, args, kw) ? 0 : -1;
 	return 0;
 }
 
 static PyMethodDef Table_methods[] = {
+	{"note_epoll_made", (PyCFunction)Table_note_epoll_made, METH_NOARGS,
+	 "note_epoll_made(): the session made an epoll instance (answered in Python)"},
+	{"epoll_made_ns", (PyCFunction)Table_epoll_made, METH_NOARGS,
+	 "epoll_made_ns() -> CLOCK_MONOTONIC ns of the session's last epoll_create(1), 0: none"},
 	{"configure", (PyCFunction)(void (*)(void))Table_configure, METH_VARARGS | METH_KEYWORDS,
 	 "configure(enabled, mark, uid, tag_fd=-1, gen=0, kinds=0xF, tag_flags=0): what the "
 	 "native loop grafts, swapped in atomically"},
@@ -633,20 +650,17 @@ static int target_cloexec(Worker *w, pid_t tid, int fd)
 static uint64_t now_ns(void);
 
 /* The epoll instances of thread tid (its fd table's "anon_inode:[eventpoll]"
- * links), cached beside the thread's pidfd like the Python grafter's
- * EpollIndex: their count, or -1 (unreadable, more than N_EPOLL of them, or
- * more than EPOLL_SCAN fds to look at: Python answers). A session whose
- * filter traps epoll_create/epoll_create1 tells of every new instance
- * (answer_epoll: epoll_made_ns): its cache holds until then (at most
- * EPOLL_LONG_NS); a scan that began within EPOLL_SETTLE_NS of such a call
- * (the instance may not exist yet: the kernel makes it after our CONTINUE)
- * is used once, not kept. Other sessions keep a scan EPOLL_TTL_NS (an epoll
- * made and given the socket within it is not seen). */
+ * links), cached for EPOLL_TTL_NS beside the thread's pidfd like the Python
+ * grafter's EpollIndex: their count, or -1 (unreadable, more than N_EPOLL of
+ * them, or more than EPOLL_SCAN fds to look at: Python answers). A session
+ * whose filter traps epoll_create/epoll_create1 tells of every new instance
+ * (Table.epoll_made): a list read before it is old, and one read within
+ * EPOLL_SETTLE_NS after it (the kernel makes the instance after our CONTINUE)
+ * is used once, not kept. Other sessions' lists (OCI hand-offs) are kept the
+ * second: an epoll made and given the socket within it is not seen. */
 #define EPOLL_TTL_NS 1000000000ull
-#define EPOLL_LONG_NS 30000000000ull
 #define EPOLL_SETTLE_NS 50000000ull
 #define EPOLL_SCAN 4096
-static _Atomic uint64_t epoll_made_ns;	/* the last epoll_create(1) trapped, any session */
 struct dirent64_ {
 	uint64_t d_ino;
 	int64_t d_off;
@@ -655,17 +669,17 @@ struct dirent64_ {
 	char d_name[];
 };
 
-static int epoll_fds(Worker *w, pid_t tid, int traps_epoll)
+static int epoll_fds(Worker *w, pid_t tid)
 {
 	int slot = (int)((unsigned)tid % N_PIDFDS), d, n = 0, seen = 0;
-	uint64_t now = now_ns(), made = atomic_load(&epoll_made_ns);
+	uint64_t now = now_ns(), made = atomic_load(&w->table->epoll_made);
 	char path[64], buf[8192], link[32];
 	long got;
 
 	if (w->pidfd_tid[slot] != tid || w->pidfd[slot] < 0)
 		return -1;
 	if (w->ep_at[slot] && w->ep_at[slot] > made + EPOLL_SETTLE_NS &&
-	    now - w->ep_at[slot] < (traps_epoll ? EPOLL_LONG_NS : EPOLL_TTL_NS))
+	    now - w->ep_at[slot] < EPOLL_TTL_NS)
 		return w->ep_n[slot];
 	snprintf(path, sizeof(path), "/proc/%d/fd", (int)tid);
 	d = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -706,9 +720,9 @@ out:
  * an epoll fd closed since the scan: scanned again next time). A socket
  * added to epoll before connect() (nginx) would lose its registration with
  * the file it replaces: Python carries it over (kernel/epollfix). */
-static int watched(Worker *w, pid_t tid, int fd, int traps_epoll)
+static int watched(Worker *w, pid_t tid, int fd)
 {
-	int slot = (int)((unsigned)tid % N_PIDFDS), n = epoll_fds(w, tid, traps_epoll);
+	int slot = (int)((unsigned)tid % N_PIDFDS), n = epoll_fds(w, tid);
 
 	for (int i = 0; i < n; i++) {
 		for (uint32_t toff = 0; toff < 64; toff++) {
@@ -814,7 +828,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	    (typ != SOCK_STREAM && typ != SOCK_DGRAM) ||
 	    sockopt_int(app, SOL_SOCKET, SO_PROTOCOL, &proto) ||
 	    (fl = fcntl(app, F_GETFL)) < 0 || (fl & O_ASYNC) || tagged(c->tag_fd, app) != 0 ||
-	    ((fl & O_NONBLOCK) && watched(w, (pid_t)n->pid, fd, c->traps_epoll) != 0))
+	    ((fl & O_NONBLOCK) && watched(w, (pid_t)n->pid, fd) != 0))
 		goto python;
 	unspec = v4 ? !(ip[0] | ip[1] | ip[2] | ip[3]) : IN6_IS_ADDR_UNSPECIFIED(&a.in6.sin6_addr);
 	lo = v4 ? ip[0] == 127 : IN6_IS_ADDR_LOOPBACK(&a.in6.sin6_addr);
@@ -983,9 +997,10 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	     n->data.nr != __NR_epoll_create1))
 		return 0;
 	if (n->data.nr == __NR_epoll_create || n->data.nr == __NR_epoll_create1) {
-		/* a new epoll instance: every cached scan is old from now on; the
-		 * kernel makes it (the call is the application's own) */
-		atomic_store(&epoll_made_ns, now_ns());
+		/* a new epoll instance: the session's cached lists are old from
+		 * now on; the kernel makes it (the call is the application's own) */
+		atomic_store(&t->epoll_made, now_ns());
+		atomic_fetch_add(&t->count[C_CONTINUED], 1);
 		respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
 		return 1;
 	}
@@ -1139,23 +1154,7 @@ static PyTypeObject WorkerType = {
 	.tp_methods = Worker_methods,
 };
 
-static PyObject *epoll_made(PyObject *self, PyObject *unused)
-{
-	return PyLong_FromUnsignedLongLong((unsigned long long)atomic_load(&epoll_made_ns));
-}
-
-static PyObject *note_epoll_made(PyObject *self, PyObject *unused)
-{
-	atomic_store(&epoll_made_ns, now_ns());
-	Py_RETURN_NONE;
-}
-
 static PyMethodDef module_methods[] = {
-	{"note_epoll_made", note_epoll_made, METH_NOARGS,
-	 "note_epoll_made(): an epoll_create(1) answered in Python (the cached scans are old)"},
-	{"epoll_made_ns", epoll_made, METH_NOARGS,
-	 "epoll_made_ns() -> CLOCK_MONOTONIC ns of the last epoll_create(1) the native loops "
-	 "saw (0: none)"},
 	{"set_options", set_options, METH_O,
 	 "set_options([(level, name, size, families, types), ...]): the options a grafted "
 	 "connect() carries over (kernel/sockets.py OPTIONS; families bit 1 AF_INET, 2 "

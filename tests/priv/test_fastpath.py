@@ -940,3 +940,48 @@ def test_fragments_get_their_first_fragments_verdict(flab, family):
     after = _port(flab, "h1-c1")
     assert after["spoofed"] == before["spoofed"] + 1
     assert after["drops"] >= before["drops"] + 4              # 32's three, 33
+
+
+def test_a_policed_container_cannot_claim_a_neighbours_link_local_address(flab):
+    """A policed container's neighbour advertisement of a neighbour's or the
+    gateway's default link-local address (their EUI-64 addresses, known from
+    their MACs) is dropped and counted as spoofed - the first step of a man
+    in the middle on the link, as ARP is for IPv4 -, and so is a solicitation
+    from a neighbour's link-local address; its own passes."""
+    from ipaddress import ip_address
+    from sockgraft.lab.builder import BRIDGE
+    from sockgraft.model.fastpath import eui64_link_local
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "fd53:6700::/48")
+    seen = _server(flab, "h1-c2", ICMP_SEEN, "6", "-")
+    ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+    ll1, ll2 = _link_local(ns1), _link_local(ns2)
+    mac2 = bytes.fromhex(_port(flab, "h1-c2")["mac"].replace(":", ""))
+    assert ip_address(ll2) == eui64_link_local(mac2)        # the kernel's default
+    out = subprocess.run(["ip", "-n", _ns(flab, "h1"), "-br", "link", "show", BRIDGE],
+                         capture_output=True, text=True, check=True).stdout.split()
+    gw = str(eui64_link_local(bytes.fromhex(out[2].replace(":", ""))))
+    before = _port(flab, "h1-c1")
+    for target in (ll2, gw):
+        netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(136, target))
+    netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(136, ll1))
+    assert _upto(seen, f"NA {ll1}") == []                  # neither before it
+    after = _port(flab, "h1-c1")
+    assert after["spoofed"] == before["spoofed"] + 2
+    # a solicitation from c2's link-local address (added to c1's interface)
+    subprocess.run(["ip", "-n", ns1, "addr", "add", f"{ll2}/64", "dev", "eth0", "nodad"],
+                   check=True)
+    netns.run_in(ns1, _ns_from, ll2, "eth0", "fd53:6700:0:1::71")
+    netns.run_in(ns1, _ns_from, ll1, "eth0", "fd53:6700:0:1::72")
+    assert "NS fd53:6700:0:1::71" not in _upto(seen, "NS fd53:6700:0:1::72")
+    assert _port(flab, "h1-c1")["spoofed"] == after["spoofed"] + 1
+
+
+def _ns_from(src, ifname, target):
+    """A neighbour solicitation for target from the link-local src, to the
+    all-nodes group."""
+    scope = socket.if_nametoindex(ifname)
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.bind((src, 0, 0, scope))
+        s.sendto(_nd(135, target), ("ff02::1", 0, 0, scope))
+    return True

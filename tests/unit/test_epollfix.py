@@ -78,3 +78,39 @@ def test_a_registration_survives_the_socket_swap(collide):
     assert out["helper_alive"] and out["spawned"] == 1
     assert out["missing"] is False and out["again"] is False and out["after"] is True
     print(f"re-registration through the helper: {out['us']:.0f} us")
+
+
+def test_the_list_of_epoll_fds_is_not_kept_across_an_epoll_create_of_the_session():
+    """EpollIndex keeps a process's list of epoll fds a second, but not across
+    an epoll_create its session reported (made: CLOCK_MONOTONIC ns), and a
+    list read within SETTLE_NS after one serves once (the instance may not
+    exist yet when the agent continues the call)."""
+    import os
+    import select
+    import time
+
+    from sockgraft.kernel import epollfix
+    index = epollfix.EpollIndex()
+    me = os.getpid()
+    first = index.epoll_fds(me)
+    ep = select.epoll()
+    try:
+        assert index.epoll_fds(me) == first                    # kept: no create reported
+        made = time.monotonic_ns()
+        seen = index.epoll_fds(me, made)
+        assert ep.fileno() in seen and ep.fileno() not in first   # read again
+        ep2 = select.epoll()
+        try:
+            assert ep2.fileno() in index.epoll_fds(me, made)       # within SETTLE: not kept
+            time.sleep(epollfix.SETTLE_NS / 1e9 + 0.01)
+            kept = index.epoll_fds(me, made)
+            ep3 = select.epoll()
+            try:
+                assert index.epoll_fds(me, made) == kept           # read after SETTLE: kept
+                assert ep3.fileno() not in kept
+            finally:
+                ep3.close()
+        finally:
+            ep2.close()
+    finally:
+        ep.close()

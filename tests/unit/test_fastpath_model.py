@@ -206,3 +206,15 @@ def test_the_containers_interfaces_among_a_namespaces_links():
     assert veths == [Veth(5, "c1", 1, 3, b"\2" * 6), Veth(9, "c2", 0, 7, b"\2" * 6)]
     assert vxlans == [11]
     assert veths_of([]) == ([], [])
+
+
+def test_each_default_link_local_address_has_its_owner():
+    """The EUI-64 link-local address of every container MAC names its port,
+    the bridges' name the node (0); a MAC two interfaces share names none."""
+    assert mf.eui64_link_local(bytes.fromhex("525400123456")) == \
+        ip_address("fe80::5054:ff:fe12:3456")
+    plan = mf.plan([port(7, "a", MAC1, "10.0.0.2"), port(9, "b", MAC2, "10.0.0.3"),
+                    port(11, "c", MAC3), port(12, "d", MAC3)], {})
+    ll = {ip_address(k): int.from_bytes(v, "little") for k, v in plan.link_locals.items()}
+    assert ll == {ip_address("fe80::ff:fe00:1"): 7, ip_address("fe80::ff:fe00:2"): 9,
+                  ip_address("fe80::ff:fe00:ff"): 0}

@@ -42,7 +42,7 @@ class Answer(Protocol):
     def install(self, sess: Session, nid: int, tid: int, host: socket.socket, fd: int,
                 cloexec: bool, watch: list, record: GraftedSocket | None) -> None: ...
     def respond(self, sess: Session, nid: int, *, val: int = 0, error: int = 0) -> None: ...
-    def watchers(self, tid: int, fd: int, app: socket.socket) -> list: ...
+    def watchers(self, sess: Session, tid: int, fd: int, app: socket.socket) -> list: ...
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Connects:
         app = app if app is not None else sock
         app_nb = ksock.file_nonblocking(app.fileno())
         cloexec = ksock.target_fd_cloexec(tid, fd) if inject else False
-        watch = a.watchers(tid, fd, app) if inject else []
+        watch = a.watchers(sess, tid, fd, app) if inject else []
         restore_blocking = False
         if not inject and not app_nb:
             # A grafted socket shared with the application: connect it without

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from ..errors import SockgraftError
+from ..errors import AgentError, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import nft
 from ..model import bpfmaps, graft, redirect
@@ -47,6 +47,7 @@ class Enforcer:
         self.bpf: kbpf.Programs | None = None
         self.applied: dict[int, BpfApplied] = {}     # mark -> what the maps hold
         self._gen = 0
+        self._reserved: set[int] = set()            # held at the last wrap: not given again
         self._store_configs: dict | None = None      # mark -> (config, socket mode)
         self._svc: dict[bytes, bytes] = {}
         self._svc_rev: dict[bytes, bytes] = {}
@@ -195,22 +196,32 @@ class Enforcer:
                     before_retire()
             finally:
                 for old, keep in retired:
-                    self._forget_egress(old, keep=keep)
+                    try:
+                        self._forget_egress(old, keep=keep)
+                    except SockgraftError as exc:
+                        # its generation is not given again before the next wrap
+                        self._reserved.add(old.gen)
+                        log.warning("bpf: container %s: rules of generation %d left: %s",
+                                    old.cfg.container, old.gen, exc)
         self.sync_bpf_services(services)
 
     def _next_gen(self) -> int:
-        """A policy generation no container holds now (a u16 that comes round:
-        its egress rules are keyed by it, its cached verdicts match by it)."""
+        """A policy generation no container holds now, nor held at the last
+        wrap (a u16 that comes round: egress rules are keyed by it, cached
+        verdicts match by it - a verdict cached under a generation held
+        across the wrap may still be in the cache)."""
         held = {a.gen for a in self.applied.values()}
-        while True:
+        for _ in range(0x10000):
             if self._gen == 0xFFFF:
                 # the generations come round again: no verdict cached under
                 # one of them may be taken for the new policy's
-                self._gen = 0
                 self.forget_verdicts()
+                self._gen = 0
+                self._reserved = set(held)
             self._gen += 1
-            if self._gen not in held:
+            if self._gen not in held and self._gen not in self._reserved:
                 return self._gen
+        raise AgentError("every policy generation is in use")
 
     def _rescan_one(self, name: str, mark_held: Callable[[int], bool]) -> None:
         assert self._store_configs is not None

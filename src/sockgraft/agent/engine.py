@@ -497,6 +497,7 @@ class Agent:
             # the threads receive every notification; the loop only hears
             # that the last filtered task exited (EPOLLHUP is always reported)
             self.sessions.set_threads(key, threads)
+            sess.native_table = threads.table     # (notes the session's epoll_creates)
             self.ep.register(key, 0)
         else:
             self.ep.register(key, select.EPOLLIN)
@@ -607,7 +608,7 @@ class Agent:
         if applied is None or applied.cfg != sess.config:
             return None
         return {"eg4_fd": self.bpf.maps["sg_egress4"], "eg6_fd": self.bpf.maps["sg_egress6"],
-                "svc_fd": self.bpf.maps["sg_services"], "traps_epoll": sess.traps_epoll,
+                "svc_fd": self.bpf.maps["sg_services"],
                 "egress_gen": applied.gen, "sndbuf": sess.buffers.get(ksock.SO_SNDBUF, 0),
                 "rcvbuf": sess.buffers.get(ksock.SO_RCVBUF, 0)}
 

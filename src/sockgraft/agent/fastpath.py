@@ -147,6 +147,7 @@ class FastPath:
         self.facts: dict[int, mfast.Port] = {}      # host ifindex -> what it is
         self.ports: dict[bytes, bytes] = {}         # what sg_fast_ports holds
         self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
+        self.link_locals: dict[bytes, bytes] = {}   # what sg_fast_ll holds
         self.judged: dict[int, str] = {}
         self.marks: dict[str, int] = {}             # the marks the maps were written with
         self.redirect_set: tuple = ()               # ... and the grafted servers' DNAT
@@ -329,6 +330,9 @@ class FastPath:
         _write(bpf, "sg_fast_addrs", self.addrs, plan.addrs)
         _drop(bpf, "sg_fast_addrs", self.addrs, plan.addrs)
         self.addrs = dict(plan.addrs)
+        _write(bpf, "sg_fast_ll", self.link_locals, plan.link_locals)
+        _drop(bpf, "sg_fast_ll", self.link_locals, plan.link_locals)
+        self.link_locals = dict(plan.link_locals)
         _drop(bpf, "sg_fast_redirects", self.redirects, plan.redirects)
         self.redirects = dict(plan.redirects)
         gone = {int.from_bytes(k, "little") for k in self.ports if k not in plan.ports}

@@ -152,13 +152,13 @@ class Grafter:
                         sess.container, tid, fd, len(watch))
         self.inv.graft(sess, record)
 
-    def watchers(self, tid: int, fd: int, app: socket.socket) -> list:
+    def watchers(self, sess: Session, tid: int, fd: int, app: socket.socket) -> list:
         """The target's epoll items on fd, read before the swap. Only sockets
         in non-blocking mode are looked at: a blocking socket in an epoll set
         before connect()/bind() is not a pattern event loops use."""
         if not ksock.file_nonblocking(app.fileno()):
             return []
-        return epollfix.watchers(tid, fd, self.epolls)
+        return epollfix.watchers(tid, fd, self.epolls, sess.epoll_made())
 
     # --- dispatch ------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class Grafter:
         elif n.nr == seccomp.SYS_SPLICE:
             self._on_splice(sess, n)
         elif n.nr in (seccomp.SYS_EPOLL_CREATE, seccomp.SYS_EPOLL_CREATE1):
-            epollfix.note_epoll_made()          # the lists of epoll fds are old now
+            sess.note_epoll_made()              # its lists of epoll fds are old now
             self.continue_(sess, n.id)          # (the kernel makes the instance)
         elif n.nr in CALLS:
             self._on_address(sess, n, name)
@@ -488,7 +488,7 @@ class Grafter:
         cloexec = ksock.target_fd_cloexec(t.n.pid, t.fd)
         ksock.set_blocking(host, not ksock.file_nonblocking(t.dup.fileno()))
         self.install(t.sess, t.n.id, t.n.pid, host, t.fd, cloexec,
-                     self.watchers(t.n.pid, t.fd, t.dup), record)
+                     self.watchers(t.sess, t.n.pid, t.fd, t.dup), record)
 
     def _record(self, t: Trapped, kind: str, endpoint: str, host: socket.socket,
                 remote: str) -> GraftedSocket:

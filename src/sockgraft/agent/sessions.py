@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -42,6 +43,21 @@ class Session:
     ports: tuple[PortMap, ...] = ()         # its published ports (lab, CNI portMappings)
     traps_splice: bool = False              # its filter traps splice(): may be spliced
     traps_epoll: bool = False               # its filter traps epoll_create(1)
+    epoll_made_ns: int = 0                  # its last one the Python grafter answered
+    native_table: object | None = None      # its native loop's Table (which notes its own)
+
+    def note_epoll_made(self) -> None:
+        """The session made an epoll instance: the lists of its processes'
+        epoll fds read before are old (the native loop's too)."""
+        self.epoll_made_ns = time.monotonic_ns()
+        if self.native_table is not None:
+            self.native_table.note_epoll_made()
+
+    def epoll_made(self) -> int:
+        """CLOCK_MONOTONIC ns of its last epoll_create(1) (0: none, or its
+        filter does not trap them)."""
+        t = self.native_table
+        return max(self.epoll_made_ns, t.epoll_made_ns() if t is not None else 0)
 
 
 class SessionTable:

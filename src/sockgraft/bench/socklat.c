@@ -53,5 +53,10 @@ int main(int argc, char **argv)
 	printf("{\"n\": %d, \"p50_us\": %.2f, \"p99_us\": %.2f, \"max_us\": %.2f, "
 	       "\"total_s\": %.4f, \"failed\": %d}\n",
 	       n, lat[n / 2], lat[(int)(n * 0.99)], lat[n - 1], total, failed);
+	fflush(stdout);
+	/* stay until the bench has read the agent's CPU time: the session (and
+	 * its notifier threads, whose time it reads) ends with this process */
+	while (fgets(line, sizeof line, stdin))
+		;
 	return failed ? 1 : 0;
 }

@@ -2008,6 +2008,20 @@ struct {
 	__type(value, __u8);
 } sg_fast_redirects SEC(".maps");
 
+/* Link-local addresses the node knows the owner of: each container's
+ * EUI-64 address (from its MAC) -> its port's ifindex, each bridge's -> 0.
+ * No policed container may claim one of another (ND source, NA target). */
+struct ll_key {
+	__u32 addr[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct ll_key);
+	__type(value, __u32);
+} sg_fast_ll SEC(".maps");
+
 /* the other hosts' VTEP addresses: the only outer sources decapsulated */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -2365,15 +2379,28 @@ static __noinline int related(struct __sk_buff *skb, struct pkt *p, __u32 ifinde
 	return V_DENY;
 }
 
+/* Is this link-local address known to be another interface's (a
+ * neighbour's or the bridge's EUI-64 address)? */
+static __always_inline int ll_of_other(const __u32 *addr, __u32 ifindex)
+{
+	struct ll_key k;
+	__u32 *owner;
+
+	__builtin_memcpy(k.addr, addr, 16);
+	owner = bpf_map_lookup_elem(&sg_fast_ll, &k);
+	return owner && *owner != ifindex;
+}
+
 /* A neighbour advertisement names one of the container's own addresses
  * (ND's forged-source rule: no neighbour told that another's address is at
- * this MAC); a link-local target is not known here and passes. */
+ * this MAC); a link-local target passes unless it is known to be another's
+ * (sg_fast_ll: a neighbour's or the gateway's EUI-64 address). */
 static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 ifindex)
 {
 	struct pkt q = {};
 
 	if ((p->target[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000))
-		return 1;
+		return !ll_of_other(p->target, ifindex);
 	q.family = 6;
 	__builtin_memcpy(q.saddr, p->target, 16);
 	return own_source(port, &q, ifindex);
@@ -2477,8 +2504,10 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	pol = bpf_map_lookup_elem(&sg_policy, &mark);
 	if (!pol)
 		return V_ALLOW;    /* configured without a policy entry (yet) */
-	/* no policy evaded with a forged source address */
-	if (!own && !link_source(p)) {
+	/* no policy evaded with a forged source address (nor a neighbour's or
+	 * the gateway's link-local one claimed) */
+	if (!own && (!link_source(p) ||
+		     (p->family == 6 && ll_of_other(p->saddr, skb->ifindex)))) {
 		spoofed(st, mark, SP_SOURCE, p->family, p->saddr, p->proto);
 		return V_DENY;
 	}

@@ -51,7 +51,8 @@ MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev
         "sg_splice", "sg_splice_st", "sg_splice_stats", "sg_local", "sg_splice_leave",
         "sg_splice_norx",
         "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats",
-        "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers", "sg_fast_redirects")
+        "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers", "sg_fast_redirects",
+        "sg_fast_ll")
 # outlive the agent: the identity of grafted sockets, and the spliced
 # connections with their state (freeing sg_splice would drop the bytes queued
 # in its sockets' psock queues) - and every other map the sk_msg program
@@ -543,18 +544,20 @@ class Programs:
         """Delete these keys (BPF_MAP_DELETE_BATCH, past any key that is gone
         already - the LRU may have dropped it since it was read); the number
         deleted."""
+        if not keys:
+            return 0
+        size = len(keys[0])
+        buf = ctypes.create_string_buffer(b"".join(keys), size * len(keys))
         done, i = 0, 0
         while i < len(keys):
-            chunk = keys[i:]
-            size = len(chunk[0])
-            buf = ctypes.create_string_buffer(b"".join(chunk), size * len(chunk))
-            count = ctypes.c_uint32(len(chunk))
-            rc = lib().bpf_map_delete_batch(self.maps[m], buf, ctypes.byref(count), None)
+            count = ctypes.c_uint32(len(keys) - i)
+            rc = lib().bpf_map_delete_batch(self.maps[m], ctypes.addressof(buf) + i * size,
+                                            ctypes.byref(count), None)
             if not rc:
-                return done + len(chunk)
+                return done + len(keys) - i
             if -rc != errno.ENOENT:
                 # (the count is the kernel's only for a missing key): one by one
-                return done + sum(self.delete(m, k) for k in chunk)
+                return done + sum(self.delete(m, k) for k in keys[i:])
             done += count.value
             i += count.value + 1            # the missing key
         return done

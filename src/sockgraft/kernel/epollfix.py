@@ -41,46 +41,23 @@ _EVENT = struct.Struct("=IQ")        # struct epoll_event is packed on x86_64
 _EVENTPOLL = "anon_inode:[eventpoll]"
 
 
-try:
-    from .. import _answer as _native
-except ImportError:          # the extension is not built: only Python notes them
-    _native = None
-_made_ns = 0
-
-
-def note_epoll_made() -> None:
-    """A process of a session whose filter traps epoll_create(1) makes an
-    epoll instance: every list of epoll fds read before is old (the native
-    loops' too)."""
-    global _made_ns
-    if _native is not None:
-        _native.note_epoll_made()
-    else:
-        _made_ns = time.monotonic_ns()
-
-
-def epoll_made_ns() -> int:
-    return _native.epoll_made_ns() if _native is not None else _made_ns
-
-
 SETTLE_NS = 50_000_000       # the instance is made after the agent's CONTINUE
 
 
 class EpollIndex:
     """Which fds of a process are epoll instances, cached per process for a
     second (listing /proc/PID/fd costs one readlink per fd), and never
-    across an epoll_create(1) a session's filter trapped (a list read within
-    SETTLE_NS after one is used once, not kept: the kernel may not have made
-    the instance yet)."""
+    across an epoll_create(1) of its session (made_ns: Session.epoll_made; a
+    list read within SETTLE_NS after one is used once, not kept: the kernel
+    may not have made the instance yet)."""
 
     def __init__(self, ttl: float = 1.0, max_procs: int = 1024) -> None:
         self.ttl = ttl
         self.max_procs = max_procs
         self._cache: dict[int, tuple[float, tuple[int, ...]]] = {}
 
-    def epoll_fds(self, tid: int) -> tuple[int, ...]:
+    def epoll_fds(self, tid: int, made: int = 0) -> tuple[int, ...]:
         now = time.monotonic()
-        made = epoll_made_ns()
         hit = self._cache.get(tid)
         if hit and now - hit[0] < self.ttl and hit[0] * 1e9 > made + SETTLE_NS:
             return hit[1]
@@ -107,11 +84,13 @@ class EpollIndex:
         self._cache.pop(tid, None)
 
 
-def watchers(tid: int, fd: int, index: EpollIndex) -> list[tuple[int, int, int]]:
+def watchers(tid: int, fd: int, index: EpollIndex,
+             made: int = 0) -> list[tuple[int, int, int]]:
     """(epoll fd, events, data) of every epoll instance of tid's process
-    that watches fd. Must be read before the fd is replaced."""
+    that watches fd (made: its session's last epoll_create, CLOCK_MONOTONIC
+    ns). Must be read before the fd is replaced."""
     out = []
-    for epfd in index.epoll_fds(tid):
+    for epfd in index.epoll_fds(tid, made):
         try:
             with open(f"/proc/{tid}/fdinfo/{epfd}", "rb") as f:
                 text = f.read()

@@ -29,6 +29,8 @@ sockaddrs are network order, as the kernel hands them to the program):
                  flags u16 (FA_REDIRECTS)}
   sg_fast_redirects {family, proto, port(be), addr[4]} -> u8: a grafted server's
                  DNAT takes these (never delivered around it)
+  sg_fast_ll     addr[16] (an EUI-64 link-local address) -> u32 its owner's port
+                 ifindex, 0: a bridge's (claimed by no policed container)
   sg_fast_remote LPM {32 + plen, family, pad[3], addr[4]} -> struct remote (the
                  outer headers towards another host's containers)
   sg_fast_tunnels u32 underlay ifindex -> {vni, local addr, dport(be), vtep mac}
@@ -299,6 +301,11 @@ def fast_addr_val(ifindex: int, mac: bytes, mark: int = 0, gw: bytes = bytes(6),
     server of it is redirected (sg_fast_redirects says which ports)."""
     return FAST_ADDR_VAL.pack(ifindex, _mac6(mac), _mac6(gw), mark, slot,
                               FA_REDIRECTS if redirects else 0)
+
+
+def fast_ll_val(ifindex: int) -> bytes:
+    """sg_fast_ll (key: the 16 address bytes): the owner's port, 0: a bridge."""
+    return ifindex.to_bytes(4, "little")
 
 
 def redirect_key(proto: str, addr: IPv4Address | IPv6Address, port: int) -> bytes:

@@ -46,6 +46,7 @@ class Plan:
     conflicts: list[str] = field(default_factory=list)
     judged: dict[int, str] = field(default_factory=dict)         # ifindex -> container
     redirects: dict[bytes, bytes] = field(default_factory=dict)  # sg_fast_redirects
+    link_locals: dict[bytes, bytes] = field(default_factory=dict)  # sg_fast_ll
 
 
 def container_of(netns_path: str, *, lab: str | None,
@@ -62,6 +63,13 @@ def container_of(netns_path: str, *, lab: str | None,
         lab_prefix = f"sg-{lab}-"
         return name[len(lab_prefix):] if name.startswith(lab_prefix) else None
     return name or None
+
+
+def eui64_link_local(mac: bytes) -> IPv6Address:
+    """The link-local address the kernel gives an interface of this MAC by
+    default (addr_gen_mode eui64, RFC 4291 appendix A)."""
+    iid = bytes([mac[0] ^ 2, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]])
+    return IPv6Address(b"\xfe\x80" + bytes(6) + iid)
 
 
 def _routable(a: IPv4Address | IPv6Address) -> bool:
@@ -84,7 +92,8 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
     owners: dict[bytes, list[Port]] = {}
     mark_of: dict[int, int] = {}
     slot_of: dict[int, int] = {}
-    for i, port in enumerate(sorted(ports, key=lambda p: p.ifindex)):
+    ports_sorted = sorted(ports, key=lambda p: p.ifindex)
+    for i, port in enumerate(ports_sorted):
         mark = mark_of[port.ifindex] = marks.get(port.container or "", 0)
         slot = slots[port.ifindex] if slots is not None else i
         own = [a for a in port.addrs if _routable(a)]
@@ -98,6 +107,20 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
         for a in port.addrs:
             if _routable(a):
                 owners.setdefault(bpfmaps.fast_addr_key(a), []).append(port)
+    # whose default link-local address is whose: a policed container claims
+    # none of another's (the bridges' belong to the node: 0); a MAC two
+    # interfaces share names no owner
+    lls: dict[bytes, set[int]] = {}
+    for port in ports_sorted:
+        if len(port.mac) == 6:
+            lls.setdefault(eui64_link_local(port.mac).packed, set()).add(port.ifindex)
+    for port in ports_sorted:
+        if len(port.gw) == 6 and port.gw != bytes(6):
+            key = eui64_link_local(port.gw).packed
+            if key not in lls or lls[key] == {0}:
+                lls[key] = {0}
+    out.link_locals = {k: bpfmaps.fast_ll_val(next(iter(v))) for k, v in lls.items()
+                       if len(v) == 1}
     for key, claimed in owners.items():
         if len(claimed) == 1:
             p = claimed[0]
