@@ -943,9 +943,9 @@ def test_fragments_get_their_first_fragments_verdict(flab, family):
 
 
 def test_a_policed_container_cannot_claim_a_neighbours_link_local_address(flab):
-    """A policed container's neighbour advertisement of a neighbour's or the
-    gateway's default link-local address (their EUI-64 addresses, known from
-    their MACs) is dropped and counted as spoofed - the first step of a man
+    """A policed container's neighbour advertisement of a neighbour's default
+    link-local address (its EUI-64 address, from its MAC) or the gateway's
+    (the bridge's own, read by the agent) is dropped and counted as spoofed - the first step of a man
     in the middle on the link, as ARP is for IPv4 -, and so is a solicitation
     from a neighbour's link-local address; its own passes."""
     from ipaddress import ip_address
@@ -957,9 +957,11 @@ def test_a_policed_container_cannot_claim_a_neighbours_link_local_address(flab):
     ll1, ll2 = _link_local(ns1), _link_local(ns2)
     mac2 = bytes.fromhex(_port(flab, "h1-c2")["mac"].replace(":", ""))
     assert ip_address(ll2) == eui64_link_local(mac2)        # the kernel's default
-    out = subprocess.run(["ip", "-n", _ns(flab, "h1"), "-br", "link", "show", BRIDGE],
-                         capture_output=True, text=True, check=True).stdout.split()
-    gw = str(eui64_link_local(bytes.fromhex(out[2].replace(":", ""))))
+    # the gateway's real one (a bridge's MAC follows its ports', its address stays)
+    out = subprocess.run(["ip", "-n", _ns(flab, "h1"), "-6", "-br", "addr", "show", "dev",
+                          BRIDGE, "scope", "link"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    gw = out[2].split("/")[0]
     before = _port(flab, "h1-c1")
     for target in (ll2, gw):
         netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(136, target))

@@ -28,7 +28,7 @@ egress = ["{net}=out"]
 
 class FailingBpf:
     def __init__(self):
-        self.gens, self.maps, self.fail_policy_of = {}, {}, None
+        self.gens, self.maps, self.fail_policy_of, self.fail_deletes = {}, {}, None, False
 
     def set_gen(self, mark, gen):
         self.gens[mark] = gen
@@ -39,6 +39,8 @@ class FailingBpf:
         self.maps.setdefault(m, {})[key] = val
 
     def delete(self, m, key):
+        if self.fail_deletes and m == "sg_egress4":
+            raise KernelError("delete from sg_egress4", 5)
         return self.maps.get(m, {}).pop(key, None) is not None
 
 
@@ -69,3 +71,19 @@ def test_a_failed_write_leaves_no_half_generation(tmp_path):
     # half-written new ones at once; b's old generation is whole
     assert retired == [set(old_a.keys4 + new_a.keys4 + old_b.keys4)]
     assert set(bpf.maps["sg_egress4"]) == set(new_a.keys4 + old_b.keys4)
+
+
+def test_a_generation_whose_rules_could_not_be_deleted_is_never_given_again(tmp_path):
+    """Its rules are still in the map under (mark, generation): given to the
+    container again - after the counter came round - they would be in force."""
+    enf = Enforcer(ConfigStore(str(tmp_path)), manage_nft=False)
+    enf.bpf = bpf = FailingBpf()
+    enf.sync_bpf([_sess(1, _cfg("a", "10.0.0.0/8"))], {}, lambda m: True, rescan=False)
+    first = enf.applied[1].gen
+    bpf.fail_deletes = True
+    enf.sync_bpf([_sess(1, _cfg("a", "10.1.0.0/16"))], {}, lambda m: True, rescan=False)
+    assert enf.applied[1].gen != first and first in enf._left    # logged, not raised
+    bpf.fail_deletes = False
+    enf._gen = 0xFFFF                       # the counter comes round at the next change
+    enf.sync_bpf([_sess(1, _cfg("a", "10.2.0.0/16"))], {}, lambda m: True, rescan=False)
+    assert enf.applied[1].gen not in (first, 0)

@@ -214,7 +214,10 @@ def test_each_default_link_local_address_has_its_owner():
     assert mf.eui64_link_local(bytes.fromhex("525400123456")) == \
         ip_address("fe80::5054:ff:fe12:3456")
     plan = mf.plan([port(7, "a", MAC1, "10.0.0.2"), port(9, "b", MAC2, "10.0.0.3"),
-                    port(11, "c", MAC3), port(12, "d", MAC3)], {})
+                    port(11, "c", MAC3), port(12, "d", MAC3), port(13, "e", GW)], {},
+                   node_link_locals=[ip_address("fe80::1")])
     ll = {ip_address(k): int.from_bytes(v, "little") for k, v in plan.link_locals.items()}
+    # the bridge's real address and its MAC's are the node's, whoever else has that MAC
     assert ll == {ip_address("fe80::ff:fe00:1"): 7, ip_address("fe80::ff:fe00:2"): 9,
-                  ip_address("fe80::ff:fe00:ff"): 0}
+                  ip_address("fe80::ff:fe00:ff"): 0, ip_address("fe80::1"): 0}
+    assert [c for c in plan.conflicts if "fe80::ff:fe00:3" in c]     # MAC3: said

@@ -48,6 +48,7 @@ class Enforcer:
         self.applied: dict[int, BpfApplied] = {}     # mark -> what the maps hold
         self._gen = 0
         self._reserved: set[int] = set()            # held at the last wrap: not given again
+        self._left: set[int] = set()                # rules left behind: never given again
         self._store_configs: dict | None = None      # mark -> (config, socket mode)
         self._svc: dict[bytes, bytes] = {}
         self._svc_rev: dict[bytes, bytes] = {}
@@ -199,7 +200,7 @@ class Enforcer:
                     try:
                         self._forget_egress(old, keep=keep)
                     except SockgraftError as exc:
-                        # its generation is not given again before the next wrap
+                        # (its generation is not given again: _left)
                         self._reserved.add(old.gen)
                         log.warning("bpf: container %s: rules of generation %d left: %s",
                                     old.cfg.container, old.gen, exc)
@@ -217,7 +218,7 @@ class Enforcer:
                 # one of them may be taken for the new policy's
                 self.forget_verdicts()
                 self._gen = 0
-                self._reserved = set(held)
+                self._reserved = set(held) | self._left
             self._gen += 1
             if self._gen not in held and self._gen not in self._reserved:
                 return self._gen
@@ -237,14 +238,22 @@ class Enforcer:
         self._store_configs = configs
 
     def _forget_egress(self, old: BpfApplied, keep: list[bytes] = ()) -> None:
+        """Delete a generation's rules and the sources `keep` does not name;
+        every key is tried. A key that cannot be deleted keeps its generation
+        from being given again (it would come back into force): reserved for
+        good, and the error raised once every key was tried."""
         assert self.bpf is not None
-        for k in old.keys4:
-            self.bpf.delete("sg_egress4", k)
-        for k in old.keys6:
-            self.bpf.delete("sg_egress6", k)
-        for k in old.sources:
-            if k not in keep:
-                self.bpf.delete("sg_sources", k)
+        failed: SockgraftError | None = None
+        for m, keys in (("sg_egress4", old.keys4), ("sg_egress6", old.keys6),
+                        ("sg_sources", [k for k in old.sources if k not in keep])):
+            for k in keys:
+                try:
+                    self.bpf.delete(m, k)
+                except SockgraftError as exc:
+                    failed = exc
+        if failed is not None:
+            self._left.add(old.gen)
+            raise failed
 
     def forget_verdicts(self) -> int:
         """Delete the fast path's cached policy verdicts (sg_fast_flows

@@ -148,6 +148,7 @@ class FastPath:
         self.ports: dict[bytes, bytes] = {}         # what sg_fast_ports holds
         self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
         self.link_locals: dict[bytes, bytes] = {}   # what sg_fast_ll holds
+        self.node_lls: tuple = ()                   # the bridges' own link-local addresses
         self.judged: dict[int, str] = {}
         self.marks: dict[str, int] = {}             # the marks the maps were written with
         self.redirect_set: tuple = ()               # ... and the grafted servers' DNAT
@@ -306,7 +307,13 @@ class FastPath:
                 del self.facts[gone]
             self._resolve(veths)
         fresh = self._assign_slots()
-        plan = mfast.plan(self.facts.values(), marks, self.slots, redirects)
+        if links or full:
+            bridges = {link.ifindex for link in self.links.values() if link.kind == "bridge"}
+            try:
+                self.node_lls = tuple(kports.link_locals(sorted(bridges)))
+            except OSError as exc:
+                log.warning("fastpath: the bridges' link-local addresses: %s", exc)
+        plan = mfast.plan(self.facts.values(), marks, self.slots, redirects, self.node_lls)
         if plan.conflicts != self.conflicts:
             for c in plan.conflicts:
                 log.warning("fastpath: %s", c)

@@ -230,6 +230,22 @@ def _facts_here(ifindex: int) -> tuple[bytes, tuple]:
         return _mac(mac), tuple(addrs)
 
 
+def link_locals(ifindexes: Iterable[int]) -> list[ipaddress.IPv6Address]:
+    """The IPv6 link-local addresses of these interfaces of this namespace
+    (the bridges: the containers' gateway on the link), tentative ones too."""
+    out = []
+    with IPRoute() as ipr:
+        for ifindex in ifindexes:
+            try:
+                for a in ipr.get_addr(family=socket.AF_INET6, index=ifindex):
+                    text = a.get_attr("IFA_ADDRESS")
+                    if text and ipaddress.ip_address(text).is_link_local:
+                        out.append(ipaddress.ip_address(text))
+            except NetlinkError:
+                continue            # gone meanwhile
+    return out
+
+
 def peers_facts(wanted: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[bytes, tuple]]:
     """(MAC, global addresses) of interface ifindex in the namespace at each
     netns path (link-local and tentative addresses left out). One helper

@@ -77,12 +77,14 @@ def _routable(a: IPv4Address | IPv6Address) -> bool:
 
 
 def plan(ports: Iterable[Port], marks: Mapping[str, int],
-         slots: Mapping[int, int] | None = None, redirects: Iterable = ()) -> Plan:
+         slots: Mapping[int, int] | None = None, redirects: Iterable = (),
+         node_link_locals: Iterable[IPv6Address] = ()) -> Plan:
     """marks: container -> the mark of its policy entry (configured
     containers only); slots: ifindex -> its counters' slot (default: the
     order of the interfaces); redirects: model/redirect.Redirect of this
     node (those to a container address keep their packets on the normal
-    path)."""
+    path); node_link_locals: the bridges' own link-local addresses (a
+    bridge's MAC follows its ports', its address does not)."""
     out = Plan()
     redirected: set = set()
     for r in redirects:
@@ -114,11 +116,14 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
     for port in ports_sorted:
         if len(port.mac) == 6:
             lls.setdefault(eui64_link_local(port.mac).packed, set()).add(port.ifindex)
-    for port in ports_sorted:
-        if len(port.gw) == 6 and port.gw != bytes(6):
-            key = eui64_link_local(port.gw).packed
-            if key not in lls or lls[key] == {0}:
-                lls[key] = {0}
+    for key, claimed in lls.items():
+        if len(claimed) > 1:
+            out.conflicts.append(f"{ip_address(key)} (one MAC) is claimed by "
+                                 f"{len(claimed)} interfaces: any of them may use it")
+    # the node's own (the gateway on the link) are always the node's
+    for a in [eui64_link_local(p.gw) for p in ports_sorted
+              if len(p.gw) == 6 and p.gw != bytes(6)] + list(node_link_locals):
+        lls[a.packed] = {0}
     out.link_locals = {k: bpfmaps.fast_ll_val(next(iter(v))) for k, v in lls.items()
                        if len(v) == 1}
     for key, claimed in owners.items():
