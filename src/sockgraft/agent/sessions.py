@@ -60,10 +60,22 @@ class Session:
         return max(self.epoll_made_ns, t.epoll_made_ns() if t is not None else 0)
 
 
+def _count(inventory, sess: Session, delta: dict[str, int]) -> None:
+    """A native loop's counts since the last harvest, into the inventory."""
+    if delta:
+        inventory.add(sess, "grafted", delta["tcp"] + delta["udp"])
+        inventory.add(sess, "by_native", delta["tcp"] + delta["udp"])
+        inventory.add(sess, "passed", delta["continued"])
+        inventory.add(sess, "errors", delta["refused"])
+
+
 class SessionTable:
     def __init__(self) -> None:
         self._by_key: dict[int, Session] = {}
         self._threads: dict[int, notifiers.Notifiers] = {}
+        # threads of sessions that ended, still finishing (stop() does not
+        # wait): what they answered last is counted once they are done
+        self._ending: list[tuple[Session, notifiers.Notifiers]] = []
 
     def add(self, key: int, sess: Session,
             threads: notifiers.Notifiers | None = None) -> None:
@@ -78,7 +90,10 @@ class SessionTable:
 
     def pop(self, key: int) -> tuple[Session, notifiers.Notifiers | None]:
         """Take a session (and its threads, still running) out of the table."""
-        return self._by_key.pop(key), self._threads.pop(key, None)
+        sess, threads = self._by_key.pop(key), self._threads.pop(key, None)
+        if threads is not None and threads.table is not None:
+            self._ending.append((sess, threads))
+        return sess, threads
 
     def get(self, key: int) -> Session | None:
         return self._by_key.get(key)
@@ -158,9 +173,14 @@ class SessionTable:
         """Count what the native loops answered since the last harvest."""
         for key, threads in self._threads.items():
             sess = self._by_key.get(key)
-            delta = threads.harvest()
-            if sess is not None and delta:
-                inventory.add(sess, "grafted", delta["tcp"] + delta["udp"])
-                inventory.add(sess, "by_native", delta["tcp"] + delta["udp"])
-                inventory.add(sess, "passed", delta["continued"])
-                inventory.add(sess, "errors", delta["refused"])
+            if sess is not None:
+                _count(inventory, sess, threads.harvest())
+        # a native answer's count comes after the answer: the application may
+        # have exited and its session ended before it (seen: a graft missing
+        # from the totals); the threads are harvested until they are done
+        ending, self._ending = self._ending, []
+        for sess, threads in ending:
+            done = threads.alive == 0
+            _count(inventory, sess, threads.harvest())
+            if not done:
+                self._ending.append((sess, threads))
