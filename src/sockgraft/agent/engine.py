@@ -451,8 +451,7 @@ class Agent:
                        {ksock.SO_SNDBUF: int(buffers.get("sndbuf", 0)),
                         ksock.SO_RCVBUF: int(buffers.get("rcvbuf", 0))}, conn,
                        graft_at=graft_at, addresses=tuple(addresses[:64]), inline=inline,
-                       ports=ports, traps_splice=msg.get("traps_splice") is True,
-                       traps_epoll=msg.get("traps_epoll") is True)
+                       ports=ports, traps_splice=msg.get("traps_splice") is True)
         key = listener.fileno()
         first_of_mark = not self.sessions.holds(mark)
         self.sessions.add(key, sess)

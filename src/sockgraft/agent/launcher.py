@@ -154,8 +154,7 @@ def run(container: str, argv: list[str], *, ns_path: str | None, agent_path: str
         listener = fds[0]
         got = json.loads(msg or b"{}")
         hello = {"buffers": got.get("buffers", {}), "addresses": got.get("addresses", []),
-                 "graft_at": graft_at, "ports": ports or [], "traps_splice": trap_splice,
-                 "traps_epoll": trap_epoll}
+                 "graft_at": graft_at, "ports": ports or [], "traps_splice": trap_splice}
         conn = _register(agent_path, container, pid, listener, hello)
         parent_sp.send(GO)
     except BaseException:

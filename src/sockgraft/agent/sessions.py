@@ -42,7 +42,6 @@ class Session:
                                             # while notifier threads alone do)
     ports: tuple[PortMap, ...] = ()         # its published ports (lab, CNI portMappings)
     traps_splice: bool = False              # its filter traps splice(): may be spliced
-    traps_epoll: bool = False               # its filter traps epoll_create(1)
     epoll_made_ns: int = 0                  # its last one the Python grafter answered
     native_table: object | None = None      # its native loop's Table (which notes its own)
 

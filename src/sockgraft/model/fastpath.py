@@ -94,8 +94,12 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
     owners: dict[bytes, list[Port]] = {}
     mark_of: dict[int, int] = {}
     slot_of: dict[int, int] = {}
-    ports_sorted = sorted(ports, key=lambda p: p.ifindex)
-    for i, port in enumerate(ports_sorted):
+    # whose default link-local address is whose: a policed container claims
+    # none of another's (the bridges' belong to the node: 0); a MAC two
+    # interfaces share names no owner
+    lls: dict[bytes, set[int]] = {}
+    gws: set[bytes] = set()
+    for i, port in enumerate(sorted(ports, key=lambda p: p.ifindex)):
         mark = mark_of[port.ifindex] = marks.get(port.container or "", 0)
         slot = slots[port.ifindex] if slots is not None else i
         own = [a for a in port.addrs if _routable(a)]
@@ -104,25 +108,20 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
         slot_of[port.ifindex] = slot
         if mark:
             out.judged[port.ifindex] = port.container or ""
+        if len(port.gw) == 6 and port.gw != bytes(6):
+            gws.add(port.gw)
         if len(port.mac) != 6:
             continue
+        lls.setdefault(eui64_link_local(port.mac).packed, set()).add(port.ifindex)
         for a in port.addrs:
             if _routable(a):
                 owners.setdefault(bpfmaps.fast_addr_key(a), []).append(port)
-    # whose default link-local address is whose: a policed container claims
-    # none of another's (the bridges' belong to the node: 0); a MAC two
-    # interfaces share names no owner
-    lls: dict[bytes, set[int]] = {}
-    for port in ports_sorted:
-        if len(port.mac) == 6:
-            lls.setdefault(eui64_link_local(port.mac).packed, set()).add(port.ifindex)
     for key, claimed in lls.items():
         if len(claimed) > 1:
             out.conflicts.append(f"{ip_address(key)} (one MAC) is claimed by "
                                  f"{len(claimed)} interfaces: any of them may use it")
     # the node's own (the gateway on the link) are always the node's
-    for a in [eui64_link_local(p.gw) for p in ports_sorted
-              if len(p.gw) == 6 and p.gw != bytes(6)] + list(node_link_locals):
+    for a in [eui64_link_local(gw) for gw in gws] + list(node_link_locals):
         lls[a.packed] = {0}
     out.link_locals = {k: bpfmaps.fast_ll_val(next(iter(v))) for k, v in lls.items()
                        if len(v) == 1}
