@@ -128,7 +128,8 @@ class RuncEnv:
     """runc containers in a lab host's namespace, networked by CNI, started with
     the profile `sockgraft oci-profile` writes (graft_at chooses which)."""
 
-    def __init__(self, glab, tmp, graft_at="syscall", extra_files=None, conf=None):
+    def __init__(self, glab, tmp, graft_at="syscall", extra_files=None, conf=None,
+                 profile_args=()):
         if shutil.which("runc") is None:
             pytest.fail("runc is not installed (./run installs it)")
         self.g = glab
@@ -140,7 +141,7 @@ class RuncEnv:
         self.runc = Runc(str(tmp / "runc-root"))
         self.listener = glab.oci_socket("h1")
         prof = glab.sg("oci-profile", "--listener", self.listener, "--graft-at",
-                       graft_at).stdout
+                       graft_at, *profile_args).stdout
         self.profile = json.loads(prof)
         self.cni = Cni(conf or conflist(glab.state_dir, tmp / "ipam",
                                         agentSocket=glab.agent_socket("h1")), self.h1.netns)

@@ -5,6 +5,7 @@ seccomp listener to the lab host's agent; nobody runs `sockgraft run`."""
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -278,6 +279,38 @@ def test_a_foreground_runc_run_hands_its_listener_over(glab, tmp_path, attack_bi
         st = _stats(glab, "fg")
         assert st is not None and st["grafted"] >= 1
         assert env.stop("fg") == []
+    finally:
+        env.close()
+        server.kill()
+        server.wait()
+
+
+def test_an_epoll_made_just_before_a_connect_keeps_its_registration_under_runc(
+        glab, tmp_path, attack_bin):
+    """The OCI profile traps epoll_create(1) in syscall mode: a runc
+    container that connects (the agent reads its epoll instances), then makes
+    a new epoll instance and registers a non-blocking socket with it before
+    connect() (nginx's order) gets EPOLLOUT of the grafted socket. Without
+    the trap the agent's list, read a moment before, is a second old: the
+    socket is swapped under the new instance and no event ever comes."""
+    server = _h2_server(glab, 7703)
+    env = RuncEnv(glab, tmp_path, extra_files={"attack": attack_bin})
+    try:
+        steps = ["nbconnect", "198.18.0.2:7703"] * 6 + ["sleep", "0.2"] + \
+            ["epconnect", "198.18.0.2:7703"] * 3
+        env.start("ep", ["/bin/attack", *steps, "sleep", "30"], CLI_ANN)
+        _wait(lambda: env.output("ep").count('"epconnect"') == 3, timeout=20,
+              what="ep's connects")
+        out = [json.loads(line) for line in env.output("ep").splitlines()
+               if line.startswith("{") and '"op"' in line]
+        nb = [o for o in out if o["op"] == "nbconnect"]
+        ep = [o for o in out if o["op"] == "epconnect"]
+        assert all(o["mark"] != 0 and o["so_error"] == 0 for o in nb), nb
+        # EPOLLOUT of the connected host socket; not nothing (the registration
+        # stayed with the container's own socket)
+        assert [o["events"] for o in ep] == [select.EPOLLOUT] * 3, ep
+        assert all(o["mark"] != 0 and o["so_error"] == 0 for o in ep), ep
+        assert env.stop("ep") == []
     finally:
         env.close()
         server.kill()

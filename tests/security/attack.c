@@ -25,6 +25,12 @@
  *   recvwait SECONDS              a datagram (or stream data) within SECONDS
  *   name                          getsockname
  *   loop N ADDR:PORT              N connects of fresh TCP sockets (a flood of denials)
+ *   nbconnect ADDR:PORT           a fresh non-blocking TCP socket connect()ed, polled
+ *                                 for writable (2 s); kept open
+ *   epconnect ADDR:PORT           a new epoll instance, then a fresh non-blocking TCP
+ *                                 socket registered with it (EPOLLOUT) before connect()
+ *                                 (nginx's order); reports the events of a 2 s
+ *                                 epoll_wait and the socket's SO_MARK; both kept open
  *   race tcp|udp N A:P B:P        N fresh sockets, each connect()ed (tcp) or sent one
  *                                 datagram (udp) through one sockaddr buffer that a
  *                                 second thread keeps switching between A and B (the
@@ -48,6 +54,7 @@
 #include <time.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -401,6 +408,36 @@ int main(int argc, char **argv)
 			}
 			snprintf(extra + used, sizeof(extra) - used, "}");
 			report(op, a, 0, 0, extra);
+		} else if (!strcmp(op, "nbconnect") || !strcmp(op, "epconnect")) {
+			const char *arg = argv[i++];
+			int ep = -1, s, mark = 0, soerr = 0;
+			struct epoll_event ev = {.events = EPOLLOUT}, got = {0};
+			struct pollfd pf;
+			socklen_t ml = sizeof(mark), el = sizeof(soerr);
+			char extra[128];
+
+			alen = parse(arg, &ss);
+			if (!strcmp(op, "epconnect"))
+				ep = epoll_create1(EPOLL_CLOEXEC);
+			s = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+			if (ep >= 0)
+				epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
+			r = connect(s, (struct sockaddr *)&ss, alen);
+			if (ep >= 0) {
+				if (epoll_wait(ep, &got, 1, 2000) != 1)
+					got.events = 0;
+			} else {
+				pf.fd = s;
+				pf.events = POLLOUT;
+				pf.revents = 0;
+				poll(&pf, 1, 2000);
+				got.events = (uint32_t)pf.revents;
+			}
+			getsockopt(s, SOL_SOCKET, SO_MARK, &mark, &ml);
+			getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &el);
+			snprintf(extra, sizeof(extra), "\"events\": %u, \"mark\": %d, \"so_error\": %d",
+				 got.events, mark, soerr);
+			report(op, arg, r, r ? errno : 0, extra);
 		} else if (!strcmp(op, "sleep")) {
 			usleep((useconds_t)(atof(argv[i++]) * 1e6));
 		} else {

@@ -205,3 +205,26 @@ def test_oci_profile_command_merges_idempotently_and_refuses_foreign_listeners(t
     bad.write_text("{nope")
     p = _cli("oci-profile", "--base", str(bad))
     assert p.returncode == 2 and "not JSON" in p.stderr and str(bad) in p.stderr
+
+
+def test_syscall_mode_profiles_trap_epoll_create_unless_told_not_to():
+    """An epoll instance made just before a connect() must be seen by the
+    agent (it carries the socket's registration over the graft): syscall
+    mode traps epoll_create(1) unconditionally, taking them out of the
+    base's rules (one rule per syscall); --no-trap-epoll and socket mode do
+    not, and a re-merge without it drops the earlier traps."""
+    base = {**DOCKERISH, "syscalls": DOCKERISH["syscalls"] + [
+        {"names": ["epoll_create1", "epoll_wait"], "action": "SCMP_ACT_ALLOW"}]}
+    prof = moci.build_profile(base, "/run/sg/oci.sock")
+    names = _by_name(prof)
+    for n in ("epoll_create", "epoll_create1"):
+        assert names[n] == [{"names": [n], "action": "SCMP_ACT_NOTIFY"}], names.get(n)
+    assert names["epoll_wait"][0]["action"] == "SCMP_ACT_ALLOW"
+    assert moci.build_profile(prof, "/run/sg/oci.sock") == prof
+    assert "epoll_create1" not in _by_name(moci.build_profile(None, "/x", "socket"))
+    plain = _by_name(moci.build_profile(base, "/x", trap_epoll=False))
+    assert [r["action"] for r in plain["epoll_create1"]] == ["SCMP_ACT_ALLOW"]
+    again = moci.build_profile(prof, "/run/sg/oci.sock", trap_epoll=False)
+    for n in ("epoll_create", "epoll_create1"):     # allowed again, as the base had them
+        assert [r["action"] for r in _by_name(again)[n]] == ["SCMP_ACT_ALLOW"], n
+    assert moci.build_profile(again, "/run/sg/oci.sock", trap_epoll=False) == again

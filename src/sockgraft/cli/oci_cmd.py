@@ -25,7 +25,11 @@ examples:
 
 The profile traps bind()/connect() with an inet-sized address (socket() too
 with --graft-at socket), denies io_uring (ENOSYS) and names the agent's OCI
-socket as listenerPath. With --base, sockgraft's syscalls are taken out of
+socket as listenerPath. With --graft-at syscall it traps epoll_create(1)
+too: the agent learns of each new epoll instance, so a socket registered
+with one before connect() (nginx's upstreams) keeps its registration when
+it is grafted. --no-trap-epoll leaves them out, for an agent older than
+this release (it would answer them ENOSYS). With --base, sockgraft's syscalls are taken out of
 the base's rules and its own added: merging twice gives the same profile. A
 base that already names another listenerPath is refused.
 """
@@ -43,6 +47,10 @@ def register(sub) -> None:
     p.add_argument("--listener", default=None,
                    help=f"the agent's OCI socket (default {default_oci_socket()})")
     p.add_argument("--graft-at", choices=gc.GRAFT_AT, default="syscall")
+    p.add_argument("--no-trap-epoll", dest="trap_epoll", action="store_false",
+                   help="do not trap epoll_create(1) (for an older agent; a socket given to "
+                        "an epoll instance made within a second before its connect() then "
+                        "loses the registration when grafted)")
     p.add_argument("--out", help="write here (atomically) instead of stdout")
     p.set_defaults(func=cmd_profile)
 
@@ -65,7 +73,8 @@ def cmd_profile(args) -> int:
     listener = args.listener or default_oci_socket()
     if not listener.startswith("/"):
         raise ConfigError("must be an absolute path", field="--listener", value=listener)
-    prof = moci.build_profile(base, listener, args.graft_at, source=args.base or "base profile")
+    prof = moci.build_profile(base, listener, args.graft_at, source=args.base or "base profile",
+                              trap_epoll=args.trap_epoll)
     text = json.dumps(prof, indent=2) + "\n"
     if args.out:
         tmp = f"{args.out}.tmp"

@@ -186,6 +186,7 @@ def _int(text: str, item: str, src: str, fld: str) -> int:
 
 OURS = ("bind", "connect", "sendto", "socket", "listen", "io_uring_setup", "io_uring_enter",
         "io_uring_register")
+EPOLL = ("epoll_create", "epoll_create1")
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 INET_ADDRLEN = (16, 28, 128)
 ENOSYS = 38
@@ -208,11 +209,16 @@ def _notify(name: str, index: int | None, values: tuple[int, ...]) -> list[dict]
 
 
 def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
-                  source: str = "base profile") -> dict:
+                  source: str = "base profile", trap_epoll: bool = True) -> dict:
     """The runtime profile with sockgraft's rules: trap what the engine needs
     (every bind and listen, connect with an inet-sized address; with
     graft_at=socket socket(AF_INET/AF_INET6) instead of connect), deny
-    io_uring (ENOSYS), name the agent's OCI socket as listener. Merged into `base`: our syscalls are
+    io_uring (ENOSYS), name the agent's OCI socket as listener. In syscall
+    mode epoll_create and epoll_create1 are trapped as well (trap_epoll): the
+    agent notes that the container made an epoll instance and continues the
+    call, so a socket given to a new instance before connect() keeps its
+    registration through the graft (an agent older than this answers them
+    ENOSYS: trap_epoll=False for one). Merged into `base`: our syscalls are
     taken out of its rules first, so merging twice gives the same profile.
     A base whose default action refuses syscalls cannot express "everything
     else allowed" for our syscalls with one argument test, so there they are
@@ -234,18 +240,28 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
                           f"a filter has one listener, so sockgraft cannot add {listener!r} "
                           f"(merge the other tool's rules into one agent, or drop its "
                           f"listenerPath)", source=source, field="listenerPath", value=other)
+    epoll = trap_epoll and graft_at != "socket"
+    taken = OURS + (EPOLL if epoll else ())
     rules = prof.get("syscalls") or []
     if not isinstance(rules, list):
         raise ConfigError("'syscalls' must be a list", source=source, field="syscalls")
-    kept = []
+    kept: list[dict] = []
+    untrapped: list[str] = []
     for i, r in enumerate(rules):
         if not isinstance(r, dict) or not isinstance(r.get("names"), list):
             raise ConfigError(f"syscalls[{i}] has no list of names", source=source,
                               field=f"syscalls[{i}]")
-        names = [n for n in r["names"] if n not in OURS]
+        # a previous merge's epoll traps go even when not trapping now (and
+        # stay allowed: that merge took them out of the base's rules)
+        if r.get("action") == "SCMP_ACT_NOTIFY":
+            untrapped += [n for n in r["names"] if n in EPOLL and not epoll]
+        names = [n for n in r["names"] if n not in taken and
+                 not (n in EPOLL and r.get("action") == "SCMP_ACT_NOTIFY")]
         if names:
             kept.append({**r, "names": names})
     allowing = prof["defaultAction"] in ALLOWING
+    if untrapped and not allowing:
+        kept.append({"names": untrapped, "action": "SCMP_ACT_ALLOW"})
     ours: list[dict] = []
     ours += _notify("bind", None, ())
     ours += _notify("listen", None, ())
@@ -253,6 +269,8 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         ours += _notify("socket", 0 if allowing else None, (2, 10))
     else:
         ours += _notify("connect", 2 if allowing else None, INET_ADDRLEN)
+    if epoll:
+        ours += _notify(EPOLL[0], None, ()) + _notify(EPOLL[1], None, ())
     if not allowing:
         # the base refused what it did not list: keep sendto/connect usable
         plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
