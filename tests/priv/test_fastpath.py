@@ -978,6 +978,51 @@ def test_a_policed_container_cannot_claim_a_neighbours_link_local_address(flab):
     assert _port(flab, "h1-c1")["spoofed"] == after["spoofed"] + 1
 
 
+def _dad_probe(ifname, mac, target):
+    """A duplicate address detection probe for target (a neighbour
+    solicitation from ::, RFC 4862) to the all-nodes group, sent as a whole
+    frame: the kernel never sends from :: for an application."""
+    import struct
+    src, dst = bytes(16), socket.inet_pton(socket.AF_INET6, "ff02::1")
+    body = bytearray(struct.pack("!BBHI16s", 135, 0, 0, 0,
+                                 socket.inet_pton(socket.AF_INET6, target)))
+    pseudo = src + dst + struct.pack("!IxxxB", len(body), socket.IPPROTO_ICMPV6) + body
+    total = sum(int.from_bytes(pseudo[i:i + 2], "big") for i in range(0, len(pseudo), 2))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    body[2:4] = (~total & 0xffff).to_bytes(2, "big")
+    ip6 = struct.pack("!IHBB16s16s", 0x60000000, len(body), socket.IPPROTO_ICMPV6, 255,
+                      src, dst)
+    frame = bytes.fromhex("333300000001") + mac + b"\x86\xdd" + ip6 + bytes(body)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        s.send(frame)
+    return True
+
+
+def test_a_policed_container_cannot_probe_away_a_neighbours_address(flab):
+    """Duplicate address detection: a solicitation from :: for an address
+    makes a node that is still trying that address give it up (RFC 4862
+    5.4.3) - a policed container probing for a neighbour's link-local or
+    global address (or the gateway's) would deny them their addresses. Such
+    probes are dropped and counted as spoofed; probes for its own addresses
+    pass (its own duplicate address detection)."""
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "fd53:6700::/48")
+    seen = _server(flab, "h1-c2", ICMP_SEEN, "6", "-")
+    ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+    ll1, ll2 = _link_local(ns1), _link_local(ns2)
+    mac1 = bytes.fromhex(_port(flab, "h1-c1")["mac"].replace(":", ""))
+    before = _port(flab, "h1-c1")["spoofed"]
+    for target in (ll2, C2_6):
+        netns.run_in(ns1, _dad_probe, "eth0", mac1, target)
+    netns.run_in(ns1, _dad_probe, "eth0", mac1, C1_6)
+    netns.run_in(ns1, _dad_probe, "eth0", mac1, ll1)
+    lines = _upto(seen, f"NS {ll1}")
+    assert f"NS {C1_6}" in lines, lines                     # its own probes arrive
+    assert f"NS {ll2}" not in lines and f"NS {C2_6}" not in lines, lines
+    assert _port(flab, "h1-c1")["spoofed"] == before + 2
+
+
 def _ns_from(src, ifname, target):
     """A neighbour solicitation for target from the link-local src, to the
     all-nodes group."""

@@ -100,7 +100,8 @@
 #define EV_DENY_SPOOF 12    /* fast path: label = what (SP_*), the address claimed */
 #define SP_SOURCE 1         /* an IP source that is not the container's */
 #define SP_ARP 2            /* an ARP sender address that is not its own */
-#define SP_ND_TARGET 3      /* a neighbour advertisement of another's address */
+#define SP_ND_TARGET 3      /* a neighbour advertisement (or a duplicate address
+			     * probe) of another's address */
 #define SP_ND_MALFORMED 4   /* neighbour discovery carrying more than the link needs */
 #define SP_ROUTER 5         /* a router advertisement or redirect */
 #define SP_FRAGMENT 6       /* a non-first fragment whose first was not judged */
@@ -2054,7 +2055,9 @@ struct pkt {
 	__u32 saddr[4];
 	__u32 daddr[4];
 	__u8 dmac[6];
-	__u8 na;            /* a neighbour advertisement: its target below */
+	__u8 na;            /* a neighbour advertisement or duplicate address probe
+			     * (solicitation from ::): its target, below, must be the
+			     * sender's own */
 	__u32 target[4];
 };
 
@@ -2106,8 +2109,13 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 			 * application chooses - no channel to where it may not go */
 			p->judged = !link;
 			p->bad = nd_ok(h, end, len) ? 0 : SP_ND_MALFORMED;
-			if (t == 136 && !p->bad && h + 24 <= end) {
-				p->na = 1;	/* whose address it announces: fast_judge */
+			/* whose address it announces (an advertisement) or
+			 * probes for duplicates (a solicitation from ::, which
+			 * makes a tentative owner give its address up): fast_judge */
+			if (!p->bad && h + 24 <= end &&
+			    (t == 136 || (t == 135 && !(p->saddr[0] | p->saddr[1] |
+							p->saddr[2] | p->saddr[3])))) {
+				p->na = 1;
 				__builtin_memcpy(p->target, h + 8, 16);
 			}
 		} else if (t == 134 || t == 137) {
@@ -2393,7 +2401,9 @@ static __always_inline int ll_of_other(const __u32 *addr, __u32 ifindex)
 
 /* A neighbour advertisement names one of the container's own addresses
  * (ND's forged-source rule: no neighbour told that another's address is at
- * this MAC); a link-local target passes unless it is known to be another's
+ * this MAC), and so does a duplicate address probe (a solicitation from ::
+ * for another's tentative address makes the owner give it up, RFC 4862
+ * 5.4.3); a link-local target passes unless it is known to be another's
  * (sg_fast_ll: a neighbour's or the gateway's EUI-64 address). */
 static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 ifindex)
 {
