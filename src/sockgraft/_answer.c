@@ -2,8 +2,9 @@
  *
  * A notifier thread calls Worker.serve(), which releases the GIL and loops:
  *   NOTIF_RECV -> is it socket() of a kind the session's Table grafts?
- *     yes: take the spare host socket of that kind (or make one: setfsuid to
- *          the container's socket uid, socket(), SO_MARK, the sg_sock tag
+ *     yes: take the spare host socket of that kind (or make one: fsuid the
+ *          container's socket uid - kept until root's is needed again -,
+ *          socket(), SO_MARK, the sg_sock tag
  *          through bpf(BPF_MAP_UPDATE_ELEM)) -> NOTIF_ADDFD with FLAG_SEND
  *          (installed and returned in one step) -> refill the spare
  *     an inet socket() of a kind nobody grafts: NOTIF_SEND with FLAG_CONTINUE
@@ -331,7 +332,26 @@ typedef struct {
 	uint32_t spare_mark, spare_gen;
 	int64_t spare_uid;
 	int spare_tagged;
+	/* the serving thread's fsuid: its own (root) at NOTIF_RECV's return
+	 * only when the last answer needed it; host sockets are made under
+	 * the container's socket uid, which stays set until something needs
+	 * root's again (a connect()'s /proc reads, the return to Python) -
+	 * socket() after socket() then switches nothing */
+	int64_t fsuid, own_fsuid;
 } Worker;
+
+/* The serving thread's fsuid to uid (-1: its own). fsuid is per thread; while
+ * it is not root the kernel drops the file capabilities (CAP_DAC_OVERRIDE,
+ * ...) from the thread's effective set, which /proc reads need. */
+static void fsuid_to(Worker *w, int64_t uid)
+{
+	int64_t want = uid >= 0 ? uid : w->own_fsuid;
+
+	if (w->fsuid != want) {
+		setfsuid((uid_t)want);
+		w->fsuid = want;
+	}
+}
 
 static int bpf_tag(int map_fd, int sock_fd, const struct config *c)
 {
@@ -351,18 +371,15 @@ static int bpf_tag(int map_fd, int sock_fd, const struct config *c)
 	return syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)) ? -errno : 0;
 }
 
-/* A marked (and tagged) host socket for the request, or -errno. */
-static int host_socket(int family, int type, int proto, const struct config *c)
+/* A marked (and tagged) host socket for the request, or -errno; made under
+ * the container's socket uid (left set: fsuid_to). */
+static int host_socket(Worker *w, int family, int type, int proto, const struct config *c)
 {
 	int s, err, t = (type & TYPE_MASK) | SOCK_CLOEXEC | (type & SOCK_NONBLOCK);
-	int old = -1;
 
-	if (c->uid >= 0)
-		old = setfsuid((uid_t)c->uid);
+	fsuid_to(w, c->uid);
 	s = socket(family, t, proto);
 	err = errno;
-	if (c->uid >= 0)
-		setfsuid((uid_t)old);
 	if (s < 0)
 		return -err;
 	if (setsockopt(s, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark))) {
@@ -442,7 +459,7 @@ static void refill(Worker *w, int family, int type, int proto, const struct conf
 
 	if (w->spare >= 0)
 		return;
-	s = host_socket(family, type, proto, c);
+	s = host_socket(w, family, type, proto, c);
 	if (s < 0)
 		return;		/* EMFILE and the like: made while the caller waits next time */
 	w->spare = s;
@@ -802,6 +819,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec, fl;
 	uint64_t t0 = now_ns();
 
+	fsuid_to(w, -1);	/* /proc reads, pidfds: as root */
 	if (N_OPTS < 0 || (alen != sizeof(a.in4) && alen != sizeof(a.in6)))
 		return 0;	/* (without the option list it could not copy them) */
 	if (process_vm_readv((pid_t)n->pid, &lv, 1, &rv, 1, 0) != (ssize_t)alen)
@@ -860,7 +878,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		goto python;
 	host = take_spare(w, family, typ, proto, c);
 	if (host < 0)
-		host = host_socket(family, typ, proto, c);	/* blocking; O_NONBLOCK below */
+		host = host_socket(w, family, typ, proto, c);	/* blocking; O_NONBLOCK below */
 	if (host < 0) {
 		close(app);
 		rc = respond(w->fd, n->id, -host, 0);
@@ -934,6 +952,7 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 	struct splice_key_ k;
 	uint64_t cookie;
 
+	fsuid_to(w, -1);	/* /proc reads, pidfds: as root */
 	if (n->data.args[1])
 		goto kernel;	/* an offset for fd_in: not a socket's splice */
 	app = target_fd(w, (pid_t)n->pid, fd);
@@ -1023,7 +1042,7 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	}
 	s = take_spare(w, family, type, proto, &c);
 	if (s < 0)
-		s = host_socket(family, type, proto, &c);
+		s = host_socket(w, family, type, proto, &c);
 	if (s < 0) {
 		rc = respond(w->fd, n->id, -s, 0);
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_REFUSED], 1);
@@ -1066,6 +1085,7 @@ static PyObject *Worker_serve(Worker *self, PyObject *unused)
 		return NULL;
 	}
 	Py_BEGIN_ALLOW_THREADS
+	self->own_fsuid = self->fsuid = setfsuid((uid_t)-1);	/* (asks, changes nothing) */
 	for (;;) {
 		memset(&n, 0, sizeof(n));
 		rc = ioctl(self->fd, SECCOMP_IOCTL_NOTIF_RECV, &n);
@@ -1076,6 +1096,7 @@ static PyObject *Worker_serve(Worker *self, PyObject *unused)
 		if (!answer(self, &n))
 			break;
 	}
+	fsuid_to(self, -1);		/* Python runs as the agent */
 	Py_END_ALLOW_THREADS
 	if (rc < 0)
 		return PyLong_FromLong(err == EINTR ? 0 : -err);
