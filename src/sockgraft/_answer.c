@@ -85,10 +85,11 @@ struct config {
 	uint32_t egress_gen;	/* their generation (the policy's) */
 	int sndbuf, rcvbuf;	/* the container's default buffer sizes (getsockopt), 0: unknown */
 	int splice_fd;		/* sg_splice when the session traps splice(), else -1 */
+	int born_fd;		/* sg_born: host sockets marked and tagged at birth, -1: not */
 };
 
 enum { C_TCP, C_UDP, C_CONTINUED, C_REFUSED, C_GONE, C_HANDED, C_NS, C_CONNECTS, C_CONNECT_NS,
-       C_N };
+       C_BORN, C_N };
 
 typedef struct {
 	PyObject_HEAD
@@ -116,18 +117,19 @@ static PyObject *Table_configure(Table *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"enabled", "mark", "uid", "tag_fd", "gen", "kinds",
 				"tag_flags", "connect", "eg4_fd", "eg6_fd", "egress_gen",
-				"sndbuf", "rcvbuf", "svc_fd", "splice_fd", NULL};
+				"sndbuf", "rcvbuf", "svc_fd", "splice_fd", "born_fd", NULL};
 	struct config c = {0};
 	long long uid = -1;
 	unsigned int mark = 0, gen = 0, kinds = 0xF, tag_flags = 0, egress_gen = 0;
 	int enabled = 0, tag_fd = -1, connect = 0, eg4_fd = -1, eg6_fd = -1, sndbuf = 0,
-	    rcvbuf = 0, svc_fd = -1, splice_fd = -1;
+	    rcvbuf = 0, svc_fd = -1, splice_fd = -1, born_fd = -1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiiii", names, &enabled, &mark,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "pIL|iIIIpiiIiiiii", names, &enabled, &mark,
 					 &uid, &tag_fd, &gen, &kinds, &tag_flags, &connect,
 					 &eg4_fd, &eg6_fd, &egress_gen, &sndbuf, &rcvbuf, &svc_fd,
-					 &splice_fd))
+					 &splice_fd, &born_fd))
 		return NULL;
+	c.born_fd = tag_fd >= 0 ? born_fd : -1;	/* (it tags: only with the guards) */
 	c.splice_fd = splice_fd;
 	/* connect() is grafted here only with the guards: the kernel judges the
 	 * connect it continues (sg_connect4/6) */
@@ -168,7 +170,7 @@ static PyObject *Table_epoll_made(Table *self, PyObject *unused)
 
 static PyObject *Table_counters(Table *self, PyObject *unused)
 {
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}",
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}",
 			     "tcp", (unsigned long long)atomic_load(&self->count[C_TCP]),
 			     "udp", (unsigned long long)atomic_load(&self->count[C_UDP]),
 			     "continued", (unsigned long long)atomic_load(&self->count[C_CONTINUED]),
@@ -178,7 +180,8 @@ static PyObject *Table_counters(Table *self, PyObject *unused)
 			     "answer_ns", (unsigned long long)atomic_load(&self->count[C_NS]),
 			     "connects", (unsigned long long)atomic_load(&self->count[C_CONNECTS]),
 			     "connect_ns",
-			     (unsigned long long)atomic_load(&self->count[C_CONNECT_NS]));
+			     (unsigned long long)atomic_load(&self->count[C_CONNECT_NS]),
+			     "born", (unsigned long long)atomic_load(&self->count[C_BORN]));
 }
 
 static int Table_init(Table *self, PyObject *args, PyObject *kw)
@@ -188,6 +191,7 @@ static int Table_init(Table *self, PyObject *args, PyObject *kw)
 	self->cfg.uid = -1;
 	self->cfg.tag_fd = -1;
 	self->cfg.eg4_fd = self->cfg.eg6_fd = self->cfg.svc_fd = self->cfg.splice_fd = -1;
+	self->cfg.born_fd = -1;
 	for (int i = 0; i < C_N; i++)
 		atomic_store(&self->count[i], 0);
 	atomic_store(&self->epoll_made, 0);
@@ -338,6 +342,17 @@ typedef struct {
 	 * root's again (a connect()'s /proc reads, the return to Python) -
 	 * socket() after socket() then switches nothing */
 	int64_t fsuid, own_fsuid;
+	/* sg_born: this thread's entry (key: its pid_tgid) while it serves, so
+	 * that its host sockets are born marked and tagged. born_map: where the
+	 * entry is written (-1: none); born_ok: 1 once a socket was seen born
+	 * right, -1 if one was not (the program is missing: mark and tag by
+	 * hand from then on), 0 not yet known */
+	uint64_t born_key;
+	int born_map, born_ok;
+	struct born_val {
+		uint32_t mark;
+		uint16_t flags, gen;
+	} born;
 } Worker;
 
 /* The serving thread's fsuid to uid (-1: its own). fsuid is per thread; while
@@ -371,17 +386,80 @@ static int bpf_tag(int map_fd, int sock_fd, const struct config *c)
 	return syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)) ? -errno : 0;
 }
 
+static int map_lookup(int map_fd, const void *key, void *value);
+
+static void born_clear(Worker *w)
+{
+	union bpf_attr attr;
+
+	if (w->born_map < 0)
+		return;
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = w->born_map;
+	attr.key = (uint64_t)(uintptr_t)&w->born_key;
+	syscall(__NR_bpf, BPF_MAP_DELETE_ELEM, &attr, sizeof(attr));
+	w->born_map = -1;
+}
+
+/* This thread's sg_born entry says c's mark, flags and generation: 1, or 0
+ * when sockets must be marked and tagged by hand. */
+static int born_for(Worker *w, const struct config *c)
+{
+	struct born_val v = {c->mark, (uint16_t)c->tag_flags, (uint16_t)c->gen};
+	union bpf_attr attr;
+
+	if (c->born_fd < 0 || w->born_ok < 0) {
+		born_clear(w);
+		return 0;
+	}
+	if (w->born_map == c->born_fd && !memcmp(&w->born, &v, sizeof(v)))
+		return 1;
+	born_clear(w);
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = c->born_fd;
+	attr.key = (uint64_t)(uintptr_t)&w->born_key;
+	attr.value = (uint64_t)(uintptr_t)&v;
+	attr.flags = BPF_ANY;
+	if (syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)))
+		return 0;
+	w->born_map = c->born_fd;
+	w->born = v;
+	return 1;
+}
+
+/* Was socket s born with c's mark and tag? (asked of the first one only) */
+static int born_right(int s, const struct config *c)
+{
+	struct born_val got;
+	uint32_t mark = 0;
+	socklen_t ml = sizeof(mark);
+	int key = s;
+
+	return getsockopt(s, SOL_SOCKET, SO_MARK, &mark, &ml) == 0 && mark == c->mark &&
+	       map_lookup(c->tag_fd, &key, &got) == 0 && got.mark == c->mark &&
+	       got.flags == (uint16_t)c->tag_flags && got.gen == (uint16_t)c->gen;
+}
+
 /* A marked (and tagged) host socket for the request, or -errno; made under
- * the container's socket uid (left set: fsuid_to). */
+ * the container's socket uid (left set: fsuid_to); marked and tagged at
+ * birth through sg_born where the program runs, else here. */
 static int host_socket(Worker *w, int family, int type, int proto, const struct config *c)
 {
 	int s, err, t = (type & TYPE_MASK) | SOCK_CLOEXEC | (type & SOCK_NONBLOCK);
+	int born = born_for(w, c);
 
 	fsuid_to(w, c->uid);
 	s = socket(family, t, proto);
 	err = errno;
 	if (s < 0)
 		return -err;
+	if (born && w->born_ok == 0)
+		w->born_ok = born_right(s, c) ? 1 : -1;
+	if (born && w->born_ok > 0) {
+		atomic_fetch_add(&w->table->count[C_BORN], 1);
+		return s;
+	}
+	born_clear(w);	/* (nothing born here is trusted from now on) */
 	if (setsockopt(s, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark))) {
 		err = errno;
 		close(s);
@@ -1086,6 +1164,7 @@ static PyObject *Worker_serve(Worker *self, PyObject *unused)
 	}
 	Py_BEGIN_ALLOW_THREADS
 	self->own_fsuid = self->fsuid = setfsuid((uid_t)-1);	/* (asks, changes nothing) */
+	self->born_key = (uint64_t)getpid() << 32 | (uint32_t)syscall(SYS_gettid);
 	for (;;) {
 		memset(&n, 0, sizeof(n));
 		rc = ioctl(self->fd, SECCOMP_IOCTL_NOTIF_RECV, &n);
@@ -1097,6 +1176,7 @@ static PyObject *Worker_serve(Worker *self, PyObject *unused)
 			break;
 	}
 	fsuid_to(self, -1);		/* Python runs as the agent */
+	born_clear(self);		/* and makes its own sockets */
 	Py_END_ALLOW_THREADS
 	if (rc < 0)
 		return PyLong_FromLong(err == EINTR ? 0 : -err);
@@ -1135,6 +1215,7 @@ static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 	Py_INCREF(table);
 	Py_XSETREF(self->table, (Table *)table);
 	self->spare = -1;
+	self->born_map = -1;
 	for (int i = 0; i < N_PIDFDS; i++)
 		self->pidfd[i] = self->fdinfo[i] = -1, self->ep_at[i] = 0;
 	return 0;

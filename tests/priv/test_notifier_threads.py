@@ -331,3 +331,79 @@ def test_native_configuration_swaps_while_threads_wait():
     loop.close()
     sp.close()
     inbox.close()
+
+
+def _in_cgroup(path):
+    """Move this process into cgroup path; returns the path it was in."""
+    with open("/proc/self/cgroup") as f:
+        old = f.read().strip().split("::", 1)[1]
+    from sockgraft.kernel import bpf as kbpf
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    return os.path.join(kbpf.cgroup2_mount(), old.lstrip("/"))
+
+
+@pytest.mark.parametrize("program", ["attached", "missing"])
+def test_native_host_sockets_are_born_marked_and_tagged(program):
+    """With the guards, the native loop's host sockets get the container's
+    mark and tag at birth (sg_born_sock, from the serving thread's sg_born
+    entry) instead of an SO_MARK and a map update each: every socket the
+    child gets carries the mark and the tag of the mark's generation. Without
+    the program the first socket is seen unmarked and the loop marks and
+    tags by hand from then on - the same result, nothing born counted."""
+    import secrets
+    from sockgraft.kernel import bpf as kbpf
+    from sockgraft.kernel import sockets as ksock
+    if notifiers.native is None:
+        pytest.fail(f"the native answer loop is not built: {notifiers.NATIVE_ERROR}")
+
+    def body(w):
+        for family, typ in ((2, 1), (10, 1), (2, 2), (2, 1)):
+            s = socket.socket(family, typ)
+            socket.send_fds(w_sock, [b"s"], [s.fileno()])
+            s.close()
+
+    name = "tborn-" + secrets.token_hex(3)
+    progs = kbpf.Programs(name)
+    progs.load(join=False)
+    back = None
+    try:
+        progs.attach()
+        progs.set_gen(MARK, 7)
+        if program == "missing":
+            lfd = kbpf.lib().bpf_obj_get(
+                os.path.join(kbpf.pin_dir(name), "link_sg_born_sock").encode())
+            assert lfd >= 0 and kbpf.lib().bpf_link_detach(lfd) == 0
+            os.close(lfd)
+        back = _in_cgroup(progs.cgroup)
+        r_sock, w_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inbox = notifiers.Inbox()
+        pid, fd, sp, r = _spawn(body)
+        w_sock.close()
+        threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=1, native_loop=True,
+                                      sockets=ksock.HostSockets(tag=progs.tag))
+        sp.send(b"g")
+        got = []
+        for _ in range(4):
+            _, fds, _, _ = socket.recv_fds(r_sock, 16, 1)
+            s = socket.socket(fileno=fds[0])
+            got.append((s.getsockopt(socket.SOL_SOCKET, 36), progs.tag_of(s.fileno())))
+            s.close()
+        _read_all(r)
+        os.waitpid(pid, 0)
+        assert got == [(MARK, (MARK, 0))] * 4, got
+        born = threads.harvest().get("born", 0)
+        # the first socket is the one the loop looks at; the spares after it
+        assert (born >= 3) if program == "attached" else born == 0, born
+        threads.stop()
+        os.close(fd)
+        sp.close()
+        r_sock.close()
+        inbox.close()
+        assert not progs.keys("sg_born", 8), "the serving thread's entry outlived it"
+    finally:
+        if back:
+            _in_cgroup(back)
+        progs.close()
+        kbpf.remove(name)
+    assert not kbpf.leftovers(name)

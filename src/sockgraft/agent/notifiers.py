@@ -372,6 +372,7 @@ class Notifiers:
         connects = self.connects() if tag is not None else None
         self.table.configure(enabled=bool(self.enabled()) and tag is not None, mark=self.mark,
                              uid=ksock.fsuid_for(self.mark), tag_fd=tag_fd, gen=gen,
+                             born_fd=self.sockets.native_born() if tag_fd >= 0 else -1,
                              splice_fd=self.splice_map(),
                              **({"connect": True, **connects} if connects else {}))
 

@@ -216,6 +216,18 @@ struct {
 	__type(value, struct sock_tag);
 } sg_sock SEC(".maps");
 
+/* [pid_tgid of an agent thread serving in the native loop] the tag (and
+ * mark) of the host sockets that thread makes now: given at birth by
+ * sg_born (no SO_MARK setsockopt and no sg_sock update per socket). The
+ * entry exists only while the thread is in the native loop, which makes
+ * host sockets for that one container only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct sock_tag);
+} sg_born SEC(".maps");
+
 /* [0] the agent's cgroup id: its own calls are not judged again
  * [1] CFG_SPLICE: 1 = grafted local pairs established from now on are spliced
  * [2] CFG_RMEM_MAX: the most a spliced receiver may hold queued when its
@@ -1305,6 +1317,26 @@ static __always_inline int option_refused(int level, int opt)
 		return opt == 100 /* UDP_ENCAP */;
 	}
 	return 0;
+}
+
+/* An inet socket made in the agent's cgroup by a thread with an sg_born
+ * entry: the container's mark and its tag, before anybody holds it (the
+ * same as SO_MARK and the sg_sock update the agent makes otherwise). */
+SEC("cgroup/sock_create")
+int sg_born_sock(struct bpf_sock *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct sock_tag *want = bpf_map_lookup_elem(&sg_born, &id), init;
+	struct sock_tag *t;
+
+	if (!want)
+		return 1;
+	init = *want;
+	ctx->mark = init.mark;
+	t = bpf_sk_storage_get(&sg_sock, ctx, &init, BPF_SK_STORAGE_GET_F_CREATE);
+	if (t)
+		*t = init;	/* (an entry could only be another's if reused) */
+	return 1;
 }
 
 SEC("cgroup/setsockopt")

@@ -39,7 +39,7 @@ BPFFS = "/sys/fs/bpf"
 PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6",
             "sg_getsockname4", "sg_getsockname6",
-            "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress")
+            "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress", "sg_born_sock")
 SPLICE_PROGRAMS = ("sg_sockops", "sg_msg")   # sockmap splicing of grafted local pairs
 FAST_PROGRAMS = ("sg_fast_in", "sg_fast_out", "sg_fast_decap")  # tc: the packet fast path
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
@@ -52,7 +52,7 @@ MAPS = ("sg_policy", "sg_egress4", "sg_egress6", "sg_services", "sg_services_rev
         "sg_splice_norx",
         "sg_fast_ports", "sg_fast_addrs", "sg_fast_flows", "sg_fast_stats",
         "sg_fast_remote", "sg_fast_tunnels", "sg_fast_peers", "sg_fast_redirects",
-        "sg_fast_ll")
+        "sg_fast_ll", "sg_born")
 # outlive the agent: the identity of grafted sockets, and the spliced
 # connections with their state (freeing sg_splice would drop the bytes queued
 # in its sockets' psock queues) - and every other map the sk_msg program
@@ -408,6 +408,11 @@ class Programs:
         """(sg_sock map fd, the mark's generation): what a native tagger
         writes `tag`'s entry with (value TAG: mark, flags, gen)."""
         return self.maps["sg_sock"], self.gens.get(mark, 0)
+
+    def born_fd(self) -> int:
+        """sg_born's fd: a native loop thread that writes its entry there gets
+        its host sockets marked and tagged at birth (sg_born_sock); -1: none."""
+        return self.maps.get("sg_born", -1)
 
     def tag_of(self, fd: int) -> tuple[int, int] | None:
         """(mark, flags) of a tagged socket, None for an untagged one."""

@@ -225,6 +225,12 @@ class HostSockets:
         params = getattr(getattr(self.tag, "__self__", None), "tag_params", None)
         return params(mark) if params is not None else None
 
+    def native_born(self) -> int:
+        """The sg_born map fd a native loop may mark and tag its host sockets
+        through at birth (kernel/bpf.Programs.born_fd), -1: none."""
+        born = getattr(getattr(self.tag, "__self__", None), "born_fd", None)
+        return born() if born is not None else -1
+
     def host_socket(self, family: int, type_: int, proto: int, mark: int,
                     flags: int = 0) -> socket.socket:
         """A non-blocking, close-on-exec host socket for the agent's loop."""
