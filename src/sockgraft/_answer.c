@@ -336,11 +336,12 @@ typedef struct {
 	uint32_t spare_mark, spare_gen;
 	int64_t spare_uid;
 	int spare_tagged;
-	/* the serving thread's fsuid: its own (root) at NOTIF_RECV's return
-	 * only when the last answer needed it; host sockets are made under
-	 * the container's socket uid, which stays set until something needs
-	 * root's again (a connect()'s /proc reads, the return to Python) -
-	 * socket() after socket() then switches nothing */
+	/* the serving thread's fsuid: host sockets are made under the
+	 * container's socket uid, which stays set until something needs root's
+	 * again (listing /proc/<tid>/fd, the return to Python) - socket() after
+	 * socket(), connect() after connect() switch nothing. pidfd_getfd,
+	 * process_vm_readv and kcmp check the real uid, /proc/<tid>/fdinfo
+	 * CAP_SYS_PTRACE, neither of which a non-root fsuid takes away */
 	int64_t fsuid, own_fsuid;
 	/* sg_born: this thread's entry (key: its pid_tgid) while it serves, so
 	 * that its host sockets are born marked and tagged. born_map: where the
@@ -357,7 +358,7 @@ typedef struct {
 
 /* The serving thread's fsuid to uid (-1: its own). fsuid is per thread; while
  * it is not root the kernel drops the file capabilities (CAP_DAC_OVERRIDE,
- * ...) from the thread's effective set, which /proc reads need. */
+ * ...) from the thread's effective set, which reading /proc/<tid>/fd needs. */
 static void fsuid_to(Worker *w, int64_t uid)
 {
 	int64_t want = uid >= 0 ? uid : w->own_fsuid;
@@ -722,12 +723,17 @@ static int target_cloexec(Worker *w, pid_t tid, int fd)
 		snprintf(path, sizeof(path), "/proc/%d/fdinfo", (int)tid);
 		w->fdinfo[slot] = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
 	}
-	if (w->pidfd_tid[slot] == tid && w->fdinfo[slot] >= 0) {
-		snprintf(path, sizeof(path), "%d", fd);
-		f = openat(w->fdinfo[slot], path, O_RDONLY | O_CLOEXEC);
-	} else {
-		snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
-		f = open(path, O_RDONLY | O_CLOEXEC);
+	for (int again = 0; ; again = 1) {
+		if (w->pidfd_tid[slot] == tid && w->fdinfo[slot] >= 0) {
+			snprintf(path, sizeof(path), "%d", fd);
+			f = openat(w->fdinfo[slot], path, O_RDONLY | O_CLOEXEC);
+		} else {
+			snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
+			f = open(path, O_RDONLY | O_CLOEXEC);
+		}
+		if (f >= 0 || errno != EACCES || again || w->fsuid == w->own_fsuid)
+			break;
+		fsuid_to(w, -1);	/* (a ptrace policy that wants root's fsuid) */
 	}
 	if (f < 0)
 		return -1;
@@ -751,8 +757,9 @@ static uint64_t now_ns(void);
  * whose filter traps epoll_create/epoll_create1 tells of every new instance
  * (Table.epoll_made): a list read before it is old, and one read within
  * EPOLL_SETTLE_NS after it (the kernel makes the instance after our CONTINUE)
- * is used once, not kept. Other sessions' lists (OCI hand-offs) are kept the
- * second: an epoll made and given the socket within it is not seen. */
+ * is used once, not kept. Other sessions' lists (OCI profiles written with
+ * --no-trap-epoll) are kept the second: an epoll made and given the socket
+ * within it is not seen. */
 #define EPOLL_TTL_NS 1000000000ull
 #define EPOLL_SETTLE_NS 50000000ull
 #define EPOLL_SCAN 4096
@@ -777,6 +784,7 @@ static int epoll_fds(Worker *w, pid_t tid)
 	    now - w->ep_at[slot] < EPOLL_TTL_NS)
 		return w->ep_n[slot];
 	snprintf(path, sizeof(path), "/proc/%d/fd", (int)tid);
+	fsuid_to(w, -1);	/* the fd directory is its owner's (or root's) to read */
 	d = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (d < 0)
 		return -1;
@@ -897,7 +905,6 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	int family, v4, app, dom, typ, proto, cloexec, host, rc, lo, unspec, fl;
 	uint64_t t0 = now_ns();
 
-	fsuid_to(w, -1);	/* /proc reads, pidfds: as root */
 	if (N_OPTS < 0 || (alen != sizeof(a.in4) && alen != sizeof(a.in6)))
 		return 0;	/* (without the option list it could not copy them) */
 	if (process_vm_readv((pid_t)n->pid, &lv, 1, &rv, 1, 0) != (ssize_t)alen)
@@ -1030,7 +1037,6 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 	struct splice_key_ k;
 	uint64_t cookie;
 
-	fsuid_to(w, -1);	/* /proc reads, pidfds: as root */
 	if (n->data.args[1])
 		goto kernel;	/* an offset for fd_in: not a socket's splice */
 	app = target_fd(w, (pid_t)n->pid, fd);
