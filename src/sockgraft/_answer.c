@@ -4,7 +4,8 @@
  *   NOTIF_RECV -> is it socket() of a kind the session's Table grafts?
  *     yes: take the spare host socket of that kind (or make one: fsuid the
  *          container's socket uid - kept until root's is needed again -,
- *          socket(), SO_MARK, the sg_sock tag
+ *          socket(), born marked and tagged by sg_born_sock - its mark read
+ *          back -, else SO_MARK and the sg_sock tag
  *          through bpf(BPF_MAP_UPDATE_ELEM)) -> NOTIF_ADDFD with FLAG_SEND
  *          (installed and returned in one step) -> refill the spare
  *     an inet socket() of a kind nobody grafts: NOTIF_SEND with FLAG_CONTINUE
@@ -452,13 +453,29 @@ static int host_socket(Worker *w, int family, int type, int proto, const struct 
 	fsuid_to(w, c->uid);
 	s = socket(family, t, proto);
 	err = errno;
+	if (s < 0 && born) {
+		/* the program refused it (no memory for the tag): by hand */
+		born_clear(w);
+		born = 0;
+		s = socket(family, t, proto);
+		err = errno;
+	}
 	if (s < 0)
 		return -err;
 	if (born && w->born_ok == 0)
 		w->born_ok = born_right(s, c) ? 1 : -1;
 	if (born && w->born_ok > 0) {
-		atomic_fetch_add(&w->table->count[C_BORN], 1);
-		return s;
+		/* every socket's mark read back (one getsockopt): a program that
+		 * stopped running for this thread leaves no bare socket; with the
+		 * mark the program gave the tag (it refuses the socket otherwise) */
+		uint32_t mark = 0;
+		socklen_t ml = sizeof(mark);
+
+		if (getsockopt(s, SOL_SOCKET, SO_MARK, &mark, &ml) == 0 && mark == c->mark) {
+			atomic_fetch_add(&w->table->count[C_BORN], 1);
+			return s;
+		}
+		w->born_ok = -1;
 	}
 	born_clear(w);	/* (nothing born here is trusted from now on) */
 	if (setsockopt(s, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark))) {

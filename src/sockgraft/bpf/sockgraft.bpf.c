@@ -1334,8 +1334,10 @@ int sg_born_sock(struct bpf_sock *ctx)
 	init = *want;
 	ctx->mark = init.mark;
 	t = bpf_sk_storage_get(&sg_sock, ctx, &init, BPF_SK_STORAGE_GET_F_CREATE);
-	if (t)
-		*t = init;	/* (an entry could only be another's if reused) */
+	if (!t)
+		return 0;	/* never a marked socket without its tag: EPERM, the
+				 * agent makes it by hand */
+	*t = init;	/* (an entry could only be another's if reused) */
 	return 1;
 }
 
