@@ -315,6 +315,37 @@ static int plan_index(int family, int type)
 	return (family == AF_INET6) * 2 + (type == SOCK_DGRAM);
 }
 
+/* one bpf() map call (BPF_MAP_LOOKUP_ELEM / UPDATE_ELEM / DELETE_ELEM): 0 or -errno */
+static int map_op(int cmd, int map_fd, const void *key, const void *value, uint64_t flags)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = map_fd;
+	attr.key = (uint64_t)(uintptr_t)key;
+	attr.value = (uint64_t)(uintptr_t)value;
+	attr.flags = flags;
+	return syscall(__NR_bpf, cmd, &attr, sizeof(attr)) ? -errno : 0;
+}
+
+static int map_lookup(int map_fd, const void *key, void *value)
+{
+	return map_op(BPF_MAP_LOOKUP_ELEM, map_fd, key, value, 0);
+}
+
+/* bpf/sockgraft.bpf.c struct sock_tag: sg_sock's and sg_born's value */
+struct tag_val {
+	uint32_t mark;
+	uint16_t flags, gen;
+};
+
+static struct tag_val tag_of(const struct config *c)
+{
+	struct tag_val v = {c->mark, (uint16_t)c->tag_flags, (uint16_t)c->gen};
+
+	return v;
+}
+
 /* --- the worker: one per notifier thread ------------------------------------------ */
 
 typedef struct {
@@ -351,10 +382,7 @@ typedef struct {
 	 * hand from then on), 0 not yet known */
 	uint64_t born_key;
 	int born_map, born_ok;
-	struct born_val {
-		uint32_t mark;
-		uint16_t flags, gen;
-	} born;
+	struct tag_val born;
 } Worker;
 
 /* The serving thread's fsuid to uid (-1: its own). fsuid is per thread; while
@@ -372,34 +400,16 @@ static void fsuid_to(Worker *w, int64_t uid)
 
 static int bpf_tag(int map_fd, int sock_fd, const struct config *c)
 {
-	union bpf_attr attr;
-	struct {
-		uint32_t mark;
-		uint16_t flags;
-		uint16_t gen;
-	} val = {c->mark, (uint16_t)c->tag_flags, (uint16_t)c->gen};
-	int key = sock_fd;
+	struct tag_val val = tag_of(c);
 
-	memset(&attr, 0, sizeof(attr));
-	attr.map_fd = map_fd;
-	attr.key = (uint64_t)(uintptr_t)&key;
-	attr.value = (uint64_t)(uintptr_t)&val;
-	attr.flags = BPF_ANY;
-	return syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)) ? -errno : 0;
+	return map_op(BPF_MAP_UPDATE_ELEM, map_fd, &sock_fd, &val, BPF_ANY);
 }
-
-static int map_lookup(int map_fd, const void *key, void *value);
 
 static void born_clear(Worker *w)
 {
-	union bpf_attr attr;
-
 	if (w->born_map < 0)
 		return;
-	memset(&attr, 0, sizeof(attr));
-	attr.map_fd = w->born_map;
-	attr.key = (uint64_t)(uintptr_t)&w->born_key;
-	syscall(__NR_bpf, BPF_MAP_DELETE_ELEM, &attr, sizeof(attr));
+	map_op(BPF_MAP_DELETE_ELEM, w->born_map, &w->born_key, NULL, 0);
 	w->born_map = -1;
 }
 
@@ -407,8 +417,7 @@ static void born_clear(Worker *w)
  * when sockets must be marked and tagged by hand. */
 static int born_for(Worker *w, const struct config *c)
 {
-	struct born_val v = {c->mark, (uint16_t)c->tag_flags, (uint16_t)c->gen};
-	union bpf_attr attr;
+	struct tag_val v = tag_of(c);
 
 	if (c->born_fd < 0 || w->born_ok < 0) {
 		born_clear(w);
@@ -417,29 +426,26 @@ static int born_for(Worker *w, const struct config *c)
 	if (w->born_map == c->born_fd && !memcmp(&w->born, &v, sizeof(v)))
 		return 1;
 	born_clear(w);
-	memset(&attr, 0, sizeof(attr));
-	attr.map_fd = c->born_fd;
-	attr.key = (uint64_t)(uintptr_t)&w->born_key;
-	attr.value = (uint64_t)(uintptr_t)&v;
-	attr.flags = BPF_ANY;
-	if (syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr)))
+	if (map_op(BPF_MAP_UPDATE_ELEM, c->born_fd, &w->born_key, &v, BPF_ANY))
 		return 0;
 	w->born_map = c->born_fd;
 	w->born = v;
 	return 1;
 }
 
-/* Was socket s born with c's mark and tag? (asked of the first one only) */
-static int born_right(int s, const struct config *c)
+/* Was socket s born with c's mark (every socket: one getsockopt - a program
+ * that stopped running for this thread leaves no bare socket) and, the
+ * first time (checked: 0), its tag? With the mark the program gave the tag:
+ * it refuses a socket it cannot tag. */
+static int born_right(int s, const struct config *c, int checked)
 {
-	struct born_val got;
+	struct tag_val got, want = tag_of(c);
 	uint32_t mark = 0;
 	socklen_t ml = sizeof(mark);
-	int key = s;
 
 	return getsockopt(s, SOL_SOCKET, SO_MARK, &mark, &ml) == 0 && mark == c->mark &&
-	       map_lookup(c->tag_fd, &key, &got) == 0 && got.mark == c->mark &&
-	       got.flags == (uint16_t)c->tag_flags && got.gen == (uint16_t)c->gen;
+	       (checked || (map_lookup(c->tag_fd, &s, &got) == 0 &&
+			    !memcmp(&got, &want, sizeof(got))));
 }
 
 /* A marked (and tagged) host socket for the request, or -errno; made under
@@ -462,20 +468,12 @@ static int host_socket(Worker *w, int family, int type, int proto, const struct 
 	}
 	if (s < 0)
 		return -err;
-	if (born && w->born_ok == 0)
-		w->born_ok = born_right(s, c) ? 1 : -1;
-	if (born && w->born_ok > 0) {
-		/* every socket's mark read back (one getsockopt): a program that
-		 * stopped running for this thread leaves no bare socket; with the
-		 * mark the program gave the tag (it refuses the socket otherwise) */
-		uint32_t mark = 0;
-		socklen_t ml = sizeof(mark);
-
-		if (getsockopt(s, SOL_SOCKET, SO_MARK, &mark, &ml) == 0 && mark == c->mark) {
+	if (born) {
+		w->born_ok = born_right(s, c, w->born_ok > 0) ? 1 : -1;
+		if (w->born_ok > 0) {
 			atomic_fetch_add(&w->table->count[C_BORN], 1);
 			return s;
 		}
-		w->born_ok = -1;
 	}
 	born_clear(w);	/* (nothing born here is trusted from now on) */
 	if (setsockopt(s, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark))) {
@@ -626,16 +624,6 @@ static void copy_options(Worker *w, int src, int dst, int family, int type, int 
 	}
 }
 
-static int map_lookup(int map_fd, const void *key, void *value)
-{
-	union bpf_attr attr;
-
-	memset(&attr, 0, sizeof(attr));
-	attr.map_fd = map_fd;
-	attr.key = (uint64_t)(uintptr_t)key;
-	attr.value = (uint64_t)(uintptr_t)value;
-	return syscall(__NR_bpf, BPF_MAP_LOOKUP_ELEM, &attr, sizeof(attr)) ? -errno : 0;
-}
 
 /* Is the socket tagged by the agent (grafted already)? 1, 0, or -errno. */
 static int tagged(int tag_fd, int sock_fd)
@@ -730,6 +718,18 @@ static int service(const struct config *c, int v4, const uint8_t *addr, uint16_t
  * 1, 0, or -1 when /proc/<tid>/fdinfo/<fd> cannot be read. Looked up from
  * the thread's fdinfo directory, kept beside its cached pidfd (target_fd
  * just proved that thread alive). */
+static int open_fdinfo(Worker *w, int slot, pid_t tid, int fd)
+{
+	char path[64];
+
+	if (w->pidfd_tid[slot] == tid && w->fdinfo[slot] >= 0) {
+		snprintf(path, sizeof(path), "%d", fd);
+		return openat(w->fdinfo[slot], path, O_RDONLY | O_CLOEXEC);
+	}
+	snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
+	return open(path, O_RDONLY | O_CLOEXEC);
+}
+
 static int target_cloexec(Worker *w, pid_t tid, int fd)
 {
 	int slot = (int)((unsigned)tid % N_PIDFDS), f;
@@ -740,17 +740,10 @@ static int target_cloexec(Worker *w, pid_t tid, int fd)
 		snprintf(path, sizeof(path), "/proc/%d/fdinfo", (int)tid);
 		w->fdinfo[slot] = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
 	}
-	for (int again = 0; ; again = 1) {
-		if (w->pidfd_tid[slot] == tid && w->fdinfo[slot] >= 0) {
-			snprintf(path, sizeof(path), "%d", fd);
-			f = openat(w->fdinfo[slot], path, O_RDONLY | O_CLOEXEC);
-		} else {
-			snprintf(path, sizeof(path), "/proc/%d/fdinfo/%d", (int)tid, fd);
-			f = open(path, O_RDONLY | O_CLOEXEC);
-		}
-		if (f >= 0 || errno != EACCES || again || w->fsuid == w->own_fsuid)
-			break;
+	f = open_fdinfo(w, slot, tid, fd);
+	if (f < 0 && errno == EACCES && w->fsuid != w->own_fsuid) {
 		fsuid_to(w, -1);	/* (a ptrace policy that wants root's fsuid) */
+		f = open_fdinfo(w, slot, tid, fd);
 	}
 	if (f < 0)
 		return -1;

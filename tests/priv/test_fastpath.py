@@ -619,6 +619,15 @@ ICMP_SEEN = ("import socket,sys\n"
              "              flush=True)\n")
 
 
+def _inet_csum(data) -> bytes:
+    """The Internet checksum (RFC 1071) of data, as the 2 bytes to store."""
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data) - 1, 2))
+    total += data[-1] << 8 if len(data) % 2 else 0
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return (~total & 0xffff).to_bytes(2, "big")
+
+
 def _icmp_error(dst, quoted_src, quoted_dst, sport, dport, marker):
     """An ICMP port unreachable to dst quoting a UDP datagram quoted_src:sport
     -> quoted_dst:dport whose payload is marker (a raw socket: root in a
@@ -636,11 +645,7 @@ def _icmp_error(dst, quoted_src, quoted_dst, sport, dport, marker):
                             socket.IPPROTO_UDP, 0, socket.inet_aton(quoted_src),
                             socket.inet_aton(quoted_dst)) + udp
         msg = bytearray(struct.pack("!BBHI", 3, 3, 0, 0) + quote)
-        total = sum(int.from_bytes(msg[i:i + 2], "big") for i in range(0, len(msg) - 1, 2))
-        total += msg[-1] << 8 if len(msg) % 2 else 0
-        while total >> 16:
-            total = (total & 0xffff) + (total >> 16)
-        msg[2:4] = (~total & 0xffff).to_bytes(2, "big")
+        msg[2:4] = _inet_csum(msg)
         msg = bytes(msg)
         fam, proto = socket.AF_INET, socket.IPPROTO_ICMP
     with socket.socket(fam, socket.SOCK_RAW, proto) as s:
@@ -987,10 +992,7 @@ def _dad_probe(ifname, mac, target):
     body = bytearray(struct.pack("!BBHI16s", 135, 0, 0, 0,
                                  socket.inet_pton(socket.AF_INET6, target)))
     pseudo = src + dst + struct.pack("!IxxxB", len(body), socket.IPPROTO_ICMPV6) + body
-    total = sum(int.from_bytes(pseudo[i:i + 2], "big") for i in range(0, len(pseudo), 2))
-    while total >> 16:
-        total = (total & 0xffff) + (total >> 16)
-    body[2:4] = (~total & 0xffff).to_bytes(2, "big")
+    body[2:4] = _inet_csum(pseudo)
     ip6 = struct.pack("!IHBB16s16s", 0x60000000, len(body), socket.IPPROTO_ICMPV6, 255,
                       src, dst)
     frame = bytes.fromhex("333300000001") + mac + b"\x86\xdd" + ip6 + bytes(body)

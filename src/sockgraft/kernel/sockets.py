@@ -222,14 +222,19 @@ class HostSockets:
         sockets)."""
         if self.tag is None:
             return -1, 0
-        params = getattr(getattr(self.tag, "__self__", None), "tag_params", None)
+        params = self._programs("tag_params")
         return params(mark) if params is not None else None
 
     def native_born(self) -> int:
         """The sg_born map fd a native loop may mark and tag its host sockets
         through at birth (kernel/bpf.Programs.born_fd), -1: none."""
-        born = getattr(getattr(self.tag, "__self__", None), "born_fd", None)
+        born = self._programs("born_fd")
         return born() if born is not None else -1
+
+    def _programs(self, name: str):
+        """Method `name` of the object whose bound method `tag` is (the
+        loaded kernel/bpf.Programs), or None."""
+        return getattr(getattr(self.tag, "__self__", None), name, None)
 
     def host_socket(self, family: int, type_: int, proto: int, mark: int,
                     flags: int = 0) -> socket.socket:

@@ -253,10 +253,11 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
                               field=f"syscalls[{i}]")
         # a previous merge's epoll traps go even when not trapping now (and
         # stay allowed: that merge took them out of the base's rules)
-        if r.get("action") == "SCMP_ACT_NOTIFY":
-            untrapped += [n for n in r["names"] if n in EPOLL and not epoll]
-        names = [n for n in r["names"] if n not in taken and
-                 not (n in EPOLL and r.get("action") == "SCMP_ACT_NOTIFY")]
+        ours_before = [n for n in r["names"] if n in EPOLL] \
+            if r.get("action") == "SCMP_ACT_NOTIFY" else []
+        if not epoll:
+            untrapped += ours_before
+        names = [n for n in r["names"] if n not in taken and n not in ours_before]
         if names:
             kept.append({**r, "names": names})
     allowing = prof["defaultAction"] in ALLOWING
@@ -270,7 +271,8 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     else:
         ours += _notify("connect", 2 if allowing else None, INET_ADDRLEN)
     if epoll:
-        ours += _notify(EPOLL[0], None, ()) + _notify(EPOLL[1], None, ())
+        for name in EPOLL:
+            ours += _notify(name, None, ())
     if not allowing:
         # the base refused what it did not list: keep sendto/connect usable
         plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
