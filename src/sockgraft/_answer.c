@@ -207,10 +207,13 @@ static PyMethodDef Table_methods[] = {
 	{"epoll_made_ns", (PyCFunction)Table_epoll_made, METH_NOARGS,
 	 "epoll_made_ns() -> CLOCK_MONOTONIC ns of the session's last epoll_create(1), 0: none"},
 	{"configure", (PyCFunction)(void (*)(void))Table_configure, METH_VARARGS | METH_KEYWORDS,
-	 "configure(enabled, mark, uid, tag_fd=-1, gen=0, kinds=0xF, tag_flags=0): what the "
-	 "native loop grafts, swapped in atomically"},
+	 "configure(enabled, mark, uid, tag_fd=-1, gen=0, kinds=0xF, tag_flags=0, connect=0, "
+	 "eg4_fd=-1, eg6_fd=-1, egress_gen=0, sndbuf=0, rcvbuf=0, svc_fd=-1, splice_fd=-1, "
+	 "born_fd=-1): what the native loop grafts (born_fd: sg_born, host sockets marked and "
+	 "tagged at birth; only with tag_fd), swapped in atomically"},
 	{"counters", (PyCFunction)Table_counters, METH_NOARGS,
-	 "totals: tcp, udp answered; continued, refused, gone, handed to Python; answer_ns"},
+	 "totals: tcp, udp answered; continued, refused, gone, handed to Python; answer_ns; "
+	 "connects, connect_ns; born (host sockets marked and tagged at birth)"},
 	{NULL}
 };
 
@@ -407,9 +410,19 @@ static int bpf_tag(int map_fd, int sock_fd, const struct config *c)
 
 static void born_clear(Worker *w)
 {
+	int rc;
+
 	if (w->born_map < 0)
 		return;
-	map_op(BPF_MAP_DELETE_ELEM, w->born_map, &w->born_key, NULL, 0);
+	rc = map_op(BPF_MAP_DELETE_ELEM, w->born_map, &w->born_key, NULL, 0);
+	if (rc && rc != -ENOENT) {
+		/* (cannot fail for an entry that is there; should it, this
+		 * thread is born nothing more - its sockets are marked and
+		 * tagged by hand, which overrides the entry's - and every later
+		 * born_clear tries again) */
+		w->born_ok = -1;
+		return;
+	}
 	w->born_map = -1;
 }
 

@@ -796,16 +796,23 @@ ARP_SEEN = ("import socket\n"
             "while True:\n"
             "    d, a = s.recvfrom(2048)\n"
             "    if a[2] != socket.PACKET_OUTGOING and d[21] == 2 and d[38:42] == d[28:32]:\n"
-            "        print(socket.inet_ntoa(d[28:32]), flush=True)\n")
+            "        print(socket.inet_ntoa(d[28:32]), flush=True)\n"
+            "    elif a[2] != socket.PACKET_OUTGOING and d[21] == 1 and d[28:32] == bytes(4):\n"
+            "        print('probe', socket.inet_ntoa(d[38:42]), flush=True)\n")
 
 
-def _garp(addr):
-    """A gratuitous ARP reply: `addr` is at this container's eth0 MAC."""
+def _garp(addr, probe=False):
+    """A gratuitous ARP reply: `addr` is at this container's eth0 MAC; probe:
+    an ARP probe for addr (RFC 5227: a request from 0.0.0.0)."""
     with open("/sys/class/net/eth0/address") as f:
         mac = bytes.fromhex(f.read().strip().replace(":", ""))
     ip = socket.inet_aton(addr)
-    frame = (b"\xff" * 6 + mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + mac + ip +
-             b"\xff" * 6 + ip)
+    if probe:
+        frame = (b"\xff" * 6 + mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 1]) + mac +
+                 bytes(4) + bytes(6) + ip)
+    else:
+        frame = (b"\xff" * 6 + mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + mac + ip +
+                 b"\xff" * 6 + ip)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind(("eth0", 0))
         s.send(frame)
@@ -838,6 +845,12 @@ def test_a_policed_container_cannot_claim_anothers_address_by_arp(flab):
         time.sleep(0.2)
     assert ("h1-c1", "spoof:arp", "198.19.1.1:0") in lines, lines
     assert _ping(flab, "h1-c1", C2, 1) == 0
+    # a probe makes whoever holds or tries the address give it up: its own only
+    spoofed = _port(flab, "h1-c1")["spoofed"]
+    netns.run_in(ns1, _garp, C2, True)
+    netns.run_in(ns1, _garp, C1, True)
+    assert _upto(seen, f"probe {C1}") == []
+    assert _port(flab, "h1-c1")["spoofed"] == spoofed + 1
 
 
 def test_neighbour_discovery_beyond_the_link_is_judged(flab):
@@ -919,6 +932,39 @@ def _orphan_fragment(src, dst, marker):
     return True
 
 
+def _udp_frame(dst_mac, src_mac, src, dst, dport, marker, tags=0):
+    """A whole Ethernet frame with an IPv4 UDP datagram (marker as its
+    payload) behind `tags` VLAN tags (VID 0)."""
+    import struct
+    udp = struct.pack("!HHHH", 7199, dport, 8 + len(marker), 0) + marker
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64,
+                               socket.IPPROTO_UDP, 0, socket.inet_aton(src),
+                               socket.inet_aton(dst)))
+    ip[10:12] = _inet_csum(bytes(ip))
+    return dst_mac + src_mac + b"\x81\x00\x00\x00" * tags + b"\x08\x00" + bytes(ip) + udp
+
+
+def test_a_policed_container_sends_nothing_the_programs_cannot_read(flab):
+    """Before tc sees a frame the kernel takes its first VLAN tag away (the
+    IP packet behind one tag is judged like any other); behind a second one
+    an IP packet would pass unread - the bridge forwards it and the
+    receiver strips the tags. From a policed container every frame the
+    programs cannot read (neither IP, IPv6 nor ARP) is dropped and counted."""
+    seen = _server(flab, "h1-c2", FRAG_SEEN, "-", "-")
+    assert _ping(flab, "h1-c1", C2, 1) == 0                  # neighbours resolved
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "udp", C2, "7170")
+    ns1 = _ns(flab, "h1-c1")
+    mac1, mac2 = (bytes.fromhex(_port(flab, c)["mac"].replace(":", ""))
+                  for c in ("h1-c1", "h1-c2"))
+    before = _port(flab, "h1-c1")["drops"]
+    for port, marker, tags in ((7171, b"MARK-40", 2), (7171, b"MARK-41", 1),
+                               (7170, b"MARK-42", 1), (7170, b"MARK-43", 0)):
+        netns.run_in(ns1, _send_frame, "eth0", _udp_frame(mac2, mac1, C1, C2, port, marker, tags))
+    lines = [x for x in _upto(seen, "MARK-43") if x.startswith("MARK")]
+    assert lines == ["MARK-42"], lines        # the allowed port behind one tag too
+    assert _port(flab, "h1-c1")["drops"] == before + 2
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_fragments_get_their_first_fragments_verdict(flab, family):
     """Non-first fragments carry no ports: a policed container's get the
@@ -983,22 +1029,43 @@ def test_a_policed_container_cannot_claim_a_neighbours_link_local_address(flab):
     assert _port(flab, "h1-c1")["spoofed"] == after["spoofed"] + 1
 
 
-def _dad_probe(ifname, mac, target):
-    """A duplicate address detection probe for target (a neighbour
-    solicitation from ::, RFC 4862) to the all-nodes group, sent as a whole
-    frame: the kernel never sends from :: for an application."""
+def _nd_frame(mac, kind, target, src="::"):
+    """A whole Ethernet frame from mac to the all-nodes group: a neighbour
+    solicitation (135; from ::, a duplicate address detection probe, RFC
+    4862 - the kernel never sends from :: for an application) or an
+    advertisement (136, override flag) for target."""
     import struct
-    src, dst = bytes(16), socket.inet_pton(socket.AF_INET6, "ff02::1")
-    body = bytearray(struct.pack("!BBHI16s", 135, 0, 0, 0,
+    src, dst = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, "ff02::1")
+    flags = 0x20000000 if kind == 136 else 0
+    body = bytearray(struct.pack("!BBHI16s", kind, 0, 0, flags,
                                  socket.inet_pton(socket.AF_INET6, target)))
     pseudo = src + dst + struct.pack("!IxxxB", len(body), socket.IPPROTO_ICMPV6) + body
     body[2:4] = _inet_csum(pseudo)
     ip6 = struct.pack("!IHBB16s16s", 0x60000000, len(body), socket.IPPROTO_ICMPV6, 255,
                       src, dst)
-    frame = bytes.fromhex("333300000001") + mac + b"\x86\xdd" + ip6 + bytes(body)
+    return bytes.fromhex("333300000001") + mac + b"\x86\xdd" + ip6 + bytes(body)
+
+
+def _send_frame(ifname, frame, ring=False):
+    """frame out of ifname by an AF_PACKET socket; ring: through a
+    PACKET_TX_RING (TPACKET_V2), which leaves only the Ethernet header in
+    the skb's linear part and the rest in page fragments."""
+    import mmap
+    import struct
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        if ring:
+            sol_packet, packet_version, packet_tx_ring, tpacket_v2 = 263, 10, 13, 1
+            s.setsockopt(sol_packet, packet_version, tpacket_v2)
+            s.setsockopt(sol_packet, packet_tx_ring, struct.pack("IIII", 4096, 1, 2048, 2))
         s.bind((ifname, 0))
-        s.send(frame)
+        if not ring:
+            s.send(frame)
+            return True
+        with mmap.mmap(s.fileno(), 4096) as tx:
+            tx[32:32 + len(frame)] = frame          # TPACKET2_HDRLEN - sizeof(sockaddr_ll)
+            tx[4:8] = struct.pack("I", len(frame))  # tp_len
+            tx[0:4] = struct.pack("I", 1)           # tp_status = TP_STATUS_SEND_REQUEST
+            assert s.send(b"") == len(frame)
     return True
 
 
@@ -1016,13 +1083,35 @@ def test_a_policed_container_cannot_probe_away_a_neighbours_address(flab):
     mac1 = bytes.fromhex(_port(flab, "h1-c1")["mac"].replace(":", ""))
     before = _port(flab, "h1-c1")["spoofed"]
     for target in (ll2, C2_6):
-        netns.run_in(ns1, _dad_probe, "eth0", mac1, target)
-    netns.run_in(ns1, _dad_probe, "eth0", mac1, C1_6)
-    netns.run_in(ns1, _dad_probe, "eth0", mac1, ll1)
+        netns.run_in(ns1, _send_frame, "eth0", _nd_frame(mac1, 135, target))
+    netns.run_in(ns1, _send_frame, "eth0", _nd_frame(mac1, 135, C1_6))
+    netns.run_in(ns1, _send_frame, "eth0", _nd_frame(mac1, 135, ll1))
     lines = _upto(seen, f"NS {ll1}")
     assert f"NS {C1_6}" in lines, lines                     # its own probes arrive
     assert f"NS {ll2}" not in lines and f"NS {C2_6}" not in lines, lines
     assert _port(flab, "h1-c1")["spoofed"] == before + 2
+
+
+def test_neighbour_discovery_out_of_the_linear_part_is_still_checked(flab):
+    """A frame sent through a PACKET_TX_RING reaches the host side of the
+    veth with only its Ethernet header in the skb's linear part: the
+    target of a probe or an advertisement must still be read (the programs
+    pull it in) - a neighbour's address probed away or claimed that way is
+    dropped and counted as spoofed like any other; its own pass."""
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "fd53:6700::/48")
+    seen = _server(flab, "h1-c2", ICMP_SEEN, "6", "-")
+    ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+    ll1, ll2 = _link_local(ns1), _link_local(ns2)
+    mac1 = bytes.fromhex(_port(flab, "h1-c1")["mac"].replace(":", ""))
+    before = _port(flab, "h1-c1")["spoofed"]
+    for frame in (_nd_frame(mac1, 135, ll2), _nd_frame(mac1, 135, C2_6),
+                  _nd_frame(mac1, 136, ll2, src=ll1), _nd_frame(mac1, 136, C2_6, src=ll1),
+                  _nd_frame(mac1, 136, C1_6, src=ll1), _nd_frame(mac1, 135, ll1)):
+        netns.run_in(ns1, _send_frame, "eth0", frame, True)
+    lines = _upto(seen, f"NS {ll1}")
+    assert f"NA {C1_6}" in lines, lines                     # its own arrive
+    assert not [x for x in lines if ll2 in x or C2_6 in x], lines
+    assert _port(flab, "h1-c1")["spoofed"] == before + 4
 
 
 def _ns_from(src, ifname, target):

@@ -10,6 +10,8 @@ import fcntl
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -371,10 +373,7 @@ def test_native_host_sockets_are_born_marked_and_tagged(program):
         progs.attach()
         progs.set_gen(MARK, 7)
         if program == "missing":
-            lfd = kbpf.lib().bpf_obj_get(
-                os.path.join(kbpf.pin_dir(name), "link_sg_born_sock").encode())
-            assert lfd >= 0 and kbpf.lib().bpf_link_detach(lfd) == 0
-            os.close(lfd)
+            progs.born_detach()
         back = _in_cgroup(progs.cgroup)
         r_sock, w_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         inbox = notifiers.Inbox()
@@ -405,5 +404,49 @@ def test_native_host_sockets_are_born_marked_and_tagged(program):
         if back:
             _in_cgroup(back)
         progs.close()
+        kbpf.remove(name)
+    assert not kbpf.leftovers(name)
+
+
+def _cgroup_programs(path):
+    """The names of the programs attached to cgroup path (bpftool)."""
+    import json
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", path], capture_output=True,
+                         text=True, check=True).stdout
+    return {p["name"] for p in json.loads(out or "[]")}
+
+
+def test_the_born_program_dies_with_its_agent():
+    """sg_born_sock and its sg_born entries (thread id -> a container's tag)
+    must not outlive the agent that wrote them: another process that got a
+    crashed serving thread's ids would have its sockets marked as that
+    container's. Killed with SIGKILL, the agent leaves the guards attached
+    (pinned: the grafted sockets stay guarded) but not sg_born_sock."""
+    import secrets
+    from sockgraft.kernel import bpf as kbpf
+    name = "tborn-" + secrets.token_hex(3)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from sockgraft.kernel import bpf\n"
+         "p = bpf.Programs(sys.argv[1]); p.load(join=False); p.attach()\n"
+         "print(p.cgroup, flush=True); time.sleep(60)\n", name],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        cgroup = child.stdout.readline().strip()
+        assert cgroup, "the agent stand-in did not attach"
+        attached = _cgroup_programs(cgroup)
+        assert {"sg_born_sock", "sg_connect4", "sg_egress"} <= attached, attached
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 5
+        while "sg_born_sock" in (attached := _cgroup_programs(cgroup)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)        # (the link goes with the last fd, maybe deferred)
+        assert "sg_born_sock" not in attached, attached
+        assert {"sg_connect4", "sg_egress"} <= attached, attached
+    finally:
+        child.kill()
+        child.wait()
         kbpf.remove(name)
     assert not kbpf.leftovers(name)

@@ -240,6 +240,23 @@ def test_sendto_through_an_egress_rule_installs_then_lets_the_kernel_send(rig):
     app.close()
 
 
+@pytest.mark.parametrize("arch, nr", sorted(seccomp.EPOLL_CREATES))
+def test_epoll_create_of_every_abi_is_noted_and_let_through(rig, arch, nr):
+    """An OCI profile names epoll_create(1) and traps it for every ABI in its
+    architectures list (Docker's: x86_64, x32, i386): whatever the ABI, the
+    kernel makes the instance (continue) - an ENOSYS would break a 32-bit
+    program that sockgraft grafts nothing of - and the session notes it.
+    Another i386 or x32 call is still refused (ENOSYS: not grafted)."""
+    sess = _session()
+    rig.g.handle(sess, _notif(nr, (0,), arch))
+    assert sess.listener.answers == [("continue",)]
+    assert sess.epoll_made() > 0
+    other = _session()
+    rig.g.handle(other, _notif(nr + 1, (0,), arch))
+    assert other.listener.answers == [("respond", 0, errno.ENOSYS)]
+    assert other.epoll_made() == 0
+
+
 @pytest.mark.parametrize("what, answer", [
     ("pipe", ("respond", 0, errno.ENOTSOCK)),
     ("closed", ("respond", 0, errno.EBADF)),

@@ -210,21 +210,52 @@ def test_oci_profile_command_merges_idempotently_and_refuses_foreign_listeners(t
 def test_syscall_mode_profiles_trap_epoll_create_unless_told_not_to():
     """An epoll instance made just before a connect() must be seen by the
     agent (it carries the socket's registration over the graft): syscall
-    mode traps epoll_create(1) unconditionally, taking them out of the
-    base's rules (one rule per syscall); --no-trap-epoll and socket mode do
-    not, and a re-merge without it drops the earlier traps."""
+    mode traps epoll_create(1) unconditionally where the base lets them
+    through, taking them out of the base's rules (one rule per syscall);
+    --no-trap-epoll and socket mode do not, and a re-merge without it drops
+    the earlier traps. A base that refuses one (here: epoll_create, not
+    listed under a refusing default) keeps refusing it - a trap the agent
+    continues would let it through."""
     base = {**DOCKERISH, "syscalls": DOCKERISH["syscalls"] + [
         {"names": ["epoll_create1", "epoll_wait"], "action": "SCMP_ACT_ALLOW"}]}
     prof = moci.build_profile(base, "/run/sg/oci.sock")
     names = _by_name(prof)
-    for n in ("epoll_create", "epoll_create1"):
-        assert names[n] == [{"names": [n], "action": "SCMP_ACT_NOTIFY"}], names.get(n)
+    assert names["epoll_create1"] == [{"names": ["epoll_create1"], "action": "SCMP_ACT_NOTIFY"}]
+    assert "epoll_create" not in names, names.get("epoll_create")     # refused by default
     assert names["epoll_wait"][0]["action"] == "SCMP_ACT_ALLOW"
     assert moci.build_profile(prof, "/run/sg/oci.sock") == prof
     assert "epoll_create1" not in _by_name(moci.build_profile(None, "/x", "socket"))
     plain = _by_name(moci.build_profile(base, "/x", trap_epoll=False))
     assert [r["action"] for r in plain["epoll_create1"]] == ["SCMP_ACT_ALLOW"]
     again = moci.build_profile(prof, "/run/sg/oci.sock", trap_epoll=False)
-    for n in ("epoll_create", "epoll_create1"):     # allowed again, as the base had them
-        assert [r["action"] for r in _by_name(again)[n]] == ["SCMP_ACT_ALLOW"], n
+    assert [r["action"] for r in _by_name(again)["epoll_create1"]] == ["SCMP_ACT_ALLOW"]
+    assert "epoll_create" not in _by_name(again)       # as the base had them
     assert moci.build_profile(again, "/run/sg/oci.sock", trap_epoll=False) == again
+
+
+@pytest.mark.parametrize("default, rule", [
+    ("SCMP_ACT_ALLOW", {"names": ["epoll_create"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}),
+    ("SCMP_ACT_ALLOW", {"names": ["epoll_create"], "action": "SCMP_ACT_ERRNO",
+                        "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}),
+    ("SCMP_ACT_ERRNO", {"names": ["epoll_create"], "action": "SCMP_ACT_ALLOW",
+                        "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}]}),
+    ("SCMP_ACT_ERRNO", {"names": ["epoll_create"], "action": "SCMP_ACT_KILL",
+                        "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}),
+])
+@pytest.mark.parametrize("allowed_too", [False, True])
+def test_a_base_that_refuses_an_epoll_create_keeps_its_rule(default, rule, allowed_too):
+    """Trapped, an epoll_create would be continued by the agent whatever the
+    base said: where the base refuses some or all of its calls, its rule
+    stays as it was (an unconditional allow beside it too) and only the
+    other one (let through) is trapped."""
+    also = [{"names": ["epoll_create"], "action": "SCMP_ACT_ALLOW"}] if allowed_too else []
+    base = {"defaultAction": default, "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [rule, {"names": ["epoll_create1"], "action": "SCMP_ACT_ALLOW"}] + also}
+    prof = moci.build_profile(base, "/run/sg/oci.sock")
+    names = _by_name(prof)
+    if rule["action"] == "SCMP_ACT_ALLOW" and allowed_too:     # every call let through
+        assert [r["action"] for r in names["epoll_create"]] == ["SCMP_ACT_NOTIFY"]
+    else:
+        assert names["epoll_create"] == [rule] + also
+    assert [r["action"] for r in names["epoll_create1"]] == ["SCMP_ACT_NOTIFY"]
+    assert moci.build_profile(prof, "/run/sg/oci.sock") == prof

@@ -163,7 +163,10 @@ class Grafter:
     # --- dispatch ------------------------------------------------------------
 
     def _handle(self, sess: Session, n: seccomp.Notification, name: str) -> None:
-        if n.arch != seccomp.AUDIT_ARCH_X86_64:
+        if (n.arch, n.nr) in seccomp.EPOLL_CREATES:
+            sess.note_epoll_made()              # its lists of epoll fds are old now
+            self.continue_(sess, n.id)          # (the kernel makes the instance)
+        elif n.arch != seccomp.AUDIT_ARCH_X86_64:
             self.respond(sess, n.id, error=errno.ENOSYS)
         elif n.nr == seccomp.SYS_SOCKET:
             self._on_socket(sess, n)
@@ -171,9 +174,6 @@ class Grafter:
             self._on_listen(sess, n)
         elif n.nr == seccomp.SYS_SPLICE:
             self._on_splice(sess, n)
-        elif n.nr in (seccomp.SYS_EPOLL_CREATE, seccomp.SYS_EPOLL_CREATE1):
-            sess.note_epoll_made()              # its lists of epoll fds are old now
-            self.continue_(sess, n.id)          # (the kernel makes the instance)
         elif n.nr in CALLS:
             self._on_address(sess, n, name)
         else:

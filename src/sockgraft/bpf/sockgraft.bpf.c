@@ -99,7 +99,8 @@
 #define EV_DENY_KEPT 11     /* syscall mode: the container's own loopback / "this host" */
 #define EV_DENY_SPOOF 12    /* fast path: label = what (SP_*), the address claimed */
 #define SP_SOURCE 1         /* an IP source that is not the container's */
-#define SP_ARP 2            /* an ARP sender address that is not its own */
+#define SP_ARP 2            /* an ARP sender address that is not its own (a
+			     * probe: its target address) */
 #define SP_ND_TARGET 3      /* a neighbour advertisement (or a duplicate address
 			     * probe) of another's address */
 #define SP_ND_MALFORMED 4   /* neighbour discovery carrying more than the link needs */
@@ -2146,11 +2147,14 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 			/* whose address it announces (an advertisement) or
 			 * probes for duplicates (a solicitation from ::, which
 			 * makes a tentative owner give its address up): fast_judge */
-			if (!p->bad && h + 24 <= end &&
-			    (t == 136 || (t == 135 && !(p->saddr[0] | p->saddr[1] |
-							p->saddr[2] | p->saddr[3])))) {
-				p->na = 1;
-				__builtin_memcpy(p->target, h + 8, 16);
+			if (!p->bad && (t == 136 || (t == 135 && !(p->saddr[0] | p->saddr[1] |
+								 p->saddr[2] | p->saddr[3])))) {
+				if (h + 24 <= end) {
+					p->na = 1;
+					__builtin_memcpy(p->target, h + 8, 16);
+				} else {
+					p->bad = SP_ND_MALFORMED;	/* its target unread */
+				}
 			}
 		} else if (t == 134 || t == 137) {
 			p->judged = 0;
@@ -2213,6 +2217,10 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 	return l4_parse(p, l4, l4 + sizeof(l4), 0);
 }
 
+/* ICMPv6 bytes read in place: a neighbour solicitation / advertisement
+ * with its one link-layer address option (nd_ok, icmp_parse) */
+#define ND_PULL 32
+
 /* What the programs need of a packet whose Ethernet header (of type
  * `proto`) starts at `base`, read in place; 0 = an IP packet they
  * understand. */
@@ -2273,6 +2281,22 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 
 		if (ip + 40 > end)
 			return -1;
+		if (ip[6] == IPPROTO_ICMPV6_ && ip + 40 + ND_PULL > end &&
+		    skb->len > (__u32)(end - (__u8 *)(long)skb->data)) {
+			/* neighbour discovery: its target and option (up to 32
+			 * bytes in) are judged - a sender that leaves them out of
+			 * the linear part (a PACKET_TX_RING frame) must not slip
+			 * them past the checks */
+			__u32 want = skb->len < base + 14 + 40 + ND_PULL ?
+				     skb->len : base + 14 + 40 + ND_PULL;
+
+			if (bpf_skb_pull_data(skb, want) < 0)
+				return -1;
+			ip = (void *)(long)skb->data + base + 14;
+			end = (void *)(long)skb->data_end;
+			if (ip + 40 > end)
+				return -1;
+		}
 		p->family = 6;
 		p->proto = ip[6];
 		__builtin_memcpy(p->saddr, ip + 8, 16);
@@ -2827,7 +2851,7 @@ int sg_fast_decap(struct __sk_buff *skb)
 #define ETH_P_ARP_ 0x0806
 
 /* An ARP packet of the port's container names one of its own addresses as
- * the sender (or 0.0.0.0: a probe) - the forged-source rule for ARP: a
+ * the sender (or 0.0.0.0 and its own as the target: a probe) - the forged-source rule for ARP: a
  * policed container cannot tell its neighbours (other containers, the
  * gateway) that another's address is at its MAC. Anything but Ethernet/IPv4
  * ARP is refused as well. */
@@ -2844,9 +2868,14 @@ static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u
 		return 0;
 	if (bpf_skb_load_bytes(skb, 14 + 14, &p.saddr[0], 4))
 		return 0;
+	if (!p.saddr[0]) {
+		/* a probe (RFC 5227): whoever holds or is trying the target
+		 * address takes it as a conflict and gives it up - only for
+		 * one of its own */
+		if (bpf_skb_load_bytes(skb, 14 + 24, &p.saddr[0], 4))
+			return 0;
+	}
 	*spa = p.saddr[0];
-	if (!p.saddr[0])
-		return 1;
 	p.family = 4;
 	return own_source(port, &p, ifindex);
 }
@@ -2880,11 +2909,11 @@ int sg_fast_in(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	if (parse(skb, &p)) {
-		/* not IP (ARP...), or IP the programs do not understand: a policed
-		 * container's is dropped (nothing unjudged gets out) */
-		if (port->mark && (skb->protocol == bpf_htons(ETH_P_IP) ||
-				   skb->protocol == bpf_htons(ETH_P_IPV6)) &&
-		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+		/* not IP, or IP the programs do not understand: a policed
+		 * container's is dropped (nothing unjudged gets out - not a
+		 * frame of another type either: behind a second VLAN tag, the
+		 * kernel took the first away, an IP packet would pass unread) */
+		if (port->mark && bpf_map_lookup_elem(&sg_policy, &port->mark)) {
 			if (st)
 				st->drops++;
 			return TC_ACT_SHOT;

@@ -5,7 +5,8 @@ Owns: compiling the object (clang -target bpf, cached by source hash),
 loading it, the agent's cgroup (the agent joins it, so the host sockets it
 creates carry it and the programs see them), attaching the programs with
 pinned bpf_links (they stay attached across agent restarts; a new agent
-swaps its programs in with BPF_LINK_UPDATE), the pinned socket tag map
+swaps its programs in with BPF_LINK_UPDATE; sg_born_sock alone is held by
+the agent process, not pinned: it is of no use without it), the pinned socket tag map
 (sg_sock, reused by a restarted agent: the tags of sockets grafted before
 stay valid), tagging sockets, map updates, and the events ring buffer.
 
@@ -40,6 +41,7 @@ PROGRAMS = ("sg_connect4", "sg_connect6", "sg_sendmsg4", "sg_sendmsg6",
             "sg_getpeername4", "sg_getpeername6", "sg_recvmsg4", "sg_recvmsg6",
             "sg_getsockname4", "sg_getsockname6",
             "sg_bind4", "sg_bind6", "sg_setsockopt", "sg_egress", "sg_ingress", "sg_born_sock")
+BORN_PROGRAM = "sg_born_sock"   # attached while the agent runs, not pinned
 SPLICE_PROGRAMS = ("sg_sockops", "sg_msg")   # sockmap splicing of grafted local pairs
 FAST_PROGRAMS = ("sg_fast_in", "sg_fast_out", "sg_fast_decap")  # tc: the packet fast path
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
@@ -288,6 +290,7 @@ class Programs:
         self.maps: dict[str, int] = {}
         self.gens: dict[int, int] = {}     # mark -> generation (sg_gen), read by tag()
         self._rb = None
+        self._born_link = None         # sg_born_sock's link: held, never pinned
         self._cb = None
         self._events: list[bytes] = []
         self.cgroup = ""
@@ -447,6 +450,9 @@ class Programs:
                 prog = L.bpf_object__find_program_by_name(obj, name.encode())
                 pfd = L.bpf_program__fd(prog)
                 pin = os.path.join(pdir, f"link_{name}")
+                if name == BORN_PROGRAM:
+                    self._attach_born(prog, cg_fd, pin)
+                    continue
                 if _swap_pinned(pin, pfd):
                     continue
                 link = L.bpf_program__attach_cgroup(prog, cg_fd)
@@ -466,6 +472,28 @@ class Programs:
             raise _err("ring_buffer__new", 0)
         self._rb = rb
         log.info("graft programs attached to %s (pins in %s)", self.cgroup, pdir)
+
+    def _attach_born(self, prog, cg_fd: int, pin: str) -> None:
+        """sg_born_sock lives as long as this agent process: its link is held,
+        not pinned, so that a crashed agent's sg_born entries (pid_tgid ->
+        a container's tag) die with it instead of marking the sockets of a
+        later thread that gets the same ids (an older agent would never swap
+        the program out). Its absence costs nothing but speed: the native
+        loop reads every socket's mark back and marks by hand."""
+        L = lib()
+        self.born_detach()      # (attached twice: once)
+        if os.path.exists(pin):
+            os.unlink(pin)      # (pinned by an earlier build: detached with it)
+        link = L.bpf_program__attach_cgroup(prog, cg_fd)
+        if not link:
+            raise _err(f"attach {BORN_PROGRAM} to {self.cgroup}", 0)
+        self._born_link = link
+
+    def born_detach(self) -> None:
+        """Take sg_born_sock away (the agent's own exit does the same)."""
+        if self._born_link:
+            lib().bpf_link__destroy(self._born_link)
+            self._born_link = None
 
     def _on_sample(self, _ctx, data, size) -> int:
         self._events.append(ctypes.string_at(data, size))
@@ -716,8 +744,10 @@ class Programs:
         return tuple(tot)
 
     def close(self) -> None:
-        """Free our handles. The pinned links stay attached (restart safety)."""
+        """Free our handles. The pinned links stay attached (restart safety);
+        sg_born_sock goes (it is for this process only)."""
         L = lib()
+        self.born_detach()
         if self._rb:
             L.ring_buffer__free(self._rb)
             self._rb = None

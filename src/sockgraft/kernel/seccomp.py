@@ -80,6 +80,14 @@ AUDIT_ARCH_X86_64 = 0xC000003E
 AUDIT_ARCH_I386 = 0x40000003
 # An x32 syscall is an x86_64 syscall (same arch word) whose nr has this bit.
 X32_SYSCALL_BIT = 0x40000000
+# epoll_create and epoll_create1 as every ABI of this machine numbers them
+# (x86_64, x32, i386): an OCI profile naming them traps all the ABIs its
+# "architectures" list; the agent lets each through, whatever its ABI
+EPOLL_CREATES = frozenset({
+    (AUDIT_ARCH_X86_64, SYS_EPOLL_CREATE), (AUDIT_ARCH_X86_64, SYS_EPOLL_CREATE1),
+    (AUDIT_ARCH_X86_64, X32_SYSCALL_BIT | SYS_EPOLL_CREATE),
+    (AUDIT_ARCH_X86_64, X32_SYSCALL_BIT | SYS_EPOLL_CREATE1),
+    (AUDIT_ARCH_I386, 254), (AUDIT_ARCH_I386, 329)})
 MAX_ERRNO = 4095
 
 # struct seccomp_data offsets (nr, arch, instruction_pointer, args[6]); the

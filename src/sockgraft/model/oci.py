@@ -208,6 +208,17 @@ def _notify(name: str, index: int | None, values: tuple[int, ...]) -> list[dict]
                        "op": "SCMP_CMP_MASKED_EQ"}]} for v in values]
 
 
+def _lets_through(rules: list, name: str, allowing: bool) -> bool:
+    """Does the base profile let every call of `name` through, so that
+    trapping it (the agent continues it) widens nothing? A previous merge's
+    trap says it did (merges trap nothing else of the base's)."""
+    mine = [r for r in rules if name in r["names"]]
+    if not all(r.get("action") in ALLOWING or
+               (r.get("action") == "SCMP_ACT_NOTIFY" and not r.get("args")) for r in mine):
+        return False        # something refuses some of its calls
+    return allowing or any(not r.get("args") for r in mine)
+
+
 def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
                   source: str = "base profile", trap_epoll: bool = True) -> dict:
     """The runtime profile with sockgraft's rules: trap what the engine needs
@@ -218,7 +229,9 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     agent notes that the container made an epoll instance and continues the
     call, so a socket given to a new instance before connect() keeps its
     registration through the graft (an agent older than this answers them
-    ENOSYS: trap_epoll=False for one). Merged into `base`: our syscalls are
+    ENOSYS: trap_epoll=False for one) - only where the base lets every such
+    call through (a base that refuses them, or allows some arguments only,
+    keeps its rule: continuing them would widen it). Merged into `base`: our syscalls are
     taken out of its rules first, so merging twice gives the same profile.
     A base whose default action refuses syscalls cannot express "everything
     else allowed" for our syscalls with one argument test, so there they are
@@ -240,27 +253,28 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
                           f"a filter has one listener, so sockgraft cannot add {listener!r} "
                           f"(merge the other tool's rules into one agent, or drop its "
                           f"listenerPath)", source=source, field="listenerPath", value=other)
-    epoll = trap_epoll and graft_at != "socket"
-    taken = OURS + (EPOLL if epoll else ())
     rules = prof.get("syscalls") or []
     if not isinstance(rules, list):
         raise ConfigError("'syscalls' must be a list", source=source, field="syscalls")
-    kept: list[dict] = []
-    untrapped: list[str] = []
     for i, r in enumerate(rules):
         if not isinstance(r, dict) or not isinstance(r.get("names"), list):
             raise ConfigError(f"syscalls[{i}] has no list of names", source=source,
                               field=f"syscalls[{i}]")
+    allowing = prof["defaultAction"] in ALLOWING
+    epoll = [n for n in EPOLL if _lets_through(rules, n, allowing)] \
+        if trap_epoll and graft_at != "socket" else []
+    taken = OURS + tuple(epoll)
+    kept: list[dict] = []
+    untrapped: list[str] = []
+    for r in rules:
         # a previous merge's epoll traps go even when not trapping now (and
         # stay allowed: that merge took them out of the base's rules)
         ours_before = [n for n in r["names"] if n in EPOLL] \
             if r.get("action") == "SCMP_ACT_NOTIFY" else []
-        if not epoll:
-            untrapped += ours_before
+        untrapped += [n for n in ours_before if n not in epoll]
         names = [n for n in r["names"] if n not in taken and n not in ours_before]
         if names:
             kept.append({**r, "names": names})
-    allowing = prof["defaultAction"] in ALLOWING
     if untrapped and not allowing:
         kept.append({"names": untrapped, "action": "SCMP_ACT_ALLOW"})
     ours: list[dict] = []
@@ -270,9 +284,8 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         ours += _notify("socket", 0 if allowing else None, (2, 10))
     else:
         ours += _notify("connect", 2 if allowing else None, INET_ADDRLEN)
-    if epoll:
-        for name in EPOLL:
-            ours += _notify(name, None, ())
+    for name in epoll:
+        ours += _notify(name, None, ())
     if not allowing:
         # the base refused what it did not list: keep sendto/connect usable
         plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
