@@ -26,8 +26,9 @@ class Sentinel:
                 os.close(ready_r)
                 netns.enter(self.ns)
                 fam = socket.AF_INET6 if ":" in self.addr else socket.AF_INET
-                kind = socket.SOCK_DGRAM if self.proto == "udp" else socket.SOCK_STREAM
-                s = socket.socket(fam, kind)
+                kind = socket.SOCK_DGRAM if self.proto in ("udp", "udplite") \
+                    else socket.SOCK_STREAM
+                s = socket.socket(fam, kind, 136 if self.proto == "udplite" else 0)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((self.addr, self.port))
                 if kind == socket.SOCK_STREAM:

@@ -953,6 +953,9 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	    sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) ||
 	    (typ != SOCK_STREAM && typ != SOCK_DGRAM) ||
 	    sockopt_int(app, SOL_SOCKET, SO_PROTOCOL, &proto) ||
+	    /* TCP and UDP only: MPTCP, UDP-Lite... stay the container's (Python
+	     * lets them go on; the host's guards judge TCP and UDP only) */
+	    proto != (typ == SOCK_STREAM ? IPPROTO_TCP : IPPROTO_UDP) ||
 	    (fl = fcntl(app, F_GETFL)) < 0 || (fl & O_ASYNC) || tagged(c->tag_fd, app) != 0 ||
 	    ((fl & O_NONBLOCK) && watched(w, (pid_t)n->pid, fd) != 0))
 		goto python;

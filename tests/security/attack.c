@@ -31,8 +31,9 @@
  *                                 socket registered with it (EPOLLOUT) before connect()
  *                                 (nginx's order); reports the events of a 2 s
  *                                 epoll_wait and the socket's SO_MARK; both kept open
- *   race tcp|udp N A:P B:P        N fresh sockets, each connect()ed (tcp) or sent one
- *                                 datagram (udp) through one sockaddr buffer that a
+ *   race tcp|udp|mptcp|udplite N A:P B:P
+ *                                 N fresh sockets, each connect()ed (tcp, mptcp) or sent
+ *                                 one datagram (udp, udplite) through one sockaddr buffer that a
  *                                 second thread keeps switching between A and B (the
  *                                 agent reads one, the kernel may read the other)
  *   sleep SECONDS
@@ -366,7 +367,10 @@ int main(int argc, char **argv)
 			snprintf(extra, sizeof(extra), "\"failed\": %d", fails);
 			report(op, arg, 0, 0, extra);
 		} else if (!strcmp(op, "race")) {
-			int udp = !strcmp(argv[i++], "udp"), n = atoi(argv[i++]), ok = 0, fails = 0;
+			const char *kind = argv[i++];
+			int udp = !strcmp(kind, "udp") || !strcmp(kind, "udplite");
+			int proto = !strcmp(kind, "mptcp") ? 262 : !strcmp(kind, "udplite") ? 136 : 0;
+			int n = atoi(argv[i++]), ok = 0, fails = 0;
 			const char *a = argv[i++], *b = argv[i++];
 			int by_errno[160] = {0};
 			socklen_t alen_b;
@@ -382,7 +386,7 @@ int main(int argc, char **argv)
 			atomic_store(&race_stop, 0);
 			pthread_create(&flipper, 0, race_flip, 0);
 			for (int k = 0; k < n; k++) {
-				int s = socket(race_a.ss_family, udp ? SOCK_DGRAM : SOCK_STREAM, 0);
+				int s = socket(race_a.ss_family, udp ? SOCK_DGRAM : SOCK_STREAM, proto);
 				long rr = udp ? sendto(s, "x", 1, 0, (struct sockaddr *)&race_buf, alen)
 					      : connect(s, (struct sockaddr *)&race_buf, alen);
 

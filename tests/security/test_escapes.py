@@ -325,6 +325,26 @@ def test_an_address_changed_after_the_agents_read_reaches_nothing_more(sec, fam,
                a["rule"] == "loopback:container-own" for a in sec.audit("h1")[before:])
 
 
+@pytest.mark.parametrize("kind", ["mptcp", "udplite"])
+def test_other_protocols_of_the_same_types_are_never_grafted(sec, kind, answer):
+    """An MPTCP socket is a SOCK_STREAM and a UDP-Lite one a SOCK_DGRAM, but
+    the host's guards judge TCP and UDP only (an MPTCP connect runs on a
+    subflow the tag is not on; UDP-Lite has no connect hook): grafted, the
+    kernel would connect them wherever the buffer says by then. They stay the
+    container's own - the same address race as above reaches nothing on the
+    host, the native loop and the Python grafter alike."""
+    f = FAM[4]
+    sec.configure("h1-c1", RACE.format(peer=f["peer"], lo=f["lo"]))
+    h1 = sec.plan.node("h1").netns
+    udp = kind == "udplite"
+    with Sentinel(h1, f["lo"], 7502, "udplite" if udp else "tcp") as lo:
+        (out,) = attack(sec, "h1-c1", "syscall", "docker", "race", kind, 200,
+                        ap(f["peer"], 7501), ap(f["lo"], 7502), timeout=120,
+                        options=["--udp-sendto"] if udp else [])
+    assert out["ok"] + out["failed"] == 200, out
+    assert lo.received == [], f"reached the host's loopback: {out}"
+
+
 @pytest.mark.parametrize("mode", ["syscall", "socket"])
 def test_a_flood_of_denials_cannot_fill_the_disk(sec, mode):
     """Denied connects in a loop: the audit trail takes a bounded number of

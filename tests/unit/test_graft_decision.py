@@ -118,6 +118,9 @@ G_TCP6 = SockInfo(AF_INET6, SOCK_STREAM, True)
 RAW4 = SockInfo(AF_INET, SOCK_RAW, False)
 V6ONLY = SockInfo(AF_INET6, SOCK_STREAM, False, v6only=True)
 SEQ6 = SockInfo(AF_INET6, SOCK_SEQPACKET, False)
+# the same types, other protocols: MPTCP (262), UDP-Lite (136) - not grafted
+MPTCP4 = SockInfo(AF_INET, SOCK_STREAM, False, protocol=262)
+LITE6 = SockInfo(AF_INET6, SOCK_DGRAM, False, protocol=136)
 
 def BIND(c, s, a):
     return decide_bind(c, s, a)
@@ -140,6 +143,9 @@ ALL_DECIDERS = [
 
 def test_sockinfo_proto():
     assert TCP4.proto == "tcp" and UDP6.proto == "udp" and RAW4.proto == "other"
+    assert SockInfo(AF_INET, SOCK_STREAM, False, protocol=6).proto == "tcp"
+    assert MPTCP4.proto == "other" and LITE6.proto == "other"
+    assert not MPTCP4.inet and not LITE6.inet and TCP4.inet
 
 
 @pytest.mark.parametrize("mark, grafted", [
@@ -286,6 +292,7 @@ BIND_CASES = [
     ("egress-only-config", BROAD, TCP4, A("0.0.0.0:80"), Continue),
     # not TCP/UDP
     ("raw-socket", MAIN, RAW4, A("0.0.0.0:80"), Continue),
+    ("mptcp-socket", MAIN, MPTCP4, A("0.0.0.0:80"), Continue),
     ("seqpacket-socket", MAIN, SEQ6, A("[::]:443"), Continue),
 ]
 
@@ -438,6 +445,11 @@ CONNECT_CASES = [
     ("raw-socket", MAIN, RAW4, A("10.2.3.4:80"), Continue),
     ("raw-socket-denied-dest", BROAD, RAW4, A("169.254.169.254:80"), Continue),
     ("seqpacket-socket", MAIN, SEQ6, A("[fd00::5]:443"), Continue),
+    # MPTCP's connect runs on a subflow the host socket's tag is not on, and
+    # UDP-Lite has no connect hook: never on the host, whatever the rules
+    ("mptcp-socket", MAIN, MPTCP4, A("10.2.3.4:80"), Continue),
+    ("mptcp-socket-denied-dest", BROAD, MPTCP4, A("169.254.169.254:80"), Continue),
+    ("udplite-socket", MAIN, LITE6, A("[fd00::5]:443"), Continue),
 ]
 
 
@@ -538,6 +550,8 @@ SENDTO_CASES = [
     ("tcp-fastopen-grafted-dest-v6", MAIN, TCP6, A("[fd00::1]:80"), MSG_FASTOPEN | 0x40,
      Fail(errno.EOPNOTSUPP, "")),
     ("raw-socket", MAIN, RAW4, A("10.2.3.4:80"), 0, Continue),
+    ("mptcp-fastopen", MAIN, MPTCP4, A("10.2.3.4:80"), MSG_FASTOPEN, Continue),
+    ("udplite-socket", MAIN, LITE6, A("[fd00::1]:80"), 0, Continue),
 ]
 
 
@@ -763,7 +777,8 @@ def test_decide_malformed(sock, answered):
 PREFILTER_ADDRS = [A("10.0.0.5:80"), A("10.9.0.1:80"), A("192.0.2.1:53"), A("127.0.0.1:8080"),
                    A("[fd00::1]:443"), A("[::ffff:10.0.0.1]:80"), A("0.0.0.0:0"),
                    UnixAddr(b"/run/x.sock"), UnspecAddr(), OtherAddr(16, bytes(12))]
-PREFILTER_SOCKS = [TCP4, UDP4, TCP6, UDP6, G_TCP4, G_UDP4, G_TCP6, FRESH4, FRESH6, RAW4, SEQ6]
+PREFILTER_SOCKS = [TCP4, UDP4, TCP6, UDP6, G_TCP4, G_UDP4, G_TCP6, FRESH4, FRESH6, RAW4, SEQ6,
+                   MPTCP4, LITE6]
 
 
 @pytest.mark.parametrize("cfg", [MAIN, BROAD, LOOP, ALLOWLIST], ids=["main", "broad", "loop",

@@ -356,7 +356,7 @@ class Grafter:
             grafted = graft.is_grafted_mark(mark)
             bound = ingress = grafted and _bound(dup)
         return SockInfo(family, type_, grafted, bound if grafted else True, ingress,
-                        v6only), proto
+                        v6only, proto), proto
 
     # --- one executor per action ----------------------------------------------
 

@@ -51,6 +51,8 @@ from .sockaddr import (AF_INET, AF_INET6, InetAddr, OtherAddr, Sockaddr, Sockadd
 
 SOCK_STREAM = 1
 SOCK_DGRAM = 2
+# the protocol of each type that is grafted (0 in a socket() call means it)
+INET_PROTO = {SOCK_STREAM: 6, SOCK_DGRAM: 17}
 MSG_FASTOPEN = 0x20000000
 
 MARK_MASK = 0xFFFF0000
@@ -65,10 +67,22 @@ class SockInfo:
     bound: bool = True  # has a local address or port (a fresh socket has neither)
     ingress: bool = False  # bound by the agent through an ingress rule
     v6only: bool = False  # IPV6_V6ONLY (an AF_INET6 socket that takes no IPv4)
+    protocol: int = 0   # SO_PROTOCOL (0: the type's own)
+
+    @property
+    def inet(self) -> bool:
+        """TCP or UDP: the only sockets grafted. Others of the same types
+        (MPTCP, UDP-Lite, SCTP, ICMP "ping" sockets) stay the container's:
+        the host's guards judge the connects and sends of TCP and UDP only
+        (an MPTCP connect runs on a subflow the tag is not on)."""
+        want = INET_PROTO.get(self.type)
+        return want is not None and self.protocol in (0, want)
 
     @property
     def proto(self) -> str:
-        return {SOCK_STREAM: "tcp", SOCK_DGRAM: "udp"}.get(self.type, "other")
+        if not self.inet:
+            return "other"
+        return "tcp" if self.type == SOCK_STREAM else "udp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +305,7 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
         note = unmatched_bind_note(cfg, sock, addr)
         return Continue(note, note=True) if note else Continue("no ingress rule")
     rule, ep = hit
-    if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
+    if not sock.inet:
         return Continue("not a TCP or UDP socket")
     port = 0 if ep.is_dynamic else ingress_host_port(rule, ep, addr.unmapped().port)
     local = local_for(ep, sock.family, port)
@@ -310,7 +324,7 @@ def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
     from the application's buffer."""
     if not isinstance(addr, InetAddr) or not _family_ok(sock, addr):
         return Fail(errno.EAFNOSUPPORT, "not an address of the socket's family")
-    if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
+    if not sock.inet:
         return Fail(errno.EOPNOTSUPP, "not a TCP or UDP socket")
     hit = match_bind(cfg, sock, addr) if cfg is not None else None
     if hit is not None:
@@ -379,7 +393,7 @@ def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
         return Continue("not an inet destination of a configured container")
     if not _family_ok(sock, addr):
         return Continue("address family differs from the socket's; the kernel decides")
-    if sock.type not in (SOCK_STREAM, SOCK_DGRAM):
+    if not sock.inet:
         return Continue("not a TCP or UDP socket")
     hit = cfg.match_egress(addr)
     if sock.grafted:
@@ -421,12 +435,12 @@ def decide_sendto(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     rule, ep = hit
     if _keeps_loopback(rule, addr):
         return Continue("container loopback stays in the container")
+    if not sock.inet:
+        return Continue("not a TCP or UDP socket")
     if sock.type == SOCK_STREAM:
         if flags & MSG_FASTOPEN:
             return Fail(errno.EOPNOTSUPP, "TCP fast open to a grafted destination")
         return Continue("sendto on a stream socket ignores the address")
-    if sock.type != SOCK_DGRAM:
-        return Continue("not a UDP socket")
     verdict = decide(cfg.policy, "udp", addr.unmapped())
     if not verdict.allowed:
         return Deny(verdict.errno, verdict.rule, addr)
