@@ -259,3 +259,28 @@ def test_a_base_that_refuses_an_epoll_create_keeps_its_rule(default, rule, allow
         assert names["epoll_create"] == [rule] + also
     assert [r["action"] for r in names["epoll_create1"]] == ["SCMP_ACT_NOTIFY"]
     assert moci.build_profile(prof, "/run/sg/oci.sock") == prof
+
+
+def _actions(prof):
+    return {n: sorted(r["action"] for r in rs) for n, rs in _by_name(prof).items()}
+
+
+def test_a_merge_keeps_the_bases_rules_for_what_it_does_not_trap():
+    """Only what a mode traps (bind, listen, connect or socket, epoll_create)
+    and io_uring (denied) give way to sockgraft's rules: socket() in syscall
+    mode, connect() in socket mode and sendto() keep the base's (a merge
+    into a refusing default once dropped socket's allow: every socket()
+    failed). A previous merge's trap of what the new mode does not trap goes,
+    and the call is allowed as the base had it."""
+    sys_ = _actions(moci.build_profile(DOCKERISH, "/x"))
+    assert sys_["socket"] == sys_["sendto"] == ["SCMP_ACT_ALLOW"]
+    assert sys_["connect"] == ["SCMP_ACT_NOTIFY"]
+    sock = _actions(moci.build_profile(DOCKERISH, "/x", "socket"))
+    assert sock["connect"] == sock["sendto"] == ["SCMP_ACT_ALLOW"]
+    assert sock["socket"] == ["SCMP_ACT_NOTIFY"]
+    for a, b in (("syscall", "socket"), ("socket", "syscall")):
+        switched = moci.build_profile(moci.build_profile(DOCKERISH, "/x", a), "/x", b)
+        assert _actions(switched) == _actions(moci.build_profile(DOCKERISH, "/x", b)), (a, b)
+    refusing = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["sendto"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    assert _actions(moci.build_profile(refusing, "/x"))["sendto"] == ["SCMP_ACT_ERRNO"]

@@ -184,9 +184,10 @@ def _int(text: str, item: str, src: str, fld: str) -> int:
 
 # --- the seccomp profile ------------------------------------------------------------
 
-OURS = ("bind", "connect", "sendto", "socket", "listen", "io_uring_setup", "io_uring_enter",
-        "io_uring_register")
+IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 EPOLL = ("epoll_create", "epoll_create1")
+# what a merge may have trapped (a previous merge's traps are taken out first)
+TRAPPABLE = ("bind", "listen", "connect", "socket") + EPOLL
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 INET_ADDRLEN = (16, 28, 128)
 ENOSYS = 38
@@ -231,8 +232,11 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     registration through the graft (an agent older than this answers them
     ENOSYS: trap_epoll=False for one) - only where the base lets every such
     call through (a base that refuses them, or allows some arguments only,
-    keeps its rule: continuing them would widen it). Merged into `base`: our syscalls are
-    taken out of its rules first, so merging twice gives the same profile.
+    keeps its rule: continuing them would widen it). Merged into `base`: the
+    syscalls trapped (and io_uring) are taken out of its rules first, with a
+    previous merge's traps, so merging twice gives the same profile; the
+    base's rules for everything else (socket() in syscall mode, connect() in
+    socket mode, sendto()) stay as they are.
     A base whose default action refuses syscalls cannot express "everything
     else allowed" for our syscalls with one argument test, so there they are
     trapped unconditionally (the agent lets the rest through)."""
@@ -263,15 +267,16 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     allowing = prof["defaultAction"] in ALLOWING
     epoll = [n for n in EPOLL if _lets_through(rules, n, allowing)] \
         if trap_epoll and graft_at != "socket" else []
-    taken = OURS + tuple(epoll)
+    trap = ("bind", "listen", "socket" if graft_at == "socket" else "connect", *epoll)
+    taken = trap + IO_URING      # the base's rules for these give way to ours
     kept: list[dict] = []
     untrapped: list[str] = []
     for r in rules:
-        # a previous merge's epoll traps go even when not trapping now (and
-        # stay allowed: that merge took them out of the base's rules)
-        ours_before = [n for n in r["names"] if n in EPOLL] \
+        # a previous merge's traps go, also of what is not trapped now (which
+        # then stays allowed: that merge took it out of the base's rules)
+        ours_before = [n for n in r["names"] if n in TRAPPABLE] \
             if r.get("action") == "SCMP_ACT_NOTIFY" else []
-        untrapped += [n for n in ours_before if n not in epoll]
+        untrapped += [n for n in ours_before if n not in trap]
         names = [n for n in r["names"] if n not in taken and n not in ours_before]
         if names:
             kept.append({**r, "names": names})
@@ -286,12 +291,7 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         ours += _notify("connect", 2 if allowing else None, INET_ADDRLEN)
     for name in epoll:
         ours += _notify(name, None, ())
-    if not allowing:
-        # the base refused what it did not list: keep sendto/connect usable
-        plain = ["sendto"] + (["connect"] if graft_at == "socket" else [])
-        ours.append({"names": plain, "action": "SCMP_ACT_ALLOW"})
-    ours.append({"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
-                 "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
+    ours.append({"names": list(IO_URING), "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     prof["syscalls"] = kept + ours
     prof["listenerPath"] = listener
     prof["listenerMetadata"] = f"{METADATA_PREFIX};graft_at={graft_at}"
