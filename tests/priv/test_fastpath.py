@@ -801,11 +801,10 @@ ARP_SEEN = ("import socket\n"
             "        print('probe', socket.inet_ntoa(d[38:42]), flush=True)\n")
 
 
-def _garp(addr, probe=False):
-    """A gratuitous ARP reply: `addr` is at this container's eth0 MAC; probe:
-    an ARP probe for addr (RFC 5227: a request from 0.0.0.0)."""
-    with open("/sys/class/net/eth0/address") as f:
-        mac = bytes.fromhex(f.read().strip().replace(":", ""))
+def _garp(mac, addr, probe=False):
+    """A gratuitous ARP reply: `addr` is at mac (this container's eth0 MAC:
+    /sys shows the host's interfaces in a namespace entered by setns);
+    probe: an ARP probe for addr (RFC 5227: a request from 0.0.0.0)."""
     ip = socket.inet_aton(addr)
     if probe:
         frame = (b"\xff" * 6 + mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 1]) + mac +
@@ -829,10 +828,11 @@ def test_a_policed_container_cannot_claim_anothers_address_by_arp(flab):
     seen = _server(flab, "h1-c2", ARP_SEEN, "-", "-")
     ns1 = _ns(flab, "h1-c1")
     before, spoofed = _port(flab, "h1-c1")["drops"], _port(flab, "h1-c1")["spoofed"]
-    netns.run_in(ns1, _garp, "198.19.1.1")       # the gateway's
-    netns.run_in(ns1, _garp, C2)                 # its neighbour's
-    netns.run_in(ns1, _garp, C1)                 # its own
-    assert seen.stdout.readline().strip() == C1
+    mac1 = bytes.fromhex(_port(flab, "h1-c1")["mac"].replace(":", ""))
+    netns.run_in(ns1, _garp, mac1, "198.19.1.1")  # the gateway's
+    netns.run_in(ns1, _garp, mac1, C2)            # its neighbour's
+    netns.run_in(ns1, _garp, mac1, C1)            # its own
+    assert _upto(seen, C1) == []
     assert _port(flab, "h1-c1")["drops"] == before + 2
     assert _port(flab, "h1-c1")["spoofed"] == spoofed + 2
     # audited (the 1st, 2nd, 4th... spoofed packet of an interface and CPU)
@@ -847,8 +847,8 @@ def test_a_policed_container_cannot_claim_anothers_address_by_arp(flab):
     assert _ping(flab, "h1-c1", C2, 1) == 0
     # a probe makes whoever holds or tries the address give it up: its own only
     spoofed = _port(flab, "h1-c1")["spoofed"]
-    netns.run_in(ns1, _garp, C2, True)
-    netns.run_in(ns1, _garp, C1, True)
+    netns.run_in(ns1, _garp, mac1, C2, True)
+    netns.run_in(ns1, _garp, mac1, C1, True)
     assert _upto(seen, f"probe {C1}") == []
     assert _port(flab, "h1-c1")["spoofed"] == spoofed + 1
 
@@ -932,11 +932,11 @@ def _orphan_fragment(src, dst, marker):
     return True
 
 
-def _udp_frame(dst_mac, src_mac, src, dst, dport, marker, tags=0):
+def _udp_frame(dst_mac, src_mac, src, dst, dport, marker, tags=0, sport=7199):
     """A whole Ethernet frame with an IPv4 UDP datagram (marker as its
     payload) behind `tags` VLAN tags (VID 0)."""
     import struct
-    udp = struct.pack("!HHHH", 7199, dport, 8 + len(marker), 0) + marker
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(marker), 0) + marker
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64,
                                socket.IPPROTO_UDP, 0, socket.inet_aton(src),
                                socket.inet_aton(dst)))
@@ -963,6 +963,99 @@ def test_a_policed_container_sends_nothing_the_programs_cannot_read(flab):
     lines = [x for x in _upto(seen, "MARK-43") if x.startswith("MARK")]
     assert lines == ["MARK-42"], lines        # the allowed port behind one tag too
     assert _port(flab, "h1-c1")["drops"] == before + 2
+
+
+def _fdb_ports(ns, mac):
+    """The bridge ports whose forwarding entries name mac, in host ns."""
+    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    import json
+    names = {link["ifindex"]: link["ifname"] for link in json.loads(out)}
+    fdb = subprocess.run(["bridge", "-n", ns, "-j", "fdb", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    return {e.get("ifname") or names.get(e.get("ifindex")) for e in json.loads(fdb)
+            if e.get("mac") == mac}
+
+
+def test_a_policed_container_cannot_take_a_neighbours_mac(flab):
+    """A frame from a policed container must carry its own interface's MAC as
+    the Ethernet source (and its ARP its own as the sender hardware
+    address): with a neighbour's, the bridge would learn the neighbour's MAC
+    on the attacker's port and hand it the neighbour's traffic. Dropped and
+    counted as spoofed; its own pass."""
+    seen = _server(flab, "h1-c2", FRAG_SEEN, "-", "-")
+    assert _ping(flab, "h1-c1", C2, 1) == 0
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "udp", C2, "7170")
+    ns1, h1 = _ns(flab, "h1-c1"), _ns(flab, "h1")
+    mac1, mac2 = (_port(flab, c)["mac"] for c in ("h1-c1", "h1-c2"))
+    b1, b2 = (bytes.fromhex(m.replace(":", "")) for m in (mac1, mac2))
+    port1 = _port(flab, "h1-c1")["ifname"]
+    before = _port(flab, "h1-c1")["spoofed"]
+    # to c2 from c1's address, with c2's MAC as the source; then ARP the same way
+    netns.run_in(ns1, _send_frame, "eth0", _udp_frame(b2, b2, C1, C2, 7170, b"MARK-50"))
+    arp = (b"\xff" * 6 + b2 + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + b2 +
+           socket.inet_aton(C1) + b"\xff" * 6 + socket.inet_aton(C1))
+    netns.run_in(ns1, _send_frame, "eth0", arp)
+    netns.run_in(ns1, _send_frame, "eth0", _udp_frame(b2, b1, C1, C2, 7170, b"MARK-51"))
+    assert _upto(seen, "MARK-51") == []                     # 50 never came
+    assert _port(flab, "h1-c1")["spoofed"] == before + 2
+    assert port1 not in _fdb_ports(h1, mac2), "the bridge learned c2's MAC on c1's port"
+
+
+def test_a_broadcast_makes_no_reply_allowed(flab):
+    """A reply passes a policed container's policy when the other end spoke
+    first - to it: a broadcast (or a frame flooded to every port) from a
+    denied neighbour allows nothing back."""
+    seen = _server(flab, "h1-c2", FRAG_SEEN, "-", "-")
+    assert _ping(flab, "h1-c1", C2, 1) == 0
+    flab.sg("policy", "add", "--container", "h1-c1", "deny", "any", C2)
+    ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+    b1, b2 = (bytes.fromhex(_port(flab, c)["mac"].replace(":", ""))
+              for c in ("h1-c1", "h1-c2"))
+    netns.run_in(ns2, _send_frame, "eth0", _udp_frame(b"\xff" * 6, b2, C2, "198.19.1.255",
+                                                      5353, b"MARK-52", sport=5353))
+    # c1 "answers" from the port the broadcast went to; then c2 sends to c1
+    # (a flow c2 starts: c1's reply passes)
+    netns.run_in(ns1, _send_frame, "eth0",
+                 _udp_frame(b2, b1, C1, C2, 5353, b"MARK-53", sport=5353))
+    netns.run_in(ns2, _send_frame, "eth0",
+                 _udp_frame(b1, b2, C2, C1, 5354, b"MARK-54", sport=5354))
+    netns.run_in(ns1, _send_frame, "eth0",
+                 _udp_frame(b2, b1, C1, C2, 5354, b"MARK-55", sport=5354))
+    lines = [x for x in _upto(seen, "MARK-55") if x.startswith("MARK")]
+    assert "MARK-53" not in lines, lines
+
+
+def test_a_rule_naming_ports_names_tcp_and_udp_ports(flab):
+    """A policy rule with ports matches TCP and UDP (as nftables' rules do),
+    not an ICMP echo whose identifier falls in the range nor another
+    protocol; a rule without ports matches ICMP too."""
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", C2, "1-65535")
+    assert _ping(flab, "h1-c1", C2, 1) != 0
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", C2)
+    assert _ping(flab, "h1-c1", C2, 1) == 0
+
+
+def _mld(kind, marker):
+    """An MLD message (130 query, 131 report) with marker after it, to ff02::1."""
+    import struct
+    msg = struct.pack("!BBHHH16s", kind, 0, 0, 1000 if kind == 130 else 0, 0,
+                      socket.inet_pton(socket.AF_INET6, "ff02::1" if kind == 131 else "::"))
+    return _icmp6_to("ff02::1", "eth0", msg + marker)
+
+
+def test_a_policed_container_is_no_multicast_router(flab):
+    """An MLD query from a policed container (which would take part in the
+    querier election - the lowest address wins - and steer the bridge's
+    multicast snooping) is dropped and counted; its reports pass."""
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "fd53:6700::/48")
+    seen = _server(flab, "h1-c2", ICMP_SEEN, "6", "-")
+    ns1 = _ns(flab, "h1-c1")
+    before = _port(flab, "h1-c1")["spoofed"]
+    netns.run_in(ns1, _mld, 130, b"MARK-60")
+    netns.run_in(ns1, _mld, 131, b"MARK-61")
+    assert [x for x in _upto(seen, "MARK-61") if x.startswith("MARK")] == []
+    assert _port(flab, "h1-c1")["spoofed"] == before + 1
 
 
 @pytest.mark.parametrize("family", [4, 6])

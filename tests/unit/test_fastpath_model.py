@@ -44,9 +44,9 @@ def test_plan_judges_configured_containers_and_maps_their_addresses():
     plan = mf.plan(ports, {"a": 0x53470001})
     assert plan.judged == {7: "a"}
     assert bpfmaps.FAST_PORT.unpack(plan.ports[bpfmaps.fast_port_key(7)]) == (
-        0x53470001, 0, ip_address("10.0.0.2").packed, ip_address("fd00::2").packed, GW)
+        0x53470001, 0, ip_address("10.0.0.2").packed, ip_address("fd00::2").packed, GW, MAC1)
     assert bpfmaps.FAST_PORT.unpack(plan.ports[bpfmaps.fast_port_key(9)]) == (
-        0, 1, ip_address("10.0.0.3").packed, bytes(16), GW)
+        0, 1, ip_address("10.0.0.3").packed, bytes(16), GW, MAC2)
     assert set(plan.ports) == {bpfmaps.fast_port_key(i) for i in (7, 9, 11)}
     got = {str(mf._addr_of(k)): bpfmaps.FAST_ADDR_VAL.unpack(v)
            for k, v in plan.addrs.items()}

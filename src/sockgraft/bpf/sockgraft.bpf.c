@@ -104,8 +104,11 @@
 #define SP_ND_TARGET 3      /* a neighbour advertisement (or a duplicate address
 			     * probe) of another's address */
 #define SP_ND_MALFORMED 4   /* neighbour discovery carrying more than the link needs */
-#define SP_ROUTER 5         /* a router advertisement or redirect */
+#define SP_ROUTER 5         /* a router advertisement or redirect, an MLD query */
 #define SP_FRAGMENT 6       /* a non-first fragment whose first was not judged */
+#define SP_MAC 7            /* an Ethernet source (or ARP sender hardware address)
+			     * that is not its interface's: the bridge would learn
+			     * a neighbour's MAC on its port */
 
 #define OP_CONNECT 1
 #define OP_SENDMSG 2
@@ -591,6 +594,11 @@ static __always_inline int rule_matches(struct judge_ctx *c, struct rule *r)
 	if (r->proto && r->proto != c->proto)
 		return 0;
 	if (c->port < r->port_lo || c->port > r->port_hi)
+		return 0;
+	/* a rule naming ports names TCP or UDP ones (as nftables' rules do):
+	 * not an ICMP echo identifier, not any port of another protocol */
+	if ((r->port_lo || r->port_hi != 65535) && c->proto != IPPROTO_TCP &&
+	    c->proto != IPPROTO_UDP)
 		return 0;
 	if ((c->addr[0] & r->mask[0]) != r->addr[0])
 		return 0;
@@ -1902,7 +1910,7 @@ struct fast_port {
 	__u32 addr4;        /* its IPv4 address (network order); 0 = none */
 	__u32 addr6[4];     /* its IPv6 address; all 0 = none (more: sg_fast_addrs) */
 	__u8 gw[6];         /* its bridge's MAC: what it sends routed packets to */
-	__u16 pad;
+	__u8 mac[6];        /* its interface's MAC (all 0: unknown) */
 };
 
 struct fast_addr_key {
@@ -2135,7 +2143,12 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 
 		p->icmp_err = t >= 1 && t <= 4;
 		p->judged = !p->icmp_err;
-		if (t == 130 || t == 131 || t == 132 || t == 143) {
+		if (t == 130) {
+			/* a listener query: a container is no multicast router
+			 * (nor its querier, elected by the lowest address) */
+			p->judged = 0;
+			p->bad = SP_ROUTER;
+		} else if (t == 131 || t == 132 || t == 143) {
 			if (mcast)
 				p->judged = 0;
 		} else if (t == 133 || t == 135 || t == 136) {
@@ -2380,6 +2393,16 @@ static __always_inline int own_source(struct fast_port *port, struct pkt *p, __u
 	return a && a->ifindex == ifindex;
 }
 
+/* Is the packet addressed to one of the port's own addresses? */
+static __noinline int own_dest(struct fast_port *port, struct pkt *p, __u32 ifindex)
+{
+	struct pkt q = {};
+
+	q.family = p->family;
+	__builtin_memcpy(q.saddr, p->daddr, 16);
+	return own_source(port, &q, ifindex);
+}
+
 static __always_inline int link_source(struct pkt *p)
 {
 	if (p->family == 4)
@@ -2618,6 +2641,26 @@ static __always_inline int same_mac(const __u8 *a, const __u8 *b)
 {
 	return *(const __u32 *)a == *(const __u32 *)b &&
 	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline int no_mac(const __u8 *a)
+{
+	return !*(const __u32 *)a && !*(const __u16 *)(a + 4);
+}
+
+/* The frame's Ethernet source is the port's interface's MAC (or the MAC is
+ * not known): a policed container cannot make the bridge learn a
+ * neighbour's MAC on its port (and take the neighbour's traffic). */
+static __always_inline int own_mac(struct __sk_buff *skb, struct fast_port *port)
+{
+	__u8 *data = (void *)(long)skb->data;
+	__u8 *end = (void *)(long)skb->data_end;
+
+	if (no_mac(port->mac))
+		return 1;
+	if (data + 12 > end)
+		return 0;
+	return same_mac(data + 6, port->mac);
 }
 
 
@@ -2866,6 +2909,13 @@ static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u
 	/* htype 1, ptype IPv4, hlen 6, plen 4; the sender's address after its MAC */
 	if (a[0] != 0 || a[1] != 1 || a[2] != 0x08 || a[3] != 0 || a[4] != 6 || a[5] != 4)
 		return 0;
+	/* the sender hardware address: its own */
+	if (!no_mac(port->mac)) {
+		__u32 sha[2] = {};
+
+		if (bpf_skb_load_bytes(skb, 14 + 8, sha, 6) || !same_mac((__u8 *)sha, port->mac))
+			return 0;
+	}
 	if (bpf_skb_load_bytes(skb, 14 + 14, &p.saddr[0], 4))
 		return 0;
 	if (!p.saddr[0]) {
@@ -2896,6 +2946,12 @@ int sg_fast_in(struct __sk_buff *skb)
 	if (!port)
 		return TC_ACT_OK;
 	st = bpf_map_lookup_elem(&sg_fast_stats, &port->slot);
+	if (port->mark && !own_mac(skb, port) && bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+		__u32 none[4] = {};
+
+		spoofed(st, port->mark, SP_MAC, 0, none, 0);
+		return TC_ACT_SHOT;
+	}
 	if (skb->protocol == bpf_htons(ETH_P_ARP_)) {
 		__u32 spa[4] = {};
 
@@ -2963,7 +3019,10 @@ int sg_fast_out(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 	struct fast_port *port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
 
-	if (port && port->mark && !parse(skb, &p))
+	/* a flow addressed to the container (a broadcast, a multicast or a
+	 * frame flooded to every port makes no reply allowed) */
+	if (port && port->mark && !parse(skb, &p) &&
+	    (no_mac(port->mac) || same_mac(p.dmac, port->mac)) && own_dest(port, &p, ifindex))
 		note_incoming(ifindex, &p);
 	return TC_ACT_OK;
 }

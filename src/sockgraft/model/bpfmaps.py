@@ -68,7 +68,7 @@ EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unspli
 EV_DENY_KEPT = 11        # syscall mode: the container's own loopback / "this host"
 EV_DENY_SPOOF = 12       # fast path: a spoofed packet (label: what), sampled 1, 2, 4, 8...
 SPOOF_WHAT = {1: "spoof:source", 2: "spoof:arp", 3: "spoof:nd-target", 4: "spoof:nd-malformed",
-              5: "spoof:router-advertisement", 6: "spoof:fragment"}
+              5: "spoof:router-advertisement", 6: "spoof:fragment", 7: "spoof:mac"}
 OP_SETSOCKOPT = 4
 OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6: "listen",
             7: "packet"}
@@ -256,7 +256,7 @@ def svc_val(addr: IPv4Address | IPv6Address, port: int) -> bytes:
     return SVC_VAL.pack(addr.packed.ljust(16, b"\0"), _be16(port), addr.version, 0)
 
 
-FAST_PORT = struct.Struct("=II4s16s6s2x")
+FAST_PORT = struct.Struct("=II4s16s6s6s")
 FAST_ADDR_KEY = struct.Struct("=B3x16s")
 FAST_ADDR_VAL = struct.Struct("=I6s6sIHH")
 FA_REDIRECTS = 1
@@ -272,15 +272,16 @@ def fast_port_key(ifindex: int) -> bytes:
 
 
 def fast_port_val(mark: int, slot: int, addrs: Iterable[IPv4Address | IPv6Address] = (),
-                  gw: bytes = bytes(6)) -> bytes:
+                  gw: bytes = bytes(6), mac: bytes = bytes(6)) -> bytes:
     """mark 0: a container without a policy entry (forwarded, not judged).
     slot: its counters' index. addrs: its own addresses; the first of each
     family is kept here (the program compares it in place), the others are
-    found in sg_fast_addrs."""
+    found in sg_fast_addrs. mac: its interface's (a policed container's
+    frames must come from it; all 0: not known, not checked)."""
     v4 = next((a for a in addrs if a.version == 4), None)
     v6 = next((a for a in addrs if a.version == 6), None)
     return FAST_PORT.pack(mark, slot, v4.packed if v4 else bytes(4),
-                          v6.packed if v6 else bytes(16), _mac6(gw))
+                          v6.packed if v6 else bytes(16), _mac6(gw), _mac6(mac))
 
 
 def _mac6(mac: bytes) -> bytes:

@@ -104,7 +104,8 @@ def plan(ports: Iterable[Port], marks: Mapping[str, int],
         slot = slots[port.ifindex] if slots is not None else i
         own = [a for a in port.addrs if _routable(a)]
         out.ports[bpfmaps.fast_port_key(port.ifindex)] = bpfmaps.fast_port_val(
-            mark, slot, own, port.gw if len(port.gw) == 6 else bytes(6))
+            mark, slot, own, port.gw if len(port.gw) == 6 else bytes(6),
+            port.mac if len(port.mac) == 6 else bytes(6))
         slot_of[port.ifindex] = slot
         if mark:
             out.judged[port.ifindex] = port.container or ""
