@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -226,3 +227,54 @@ port = 8081
 [rules]
 ingress = ["0.0.0.0:80=ep-http"]
 """
+
+
+def _vxlan_into(gw, port, vni, vtep_mac, src, dst, dport, marker):
+    """From inside a container: a VXLAN datagram to gw:port whose inner
+    frame carries a UDP packet src -> dst:dport (marker as its payload)."""
+    import socket
+    import struct
+    udp = struct.pack("!HHHH", 7199, dport, 8 + len(marker), 0) + marker
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                               socket.inet_aton(src), socket.inet_aton(dst)))
+    total = sum(int.from_bytes(ip[i:i + 2], "big") for i in range(0, 20, 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    ip[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    frame = bytes.fromhex(vtep_mac.replace(":", "")) + bytes.fromhex("020000000001") + \
+        b"\x08\x00" + bytes(ip) + udp
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(struct.pack("!II", 0x08000000, vni << 8) + frame, (gw, port))
+    return True
+
+
+def _udp_got(port, timeout):
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", port))
+        s.settimeout(timeout)
+        try:
+            return s.recvfrom(2048)
+        except TimeoutError:
+            return None
+
+
+def test_a_container_cannot_send_into_the_overlay(lab):
+    """The kernel's VXLAN socket listens on every address of the host: a
+    container sending a VXLAN datagram to its gateway would put an inner
+    packet - any source, any destination - into the overlay, around every
+    check of its own packets. The lab takes the overlay's port from the
+    underlay only."""
+    import threading
+    h1 = lab.hosts[0]
+    src, victim, forged = lab.node("h1-c1"), lab.node("h1-c2"), lab.node("h2-c1")
+    got = {}
+    t = threading.Thread(target=lambda: got.update(r=netns.run_in(victim.netns, _udp_got,
+                                                                   7300, 3.0)))
+    t.start()
+    time.sleep(0.5)
+    for _ in range(3):
+        netns.run_in(src.netns, _vxlan_into, str(h1.bridge4.ip), lab.vxlan_port, lab.vxlan_id,
+                     h1.vtep_mac, str(forged.ipv4.ip), str(victim.ipv4.ip), 7300, b"MARK-70")
+    t.join()
+    assert got["r"] is None, f"an inner packet from the overlay reached {victim.name}: {got}"

@@ -96,6 +96,7 @@ def test_nat_ruleset_masquerades_and_publishes():
     rules = plan_nat_ruleset(plan, h2)
     assert "ip saddr 198.19.2.0/24 ip daddr != 198.19.0.0/16 oifname \"sg-ul0\" masquerade" in rules
     assert "ip daddr 198.18.0.2 tcp dport 8080 dnat to 198.19.2.2:80" in rules
+    assert "udp dport 8472 iifname != \"sg-ul0\" drop" in rules   # the overlay's port
     assert "dnat" not in plan_nat_ruleset(plan, plan.hosts[0])
 
 

@@ -323,9 +323,17 @@ def plan_host_sysctls(is_host: bool) -> dict[str, str]:
 def plan_nat_ruleset(plan: LabPlan, host: HostPlan) -> str:
     """docker0-style NAT for one host: masquerade container traffic that leaves
     through the underlay to anything but the overlay, and DNAT published ports
-    arriving on the underlay address (like `docker run -p`)."""
+    arriving on the underlay address (like `docker run -p`). And the
+    overlay's own port only from the underlay: the kernel's VXLAN socket
+    listens on every address of the host, so a container could otherwise
+    send a frame into the overlay - an inner packet with any source, to any
+    container, around every check of its own packets."""
     lines = [
         f"table ip {NAT_TABLE} {{",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        f"    udp dport {plan.vxlan_port} iifname != \"{UNDERLAY_PORT}\" drop",
+        "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
         f"    ip saddr {host.subnet4} ip daddr != {plan.container_v4} "
