@@ -2277,6 +2277,22 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		if (ihl < 20)
 			return -1;
 		l4 = ip + ihl;
+		if (l4 + 8 > end && skb->len > (__u32)(end - (__u8 *)(long)skb->data)) {
+			/* options pushed the L4 header out of the linear part (a
+			 * PACKET_TX_RING frame): pulled in, so that an ICMP
+			 * error is not taken for a flow of its own */
+			__u32 want = base + 14 + ihl + 8;
+
+			if (want > skb->len)
+				want = skb->len;
+			if (bpf_skb_pull_data(skb, want) < 0)
+				return -1;
+			ip = (void *)(long)skb->data + base + 14;
+			end = (void *)(long)skb->data_end;
+			if (ip + 20 > end)
+				return -1;
+			l4 = ip + ihl;
+		}
 		p->l4off = (__u16)(base + 14 + ihl);
 		if (l4 + 6 > end) {
 			if (l4 + 4 > end)
