@@ -290,6 +290,18 @@ def test_an_address_that_moves_to_another_container(flab):
         rows = {r["ifname"]: r for r in _fast(g)["ports"]}
         assert "sgv-h1-c2" not in rows and rows["sgv-newc"]["attached"]
         assert rows["sgv-newc"]["mac"] != old["mac"]
+        # the bridge's MAC follows its ports' (the lowest): every port's
+        # gateway MAC is the bridge's as it is now
+        out = subprocess.run(["ip", "-n", h1, "-j", "link", "show", "sg-br0"],
+                             capture_output=True, text=True, check=True).stdout
+        import json
+        br_mac = json.loads(out)[0]["address"]
+        deadline = time.monotonic() + 5
+        while {r["gateway_mac"] for r in _fast(g)["ports"]} != {br_mac} and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert {r["ifname"]: r["gateway_mac"] for r in _fast(g)["ports"]} == \
+            {r["ifname"]: br_mac for r in _fast(g)["ports"]}
         subprocess.run(["ip", "-n", _ns(g, "h1-c1"), "neigh", "flush", "dev", "eth0"])
         assert _ping(g, "h1-c1", C2, 1) == 0
         assert netns.run_in(_ns(g, "h1-c1"), _tcp_bulk, C2, 7140, 5000) == 5000

@@ -306,6 +306,10 @@ class FastPath:
             for gone in [i for i in self.facts if i not in self._present]:
                 del self.facts[gone]
             self._resolve(veths)
+            for v in veths:     # a bridge's MAC follows its ports': kept current
+                p = self.facts.get(v.ifindex)
+                if p is not None and p.gw != v.bridge_mac:
+                    self.facts[v.ifindex] = dataclasses.replace(p, gw=v.bridge_mac)
         fresh = self._assign_slots()
         if links or full:
             bridges = {link.ifindex for link in self.links.values() if link.kind == "bridge"}
@@ -473,7 +477,8 @@ class FastPath:
             rows.append({"ifindex": ifindex, "ifname": port.ifname,
                          "container": port.container, "judged": ifindex in self.judged,
                          "attached": ifindex in self.attached,
-                         "mac": port.mac.hex(":"), "addresses": [str(a) for a in port.addrs],
+                         "mac": port.mac.hex(":"), "gateway_mac": port.gw.hex(":"),
+                         "addresses": [str(a) for a in port.addrs],
                          **(dict(zip(kbpf.FAST_STATS, st)) if st else {})})
         return {"enabled": self.enabled, "ports": rows, "conflicts": list(self.conflicts),
                 "addresses": len(self.addrs), "remote_routes": len(self.remote),
