@@ -86,6 +86,18 @@ def echo(ns, addr, port, payload=b"hello sockgraft", proto="tcp", timeout=5):
     return netns.run_in(ns, _echo, addr, port, payload, proto, timeout)
 
 
+def udp_got(port, timeout):
+    """The first datagram to this namespace's UDP port within timeout
+    (data, peer), or None. Run in a namespace with netns.run_in."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", port))
+        s.settimeout(timeout)
+        try:
+            return s.recvfrom(2048)
+        except TimeoutError:
+            return None
+
+
 def http_get(ip, port):
     """GET / over HTTP/1.0 from this namespace; the whole answer as text."""
     with socket.create_connection((ip, port), timeout=5) as s:

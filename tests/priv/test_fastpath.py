@@ -12,6 +12,7 @@ import time
 import pytest
 
 from grafting import GraftLab
+from nettools import udp_got
 from sockgraft.agent import control
 from sockgraft.kernel import netns
 from sockgraft.lab import builder
@@ -308,6 +309,53 @@ def test_an_address_that_moves_to_another_container(flab):
         assert _port(g, "newc")["fast_pkts"] > 3
     finally:
         subprocess.run(["ip", "netns", "del", new_ns], capture_output=True)
+
+
+def test_no_shortcut_to_a_container_on_another_bridge(flab):
+    """Two bridges on one node are two networks (Docker's networks, icc):
+    a frame addressed to the MAC and address of a container on the other
+    bridge is not redirected to it - the bridges and the host's firewall
+    decide, as without the fast path."""
+    g = flab
+    h1 = g.plan.node("h1").netns
+    other = f"sg-{g.plan.name}-br1c"
+    ip = ["ip", "-n", h1]
+    subprocess.run(ip + ["link", "add", "sg-br1", "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "netns", "add", other], check=True)
+        subprocess.run(ip + ["link", "add", "sgv-br1c", "type", "veth", "peer", "name", "eth0",
+                             "netns", other], check=True)
+        subprocess.run(ip + ["link", "set", "sgv-br1c", "master", "sg-br1", "up"], check=True)
+        subprocess.run(ip + ["link", "set", "sg-br1", "up"], check=True)
+        subprocess.run(["ip", "-n", other, "addr", "add", "198.19.9.2/24", "dev", "eth0"],
+                       check=True)
+        subprocess.run(["ip", "-n", other, "link", "set", "eth0", "up"], check=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = {r["ifname"]: r for r in _fast(g)["ports"]}
+            if "sgv-br1c" in rows and rows["sgv-br1c"]["addresses"]:
+                break
+            time.sleep(0.2)
+        mac = bytes.fromhex(rows["sgv-br1c"]["mac"].replace(":", ""))
+        b1 = bytes.fromhex(_port(g, "h1-c1")["mac"].replace(":", ""))
+        before = rows["sgv-br1c"].get("fast_pkts", 0) + _port(g, "h1-c1").get("fast_pkts", 0)
+        got = {}
+        import threading
+        t = threading.Thread(target=lambda: got.update(r=netns.run_in(other, udp_got,
+                                                                       7400, 2.0)))
+        t.start()
+        time.sleep(0.3)
+        for _ in range(3):
+            netns.run_in(_ns(g, "h1-c1"), _send_frame, "eth0",
+                         _udp_frame(mac, b1, C1, "198.19.9.2", 7400, b"MARK-90"))
+        t.join()
+        assert got["r"] is None, f"reached the other bridge's container: {got}"
+        rows = {r["ifname"]: r for r in _fast(g)["ports"]}
+        assert rows["sgv-br1c"].get("fast_pkts", 0) + \
+            _port(g, "h1-c1").get("fast_pkts", 0) == before
+    finally:
+        subprocess.run(["ip", "netns", "del", other], capture_output=True)
+        subprocess.run(ip + ["link", "del", "sg-br1"], capture_output=True)
 
 
 def test_programs_survive_an_agent_restart(flab):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nettools import EchoServer, echo
+from nettools import EchoServer, echo, udp_got
 from sockgraft.cli.main import main as cli
 from sockgraft.errors import KernelError, LabError
 from sockgraft.kernel import netns
@@ -248,17 +248,6 @@ def _vxlan_into(gw, port, vni, vtep_mac, src, dst, dport, marker):
     return True
 
 
-def _udp_got(port, timeout):
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("0.0.0.0", port))
-        s.settimeout(timeout)
-        try:
-            return s.recvfrom(2048)
-        except TimeoutError:
-            return None
-
-
 def test_a_container_cannot_send_into_the_overlay(lab):
     """The kernel's VXLAN socket listens on every address of the host: a
     container sending a VXLAN datagram to its gateway would put an inner
@@ -269,7 +258,7 @@ def test_a_container_cannot_send_into_the_overlay(lab):
     h1 = lab.hosts[0]
     src, victim, forged = lab.node("h1-c1"), lab.node("h1-c2"), lab.node("h2-c1")
     got = {}
-    t = threading.Thread(target=lambda: got.update(r=netns.run_in(victim.netns, _udp_got,
+    t = threading.Thread(target=lambda: got.update(r=netns.run_in(victim.netns, udp_got,
                                                                    7300, 3.0)))
     t.start()
     time.sleep(0.5)

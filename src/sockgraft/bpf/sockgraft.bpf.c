@@ -3010,8 +3010,9 @@ int sg_fast_in(struct __sk_buff *skb)
 			return ret;
 		goto slow;
 	}
-	if (dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac) || redirected(dst, &p))
-		goto slow;
+	if (dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac) || redirected(dst, &p) ||
+	    !same_mac(dst->gw, port->gw))
+		goto slow;	/* (another bridge's: the bridges and the firewall decide) */
 	/* the destination's replies are allowed: told at a flow's first packet
 	 * (a sender without a policy has no flow cache: at each) - the reply
 	 * path's lookups keep the entry fresh in the LRU */
