@@ -254,6 +254,17 @@ def test_a_policed_container_cannot_forge_its_source(flab):
     assert row["drops"] == before + 1 and row["spoofed"] >= 1
 
 
+def _known(g, ifname, timeout=10.0):
+    """The fast path's ports by name, once ifname is among them with its
+    addresses read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {r["ifname"]: r for r in _fast(g)["ports"]}
+        if (ifname in rows and rows[ifname]["addresses"]) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
 def test_an_address_that_moves_to_another_container(flab):
     """The destination container goes away and a new one takes its address
     (another veth, another MAC): traffic reaches the new one through the fast
@@ -282,13 +293,7 @@ def test_an_address_that_moves_to_another_container(flab):
                              text=True, start_new_session=True)
         g.procs.append(p)
         assert p.stdout.readline().strip() == "up"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            rows = {r["ifname"]: r for r in _fast(g)["ports"]}
-            if "sgv-newc" in rows and rows["sgv-newc"]["addresses"]:
-                break
-            time.sleep(0.2)
-        rows = {r["ifname"]: r for r in _fast(g)["ports"]}
+        rows = _known(g, "sgv-newc")
         assert "sgv-h1-c2" not in rows and rows["sgv-newc"]["attached"]
         assert rows["sgv-newc"]["mac"] != old["mac"]
         # the bridge's MAC follows its ports' (the lowest): every port's
@@ -330,12 +335,7 @@ def test_no_shortcut_to_a_container_on_another_bridge(flab):
         subprocess.run(["ip", "-n", other, "addr", "add", "198.19.9.2/24", "dev", "eth0"],
                        check=True)
         subprocess.run(["ip", "-n", other, "link", "set", "eth0", "up"], check=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            rows = {r["ifname"]: r for r in _fast(g)["ports"]}
-            if "sgv-br1c" in rows and rows["sgv-br1c"]["addresses"]:
-                break
-            time.sleep(0.2)
+        rows = _known(g, "sgv-br1c")
         mac = bytes.fromhex(rows["sgv-br1c"]["mac"].replace(":", ""))
         b1 = bytes.fromhex(_port(g, "h1-c1")["mac"].replace(":", ""))
         before = rows["sgv-br1c"].get("fast_pkts", 0) + _port(g, "h1-c1").get("fast_pkts", 0)

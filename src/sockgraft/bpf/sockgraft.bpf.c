@@ -2230,6 +2230,13 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 	return l4_parse(p, l4, l4 + sizeof(l4), 0);
 }
 
+/* The first `want` bytes of the packet (fewer if it is shorter) into the
+ * linear part; every packet pointer is to be derived again after it. */
+static __always_inline int pull_upto(struct __sk_buff *skb, __u32 want)
+{
+	return bpf_skb_pull_data(skb, want < skb->len ? want : skb->len) < 0;
+}
+
 /* ICMPv6 bytes read in place: a neighbour solicitation / advertisement
  * with its one link-layer address option (nd_ok, icmp_parse) */
 #define ND_PULL 32
@@ -2246,9 +2253,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 	p->judged = 1;
 	if (data + base + 14 + 40 + 8 > end && skb->len > (__u32)(end - data)) {
 		/* headers not all in the linear part: pull them in */
-		__u32 want = skb->len < base + 14 + 40 + 8 ? skb->len : base + 14 + 40 + 8;
-
-		if (bpf_skb_pull_data(skb, want) < 0)
+		if (pull_upto(skb, base + 14 + 40 + 8))
 			return -1;
 		data = (void *)(long)skb->data;
 		end = (void *)(long)skb->data_end;
@@ -2281,11 +2286,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 			/* options pushed the L4 header out of the linear part (a
 			 * PACKET_TX_RING frame): pulled in, so that an ICMP
 			 * error is not taken for a flow of its own */
-			__u32 want = base + 14 + ihl + 8;
-
-			if (want > skb->len)
-				want = skb->len;
-			if (bpf_skb_pull_data(skb, want) < 0)
+			if (pull_upto(skb, base + 14 + ihl + 8))
 				return -1;
 			ip = (void *)(long)skb->data + base + 14;
 			end = (void *)(long)skb->data_end;
@@ -2316,10 +2317,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 			 * bytes in) are judged - a sender that leaves them out of
 			 * the linear part (a PACKET_TX_RING frame) must not slip
 			 * them past the checks */
-			__u32 want = skb->len < base + 14 + 40 + ND_PULL ?
-				     skb->len : base + 14 + 40 + ND_PULL;
-
-			if (bpf_skb_pull_data(skb, want) < 0)
+			if (pull_upto(skb, base + 14 + 40 + ND_PULL))
 				return -1;
 			ip = (void *)(long)skb->data + base + 14;
 			end = (void *)(long)skb->data_end;
