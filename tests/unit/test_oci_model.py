@@ -89,7 +89,8 @@ def test_bad_annotations_name_the_problem(ann, where):
 
 DOCKERISH = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
              "architectures": ["SCMP_ARCH_X86_64"],
-             "syscalls": [{"names": ["accept", "bind", "connect", "read", "sendto", "socket"],
+             "syscalls": [{"names": ["accept", "bind", "connect", "listen", "read", "sendto",
+                                     "socket"],
                            "action": "SCMP_ACT_ALLOW"},
                           {"names": ["io_uring_setup"], "action": "SCMP_ACT_ALLOW"}]}
 
@@ -250,7 +251,9 @@ def test_a_base_that_refuses_an_epoll_create_keeps_its_rule(default, rule, allow
     other one (let through) is trapped."""
     also = [{"names": ["epoll_create"], "action": "SCMP_ACT_ALLOW"}] if allowed_too else []
     base = {"defaultAction": default, "architectures": ["SCMP_ARCH_X86_64"],
-            "syscalls": [rule, {"names": ["epoll_create1"], "action": "SCMP_ACT_ALLOW"}] + also}
+            "syscalls": [rule, {"names": ["epoll_create1"], "action": "SCMP_ACT_ALLOW"},
+                         {"names": ["bind", "listen", "connect"], "action": "SCMP_ACT_ALLOW"}]
+            + also}
     prof = moci.build_profile(base, "/run/sg/oci.sock")
     names = _by_name(prof)
     if rule["action"] == "SCMP_ACT_ALLOW" and allowed_too:     # every call let through
@@ -284,3 +287,35 @@ def test_a_merge_keeps_the_bases_rules_for_what_it_does_not_trap():
     refusing = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["sendto"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
     assert _actions(moci.build_profile(refusing, "/x"))["sendto"] == ["SCMP_ACT_ERRNO"]
+
+
+MOBY_SOCKET = {"names": ["socket"], "action": "SCMP_ACT_ALLOW",
+               "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_NE"}]}   # not AF_VSOCK
+
+
+@pytest.mark.parametrize("base, mode, name", [
+    # Docker's default allows socket() but for AF_VSOCK: socket mode would let it through
+    ({**DOCKERISH, "syscalls": [{"names": ["bind", "connect", "listen"],
+                                 "action": "SCMP_ACT_ALLOW"}, MOBY_SOCKET]}, "socket", "socket"),
+    ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["bind"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}, "syscall", "bind"),
+    ({**DOCKERISH, "syscalls": [{"names": ["bind", "connect", "socket"],
+                                 "action": "SCMP_ACT_ALLOW"}]}, "syscall", "listen"),
+])
+def test_a_base_that_refuses_what_the_mode_traps_is_refused(base, mode, name, tmp_path):
+    """A trapped call the agent does not graft is let through: merged into a
+    base that refuses some (or all) calls of a syscall the mode traps, the
+    refusal would be lost - refused with an error that names the syscall and
+    the base's rules; the same base merges in the other mode where that
+    syscall is not trapped."""
+    with pytest.raises(ConfigError) as err:
+        moci.build_profile(base, "/x", mode)
+    assert f"{name}()" in str(err.value) and "undo that refusal" in str(err.value)
+    if name == "socket":
+        assert "--graft-at syscall" in str(err.value)
+        merged = _by_name(moci.build_profile(base, "/x", "syscall"))
+        assert merged["socket"] == [MOBY_SOCKET]            # kept as the base has it
+    f = tmp_path / "base.json"
+    f.write_text(json.dumps(base))
+    p = _cli("oci-profile", "--base", str(f), "--graft-at", mode)
+    assert p.returncode == 2 and f"{name}()" in p.stderr, p.stderr

@@ -214,10 +214,10 @@ def _lets_through(rules: list, name: str, allowing: bool) -> bool:
     trapping it (the agent continues it) widens nothing? A previous merge's
     trap says it did (merges trap nothing else of the base's)."""
     mine = [r for r in rules if name in r["names"]]
-    if not all(r.get("action") in ALLOWING or
-               (r.get("action") == "SCMP_ACT_NOTIFY" and not r.get("args")) for r in mine):
+    base = [r for r in mine if r.get("action") != "SCMP_ACT_NOTIFY"]   # not a trap of ours
+    if not all(r.get("action") in ALLOWING for r in base):
         return False        # something refuses some of its calls
-    return allowing or any(not r.get("args") for r in mine)
+    return allowing or len(base) < len(mine) or any(not r.get("args") for r in base)
 
 
 def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
@@ -239,7 +239,9 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     socket mode, sendto()) stay as they are.
     A base whose default action refuses syscalls cannot express "everything
     else allowed" for our syscalls with one argument test, so there they are
-    trapped unconditionally (the agent lets the rest through)."""
+    trapped unconditionally (the agent lets the rest through). A base that
+    refuses some calls of a syscall the mode traps (bind, listen, connect or
+    socket) is refused with ConfigError: the agent would let them through."""
     if graft_at not in gc.GRAFT_AT:
         raise ConfigError(f"graft_at {graft_at!r} unknown; accepted: {', '.join(gc.GRAFT_AT)}",
                           field="graft_at", value=graft_at)
@@ -267,7 +269,23 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     allowing = prof["defaultAction"] in ALLOWING
     epoll = [n for n in EPOLL if _lets_through(rules, n, allowing)] \
         if trap_epoll and graft_at != "socket" else []
-    trap = ("bind", "listen", "socket" if graft_at == "socket" else "connect", *epoll)
+    must = ("bind", "listen", "socket" if graft_at == "socket" else "connect")
+    for name in must:
+        if not _lets_through(rules, name, allowing):
+            # trapped, every call the agent does not graft is let through:
+            # the base's refusal would be lost (and kept beside the trap, a
+            # rule libseccomp may order first would disable the trap)
+            which = [i for i, r in enumerate(rules) if name in r["names"]]
+            raise ConfigError(
+                f"the profile refuses some or all {name}() calls "
+                f"({', '.join(f'syscalls[{i}]' for i in which) or 'its defaultAction'}); "
+                f"sockgraft traps every {name}() in {graft_at} mode and lets through what "
+                f"it does not graft, which would undo that refusal"
+                + (" (--graft-at syscall traps connect() instead of socket())"
+                   if name == "socket" else "")
+                + f": allow {name} unconditionally in the base, or merge into another",
+                source=source, field="syscalls", value=name)
+    trap = must + tuple(epoll)
     taken = trap + IO_URING      # the base's rules for these give way to ours
     kept: list[dict] = []
     untrapped: list[str] = []
