@@ -1292,6 +1292,24 @@ def test_a_policed_container_cannot_probe_away_a_neighbours_address(flab, ring):
     assert _port(flab, "h1-c1")["spoofed"] == before + 4
 
 
+def test_a_policed_container_cannot_point_its_address_at_a_neighbours_mac(flab):
+    """Neighbour discovery's link-layer address option names the MAC the
+    sender's address is at: a policed container's must be its own (with a
+    neighbour's, the neighbours would send what is the container's to that
+    neighbour) - dropped and counted as spoofed; with its own it passes."""
+    flab.sg("policy", "add", "--container", "h1-c1", "allow", "any", "fd53:6700::/48")
+    seen = _server(flab, "h1-c2", ICMP_SEEN, "6", "-")
+    ns1 = _ns(flab, "h1-c1")
+    ll1 = _link_local(ns1)
+    mac1, mac2 = (bytes.fromhex(_port(flab, c)["mac"].replace(":", ""))
+                  for c in ("h1-c1", "h1-c2"))
+    before = _port(flab, "h1-c1")["spoofed"]
+    netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(136, C1_6) + bytes([2, 1]) + mac2)
+    netns.run_in(ns1, _icmp6_to, "ff02::1", "eth0", _nd(136, ll1) + bytes([2, 1]) + mac1)
+    assert f"NA {C1_6}" not in _upto(seen, f"NA {ll1}")
+    assert _port(flab, "h1-c1")["spoofed"] == before + 1
+
+
 def _ns_from(src, ifname, target):
     """A neighbour solicitation for target from the link-local src, to the
     all-nodes group."""

@@ -2102,7 +2102,20 @@ struct pkt {
 			     * (solicitation from ::): its target, below, must be the
 			     * sender's own */
 	__u32 target[4];
+	__u8 llmac[6];      /* the link-layer address option's MAC (has_ll) */
+	__u8 has_ll;
 };
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline int no_mac(const __u8 *a)
+{
+	return !*(const __u32 *)a && !*(const __u16 *)(a + 4);
+}
 
 /* Neighbour discovery (RFC 4861) as the link needs it and nothing more: a
  * router solicitation, neighbour solicitation or advertisement with at
@@ -2157,6 +2170,11 @@ static __always_inline void icmp_parse(const __u8 *h, const __u8 *end, __u32 len
 			 * application chooses - no channel to where it may not go */
 			p->judged = !link;
 			p->bad = nd_ok(h, end, len) ? 0 : SP_ND_MALFORMED;
+			if (!p->bad && len == (t == 133 ? 16u : 32u) && h + len <= end) {
+				/* its one link-layer address option: whose MAC */
+				__builtin_memcpy(p->llmac, h + len - 6, 6);
+				p->has_ll = 1;
+			}
 			/* whose address it announces (an advertisement) or
 			 * probes for duplicates (a solicitation from ::, which
 			 * makes a tentative owner give its address up): fast_judge */
@@ -2624,6 +2642,12 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 		spoofed(st, mark, SP_ND_TARGET, p->family, p->target, p->proto);
 		return V_DENY;
 	}
+	if (p->has_ll && !no_mac(port->mac) && !same_mac(p->llmac, port->mac)) {
+		/* "my address is at a neighbour's MAC": its neighbours would send
+		 * what is the container's to the neighbour */
+		spoofed(st, mark, SP_MAC, p->family, p->saddr, p->proto);
+		return V_DENY;
+	}
 	if (p->frag)
 		return frag_verdict(p, skb->ifindex, mark, pol->gen, st);
 	verdict = judge_first(skb, p, pol, mark, st, known);
@@ -2649,17 +2673,6 @@ static __always_inline int redirected(struct fast_addr *dst, struct pkt *p)
 	k.port = p->dport;
 	__builtin_memcpy(k.addr, p->daddr, 16);
 	return bpf_map_lookup_elem(&sg_fast_redirects, &k) != 0;
-}
-
-static __always_inline int same_mac(const __u8 *a, const __u8 *b)
-{
-	return *(const __u32 *)a == *(const __u32 *)b &&
-	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
-}
-
-static __always_inline int no_mac(const __u8 *a)
-{
-	return !*(const __u32 *)a && !*(const __u16 *)(a + 4);
 }
 
 /* The frame's Ethernet source is the port's interface's MAC (or the MAC is
