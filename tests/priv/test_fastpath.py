@@ -756,15 +756,16 @@ def test_icmp_errors_are_judged_as_related(flab, family):
     assert _port(flab, "h1-c1")["drops"] == before + 2
 
 
-def _ipv4_frame(dmac, smac, src, dst, proto, payload, options=b""):
-    """A whole Ethernet frame with an IPv4 packet (options padded to 4 bytes)."""
+def _ipv4_frame(dmac, smac, src, dst, proto, payload, options=b"", tags=0):
+    """A whole Ethernet frame with an IPv4 packet (options padded to 4 bytes)
+    behind `tags` VLAN tags (VID 0)."""
     import struct
     options += b"\x01" * (-len(options) % 4)               # NOPs
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45 + len(options) // 4, 0,
                                20 + len(options) + len(payload), 1, 0, 64, proto, 0,
                                socket.inet_aton(src), socket.inet_aton(dst)) + options)
     ip[10:12] = _inet_csum(bytes(ip))
-    return dmac + smac + b"\x08\x00" + bytes(ip) + payload
+    return dmac + smac + b"\x81\x00\x00\x00" * tags + b"\x08\x00" + bytes(ip) + payload
 
 
 def _icmp4(kind, code, body):
@@ -1039,11 +1040,7 @@ def _udp_frame(dst_mac, src_mac, src, dst, dport, marker, tags=0, sport=7199):
     payload) behind `tags` VLAN tags (VID 0)."""
     import struct
     udp = struct.pack("!HHHH", sport, dport, 8 + len(marker), 0) + marker
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64,
-                               socket.IPPROTO_UDP, 0, socket.inet_aton(src),
-                               socket.inet_aton(dst)))
-    ip[10:12] = _inet_csum(bytes(ip))
-    return dst_mac + src_mac + b"\x81\x00\x00\x00" * tags + b"\x08\x00" + bytes(ip) + udp
+    return _ipv4_frame(dst_mac, src_mac, src, dst, socket.IPPROTO_UDP, udp, tags=tags)
 
 
 def test_a_policed_container_sends_nothing_the_programs_cannot_read(flab):
@@ -1093,9 +1090,10 @@ def test_a_policed_container_cannot_take_a_neighbours_mac(flab):
     b1, b2 = (bytes.fromhex(m.replace(":", "")) for m in (mac1, mac2))
     port1 = _port(flab, "h1-c1")["ifname"]
     before = _port(flab, "h1-c1")["spoofed"]
-    # to c2 from c1's address, with c2's MAC as the source; then ARP the same way
+    # to c2 from c1's address, with c2's MAC as the source; then an ARP from
+    # c1's own MAC saying c1's address is at c2's
     netns.run_in(ns1, _send_frame, "eth0", _udp_frame(b2, b2, C1, C2, 7170, b"MARK-50"))
-    arp = (b"\xff" * 6 + b2 + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + b2 +
+    arp = (b"\xff" * 6 + b1 + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + b2 +
            socket.inet_aton(C1) + b"\xff" * 6 + socket.inet_aton(C1))
     netns.run_in(ns1, _send_frame, "eth0", arp)
     netns.run_in(ns1, _send_frame, "eth0", _udp_frame(b2, b1, C1, C2, 7170, b"MARK-51"))

@@ -2248,6 +2248,12 @@ static __noinline int parse_ext6(struct __sk_buff *skb, struct pkt *p, __u32 bas
 	return l4_parse(p, l4, l4 + sizeof(l4), 0);
 }
 
+/* Does the packet hold more than its linear part? */
+static __always_inline int nonlinear(struct __sk_buff *skb)
+{
+	return skb->len > skb->data_end - skb->data;
+}
+
 /* The first `want` bytes of the packet (fewer if it is shorter) into the
  * linear part; every packet pointer is to be derived again after it. */
 static __always_inline int pull_upto(struct __sk_buff *skb, __u32 want)
@@ -2269,7 +2275,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 	__u8 *end = (void *)(long)skb->data_end;
 
 	p->judged = 1;
-	if (data + base + 14 + 40 + 8 > end && skb->len > (__u32)(end - data)) {
+	if (data + base + 14 + 40 + 8 > end && nonlinear(skb)) {
 		/* headers not all in the linear part: pull them in */
 		if (pull_upto(skb, base + 14 + 40 + 8))
 			return -1;
@@ -2300,7 +2306,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 		if (ihl < 20)
 			return -1;
 		l4 = ip + ihl;
-		if (l4 + 8 > end && skb->len > (__u32)(end - (__u8 *)(long)skb->data)) {
+		if (l4 + 8 > end && nonlinear(skb)) {
 			/* options pushed the L4 header out of the linear part (a
 			 * PACKET_TX_RING frame): pulled in, so that an ICMP
 			 * error is not taken for a flow of its own */
@@ -2329,8 +2335,7 @@ static __always_inline int parse_at(struct __sk_buff *skb, struct pkt *p, const 
 
 		if (ip + 40 > end)
 			return -1;
-		if (ip[6] == IPPROTO_ICMPV6_ && ip + 40 + ND_PULL > end &&
-		    skb->len > (__u32)(end - (__u8 *)(long)skb->data)) {
+		if (ip[6] == IPPROTO_ICMPV6_ && ip + 40 + ND_PULL > end && nonlinear(skb)) {
 			/* neighbour discovery: its target and option (up to 32
 			 * bytes in) are judged - a sender that leaves them out of
 			 * the linear part (a PACKET_TX_RING frame) must not slip
@@ -2404,35 +2409,32 @@ static __always_inline void spoofed(struct fast_stats *st, __u32 mark, __u32 wha
 		report_as(0, EV_DENY_SPOOF, mark, OP_PACKET, what, family, addr, 0, proto);
 }
 
-/* Does the packet carry the port's own source address? */
-static __always_inline int own_source(struct fast_port *port, struct pkt *p, __u32 ifindex)
+/* Is addr (IPv4 in addr[0], the rest 0) one of the port's own addresses? */
+static __always_inline int own_addr(struct fast_port *port, __u8 family, const __u32 *addr,
+				    __u32 ifindex)
 {
 	struct fast_addr_key k = {};
 	struct fast_addr *a;
 
-	if (p->family == 4) {
-		if (port->addr4 && p->saddr[0] == port->addr4)
+	if (family == 4) {
+		if (port->addr4 && addr[0] == port->addr4)
 			return 1;
 	} else if ((port->addr6[0] | port->addr6[1] | port->addr6[2] | port->addr6[3]) &&
-		   p->saddr[0] == port->addr6[0] && p->saddr[1] == port->addr6[1] &&
-		   p->saddr[2] == port->addr6[2] && p->saddr[3] == port->addr6[3]) {
+		   addr[0] == port->addr6[0] && addr[1] == port->addr6[1] &&
+		   addr[2] == port->addr6[2] && addr[3] == port->addr6[3]) {
 		return 1;
 	}
 	/* a container with more addresses than one per family */
-	k.family = p->family;
-	__builtin_memcpy(k.addr, p->saddr, 16);
+	k.family = family;
+	__builtin_memcpy(k.addr, addr, 16);
 	a = bpf_map_lookup_elem(&sg_fast_addrs, &k);
 	return a && a->ifindex == ifindex;
 }
 
-/* Is the packet addressed to one of the port's own addresses? */
-static __noinline int own_dest(struct fast_port *port, struct pkt *p, __u32 ifindex)
+/* Does the packet carry the port's own source address? */
+static __always_inline int own_source(struct fast_port *port, struct pkt *p, __u32 ifindex)
 {
-	struct pkt q = {};
-
-	q.family = p->family;
-	__builtin_memcpy(q.saddr, p->daddr, 16);
-	return own_source(port, &q, ifindex);
+	return own_addr(port, p->family, p->saddr, ifindex);
 }
 
 static __always_inline int link_source(struct pkt *p)
@@ -2520,13 +2522,9 @@ static __always_inline int ll_of_other(const __u32 *addr, __u32 ifindex)
  * (sg_fast_ll: a neighbour's or the gateway's EUI-64 address). */
 static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 ifindex)
 {
-	struct pkt q = {};
-
 	if ((p->target[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000))
 		return !ll_of_other(p->target, ifindex);
-	q.family = 6;
-	__builtin_memcpy(q.saddr, p->target, 16);
-	return own_source(port, &q, ifindex);
+	return own_addr(port, 6, p->target, ifindex);
 }
 
 /* The verdict on a packet that is not a non-first fragment: an ICMP error
@@ -2928,33 +2926,27 @@ int sg_fast_decap(struct __sk_buff *skb)
 static __noinline int arp_own(struct __sk_buff *skb, struct fast_port *port, __u32 ifindex,
 			       __u32 *spa)
 {
-	struct pkt p = {};
-	__u8 a[14];
+	__u32 w[4] = {}, addr[4] = {};
+	__u8 *a = (__u8 *)w;	/* (u32-aligned: the sender's MAC at a + 8 compared in place) */
 
-	if (bpf_skb_load_bytes(skb, 14, a, sizeof(a)))
+	if (bpf_skb_load_bytes(skb, 14, a, 14))
 		return 0;
-	/* htype 1, ptype IPv4, hlen 6, plen 4; the sender's address after its MAC */
-	if (a[0] != 0 || a[1] != 1 || a[2] != 0x08 || a[3] != 0 || a[4] != 6 || a[5] != 4)
+	/* htype 1, ptype IPv4, hlen 6, plen 4; the sender hardware address
+	 * (its own), then the sender's address */
+	if (a[0] != 0 || a[1] != 1 || a[2] != 0x08 || a[3] != 0 || a[4] != 6 || a[5] != 4 ||
+	    (!no_mac(port->mac) && !same_mac(a + 8, port->mac)))
 		return 0;
-	/* the sender hardware address: its own */
-	if (!no_mac(port->mac)) {
-		__u32 sha[2] = {};
-
-		if (bpf_skb_load_bytes(skb, 14 + 8, sha, 6) || !same_mac((__u8 *)sha, port->mac))
-			return 0;
-	}
-	if (bpf_skb_load_bytes(skb, 14 + 14, &p.saddr[0], 4))
+	if (bpf_skb_load_bytes(skb, 14 + 14, addr, 4))
 		return 0;
-	if (!p.saddr[0]) {
+	if (!addr[0]) {
 		/* a probe (RFC 5227): whoever holds or is trying the target
 		 * address takes it as a conflict and gives it up - only for
 		 * one of its own */
-		if (bpf_skb_load_bytes(skb, 14 + 24, &p.saddr[0], 4))
+		if (bpf_skb_load_bytes(skb, 14 + 24, addr, 4))
 			return 0;
 	}
-	*spa = p.saddr[0];
-	p.family = 4;
-	return own_source(port, &p, ifindex);
+	*spa = addr[0];
+	return own_addr(port, 4, addr, ifindex);
 }
 
 SEC("tc")
@@ -3050,7 +3042,8 @@ int sg_fast_out(struct __sk_buff *skb)
 	/* a flow addressed to the container (a broadcast, a multicast or a
 	 * frame flooded to every port makes no reply allowed) */
 	if (port && port->mark && !parse(skb, &p) &&
-	    (no_mac(port->mac) || same_mac(p.dmac, port->mac)) && own_dest(port, &p, ifindex))
+	    (no_mac(port->mac) || same_mac(p.dmac, port->mac)) &&
+	    own_addr(port, p.family, p.daddr, ifindex))
 		note_incoming(ifindex, &p);
 	return TC_ACT_OK;
 }
