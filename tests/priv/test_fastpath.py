@@ -1317,3 +1317,90 @@ def _ns_from(src, ifname, target):
         s.bind((src, 0, 0, scope))
         s.sendto(_nd(135, target), ("ff02::1", 0, 0, scope))
     return True
+
+
+def _udp_flood(dst, ports, times=1):
+    """times datagrams to each port (a second one makes the flow's record
+    one the LRU sees used: not the first evicted), from every CPU in turn
+    (an LRU keeps per-CPU lists of recent records)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    ports = list(ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            for n, cpu in enumerate(cpus * 2):
+                os.sched_setaffinity(0, {cpu})
+                for p in ports[n::len(cpus) * 2]:
+                    for _ in range(times):
+                        s.sendto(b"f", (dst, p))
+        finally:
+            os.sched_setaffinity(0, cpus)
+    return True
+
+
+def test_a_flood_of_flows_evicts_only_the_flooders_records(lab, state_dir):
+    """Each policed container's flow cache is an LRU of its own: a
+    neighbour that starts flows by the thousand evicts its own records,
+    never the record that lets a policed server answer a client its policy
+    does not allow (a shared cache dropped that reply)."""
+    g = GraftLab(lab, state_dir)
+    try:
+        g.start_agent("h1", "--fastpath", "on", "--flows-per-container", "256")
+        seen = _server(g, "h1-c2", FRAG_SEEN, "-", "-")
+        flab = g
+        flab.sg("policy", "add", "--container", "h1-c1", "deny", "any", C2)
+        flab.sg("policy", "add", "--container", "h1-c2", "deny", "udp", "198.19.1.250", "9")
+        ns1, ns2 = _ns(flab, "h1-c1"), _ns(flab, "h1-c2")
+        b1, b2 = (bytes.fromhex(_port(flab, c)["mac"].replace(":", ""))
+                  for c in ("h1-c1", "h1-c2"))
+        assert _port(flab, "h1-c1")["flow_cache"] == 256
+
+        def c2_to_c1(port, marker):
+            netns.run_in(ns2, _send_frame, "eth0",
+                         _udp_frame(b1, b2, C2, C1, port, marker, sport=port))
+
+        def c1_to_c2(port, marker):
+            netns.run_in(ns1, _send_frame, "eth0",
+                         _udp_frame(b2, b1, C1, C2, port, marker, sport=port))
+
+        c2_to_c1(5354, b"MARK-61")
+        c1_to_c2(5354, b"MARK-62")          # a reply: c2 spoke first
+        # c2 starts 4,000 flows (to the gateway), 16 times its cache
+        netns.run_in(ns2, _udp_flood, "198.19.1.1", range(20000, 24000), 3)
+        c1_to_c2(5354, b"MARK-63")          # c1's record of c2's flow is still there
+        c2_to_c1(5355, b"MARK-64")
+        c1_to_c2(5355, b"MARK-65")
+        lines = [x for x in _upto(seen, "MARK-65") if x.startswith("MARK")]
+        assert "MARK-62" in lines and "MARK-63" in lines, lines
+        r1, r2 = _port(flab, "h1-c1"), _port(flab, "h1-c2")
+        assert r2["flows"] <= 256 and r2["misses"] >= 4000, r2
+        assert 1 <= r1["flows"] <= 8, r1
+        text = flab.sg("fastpath", "--agent", flab.agent_socket("h1")).stdout
+        row = next(x for x in text.splitlines() if "h1-c1" in x)
+        assert f"{r1['flows']}/256" in row.split(), text
+    finally:
+        g.close()
+
+
+def test_denied_flows_are_audited_at_a_bounded_rate(flab):
+    """A policed container starting denied flows by the hundred sends at
+    most 32 audit events a second per CPU into the ring buffer every
+    container's audit shares; the rest are counted as unreported (every
+    denial still dropped and counted; the agent's own per-container limit
+    then sums up what it suppresses)."""
+    flab.sg("policy", "add", "--container", "h1-c1", "deny", "any", C2)
+    before = _port(flab, "h1-c1")
+    netns.run_in(_ns(flab, "h1-c1"), _udp_flood, C2, range(30000, 30300))
+    deadline = time.monotonic() + 10
+    while True:
+        row = _port(flab, "h1-c1")
+        mine = [a for a in flab.audit("h1") if a["container"] == "h1-c1"]
+        lines = [a for a in mine if a.get("syscall") == "packet" and
+                 a["address"].startswith(C2 + ":30")]
+        suppressed = sum(a["count"] for a in mine if a["verdict"] == "suppressed")
+        if len(lines) + suppressed + row["unreported"] >= 300 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert row["drops"] - before["drops"] >= 300
+    events = 300 - row["unreported"]
+    assert 32 <= events <= 2 * 32, row
+    assert len(lines) + suppressed == events, (len(lines), suppressed, events)

@@ -38,23 +38,28 @@ def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
         verdict = bpfmaps.FLOW_VAL.pack(0xFFFE, 1, bpfmaps.FL_OUT, 0)
         older = bpfmaps.FLOW_VAL.pack(1, 1, bpfmaps.FL_OUT, 0)    # the next number given
         reply = bpfmaps.FLOW_VAL.pack(7, 1, bpfmaps.FL_IN, 0)
-        progs.update("sg_fast_flows", _flow(5, 1000), verdict)
-        progs.update("sg_fast_flows", _flow(5, 1001), older)
-        progs.update("sg_fast_flows", _flow(5, 1002), reply)
+        progs.flows_new(5, 64)
+        progs.flows_new(6, 64)
+        flows, other = progs.flows()[5], progs.flows()[6]
+        progs.update(flows, _flow(5, 1000), verdict)
+        progs.update(flows, _flow(5, 1001), older)
+        progs.update(flows, _flow(5, 1002), reply)
+        progs.update(other, _flow(6, 1000), verdict)
         # a change below the wrap keeps the cache (the generation judges it)
         store.edit("c1", lambda cfg: gc.with_policy_rule(
             cfg, parse_policy_rule("deny tcp 10.9.0.0/16")))
         enf.sync_bpf([], {}, lambda mark: False, rescan=True)
         assert enf._gen == 0xFFFF
-        assert len(progs.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE)) == 3
+        assert len(progs.keys(flows, kbpf.FLOW_KEY_SIZE)) == 3
         # the change that wraps: generation 1 again
         store.edit("c1", lambda cfg: gc.with_policy_rule(
             cfg, parse_policy_rule("deny udp 10.8.0.0/16")))
         enf.sync_bpf([], {}, lambda mark: False, rescan=True)
         enf.sync_bpf([], {}, lambda mark: False, rescan=True)      # (nothing new: no wrap)
         assert enf._gen == 1
-        left = progs.keys("sg_fast_flows", kbpf.FLOW_KEY_SIZE)
+        left = progs.keys(flows, kbpf.FLOW_KEY_SIZE)
         assert left == [_flow(5, 1002)]                       # the reply's record only
+        assert progs.keys(other, kbpf.FLOW_KEY_SIZE) == []    # every port's cache
     finally:
         progs.close()
         kbpf.remove(name)
@@ -64,32 +69,47 @@ def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
 def test_the_flow_cache_is_read_and_pruned_in_batches(tmp_path):
     """Programs.entries reads a hash map a batch at a time (here 64 entries
     per call over 1,000) and sees every entry once; delete_many deletes a
-    list past a key that is gone already; FastPath.forget_flows prunes by
-    interface and by remote address."""
+    list past a key that is gone already; FastPath.forget_flows gives a port
+    a fresh cache and prunes the others by remote address; each policed
+    port's cache is an LRU of its own (records beyond its size evict its
+    own oldest, never another port's)."""
+    from ipaddress import IPv4Address
     from sockgraft.agent.fastpath import FastPath
     name = "tbat-" + secrets.token_hex(3)
     progs = kbpf.Programs(name)
     progs.load(join=False, fastpath="on")
+    fp = FastPath(None, str(tmp_path), flows_per_container=1024)
     try:
         val = bpfmaps.FLOW_VAL.pack(3, 1, bpfmaps.FL_OUT, 0)
+        for i in (5, 6, 7, 8):
+            progs.flows_new(i, 1024)
+        caches = progs.flows()
         keys = [_flow(5 + i % 4, 1000 + i) for i in range(1000)]
         for k in keys:
-            progs.update("sg_fast_flows", k, val)
-        got = progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size,
-                            batch=64)
-        assert sorted(k for k, _ in got) == sorted(keys) and {v for _, v in got} == {val}
-        progs.delete("sg_fast_flows", keys[1])
-        progs.delete("sg_fast_flows", keys[3])
-        assert progs.delete_many("sg_fast_flows", keys[:6]) == 4     # two gone already
-        # keys[0..5] had ifindex 5, 6, 7, 8, 5, 6: two of ifindex 5 are gone
-        assert FastPath.forget_flows(progs, {5}, set()) == 250 - 2
-        left = 1000 - 6 - 248
-        assert len(progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
-                                 bpfmaps.FLOW_VAL.size)) == left
-        from ipaddress import IPv4Address
-        assert FastPath.forget_flows(progs, set(), {IPv4Address("10.0.0.1")}) == left
-        assert progs.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) == []
+            progs.update(caches[int.from_bytes(k[:4], "little")], k, val)
+        got = progs.entries(caches[5], kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size, batch=64)
+        assert sorted(k for k, _ in got) == sorted(keys[0::4]) and {v for _, v in got} == {val}
+        progs.delete(caches[5], keys[0])
+        progs.delete(caches[5], keys[8])
+        assert progs.delete_many(caches[5], keys[0:20:4]) == 3     # two gone already
+        assert len(progs.keys(caches[5], kbpf.FLOW_KEY_SIZE)) == 250 - 5
+        # a fresh cache for port 5; port 6's records of 10.0.0.1 go
+        assert fp.forget_flows(progs, {5}, {IPv4Address("10.0.0.1")}) == 3 * 250
+        assert progs.flows()[5] != caches[5]
+        for fd in progs.flows().values():
+            assert progs.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) == []
+        # a flood of one port's flows: the others keep every record
+        for i, k in enumerate(keys[1:9:4]):
+            progs.update(progs.flows()[6], k, val)
+        for i in range(5000):
+            progs.update(progs.flows()[7], _flow(7, i), val)
+        assert len(progs.keys(progs.flows()[6], kbpf.FLOW_KEY_SIZE)) == 2
+        assert len(progs.keys(progs.flows()[7], kbpf.FLOW_KEY_SIZE)) <= 1024
+        progs.flows_drop(7)
+        assert 7 not in progs.flows()
+        assert len(progs.keys("sg_fast_flows", 4)) == 3
     finally:
+        fp.close()
         progs.close()
         kbpf.remove(name)
     assert not kbpf.leftovers(name)

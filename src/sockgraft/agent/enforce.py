@@ -260,9 +260,11 @@ class Enforcer:
         records of flows a container started; the replies' records stay)."""
         if self.bpf is None or "sg_fast_flows" not in self.bpf.maps:
             return 0
-        n = self.bpf.delete_many("sg_fast_flows", [
-            k for k, v in self.bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
-                                           bpfmaps.FLOW_VAL.size) if bpfmaps.flow_judged(v)])
+        n = 0
+        for fd in self.bpf.flows().values():
+            n += self.bpf.delete_many(fd, [
+                k for k, v in self.bpf.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size)
+                if bpfmaps.flow_judged(v)])
         if n:
             log.info("fastpath: the policy generations wrapped; %d cached verdicts dropped", n)
         return n

@@ -70,11 +70,13 @@ class Agent:
                  oci_socket: str | None = None, notifier_threads: int = 2,
                  metrics: str | None = None, native: str = "auto",
                  sockmap: str = "off", fastpath: str = "off", lab: str | None = None,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None,
+                 flows_per_container: int = kbpf.FLOWS_PER_CONTAINER) -> None:
         """metrics: ADDR:PORT to serve Prometheus metrics on (agent/metrics.py).
         sockmap: splice grafted local pairs (auto = when the kernel can).
         fastpath: the tc programs on the containers' interfaces (policy in
-        the data path, local pairs forwarded directly); lab: the lab whose
+        the data path, local pairs forwarded directly); flows_per_container:
+        the size of each policed container's flow cache; lab: the lab whose
         host this agent serves (its containers' namespaces are named
         sg-<lab>-<container>); state_dir: where CNI registrations are."""
         if bpf not in ("auto", "on", "off"):
@@ -89,6 +91,10 @@ class Agent:
             raise AgentError("--fastpath on needs the in-kernel programs (--bpf auto or on)")
         self.sockmap_mode = sockmap
         self.fastpath_mode = fastpath
+        if not 64 <= flows_per_container <= 1 << 20:
+            raise AgentError(f"flows per container must be 64..{1 << 20}, "
+                             f"got {flows_per_container}")
+        self.flows_per_container = flows_per_container
         self.lab = lab
         self.state_dir = state_dir
         self.fast: FastPath | None = None
@@ -196,7 +202,8 @@ class Agent:
                 log.info("grafted local pairs are spliced (sockmap)")
             if progs.fast:
                 from ..paths import state_dir
-                self.fast = FastPath(self.lab, self.state_dir or state_dir())
+                self.fast = FastPath(self.lab, self.state_dir or state_dir(),
+                                     self.flows_per_container)
                 progs.set_fast(True)
                 self.sync_fast(wait=True)    # maps first, then the links (swapped in)
                 if self.fast.fileno() >= 0:

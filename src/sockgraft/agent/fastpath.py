@@ -141,9 +141,12 @@ class OverlayReader:
 
 
 class FastPath:
-    def __init__(self, lab: str | None, state_dir: str) -> None:
+    def __init__(self, lab: str | None, state_dir: str,
+                 flows_per_container: int = kbpf.FLOWS_PER_CONTAINER) -> None:
         self.lab = lab
         self.state_dir = state_dir
+        self.flows_per_container = flows_per_container   # each policed port's flow cache
+        self.no_cache: set[int] = set()             # policed ports whose cache could not be made
         self.facts: dict[int, mfast.Port] = {}      # host ifindex -> what it is
         self.ports: dict[bytes, bytes] = {}         # what sg_fast_ports holds
         self.addrs: dict[bytes, bytes] = {}         # what sg_fast_addrs holds
@@ -323,6 +326,9 @@ class FastPath:
                 log.warning("fastpath: %s", c)
         self.conflicts = plan.conflicts
         self.judged = plan.judged
+        # a port's flow cache before its policy mark (the programs judge
+        # without one: fail closed)
+        made = self._make_flows(bpf, set(plan.judged) - set(bpf.flows()))
         # the DNAT's ports before the addresses that point at them
         _write(bpf, "sg_fast_redirects", self.redirects, plan.redirects)
         moved = mfast.moved(self.addrs, plan.addrs)
@@ -346,14 +352,16 @@ class FastPath:
         self.link_locals = dict(plan.link_locals)
         _drop(bpf, "sg_fast_redirects", self.redirects, plan.redirects)
         self.redirects = dict(plan.redirects)
-        gone = {int.from_bytes(k, "little") for k in self.ports if k not in plan.ports}
-        if moved or gone or port_writes:
-            # verdicts about an address that moved, of a port that went, or
-            # of a port whose container (policy) changed
-            changed = gone | {int.from_bytes(k, "little") for k in port_writes}
+        if moved or port_writes:
+            # verdicts about an address that moved, or of a port whose
+            # container (policy) changed
+            changed = {int.from_bytes(k, "little") for k in port_writes} - made
             self.forget_flows(bpf, changed, moved)
         _drop(bpf, "sg_fast_ports", self.ports, plan.ports)
         self.ports = dict(plan.ports)
+        for ifindex in set(bpf.flows()) - set(plan.judged):
+            bpf.flows_drop(ifindex)     # gone, or no longer policed
+        self.no_cache &= set(plan.judged)
         if overlay and wait:
             self.reader.take()          # an older read must not undo this one
             self._reconcile_remote(bpf, read_overlay(self._vx_indexes))
@@ -446,12 +454,40 @@ class FastPath:
             del self.facts[ifindex]
         return fresh
 
-    @staticmethod
-    def forget_flows(bpf: kbpf.Programs, ifindexes: set[int], addrs: set) -> int:
-        match = bpfmaps.flow_matcher(ifindexes, addrs)
-        gone = [k for k, _ in bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
-                                          bpfmaps.FLOW_VAL.size) if match(k)]
-        return bpf.delete_many("sg_fast_flows", gone)
+    def _make_flows(self, bpf: kbpf.Programs, ifindexes: set[int]) -> set[int]:
+        """Flow caches for newly policed ports; returns those made."""
+        made = set()
+        for ifindex in sorted(ifindexes):
+            try:
+                bpf.flows_new(ifindex, self.flows_per_container)
+            except SockgraftError as exc:
+                if ifindex not in self.no_cache:
+                    log.error("fastpath: %s: no flow cache (%s): each of its packets is "
+                              "judged by the policy alone - replies to flows it did not "
+                              "start are dropped unless the policy allows them",
+                              self.judged.get(ifindex, ifindex), exc)
+                self.no_cache.add(ifindex)
+                continue
+            self.no_cache.discard(ifindex)
+            made.add(ifindex)
+        return made
+
+    def forget_flows(self, bpf: kbpf.Programs, ifindexes: set[int], addrs: set) -> int:
+        """The records of these ports (a fresh cache each) and, in every
+        other port's cache, those with one of these remote addresses;
+        returns how many records of the latter went."""
+        caches = bpf.flows()
+        self._make_flows(bpf, ifindexes & set(caches))
+        if not addrs:
+            return 0
+        match = bpfmaps.flow_matcher(addrs)
+        n = 0
+        for ifindex, fd in caches.items():
+            if ifindex in ifindexes:
+                continue
+            n += bpf.delete_many(fd, [k for k, _ in bpf.entries(
+                fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) if match(k)])
+        return n
 
     def set_enabled(self, bpf: kbpf.Programs, on: bool, marks: Mapping[str, int]) -> None:
         """on: programs on every container interface, local pairs forwarded
@@ -471,18 +507,22 @@ class FastPath:
 
     def listing(self, bpf: kbpf.Programs) -> dict:
         stats = bpf.fast_stats(self.slots)
+        caches = bpf.flows()
+        flows = {i: sum(1 for k in bpf.keys(fd, kbpf.FLOW_KEY_SIZE) if bpfmaps.flow_is_flow(k))
+                 for i, fd in caches.items()}
         rows = []
         for ifindex, port in sorted(self.facts.items()):
             st = stats.get(ifindex)
             rows.append({"ifindex": ifindex, "ifname": port.ifname,
                          "container": port.container, "judged": ifindex in self.judged,
                          "attached": ifindex in self.attached,
+                         "flows": flows.get(ifindex, 0),
+                         "flow_cache": (self.flows_per_container if ifindex in caches
+                                        else 0),
                          "mac": port.mac.hex(":"), "gateway_mac": port.gw.hex(":"),
                          "addresses": [str(a) for a in port.addrs],
                          **(dict(zip(kbpf.FAST_STATS, st)) if st else {})})
         return {"enabled": self.enabled, "ports": rows, "conflicts": list(self.conflicts),
                 "addresses": len(self.addrs), "remote_routes": len(self.remote),
                 "underlays": sorted(self.underlays), "waiting": list(self.waiting),
-                "flows": sum(1 for k, _ in bpf.entries("sg_fast_flows", kbpf.FLOW_KEY_SIZE,
-                                                       bpfmaps.FLOW_VAL.size)
-                             if bpfmaps.flow_is_flow(k))}
+                "flows": sum(flows.values())}

@@ -2007,7 +2007,12 @@ struct fast_stats {
 	__u64 decap_bytes;
 	__u64 spoofed;      /* of the drops: a forged source (IP, ARP, ND target),
 			     * malformed ND, router advertisements, redirects */
+	__u64 unreported;   /* policy denials without their audit line (the rate limit) */
+	/* not counters: this CPU's audit window for the port */
+	__u64 audit_at;     /* its start (ns) */
+	__u64 audit_n;      /* policy denials reported in it */
 };
+#define AUDIT_PER_SEC 32    /* a port's policy denials reported a second, per CPU */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -2023,11 +2028,24 @@ struct {
 	__type(value, struct fast_addr);
 } sg_fast_addrs SEC(".maps");
 
-struct {
+/* The flow cache: one LRU per policed port (ifindex -> its own map, made
+ * by the agent before the port's policy mark is written, of the size
+ * `--flows-per-container` says), so a container that starts flows by the
+ * hundred thousand evicts only its own records - never another container's
+ * "established" ones. A policed port without one (its map could not be
+ * made) has every packet judged and nothing remembered: fail closed. */
+struct flows_map {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct flow_key);
-	__type(value, struct flow_val);
+	__uint(max_entries, 8192);	/* the template: the agent's maps differ in size */
+	__uint(key_size, sizeof(struct flow_key));	/* (sizes: the types are only */
+	__uint(value_size, sizeof(struct flow_val));	/* forward-declared here in BTF) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, FAST_SLOTS);
+	__type(key, __u32);
+	__array(values, struct flows_map);
 } sg_fast_flows SEC(".maps");
 
 struct {
@@ -2381,16 +2399,20 @@ static __always_inline void note_incoming(__u32 ifindex, struct pkt *p)
 {
 	struct flow_key k = {};
 	struct flow_val v = {}, *c;
+	void *flows;
 
 	if (p->frag)
 		return;
+	flows = bpf_map_lookup_elem(&sg_fast_flows, &ifindex);
+	if (!flows)
+		return;		/* not policed (or no cache: fail closed) */
 	flow_key_of(&k, ifindex, p, 0);
-	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	c = bpf_map_lookup_elem(flows, &k);
 	if (c && (c->origin == FL_IN || c->verdict == V_ALLOW))
 		return;
 	v.verdict = V_ALLOW;
 	v.origin = FL_IN;
-	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
+	bpf_map_update_elem(flows, &k, &v, BPF_ANY);
 }
 
 /* A spoofed packet of a policed container: dropped, counted, and reported
@@ -2407,6 +2429,30 @@ static __always_inline void spoofed(struct fast_stats *st, __u32 mark, __u32 wha
 	n = ++st->spoofed;
 	if (!(n & (n - 1)))
 		report_as(0, EV_DENY_SPOOF, mark, OP_PACKET, what, family, addr, 0, proto);
+}
+
+/* A flow the policy denied: its audit line, unless the port has reported
+ * AUDIT_PER_SEC denials in this second on this CPU (a container starting
+ * denied flows by the thousand does not flood the ring buffer every
+ * container's audit shares: the rest are counted as unreported). */
+static __always_inline void deny_audit(struct fast_stats *st, __u32 mark, __u32 label,
+				       struct pkt *p)
+{
+	if (st) {
+		__u64 now = bpf_ktime_get_ns();
+
+		if (now - st->audit_at >= 1000000000ULL) {
+			st->audit_at = now;
+			st->audit_n = 0;
+		}
+		if (st->audit_n >= AUDIT_PER_SEC) {
+			st->unreported++;
+			return;
+		}
+		st->audit_n++;
+	}
+	report_as(0, EV_DENY_POLICY, mark, OP_PACKET, label, p->family, p->daddr,
+		  bpf_ntohs(p->dport), p->proto);
 }
 
 /* Is addr (IPv4 in addr[0], the rest 0) one of the port's own addresses? */
@@ -2459,7 +2505,10 @@ static __noinline int related(struct __sk_buff *skb, struct pkt *p, __u32 ifinde
 	struct flow_val *c;
 	__u8 ip[40], l4[8];
 	__u32 off = (__u32)p->l4off + 8, ihl;
+	void *flows = bpf_map_lookup_elem(&sg_fast_flows, &ifindex);
 
+	if (!flows)
+		return V_DENY;
 	if (p->family == 4) {
 		if (bpf_skb_load_bytes(skb, off, ip, 20))
 			return V_DENY;
@@ -2496,7 +2545,7 @@ static __noinline int related(struct __sk_buff *skb, struct pkt *p, __u32 ifinde
 	}
 	k.ifindex = ifindex;
 	k.family = p->family;
-	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	c = bpf_map_lookup_elem(flows, &k);
 	if (c && (c->origin == FL_IN || (c->verdict == V_ALLOW && c->gen == gen)))
 		return V_ALLOW;
 	return V_DENY;
@@ -2531,10 +2580,10 @@ static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 if
  * by what it quotes, a flow by the cache or the policy's list. */
 static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 				       struct policy *pol, __u32 mark, struct fast_stats *st,
-				       int *known)
+				       void *flows, int *known)
 {
 	struct flow_key k = {};
-	struct flow_val v = {}, *c;
+	struct flow_val v = {}, *c = 0;
 	__u32 label = 0;
 
 	if (p->icmp_err) {
@@ -2546,7 +2595,8 @@ static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 	if (!p->judged)
 		return V_ALLOW;
 	flow_key_of(&k, skb->ifindex, p, 1);
-	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	if (flows)
+		c = bpf_map_lookup_elem(flows, &k);
 	if (c && (c->origin == FL_IN || c->gen == pol->gen)) {
 		*known = 1;
 		if (st) {
@@ -2562,13 +2612,13 @@ static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 	v.gen = pol->gen;
 	v.origin = FL_OUT;
 	v.label = label;
-	bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
+	if (flows)
+		bpf_map_update_elem(flows, &k, &v, BPF_ANY);
 	if (v.verdict != V_ALLOW) {
 		if (st)
 			st->drops++;
 		/* once per flow and policy generation: the audit line */
-		report_as(0, EV_DENY_POLICY, mark, OP_PACKET, label, p->family, p->daddr,
-			  bpf_ntohs(p->dport), p->proto);
+		deny_audit(st, mark, label, p);
 	}
 	return v.verdict;
 }
@@ -2595,13 +2645,14 @@ static __always_inline void frag_key(struct flow_key *k, __u32 ifindex, struct p
  * it is dropped - no payload reaches an address the policy denies, not
  * even a receiver that reads packets before reassembly. */
 static __always_inline int frag_verdict(struct pkt *p, __u32 ifindex, __u32 mark, __u16 gen,
-					struct fast_stats *st)
+					struct fast_stats *st, void *flows)
 {
 	struct flow_key k = {};
-	struct flow_val *c;
+	struct flow_val *c = 0;
 
 	frag_key(&k, ifindex, p);
-	c = bpf_map_lookup_elem(&sg_fast_flows, &k);
+	if (flows)
+		c = bpf_map_lookup_elem(flows, &k);
 	if (c && c->gen == gen) {
 		if (c->verdict != V_ALLOW && st)
 			st->drops++;
@@ -2619,7 +2670,8 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	struct flow_key k = {};
 	struct flow_val v = {};
 	struct policy *pol;
-	__u32 mark = port->mark;
+	__u32 mark = port->mark, ifindex = skb->ifindex;
+	void *flows;
 	int verdict;
 
 	pol = bpf_map_lookup_elem(&sg_policy, &mark);
@@ -2646,15 +2698,16 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 		spoofed(st, mark, SP_MAC, p->family, p->saddr, p->proto);
 		return V_DENY;
 	}
+	flows = bpf_map_lookup_elem(&sg_fast_flows, &ifindex);
 	if (p->frag)
-		return frag_verdict(p, skb->ifindex, mark, pol->gen, st);
-	verdict = judge_first(skb, p, pol, mark, st, known);
-	if (p->frag1) {
-		frag_key(&k, skb->ifindex, p);
+		return frag_verdict(p, ifindex, mark, pol->gen, st, flows);
+	verdict = judge_first(skb, p, pol, mark, st, flows, known);
+	if (p->frag1 && flows) {
+		frag_key(&k, ifindex, p);
 		v.verdict = verdict;
 		v.gen = pol->gen;
 		v.origin = FL_OUT;	/* forgotten with the verdicts at a generation wrap */
-		bpf_map_update_elem(&sg_fast_flows, &k, &v, BPF_ANY);
+		bpf_map_update_elem(flows, &k, &v, BPF_ANY);
 	}
 	return verdict;
 }

@@ -18,6 +18,7 @@ from ..agent import control
 from ..agent.store import ConfigStore, default_dir
 from . import doctor_cmd
 from .oci_cmd import default_oci_socket
+from ..kernel import bpf as kbpf
 from ..kernel import netns
 from ..lab import state as lab_state
 from ..lab.grafts import published_ports
@@ -158,6 +159,12 @@ def register(sub) -> None:
                         "destination's namespace (bpf_redirect_peer, skipping the bridge): "
                         "auto = when the kernel can, on = refuse to start without it, "
                         "off (default)")
+    p.add_argument("--flows-per-container", type=int, default=kbpf.FLOWS_PER_CONTAINER,
+                   metavar="N",
+                   help="size of each policed container's flow cache in the fast path (an "
+                        "LRU of its own: a container starting flows by the thousand evicts "
+                        "only its own; about 104 bytes an entry, preallocated; default "
+                        f"{kbpf.FLOWS_PER_CONTAINER})")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. "
                         "127.0.0.1:9464, :9464 for every address; default: off)")
@@ -347,7 +354,6 @@ def cmd_agent(args) -> int:
     path = args.socket or control.default_socket_path(name, lab)
     bpf_name = control.agent_name(name, lab)
     if args.uninstall:
-        from ..kernel import bpf as kbpf
         from ..lab.agents import answers
         if answers(path):
             raise AgentError(f"agent {name} is still running; stop it first")
@@ -375,6 +381,7 @@ def cmd_agent(args) -> int:
                   directory=directory, node=args.node or name,
                   notifier_threads=args.notifier_threads, metrics=args.metrics,
                   native=args.native, sockmap=args.sockmap, fastpath=args.fastpath,
+                  flows_per_container=args.flows_per_container,
                   lab=lab, state_dir=state_dir(),
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
@@ -574,15 +581,17 @@ def cmd_fastpath(args) -> int:
               f"{r.get('remote_routes', 0)}  decapsulating on {len(r.get('underlays', []))} "
               f"underlay device(s)")
         table = [("INTERFACE", "CONTAINER", "POLICY", "FAST PKTS", "FAST BYTES", "NORMAL",
-                  "DROPS", "SPOOFED", "HITS", "MISSES", "ENCAP", "DECAP", "ADDRESSES")]
+                  "DROPS", "SPOOFED", "HITS", "MISSES", "FLOWS", "ENCAP", "DECAP",
+                  "ADDRESSES")]
         for row in r["ports"]:
+            flows = (f"{row.get('flows', 0)}/{row['flow_cache']}" if row.get("flow_cache")
+                     else "no cache" if row["judged"] else "-")
             table.append((row["ifname"] + ("" if row["attached"] else " (detached)"),
                           row["container"] or "-", "judged" if row["judged"] else "-",
                           *(str(row.get(k, 0)) for k in ("fast_pkts", "fast_bytes",
                                                           "slow_pkts", "drops", "spoofed",
-                                                          "hits",
-                                                          "misses", "encap_pkts",
-                                                          "decap_pkts")),
+                                                          "hits", "misses")),
+                          flows, str(row.get("encap_pkts", 0)), str(row.get("decap_pkts", 0)),
                           " ".join(row["addresses"]) or "-"))
         widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
         for t in table:

@@ -68,11 +68,17 @@ BPF_SK_MSG_VERDICT = 7
 CFG_SPLICE = 1                 # sg_config[1]: grafted local pairs are spliced
 CFG_RMEM_MAX = 2               # sg_config[2]: a spliced receiver's queue bound
 CFG_FAST = 3                   # sg_config[3]: the fast path forwards local pairs
-# struct fast_stats, per container port (ifindex)
+# struct fast_stats, per container port (ifindex): its counters, then
+# FAST_STATS_WORDS - len(FAST_STATS) words of the program's own (the audit window)
 FAST_STATS = ("fast_pkts", "fast_bytes", "slow_pkts", "drops", "hits", "misses",
-              "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes", "spoofed")
+              "encap_pkts", "encap_bytes", "decap_pkts", "decap_bytes", "spoofed",
+              "unreported")
+FAST_STATS_WORDS = len(FAST_STATS) + 2
 FAST_SLOTS = 4096              # sg_fast_ports / sg_fast_stats entries
 FLOW_KEY_SIZE = 28             # struct flow_key
+FLOW_VAL_SIZE = 8              # struct flow_val
+FLOWS_PER_CONTAINER = 8192     # default size of a policed port's flow cache (~0.85 MB)
+BPF_MAP_TYPE_LRU_HASH = 9
 ENOTSUPP = 524                 # the kernel's own "not supported" (no Python name)
 SPLICE_KEY_SIZE = 44           # struct splice_key
 # struct splice_stats, per container mark: sockets that entered the map,
@@ -120,6 +126,7 @@ def _lib() -> ctypes.CDLL:
         ("bpf_program__set_autoload", i, [vp, ctypes.c_bool]),
         ("bpf_prog_attach", i, [i, i, i, ctypes.c_uint]),
         ("bpf_map_update_elem", i, [i, vp, vp, ctypes.c_uint64]),
+        ("bpf_map_create", i, [i, cp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp]),
         ("bpf_map_lookup_elem", i, [i, vp, vp]),
         ("bpf_map_delete_elem", i, [i, vp]),
         ("bpf_map_get_next_key", i, [i, vp, vp]),
@@ -300,6 +307,7 @@ class Programs:
         self.fast_error = ""
         self._reused: set[str] = set()
         self._local: set[bytes] = set()   # sg_local keys written
+        self._flows: dict[int, int] = {}  # ifindex -> its flow cache's fd (in sg_fast_flows)
 
     def load(self, *, join: bool = True, splice: str = "off", fastpath: str = "off") -> None:
         """splice, fastpath: load the sockmap programs / the tc fast path
@@ -508,41 +516,45 @@ class Programs:
         return out
 
     # --- maps ---------------------------------------------------------------
+    # (m: a map of the object by name, or the fd of one the agent made)
 
-    def update(self, m: str, key: bytes, value: bytes) -> None:
+    def _fd(self, m: str | int) -> int:
+        return m if isinstance(m, int) else self.maps[m]
+
+    def update(self, m: str | int, key: bytes, value: bytes) -> None:
         k = ctypes.create_string_buffer(key, len(key))
         v = ctypes.create_string_buffer(value, len(value))
-        rc = lib().bpf_map_update_elem(self.maps[m], k, v, BPF_ANY)
+        rc = lib().bpf_map_update_elem(self._fd(m), k, v, BPF_ANY)
         if rc:
             raise _err(f"update {m}", rc)
 
-    def delete(self, m: str, key: bytes) -> bool:
+    def delete(self, m: str | int, key: bytes) -> bool:
         k = ctypes.create_string_buffer(key, len(key))
-        rc = lib().bpf_map_delete_elem(self.maps[m], k)
+        rc = lib().bpf_map_delete_elem(self._fd(m), k)
         if rc and -rc != errno.ENOENT:
             raise _err(f"delete from {m}", rc)
         return rc == 0
 
-    def lookup(self, m: str, key: bytes, value_size: int) -> bytes | None:
+    def lookup(self, m: str | int, key: bytes, value_size: int) -> bytes | None:
         k = ctypes.create_string_buffer(key, len(key))
         v = ctypes.create_string_buffer(value_size)
-        rc = lib().bpf_map_lookup_elem(self.maps[m], k, v)
+        rc = lib().bpf_map_lookup_elem(self._fd(m), k, v)
         if rc:
             return None
         return v.raw
 
-    def keys(self, m: str, key_size: int) -> list[bytes]:
+    def keys(self, m: str | int, key_size: int) -> list[bytes]:
         out = []
         cur = None
         nxt = ctypes.create_string_buffer(key_size)
         while True:
-            rc = lib().bpf_map_get_next_key(self.maps[m], cur, nxt)
+            rc = lib().bpf_map_get_next_key(self._fd(m), cur, nxt)
             if rc:
                 return out
             out.append(nxt.raw)
             cur = ctypes.create_string_buffer(nxt.raw, key_size)
 
-    def entries(self, m: str, key_size: int, value_size: int,
+    def entries(self, m: str | int, key_size: int, value_size: int,
                 batch: int = 8192) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, read a batch at a time
         (BPF_MAP_LOOKUP_BATCH: a few system calls for a full flow cache
@@ -555,7 +567,7 @@ class Programs:
         token_in = None
         while True:
             count = ctypes.c_uint32(batch)
-            rc = lib().bpf_map_lookup_batch(self.maps[m], token_in, tokens[0], keys, vals,
+            rc = lib().bpf_map_lookup_batch(self._fd(m), token_in, tokens[0], keys, vals,
                                             ctypes.byref(count), None)
             if rc and -rc not in (errno.ENOENT,):
                 if -rc == errno.ENOSPC and batch < (1 << 20):
@@ -573,7 +585,7 @@ class Programs:
             token_in = tokens[1]
             ctypes.memmove(token_in, tokens[0], len(tokens[0]))
 
-    def delete_many(self, m: str, keys: list[bytes]) -> int:
+    def delete_many(self, m: str | int, keys: list[bytes]) -> int:
         """Delete these keys (BPF_MAP_DELETE_BATCH, past any key that is gone
         already - the LRU may have dropped it since it was read); the number
         deleted."""
@@ -584,7 +596,7 @@ class Programs:
         done, i = 0, 0
         while i < len(keys):
             count = ctypes.c_uint32(len(keys) - i)
-            rc = lib().bpf_map_delete_batch(self.maps[m], ctypes.addressof(buf) + i * size,
+            rc = lib().bpf_map_delete_batch(self._fd(m), ctypes.addressof(buf) + i * size,
                                             ctypes.byref(count), None)
             if not rc:
                 return done + len(keys) - i
@@ -713,16 +725,45 @@ class Programs:
         its counters' slot."""
         out = {}
         for ifindex, slot in slots.items():
-            sums = self._percpu("sg_fast_stats", slot.to_bytes(4, "little"), len(FAST_STATS))
+            sums = self._percpu("sg_fast_stats", slot.to_bytes(4, "little"), FAST_STATS_WORDS)
             if sums is not None:
-                out[ifindex] = sums
+                out[ifindex] = sums[:len(FAST_STATS)]
         return out
 
     def fast_stats_reset(self, slot: int) -> None:
         """Zero a counters slot before a new port takes it."""
         possible = _possible_cpus() or os.cpu_count() or 1
         self.update("sg_fast_stats", slot.to_bytes(4, "little"),
-                    bytes(8 * len(FAST_STATS) * possible))
+                    bytes(8 * FAST_STATS_WORDS * possible))
+
+    def flows_new(self, ifindex: int, entries: int = FLOWS_PER_CONTAINER) -> None:
+        """A fresh flow cache for a policed port (an LRU of its own in
+        sg_fast_flows): made, then swapped in for the one it had - whose
+        records go with it."""
+        fd = lib().bpf_map_create(BPF_MAP_TYPE_LRU_HASH, b"sg_flows", FLOW_KEY_SIZE,
+                                  FLOW_VAL_SIZE, entries, None)
+        if fd < 0:
+            raise _err(f"a flow cache of {entries} entries for interface {ifindex}", fd)
+        try:
+            self.update("sg_fast_flows", ifindex.to_bytes(4, "little"), fd.to_bytes(4, "little"))
+        except KernelError:
+            os.close(fd)
+            raise
+        old = self._flows.pop(ifindex, None)
+        if old is not None:
+            os.close(old)
+        self._flows[ifindex] = fd
+
+    def flows_drop(self, ifindex: int) -> None:
+        """The port is not policed (or gone): its flow cache goes."""
+        self.delete("sg_fast_flows", ifindex.to_bytes(4, "little"))
+        fd = self._flows.pop(ifindex, None)
+        if fd is not None:
+            os.close(fd)
+
+    def flows(self) -> dict[int, int]:
+        """ifindex -> the fd of its flow cache (the maps' own: not to close)."""
+        return dict(self._flows)
 
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected, and
@@ -748,6 +789,9 @@ class Programs:
         sg_born_sock goes (it is for this process only)."""
         L = lib()
         self.born_detach()
+        for fd in self._flows.values():
+            os.close(fd)
+        self._flows.clear()
         if self._rb:
             L.ring_buffer__free(self._rb)
             self._rb = None

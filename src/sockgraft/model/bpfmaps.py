@@ -340,12 +340,11 @@ def flow_is_flow(key: bytes) -> bool:
     return key[10:12] == b"\0\0"
 
 
-def flow_matcher(ifindexes: Iterable[int], addrs: Iterable[IPv4Address | IPv6Address]):
+def flow_matcher(addrs: Iterable[IPv4Address | IPv6Address]):
     """A test of a flow key (raw bytes, a full cache's worth per call):
-    is it of one of these interfaces, or with one of these remote ends?"""
-    ifs = {struct.pack("=I", i) for i in ifindexes}
+    is its remote end one of these addresses?"""
     remotes = {bytes([a.version]) + a.packed.ljust(16, b"\0") for a in addrs}
-    return lambda key: key[:4] in ifs or (key[4:5] + key[12:28]) in remotes
+    return lambda key: (key[4:5] + key[12:28]) in remotes
 
 
 FLOW_VAL = struct.Struct("=HBBI")       # gen, verdict, origin, label
