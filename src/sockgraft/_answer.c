@@ -1061,7 +1061,8 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 	} l, r;
 	socklen_t ll = sizeof(l), rl = sizeof(r);
 	struct splice_key_ k;
-	uint64_t cookie;
+	uint64_t cookie, mine = 0;
+	socklen_t cl;
 
 	if (n->data.args[1])
 		goto kernel;	/* an offset for fd_in: not a socket's splice */
@@ -1070,9 +1071,11 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 		goto kernel;	/* its own EBADF */
 	if (app < 0)
 		return 0;
+	cl = sizeof(mine);
 	rc = sockopt_int(app, SOL_SOCKET, SO_TYPE, &typ) || typ != SOCK_STREAM ||	/* ENOTSOCK */
 	     getsockname(app, &l.sa, &ll) || getpeername(app, &r.sa, &rl) ||
-	     l.sa.sa_family != r.sa.sa_family;
+	     l.sa.sa_family != r.sa.sa_family ||
+	     getsockopt(app, SOL_SOCKET, SO_COOKIE, &mine, &cl);
 	close(app);
 	if (rc)
 		goto kernel;	/* a pipe, a file, no connected TCP socket */
@@ -1100,8 +1103,10 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 		goto kernel;
 	}
 	rc = map_lookup(c->splice_fd, &k, &cookie);
-	if (rc != -ENOENT)
-		return 0;	/* in the map (or unknown): Python */
+	if (rc == 0 ? cookie == mine : rc != -ENOENT)
+		return 0;	/* this very socket in the map (or unknown): Python */
+	/* (not in the map, or another socket with the same addresses and
+	 * ports - of the host, or of another namespace: not this one's) */
 kernel:
 	rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
 	atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_CONTINUED], 1);

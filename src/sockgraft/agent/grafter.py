@@ -41,6 +41,9 @@ from .connects import Connects
 from .inventory import GraftedSocket, Inventory, fmt
 from .sessions import Session
 
+SPLICE_F_NONBLOCK = 2
+STAGE = 65536           # bytes handed to a pipe per splice() (a new pipe's size)
+
 log = logging.getLogger("sockgraft.agent")
 
 SYSCALL_NAMES = {seccomp.SYS_SPLICE: "splice", seccomp.SYS_BIND: "bind",
@@ -215,7 +218,10 @@ class Grafter:
             return
         with got:
             key = _splice_key(got)
-            if key is None or not bpf.spliced(key):
+            # the very socket in the map: one with the same addresses and
+            # ports in the container's own namespace is not (acting on its
+            # key would drop what waits for another container's socket)
+            if key is None or not bpf.spliced(key, ksock.cookie(got)):
                 self.continue_(sess, n.id)
                 return
             bpf.stop_splicing_into(key)
@@ -249,11 +255,21 @@ class Grafter:
                 return {"error": errno.EINVAL}   # splice needs a pipe on one side
             if room == 0:
                 return {"error": errno.EAGAIN}   # the application empties it first
-            data = sock.recv(min(want, room), socket.MSG_DONTWAIT)
-            written = 0
-            while written < len(data):
-                written += os.write(pipe, data[written:])
-            return {"val": len(data)}
+            # never a blocking write into the application's pipe (its file,
+            # its blocking mode: another of its threads may fill it between
+            # the look and the write, and the agent would wait for it): the
+            # bytes are peeked, staged in a pipe of the agent's and spliced
+            # over without waiting; only what moved is taken from the socket
+            data = sock.recv(min(want, room, STAGE), socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                staged = os.write(w, data) if data else 0   # (at most STAGE: all of it)
+                moved = os.splice(r, pipe, staged, flags=SPLICE_F_NONBLOCK) if staged else 0
+            finally:
+                os.close(r)
+                os.close(w)
+            sock.recv(moved, socket.MSG_DONTWAIT)
+            return {"val": moved}
         except BlockingIOError:
             return {"error": errno.EAGAIN}
         except OSError as exc:

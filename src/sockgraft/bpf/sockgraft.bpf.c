@@ -1756,6 +1756,11 @@ int sg_sockops(struct bpf_sock_ops *ctx)
 	st = bpf_sk_storage_get(&sg_splice_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st || bpf_sock_hash_update(ctx, &sg_splice, &k, BPF_NOEXIST))
 		return 1;
+	/* a socket connected again (connect(AF_UNSPEC), then connect) keeps
+	 * its storage: nothing of its last connection - its peer, its switch
+	 * to the spliced path - carries over to this one */
+	st->peer = 0;
+	st->flags = 0;
 	if (active) {
 		/* an entry of an earlier connection of this 4-tuple whose client
 		 * never sent (LRU keeps it): its peer is not this one's */

@@ -654,9 +654,12 @@ class Programs:
             self.delete("sg_splice_leave", key)
         return n
 
-    def spliced(self, key: bytes) -> bool:
-        """Is the socket of this splice key (model/bpfmaps.splice_key) in sg_splice?"""
-        return self.lookup("sg_splice", key, 8) is not None
+    def spliced(self, key: bytes, cookie: int) -> bool:
+        """Is the socket of this cookie (SO_COOKIE) in sg_splice under this
+        splice key (model/bpfmaps.splice_key)? (A socket of another
+        namespace may have the same four addresses and ports.)"""
+        got = self.lookup("sg_splice", key, 8)
+        return got is not None and int.from_bytes(got, "little") == cookie
 
     def stop_splicing_into(self, key: bytes) -> None:
         """Nothing more is spliced into this socket: its peer's sends take TCP."""

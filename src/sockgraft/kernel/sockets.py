@@ -286,6 +286,15 @@ def _fionread(fd: int) -> int:
     return int.from_bytes(fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0"), "little", signed=True)
 
 
+SO_COOKIE = 57
+
+
+def cookie(sock: socket.socket) -> int:
+    """The socket's cookie (SO_COOKIE: unique while the kernel runs; what
+    a sockhash lookup from user space returns)."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
 def inq(sock: socket.socket) -> int:
     """Bytes waiting to be read (SIOCINQ; for a socket in a sockhash -
     tcp_bpf - the bytes in its psock queue only)."""
