@@ -19,7 +19,7 @@ import errno
 import socket
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import dests, policies
 
@@ -115,6 +115,14 @@ def test_the_parser_refuses_what_the_kernel_refuses(family, body, addrlen):
     the parser raises EINVAL exactly where the kernel's bind() does."""
     data = family.to_bytes(2, "little") + body[:max(0, addrlen - 2)]
     data = data.ljust(addrlen, b"\0")[:max(addrlen, 2)]
+    if family == AF_INET6 and addrlen >= 24:
+        # bind()'s own EINVAL for an address that needs a scope (link-local
+        # unicast, interface- and link-local multicast) given none: no
+        # format error but a rule of bind (connect/sendto judge it otherwise)
+        a = data[8:24]
+        scope = int.from_bytes(data[24:28], "little") if addrlen >= 28 else 0
+        assume(not (scope == 0 and ((a[0] == 0xfe and a[1] & 0xc0 == 0x80) or
+                                    (a[0] == 0xff and a[1] & 0x0f in (1, 2)))))
     try:
         parse_sockaddr(data, addrlen)
         ours = 0
