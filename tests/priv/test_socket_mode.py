@@ -332,3 +332,28 @@ def _private(mark):
     from sockgraft.model.graft import private_loopback
     v4, v6 = private_loopback(mark)
     return str(v4), str(v6)
+
+
+@pytest.mark.parametrize("host,listen", [("127.0.0.1", "0.0.0.0"), ("::1", "::")])
+def test_the_containers_loopback_never_reaches_a_host_wildcard_listener(slab, host, listen):
+    """A host service listening on every address (sshd on 0.0.0.0:22, a
+    syslog on [::]:514) accepts packets to any local address - the private
+    loopback addresses too: what a socket-mode container sends to its own
+    loopback must not reach it (nothing of the container listens there).
+    TCP was safe (the cgroup ingress guard drops the handshake's answer);
+    a datagram reached the host's service (nftables input chain now)."""
+    import threading
+    from nettools import udp_got
+    from sockgraft.kernel import netns
+    h1 = slab.plan.node("h1").netns
+    with EchoServer(h1, listen, 7420):
+        r = slab.probe("h1-c1", "tcp-client", host, 7420)
+        assert r["connect_errno"] == "ECONNREFUSED", r
+    got = []
+    t = threading.Thread(target=lambda: got.append(netns.run_in(h1, udp_got, 7421, 3,
+                                                                listen)))
+    t.start()
+    time.sleep(0.3)
+    r = slab.probe("h1-c1", "udp-client", host, 7421)
+    t.join()
+    assert got == [None], (got, r)

@@ -43,6 +43,17 @@ SMALL_GOLDEN = """\
 add table inet sockgraft
 delete table inet sockgraft
 table inet sockgraft {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    ip daddr 127.83.0.0/16 jump private4
+    ip6 daddr fd53:4c4f::/96 jump private6
+  }
+  chain private4 {
+    ip daddr 127.83.0.0/16 socket mark & 0xffff0000 != 0x53470000 drop
+  }
+  chain private6 {
+    ip6 daddr fd53:4c4f::/96 socket mark & 0xffff0000 != 0x53470000 drop
+  }
   chain output {
     type filter hook output priority filter; policy accept;
     meta mark & 0xffff0000 != 0x53470000 accept
@@ -78,6 +89,17 @@ def test_golden_no_policies():
 add table inet sockgraft
 delete table inet sockgraft
 table inet sockgraft {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    ip daddr 127.83.0.0/16 jump private4
+    ip6 daddr fd53:4c4f::/96 jump private6
+  }
+  chain private4 {
+    ip daddr 127.83.0.0/16 socket mark & 0xffff0000 != 0x53470000 drop
+  }
+  chain private6 {
+    ip6 daddr fd53:4c4f::/96 socket mark & 0xffff0000 != 0x53470000 drop
+  }
   chain output {
     type filter hook output priority filter; policy accept;
     meta mark & 0xffff0000 != 0x53470000 accept
@@ -86,6 +108,18 @@ table inet sockgraft {
   }
 }
 """
+
+
+def test_a_private_loopback_is_delivered_to_its_owner_only():
+    """A socket-mode container's private loopback: packets to it reach
+    sockets with its mark only (not a host service on 0.0.0.0 or ::);
+    the rest of the ranges only sockgraft sockets."""
+    from sockgraft.model.graft import private_loopback
+    text = plan_ruleset({0x53470007: Policy()}, None, (),
+                        {0x53470007: private_loopback(0x53470007)})
+    assert "    ip daddr 127.83.0.7 socket mark != 0x53470007 drop\n" in text
+    assert "    ip6 daddr fd53:4c4f::7 socket mark != 0x53470007 drop\n" in text
+    assert text.index("127.83.0.7 socket") < text.index("127.83.0.0/16 socket")
 
 
 @pytest.mark.parametrize("policy, chain", [

@@ -33,7 +33,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network, IPv6Network
 from typing import Iterable, Mapping
 
-from .graft import MARK_BASE, MARK_MASK
+from .graft import LOOPBACK4_NET, LOOPBACK6_NET, MARK_BASE, MARK_MASK
 from .policy import LinearRule, Policy, linearize
 from .redirect import Redirect
 
@@ -116,6 +116,24 @@ def plan_ruleset(policies: dict[int, Policy],
             out.append(f"    type nat hook {hook} priority -110; policy accept;   # dstnat - 10")
             out += [f"    {redirect_line(r)}" for r in redirects]
             out.append("  }")
+    # a socket-mode container's private loopback (graft.private_loopback)
+    # is a local address of the host: a host service listening on every
+    # address (0.0.0.0, ::) would take what the container sends to its own
+    # "loopback". Packets to those ranges are delivered to the owner's
+    # sockets only (the socket lookup finds no socket: the kernel's own
+    # answer, a reset or port unreachable)
+    out.append("  chain input {")
+    out.append("    type filter hook input priority filter; policy accept;")
+    out.append(f"    ip daddr {LOOPBACK4_NET} jump private4")
+    out.append(f"    ip6 daddr {LOOPBACK6_NET} jump private6")
+    out.append("  }")
+    for fam, i, net in (("ip", 0, LOOPBACK4_NET), ("ip6", 1, LOOPBACK6_NET)):
+        out.append(f"  chain private{4 if i == 0 else 6} {{")
+        for mark, addrs in sorted((loopbacks or {}).items()):
+            out.append(f"    {fam} daddr {addrs[i]} socket mark != 0x{mark:08x} drop")
+        out.append(f"    {fam} daddr {net} socket mark & 0x{MARK_MASK:08x} != "
+                   f"0x{MARK_BASE:08x} drop")
+        out.append("  }")
     out.append("  chain output {")
     out.append("    type filter hook output priority filter; policy accept;")
     out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")
