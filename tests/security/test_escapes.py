@@ -194,6 +194,33 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
 
 
 @pytest.mark.parametrize("fam", [4, 6])
+def test_a_grafted_socket_never_reaches_the_hosts_loopback_by_the_policy(sec, fam):
+    """Syscall mode: a policy that opens a loopback port (for the container's
+    own sidecar) never opens the host's - also not for a socket that is
+    grafted already (bound through an ingress rule, or connected, then
+    disconnected), whose connect the agent makes itself (the kernel's
+    loopback guard never sees it)."""
+    f = FAM[fam]
+    lo = ap(f["lo"], 7506)
+    sec.configure("h1-c1", CONFIG.format(c="h1-c1", mode="syscall", http_port=8081).replace(
+        '[policy]\n', f'[policy]\nallow = ["allow tcp {"[::1]" if fam == 6 else "127.0.0.1"} '
+                      f'7506", "allow tcp {f["peer"]}"]\n'))
+    h1 = sec.plan.node("h1").netns
+    steps = ["sock", f["sock_tcp"], "bind", ap(f["any"], 80), "connect", lo,
+             "sock", f["sock_tcp"], "connect", ap(f["peer"], 7507), "disconnect",
+             "connect", lo]
+    with Sentinel(h1, f["lo"], 7506, "tcp") as lo_tcp, \
+            Sentinel(sec.plan.node(f["peer_node"]).netns, f["peer"], 7507, "tcp"):
+        out = attack(sec, "h1-c1", "syscall", "docker", *steps)
+    by = [(s["op"], s["arg"], s["ret"], s.get("errno")) for s in out]
+    assert [s["ret"] for s in out if s["op"] in ("bind", "disconnect")] == [0, 0], by
+    assert [s["ret"] for s in out if s["arg"] == ap(f["peer"], 7507)] == [0], by
+    assert [s["errno"] for s in out if s["op"] == "connect" and s["arg"] == lo] == \
+        ["EACCES", "EACCES"], by
+    assert lo_tcp.received == [], "reached the host's loopback"
+
+
+@pytest.mark.parametrize("fam", [4, 6])
 @pytest.mark.parametrize("caps", ["docker", "none"])
 def test_socket_mode_binds_and_listens_only_through_ingress_rules(sec, fam, caps):
     """Socket mode, where every inet socket is a host socket from birth:

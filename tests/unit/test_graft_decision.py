@@ -86,6 +86,19 @@ LOOP = config('''
     allow = ["allow tcp 127.0.0.1 8080", "allow udp 127.0.0.0/8 53"]
 ''')
 
+# The policy opens a loopback port (the container's sidecar), no egress rule
+# names loopback: a broad rule, or none.
+SIDECAR = config('''
+    [rules]
+    egress = ["0.0.0.0/0=ep-out", "[::/0]=ep-out6"]
+    [policy]
+    allow = ["allow tcp 127.0.0.1 8080", "allow tcp [::1] 8080", "allow tcp 0.0.0.0 8080"]
+''')
+SIDECAR_NO_EGRESS = config('''
+    [policy]
+    allow = ["allow tcp 127.0.0.1 8080"]
+''')
+
 # An allow list: only 10.1.0.0/16 tcp 443.
 ALLOWLIST = config('''
     [rules]
@@ -481,11 +494,24 @@ GRAFTED_CONNECT_CASES = [
      Deny(errno.EACCES, "default:allowlist", A("192.0.2.1:443"))),
     ("explicit-deny", MAIN, G_TCP4, A("10.9.0.1:80"),
      Deny(errno.EACCES, "deny[0]", A("10.9.0.1:80"))),
-    # a host socket's 127.0.0.1 is the host's loopback: the built-in deny applies
+    # a host socket's 127.0.0.1 would be the host's loopback: refused
+    # (no egress rule names loopback) before the policy's built-in deny
     ("loopback-is-the-hosts", BROAD, G_TCP4, A("127.0.0.1:8080"),
-     Deny(errno.EACCES, "builtin:loopback", A("127.0.0.1:8080"))),
+     Deny(errno.EACCES, "loopback:container-own", A("127.0.0.1:8080"))),
     ("loopback-opened-by-policy", LOOP, G_TCP4, A("127.0.0.1:8080"),
      ConnectGrafted(A("127.0.0.1:8080"), "allow[0]")),
+    # ... but only where an egress rule names loopback: a policy that opens
+    # 127.0.0.1:8080 means the container's sidecar, not the node's service
+    ("sidecar-port-is-not-the-hosts", SIDECAR, G_TCP4, A("127.0.0.1:8080"),
+     Deny(errno.EACCES, "loopback:container-own", A("127.0.0.1:8080"))),
+    ("sidecar-port-v6", SIDECAR, G_TCP6, A("[::1]:8080"),
+     Deny(errno.EACCES, "loopback:container-own", A("[::1]:8080"))),
+    ("sidecar-port-mapped", SIDECAR, G_TCP6, A("[::ffff:127.0.0.1]:8080"),
+     Deny(errno.EACCES, "loopback:container-own", A("[::ffff:127.0.0.1]:8080"))),
+    ("this-host", SIDECAR, G_TCP4, A("0.0.0.0:8080"),
+     Deny(errno.EACCES, "loopback:container-own", A("0.0.0.0:8080"))),
+    ("sidecar-port-no-egress-rule", SIDECAR_NO_EGRESS, G_TCP4, A("127.0.0.2:8080"),
+     Deny(errno.EACCES, "loopback:container-own", A("127.0.0.2:8080"))),
     ("metadata-mapped", MAIN, G_TCP6, A("[::ffff:169.254.169.254]:80"),
      Deny(errno.EACCES, "builtin:metadata", A("[::ffff:169.254.169.254]:80"))),
     ("v6-flowinfo-kept", MAIN, G_TCP6, A("[2001:db8::1]:80", flowinfo=9, scope_id=1),

@@ -399,6 +399,15 @@ def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
     if sock.grafted:
         # Already on the host (bound through an ingress rule, or a UDP socket
         # reconnecting): the destination is checked and connected by the agent.
+        # The container's loopback (and "this host") is not the host's: a
+        # host socket reaches the host's own loopback only where an egress
+        # rule names it, as for any other socket - a policy that allows
+        # 127.0.0.1:8080 means the container's sidecar, never the node's
+        # service on that port (the kernel's guard refuses it the same way
+        # after a continue: loopback:container-own)
+        if _keeps_loopback(hit[0], addr) if hit is not None else \
+                (addr.unmapped().ip.is_loopback or addr.unmapped().ip.is_unspecified):
+            return Deny(errno.EACCES, "loopback:container-own", addr)
         verdict = decide(cfg.policy, sock.proto, addr.unmapped())
         if not verdict.allowed:
             return Deny(verdict.errno, verdict.rule, addr)
