@@ -17,6 +17,8 @@
  *   listen                        listen(fd, 16)
  *   acceptwait SECONDS            poll the listener for a connection
  *   setopt LEVEL OPT VALUE        setsockopt(int)
+ *   setopt32 LEVEL OPT VALUE      the same through the i386 ABI (int 0x80, setsockopt
+ *                                 366) in a child; "signal" when the filter killed it
  *   send ADDR:PORT                sendto("x")
  *   sendc                         send("x") on a connected socket
  *   sendpktinfo SRC ADDR:PORT     sendmsg with IP_PKTINFO / IPV6_PKTINFO source SRC
@@ -58,7 +60,9 @@
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #ifndef MSG_FASTOPEN
@@ -297,6 +301,39 @@ int main(int argc, char **argv)
 			i += 3;
 			r = setsockopt(cur, level, opt, &val, sizeof(val));
 			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "setopt32")) {
+			int level = atoi(argv[i]), opt = atoi(argv[i + 1]), val = atoi(argv[i + 2]);
+			char arg[64], extra[32];
+			int st = 0;
+			pid_t pid;
+
+			snprintf(arg, sizeof(arg), "%d/%d=%d", level, opt, val);
+			i += 3;
+			pid = fork();
+			if (pid == 0) {
+				/* compat calls take 32-bit pointers: a buffer below 4 GiB */
+				int *buf = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+				long ret;
+
+				if (buf == MAP_FAILED)
+					_exit(255);
+				*buf = val;
+				__asm__ volatile("int $0x80"
+						 : "=a"(ret)
+						 : "a"(366L), "b"((long)cur), "c"((long)level),
+						   "d"((long)opt), "S"((long)buf), "D"(4L)
+						 : "memory", "r8", "r9", "r10", "r11");
+				_exit(ret == 0 ? 0 : ret < 0 && ret > -250 ? (int)-ret : 254);
+			}
+			waitpid(pid, &st, 0);
+			if (WIFSIGNALED(st)) {
+				snprintf(extra, sizeof(extra), "\"signal\": %d", WTERMSIG(st));
+				report(op, arg, -1, 0, extra);
+			} else {
+				r = WEXITSTATUS(st);
+				report(op, arg, r ? -1 : 0, r, NULL);
+			}
 		} else if (!strcmp(op, "send") || !strcmp(op, "tfo")) {
 			const char *arg = argv[i++];
 

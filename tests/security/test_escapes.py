@@ -504,3 +504,38 @@ def test_runc_containers_cannot_undo_their_isolation(sec, runc_envs, mode, caps,
     for port in (7503, 7504, 7505):
         assert nothing_listens(h1, f["lo"], port)
         assert nothing_listens(sec.plan.node("h2").netns, "198.18.0.1", port)
+
+
+def test_a_compat_setsockopt_never_passes_the_guard(sec, tmp_path):
+    """The kernel never runs the cgroup setsockopt program for a compat
+    (i386, x32) setsockopt: under a base profile that lists the compat ABIs
+    (Docker's default does), a grafted socket's SO_MARK changed through
+    int 0x80. The merged profile lists the native ABI only: the compat call
+    never reaches the kernel's socket code."""
+    from runtime import DOCKER_CAPS, RuncEnv
+    base = tmp_path / "docker-like.json"
+    base.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW",
+                                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86",
+                                                  "SCMP_ARCH_X32"], "syscalls": []}))
+    env = RuncEnv(sec, tmp_path / "runc", graft_at="syscall",
+                  extra_files={"attack": sec.attack_bin}, profile_args=("--base", str(base)))
+    try:
+        assert env.profile["architectures"] == ["SCMP_ARCH_X86_64"]
+        steps = ["sock", "tcp4", "connect", "198.18.0.2:7508",
+                 "setopt", 1, 36, 0, "setopt32", 1, 36, 0, "setopt32", 1, 25, 0]
+        with Sentinel(sec.plan.node("h2").netns, "198.18.0.2", 7508, "tcp"):
+            env.start("atk-compat", ["/bin/attack", "--caps", "keep", *map(str, steps)],
+                      RUNC_ANN, caps=DOCKER_CAPS)
+            deadline = time.monotonic() + 30
+            while '"done": true' not in env.output("atk-compat"):
+                assert time.monotonic() < deadline, env.output("atk-compat")
+                time.sleep(0.1)
+        out = [json.loads(line) for line in env.output("atk-compat").splitlines()
+               if line.startswith("{") and "op" in line]
+        env.stop("atk-compat")
+    finally:
+        env.close()
+    assert _ops(out, "connect")[0]["ret"] == 0, out
+    assert _ops(out, "setopt")[0]["errno"] == "EPERM", out
+    for s in _ops(out, "setopt32"):
+        assert s["ret"] < 0, s          # (runc kills a thread of an unknown ABI: SIGSYS)

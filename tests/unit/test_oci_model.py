@@ -319,3 +319,22 @@ def test_a_base_that_refuses_what_the_mode_traps_is_refused(base, mode, name, tm
     f.write_text(json.dumps(base))
     p = _cli("oci-profile", "--base", str(f), "--graft-at", mode)
     assert p.returncode == 2 and f"{name}()" in p.stderr, p.stderr
+
+
+def test_a_merged_profile_lists_the_native_abis_only():
+    """The kernel never runs the cgroup setsockopt guard for compat calls:
+    Docker's default (x86_64, x86, x32) merges to x86_64 alone, archMap
+    goes; a base of compat ABIs only is refused."""
+    docker = {**DOCKERISH, "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86",
+                                             "SCMP_ARCH_X32"],
+              "archMap": [{"architecture": "SCMP_ARCH_X86_64",
+                           "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]}]}
+    for mode in ("syscall", "socket"):
+        prof = moci.build_profile(docker if mode == "syscall" else
+                                  {**docker, "defaultAction": "SCMP_ACT_ALLOW"}, "/x", mode)
+        assert prof["architectures"] == ["SCMP_ARCH_X86_64"] and "archMap" not in prof
+    aarch = moci.build_profile({**DOCKERISH, "architectures": ["SCMP_ARCH_AARCH64",
+                                                               "SCMP_ARCH_ARM"]}, "/x")
+    assert aarch["architectures"] == ["SCMP_ARCH_AARCH64"]
+    with pytest.raises(ConfigError, match="64-bit architecture"):
+        moci.build_profile({**DOCKERISH, "architectures": ["SCMP_ARCH_X86"]}, "/x")

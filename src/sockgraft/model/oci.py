@@ -189,6 +189,16 @@ EPOLL = ("epoll_create", "epoll_create1")
 # what a merge may have trapped (a previous merge's traps are taken out first)
 TRAPPABLE = ("bind", "listen", "connect", "socket") + EPOLL
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+# the compat ABIs of 64-bit machines: the kernel never runs the cgroup
+# setsockopt program for their setsockopt (do_sock_setsockopt: `if
+# (!compat)`), so a grafted socket set an option from one of them past its
+# guard (SO_BINDTODEVICE, IP_TRANSPARENT, multicast joins...); a merged
+# profile lists the native ABIs only (what else calls gets the runtime's
+# answer to an architecture the filter does not know - runc: the thread is
+# killed), as `sockgraft run`'s own filter answers them ENOSYS
+COMPAT_ARCHES = ("SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_ARM", "SCMP_ARCH_MIPS",
+                 "SCMP_ARCH_MIPSEL", "SCMP_ARCH_MIPS64N32", "SCMP_ARCH_MIPSEL64N32",
+                 "SCMP_ARCH_PPC", "SCMP_ARCH_S390", "SCMP_ARCH_PARISC")
 INET_ADDRLEN = (16, 28, 128)
 ENOSYS = 38
 
@@ -311,6 +321,14 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         ours += _notify(name, None, ())
     ours.append({"names": list(IO_URING), "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     prof["syscalls"] = kept + ours
+    prof["architectures"] = [a for a in prof.get("architectures") or ["SCMP_ARCH_X86_64"]
+                             if a not in COMPAT_ARCHES]
+    if not prof["architectures"]:
+        raise ConfigError("the profile names no 64-bit architecture (sockgraft profiles "
+                          "leave out the compat ABIs: the kernel never runs the socket "
+                          "option guard for their calls)", source=source,
+                          field="architectures")
+    prof.pop("archMap", None)       # (Docker's own format: the runtime reads the list)
     prof["listenerPath"] = listener
     prof["listenerMetadata"] = f"{METADATA_PREFIX};graft_at={graft_at}"
     return prof
