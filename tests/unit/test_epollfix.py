@@ -114,3 +114,30 @@ def test_the_list_of_epoll_fds_is_not_kept_across_an_epoll_create_of_the_session
             ep2.close()
     finally:
         ep.close()
+
+
+def test_one_look_is_bounded(monkeypatch):
+    """A process with more fds (or epoll instances) than one look reads
+    costs the agent's loop no more than SCAN_MAX readlinks: what lies
+    beyond is not found (and not carried over a graft)."""
+    import os
+    from sockgraft.kernel import epollfix
+    import select as _select
+    early = _select.epoll()
+    fillers = [os.dup(0) for _ in range(300)]
+    late = _select.epoll()
+    try:
+        monkeypatch.setattr(epollfix, "SCAN_MAX", 50)
+        got = epollfix.EpollIndex().epoll_fds(os.getpid())
+        assert early.fileno() in got and late.fileno() not in got
+        monkeypatch.setattr(epollfix, "SCAN_MAX", 100000)
+        monkeypatch.setattr(epollfix, "MAX_EPOLLS", 1)
+        assert len(epollfix.EpollIndex().epoll_fds(os.getpid())) == 1
+        monkeypatch.setattr(epollfix, "MAX_EPOLLS", 64)
+        got = epollfix.EpollIndex().epoll_fds(os.getpid())
+        assert {early.fileno(), late.fileno()} <= set(got)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        early.close()
+        late.close()

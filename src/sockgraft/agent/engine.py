@@ -740,6 +740,7 @@ class Agent:
             malloc_trim()
         for sess in self.sessions.values():
             sess.tids.difference_update(self.targets.exited(sess.tids))
+        self.inventory.prune()
         self.publisher.sweep()
         if self.inventory.audit is not None:
             self.inventory.audit.flush()

@@ -23,6 +23,8 @@ from .procfs import netns_of, pids_in_netns, socket_fds, socket_open, tgid
 
 log = logging.getLogger("sockgraft.agent")
 
+MAX_RECORDS = 65536     # grafted sockets recorded for `sockgraft sockets` before pruning
+
 
 @dataclass
 class Counters:
@@ -113,6 +115,23 @@ class Inventory:
         for key in [k for k, g in self.grafted.items() if g.container == container
                     and not os.path.exists(f"/proc/{g.pid}")]:
             del self.grafted[key]
+
+    def prune(self, limit: int = MAX_RECORDS) -> int:
+        """Past `limit` records (a container grafting sockets at ever new fd
+        numbers grows the table until somebody lists it): the records of
+        sockets closed since go, then the oldest. Returns how many went."""
+        if len(self.grafted) <= limit:
+            return 0
+        before = len(self.grafted)
+        for key, g in list(self.grafted.items()):
+            if not socket_open(tgid(g.pid), g.fd, g.inode):
+                del self.grafted[key]
+        if len(self.grafted) > limit:
+            log.warning("more than %d grafted sockets open: the oldest records leave "
+                        "`sockgraft sockets`", limit)
+            for key in list(self.grafted)[:len(self.grafted) - limit]:
+                del self.grafted[key]
+        return before - len(self.grafted)
 
     def compact(self) -> None:
         if len(self.grafted) < 64:

@@ -78,12 +78,15 @@ class Targets:
         self._close_pidfd(tid)
 
     def exited(self, tids: set[int]) -> list[int]:
-        """Those of tids whose cached pidfd says the thread exited (forgotten)."""
+        """Those of tids whose cached pidfd says the thread exited, or whose
+        pidfd left the cache (forgotten: a container churning threads must
+        not grow the set its session keeps)."""
+        untracked = [t for t in tids if t not in self.pidfds and not self.mem.holds(t)]
         gone = [t for t in tids if t in self.pidfds and
                 select.select([self.pidfds[t]], [], [], 0)[0]]
         for t in gone:
             self.forget(t)
-        return gone
+        return gone + untracked
 
     def _close_pidfd(self, tid: int) -> None:
         pidfd = self.pidfds.pop(tid, None)

@@ -42,6 +42,11 @@ _EVENTPOLL = "anon_inode:[eventpoll]"
 
 
 SETTLE_NS = 50_000_000       # the instance is made after the agent's CONTINUE
+# bounds of one look (under the agent's lock): fds listed, epoll instances
+# read, bytes of one instance's fdinfo (about 80 a watched fd)
+SCAN_MAX = 16384
+MAX_EPOLLS = 64
+FDINFO_MAX = 1 << 20
 
 
 class EpollIndex:
@@ -63,15 +68,22 @@ class EpollIndex:
             return hit[1]
         found = []
         try:
-            names = os.listdir(f"/proc/{tid}/fd")
+            with os.scandir(f"/proc/{tid}/fd") as it:
+                for n, entry in enumerate(it):
+                    if n >= SCAN_MAX or len(found) >= MAX_EPOLLS:
+                        # a process with more (one that hopes to hold the
+                        # agent's loop with a scan): what was found so far
+                        log.info("pid %d: more than %d fds or %d epoll instances: "
+                                    "epoll registrations beyond them are not carried "
+                                    "over a graft", tid, SCAN_MAX, MAX_EPOLLS)
+                        break
+                    try:
+                        if os.readlink(entry.path) == _EVENTPOLL:
+                            found.append(int(entry.name))
+                    except (OSError, ValueError):
+                        continue
         except OSError:
-            names = []
-        for name in names:
-            try:
-                if os.readlink(f"/proc/{tid}/fd/{name}") == _EVENTPOLL:
-                    found.append(int(name))
-            except OSError:
-                continue
+            pass
         if len(self._cache) >= self.max_procs:
             self._cache.clear()
         if now * 1e9 > made + SETTLE_NS:
@@ -93,7 +105,7 @@ def watchers(tid: int, fd: int, index: EpollIndex,
     for epfd in index.epoll_fds(tid, made):
         try:
             with open(f"/proc/{tid}/fdinfo/{epfd}", "rb") as f:
-                text = f.read()
+                text = f.read(FDINFO_MAX)
         except OSError:
             continue
         for line in text.splitlines():

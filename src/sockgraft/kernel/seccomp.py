@@ -487,6 +487,9 @@ class TargetMemory:
                               f"tid {tid} addr {addr:#x}: {len(data)} of {n} bytes")
         return data
 
+    def holds(self, tid: int) -> bool:
+        return tid in self._cache
+
     def forget(self, tid: int) -> None:
         entry = self._cache.pop(tid, None)
         if entry is not None:
