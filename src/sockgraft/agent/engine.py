@@ -747,6 +747,10 @@ class Agent:
         if self.oci is not None:
             self.oci.sweep(now)
         self.holders = [p for p in self.holders if p.poll() is None]
+        if self.bpf is not None and self.bpf.splice:
+            # leave requests whose event was lost (a full ring buffer): taken
+            # out within a second, not at the next event
+            self.bpf.release_leavers()
         self.grafter.connects.expire(now)
         scope = self.fast.sweep_scope(now) if self.fast is not None else None
         if scope is not None:
