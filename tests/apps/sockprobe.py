@@ -128,7 +128,14 @@ def udp_client(host, port, args):
         s.connect((host, port))
     for i in range(count):
         try:
-            if "--connect" in args:
+            if "--connect" in args and "--tos-cmsg" in args:
+                # an IP-level control message on a connected socket (QUIC
+                # stacks send ECN marks so): the kernel runs the sendmsg
+                # hooks with no address
+                level, opt = ((socket.IPPROTO_IPV6, socket.IPV6_TCLASS) if ":" in host
+                              else (socket.IPPROTO_IP, socket.IP_TOS))
+                s.sendmsg([b"dgram%d" % i], [(level, opt, (0x02).to_bytes(4, "little"))])
+            elif "--connect" in args:
                 s.send(b"dgram%d" % i)
             else:
                 s.sendto(b"dgram%d" % i, (host, port))

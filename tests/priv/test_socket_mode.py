@@ -113,6 +113,12 @@ def test_udp_unconnected_and_connected(slab):
         r = slab.probe("h1-c1", "udp-client", "198.18.0.2", 7311, "--connect")
         assert srv.peer() == "198.18.0.1"
     assert r["replies"] == 1 and r["local"][0] == "198.18.0.1"
+    # a control message on the connected socket (the hook sees no address)
+    for dst in ("198.18.0.2", "fd53:6700:0:1::1"):
+        node = h2 if ":" not in dst else slab.plan.node("h1")
+        with EchoServer(node.netns, "::" if ":" in dst else "0.0.0.0", 7312, proto="udp"):
+            r = slab.probe("h1-c1", "udp-client", dst, 7312, "--connect", "--tos-cmsg")
+        assert r["replies"] == 1 and not r["errors"], (dst, r)
 
 
 def test_server_binds_through_ingress_and_unclaimed_binds_are_refused(slab):

@@ -1081,6 +1081,22 @@ int sg_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* A send on a connected UDP socket with an IP-level control message
+ * (IP_TOS, IP_PKTINFO, IPV6_TCLASS...): the kernel runs the sendmsg hooks
+ * with no address - all zero, port 0 - and then sends to the connected
+ * peer, judged at connect(); an address of port 0 given by the
+ * application is refused by the kernel after the hook (EINVAL). */
+static __always_inline int unaddressed4(struct bpf_sock_addr *ctx)
+{
+	return !ctx->user_port && !ctx->user_ip4;
+}
+
+static __always_inline int unaddressed6(struct bpf_sock_addr *ctx)
+{
+	return !ctx->user_port && !ctx->user_ip6[0] && !ctx->user_ip6[1] && !ctx->user_ip6[2] &&
+	       !ctx->user_ip6[3];
+}
+
 SEC("cgroup/sendmsg4")
 int sg_sendmsg4(struct bpf_sock_addr *ctx)
 {
@@ -1089,7 +1105,7 @@ int sg_sendmsg4(struct bpf_sock_addr *ctx)
 	struct egress_val *e;
 	int lo;
 
-	if (!p)
+	if (!p || unaddressed4(ctx))
 		return 1;
 	lo = loopback_of(p, mark, 4, j, j, port);
 	if (lo == LO_KEPT)
@@ -1120,7 +1136,7 @@ int sg_sendmsg6(struct bpf_sock_addr *ctx)
 	__u8 fam;
 	int lo;
 
-	if (!p)
+	if (!p || unaddressed6(ctx))
 		return 1;
 	fam = dest6(ctx, a, j);
 	port = ctx->user_port;
