@@ -39,10 +39,9 @@ def P(*rules: str, builtin: bool = True) -> Policy:
 SMALL = P("allow tcp 10.0.0.0/8 80-443", "allow any 127.0.0.1 8080",
           "allow udp [fd00::/8] 53", "deny tcp any 25")
 
-SMALL_GOLDEN = """\
-add table inet sockgraft
-delete table inet sockgraft
-table inet sockgraft {
+# every table: the private loopbacks' input chain (no socket-mode container: the
+# ranges' rule alone)
+INPUT_GOLDEN = """\
   chain input {
     type filter hook input priority filter; policy accept;
     ip daddr 127.83.0.0/16 jump private4
@@ -54,6 +53,13 @@ table inet sockgraft {
   chain private6 {
     ip6 daddr fd53:4c4f::/96 socket mark & 0xffff0000 != 0x53470000 drop
   }
+"""
+
+SMALL_GOLDEN = """\
+add table inet sockgraft
+delete table inet sockgraft
+table inet sockgraft {
+""" + INPUT_GOLDEN + """\
   chain output {
     type filter hook output priority filter; policy accept;
     meta mark & 0xffff0000 != 0x53470000 accept
@@ -89,17 +95,7 @@ def test_golden_no_policies():
 add table inet sockgraft
 delete table inet sockgraft
 table inet sockgraft {
-  chain input {
-    type filter hook input priority filter; policy accept;
-    ip daddr 127.83.0.0/16 jump private4
-    ip6 daddr fd53:4c4f::/96 jump private6
-  }
-  chain private4 {
-    ip daddr 127.83.0.0/16 socket mark & 0xffff0000 != 0x53470000 drop
-  }
-  chain private6 {
-    ip6 daddr fd53:4c4f::/96 socket mark & 0xffff0000 != 0x53470000 drop
-  }
+""" + INPUT_GOLDEN + """\
   chain output {
     type filter hook output priority filter; policy accept;
     meta mark & 0xffff0000 != 0x53470000 accept
