@@ -4,6 +4,8 @@ again, a verdict cached long ago under a number now given to another policy
 would be read as current. The enforcer drops the cached verdicts when it
 wraps; the replies' records (not verdicts) stay."""
 
+import contextlib
+import os
 import secrets
 
 import pytest
@@ -26,6 +28,7 @@ def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
     name = "tgen-" + secrets.token_hex(3)
     progs = kbpf.Programs(name)
     progs.load(join=False, fastpath="on")
+    stack = contextlib.ExitStack()
     try:
         store = ConfigStore(str(tmp_path / "store"))
         store.save(gc.GraftConfig("c1", policy=Policy(
@@ -40,7 +43,8 @@ def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
         reply = bpfmaps.FLOW_VAL.pack(7, 1, bpfmaps.FL_IN, 0)
         progs.flows_new(5, 64)
         progs.flows_new(6, 64)
-        flows, other = progs.flows()[5], progs.flows()[6]
+        flows = stack.enter_context(progs.flow_cache(5))
+        other = stack.enter_context(progs.flow_cache(6))
         progs.update(flows, _flow(5, 1000), verdict)
         progs.update(flows, _flow(5, 1001), older)
         progs.update(flows, _flow(5, 1002), reply)
@@ -61,6 +65,7 @@ def test_a_wrap_of_the_generations_drops_the_cached_verdicts(tmp_path):
         assert left == [_flow(5, 1002)]                       # the reply's record only
         assert progs.keys(other, kbpf.FLOW_KEY_SIZE) == []    # every port's cache
     finally:
+        stack.close()
         progs.close()
         kbpf.remove(name)
     assert not kbpf.leftovers(name)
@@ -79,11 +84,13 @@ def test_the_flow_cache_is_read_and_pruned_in_batches(tmp_path):
     progs = kbpf.Programs(name)
     progs.load(join=False, fastpath="on")
     fp = FastPath(None, str(tmp_path), flows_per_container=1024)
+    stack = contextlib.ExitStack()
     try:
         val = bpfmaps.FLOW_VAL.pack(3, 1, bpfmaps.FL_OUT, 0)
         for i in (5, 6, 7, 8):
             progs.flows_new(i, 1024)
-        caches = progs.flows()
+        caches = {i: stack.enter_context(progs.flow_cache(i)) for i in (5, 6, 7, 8)}
+        ids = {i: progs.flow_id(i) for i in (5, 6, 7, 8)}
         keys = [_flow(5 + i % 4, 1000 + i) for i in range(1000)]
         for k in keys:
             progs.update(caches[int.from_bytes(k[:4], "little")], k, val)
@@ -95,20 +102,27 @@ def test_the_flow_cache_is_read_and_pruned_in_batches(tmp_path):
         assert len(progs.keys(caches[5], kbpf.FLOW_KEY_SIZE)) == 250 - 5
         # a fresh cache for port 5; port 6's records of 10.0.0.1 go
         assert fp.forget_flows(progs, {5}, {IPv4Address("10.0.0.1")}) == 3 * 250
-        assert progs.flows()[5] != caches[5]
-        for fd in progs.flows().values():
+        assert progs.flow_id(5) != ids[5] and progs.flow_id(6) == ids[6]
+        for _, fd in progs.flow_caches():
             assert progs.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) == []
         # a flood of one port's flows: the others keep every record
         for i, k in enumerate(keys[1:9:4]):
-            progs.update(progs.flows()[6], k, val)
+            progs.update(caches[6], k, val)
         for i in range(5000):
-            progs.update(progs.flows()[7], _flow(7, i), val)
-        assert len(progs.keys(progs.flows()[6], kbpf.FLOW_KEY_SIZE)) == 2
-        assert len(progs.keys(progs.flows()[7], kbpf.FLOW_KEY_SIZE)) <= 1024
+            progs.update(caches[7], _flow(7, i), val)
+        assert len(progs.keys(caches[6], kbpf.FLOW_KEY_SIZE)) == 2
+        assert len(progs.keys(caches[7], kbpf.FLOW_KEY_SIZE)) <= 1024
         progs.flows_drop(7)
-        assert 7 not in progs.flows()
+        assert 7 not in progs.flows() and progs.flow_id(7) is None
         assert len(progs.keys("sg_fast_flows", 4)) == 3
+        # the agent holds no fd per cache (a node of a thousand policed
+        # containers would run out of them)
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(100, 150):
+            progs.flows_new(i, 64)
+        assert len(os.listdir("/proc/self/fd")) == before
     finally:
+        stack.close()
         fp.close()
         progs.close()
         kbpf.remove(name)

@@ -261,7 +261,7 @@ class Enforcer:
         if self.bpf is None or "sg_fast_flows" not in self.bpf.maps:
             return 0
         n = 0
-        for fd in self.bpf.flows().values():
+        for _, fd in self.bpf.flow_caches():
             n += self.bpf.delete_many(fd, [
                 k for k, v in self.bpf.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size)
                 if bpfmaps.flow_judged(v)])

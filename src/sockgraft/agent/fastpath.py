@@ -328,7 +328,7 @@ class FastPath:
         self.judged = plan.judged
         # a port's flow cache before its policy mark (the programs judge
         # without one: fail closed)
-        made = self._make_flows(bpf, set(plan.judged) - set(bpf.flows()))
+        made = self._make_flows(bpf, set(plan.judged) - bpf.flows())
         # the DNAT's ports before the addresses that point at them
         _write(bpf, "sg_fast_redirects", self.redirects, plan.redirects)
         moved = mfast.moved(self.addrs, plan.addrs)
@@ -354,12 +354,15 @@ class FastPath:
         self.redirects = dict(plan.redirects)
         if moved or port_writes:
             # verdicts about an address that moved, or of a port whose
-            # container (policy) changed
-            changed = {int.from_bytes(k, "little") for k in port_writes} - made
-            self.forget_flows(bpf, changed, moved)
+            # container (policy mark) or addresses changed - not of one whose
+            # bridge MAC changed (another container joined its bridge)
+            changed = {int.from_bytes(k, "little") for k in port_writes
+                       if bpfmaps.fast_port_identity(self.ports.get(k, b"")) !=
+                       bpfmaps.fast_port_identity(plan.ports[k])}
+            self.forget_flows(bpf, (changed & set(plan.judged)) - made, moved)
         _drop(bpf, "sg_fast_ports", self.ports, plan.ports)
         self.ports = dict(plan.ports)
-        for ifindex in set(bpf.flows()) - set(plan.judged):
+        for ifindex in bpf.flows() - set(plan.judged):
             bpf.flows_drop(ifindex)     # gone, or no longer policed
         self.no_cache &= set(plan.judged)
         if overlay and wait:
@@ -476,13 +479,12 @@ class FastPath:
         """The records of these ports (a fresh cache each) and, in every
         other port's cache, those with one of these remote addresses;
         returns how many records of the latter went."""
-        caches = bpf.flows()
-        self._make_flows(bpf, ifindexes & set(caches))
+        self._make_flows(bpf, ifindexes & bpf.flows())
         if not addrs:
             return 0
         match = bpfmaps.flow_matcher(addrs)
         n = 0
-        for ifindex, fd in caches.items():
+        for ifindex, fd in bpf.flow_caches():
             if ifindex in ifindexes:
                 continue
             n += bpf.delete_many(fd, [k for k, _ in bpf.entries(
@@ -508,8 +510,9 @@ class FastPath:
     def listing(self, bpf: kbpf.Programs) -> dict:
         stats = bpf.fast_stats(self.slots)
         caches = bpf.flows()
-        flows = {i: sum(1 for k in bpf.keys(fd, kbpf.FLOW_KEY_SIZE) if bpfmaps.flow_is_flow(k))
-                 for i, fd in caches.items()}
+        flows = {i: sum(1 for k, _ in bpf.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size)
+                        if bpfmaps.flow_is_flow(k))
+                 for i, fd in bpf.flow_caches()}
         rows = []
         for ifindex, port in sorted(self.facts.items()):
             st = stats.get(ifindex)

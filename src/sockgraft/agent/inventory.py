@@ -119,17 +119,19 @@ class Inventory:
     def prune(self, limit: int = MAX_RECORDS) -> int:
         """Past `limit` records (a container grafting sockets at ever new fd
         numbers grows the table until somebody lists it): the records of
-        sockets closed since go, then the oldest. Returns how many went."""
+        sockets closed since go, then the oldest down to 90% of the limit.
+        Returns how many went."""
         if len(self.grafted) <= limit:
             return 0
         before = len(self.grafted)
         for key, g in list(self.grafted.items()):
             if not socket_open(tgid(g.pid), g.fd, g.inode):
                 del self.grafted[key]
-        if len(self.grafted) > limit:
+        keep = limit * 9 // 10      # (room: not a walk of them all at every sweep)
+        if len(self.grafted) > keep:
             log.warning("more than %d grafted sockets open: the oldest records leave "
-                        "`sockgraft sockets`", limit)
-            for key in list(self.grafted)[:len(self.grafted) - limit]:
+                        "`sockgraft sockets`", keep)
+            for key in list(self.grafted)[:len(self.grafted) - keep]:
                 del self.grafted[key]
         return before - len(self.grafted)
 

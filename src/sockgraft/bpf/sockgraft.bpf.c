@@ -2601,7 +2601,7 @@ static __noinline int own_target(struct fast_port *port, struct pkt *p, __u32 if
  * by what it quotes, a flow by the cache or the policy's list. */
 static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 				       struct policy *pol, __u32 mark, struct fast_stats *st,
-				       void *flows, int *known)
+				       void *flows)
 {
 	struct flow_key k = {};
 	struct flow_val v = {}, *c = 0;
@@ -2619,7 +2619,6 @@ static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 	if (flows)
 		c = bpf_map_lookup_elem(flows, &k);
 	if (c && (c->origin == FL_IN || c->gen == pol->gen)) {
-		*known = 1;
 		if (st) {
 			st->hits++;
 			if (c->verdict != V_ALLOW)
@@ -2683,10 +2682,9 @@ static __always_inline int frag_verdict(struct pkt *p, __u32 ifindex, __u32 mark
 	return V_DENY;
 }
 
-/* The policy's verdict on a packet the container of `port` sends; *known:
- * the flow was in the cache (its other end was told about it then). */
+/* The policy's verdict on a packet the container of `port` sends. */
 static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
-				      struct pkt *p, struct fast_stats *st, int own, int *known)
+				      struct pkt *p, struct fast_stats *st, int own)
 {
 	struct flow_key k = {};
 	struct flow_val v = {};
@@ -2722,7 +2720,7 @@ static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *p
 	flows = bpf_map_lookup_elem(&sg_fast_flows, &ifindex);
 	if (p->frag)
 		return frag_verdict(p, ifindex, mark, pol->gen, st, flows);
-	verdict = judge_first(skb, p, pol, mark, st, flows, known);
+	verdict = judge_first(skb, p, pol, mark, st, flows);
 	if (p->frag1 && flows) {
 		frag_key(&k, ifindex, p);
 		v.verdict = verdict;
@@ -3033,7 +3031,7 @@ int sg_fast_in(struct __sk_buff *skb)
 	struct pkt p = {};
 	__u32 ifindex = skb->ifindex, k = CFG_FAST;
 	__u64 *on;
-	int own, known = 0;
+	int own;
 
 	port = bpf_map_lookup_elem(&sg_fast_ports, &ifindex);
 	if (!port)
@@ -3072,7 +3070,7 @@ int sg_fast_in(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	own = own_source(port, &p, ifindex);
-	if (port->mark && fast_judge(skb, port, &p, st, own, &known) != V_ALLOW)
+	if (port->mark && fast_judge(skb, port, &p, st, own) != V_ALLOW)
 		return TC_ACT_SHOT;
 	on = bpf_map_lookup_elem(&sg_config, &k);
 	if (!own || !on || !*on)
@@ -3090,10 +3088,12 @@ int sg_fast_in(struct __sk_buff *skb)
 	if (dst->ifindex == ifindex || !same_mac(dst->mac, p.dmac) || redirected(dst, &p) ||
 	    !same_mac(dst->gw, port->gw))
 		goto slow;	/* (another bridge's: the bridges and the firewall decide) */
-	/* the destination's replies are allowed: told at a flow's first packet
-	 * (a sender without a policy has no flow cache: at each) - the reply
-	 * path's lookups keep the entry fresh in the LRU */
-	if (dst->mark && !known)
+	/* the destination's replies are allowed: told at every packet (the
+	 * record may have left the destination's cache - evicted by flows
+	 * others start to it, or the cache replaced - while the sender's own
+	 * record of the flow stays: its replies would be judged as flows it
+	 * starts); note_incoming looks before it writes */
+	if (dst->mark)
 		note_incoming(dst->ifindex, &p);
 	if (st) {
 		st->fast_pkts++;

@@ -20,6 +20,7 @@ Names (deterministic, one set per agent name):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -127,6 +128,7 @@ def _lib() -> ctypes.CDLL:
         ("bpf_prog_attach", i, [i, i, i, ctypes.c_uint]),
         ("bpf_map_update_elem", i, [i, vp, vp, ctypes.c_uint64]),
         ("bpf_map_create", i, [i, cp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp]),
+        ("bpf_map_get_fd_by_id", i, [ctypes.c_uint32]),
         ("bpf_map_lookup_elem", i, [i, vp, vp]),
         ("bpf_map_delete_elem", i, [i, vp]),
         ("bpf_map_get_next_key", i, [i, vp, vp]),
@@ -307,7 +309,7 @@ class Programs:
         self.fast_error = ""
         self._reused: set[str] = set()
         self._local: set[bytes] = set()   # sg_local keys written
-        self._flows: dict[int, int] = {}  # ifindex -> its flow cache's fd (in sg_fast_flows)
+        self._flows: set[int] = set()     # ports with a flow cache in sg_fast_flows
 
     def load(self, *, join: bool = True, splice: str = "off", fastpath: str = "off") -> None:
         """splice, fastpath: load the sockmap programs / the tc fast path
@@ -749,24 +751,41 @@ class Programs:
             raise _err(f"a flow cache of {entries} entries for interface {ifindex}", fd)
         try:
             self.update("sg_fast_flows", ifindex.to_bytes(4, "little"), fd.to_bytes(4, "little"))
-        except KernelError:
-            os.close(fd)
-            raise
-        old = self._flows.pop(ifindex, None)
-        if old is not None:
-            os.close(old)
-        self._flows[ifindex] = fd
+        finally:
+            os.close(fd)        # sg_fast_flows holds it (no fd per policed container here)
+        self._flows.add(ifindex)
 
     def flows_drop(self, ifindex: int) -> None:
         """The port is not policed (or gone): its flow cache goes."""
         self.delete("sg_fast_flows", ifindex.to_bytes(4, "little"))
-        fd = self._flows.pop(ifindex, None)
-        if fd is not None:
-            os.close(fd)
+        self._flows.discard(ifindex)
 
-    def flows(self) -> dict[int, int]:
-        """ifindex -> the fd of its flow cache (the maps' own: not to close)."""
-        return dict(self._flows)
+    def flows(self) -> set[int]:
+        """The ports with a flow cache."""
+        return set(self._flows)
+
+    def flow_id(self, ifindex: int) -> int | None:
+        """The map id of a port's flow cache (None: none)."""
+        raw = self.lookup("sg_fast_flows", ifindex.to_bytes(4, "little"), 4)
+        return None if raw is None else int.from_bytes(raw, "little")
+
+    @contextlib.contextmanager
+    def flow_cache(self, ifindex: int):
+        """An fd of a port's flow cache for the block (None: it has none)."""
+        mid = self.flow_id(ifindex)
+        fd = lib().bpf_map_get_fd_by_id(mid) if mid is not None else -1
+        try:
+            yield fd if fd >= 0 else None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def flow_caches(self):
+        """(ifindex, fd) of every port's flow cache, one open at a time."""
+        for ifindex in sorted(self._flows):
+            with self.flow_cache(ifindex) as fd:
+                if fd is not None:
+                    yield ifindex, fd
 
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected, and
@@ -792,8 +811,6 @@ class Programs:
         sg_born_sock goes (it is for this process only)."""
         L = lib()
         self.born_detach()
-        for fd in self._flows.values():
-            os.close(fd)
         self._flows.clear()
         if self._rb:
             L.ring_buffer__free(self._rb)

@@ -271,6 +271,12 @@ def fast_port_key(ifindex: int) -> bytes:
     return ifindex.to_bytes(4, "little")
 
 
+def fast_port_identity(val: bytes) -> bytes:
+    """What of a sg_fast_ports value its flow records depend on: the policy
+    mark and the addresses (not the counters' slot, not the MACs)."""
+    return val[0:4] + val[8:28]
+
+
 def fast_port_val(mark: int, slot: int, addrs: Iterable[IPv4Address | IPv6Address] = (),
                   gw: bytes = bytes(6), mac: bytes = bytes(6)) -> bytes:
     """mark 0: a container without a policy entry (forwarded, not judged).
@@ -413,5 +419,5 @@ def decode_event(raw: bytes) -> Event:
 __all__ = ["MAX_RULES", "PolicyEntry", "policy_key", "policy_entry", "egress_entries",
            "source_keys", "svc_key", "svc_val", "Event", "decode_event", "POLICY_SIZE",
            "REFUSED_OPTIONS", "option_name", "fast_port_key", "fast_port_val",
-           "fast_addr_key", "fast_addr_val", "flow_matcher", "flow_is_flow", "flow_judged", "splice_key", "remote_key",
+           "fast_addr_key", "fast_addr_val", "fast_port_identity", "flow_matcher", "flow_is_flow", "flow_judged", "splice_key", "remote_key",
            "remote_val", "tunnel_val", "peer_key", "redirect_key"]

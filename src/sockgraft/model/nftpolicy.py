@@ -94,6 +94,31 @@ def redirect_line(r: Redirect) -> str:
     return f"{match}{r.proto} dport {r.dport} counter dnat {kw} to {to}"
 
 
+def _private_lines(loopbacks: Mapping[int, tuple]) -> list[str]:
+    """A socket-mode container's private loopback (graft.private_loopback)
+    is a local address of the host: a host service listening on every
+    address (0.0.0.0, ::) would take what the container sends to its own
+    "loopback". Packets to those ranges reach the owner's sockets only; one
+    the socket lookup finds another's socket for is answered as a closed
+    port would be (a reset, port unreachable: no connect waits two minutes
+    for its SYN); one with no socket gets that from the kernel itself."""
+    out = ["  chain input {",
+           "    type filter hook input priority filter; policy accept;",
+           f"    ip daddr {LOOPBACK4_NET} jump private4",
+           f"    ip6 daddr {LOOPBACK6_NET} jump private6",
+           "  }"]
+    for fam, i, net in (("ip", 0, LOOPBACK4_NET), ("ip6", 1, LOOPBACK6_NET)):
+        out.append(f"  chain private{4 if i == 0 else 6} {{")
+        tests = [f"{fam} daddr {addrs[i]} socket mark != 0x{mark:08x}"
+                 for mark, addrs in sorted(loopbacks.items())]
+        tests.append(f"{fam} daddr {net} socket mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x}")
+        for t in tests:
+            out.append(f"    {t} meta l4proto tcp reject with tcp reset")
+            out.append(f"    {t} reject with icmpx type port-unreachable")
+        out.append("  }")
+    return out
+
+
 def plan_ruleset(policies: dict[int, Policy],
                  services: Mapping[int, Iterable[tuple]] | None = None,
                  redirects: Iterable[Redirect] = (),
@@ -116,24 +141,8 @@ def plan_ruleset(policies: dict[int, Policy],
             out.append(f"    type nat hook {hook} priority -110; policy accept;   # dstnat - 10")
             out += [f"    {redirect_line(r)}" for r in redirects]
             out.append("  }")
-    # a socket-mode container's private loopback (graft.private_loopback)
-    # is a local address of the host: a host service listening on every
-    # address (0.0.0.0, ::) would take what the container sends to its own
-    # "loopback". Packets to those ranges are delivered to the owner's
-    # sockets only (the socket lookup finds no socket: the kernel's own
-    # answer, a reset or port unreachable)
-    out.append("  chain input {")
-    out.append("    type filter hook input priority filter; policy accept;")
-    out.append(f"    ip daddr {LOOPBACK4_NET} jump private4")
-    out.append(f"    ip6 daddr {LOOPBACK6_NET} jump private6")
-    out.append("  }")
-    for fam, i, net in (("ip", 0, LOOPBACK4_NET), ("ip6", 1, LOOPBACK6_NET)):
-        out.append(f"  chain private{4 if i == 0 else 6} {{")
-        for mark, addrs in sorted((loopbacks or {}).items()):
-            out.append(f"    {fam} daddr {addrs[i]} socket mark != 0x{mark:08x} drop")
-        out.append(f"    {fam} daddr {net} socket mark & 0x{MARK_MASK:08x} != "
-                   f"0x{MARK_BASE:08x} drop")
-        out.append("  }")
+    if loopbacks:
+        out += _private_lines(loopbacks)
     out.append("  chain output {")
     out.append("    type filter hook output priority filter; policy accept;")
     out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")
