@@ -23,6 +23,8 @@
  *   sendc                         send("x") on a connected socket
  *   sendpktinfo SRC ADDR:PORT     sendmsg with IP_PKTINFO / IPV6_PKTINFO source SRC
  *   sendmark MARK ADDR:PORT       sendmsg with an SO_MARK control message
+ *   sendopts ADDR:PORT            sendmsg with IPv4 options (IP_RETOPTS) / an IPv6
+ *                                 destination options header (IPV6_DSTOPTS)
  *   tfo ADDR:PORT                 sendto(MSG_FASTOPEN) on a TCP socket
  *   recvwait SECONDS              a datagram (or stream data) within SECONDS
  *   name                          getsockname
@@ -359,6 +361,22 @@ int main(int argc, char **argv)
 				inet_pton(AF_INET, src, &pi.ipi_spec_dst);
 				do_sendmsg_cmsg(op, src, dest, IPPROTO_IP, IP_PKTINFO, &pi, sizeof(pi));
 			}
+		} else if (!strcmp(op, "sendopts")) {
+			/* per-packet IP options: IPv4 IP_RETOPTS (three no-ops and
+			 * an end: a harmless 4-byte option), IPv6 a destination
+			 * options header of padding (IPV6_DSTOPTS, CAP_NET_RAW) */
+			if (cur_family == AF_INET6) {
+				unsigned char d[8] = {0, 0, 1, 4, 0, 0, 0, 0};
+
+				do_sendmsg_cmsg(op, argv[i], argv[i], IPPROTO_IPV6, IPV6_DSTOPTS, d,
+						sizeof(d));
+			} else {
+				unsigned char o[4] = {1, 1, 1, 0};
+
+				do_sendmsg_cmsg(op, argv[i], argv[i], IPPROTO_IP, IP_RETOPTS, o,
+						sizeof(o));
+			}
+			i++;
 		} else if (!strcmp(op, "sendmark")) {
 			unsigned int mark = (unsigned int)strtoul(argv[i++], NULL, 0);
 

@@ -124,6 +124,7 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
         "send", lo, "send", ap(f["lo_alt"], 7502),
         "sendmark", 0, lo,                               # SO_MARK control message
         "sendmark", 0, udp_peer,
+        "sendopts", udp_peer,                            # per-packet IP options
         "sendpktinfo", f["host"], udp_peer,              # a source no endpoint grants
         "setopt", 0 if fam == 4 else 41, 19 if fam == 4 else 75, 1,   # *_TRANSPARENT
         "setopt", 0 if fam == 4 else 41, 15 if fam == 4 else 78, 1,   # *_FREEBIND
@@ -167,7 +168,7 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
     lo_sends = {lo, ap(f["lo_alt"], 7502)}
     if not private_lo:
         assert by[("send", lo)]["errno"] in ("EPERM", "EACCES")
-    for s in _ops(out, "send") + _ops(out, "sendmark"):
+    for s in _ops(out, "send") + _ops(out, "sendmark") + _ops(out, "sendopts"):
         if private_lo and s["op"] == "send" and s["arg"] in lo_sends:
             continue
         assert refused(s), s       # ([::ffff:127.0.0.1] from a v6-bound socket: ENETUNREACH)

@@ -98,6 +98,7 @@
 #define EV_SPLICE_LEAVE 10  /* not a denial: sockets in sg_splice_leave to remove */
 #define EV_DENY_KEPT 11     /* syscall mode: the container's own loopback / "this host" */
 #define EV_DENY_SPOOF 12    /* fast path: label = what (SP_*), the address claimed */
+#define EV_DENY_IPOPTS 13   /* a packet with IPv4 options / IPv6 routing or option headers */
 #define SP_SOURCE 1         /* an IP source that is not the container's */
 #define SP_ARP 2            /* an ARP sender address that is not its own (a
 			     * probe: its target address) */
@@ -1393,6 +1394,8 @@ int sg_egress(struct __sk_buff *skb)
 	struct sock_tag *t;
 	struct src_key k = {};
 	__u32 kind;
+	__u8 hdr = 0;
+	int opts;
 
 	if (!sk)
 		return 1;
@@ -1410,16 +1413,25 @@ int sg_egress(struct __sk_buff *skb)
 	k.mark = t->mark;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		k.family = 4;
-		if (bpf_skb_load_bytes(skb, 12, &k.addr[0], 4))
+		if (bpf_skb_load_bytes(skb, 12, &k.addr[0], 4) ||
+		    bpf_skb_load_bytes(skb, 0, &hdr, 1))
 			return 0;
+		opts = (hdr & 0x0f) != 5;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		k.family = 6;
-		if (bpf_skb_load_bytes(skb, 8, k.addr, 16))
+		if (bpf_skb_load_bytes(skb, 8, k.addr, 16) ||
+		    bpf_skb_load_bytes(skb, 6, &hdr, 1))
 			return 0;
+		opts = hdr == 0 || hdr == 43 || hdr == 60;	/* hop-by-hop, routing, dest. */
 	} else {
 		return 1;
 	}
-	if (skb->mark != t->mark) {
+	if (opts) {
+		/* what the refused options would do, asked per packet by a
+		 * control message (IP_RETOPTS: source routing past the address
+		 * the hooks judged; IPV6_RTHDR, IPV6_HOPOPTS, IPV6_DSTOPTS) */
+		kind = EV_DENY_IPOPTS;
+	} else if (skb->mark != t->mark) {
 		kind = EV_DENY_MARK;
 	} else {
 		__u32 src[4] = {k.addr[0], k.addr[1], k.addr[2], k.addr[3]};

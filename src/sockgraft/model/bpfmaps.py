@@ -67,6 +67,7 @@ EV_DENY_LISTEN, EV_DENY_UNKNOWN = 8, 9
 EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unsplice
 EV_DENY_KEPT = 11        # syscall mode: the container's own loopback / "this host"
 EV_DENY_SPOOF = 12       # fast path: a spoofed packet (label: what), sampled 1, 2, 4, 8...
+EV_DENY_IPOPTS = 13      # a grafted socket's packet with IPv4 options / IPv6 routing headers
 SPOOF_WHAT = {1: "spoof:source", 2: "spoof:arp", 3: "spoof:nd-target", 4: "spoof:nd-malformed",
               5: "spoof:router-advertisement", 6: "spoof:fragment", 7: "spoof:mac"}
 OP_SETSOCKOPT = 4
@@ -382,7 +383,8 @@ class Event:
                 EV_DENY_SOCKOPT: "sockopt:refused", EV_DENY_SOURCE: "source:not-granted",
                 EV_DENY_MARK: "mark:forged", EV_DENY_LISTEN: "listen:no-endpoint",
                 EV_DENY_UNKNOWN: "container:no-policy",
-                EV_DENY_KEPT: "loopback:container-own"}.get(self.kind, f"kind {self.kind}")
+                EV_DENY_KEPT: "loopback:container-own",
+                EV_DENY_IPOPTS: "ip-options:refused"}.get(self.kind, f"kind {self.kind}")
 
     @property
     def errno(self) -> int:
