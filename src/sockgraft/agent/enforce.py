@@ -260,11 +260,7 @@ class Enforcer:
         records of flows a container started; the replies' records stay)."""
         if self.bpf is None or "sg_fast_flows" not in self.bpf.maps:
             return 0
-        n = 0
-        for _, fd in self.bpf.flow_caches():
-            n += self.bpf.delete_many(fd, [
-                k for k, v in self.bpf.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size)
-                if bpfmaps.flow_judged(v)])
+        n = self.bpf.forget_flow_records(lambda k, v: bpfmaps.flow_judged(v))
         if n:
             log.info("fastpath: the policy generations wrapped; %d cached verdicts dropped", n)
         return n

@@ -483,13 +483,7 @@ class FastPath:
         if not addrs:
             return 0
         match = bpfmaps.flow_matcher(addrs)
-        n = 0
-        for ifindex, fd in bpf.flow_caches():
-            if ifindex in ifindexes:
-                continue
-            n += bpf.delete_many(fd, [k for k, _ in bpf.entries(
-                fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size) if match(k)])
-        return n
+        return bpf.forget_flow_records(lambda k, v: match(k), skip=ifindexes)
 
     def set_enabled(self, bpf: kbpf.Programs, on: bool, marks: Mapping[str, int]) -> None:
         """on: programs on every container interface, local pairs forwarded
@@ -509,7 +503,6 @@ class FastPath:
 
     def listing(self, bpf: kbpf.Programs) -> dict:
         stats = bpf.fast_stats(self.slots)
-        caches = bpf.flows()
         flows = {i: sum(1 for k, _ in bpf.entries(fd, kbpf.FLOW_KEY_SIZE, bpfmaps.FLOW_VAL.size)
                         if bpfmaps.flow_is_flow(k))
                  for i, fd in bpf.flow_caches()}
@@ -520,8 +513,7 @@ class FastPath:
                          "container": port.container, "judged": ifindex in self.judged,
                          "attached": ifindex in self.attached,
                          "flows": flows.get(ifindex, 0),
-                         "flow_cache": (self.flows_per_container if ifindex in caches
-                                        else 0),
+                         "flow_cache": self.flows_per_container if ifindex in flows else 0,
                          "mac": port.mac.hex(":"), "gateway_mac": port.gw.hex(":"),
                          "addresses": [str(a) for a in port.addrs],
                          **(dict(zip(kbpf.FAST_STATS, st)) if st else {})})

@@ -75,7 +75,8 @@ def cmd_profile(args) -> int:
         raise ConfigError("must be an absolute path", field="--listener", value=listener)
     prof = moci.build_profile(base, listener, args.graft_at, source=args.base or "base profile",
                               trap_epoll=args.trap_epoll)
-    dropped = [a for a in (base or {}).get("architectures") or () if a in moci.COMPAT_ARCHES]
+    dropped = [a for a in (base or {}).get("architectures") or ()
+               if a not in prof["architectures"]]
     if dropped:
         print(f"note: {', '.join(dropped)} left out: the kernel never runs the socket option "
               f"guard for compat system calls (32-bit programs in this container get the "

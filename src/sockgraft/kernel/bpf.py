@@ -787,6 +787,16 @@ class Programs:
                 if fd is not None:
                     yield ifindex, fd
 
+    def forget_flow_records(self, test, skip: set[int] = frozenset()) -> int:
+        """Delete the records (key, value) -> bool `test` picks from every
+        port's flow cache but those of `skip`; how many went."""
+        n = 0
+        for ifindex, fd in self.flow_caches():
+            if ifindex not in skip:
+                n += self.delete_many(fd, [k for k, v in self.entries(
+                    fd, FLOW_KEY_SIZE, FLOW_VAL_SIZE) if test(k, v)])
+        return n
+
     def counters(self) -> list[int]:
         """Totals of sg_counters over CPUs: judged, denied, redirected, and
         refused by the guards."""

@@ -214,15 +214,16 @@ def _family_ok(sock: SockInfo, addr: InetAddr) -> bool:
 
 def _keeps_loopback(rule, addr: InetAddr) -> bool:
     """A container's loopback is its own (sidecars, local services): a broad
-    egress rule such as 0.0.0.0/0 never moves it onto the host's loopback.
-    Only a rule whose prefix lies inside the loopback range grafts it.
-    connect() to 0.0.0.0 / :: means "this host" to Linux: the container's own."""
+    egress rule such as 0.0.0.0/0 (or none: rule None) never moves it onto
+    the host's loopback. Only a rule whose prefix lies inside the loopback
+    range grafts it. connect() to 0.0.0.0 / :: means "this host" to Linux:
+    the container's own."""
     ip = addr.unmapped().ip
     if ip.is_unspecified:
         return True
     if not ip.is_loopback:
         return False
-    return not rule.network.subnet_of(IPv4Network("127.0.0.0/8") if ip.version == 4
+    return rule is None or not rule.network.subnet_of(IPv4Network("127.0.0.0/8") if ip.version == 4
                                       else IPv6Network("::1/128"))
 
 
@@ -405,8 +406,7 @@ def decide_connect(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
         # 127.0.0.1:8080 means the container's sidecar, never the node's
         # service on that port (the kernel's guard refuses it the same way
         # after a continue: loopback:container-own)
-        if _keeps_loopback(hit[0], addr) if hit is not None else \
-                (addr.unmapped().ip.is_loopback or addr.unmapped().ip.is_unspecified):
+        if _keeps_loopback(hit[0] if hit is not None else None, addr):
             return Deny(errno.EACCES, "loopback:container-own", addr)
         verdict = decide(cfg.policy, sock.proto, addr.unmapped())
         if not verdict.allowed:
