@@ -86,13 +86,11 @@ def echo(ns, addr, port, payload=b"hello sockgraft", proto="tcp", timeout=5):
     return netns.run_in(ns, _echo, addr, port, payload, proto, timeout)
 
 
-def udp_got(port, timeout, addr="0.0.0.0"):
-    """The first datagram to this namespace's UDP port (at addr: every
-    IPv4 address by default; "::" every address of both families) within
-    timeout (data, peer), or None. Run in a namespace with netns.run_in."""
-    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET,
-                       socket.SOCK_DGRAM) as s:
-        s.bind((addr, port))
+def udp_got(port, timeout):
+    """The first datagram to this namespace's UDP port within timeout
+    (data, peer), or None. Run in a namespace with netns.run_in."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", port))
         s.settimeout(timeout)
         try:
             return s.recvfrom(2048)
