@@ -2694,20 +2694,17 @@ static __always_inline int frag_verdict(struct pkt *p, __u32 ifindex, __u32 mark
 	return V_DENY;
 }
 
-/* The policy's verdict on a packet the container of `port` sends. */
+/* The policy's (pol: the port's sg_policy entry) verdict on a packet the
+ * container of `port` sends. */
 static __always_inline int fast_judge(struct __sk_buff *skb, struct fast_port *port,
-				      struct pkt *p, struct fast_stats *st, int own)
+				      struct policy *pol, struct pkt *p, struct fast_stats *st,
+				      int own)
 {
 	struct flow_key k = {};
 	struct flow_val v = {};
-	struct policy *pol;
 	__u32 mark = port->mark, ifindex = skb->ifindex;
 	void *flows;
 	int verdict;
-
-	pol = bpf_map_lookup_elem(&sg_policy, &mark);
-	if (!pol)
-		return V_ALLOW;    /* configured without a policy entry (yet) */
 	/* no policy evaded with a forged source address (nor a neighbour's or
 	 * the gateway's link-local one claimed) */
 	if (!own && (!link_source(p) ||
@@ -3040,6 +3037,7 @@ int sg_fast_in(struct __sk_buff *skb)
 	struct fast_stats *st;
 	struct fast_addr_key dk = {};
 	struct fast_addr *dst;
+	struct policy *pol = 0;
 	struct pkt p = {};
 	__u32 ifindex = skb->ifindex, k = CFG_FAST;
 	__u64 *on;
@@ -3049,7 +3047,11 @@ int sg_fast_in(struct __sk_buff *skb)
 	if (!port)
 		return TC_ACT_OK;
 	st = bpf_map_lookup_elem(&sg_fast_stats, &port->slot);
-	if (port->mark && !own_mac(skb, port) && bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+	/* policed: its container has a policy entry (a mark configured
+	 * without one, yet, is forwarded unjudged) */
+	if (port->mark)
+		pol = bpf_map_lookup_elem(&sg_policy, &port->mark);
+	if (pol && !own_mac(skb, port)) {
 		__u32 none[4] = {};
 
 		spoofed(st, port->mark, SP_MAC, 0, none, 0);
@@ -3058,8 +3060,7 @@ int sg_fast_in(struct __sk_buff *skb)
 	if (skb->protocol == bpf_htons(ETH_P_ARP_)) {
 		__u32 spa[4] = {};
 
-		if (port->mark && !arp_own(skb, port, ifindex, spa) &&
-		    bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+		if (pol && !arp_own(skb, port, ifindex, spa)) {
 			spoofed(st, port->mark, SP_ARP, 4, spa, 0);
 			return TC_ACT_SHOT;	/* no neighbour poisoned with another's address */
 		}
@@ -3072,7 +3073,7 @@ int sg_fast_in(struct __sk_buff *skb)
 		 * container's is dropped (nothing unjudged gets out - not a
 		 * frame of another type either: behind a second VLAN tag, the
 		 * kernel took the first away, an IP packet would pass unread) */
-		if (port->mark && bpf_map_lookup_elem(&sg_policy, &port->mark)) {
+		if (pol) {
 			if (st)
 				st->drops++;
 			return TC_ACT_SHOT;
@@ -3082,7 +3083,7 @@ int sg_fast_in(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	own = own_source(port, &p, ifindex);
-	if (port->mark && fast_judge(skb, port, &p, st, own) != V_ALLOW)
+	if (pol && fast_judge(skb, port, pol, &p, st, own) != V_ALLOW)
 		return TC_ACT_SHOT;
 	on = bpf_map_lookup_elem(&sg_config, &k);
 	if (!own || !on || !*on)
