@@ -17,6 +17,7 @@
  *   listen                        listen(fd, 16)
  *   acceptwait SECONDS            poll the listener for a connection
  *   setopt LEVEL OPT VALUE        setsockopt(int)
+ *   setulp NAME                   setsockopt(TCP_ULP, NAME) (strlen(NAME) bytes)
  *   setopt32 LEVEL OPT VALUE      the same through the i386 ABI (int 0x80, setsockopt
  *                                 366) in a child; "signal" when the filter killed it
  *   send ADDR:PORT                sendto("x")
@@ -303,6 +304,11 @@ int main(int argc, char **argv)
 			i += 3;
 			r = setsockopt(cur, level, opt, &val, sizeof(val));
 			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "setulp")) {
+			const char *name = argv[i++];
+
+			r = setsockopt(cur, IPPROTO_TCP, 31 /* TCP_ULP */, name, strlen(name));
+			report(op, name, r, errno, NULL);
 		} else if (!strcmp(op, "setopt32")) {
 			int level = atoi(argv[i]), opt = atoi(argv[i + 1]), val = atoi(argv[i + 2]);
 			char arg[64], extra[32];

@@ -138,6 +138,8 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
         # a grafted TCP socket: the same after a disconnect, plus listen()
         "sock", f["sock_tcp"], "connect", tcp_peer,
         "setopt", 1, 36, 0,
+        # upper-layer protocols: only kTLS keeps the connection a TCP one
+        "setulp", "smc", "setulp", "espintcp", "setulp", "tls",
         "disconnect",
         "bind", ap(f["lo"], 7504), "bind", ap(f["any"], 7504), f["lens"][-1],
         "bindhi", ap(f["host"], 7504),
@@ -161,6 +163,9 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
     assert [s["ret"] for s in _ops(out, "connect")][:2] == [0, 0], json.dumps(out[:4])
     for s in _ops(out, "setopt"):
         assert s["errno"] == "EPERM", s
+    ulp = {s["arg"]: s["errno"] for s in _ops(out, "setulp")}
+    assert ulp["smc"] == ulp["espintcp"] == "EPERM", ulp
+    assert ulp["tls"] != "EPERM", ulp           # (ENOENT where tls is not built)
     # socket mode: the container's loopback is its own (a private address on
     # the host, issue 14 item 3): a send or a bind there is allowed and goes
     # there - the sentinels on the host's loopback below prove it went no further
@@ -192,6 +197,7 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
     kernel = [a for a in sec.audit("h1") if a.get("by") == "kernel" and
               a["container"] == "h1-c1"]
     assert any(a["rule"] == "sockopt:refused" and a["address"] == "SO_MARK" for a in kernel)
+    assert any(a["rule"] == "sockopt:refused" and a["address"] == "TCP_ULP" for a in kernel)
 
 
 @pytest.mark.parametrize("fam", [4, 6])

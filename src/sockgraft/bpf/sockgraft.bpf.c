@@ -1345,6 +1345,20 @@ static __always_inline int option_refused(int level, int opt)
 	return 0;
 }
 
+/* TCP_ULP: kTLS ("tls") only. Another upper-layer protocol takes the
+ * connection over: "smc" turns the socket into an SMC one whose connect runs
+ * on a kernel socket no cgroup hook judges, "espintcp" carries IPsec. The
+ * kernel reads the name as the first min(optlen, 15) bytes up to a NUL. */
+static __always_inline int ulp_allowed(struct bpf_sockopt *ctx)
+{
+	char *name = ctx->optval;
+
+	if (ctx->optlen < 3 || name + 4 > (char *)ctx->optval_end)
+		return ctx->optlen == 3 && name + 3 <= (char *)ctx->optval_end &&
+		       name[0] == 't' && name[1] == 'l' && name[2] == 's';
+	return name[0] == 't' && name[1] == 'l' && name[2] == 's' && name[3] == 0;
+}
+
 /* An inet socket made in the agent's cgroup by a thread with an sg_born
  * entry: the container's mark and its tag, before anybody holds it (the
  * same as SO_MARK and the sg_sock update the agent makes otherwise). */
@@ -1373,8 +1387,14 @@ int sg_setsockopt(struct bpf_sockopt *ctx)
 	struct sock_tag *t = tag_of(ctx->sk);
 	__u32 none[4] = {};
 
-	if (!t || by_agent() || !option_refused(ctx->level, ctx->optname))
+	if (!t || by_agent())
+		return 1;
+	if (ctx->level == SOL_TCP && ctx->optname == 31 /* TCP_ULP */) {
+		if (ulp_allowed(ctx))
+			return 1;
+	} else if (!option_refused(ctx->level, ctx->optname)) {
 		return 1;	/* optval untouched: the kernel uses the caller's */
+	}
 	count(3);
 	/* label = option name, port = level (decoded by model/bpfmaps.py) */
 	report(EV_DENY_SOCKOPT, t->mark, OP_SETSOCKOPT, ctx->optname, 4, none,

@@ -398,8 +398,13 @@ class Event:
                 EV_DENY_NO_EGRESS: 101, EV_BIND_FAILED: 99}.get(self.kind, 1)
 
 
+# Options the guard judges by their value (sg_setsockopt): TCP_ULP other than "tls".
+VALUE_CHECKED_OPTIONS = {(SOL_TCP, 31): "TCP_ULP"}
+
+
 def option_name(level: int, opt: int) -> str:
-    return REFUSED_OPTIONS.get((level, opt), f"level {level} option {opt}")
+    return (REFUSED_OPTIONS.get((level, opt)) or VALUE_CHECKED_OPTIONS.get((level, opt))
+            or f"level {level} option {opt}")
 
 
 def decode_event(raw: bytes) -> Event:
