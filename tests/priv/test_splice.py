@@ -283,3 +283,78 @@ def test_a_go_proxy_splices_out_of_a_spliced_connection(splab, tmp_path):
     res = read_json_line(srv, timeout=30)
     assert res == {"copied": n, "error": ""}
     assert _totals(splab)["splice_bytes"] > before
+
+
+VICTIM = r"""
+import json, select, socket, sys, time
+l = socket.socket(); l.setblocking(False); l.bind(("127.0.0.1", 0)); l.listen(1)
+c = socket.socket(); c.setblocking(False)
+try:
+    c.connect(l.getsockname())
+except BlockingIOError:
+    pass
+select.select([l], [], [], 5)
+s, _ = l.accept(); s.setblocking(False)
+select.select([], [c], [], 5)
+time.sleep(0.3)
+sent = c.send(b"v" * 65536)          # waits in the server's queue, unread
+print(json.dumps({"port": l.getsockname()[1], "client": c.getsockname()[1], "sent": sent}),
+      flush=True)
+sys.stdin.readline()
+got, end = 0, time.monotonic() + 5
+while got < sent and time.monotonic() < end:
+    if select.select([s], [], [], 0.2)[0]:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        got += len(b)
+print(json.dumps({"got": got}), flush=True)
+"""
+
+LOOKALIKE = r"""
+import json, os, socket, sys
+addr, port, cport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((addr, port)); l.listen(1)
+c = socket.socket(); c.bind((addr, cport)); c.connect((addr, port))
+s, _ = l.accept()
+r, w = os.pipe()
+out = {}
+for name, sock in (("server", s), ("client", c)):
+    sock.setblocking(False)
+    try:
+        out[name] = os.splice(sock.fileno(), w, 4096, flags=os.SPLICE_F_NONBLOCK)
+    except OSError as exc:
+        out[name] = exc.strerror
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_look_alike_socket_never_unsplices_another_containers_connection(shared):
+    """splice() from a socket of the container's own namespace with the
+    addresses and ports of another container's spliced connection (here: a
+    socket-mode container's private loopback pair, rebuilt in a syscall-mode
+    container's namespace, where all of 127/8 is its own) acts on nothing but
+    that socket: the other connection stays in the map and its queued bytes
+    arrive. (Acting on the 4-tuple alone took it out of the map, and what
+    waited in its queue was dropped.)"""
+    import subprocess
+    _agent(shared, "sockmap", on=True)
+    victim = shared.spawn("h1-c1", [sys.executable, "-c", VICTIM])
+    v = read_json_line(victim, timeout=20)
+    netns = shared.plan.node("h1").netns
+    ss = subprocess.run(["ip", "netns", "exec", netns, "ss", "-tnH", "state", "established",
+                         f"( sport = :{v['port']} )"], capture_output=True, text=True,
+                        timeout=10).stdout.split()
+    host_addr = ss[2].rsplit(":", 1)[0]             # the private loopback address
+    assert host_addr.startswith("127.83."), ss
+    in_map = _totals(shared)["spliced_sockets"]
+    assert in_map >= 2, "the victim's pair was not spliced: the test proves nothing"
+    rc, lines, err = shared.run("h1-c2", [sys.executable, "-c", LOOKALIKE, host_addr,
+                                          str(v["port"]), str(v["client"])])
+    assert rc == 0 and lines, err
+    assert _totals(shared)["spliced_sockets"] == in_map, "a look-alike unspliced the pair"
+    victim.stdin.write("go\n")
+    victim.stdin.flush()
+    assert read_json_line(victim, timeout=20)["got"] == v["sent"]
+    victim.wait(timeout=10)
