@@ -41,6 +41,10 @@
  *                                 one datagram (udp, udplite) through one sockaddr buffer that a
  *                                 second thread keeps switching between A and B (the
  *                                 agent reads one, the kernel may read the other)
+ *   hog SECONDS [N]               N threads per CPU (pinned to it; 1) spinning for SECONDS
+ *   idle                          this thread SCHED_IDLE, pinned to CPU 0: slow to run
+ *   bindfor SECONDS ADDR:PORT     fresh TCP sockets bound to ADDR:PORT (each closed) for
+ *                                 SECONDS: how many, and the slowest bind in ms
  *   sleep SECONDS
  *
  * It never exits early: every step runs and reports, so a test sees the
@@ -55,6 +59,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <time.h>
@@ -123,6 +128,28 @@ static void *race_flip(void *unused)
 		__asm__ volatile("" ::: "memory");
 	}
 	return 0;
+}
+
+static double hog_until;
+
+static double now_s(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void *hog(void *cpu)
+{
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET((int)(long)cpu, &set);
+	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+	while (now_s() < hog_until)
+		;
+	return NULL;
 }
 
 static void report(const char *op, const char *arg, long ret, int err, const char *extra)
@@ -412,6 +439,49 @@ int main(int argc, char **argv)
 			}
 			snprintf(extra, sizeof(extra), "\"local\": [\"%s\", %d]", host, port);
 			report(op, "", r, errno, extra);
+		} else if (!strcmp(op, "hog")) {
+			long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+			pthread_t t;
+
+			long per = 1;
+
+			hog_until = now_s() + atof(argv[i++]);
+			if (i < argc && argv[i][0] >= '0' && argv[i][0] <= '9')
+				per = atol(argv[i++]);
+			r = 0;
+			for (long k = 0; k < cpus * per && !r; k++)
+				r = pthread_create(&t, NULL, hog, (void *)(k % cpus));
+			report(op, argv[i - 1], r ? -1 : 0, r, NULL);
+		} else if (!strcmp(op, "idle")) {
+			struct sched_param sp = {0};
+			cpu_set_t set;
+
+			CPU_ZERO(&set);
+			CPU_SET(0, &set);
+			r = sched_setaffinity(0, sizeof(set), &set) ||
+			    sched_setscheduler(0, SCHED_IDLE, &sp);
+			report(op, "", r ? -1 : 0, errno, NULL);
+		} else if (!strcmp(op, "bindfor")) {
+			double until = now_s() + atof(argv[i++]), worst = 0;
+			const char *arg = argv[i++];
+			int n = 0, fails = 0;
+			char extra[96];
+
+			alen = parse(arg, &ss);
+			while (now_s() < until) {
+				int s = socket(ss.ss_family, SOCK_STREAM, 0);
+				double t0 = now_s();
+
+				if (bind(s, (struct sockaddr *)&ss, alen))
+					fails++;
+				if (now_s() - t0 > worst)
+					worst = now_s() - t0;
+				close(s);
+				n++;
+			}
+			snprintf(extra, sizeof(extra), "\"binds\": %d, \"failed\": %d, \"worst_ms\": %.1f",
+				 n, fails, worst * 1000);
+			report(op, arg, 0, 0, extra);
 		} else if (!strcmp(op, "loop")) {
 			int n = atoi(argv[i++]), fails = 0;
 			const char *arg = argv[i++];

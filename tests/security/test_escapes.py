@@ -548,3 +548,61 @@ def test_a_compat_setsockopt_never_passes_the_guard(sec, tmp_path):
         # runc kills a thread of an ABI its filter does not list: SIGSYS (not
         # an ENOSYS or a SIGSEGV of a kernel without IA32 emulation)
         assert s["ret"] < 0 and s.get("signal") == 31, s
+
+
+
+class _CpuCgroup:
+    """A CPU cgroup of the test's own, as a runtime gives each container:
+    its threads compete for CPU with each other first."""
+
+    V1, V2 = "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified"
+
+    def __init__(self):
+        root = self.V1 if os.path.exists(os.path.join(self.V1, "cpu.shares")) else self.V2
+        self.root, self.path = root, os.path.join(root, f"sg-test-{os.getpid()}")
+        os.mkdir(self.path)
+
+    def add(self, pid, path=None):
+        with open(os.path.join(path or self.path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+    def close(self):
+        with open(os.path.join(self.path, "cgroup.procs")) as f:
+            for pid in f.read().split():
+                try:
+                    self.add(pid, self.root)
+                except OSError:
+                    pass
+        os.rmdir(self.path)
+
+
+def test_a_container_slow_to_run_never_slows_another_containers_calls(sec):
+    """ADDFD returns once the target has taken the fd, i.e. once it has run.
+    A container whose trapped thread is slow to be scheduled (here: its own
+    SCHED_IDLE thread beside spinning threads of its own on every CPU, in its
+    own CPU cgroup - what any container may do) makes each of its grafted binds wait for that
+    thread - and that wait must be its own: another container's binds,
+    answered by the same agent at the same time, stay fast. (The wait used
+    to hold the agent's loop lock.)"""
+    configure(sec, "h1-c1", "syscall")
+    configure(sec, "h1-c2", "syscall", http_port=8082)
+    cgroup = _CpuCgroup()
+    attacker = sec.spawn("h1-c1", [sec.attack_bin, "--caps", "docker", "hog", "9", "16", "idle",
+                                   "bindfor", "7", "0.0.0.0:80"])
+    try:
+        cgroup.add(attacker.pid)         # (before it starts the attack binary)
+        assert read_json_line(attacker, timeout=20)["ret"] == 0        # hog
+        assert read_json_line(attacker, timeout=20)["ret"] == 0        # idle
+        time.sleep(1.5)                 # its binds wait for its idle thread by now
+        victim = _ops(attack(sec, "h1-c2", "syscall", "docker",
+                             "bindfor", "3", "0.0.0.0:80"), "bindfor")[0]
+        mine = read_json_line(attacker, timeout=30)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(timeout=10)
+        cgroup.close()
+    assert mine["op"] == "bindfor" and mine["binds"] > 0 and mine["failed"] == 0, mine
+    assert mine["worst_ms"] > 300, f"the attacker's binds were never slow: {mine}"
+    assert victim["binds"] > 20 and victim["failed"] == 0, victim
+    assert victim["worst_ms"] < 200, f"another container's wait slowed these binds: {victim}"

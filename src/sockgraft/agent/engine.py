@@ -16,6 +16,7 @@ Never switches namespaces: it lives in the host namespace it was started in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -133,6 +134,8 @@ class Agent:
         # one owner at a time: the loop while it handles a turn, or a notifier
         # thread answering a call of its listener (serve_notification).
         self.lock = threading.RLock()
+        self._in_notifier = threading.local()   # .serving: a notifier thread's call
+        self.grafter.waiting_for_target = self._outside_lock
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict]] = []   # register replies
         self._starting: list[int] = []          # registered listeners not served yet
@@ -304,12 +307,36 @@ class Agent:
             sess = self.sessions.get(key)
             if sess is None:
                 return False
-            self.grafter.handle(sess, n)
+            self._in_notifier.serving = True
+            try:
+                self.grafter.handle(sess, n)
+            finally:
+                self._in_notifier.serving = False
             if self._nft_due or self._deferred or (self.fast is not None and self.fast.due):
                 # e.g. a grafted server's redirects: the loop loads them now,
                 # not at its next timeout
                 self.inbox.wake()
             return True
+
+    @contextlib.contextmanager
+    def _outside_lock(self, listener: seccomp.Listener):
+        """Around a call that waits for a trapped task (ADDFD completes when
+        the target has run): a notifier thread waits without the loop's
+        lock, so a container whose tasks are slow to be scheduled (its own
+        SCHED_IDLE threads, a tight CPU quota) slows its own calls only, not
+        every container's. It waits on a dup of the listener (the loop may
+        close the session's fd meanwhile). The loop's own calls (threads
+        off, or a call forwarded to the loop) keep the lock."""
+        if not getattr(self._in_notifier, "serving", False):
+            yield listener
+            return
+        mine = seccomp.Listener(os.dup(listener.fileno()))
+        state = self.lock._release_save()          # (every level of the RLock)
+        try:
+            yield mine
+        finally:
+            self.lock._acquire_restore(state)
+            mine.close()
 
     @_locked
     def end_turn(self) -> None:

@@ -87,6 +87,10 @@ class Grafter:
         self.connects = Connects(ep, self)
         self._noted: set[tuple[str, str]] = set()   # (container, note) logged once
         self.observe = None      # metrics: (syscall, seconds) of each call answered here
+        # around a kernel call that waits for the trapped task (ADDFD):
+        # listener -> a context giving the listener to use (the agent's
+        # releases its loop lock there when a notifier thread calls)
+        self.waiting_for_target = contextlib.nullcontext
 
     @property
     def bpf(self) -> kbpf.Programs | None:
@@ -148,7 +152,10 @@ class Grafter:
                 cloexec: bool, watch: list, record: GraftedSocket | None) -> None:
         """ADDFD the host socket at the application's fd number, carry the
         application's epoll registrations of the old socket over to it, count it."""
-        sess.listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
+        with self.waiting_for_target(sess.listener) as listener:
+            # ADDFD returns once the target has taken the fd: as long as a
+            # task slow to run (SCHED_IDLE, a tight CPU quota) makes it
+            listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
         if watch and not self.reregistrar.reregister(self.targets.pidfd(tid), host.fileno(),
                                                      fd, watch):
             log.warning("%s tid %d fd %d: could not carry %d epoll registration(s) over",
