@@ -34,7 +34,9 @@
 #include <linux/kcmp.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -537,6 +539,30 @@ static int target_fd(Worker *w, pid_t tid, int fd)
 	return copy >= 0 ? copy : -errno;
 }
 
+/* Close the worker's copy of a target's socket without waiting: a TCP
+ * socket with SO_LINGER on that could wait at close (not closed, not a
+ * listener) gets it off first - were this copy the last reference (the
+ * application closed its fd meanwhile), close() would wait up to the
+ * linger time here (kernel/sockets.unlinger, the same rule). */
+static void close_copy(int fd)
+{
+	struct linger lg;
+	socklen_t len = sizeof(lg);
+	unsigned char state = 0;
+	socklen_t sl = 1;
+
+	if (!getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) && lg.l_onoff && lg.l_linger &&
+	    !getsockopt(fd, IPPROTO_TCP, 11 /* TCP_INFO: tcpi_state first */, &state, &sl) &&
+	    state != 7 /* TCP_CLOSE */ && state != 10 /* TCP_LISTEN */) {
+		lg.l_onoff = 0;
+		lg.l_linger = 0;
+		setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	}
+	close(fd);
+}
+
+static sigset_t all_signals;	/* (filled at module init) */
+
 static void drop_spare(Worker *w)
 {
 	if (w->spare >= 0)
@@ -883,7 +909,12 @@ static int respond(int fd, uint64_t id, int error, uint32_t flags)
 	r.id = id;
 	r.error = error ? -error : 0;
 	r.flags = flags;
-	return ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &r) ? -errno : 0;
+	/* (NOTIF_SEND takes the filter's lock interruptibly: EINTR answered
+	 * nothing, and the call would wait for good) */
+	while (ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &r))
+		if (errno != EINTR)
+			return -errno;
+	return 0;
 }
 
 static uint64_t now_ns(void)
@@ -979,7 +1010,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		goto python;	/* (the grafter follows a directory redirect itself) */
 	if (rc == 0 || (lo && plen < (v4 ? 8u : 128u))) {
 		/* no egress rule, or the container's own: the kernel connects its socket */
-		close(app);
+		close_copy(app);
 		rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_CONTINUED], 1);
 		return 1;
@@ -991,7 +1022,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	if (host < 0)
 		host = host_socket(w, family, typ, proto, c);	/* blocking; O_NONBLOCK below */
 	if (host < 0) {
-		close(app);
+		close_copy(app);
 		rc = respond(w->fd, n->id, -host, 0);
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_REFUSED], 1);
 		return 1;
@@ -1001,7 +1032,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		goto python;
 	}
 	copy_options(w, app, host, family, typ, proto, c);
-	close(app);
+	close_copy(app);
 	memset(&add, 0, sizeof(add));
 	add.id = n->id;
 	add.flags = SECCOMP_ADDFD_FLAG_SETFD;
@@ -1035,7 +1066,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	atomic_fetch_add(&t->count[C_CONNECT_NS], now_ns() - t0);
 	return 1;
 python:
-	close(app);
+	close_copy(app);
 	return 0;
 }
 
@@ -1076,7 +1107,7 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 	     getsockname(app, &l.sa, &ll) || getpeername(app, &r.sa, &rl) ||
 	     l.sa.sa_family != r.sa.sa_family ||
 	     getsockopt(app, SOL_SOCKET, SO_COOKIE, &mine, &cl);
-	close(app);
+	close_copy(app);
 	if (rc)
 		goto kernel;	/* a pipe, a file, no connected TCP socket */
 	memset(&k, 0, sizeof(k));
@@ -1121,8 +1152,9 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	int family = (int)(uint32_t)n->data.args[0];
 	int type = (int)(uint32_t)n->data.args[1];
 	int proto = (int)(uint32_t)n->data.args[2];
-	int base = type & TYPE_MASK, s, rc;
+	int base = type & TYPE_MASK, s, rc, err;
 	struct seccomp_notif_addfd a;
+	sigset_t old;
 	uint64_t t0;
 
 	if (n->data.arch != AUDIT_ARCH_X86_64 ||
@@ -1168,12 +1200,15 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	a.flags = SECCOMP_ADDFD_FLAG_SEND;
 	a.srcfd = (uint32_t)s;
 	a.newfd_flags = (type & SOCK_CLOEXEC) ? O_CLOEXEC : 0;
-	do {
-		rc = ioctl(w->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &a);
-	} while (rc < 0 && errno == EINTR);	/* the kernel withdrew it before EINTR */
+	/* With FLAG_SEND the kernel marks the call answered before it waits for
+	 * the target: a signal (the agent's stop) interrupting that wait
+	 * withdraws the fd but not the answer - socket() would return 0. No
+	 * signal interrupts it (a stop's signal arrives after; stop() repeats it). */
+	pthread_sigmask(SIG_BLOCK, &all_signals, &old);
+	rc = ioctl(w->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &a);
+	err = rc < 0 ? errno : 0;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (rc < 0) {
-		int err = errno;
-
 		if (err == ENOENT) {
 			atomic_fetch_add(&t->count[C_GONE], 1);
 		} else {
@@ -1236,6 +1271,21 @@ static PyObject *Worker_close(Worker *self, PyObject *unused)
 	Py_RETURN_NONE;
 }
 
+/* Every fd field -1 before anything can fail: a Worker whose __init__
+ * failed (bad arguments, EMFILE) is deallocated, and its close must not
+ * close fd 0 - then whatever fd 0 is by then - once per field. */
+static PyObject *Worker_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+	Worker *self = (Worker *)PyType_GenericNew(type, args, kw);
+
+	if (self == NULL)
+		return NULL;
+	self->fd = self->spare = self->born_map = -1;
+	for (int i = 0; i < N_PIDFDS; i++)
+		self->pidfd[i] = self->fdinfo[i] = -1, self->ep_at[i] = 0;
+	return (PyObject *)self;
+}
+
 static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"fd", "table", NULL};
@@ -1244,6 +1294,10 @@ static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "iO!", names, &fd, &TableType, &table))
 		return -1;
+	if (self->fd >= 0) {
+		PyErr_SetString(PyExc_RuntimeError, "Worker already initialized");
+		return -1;
+	}
 	self->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
 	if (self->fd < 0) {
 		PyErr_SetFromErrno(PyExc_OSError);
@@ -1287,7 +1341,7 @@ static PyTypeObject WorkerType = {
 	.tp_flags = Py_TPFLAGS_DEFAULT,
 	.tp_doc = "Worker(listener_fd, table): one notifier thread's native answer loop "
 		  "(it dups the fd).",
-	.tp_new = PyType_GenericNew,
+	.tp_new = Worker_new,
 	.tp_init = (initproc)Worker_init,
 	.tp_dealloc = (destructor)Worker_dealloc,
 	.tp_methods = Worker_methods,
@@ -1313,6 +1367,7 @@ PyMODINIT_FUNC PyInit__answer(void)
 
 	if (PyType_Ready(&TableType) < 0 || PyType_Ready(&WorkerType) < 0)
 		return NULL;
+	sigfillset(&all_signals);
 	m = PyModule_Create(&module);
 	if (!m)
 		return NULL;

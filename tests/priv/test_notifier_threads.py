@@ -450,3 +450,27 @@ def test_the_born_program_dies_with_its_agent():
         child.wait()
         kbpf.remove(name)
     assert not kbpf.leftovers(name)
+
+
+def test_a_worker_that_failed_to_start_closes_none_of_the_agents_fds():
+    """A native Worker whose __init__ fails (here: a bad listener fd; in the
+    agent: EMFILE) is deallocated at once: its close must not close fd 0 -
+    nor, once fd 0 is gone, whatever fd is opened there next - once for each
+    of its fd fields."""
+    if notifiers.native is None:
+        pytest.fail(f"the native answer loop is not built: {notifiers.NATIVE_ERROR}")
+    r, w = os.pipe()
+    saved = os.dup(0)
+    try:
+        os.dup2(r, 0)
+        want = os.fstat(0).st_ino
+        for bad in (1 << 20, -1):
+            with pytest.raises(OSError):
+                notifiers.native.Worker(bad, notifiers.native.Table())
+        with pytest.raises(TypeError):
+            notifiers.native.Worker("not an fd", notifiers.native.Table())
+        assert os.fstat(0).st_ino == want, "fd 0 was closed (or replaced)"
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, r, w):
+            os.close(fd)

@@ -45,6 +45,10 @@
  *   idle                          this thread SCHED_IDLE, pinned to CPU 0: slow to run
  *   bindfor SECONDS ADDR:PORT     fresh TCP sockets bound to ADDR:PORT (each closed) for
  *                                 SECONDS: how many, and the slowest bind in ms
+ *   lingerfill ADDR:PORT          the current TCP socket connected to a listener of
+ *                                 our own at ADDR:PORT that never accepts, its send
+ *                                 buffer filled, SO_LINGER on for an hour, O_ASYNC
+ *                                 (a close of its last reference waits for the hour)
  *   sleep SECONDS
  *
  * It never exits early: every step runs and reports, so a test sees the
@@ -54,6 +58,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/capability.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -482,6 +487,29 @@ int main(int argc, char **argv)
 			snprintf(extra, sizeof(extra), "\"binds\": %d, \"failed\": %d, \"worst_ms\": %.1f",
 				 n, fails, worst * 1000);
 			report(op, arg, 0, 0, extra);
+		} else if (!strcmp(op, "lingerfill")) {
+			const char *arg = argv[i++];
+			struct linger lg = {1, 3600};
+			static char buf[65536];
+			long total = 0, k;
+			char extra[64];
+			int l, one = 1, fl;
+
+			alen = parse(arg, &ss);
+			l = socket(ss.ss_family, SOCK_STREAM, 0);	/* kept open: never accepts */
+			setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+			r = bind(l, (struct sockaddr *)&ss, alen) || listen(l, 1) ||
+			    connect(cur, (struct sockaddr *)&ss, alen);
+			if (!r) {
+				fl = fcntl(cur, F_GETFL);
+				fcntl(cur, F_SETFL, fl | O_NONBLOCK);
+				while ((k = send(cur, buf, sizeof(buf), 0)) > 0)
+					total += k;
+				fcntl(cur, F_SETFL, (fl & ~O_NONBLOCK) | O_ASYNC);
+				r = setsockopt(cur, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+			}
+			snprintf(extra, sizeof(extra), "\"queued\": %ld", total);
+			report(op, arg, r ? -1 : 0, errno, extra);
 		} else if (!strcmp(op, "loop")) {
 			int n = atoi(argv[i++]), fails = 0;
 			const char *arg = argv[i++];

@@ -606,3 +606,32 @@ def test_a_container_slow_to_run_never_slows_another_containers_calls(sec):
     assert mine["worst_ms"] > 300, f"the attacker's binds were never slow: {mine}"
     assert victim["binds"] > 20 and victim["failed"] == 0, victim
     assert victim["worst_ms"] < 200, f"another container's wait slowed these binds: {victim}"
+
+
+def test_a_lingering_socket_never_holds_the_agent(sec, answer):
+    """A socket whose close would wait (connected to a listener of the
+    container's own that never reads, its send buffer full, SO_LINGER on for
+    an hour) handed to the agent by connect() again: the agent's copy may be
+    the last reference once the grafted socket replaced it, and closing it
+    must not wait - in the agent's thread, holding what every container's
+    calls need. (O_ASYNC sends the call to the agent's Python path; the
+    native loop looks at the socket first when it answers.)"""
+    from sockgraft.agent import control
+    configure(sec, "h1-c1", "syscall")
+    attacker = sec.spawn("h1-c1", [sec.attack_bin, "--caps", "docker", "sock", "tcp4",
+                                   # (a port per run: the orphan lingers on)
+                                   "lingerfill", f"127.0.0.1:{7610 + (answer == 'python')}",
+                                   "connect", "198.18.0.2:7611", "sleep", "1"])
+    try:
+        fill = read_json_line(attacker, timeout=20)
+        fill = read_json_line(attacker, timeout=20) if fill["op"] == "sock" else fill
+        assert fill["op"] == "lingerfill" and fill["ret"] == 0 and fill["queued"] > 0, fill
+        again = read_json_line(attacker, timeout=20)
+        assert again["op"] == "connect", again      # answered (refused: nothing listens)
+        t0 = time.monotonic()
+        control.request(sec.agent_socket("h1"), {"op": "stats"}, timeout=5)
+        assert time.monotonic() - t0 < 2
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(timeout=10)

@@ -63,7 +63,7 @@ class PendingConnect:
 def take(sock: socket.socket) -> socket.socket:
     """Move a socket out of its owner (an ExitStack's close of the old object
     becomes a no-op): the caller owns the returned object."""
-    return socket.socket(fileno=sock.detach())
+    return type(sock)(fileno=sock.detach())      # (a TargetSocket stays one)
 
 
 class Connects:
@@ -94,7 +94,11 @@ class Connects:
             # blocking the agent, then give the application its blocking mode back.
             ksock.set_blocking(sock, False)
             restore_blocking = True
-        err = sock.connect_ex(ksock.sockaddr_tuple(dest))
+        # (outside the agent's lock: the socket's O_NONBLOCK is the
+        # application's too, and another of its threads may clear it first -
+        # the connect would then wait for the handshake, up to minutes)
+        with a.waiting_for_target(None):
+            err = sock.connect_ex(ksock.sockaddr_tuple(dest))
         if err == 0 or (err != errno.EINPROGRESS and err != errno.EAGAIN):
             if restore_blocking:
                 ksock.set_blocking(sock, True)

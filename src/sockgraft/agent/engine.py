@@ -319,24 +319,27 @@ class Agent:
             return True
 
     @contextlib.contextmanager
-    def _outside_lock(self, listener: seccomp.Listener):
-        """Around a call that waits for a trapped task (ADDFD completes when
-        the target has run): a notifier thread waits without the loop's
-        lock, so a container whose tasks are slow to be scheduled (its own
-        SCHED_IDLE threads, a tight CPU quota) slows its own calls only, not
-        every container's. It waits on a dup of the listener (the loop may
-        close the session's fd meanwhile). The loop's own calls (threads
-        off, or a call forwarded to the loop) keep the lock."""
+    def _outside_lock(self, listener: seccomp.Listener | None):
+        """Around a call a container can make slow: ADDFD (it completes when
+        the target has run) and a connect() of a socket whose blocking mode
+        the application shares. A notifier thread makes it without the
+        loop's lock, so a container whose tasks are slow to be scheduled
+        (its own SCHED_IDLE threads, a tight CPU quota), or that flips its
+        socket to blocking, slows its own calls only, not every container's.
+        ADDFD goes through a dup of the listener (the loop may close the
+        session's fd meanwhile). The loop's own calls (threads off, or a
+        call forwarded to the loop) keep the lock."""
         if not getattr(self._in_notifier, "serving", False):
             yield listener
             return
-        mine = seccomp.Listener(os.dup(listener.fileno()))
+        mine = seccomp.Listener(os.dup(listener.fileno())) if listener is not None else None
         state = self.lock._release_save()          # (every level of the RLock)
         try:
             yield mine
         finally:
             self.lock._acquire_restore(state)
-            mine.close()
+            if mine is not None:
+                mine.close()
 
     @_locked
     def end_turn(self) -> None:

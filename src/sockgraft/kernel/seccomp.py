@@ -28,12 +28,15 @@ import fcntl
 import functools
 import os
 import select
+import signal
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import KernelError, NotFound, NotificationGone, from_oserror
+
+ALL_SIGNALS = signal.valid_signals()     # (blocked around ADDFD with send)
 
 # --- syscall numbers (x86_64) -------------------------------------------------
 SYS_SOCKET = 41
@@ -341,10 +344,14 @@ class Listener:
         self._send(id)
 
     def _send(self, id: int) -> None:
-        try:
-            fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_SEND, self._sbuf, True)
-        except OSError as exc:
-            raise _notif_error("seccomp NOTIF_SEND", exc, id) from None
+        while True:
+            try:
+                fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_SEND, self._sbuf, True)
+                return
+            except InterruptedError:
+                continue        # (the filter's lock is taken interruptibly: nothing sent)
+            except OSError as exc:
+                raise _notif_error("seccomp NOTIF_SEND", exc, id) from None
 
     def addfd(self, id: int, srcfd: int, *, newfd: int | None = None,
               cloexec: bool = False, send: bool = False) -> int:
@@ -355,14 +362,22 @@ class Listener:
         then no respond() follows. Blocks until the target installed the fd.
         """
         pack_addfd(self._abuf, id, srcfd, newfd=newfd, cloexec=cloexec, send=send)
-        while True:
-            try:
-                return fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_ADDFD, self._abuf, True)
-            except InterruptedError:
-                # The kernel withdrew the request before returning EINTR.
-                continue
-            except OSError as exc:
-                raise _notif_error("seccomp NOTIF_ADDFD", exc, id) from None
+        # With send the kernel marks the call answered before it waits for
+        # the target: a signal interrupting that wait withdraws the fd but
+        # not the answer (the call would return 0). No signal interrupts it.
+        # (Without send an interrupted request is withdrawn: retried.)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS) if send else None
+        try:
+            while True:
+                try:
+                    return fcntl.ioctl(self._fd, SECCOMP_IOCTL_NOTIF_ADDFD, self._abuf, True)
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    raise _notif_error("seccomp NOTIF_ADDFD", exc, id) from None
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def set_flags(self, flags: int) -> None:
         """NOTIF_SET_FLAGS, e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (6.6+).

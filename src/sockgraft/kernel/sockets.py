@@ -14,6 +14,7 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 from typing import Callable
 
 import _socket
@@ -115,9 +116,47 @@ class OptionCopier:
         return n
 
 
+_LINGER = struct.Struct("=ii")
+_TCP_CLOSE, _TCP_LISTEN = 7, 10
+
+
+def unlinger(sock: socket.socket) -> bool:
+    """Before the agent drops its copy of a target's socket: a TCP socket
+    with SO_LINGER on whose close could wait (connected, data unsent) gets
+    it off - were the agent's copy the last reference, its close would wait
+    up to the linger time (INT_MAX seconds) in the agent's thread. The
+    sockets the agent grafts are unconnected (never touched); a connected
+    one reaches here only through calls that are errors on it (connect()
+    or listen() again) or a close racing the agent. True: turned off."""
+    try:
+        on, secs = _LINGER.unpack(sock.getsockopt(SOL_SOCKET, socket.SO_LINGER, _LINGER.size))
+        if not (on and secs):
+            return False
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        if state in (_TCP_CLOSE, _TCP_LISTEN):
+            return False
+        sock.setsockopt(SOL_SOCKET, socket.SO_LINGER, _LINGER.pack(0, 0))
+        return True
+    except OSError:
+        return False            # not TCP, or gone: nothing waits
+
+
+class TargetSocket(socket.socket):
+    """The agent's copy of a target's socket (pidfd_getfd): closing it
+    never waits for a linger the application set (unlinger)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        if self.fileno() >= 0:
+            unlinger(self)
+        super().close()
+
+
 def adopt(fd: int) -> socket.socket:
-    """Wrap a socket fd we own (e.g. from pidfd_getfd) as a socket object."""
-    return socket.socket(fileno=fd)
+    """Wrap a copy of a target's socket fd we own (from pidfd_getfd) as a
+    socket object whose close never lingers (TargetSocket)."""
+    return TargetSocket(fileno=fd)
 
 
 def info(sock: socket.socket) -> tuple[int, int, int, int]:
