@@ -369,3 +369,52 @@ def test_busybox_httpd_dual_stack_bind_is_grafted_by_an_ipv4_rule(rt):
             time.sleep(0.2)
     assert "hello from a grafted runc container" in body
     assert rt.stop("dual") == []
+
+
+def test_a_pod_neither_takes_another_name_nor_grants_itself(glab, tmp_path):
+    """Kubernetes-like: the network names the container (the CNI plugin
+    registers `pods.attacker`) and the agent runs with `--annotations
+    ignore`. A pod annotating itself as another container gets neither that
+    container's stored configuration (its endpoint stays unbound) nor the
+    grants its own config annotations ask for; both refusals are audited and
+    the container runs on its own network."""
+    glab.configure("pods.victim", """
+container = "pods.victim"
+[endpoints.ep-v]
+type = "ipv4"
+addr = "198.18.0.1"
+port = 8087
+[rules]
+ingress = ["0.0.0.0:80=ep-v"]
+""")
+    glab.stop_agent("h1")
+    glab.start_agent("h1", "--annotations", "ignore")
+    env = RuncEnv(glab, tmp_path)
+    env.cni = Cni(conflist(glab.state_dir, tmp_path / "ipam", container="pods.attacker",
+                           agentSocket=glab.agent_socket("h1")), env.h1.netns)
+    ann = {"sockgraft/container": "pods.victim",
+           "sockgraft/endpoints": "ep=ipv4:198.18.0.1:8088", "sockgraft/ingress": "0.0.0.0:80=ep"}
+    try:
+        env.start("att", ["/bin/sh", "-c", "nc -l -p 80 </dev/null & sleep 1; "
+                                           "echo listening; sleep 30"], ann)
+        _wait(lambda: _stats(glab, "pods.attacker") is not None, what="the registration")
+        _wait(lambda: "listening" in env.output("att"), what="the container's output")
+        assert _stats(glab, "pods.victim") is None
+        for port in (8087, 8088):           # neither the victim's grant nor its own
+            assert not _listening(env.h1.netns, port), port
+        rejects = [a["rule"] for a in glab.audit("h1") if a["verdict"] == "reject"]
+        assert any("container='pods.victim' ignored" in r for r in rejects), rejects
+        assert any("--annotations ignore" in r for r in rejects), rejects
+    finally:
+        env.close()
+
+
+def _listening(ns, port):
+    def probe():
+        s = socket.socket()
+        s.settimeout(1.0)
+        try:
+            return s.connect_ex(("198.18.0.1", port)) == 0
+        finally:
+            s.close()
+    return netns.run_in(ns, probe)

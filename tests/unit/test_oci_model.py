@@ -338,3 +338,20 @@ def test_a_merged_profile_lists_the_native_abis_only():
     assert aarch["architectures"] == ["SCMP_ARCH_AARCH64"]
     with pytest.raises(ConfigError, match="64-bit architecture"):
         moci.build_profile({**DOCKERISH, "architectures": ["SCMP_ARCH_X86"]}, "/x")
+
+
+def test_the_network_names_the_container_not_its_annotation():
+    h = moci.parse_handoff(json.dumps(STATE).encode(), 1)      # annotates default.web
+    assert moci.container_name(h, "pods.web") == "pods.web"
+    assert "ignored" in moci.name_refused(h, "pods.web")
+    assert moci.name_refused(h, "default.web") == "" and moci.name_refused(h, None) == ""
+    assert moci.container_name(h, None) == "default.web"        # no network registration
+
+
+def test_untrusted_annotations_give_no_configuration():
+    ann = {"sockgraft/endpoints": "ep=ipv4:10.0.0.1:80", "sockgraft/ingress": "0.0.0.0:80=ep"}
+    assert moci.config_from_annotations("c", ann) is not None
+    with pytest.raises(ConfigError, match="--annotations ignore"):
+        moci.config_from_annotations("c", ann, trusted=False)
+    assert moci.config_from_annotations("c", {"sockgraft/container": "c"},
+                                        trusted=False) is None

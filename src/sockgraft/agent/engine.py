@@ -68,7 +68,8 @@ class Agent:
                  audit_path: str | None = None, manage_nft: bool = True,
                  bpf: str = "off", bpf_name: str | None = None,
                  directory: DirectoryBackend | None = None, node: str | None = None,
-                 oci_socket: str | None = None, notifier_threads: int = 2,
+                 oci_socket: str | None = None, annotations: str = "trust",
+                 notifier_threads: int = 2,
                  metrics: str | None = None, native: str = "auto",
                  sockmap: str = "off", fastpath: str = "off", lab: str | None = None,
                  state_dir: str | None = None,
@@ -117,6 +118,9 @@ class Agent:
                                    self._node_facts)
         self.publisher.on_servers = self._servers_changed
         self.oci_socket = oci_socket
+        if annotations not in ("trust", "ignore"):
+            raise AgentError(f"annotations must be trust or ignore, got {annotations!r}")
+        self.annotations = annotations      # a config in OCI annotations: taken or refused
         self.oci: oci.OciServer | None = None
         self.holders: list = []
         self.socket_path = socket_path
@@ -692,7 +696,8 @@ class Agent:
 
     def _on_handoff(self, h, listener: int) -> None:
         holder = oci.start_holder(self.socket_path, self.store, h, listener,
-                                  self.inventory.write_audit)
+                                  self.inventory.write_audit,
+                                  trust_annotations=self.annotations == "trust")
         if holder is not None:
             self.holders.append(holder)
 

@@ -170,22 +170,28 @@ class OciServer:
 
 
 def start_holder(agent_path: str, store, h: moci.Handoff, listener: int,
-                 audit: Callable) -> subprocess.Popen | None:
+                 audit: Callable, *, trust_annotations: bool = True) -> subprocess.Popen | None:
     """A runtime handed over a container's listener: find its name and
     config (the store first, then its annotations), its CNI addresses and
     published ports, and start its holder. None: the hand-off is refused."""
     from .. import cni
     from ..paths import state_dir
     regs = cni.registrations(state_dir(), h.container_id)
+    cni_name = regs[0].get("container") if regs else None
     try:
-        container = moci.container_name(h, regs[0].get("container") if regs else None)
+        container = moci.container_name(h, cni_name)
     except SockgraftError as exc:
         log.error("OCI container %s rejected: %s", h.container_id, exc)
         return None
+    refused = moci.name_refused(h, cni_name)
+    if refused:
+        log.warning("container %s (%s): %s", container, h.container_id, refused)
+        audit(container, h.pid, "oci", h.container_id, "reject", refused)
     cfg_text = None
     if store.load(container) is None:
         try:
-            cfg = moci.config_from_annotations(container, h.annotations)
+            cfg = moci.config_from_annotations(container, h.annotations,
+                                               trusted=trust_annotations)
         except SockgraftError as exc:
             log.error("container %s: annotations rejected, served without grafting: %s",
                       container, exc)

@@ -138,6 +138,13 @@ def register(sub) -> None:
                    help="where OCI runtimes hand over seccomp listeners (the profile's "
                         "listenerPath; default oci-<host>.sock in the state directory; "
                         "'off' to disable)")
+    p.add_argument("--annotations", choices=("trust", "ignore"), default="trust",
+                   help="a graft configuration in a container's OCI annotations "
+                        "(sockgraft/endpoints, /ingress, /egress, /policy, /graft-at): "
+                        "'trust' takes it (default: whoever starts containers is the "
+                        "node's operator - Docker, Podman); 'ignore' refuses it, logged and "
+                        "audited (Kubernetes with tenants: pod authors set annotations; "
+                        "configure with 'sockgraft config load' or the CNI graft object)")
     p.add_argument("--notifier-threads", type=int, default=2, metavar="N",
                    help="threads per container that wait for its trapped calls and answer "
                         "them on the caller's CPU (default 2; 0 = answer from the agent's "
@@ -383,6 +390,7 @@ def cmd_agent(args) -> int:
                   native=args.native, sockmap=args.sockmap, fastpath=args.fastpath,
                   flows_per_container=args.flows_per_container,
                   lab=lab, state_dir=state_dir(),
+                  annotations=args.annotations,
                   oci_socket=None if args.oci_socket == "off" else
                   (args.oci_socket or default_oci_socket(bpf_name)))
     doctor_cmd.agent_preflight(agent)                 # refuses what the node cannot do

@@ -117,20 +117,41 @@ def parse_handoff(data: bytes, nfds: int) -> Handoff:
 
 
 def container_name(h: Handoff, cni_name: str | None = None) -> str:
-    """The store name: the annotation, else the name the CNI plugin registered
-    for this container id, else the runtime's container id."""
-    name = h.annotations.get(ANNOTATION_PREFIX + "container", cni_name or h.container_id)
+    """The store name: the name the CNI plugin registered for this container
+    id, else the annotation, else the runtime's container id. An annotation
+    naming another container than the network registered does not count
+    (name_refused says so): whoever sets a pod's annotations would otherwise
+    pick its identity - another container's stored configuration and mark
+    (its grants, its private loopback, its reuseport groups)."""
+    name = cni_name or h.annotations.get(ANNOTATION_PREFIX + "container") or h.container_id
     gc.check_config(name, {}, (), (), gc.Policy(), source=f"{SOURCE} {h.container_id}")
     return name
+
+
+def name_refused(h: Handoff, cni_name: str | None) -> str:
+    """Why the sockgraft/container annotation was not followed ('' if it
+    was, or there is none)."""
+    asked = h.annotations.get(ANNOTATION_PREFIX + "container")
+    if cni_name and asked is not None and asked != cni_name:
+        return (f"annotation {ANNOTATION_PREFIX}container={asked!r} ignored: its network "
+                f"registered it as {cni_name!r} (a container does not choose its identity)")
+    return ""
 
 
 def _split(value: str, sep: str = ",") -> list[str]:
     return [p.strip() for p in value.split(sep) if p.strip()]
 
 
-def config_from_annotations(container: str, ann: dict[str, str]) -> gc.GraftConfig | None:
+CONFIG_ANNOTATIONS = ("endpoints", "ingress", "egress", "policy", "graft-at")
+
+
+def config_from_annotations(container: str, ann: dict[str, str], *,
+                            trusted: bool = True) -> gc.GraftConfig | None:
     """The graft config the annotations describe, or None if they name none.
-    ConfigError names the annotation and the bad value."""
+    ConfigError names the annotation and the bad value. trusted=False (the
+    agent's --annotations ignore: whoever sets them is not the operator, e.g.
+    a Kubernetes tenant): a config in annotations is refused (an endpoint
+    there takes any host address and port, an egress rule any destination)."""
     ours = {k[len(ANNOTATION_PREFIX):]: v for k, v in ann.items()
             if k.startswith(ANNOTATION_PREFIX)}
     for k in ours:
@@ -138,8 +159,15 @@ def config_from_annotations(container: str, ann: dict[str, str]) -> gc.GraftConf
             raise ConfigError(f"unknown annotation {ANNOTATION_PREFIX}{k}; accepted: "
                               + ", ".join(ANNOTATION_PREFIX + a for a in ANNOTATIONS),
                               source=SOURCE, field=ANNOTATION_PREFIX + k)
-    if not any(k in ours for k in ("endpoints", "ingress", "egress", "policy", "graft-at")):
+    named = [k for k in CONFIG_ANNOTATIONS if k in ours]
+    if not named:
         return None
+    if not trusted:
+        raise ConfigError(f"annotations {', '.join(ANNOTATION_PREFIX + k for k in named)} "
+                          f"ignored: this agent takes no configuration from annotations "
+                          f"(--annotations ignore); configure {container!r} with "
+                          f"'sockgraft config load' or the CNI network's graft object",
+                          source=SOURCE, field=ANNOTATION_PREFIX + named[0])
     src = f"annotations of {container}"
     cfg = gc.GraftConfig(container)
     for item in _split(ours.get("endpoints", "")):
