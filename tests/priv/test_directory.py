@@ -612,3 +612,38 @@ def test_an_idle_etcd_watch_keeps_the_view(etcd_lab):
         time.sleep(0.1)
     assert samples > 20
     os.killpg(srv.pid, signal.SIGKILL)
+
+
+def test_etcd_a_forged_overwrite_of_a_record_is_put_back(etcd_lab):
+    """A PUT to an existing key keeps its create revision - the rank the
+    directory's first-come rule reads - so an overwrite of h2's own record
+    (pointing its service at another host) would keep the record's place.
+    The owner sees the change in its watch and puts its record back."""
+    import base64
+    import http.client
+    from sockgraft.kernel.netns import run_in
+    g, _etcd = etcd_lab
+    srv = start_server(g)
+    rec = _one(g.wait_services(lambda s: _one(s))["services"])[0]
+    key = f"/sockgraft/nodes/{rec['owner']}/svc/tcp/{rec['overlay']}/{rec['port']}"
+    b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
+
+    def call(path, body):
+        c = http.client.HTTPConnection("198.18.0.1", 23790, timeout=5)
+        c.request("POST", path, json.dumps(body))
+        return json.loads(c.getresponse().read())
+
+    def value():
+        kvs = run_in(g.plan.node("h1").netns, call, "/v3/kv/range", {"key": b(key)})
+        return json.loads(base64.b64decode(kvs["kvs"][0]["value"])) if kvs.get("kvs") else None
+
+    rightful = value()
+    assert rightful is not None and rightful["host_addr"] != "198.18.0.9", rightful
+    run_in(g.plan.node("h1").netns, call, "/v3/kv/put",
+           {"key": b(key), "value": b(json.dumps({**rightful, "host_addr": "198.18.0.9"}))})
+    deadline = time.monotonic() + 5
+    while value() != rightful:
+        assert time.monotonic() < deadline, f"the forged record stayed: {value()}"
+        time.sleep(0.1)
+    assert "was changed by somebody else" in g.agent_log("h2")
+    os.killpg(srv.pid, signal.SIGKILL)

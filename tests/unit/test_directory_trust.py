@@ -186,3 +186,36 @@ def test_etcd_access_options_are_checked(tmp_path):
                      EtcdAccess(ca=str(tmp_path / "missing.pem")))
     with pytest.raises(ConfigError, match="unknown"):
         open_backend("ftp://x", "h1", 3, str(tmp_path))
+
+
+def test_an_etcd_answer_past_the_bound_is_not_read():
+    """Whoever can write to etcd can make it answer anything: the agent reads
+    at most MAX_RESPONSE bytes of an answer (a loopback server here)."""
+    import http.server
+    import threading
+    from sockgraft.agent.etcd import EtcdDirectory
+
+    class Big(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"kvs": [' + b",".join([b'{"key": "eA=="}'] * 401) + b"]}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Big)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        d = EtcdDirectory(f"etcd://127.0.0.1:{srv.server_address[1]}", "n1")
+        assert len(d._range("/sockgraft/nodes/")[0]) == 401        # within the bound: read
+        d.MAX_RESPONSE = 1024
+        with pytest.raises(OSError, match="over 1024 bytes"):
+            d._range("/sockgraft/nodes/")
+    finally:
+        srv.shutdown()
+        srv.server_close()

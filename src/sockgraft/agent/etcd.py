@@ -65,6 +65,9 @@ class EtcdDirectory(Backend):
 
     kind = "etcd"
     PREFIX = "/sockgraft/nodes/"
+    # whoever can write to etcd can make it answer anything: the agent reads
+    # at most this much per answer (and per watch message) and reconnects
+    MAX_RESPONSE = 64 << 20
 
     def __init__(self, url: str, owner: str, ttl: float = DEFAULT_TTL,
                  timeout: float = 2.0, access: EtcdAccess | None = None) -> None:
@@ -90,6 +93,10 @@ class EtcdDirectory(Backend):
         self._memo: dict[tuple[bool, bytes], dict | None] = {}
         self._lease = 0
         self._published: dict[str, str] = {}     # key -> value we put under our lease
+        # our keys someone else changed or deleted (seen by the watch thread):
+        # put back at the next reconcile
+        self._tampered: list[str] = []
+        self._tamper_lock = threading.Lock()
         self._watch_thread: threading.Thread | None = None
         self._watch_conn: http.client.HTTPConnection | None = None
 
@@ -129,9 +136,11 @@ class EtcdDirectory(Backend):
         try:
             conn.request("POST", path, json.dumps(body), headers)
             resp = conn.getresponse()
-            data = resp.read()
+            data = resp.read(self.MAX_RESPONSE + 1)
         finally:
             conn.close()
+        if len(data) > self.MAX_RESPONSE:
+            raise OSError(f"etcd {path}: answer over {self.MAX_RESPONSE} bytes, not read")
         if resp.status != 200:
             raise EtcdError(path, resp.status, data)
         return json.loads(data or b"{}")
@@ -201,21 +210,39 @@ class EtcdDirectory(Backend):
             self._dirty.wait(0.2)
             self._dirty.clear()
 
+    def _note_foreign(self, key: str, value: bytes | None) -> None:
+        """The watch saw `key` of our own prefix become `value` (None:
+        deleted). Not what we put: somebody else wrote it (a PUT to an
+        existing key keeps its create revision, so a forged record would
+        keep our record's rank) - put ours back at once."""
+        mine = self._published.get(key)
+        if mine is None or (value is not None and value == mine.encode()):
+            return
+        log.warning("directory: our record %s was %s by somebody else; putting it back",
+                    key, "deleted" if value is None else "changed")
+        with self._tamper_lock:
+            self._tampered.append(key)
+        self._dirty.set()
+
     def _reconcile(self) -> None:
         own = self._own_prefix()
+        with self._tamper_lock:
+            tampered, self._tampered = self._tampered, []
+        for k in tampered:
+            self._published.pop(k, None)
         wanted = {f"{own}svc/{k}": json.dumps(r, sort_keys=True)
                   for k, r in self._wanted_copy().items()}
         node = self._node_copy()
         if node is not None:
             wanted[f"{own}node"] = json.dumps(node, sort_keys=True)
         for k in [k for k in self._published if k not in wanted]:
+            del self._published[k]          # (before: the watch may see the delete first)
             self._call("/v3/kv/deleterange", {"key": _b64(k)})
-            del self._published[k]
         for k, v in wanted.items():
             if self._published.get(k) != v:
+                self._published[k] = v      # (before: the watch may see the put first)
                 self._call("/v3/kv/put", {"key": _b64(k), "value": _b64(v),
                                           "lease": str(self._lease)})
-                self._published[k] = v
 
     def _withdraw(self) -> None:
         if self._lease:
@@ -291,6 +318,8 @@ class EtcdDirectory(Backend):
                 if not chunk:
                     raise OSError("etcd closed the watch")
                 buf += chunk.decode()
+                if len(buf) > self.MAX_RESPONSE:
+                    raise OSError(f"etcd watch: a message over {self.MAX_RESPONSE} bytes")
                 while True:
                     buf = buf.lstrip()
                     if not buf:
@@ -306,15 +335,20 @@ class EtcdDirectory(Backend):
                     if result.get("canceled"):
                         raise OSError(f"etcd canceled the watch: {result}")
                     changed = False
+                    own = self._own_prefix()
                     for ev in result.get("events", []):
                         kv = ev.get("kv", {})
                         k = _unb64(kv.get("key", "")).decode()
                         if ev.get("type") == "DELETE":
                             changed |= state.pop(k, None) is not None
+                            if k.startswith(own):
+                                self._note_foreign(k, None)
                         else:
                             state[k] = (_unb64(kv.get("value", "")),
                                         int(kv.get("create_revision", 0)))
                             changed = True
+                            if k.startswith(own):
+                                self._note_foreign(k, state[k][0])
                     if changed or not self.reachable:
                         self._publish_view(state, True)
         finally:
