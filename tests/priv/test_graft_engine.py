@@ -5,6 +5,7 @@ import json
 import os
 import select
 import signal
+import sys
 import time
 
 import pytest
@@ -576,3 +577,25 @@ def test_an_epoll_made_just_before_a_connect_keeps_its_registration(glab, answer
     # unconnected container socket the registration stayed with, not nothing)
     assert [o["events"] for o in out] == [select.EPOLLOUT] * 3, out
     assert all(o["mark"] != 0 and o["so_error"] == 0 for o in out), out
+
+
+def test_a_container_without_a_stored_config_gives_its_mark_back(glab):
+    """A container with no stored configuration (`sockgraft run` of an
+    unconfigured container; an OCI container configured by its annotations)
+    holds a mark while it runs; when its last filtered task exits, the mark
+    is free again (else every container ever started kept one: after 65,535
+    no new one registered)."""
+    from sockgraft.agent.store import ConfigStore, default_dir
+    store = ConfigStore(default_dir())
+    assert "h1-c2" not in store.marks() and store.load("h1-c2") is None
+    proc = glab.spawn("h1-c2", [sys.executable, "-c",
+                                "import socket, sys; socket.socket(); print('{}', flush=True); "
+                                "sys.stdin.readline()"])
+    assert read_json_line(proc, timeout=20) == {}
+    assert "h1-c2" in store.marks()                  # held while it runs
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while "h1-c2" in store.marks():
+        assert time.monotonic() < deadline, "the mark stayed held after the container exited"
+        time.sleep(0.1)

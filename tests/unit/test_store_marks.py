@@ -113,3 +113,20 @@ def test_a_known_mark_is_read_without_waiting_for_the_lock(tmp_path):
     t2.join(5)
     assert got["new"] not in (known, None) and st.marks() == {"known": known,
                                                               "new": got["new"]}
+
+
+def test_containers_without_a_stored_config_give_their_mark_back(tmp_path):
+    """OCI and `sockgraft run` containers configured inline have no stored
+    configuration: their mark goes back when their last session ends (the
+    agent calls release_unconfigured) - 10 of them come and go through a
+    space of 2 marks. A stored configuration keeps its mark."""
+    st = _store(tmp_path, space=2)
+    st.save(empty_config("kept"))
+    kept = st.mark("kept")
+    for i in range(10):
+        m = st.mark(f"oci{i}", in_use=lambda x: x == kept)
+        assert m != kept
+        assert st.release_unconfigured(f"oci{i}")
+        assert not st.release_unconfigured(f"oci{i}")           # (once)
+    assert not st.release_unconfigured("kept") and st.mark("kept") == kept
+    assert st.generation(m) == 9                                # a new one each time

@@ -736,9 +736,12 @@ class Agent:
         if ev & (select.EPOLLHUP | select.EPOLLERR):
             log.info("container %s pid %d: every filtered task exited", sess.container,
                      sess.pid)
-            self._drop_session(fd)
+            self._drop_session(fd, exited=True)
 
-    def _drop_session(self, fd: int) -> None:
+    def _drop_session(self, fd: int, exited: bool = False) -> None:
+        """exited: every filtered task of the session exited (not the
+        agent stopping, nor a registration rolled back - a holder registers
+        again with the same mark, which its container's sockets carry)."""
         threads = self.sessions.threads_of(fd)
         if threads is not None:
             threads.stop(timeout=0)     # woken, not waited for: each closes its own fd
@@ -755,6 +758,13 @@ class Agent:
         for tid in sess.tids:
             self.targets.forget(tid)
         self.inventory.forget_exited(sess.container)
+        if exited and not any(s.container == sess.container for s in self.sessions.values()):
+            try:
+                if self.store.release_unconfigured(sess.container):
+                    log.info("container %s: its mark is free again (no stored "
+                             "configuration)", sess.container)
+            except (SockgraftError, OSError) as exc:
+                log.warning("%s: mark not released: %s", sess.container, exc)
         self.publisher.sweep()
         self._trim_due = True
 

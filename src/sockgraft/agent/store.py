@@ -122,6 +122,20 @@ class ConfigStore:
             except FileNotFoundError:
                 return False
 
+    def release_unconfigured(self, container: str) -> bool:
+        """The last session of a container the store holds no configuration
+        for ended (an OCI or `sockgraft run` container: annotations, inline):
+        give its mark back, as delete() does - else every container ever
+        started keeps one, and after 65,535 no new one registers. (The next
+        holder of the id gets the next generation: sockets still tagged for
+        this one are refused everything.) True: released."""
+        with self._locked():
+            if os.path.exists(self._path(container)) or \
+                    container not in self._read_marks():
+                return False
+            self._release(container)
+            return True
+
     # --- container marks --------------------------------------------------------
 
     def _marks_path(self) -> str:
