@@ -72,3 +72,35 @@ def test_a_live_agent_is_scraped(glab):
     assert s[("sockgraft_kernel_guards", ())] == 1
     assert s[("sockgraft_directory_reachable", ())] == 1       # the embedded directory
     assert ("sockgraft_oci_handoffs_total", (("result", "accepted"),)) in s
+
+
+def test_idle_connections_to_the_metrics_port_hold_little_and_not_for_long(glab):
+    """The port is reachable from wherever it is published (a hostPort: every
+    pod). Connections that never send a request (a slowloris) get at most a
+    few of the agent's threads and fds, for a few seconds; then it answers."""
+    import os
+    import subprocess
+    import sys
+    from sockgraft.agent.metrics import BoundedServer
+    glab.stop_agent("h1")
+    glab.start_agent("h1", "--metrics", "127.0.0.1:9465")
+    h1 = glab.plan.node("h1").netns
+    assert "sockgraft_" in _scrape(h1, 9465)
+    pid = glab.agents["h1"].pid
+    fds, threads = len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+    idle = subprocess.Popen(
+        ["ip", "netns", "exec", h1, sys.executable, "-c",
+         "import socket, sys, time\n"
+         "s = [socket.create_connection(('127.0.0.1', 9465)) for _ in range(64)]\n"
+         "print('open', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert idle.stdout.readline().strip() == "open"
+        time.sleep(0.5)
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= fds + BoundedServer.CONNECTIONS + 2
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads + BoundedServer.CONNECTIONS
+        time.sleep(BoundedServer.TIMEOUT + 1)
+        assert "sockgraft_" in _scrape(h1, 9465)       # the idle ones timed out
+    finally:
+        idle.kill()
+        idle.wait()

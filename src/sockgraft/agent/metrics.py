@@ -19,7 +19,13 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+import http.server
+import socket
+import socketserver
+import threading
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..errors import AgentError
@@ -76,15 +82,52 @@ class Metrics:
     def serve(self, listen: str) -> None:
         host, port = parse_listen(listen)
         try:
-            self.server, _thread = start_http_server(port, host, registry=self.registry)
+            self.server = BoundedServer((host, port), MetricsHandler.factory(self.registry))
         except OSError as exc:
             raise AgentError(f"--metrics {listen}: {exc.strerror or exc}") from None
+        threading.Thread(target=self.server.serve_forever, daemon=True,
+                         name="metrics").start()
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
             self.server = None
+
+
+class BoundedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """prometheus-client's threaded HTTP server, bounded: wherever the port
+    is reachable from (a hostPort: every pod), connections that send nothing
+    (a slowloris) hold at most CONNECTIONS threads and fds of the agent, each
+    for at most TIMEOUT seconds; one more is closed at once."""
+
+    CONNECTIONS = 8
+    TIMEOUT = 5.0
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], handler) -> None:
+        self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(self.CONNECTIONS)
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)          # busy: closed, nothing read
+            return
+        try:
+            request.settimeout(self.TIMEOUT)        # a request sent slowly ends here
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def bounded_denials(denials: dict[tuple[str, str, str], int]) -> dict:
