@@ -17,7 +17,8 @@
  *   listen                        listen(fd, 16)
  *   acceptwait SECONDS            poll the listener for a connection
  *   setopt LEVEL OPT VALUE        setsockopt(int)
- *   setulp NAME                   setsockopt(TCP_ULP, NAME) (strlen(NAME) bytes)
+ *   setulp NAME [LEN]             setsockopt(TCP_ULP, NAME) (LEN bytes: strlen(NAME); the
+ *                                 name in a zeroed 8 KiB buffer)
  *   setopt32 LEVEL OPT VALUE      the same through the i386 ABI (int 0x80, setsockopt
  *                                 366) in a child; "signal" when the filter killed it
  *   send ADDR:PORT                sendto("x")
@@ -337,9 +338,16 @@ int main(int argc, char **argv)
 			r = setsockopt(cur, level, opt, &val, sizeof(val));
 			report(op, arg, r, errno, NULL);
 		} else if (!strcmp(op, "setulp")) {
+			static char ulp[8192];
 			const char *name = argv[i++];
+			size_t len = strlen(name);
 
-			r = setsockopt(cur, IPPROTO_TCP, 31 /* TCP_ULP */, name, strlen(name));
+			if (i < argc && argv[i][0] >= '0' && argv[i][0] <= '9')
+				len = (size_t)atol(argv[i++]);
+			memset(ulp, 0, sizeof(ulp));
+			memcpy(ulp, name, strlen(name) < sizeof(ulp) ? strlen(name) : sizeof(ulp) - 1);
+			r = setsockopt(cur, IPPROTO_TCP, 31 /* TCP_ULP */, ulp,
+				       len < sizeof(ulp) ? len : sizeof(ulp));
 			report(op, name, r, errno, NULL);
 		} else if (!strcmp(op, "setopt32")) {
 			int level = atoi(argv[i]), opt = atoi(argv[i + 1]), val = atoi(argv[i + 2]);

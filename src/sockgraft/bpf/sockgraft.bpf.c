@@ -1353,6 +1353,11 @@ static __always_inline int ulp_allowed(struct bpf_sockopt *ctx)
 {
 	char *name = ctx->optval;
 
+	/* past a page the kernel reads the name from the caller's buffer again
+	 * (this program sees a copy of the first page only): another thread
+	 * could change it in between - and a name has at most 16 bytes */
+	if (ctx->optlen > 16)
+		return 0;
 	if (ctx->optlen < 3 || name + 4 > (char *)ctx->optval_end)
 		return ctx->optlen == 3 && name + 3 <= (char *)ctx->optval_end &&
 		       name[0] == 't' && name[1] == 'l' && name[2] == 's';

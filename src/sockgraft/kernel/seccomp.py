@@ -28,7 +28,6 @@ import fcntl
 import functools
 import os
 import select
-import signal
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,7 +35,23 @@ from typing import NamedTuple
 
 from ..errors import KernelError, NotFound, NotificationGone, from_oserror
 
-ALL_SIGNALS = signal.valid_signals()     # (blocked around ADDFD with send)
+# Around ADDFD with send every signal is blocked: libc's pthread_sigmask on
+# a full set (Python's signal.pthread_sigmask builds a set of 64 enum members
+# for the old mask each call: ~70 us per socket())
+_libc = ctypes.CDLL(None, use_errno=True)
+_SIGSET_BYTES = 128
+_ALL_SIGNALS = ctypes.create_string_buffer(b"\xff" * _SIGSET_BYTES, _SIGSET_BYTES)
+_SIG_BLOCK, _SIG_SETMASK = 0, 2
+
+
+def _block_signals() -> ctypes.Array:
+    old = ctypes.create_string_buffer(_SIGSET_BYTES)
+    _libc.pthread_sigmask(_SIG_BLOCK, _ALL_SIGNALS, old)
+    return old
+
+
+def _restore_signals(old: ctypes.Array) -> None:
+    _libc.pthread_sigmask(_SIG_SETMASK, old, None)
 
 # --- syscall numbers (x86_64) -------------------------------------------------
 SYS_SOCKET = 41
@@ -366,7 +381,7 @@ class Listener:
         # the target: a signal interrupting that wait withdraws the fd but
         # not the answer (the call would return 0). No signal interrupts it.
         # (Without send an interrupted request is withdrawn: retried.)
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS) if send else None
+        old = _block_signals() if send else None
         try:
             while True:
                 try:
@@ -377,7 +392,7 @@ class Listener:
                     raise _notif_error("seccomp NOTIF_ADDFD", exc, id) from None
         finally:
             if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                _restore_signals(old)
 
     def set_flags(self, flags: int) -> None:
         """NOTIF_SET_FLAGS, e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (6.6+).
