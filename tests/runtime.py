@@ -146,18 +146,22 @@ class RuncEnv:
         self.cni = Cni(conf or conflist(glab.state_dir, tmp / "ipam",
                                         agentSocket=glab.agent_socket("h1")), self.h1.netns)
         self.containers = {}       # cid -> (netns name, CNI result)
+        self.cni_ids = {}          # cid -> the id CNI ADD was called with
         self.foreground = {}       # cid -> the `runc run` process in the foreground
 
-    def start(self, cid, args, annotations, caps=None, foreground=False, runtime=None):
-        """runtime: CNI runtimeConfig (e.g. {"portMappings": [...]})."""
+    def start(self, cid, args, annotations, caps=None, foreground=False, runtime=None,
+              cni_id=None):
+        """runtime: CNI runtimeConfig (e.g. {"portMappings": [...]}). cni_id:
+        the id CNI ADD is called with (a pod sandbox's: Kubernetes-like)."""
         ns = f"sg-{self.g.plan.name}-r{len(self.containers)}"
         netns.create(ns)
         try:
-            result = self.cni.add(cid, netns.path(ns), runtime)
+            result = self.cni.add(cni_id or cid, netns.path(ns), runtime)
         except BaseException:
             netns.delete(ns)
             raise
         self.containers[cid] = (ns, result, runtime)
+        self.cni_ids[cid] = cni_id or cid
         bundle = self.tmp / f"bundle-{cid}"
         bundle.mkdir()
         with open(bundle / "config.json", "w") as f:
@@ -184,7 +188,7 @@ class RuncEnv:
             except subprocess.TimeoutExpired:
                 fg.kill()
                 fg.wait()
-        errors = self.cni.delete(cid, netns.path(ns), result, runtime)
+        errors = self.cni.delete(self.cni_ids.pop(cid, cid), netns.path(ns), result, runtime)
         netns.delete(ns)
         return errors
 

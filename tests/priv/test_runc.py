@@ -372,12 +372,13 @@ def test_busybox_httpd_dual_stack_bind_is_grafted_by_an_ipv4_rule(rt):
 
 
 def test_a_pod_neither_takes_another_name_nor_grants_itself(glab, tmp_path):
-    """Kubernetes-like: the network names the container (the CNI plugin
-    registers `pods.attacker`) and the agent runs with `--annotations
-    ignore`. A pod annotating itself as another container gets neither that
+    """Kubernetes-like: CNI ran for the pod's sandbox (another id than the
+    application container's, which names it in the runtime's annotation) and
+    registered `pods.attacker`; the agent runs with `--annotations ignore`.
+    A pod annotating itself as another container gets neither that
     container's stored configuration (its endpoint stays unbound) nor the
     grants its own config annotations ask for; both refusals are audited and
-    the container runs on its own network."""
+    the container runs, named by its sandbox's registration."""
     glab.configure("pods.victim", """
 container = "pods.victim"
 [endpoints.ep-v]
@@ -392,18 +393,19 @@ ingress = ["0.0.0.0:80=ep-v"]
     env = RuncEnv(glab, tmp_path)
     env.cni = Cni(conflist(glab.state_dir, tmp_path / "ipam", container="pods.attacker",
                            agentSocket=glab.agent_socket("h1")), env.h1.netns)
-    ann = {"sockgraft/container": "pods.victim",
+    ann = {"sockgraft/container": "pods.victim", "io.kubernetes.cri.sandbox-id": "attsandbox",
            "sockgraft/endpoints": "ep=ipv4:198.18.0.1:8088", "sockgraft/ingress": "0.0.0.0:80=ep"}
     try:
         env.start("att", ["/bin/sh", "-c", "nc -l -p 80 </dev/null & sleep 1; "
-                                           "echo listening; sleep 30"], ann)
+                                           "echo listening; sleep 30"], ann, cni_id="attsandbox")
         _wait(lambda: _stats(glab, "pods.attacker") is not None, what="the registration")
         _wait(lambda: "listening" in env.output("att"), what="the container's output")
         assert _stats(glab, "pods.victim") is None
         for port in (8087, 8088):           # neither the victim's grant nor its own
             assert not _listening(env.h1.netns, port), port
         rejects = [a["rule"] for a in glab.audit("h1") if a["verdict"] == "reject"]
-        assert any("container='pods.victim' ignored" in r for r in rejects), rejects
+        assert any("container='pods.victim' ignored: the container is 'pods.attacker'" in r
+                   for r in rejects), rejects
         assert any("--annotations ignore" in r for r in rejects), rejects
     finally:
         env.close()

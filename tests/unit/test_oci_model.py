@@ -344,8 +344,18 @@ def test_the_network_names_the_container_not_its_annotation():
     h = moci.parse_handoff(json.dumps(STATE).encode(), 1)      # annotates default.web
     assert moci.container_name(h, "pods.web") == "pods.web"
     assert "ignored" in moci.name_refused(h, "pods.web")
-    assert moci.name_refused(h, "default.web") == "" and moci.name_refused(h, None) == ""
+    assert moci.name_refused(h, "default.web") == ""
     assert moci.container_name(h, None) == "default.web"        # no network registration
+    # annotations not trusted: never the annotation, whatever else there is
+    assert moci.container_name(h, None, trusted=False) == "web"
+    assert "ignored" in moci.name_refused(h, "web")
+
+
+def test_an_application_container_finds_its_pods_sandbox():
+    for key in moci.SANDBOX_ID_ANNOTATIONS:
+        st = {**STATE, "state": {**STATE["state"], "annotations": {key: "sandbox1"}}}
+        assert moci.sandbox_id(moci.parse_handoff(json.dumps(st).encode(), 1)) == "sandbox1"
+    assert moci.sandbox_id(moci.parse_handoff(json.dumps(STATE).encode(), 1)) is None
 
 
 def test_untrusted_annotations_give_no_configuration():

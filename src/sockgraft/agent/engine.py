@@ -470,7 +470,11 @@ class Agent:
             raise AgentError(f"container {container}: graft_at=socket needs the in-kernel "
                              f"graft programs, which are unavailable: {self.bpf_error}")
         inline = None
-        if msg.get("inline_config"):
+        if msg.get("inline_config") and self.annotations == "ignore":
+            # a holder started before the agent was told to ignore them
+            log.warning("container %s: its annotations' configuration ignored "
+                        "(--annotations ignore)", container)
+        elif msg.get("inline_config"):
             inline = load_config(str(msg["inline_config"]), f"annotations of {container}")
             if inline.container != container:
                 raise AgentError(f"inline config is for {inline.container}, not {container}")

@@ -177,13 +177,16 @@ def start_holder(agent_path: str, store, h: moci.Handoff, listener: int,
     from .. import cni
     from ..paths import state_dir
     regs = cni.registrations(state_dir(), h.container_id)
+    if not regs and moci.sandbox_id(h):
+        # an application container of a pod: its network is its sandbox's
+        regs = cni.registrations(state_dir(), moci.sandbox_id(h))
     cni_name = regs[0].get("container") if regs else None
     try:
-        container = moci.container_name(h, cni_name)
+        container = moci.container_name(h, cni_name, trusted=trust_annotations)
     except SockgraftError as exc:
         log.error("OCI container %s rejected: %s", h.container_id, exc)
         return None
-    refused = moci.name_refused(h, cni_name)
+    refused = moci.name_refused(h, container)
     if refused:
         log.warning("container %s (%s): %s", container, h.container_id, refused)
         audit(container, h.pid, "oci", h.container_id, "reject", refused)

@@ -116,25 +116,44 @@ def parse_handoff(data: bytes, nfds: int) -> Handoff:
                    meta if isinstance(meta, str) else "", fds.index("seccompFd"))
 
 
-def container_name(h: Handoff, cni_name: str | None = None) -> str:
-    """The store name: the name the CNI plugin registered for this container
-    id, else the annotation, else the runtime's container id. An annotation
-    naming another container than the network registered does not count
+# Where CRI runtimes name the pod sandbox of an application container: the
+# CNI plugin ran (and registered the name) for the sandbox's id, not for the
+# application container's. Set by the runtime itself (after the pod's own
+# annotations: a pod cannot override them).
+SANDBOX_ID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID")
+
+
+def sandbox_id(h: Handoff) -> str | None:
+    """The pod sandbox id the runtime wrote into a container's annotations."""
+    for k in SANDBOX_ID_ANNOTATIONS:
+        v = h.annotations.get(k)
+        if v and v != h.container_id:
+            return v
+    return None
+
+
+def container_name(h: Handoff, cni_name: str | None = None, *, trusted: bool = True) -> str:
+    """The store name: the name the CNI plugin registered (for this
+    container's id or its pod sandbox's), else - only from annotations the
+    agent trusts - the sockgraft/container annotation, else the runtime's
+    container id. An annotation naming another container does not count
     (name_refused says so): whoever sets a pod's annotations would otherwise
     pick its identity - another container's stored configuration and mark
     (its grants, its private loopback, its reuseport groups)."""
-    name = cni_name or h.annotations.get(ANNOTATION_PREFIX + "container") or h.container_id
+    asked = h.annotations.get(ANNOTATION_PREFIX + "container") if trusted else None
+    name = cni_name or asked or h.container_id
     gc.check_config(name, {}, (), (), gc.Policy(), source=f"{SOURCE} {h.container_id}")
     return name
 
 
-def name_refused(h: Handoff, cni_name: str | None) -> str:
+def name_refused(h: Handoff, name: str) -> str:
     """Why the sockgraft/container annotation was not followed ('' if it
-    was, or there is none)."""
+    was, or there is none); name: the one container_name chose."""
     asked = h.annotations.get(ANNOTATION_PREFIX + "container")
-    if cni_name and asked is not None and asked != cni_name:
-        return (f"annotation {ANNOTATION_PREFIX}container={asked!r} ignored: its network "
-                f"registered it as {cni_name!r} (a container does not choose its identity)")
+    if asked is not None and asked != name:
+        return (f"annotation {ANNOTATION_PREFIX}container={asked!r} ignored: the container "
+                f"is {name!r} (its network's registration, or the runtime's id where "
+                f"annotations are not trusted: a container does not choose its identity)")
     return ""
 
 
