@@ -539,28 +539,6 @@ static int target_fd(Worker *w, pid_t tid, int fd)
 	return copy >= 0 ? copy : -errno;
 }
 
-/* Close the worker's copy of a target's socket without waiting: a TCP
- * socket with SO_LINGER on that could wait at close (not closed, not a
- * listener) gets it off first - were this copy the last reference (the
- * application closed its fd meanwhile), close() would wait up to the
- * linger time here (kernel/sockets.unlinger, the same rule). */
-static void close_copy(int fd)
-{
-	struct linger lg;
-	socklen_t len = sizeof(lg);
-	unsigned char state = 0;
-	socklen_t sl = 1;
-
-	if (!getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) && lg.l_onoff && lg.l_linger &&
-	    !getsockopt(fd, IPPROTO_TCP, 11 /* TCP_INFO: tcpi_state first */, &state, &sl) &&
-	    state != 7 /* TCP_CLOSE */ && state != 10 /* TCP_LISTEN */) {
-		lg.l_onoff = 0;
-		lg.l_linger = 0;
-		setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-	}
-	close(fd);
-}
-
 static sigset_t all_signals;	/* (filled at module init) */
 
 static void drop_spare(Worker *w)
@@ -1010,7 +988,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		goto python;	/* (the grafter follows a directory redirect itself) */
 	if (rc == 0 || (lo && plen < (v4 ? 8u : 128u))) {
 		/* no egress rule, or the container's own: the kernel connects its socket */
-		close_copy(app);
+		close(app);
 		rc = respond(w->fd, n->id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_CONTINUED], 1);
 		return 1;
@@ -1022,7 +1000,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	if (host < 0)
 		host = host_socket(w, family, typ, proto, c);	/* blocking; O_NONBLOCK below */
 	if (host < 0) {
-		close_copy(app);
+		close(app);
 		rc = respond(w->fd, n->id, -host, 0);
 		atomic_fetch_add(&t->count[rc == -ENOENT ? C_GONE : C_REFUSED], 1);
 		return 1;
@@ -1032,7 +1010,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 		goto python;
 	}
 	copy_options(w, app, host, family, typ, proto, c);
-	close_copy(app);
+	close(app);
 	memset(&add, 0, sizeof(add));
 	add.id = n->id;
 	add.flags = SECCOMP_ADDFD_FLAG_SETFD;
@@ -1066,7 +1044,7 @@ static int answer_connect(Worker *w, struct seccomp_notif *n, const struct confi
 	atomic_fetch_add(&t->count[C_CONNECT_NS], now_ns() - t0);
 	return 1;
 python:
-	close_copy(app);
+	close(app);
 	return 0;
 }
 
@@ -1107,7 +1085,7 @@ static int answer_splice(Worker *w, struct seccomp_notif *n, const struct config
 	     getsockname(app, &l.sa, &ll) || getpeername(app, &r.sa, &rl) ||
 	     l.sa.sa_family != r.sa.sa_family ||
 	     getsockopt(app, SOL_SOCKET, SO_COOKIE, &mine, &cl);
-	close_copy(app);
+	close(app);
 	if (rc)
 		goto kernel;	/* a pipe, a file, no connected TCP socket */
 	memset(&k, 0, sizeof(k));

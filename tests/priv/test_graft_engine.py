@@ -599,3 +599,31 @@ def test_a_container_without_a_stored_config_gives_its_mark_back(glab):
     while "h1-c2" in store.marks():
         assert time.monotonic() < deadline, "the mark stayed held after the container exited"
         time.sleep(0.1)
+
+
+LINGER_APP = r"""
+import json, socket, struct, sys
+s = socket.create_connection(("198.18.0.2", 7101))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+print(json.dumps({"connected": True}), flush=True)
+sys.stdin.readline()
+print(json.dumps({"linger": list(struct.unpack("ii", s.getsockopt(
+    socket.SOL_SOCKET, socket.SO_LINGER, 8)))}), flush=True)
+"""
+
+
+def test_the_agents_look_at_a_socket_leaves_its_linger_alone(glab):
+    """`sockgraft sockets` copies every grafted socket to read it; closing
+    the copies changes nothing of the application's sockets (SO_LINGER is
+    turned off only on a copy of a socket the agent has just replaced)."""
+    glab.configure("h1-c1", EGRESS_V4)
+    with EchoServer(glab.plan.node("h2").netns, "0.0.0.0", 7101):
+        app = glab.spawn("h1-c1", [sys.executable, "-c", LINGER_APP])
+        assert read_json_line(app, timeout=20)["connected"]
+        listing = json.loads(glab.sg("sockets", "--json").stdout)
+        assert any(s["container"] == "h1-c1" and s.get("remote", "").startswith("198.18.0.2")
+                   for s in listing), listing
+        app.stdin.write("\n")
+        app.stdin.flush()
+        assert read_json_line(app, timeout=20)["linger"] == [1, 5]
+        app.wait(timeout=10)

@@ -104,7 +104,7 @@ class Connects:
                 ksock.set_blocking(sock, True)
             if err == 0 and inject:
                 ksock.set_blocking(sock, not app_nb)
-                a.install(sess, nid, tid, sock, fd, cloexec, watch, record)
+                a.install(sess, nid, tid, sock, fd, cloexec, watch, record, replaced=app)
             a.respond(sess, nid, error=err)
             return
         if not app_nb and _writable(sock):
@@ -114,13 +114,13 @@ class Connects:
             if restore_blocking or inject:
                 ksock.set_blocking(sock, True)
             if err == 0 and inject:
-                a.install(sess, nid, tid, sock, fd, cloexec, watch, record)
+                a.install(sess, nid, tid, sock, fd, cloexec, watch, record, replaced=app)
             a.respond(sess, nid, error=err)
             return
         if app_nb:
             # The application will poll for writability and read SO_ERROR itself.
             if inject:
-                a.install(sess, nid, tid, sock, fd, cloexec, watch, record)
+                a.install(sess, nid, tid, sock, fd, cloexec, watch, record, replaced=app)
             a.respond(sess, nid, error=errno.EINPROGRESS)
             return
         sock = take(sock)

@@ -17,6 +17,7 @@ Never switches namespaces: it lives in the host namespace it was started in
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import logging
@@ -28,7 +29,7 @@ import threading
 import time
 from contextlib import nullcontext
 
-from ..errors import AgentError, KernelError, NotFound, SockgraftError
+from ..errors import AgentError, KernelError, NotFound, NotificationGone, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import links, seccomp
 from ..kernel import sockets as ksock
@@ -139,7 +140,9 @@ class Agent:
         # thread answering a call of its listener (serve_notification).
         self.lock = threading.RLock()
         self._in_notifier = threading.local()   # .serving: a notifier thread's call
+        self._in_flight = 0                     # notifier threads' calls being answered
         self.grafter.waiting_for_target = self._outside_lock
+        ksock.TargetSocket.around_close = self._close_outside_lock
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict]] = []   # register replies
         self._starting: list[int] = []          # registered listeners not served yet
@@ -239,9 +242,18 @@ class Agent:
     def stop(self) -> None:
         self._stop = True
 
-    @_locked
     def close(self) -> None:
         self._stop = True           # notifier threads hand what they receive to the loop
+        # a call a notifier thread answers may be waiting outside the lock
+        # (ADDFD, a shared socket's connect): it finishes - and answers -
+        # before the listeners close (bounded: a target that never runs)
+        deadline = time.monotonic() + 2.0
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._close()
+
+    @_locked
+    def _close(self) -> None:
         self.grafter.close()
         for fd in self.sessions.keys():
             self._drop_session(fd)
@@ -312,9 +324,11 @@ class Agent:
             if sess is None:
                 return False
             self._in_notifier.serving = True
+            self._in_flight += 1
             try:
                 self.grafter.handle(sess, n)
             finally:
+                self._in_flight -= 1
                 self._in_notifier.serving = False
             if self._nft_due or self._deferred or (self.fast is not None and self.fast.due):
                 # e.g. a grafted server's redirects: the loop loads them now,
@@ -344,6 +358,18 @@ class Agent:
             self.lock._acquire_restore(state)
             if mine is not None:
                 mine.close()
+        if listener is not None and listener.closed:
+            # the session ended meanwhile (every filtered task exited): its
+            # calls are gone with it
+            raise NotificationGone("seccomp listener", errno.ENOENT, "session ended")
+
+    def _close_outside_lock(self, close) -> None:
+        """Close the agent's copy of a target's socket: were it the last
+        reference (the application closed its fd meanwhile), close() waits
+        for the application's SO_LINGER - in a notifier thread, without the
+        loop's lock (the wait is then its own container's only)."""
+        with self._outside_lock(None):
+            close()
 
     @_locked
     def end_turn(self) -> None:

@@ -149,13 +149,18 @@ class Grafter:
             pass
 
     def install(self, sess: Session, nid: int, tid: int, host: socket.socket, fd: int,
-                cloexec: bool, watch: list, record: GraftedSocket | None) -> None:
+                cloexec: bool, watch: list, record: GraftedSocket | None,
+                replaced: socket.socket | None = None) -> None:
         """ADDFD the host socket at the application's fd number, carry the
-        application's epoll registrations of the old socket over to it, count it."""
+        application's epoll registrations of the old socket over to it, count
+        it. replaced: the agent's copy of the socket the host socket replaces
+        (its close must not wait for the application's linger: unlinger)."""
         with self.waiting_for_target(sess.listener) as listener:
             # ADDFD returns once the target has taken the fd: as long as a
             # task slow to run (SCHED_IDLE, a tight CPU quota) makes it
             listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
+        if replaced is not None:
+            ksock.unlinger(replaced)
         if watch and not self.reregistrar.reregister(self.targets.pidfd(tid), host.fileno(),
                                                      fd, watch):
             log.warning("%s tid %d fd %d: could not carry %d epoll registration(s) over",
@@ -511,7 +516,7 @@ class Grafter:
         cloexec = ksock.target_fd_cloexec(t.n.pid, t.fd)
         ksock.set_blocking(host, not ksock.file_nonblocking(t.dup.fileno()))
         self.install(t.sess, t.n.id, t.n.pid, host, t.fd, cloexec,
-                     self.watchers(t.sess, t.n.pid, t.fd, t.dup), record)
+                     self.watchers(t.sess, t.n.pid, t.fd, t.dup), record, replaced=t.dup)
 
     def _record(self, t: Trapped, kind: str, endpoint: str, host: socket.socket,
                 remote: str) -> GraftedSocket:

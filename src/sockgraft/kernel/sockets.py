@@ -121,13 +121,13 @@ _TCP_CLOSE, _TCP_LISTEN = 7, 10
 
 
 def unlinger(sock: socket.socket) -> bool:
-    """Before the agent drops its copy of a target's socket: a TCP socket
-    with SO_LINGER on whose close could wait (connected, data unsent) gets
-    it off - were the agent's copy the last reference, its close would wait
-    up to the linger time (INT_MAX seconds) in the agent's thread. The
-    sockets the agent grafts are unconnected (never touched); a connected
-    one reaches here only through calls that are errors on it (connect()
-    or listen() again) or a close racing the agent. True: turned off."""
+    """The agent's copy of a socket it has just replaced in the application
+    (ADDFD over its fd): now likely the last reference. A TCP socket with
+    SO_LINGER on whose close could wait (connected, data unsent) gets it
+    off - its close would wait up to the linger time (INT_MAX seconds) in
+    the agent's thread. The sockets the agent grafts are unconnected (never
+    touched); a connected one is replaced only through calls that are
+    errors on it (connect() again). True: turned off."""
     try:
         on, secs = _LINGER.unpack(sock.getsockopt(SOL_SOCKET, socket.SO_LINGER, _LINGER.size))
         if not (on and secs):
@@ -142,20 +142,26 @@ def unlinger(sock: socket.socket) -> bool:
 
 
 class TargetSocket(socket.socket):
-    """The agent's copy of a target's socket (pidfd_getfd): closing it
-    never waits for a linger the application set (unlinger)."""
+    """The agent's copy of a target's socket (pidfd_getfd). Were the copy
+    the last reference (the application closed its fd meanwhile), its
+    close would wait for the application's SO_LINGER: the close goes through
+    `around_close` (the agent: outside its loop lock in a notifier thread),
+    and a copy whose socket the agent replaced is unlingered first."""
 
     __slots__ = ()
+    around_close: Callable[[Callable[[], None]], None] | None = None
 
     def close(self) -> None:
-        if self.fileno() >= 0:
-            unlinger(self)
-        super().close()
+        hook = TargetSocket.around_close
+        if hook is None or self.fileno() < 0:
+            super().close()
+        else:
+            hook(super().close)
 
 
 def adopt(fd: int) -> socket.socket:
     """Wrap a copy of a target's socket fd we own (from pidfd_getfd) as a
-    socket object whose close never lingers (TargetSocket)."""
+    socket object (TargetSocket)."""
     return TargetSocket(fileno=fd)
 
 
