@@ -388,6 +388,8 @@ typedef struct {
 	uint64_t born_key;
 	int born_map, born_ok;
 	struct tag_val born;
+	int signalled;		/* a signal came while blocked around ADDFD+SEND: back
+				 * to Python (stop() may have sent its wake-up then) */
 } Worker;
 
 /* The serving thread's fsuid to uid (-1: its own). fsuid is per thread; while
@@ -1132,7 +1134,7 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	int proto = (int)(uint32_t)n->data.args[2];
 	int base = type & TYPE_MASK, s, rc, err;
 	struct seccomp_notif_addfd a;
-	sigset_t old;
+	sigset_t old, pend;
 	uint64_t t0;
 
 	if (n->data.arch != AUDIT_ARCH_X86_64 ||
@@ -1181,11 +1183,16 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	/* With FLAG_SEND the kernel marks the call answered before it waits for
 	 * the target: a signal (the agent's stop) interrupting that wait
 	 * withdraws the fd but not the answer - socket() would return 0. No
-	 * signal interrupts it (a stop's signal arrives after; stop() repeats it). */
+	 * signal interrupts it (one that came meanwhile returns to Python next,
+	 * as an interrupted NOTIF_RECV would: a stop's wake-up is not lost). */
 	pthread_sigmask(SIG_BLOCK, &all_signals, &old);
 	rc = ioctl(w->fd, SECCOMP_IOCTL_NOTIF_ADDFD, &a);
 	err = rc < 0 ? errno : 0;
+	sigpending(&pend);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sigismember(&pend, sig) == 1 && sigismember(&old, sig) == 0)
+			w->signalled = 1;	/* (its handler ran at the unblock) */
 	if (rc < 0) {
 		if (err == ENOENT) {
 			atomic_fetch_add(&t->count[C_GONE], 1);
@@ -1224,6 +1231,12 @@ static PyObject *Worker_serve(Worker *self, PyObject *unused)
 		}
 		if (!answer(self, &n))
 			break;
+		if (self->signalled) {	/* as if it had interrupted NOTIF_RECV */
+			self->signalled = 0;
+			rc = -1;
+			err = EINTR;
+			break;
+		}
 	}
 	fsuid_to(self, -1);		/* Python runs as the agent */
 	born_clear(self);		/* and makes its own sockets */

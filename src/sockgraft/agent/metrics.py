@@ -98,9 +98,9 @@ class Metrics:
 
 class BoundedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """prometheus-client's threaded HTTP server, bounded: wherever the port
-    is reachable from (a hostPort: every pod), connections that send nothing
-    (a slowloris) hold at most CONNECTIONS threads and fds of the agent, each
-    for at most TIMEOUT seconds; one more is closed at once."""
+    is reachable from (a hostPort: every pod), slow or silent connections (a
+    slowloris) hold at most CONNECTIONS threads and fds of the agent, each
+    for at most TIMEOUT seconds in all; one more is closed at once."""
 
     CONNECTIONS = 8
     TIMEOUT = 5.0
@@ -124,10 +124,23 @@ class BoundedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # a deadline for the whole connection, not each receive (a client
+        # sending a byte every few seconds would keep its slot for ever)
+        deadline = threading.Timer(self.TIMEOUT, _hang_up, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+
+
+def _hang_up(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def bounded_denials(denials: dict[tuple[str, str, str], int]) -> dict:
