@@ -645,5 +645,32 @@ def test_etcd_a_forged_overwrite_of_a_record_is_put_back(etcd_lab):
     while value() != rightful:
         assert time.monotonic() < deadline, f"the forged record stayed: {value()}"
         time.sleep(0.1)
-    assert "was changed by somebody else" in g.agent_log("h2")
+    assert "was written by somebody else; putting it back" in g.agent_log("h2")
+    os.killpg(srv.pid, signal.SIGKILL)
+
+
+def test_etcd_a_forged_record_under_our_prefix_is_deleted(etcd_lab):
+    """A record somebody else puts under an agent's own prefix (no lease:
+    it would outlive the agent) is deleted by that agent at once."""
+    import base64
+    import http.client
+    from sockgraft.kernel.netns import run_in
+    g, _etcd = etcd_lab
+    srv = start_server(g)
+    rec = _one(g.wait_services(lambda s: _one(s))["services"])[0]
+    key = f"/sockgraft/nodes/{rec['owner']}/svc/tcp/{rec['overlay']}/8099"
+    b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
+
+    def call(path, body):
+        c = http.client.HTTPConnection("198.18.0.1", 23790, timeout=5)
+        c.request("POST", path, json.dumps(body))
+        return json.loads(c.getresponse().read())
+
+    run_in(g.plan.node("h1").netns, call, "/v3/kv/put",
+           {"key": b(key), "value": b(json.dumps({**rec, "port": 8099}))})
+    deadline = time.monotonic() + 5
+    while run_in(g.plan.node("h1").netns, call, "/v3/kv/range", {"key": b(key)}).get("kvs"):
+        assert time.monotonic() < deadline, "the forged record stayed"
+        time.sleep(0.1)
+    assert "deleting it" in g.agent_log("h2")
     os.killpg(srv.pid, signal.SIGKILL)

@@ -210,31 +210,39 @@ class EtcdDirectory(Backend):
             self._dirty.wait(0.2)
             self._dirty.clear()
 
-    def _note_foreign(self, key: str, value: bytes | None) -> None:
+    def _note_foreign(self, key: str, value: bytes | None, lease: int | None = None) -> None:
         """The watch saw `key` of our own prefix become `value` (None:
-        deleted). Not what we put: somebody else wrote it (a PUT to an
-        existing key keeps its create revision, so a forged record would
-        keep our record's rank) - put ours back at once."""
+        deleted; lease: the one it was put under, None: not known). Not what
+        we put: somebody else wrote it (a PUT to an existing key keeps its
+        create revision, so a forged record would keep our record's rank; a
+        key we never put, or one without our lease, would outlive us) - put
+        ours back, or delete theirs, at once."""
         mine = self._published.get(key)
-        if mine is None or (value is not None and value == mine.encode()):
+        if mine is None and value is None:
+            return                          # (a key we deleted, or nobody's)
+        if mine is not None and value is not None and value == mine.encode() and \
+                (lease is None or not self._lease or lease == self._lease):
             return
-        log.warning("directory: our record %s was %s by somebody else; putting it back",
-                    key, "deleted" if value is None else "changed")
+        log.warning("directory: our record %s was %s by somebody else; %s", key,
+                    "deleted" if value is None else "written",
+                    "putting it back" if mine is not None else "deleting it")
         with self._tamper_lock:
             self._tampered.append(key)
         self._dirty.set()
 
     def _reconcile(self) -> None:
         own = self._own_prefix()
-        with self._tamper_lock:
-            tampered, self._tampered = self._tampered, []
-        for k in tampered:
-            self._published.pop(k, None)
         wanted = {f"{own}svc/{k}": json.dumps(r, sort_keys=True)
                   for k, r in self._wanted_copy().items()}
         node = self._node_copy()
         if node is not None:
             wanted[f"{own}node"] = json.dumps(node, sort_keys=True)
+        with self._tamper_lock:
+            tampered, self._tampered = self._tampered, []
+        for k in set(tampered):
+            self._published.pop(k, None)    # (wanted: put back below)
+            if k not in wanted:
+                self._call("/v3/kv/deleterange", {"key": _b64(k)})
         for k in [k for k in self._published if k not in wanted]:
             del self._published[k]          # (before: the watch may see the delete first)
             self._call("/v3/kv/deleterange", {"key": _b64(k)})
@@ -256,6 +264,11 @@ class EtcdDirectory(Backend):
             try:
                 kvs, rev = self._range(self.PREFIX)
                 state: dict[str, tuple[bytes, int]] = {k: (v, crev) for k, v, crev in kvs}
+                own = self._own_prefix()
+                if self._lease:             # (what changed while the watch was away)
+                    for k, (v, _crev) in state.items():
+                        if k.startswith(own):
+                            self._note_foreign(k, v)
                 self._publish_view(state, True)
                 self._stream(state, rev + 1)
             except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
@@ -348,7 +361,8 @@ class EtcdDirectory(Backend):
                                         int(kv.get("create_revision", 0)))
                             changed = True
                             if k.startswith(own):
-                                self._note_foreign(k, state[k][0])
+                                self._note_foreign(k, state[k][0],
+                                                   int(kv.get("lease", 0) or 0))
                     if changed or not self.reachable:
                         self._publish_view(state, True)
         finally:
