@@ -3,6 +3,7 @@ grafted clients on other hosts connect straight to the host address its
 socket listens on - no VXLAN - with the embedded directory and with a real
 etcd; faults (etcd down, agents killed, conflicting publications)."""
 
+import base64
 import json
 import os
 import shutil
@@ -510,8 +511,6 @@ class EtcdTLS(Etcd):
             assert status == 200, (path, status, out)
 
 
-import base64  # noqa: E402
-
 
 @pytest.fixture
 def etcds_lab(lab, state_dir, tmp_path):
@@ -614,36 +613,47 @@ def test_an_idle_etcd_watch_keeps_the_view(etcd_lab):
     os.killpg(srv.pid, signal.SIGKILL)
 
 
+def _etcd_call(g, path, body):
+    """One call of the lab etcd's JSON gateway, from h1 (anybody who reaches it)."""
+    import http.client
+    from sockgraft.kernel.netns import run_in
+
+    def call():
+        c = http.client.HTTPConnection("198.18.0.1", 23790, timeout=5)
+        c.request("POST", path, json.dumps(body))
+        return json.loads(c.getresponse().read())
+    return run_in(g.plan.node("h1").netns, call)
+
+
+def _b64(text):
+    return base64.b64encode(text.encode()).decode()
+
+
+def _etcd_value(g, key):
+    kvs = _etcd_call(g, "/v3/kv/range", {"key": _b64(key)})
+    return json.loads(base64.b64decode(kvs["kvs"][0]["value"])) if kvs.get("kvs") else None
+
+
+def _own_key(rec, port):
+    return f"/sockgraft/nodes/{rec['owner']}/svc/tcp/{rec['overlay']}/{port}"
+
+
 def test_etcd_a_forged_overwrite_of_a_record_is_put_back(etcd_lab):
     """A PUT to an existing key keeps its create revision - the rank the
     directory's first-come rule reads - so an overwrite of h2's own record
     (pointing its service at another host) would keep the record's place.
     The owner sees the change in its watch and puts its record back."""
-    import base64
-    import http.client
-    from sockgraft.kernel.netns import run_in
     g, _etcd = etcd_lab
     srv = start_server(g)
     rec = _one(g.wait_services(lambda s: _one(s))["services"])[0]
-    key = f"/sockgraft/nodes/{rec['owner']}/svc/tcp/{rec['overlay']}/{rec['port']}"
-    b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
-
-    def call(path, body):
-        c = http.client.HTTPConnection("198.18.0.1", 23790, timeout=5)
-        c.request("POST", path, json.dumps(body))
-        return json.loads(c.getresponse().read())
-
-    def value():
-        kvs = run_in(g.plan.node("h1").netns, call, "/v3/kv/range", {"key": b(key)})
-        return json.loads(base64.b64decode(kvs["kvs"][0]["value"])) if kvs.get("kvs") else None
-
-    rightful = value()
+    key = _own_key(rec, rec["port"])
+    rightful = _etcd_value(g, key)
     assert rightful is not None and rightful["host_addr"] != "198.18.0.9", rightful
-    run_in(g.plan.node("h1").netns, call, "/v3/kv/put",
-           {"key": b(key), "value": b(json.dumps({**rightful, "host_addr": "198.18.0.9"}))})
+    _etcd_call(g, "/v3/kv/put", {"key": _b64(key), "value": _b64(json.dumps(
+        {**rightful, "host_addr": "198.18.0.9"}))})
     deadline = time.monotonic() + 5
-    while value() != rightful:
-        assert time.monotonic() < deadline, f"the forged record stayed: {value()}"
+    while _etcd_value(g, key) != rightful:
+        assert time.monotonic() < deadline, f"the forged record stayed: {_etcd_value(g, key)}"
         time.sleep(0.1)
     assert "was written by somebody else; putting it back" in g.agent_log("h2")
     os.killpg(srv.pid, signal.SIGKILL)
@@ -652,24 +662,14 @@ def test_etcd_a_forged_overwrite_of_a_record_is_put_back(etcd_lab):
 def test_etcd_a_forged_record_under_our_prefix_is_deleted(etcd_lab):
     """A record somebody else puts under an agent's own prefix (no lease:
     it would outlive the agent) is deleted by that agent at once."""
-    import base64
-    import http.client
-    from sockgraft.kernel.netns import run_in
     g, _etcd = etcd_lab
     srv = start_server(g)
     rec = _one(g.wait_services(lambda s: _one(s))["services"])[0]
-    key = f"/sockgraft/nodes/{rec['owner']}/svc/tcp/{rec['overlay']}/8099"
-    b = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
-
-    def call(path, body):
-        c = http.client.HTTPConnection("198.18.0.1", 23790, timeout=5)
-        c.request("POST", path, json.dumps(body))
-        return json.loads(c.getresponse().read())
-
-    run_in(g.plan.node("h1").netns, call, "/v3/kv/put",
-           {"key": b(key), "value": b(json.dumps({**rec, "port": 8099}))})
+    key = _own_key(rec, 8099)
+    _etcd_call(g, "/v3/kv/put", {"key": _b64(key), "value": _b64(json.dumps(
+        {**rec, "port": 8099}))})
     deadline = time.monotonic() + 5
-    while run_in(g.plan.node("h1").netns, call, "/v3/kv/range", {"key": b(key)}).get("kvs"):
+    while _etcd_value(g, key) is not None:
         assert time.monotonic() < deadline, "the forged record stayed"
         time.sleep(0.1)
     assert "deleting it" in g.agent_log("h2")
