@@ -21,8 +21,11 @@
  * the fds it made; a fault in it takes down the agent process, whose
  * containers keep their listeners in holder processes (OCI) or their
  * launcher and are served again by the restarted agent (calls trapped
- * meanwhile wait in the kernel). No call here blocks except NOTIF_RECV and
- * NOTIF_ADDFD (which waits for the target to take the fd).
+ * meanwhile wait in the kernel; a call the dead agent had received but not
+ * answered is not handed out again - the kernel hands a notification out
+ * once - and waits until its thread gets a signal). No call here blocks
+ * except NOTIF_RECV and NOTIF_ADDFD (which waits for the target to take
+ * the fd).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
