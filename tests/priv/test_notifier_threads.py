@@ -8,6 +8,7 @@ test runs with socket() answered in Python and in the native loop
 import ctypes
 import fcntl
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -474,3 +475,33 @@ def test_a_worker_that_failed_to_start_closes_none_of_the_agents_fds():
         os.dup2(saved, 0)
         for fd in (saved, r, w):
             os.close(fd)
+
+
+def test_a_call_received_while_the_agent_stops_is_answered_all_the_same(native_loop):
+    """The agent refuses a thread's call (serve() false: it is stopping, or
+    the session is gone): nobody else will answer it - the kernel hands a
+    notification out once, also not to the next agent - so the thread lets
+    the kernel go on with it (the child's own listen succeeds). It was
+    forwarded to a loop that no longer ran: the call waited for good."""
+    def body(w):
+        s = socket.socket()
+        try:
+            s.listen(1)
+            os.write(w, b"listened")
+        except OSError as exc:
+            os.write(w, str(exc.errno).encode())
+
+    inbox = notifiers.Inbox()
+    pid, fd, sp, r = _spawn(body, trap_listen=True)
+    threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop,
+                                  serve=lambda key, n: False)
+    sp.send(b"g")
+    ready = select.select([r], [], [], 5)[0]
+    assert ready, "the trapped listen() was never answered"
+    assert _read_all(r) == b"listened"
+    assert not [n for _, n in inbox.drain() if isinstance(n, seccomp.Notification)]
+    os.waitpid(pid, 0)
+    assert _wait_gone(threads) == 0
+    os.close(fd)
+    sp.close()
+    inbox.close()

@@ -437,7 +437,7 @@ class Notifiers:
                     log.warning("%s: NOTIF_RECV failed: %s", self.container, exc)
                     return False
                 if v[3] != sys_socket or v[4] != arch or not enabled():
-                    other(seccomp.notif_of(v))
+                    other(seccomp.notif_of(v), listener)
                     continue
                 req = (v[6] & 0xFFFFFFFF, v[7] & 0xFFFFFFFF, v[8] & 0xFFFFFFFF)
                 try:
@@ -467,13 +467,13 @@ class Notifiers:
         """The native loop (Worker.serve, GIL released) answers socket();
         what it returns is for the agent's loop."""
         worker = native.Worker(fd, self.table)      # its own dup of the listener
-        os.close(fd)
+        listener = seccomp.Listener(fd)             # (answers what nobody else will)
         other = self._other
         try:
             while not self._stop:
                 r = worker.serve()
                 if type(r) is tuple:
-                    other(seccomp.notif_of(r))
+                    other(seccomp.notif_of(r), listener)
                 elif r == -errno.ENOENT:
                     if _hung_up(worker):
                         return True     # every filtered task exited
@@ -483,14 +483,27 @@ class Notifiers:
                     return False
         finally:
             worker.close()
+            listener.close()
         return True                     # stopped
 
-    def _other(self, n: seccomp.Notification) -> None:
+    def _other(self, n: seccomp.Notification, listener: seccomp.Listener) -> None:
         """A call that is not a grafted socket(): answered here when the agent
         lets threads serve (woken on the trapping task's CPU, no second
-        wake-up of the loop), else by the loop."""
-        if self.serve is None or self._stop or not self.serve(self.key, n):
+        wake-up of the loop), else by the loop. Once the session is being
+        dropped (these threads stopped, or the agent refuses: it stops, or
+        the session is gone) nobody else will answer it - the kernel hands
+        a notification out once, not again to the next agent - so the
+        thread lets the kernel go on with it (CONTINUE: the container's own
+        call; a grafted socket's is judged by the kernel guards)."""
+        if self.serve is None and not self._stop:
             self.inbox.forward(self.key, n)
+            return
+        if not self._stop and self.serve is not None and self.serve(self.key, n):
+            return
+        try:
+            listener.continue_(n.id)
+        except KernelError:
+            pass                        # (gone meanwhile)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Interrupt the threads and join them for up to `timeout` s (each
