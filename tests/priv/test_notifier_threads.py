@@ -82,6 +82,16 @@ def _spawn(body, trap_listen=False):
     return pid, fds[0], parent_sp, r
 
 
+def _listen(w):
+    """A child's body: listen() on a fresh socket, report what came of it."""
+    s = socket.socket()
+    try:
+        s.listen(1)
+        os.write(w, b"listened")
+    except OSError as exc:
+        os.write(w, str(exc.errno).encode())
+
+
 def _read_all(r) -> bytes:
     out = b""
     while chunk := os.read(r, 65536):
@@ -135,16 +145,8 @@ def test_socket_calls_get_marked_host_sockets_and_threads_end_with_the_child(nat
 
 
 def test_other_calls_reach_the_loop_which_answers_them(native_loop):
-    def body(w):
-        s = socket.socket()
-        try:
-            s.listen(1)
-            os.write(w, b"listened")
-        except OSError as exc:
-            os.write(w, str(exc.errno).encode())
-
     inbox = notifiers.Inbox()
-    pid, fd, sp, r = _spawn(body, trap_listen=True)
+    pid, fd, sp, r = _spawn(_listen, trap_listen=True)
     threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop)
     loop = seccomp.Listener(fd)
     sp.send(b"g")
@@ -483,16 +485,8 @@ def test_a_call_received_while_the_agent_stops_is_answered_all_the_same(native_l
     notification out once, also not to the next agent - so the thread lets
     the kernel go on with it (the child's own listen succeeds). It was
     forwarded to a loop that no longer ran: the call waited for good."""
-    def body(w):
-        s = socket.socket()
-        try:
-            s.listen(1)
-            os.write(w, b"listened")
-        except OSError as exc:
-            os.write(w, str(exc.errno).encode())
-
     inbox = notifiers.Inbox()
-    pid, fd, sp, r = _spawn(body, trap_listen=True)
+    pid, fd, sp, r = _spawn(_listen, trap_listen=True)
     threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop,
                                   serve=lambda key, n: False)
     sp.send(b"g")
