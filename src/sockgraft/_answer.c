@@ -1193,7 +1193,7 @@ static int answer(Worker *w, struct seccomp_notif *n)
 	err = rc < 0 ? errno : 0;
 	sigpending(&pend);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	for (int sig = 1; sig < NSIG; sig++)
+	for (int sig = 1; !sigisemptyset(&pend) && sig < NSIG; sig++)
 		if (sigismember(&pend, sig) == 1 && sigismember(&old, sig) == 0)
 			w->signalled = 1;	/* (its handler ran at the unblock) */
 	if (rc < 0) {
@@ -1299,11 +1299,7 @@ static int Worker_init(Worker *self, PyObject *args, PyObject *kw)
 	}
 	Py_INCREF(table);
 	Py_XSETREF(self->table, (Table *)table);
-	self->spare = -1;
-	self->born_map = -1;
-	for (int i = 0; i < N_PIDFDS; i++)
-		self->pidfd[i] = self->fdinfo[i] = -1, self->ep_at[i] = 0;
-	return 0;
+	return 0;		/* (the other fd fields: -1 from Worker_new) */
 }
 
 static void Worker_dealloc(Worker *self)

@@ -216,7 +216,10 @@ class EtcdDirectory(Backend):
         we put: somebody else wrote it (a PUT to an existing key keeps its
         create revision, so a forged record would keep our record's rank; a
         key we never put, or one without our lease, would outlive us) - put
-        ours back, or delete theirs, at once."""
+        ours back, or delete theirs, at once. Keys of others' prefixes: not
+        ours to judge."""
+        if not key.startswith(self._own_prefix()):
+            return
         mine = self._published.get(key)
         if mine is None and value is None:
             return                          # (a key we deleted, or nobody's)
@@ -264,11 +267,9 @@ class EtcdDirectory(Backend):
             try:
                 kvs, rev = self._range(self.PREFIX)
                 state: dict[str, tuple[bytes, int]] = {k: (v, crev) for k, v, crev in kvs}
-                own = self._own_prefix()
                 if self._lease:             # (what changed while the watch was away)
                     for k, (v, _crev) in state.items():
-                        if k.startswith(own):
-                            self._note_foreign(k, v)
+                        self._note_foreign(k, v)
                 self._publish_view(state, True)
                 self._stream(state, rev + 1)
             except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
@@ -348,21 +349,17 @@ class EtcdDirectory(Backend):
                     if result.get("canceled"):
                         raise OSError(f"etcd canceled the watch: {result}")
                     changed = False
-                    own = self._own_prefix()
                     for ev in result.get("events", []):
                         kv = ev.get("kv", {})
                         k = _unb64(kv.get("key", "")).decode()
                         if ev.get("type") == "DELETE":
                             changed |= state.pop(k, None) is not None
-                            if k.startswith(own):
-                                self._note_foreign(k, None)
+                            self._note_foreign(k, None)
                         else:
                             state[k] = (_unb64(kv.get("value", "")),
                                         int(kv.get("create_revision", 0)))
                             changed = True
-                            if k.startswith(own):
-                                self._note_foreign(k, state[k][0],
-                                                   int(kv.get("lease", 0) or 0))
+                            self._note_foreign(k, state[k][0], int(kv.get("lease", 0) or 0))
                     if changed or not self.reachable:
                         self._publish_view(state, True)
         finally:

@@ -16,13 +16,12 @@ builtin:loopback, bind:no-endpoint, ...), never addresses.
 
 from __future__ import annotations
 
-import logging
-from typing import Iterator
-
 import http.server
+import logging
 import socket
 import socketserver
 import threading
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import MetricsHandler

@@ -495,11 +495,12 @@ class Notifiers:
         a notification out once, not again to the next agent - so the
         thread lets the kernel go on with it (CONTINUE: the container's own
         call; a grafted socket's is judged by the kernel guards)."""
-        if self.serve is None and not self._stop:
-            self.inbox.forward(self.key, n)
-            return
-        if not self._stop and self.serve is not None and self.serve(self.key, n):
-            return
+        if not self._stop:
+            if self.serve is None:
+                self.inbox.forward(self.key, n)
+                return
+            if self.serve(self.key, n):
+                return
         try:
             listener.continue_(n.id)
         except KernelError:

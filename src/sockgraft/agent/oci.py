@@ -177,9 +177,10 @@ def start_holder(agent_path: str, store, h: moci.Handoff, listener: int,
     from .. import cni
     from ..paths import state_dir
     regs = cni.registrations(state_dir(), h.container_id)
-    if not regs and moci.sandbox_id(h):
+    sandbox = moci.sandbox_id(h)
+    if not regs and sandbox:
         # an application container of a pod: its network is its sandbox's
-        regs = cni.registrations(state_dir(), moci.sandbox_id(h))
+        regs = cni.registrations(state_dir(), sandbox)
     cni_name = regs[0].get("container") if regs else None
     try:
         container = moci.container_name(h, cni_name, trusted=trust_annotations)

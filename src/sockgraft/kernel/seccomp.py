@@ -37,8 +37,7 @@ from ..errors import KernelError, NotFound, NotificationGone, from_oserror
 
 # Around ADDFD with send every signal is blocked: libc's pthread_sigmask on
 # a full set (Python's signal.pthread_sigmask builds a set of 64 enum members
-# for the old mask each call: ~70 us per socket())
-_libc = ctypes.CDLL(None, use_errno=True)
+# for the old mask each call: ~70 us per socket()); _libc is below
 _SIGSET_BYTES = 128
 _ALL_SIGNALS = ctypes.create_string_buffer(b"\xff" * _SIGSET_BYTES, _SIGSET_BYTES)
 _SIG_BLOCK, _SIG_SETMASK = 0, 2
