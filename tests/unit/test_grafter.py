@@ -334,3 +334,45 @@ def test_a_pending_connect_whose_thread_gave_up_is_dropped_unanswered(rig):
     assert sess.listener.answers == [] and not rig.g.connects.pending
     for s in (full, app, *fillers):
         s.close()
+
+
+def test_pending_connects_are_bounded_per_container_and_in_all(rig):
+    """A container whose threads all block in connect() to a black hole may
+    not take the agent's fds: past its bound a blocking connect() is answered
+    ENOBUFS before anything starts (no fd, no SYN), other containers keep
+    theirs until the agent-wide bound."""
+    c = rig.g.connects
+    c.max_per_session, c.max_total = 2, 3
+    full, fillers = full_backlog_server()
+    port = full.getsockname()[1]
+    web, other = _session(), _session()
+    apps = []
+
+    def connect(sess, nonblocking=False):
+        app = _tcp(nonblocking)
+        apps.append(app)
+        before = _open_fds()
+        sess.listener.answers.clear()
+        rig.g.handle(sess, _notif(seccomp.SYS_CONNECT,
+                                  (app.fileno(), rig.targets.put(_addr("127.0.0.1", port)), 16)))
+        return sess.listener.answers[:], _open_fds() - before
+
+    assert connect(web)[0] == []
+    if not c.pending:
+        pytest.skip("the handshake finished at once on this kernel")
+    assert connect(web)[0] == [] and len(c.pending) == 2
+    answers, new = connect(web)                       # the container's bound
+    assert answers == [("respond", 0, errno.ENOBUFS)] and new == set()
+    assert connect(other)[0] == [] and len(c.pending) == 3   # another container's own
+    answers, new = connect(other)                     # the agent's bound
+    assert answers == [("respond", 0, errno.ENOBUFS)] and new == set()
+    assert c.refused == 2
+    # a non-blocking connect holds nothing in the agent: never bounded
+    answers, _ = connect(web, nonblocking=True)
+    assert answers[-1] == ("respond", 0, errno.EINPROGRESS)
+    # once one finishes, the container may wait again
+    c.finish(next(iter(c.pending.values())), errno.ETIMEDOUT)
+    assert connect(web)[0] == []
+    c.abort_all()
+    for s in (full, *fillers, *apps):
+        s.close()

@@ -3,6 +3,8 @@ never blocking the loop.
 
   start  -> connected at once (loopback, local peers), refused at once,
             or the application's socket is non-blocking: answer now
+         -> a blocking connect() while the container (or the agent) already
+            has its bound of pending connects: ENOBUFS now, nothing started
          -> in progress for a blocking application thread: PendingConnect,
             the host socket's fd in the loop's epoll (EPOLLOUT, one shot)
   ready  -> SO_ERROR: install the host socket at the application's fd (when
@@ -35,6 +37,12 @@ from .sessions import Session
 log = logging.getLogger("sockgraft.agent")
 
 CONNECT_TIMEOUT = 130.0   # about what the kernel's SYN retries take
+# A pending connect holds a host socket (an fd of the agent) for a blocked
+# application thread until the handshake ends: a container with thousands of
+# threads connecting to a black hole would take the agent's fds from every
+# container. Past these a blocking connect() is answered ENOBUFS at once.
+MAX_PENDING_PER_SESSION = 256
+MAX_PENDING = 4096
 
 
 class Answer(Protocol):
@@ -67,10 +75,23 @@ def take(sock: socket.socket) -> socket.socket:
 
 
 class Connects:
-    def __init__(self, ep: select.epoll, answer: Answer) -> None:
+    def __init__(self, ep: select.epoll, answer: Answer, *,
+                 max_per_session: int = MAX_PENDING_PER_SESSION,
+                 max_total: int = MAX_PENDING) -> None:
         self.ep = ep
         self.answer = answer
         self.pending: dict[int, PendingConnect] = {}    # host socket fd -> pending connect
+        self.max_per_session = max_per_session
+        self.max_total = max_total
+        self.refused = 0                                # blocking connects over the bounds
+
+    def full(self, sess: Session) -> bool:
+        """May no further connect of this session wait in the agent?"""
+        if len(self.pending) >= self.max_total:
+            return True
+        if len(self.pending) < self.max_per_session:
+            return False
+        return sum(pc.session is sess for pc in self.pending.values()) >= self.max_per_session
 
     def owns(self, fd: int) -> bool:
         return fd in self.pending
@@ -86,6 +107,17 @@ class Connects:
         a = self.answer
         app = app if app is not None else sock
         app_nb = ksock.file_nonblocking(app.fileno())
+        if not app_nb and self.full(sess):
+            # (before the connect starts: a shared socket must not go on
+            # connecting behind an error)
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:     # 1st, 2nd, 4th, ... logged
+                log.warning("%s: %d connects already wait in the agent (bounds %d per "
+                            "container, %d in all): connect() answered ENOBUFS (%d so far)",
+                            sess.container, len(self.pending), self.max_per_session,
+                            self.max_total, self.refused)
+            a.respond(sess, nid, error=errno.ENOBUFS)
+            return
         cloexec = ksock.target_fd_cloexec(tid, fd) if inject else False
         watch = a.watchers(sess, tid, fd, app) if inject else []
         restore_blocking = False
@@ -176,6 +208,4 @@ class Connects:
 
 
 def _writable(sock: socket.socket) -> bool:
-    p = select.poll()
-    p.register(sock.fileno(), select.POLLOUT)
-    return bool(p.poll(0))
+    return bool(ksock.ready(sock, select.POLLOUT))

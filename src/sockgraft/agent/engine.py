@@ -42,7 +42,7 @@ from .enforce import Enforcer
 from .fastpath import FastPath
 from .grafter import Grafter
 from .inventory import Inventory
-from .loop import listen_unix, unregister
+from .loop import Closer, listen_unix, unregister
 from .procfs import host_addresses, malloc_trim
 from .publisher import Publisher
 from .sessions import Session, SessionTable
@@ -142,6 +142,7 @@ class Agent:
         self._in_notifier = threading.local()   # .serving: a notifier thread's call
         self._in_flight = 0                     # notifier threads' calls being answered
         self.grafter.waiting_for_target = self._outside_lock
+        self.closer = Closer()
         ksock.TargetSocket.around_close = self._close_outside_lock
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict]] = []   # register replies
@@ -363,12 +364,19 @@ class Agent:
             # calls are gone with it
             raise NotificationGone("seccomp listener", errno.ENOENT, "session ended")
 
-    def _close_outside_lock(self, close) -> None:
+    def _close_outside_lock(self, sock: ksock.TargetSocket, close) -> None:
         """Close the agent's copy of a target's socket: were it the last
         reference (the application closed its fd meanwhile), close() waits
         for the application's SO_LINGER - in a notifier thread, without the
-        loop's lock (the wait is then its own container's only)."""
-        with self._outside_lock(None):
+        loop's lock (the wait is then its own container's only); in the loop,
+        a socket that may linger goes to a closer thread (the loop never
+        waits for a container's linger)."""
+        if getattr(self._in_notifier, "serving", False):
+            with self._outside_lock(None):
+                close()
+        elif ksock.may_linger(sock):
+            self.closer.close(sock.detach())
+        else:
             close()
 
     @_locked

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import select
 import socket
+import threading
+
+log = logging.getLogger("sockgraft.agent")
 
 
 def unregister(ep: select.epoll, fd: int) -> None:
@@ -32,3 +37,46 @@ def listen_unix(path: str, backlog: int = 128) -> socket.socket:
         os.umask(old)
     srv.listen(backlog)
     return srv
+
+
+class Closer:
+    """Closes fds that may wait, in threads of its own: the agent's copy of a
+    lingering socket whose application closed its fd meanwhile waits up to
+    the SO_LINGER time in close(). A few threads (one waiting does not hold
+    the next close), started when needed; fds queue once all of them wait
+    (each kept until a thread gets to it). Daemon threads: at the agent's
+    exit the kernel closes what is left without lingering."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self.max_threads = threads
+        self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self.closed = 0                   # fds closed so far (for tests and stats)
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            start = self._idle <= 0 and self._threads < self.max_threads
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1           # an idle thread takes it, or it queues
+            queued = -self._idle
+        self._q.put(fd)
+        if start:
+            threading.Thread(target=self._run, name="sg-closer", daemon=True).start()
+        elif queued > 0 and queued & (queued - 1) == 0:      # 1, 2, 4, ... queued
+            log.warning("closer: %d threads wait in close() (SO_LINGER); %d fds queued",
+                        self._threads, queued)
+
+    def _run(self) -> None:
+        while True:
+            fd = self._q.get()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            with self._lock:
+                self.closed += 1
+                self._idle += 1

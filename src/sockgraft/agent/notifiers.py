@@ -537,6 +537,4 @@ class Notifiers:
 
 def _hung_up(worker) -> bool:
     """Has the listener of a native worker reported POLLHUP (no task left)?"""
-    p = select.poll()
-    p.register(worker.fileno(), select.POLLIN)
-    return any(ev & select.POLLHUP for _, ev in p.poll(0))
+    return bool(ksock.ready(worker) & select.POLLHUP)

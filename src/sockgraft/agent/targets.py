@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 
 from ..errors import KernelError, NotFound
@@ -83,7 +82,7 @@ class Targets:
         not grow the set its session keeps)."""
         untracked = [t for t in tids if t not in self.pidfds and not self.mem.holds(t)]
         gone = [t for t in tids if t in self.pidfds and
-                select.select([self.pidfds[t]], [], [], 0)[0]]
+                ksock.ready(self.pidfds[t])]
         for t in gone:
             self.forget(t)
         return gone + untracked

@@ -344,6 +344,28 @@ def _edit(args, change, what: str) -> int:
 
 # --- commands -------------------------------------------------------------------------
 
+FD_LIMIT_CAP = 1 << 20
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """The agent holds fds for every container it serves (listeners, the
+    pidfds of trapping threads, spare sockets, pending connects): its soft
+    RLIMIT_NOFILE (often 1024) goes up to the hard limit (at most 2^20).
+    Returns (before, after)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_LIMIT_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_CAP)
+    log = logging.getLogger("sockgraft.agent")
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        log.info("open files: soft limit raised from %d to %d", soft, want)
+        return soft, want
+    if want < 4096:
+        log.warning("open files: the hard limit is %d; an agent serving many containers "
+                    "needs more (LimitNOFILE= in its unit)", hard)
+    return soft, soft
+
+
 def cmd_agent(args) -> int:
     from ..agent.engine import Agent
     name = args.host or "default"
@@ -357,6 +379,7 @@ def cmd_agent(args) -> int:
         netns.enter(ns)   # before any thread exists: the directory worker inherits it
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
+    raise_fd_limit()
     lab = args.lab if args.host else None
     path = args.socket or control.default_socket_path(name, lab)
     bpf_name = control.agent_name(name, lab)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import array
 import logging
 import os
-import select
 import socket
 import struct
 import subprocess
@@ -33,7 +32,7 @@ import sys
 import time
 
 from ..errors import KernelError
-from . import seccomp
+from . import seccomp, sockets
 
 log = logging.getLogger("sockgraft.epollfix")
 
@@ -228,7 +227,7 @@ class Reregistrar:
             sock = self._sock or self._spawn()
             sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                   array.array("i", [sock_fd, *eps]))])
-            if not select.select([sock], [], [], REPLY_TIMEOUT)[0]:
+            if not sockets.ready(sock, timeout=REPLY_TIMEOUT):
                 raise TimeoutError("epoll helper did not answer")
             reply = sock.recv(16)
             if not reply:

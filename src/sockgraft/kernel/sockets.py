@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 import socket
 import stat
 import struct
@@ -128,35 +129,45 @@ def unlinger(sock: socket.socket) -> bool:
     the agent's thread. The sockets the agent grafts are unconnected (never
     touched); a connected one is replaced only through calls that are
     errors on it (connect() again). True: turned off."""
+    if not may_linger(sock):
+        return False
     try:
-        on, secs = _LINGER.unpack(sock.getsockopt(SOL_SOCKET, socket.SO_LINGER, _LINGER.size))
-        if not (on and secs):
-            return False
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        if state in (_TCP_CLOSE, _TCP_LISTEN):
-            return False
         sock.setsockopt(SOL_SOCKET, socket.SO_LINGER, _LINGER.pack(0, 0))
         return True
     except OSError:
         return False            # not TCP, or gone: nothing waits
 
 
+def may_linger(sock: socket.socket) -> bool:
+    """Could a close of this socket wait (SO_LINGER on with a time, TCP not
+    closed or listening)? Its close is the one to keep off the agent's loop."""
+    try:
+        on, secs = _LINGER.unpack(sock.getsockopt(SOL_SOCKET, socket.SO_LINGER, _LINGER.size))
+        if not (on and secs):
+            return False
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] not in (
+            _TCP_CLOSE, _TCP_LISTEN)
+    except OSError:
+        return False
+
+
 class TargetSocket(socket.socket):
     """The agent's copy of a target's socket (pidfd_getfd). Were the copy
     the last reference (the application closed its fd meanwhile), its
     close would wait for the application's SO_LINGER: the close goes through
-    `around_close` (the agent: outside its loop lock in a notifier thread),
-    and a copy whose socket the agent replaced is unlingered first."""
+    `around_close(sock, close)` (the agent: outside its loop lock in a
+    notifier thread, in a closer thread for the loop), and a copy whose
+    socket the agent replaced is unlingered first."""
 
     __slots__ = ()
-    around_close: Callable[[Callable[[], None]], None] | None = None
+    around_close: Callable[["TargetSocket", Callable[[], None]], None] | None = None
 
     def close(self) -> None:
         hook = TargetSocket.around_close
         if hook is None or self.fileno() < 0:
             super().close()
         else:
-            hook(super().close)
+            hook(self, super().close)
 
 
 def adopt(fd: int) -> socket.socket:
@@ -320,6 +331,16 @@ def set_blocking(sock: socket.socket, blocking: bool) -> None:
 
 def so_error(sock: socket.socket) -> int:
     return sock.getsockopt(SOL_SOCKET, SO_ERROR)
+
+
+def ready(fd, events: int = select.POLLIN, timeout: float = 0.0) -> int:
+    """poll() one fd (a number or anything with fileno()): the events it
+    reports within `timeout` seconds, 0 if none. (select.select refuses fds
+    past 1023, which an agent serving many containers holds.)"""
+    p = select.poll()
+    p.register(fd, events)
+    got = p.poll(max(0, int(timeout * 1000)))
+    return got[0][1] if got else 0
 
 
 
