@@ -1126,6 +1126,30 @@ def test_a_broadcast_makes_no_reply_allowed(flab):
     assert "MARK-53" not in lines, lines
 
 
+def test_a_policed_container_still_speaks_to_its_own_link(flab):
+    """The built-in multicast and broadcast denies are for host sockets (a
+    grafted socket's datagram to a group reaches a host link); what a
+    policed container sends from its own stack to 255.255.255.255 (DHCP) or
+    a group (mDNS) reaches its own link only, and its neighbours get it."""
+    seen = _server(flab, "h1-c2", FRAG_SEEN, "-", "-")
+    flab.sg("policy", "add", "--container", "h1-c1", "deny", "tcp", C2, "7999")
+    assert _port(flab, "h1-c1")["judged"]
+    ns1 = _ns(flab, "h1-c1")
+    b1 = bytes.fromhex(_port(flab, "h1-c1")["mac"].replace(":", ""))
+    before = _port(flab, "h1-c1")["drops"]
+    netns.run_in(ns1, _send_frame, "eth0", _udp_frame(b"\xff" * 6, b1, "0.0.0.0",
+                                                      "255.255.255.255", 67, b"MARK-56",
+                                                      sport=68))
+    netns.run_in(ns1, _send_frame, "eth0", _udp_frame(bytes.fromhex("01005e0000fb"), b1, C1,
+                                                      "224.0.0.251", 5353, b"MARK-57",
+                                                      sport=5353))
+    netns.run_in(ns1, _send_frame, "eth0", _udp_frame(b"\xff" * 6, b1, C1, "198.19.1.255",
+                                                      7, b"MARK-58"))
+    lines = [x for x in _upto(seen, "MARK-58") if x.startswith("MARK")]
+    assert lines == ["MARK-56", "MARK-57"], lines
+    assert _port(flab, "h1-c1")["drops"] == before
+
+
 def test_a_rule_naming_ports_names_tcp_and_udp_ports(flab):
     """A policy rule with ports matches TCP and UDP (as nftables' rules do),
     not an ICMP echo whose identifier falls in the range nor another

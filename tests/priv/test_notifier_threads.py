@@ -488,7 +488,7 @@ def test_a_call_received_while_the_agent_stops_is_answered_all_the_same(native_l
     inbox = notifiers.Inbox()
     pid, fd, sp, r = _spawn(_listen, trap_listen=True)
     threads = notifiers.Notifiers(fd, MARK, "t", inbox, threads=2, native_loop=native_loop,
-                                  serve=lambda key, n: False)
+                                  serve=lambda key, n, listener: False)
     sp.send(b"g")
     ready = select.select([r], [], [], 5)[0]
     assert ready, "the trapped listen() was never answered"

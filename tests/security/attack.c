@@ -30,6 +30,11 @@
  *   tfo ADDR:PORT                 sendto(MSG_FASTOPEN) on a TCP socket
  *   recvwait SECONDS              a datagram (or stream data) within SECONDS
  *   name                          getsockname
+ *   spoofto SRC:PORT              from the container's own network stack (a raw
+ *                                 IPPROTO_RAW socket, CAP_NET_RAW), one UDP datagram
+ *                                 forged from SRC:PORT to the current socket's own
+ *                                 (host) address and port: a "request" whose reply the
+ *                                 host's conntrack would then take as established
  *   loop N ADDR:PORT              N connects of fresh TCP sockets (a flood of denials)
  *   nbconnect ADDR:PORT           a fresh non-blocking TCP socket connect()ed, polled
  *                                 for writable (2 s); kept open
@@ -452,6 +457,57 @@ int main(int argc, char **argv)
 			}
 			snprintf(extra, sizeof(extra), "\"local\": [\"%s\", %d]", host, port);
 			report(op, "", r, errno, extra);
+		} else if (!strcmp(op, "spoofto")) {
+			const char *arg = argv[i++];
+			struct sockaddr_storage me, from;
+			socklen_t ml = sizeof(me);
+			unsigned char pkt[64] = {0};
+			int raw, n;
+
+			parse(arg, &from);
+			r = getsockname(cur, (struct sockaddr *)&me, &ml);
+			if (!r && me.ss_family == AF_INET) {
+				struct sockaddr_in *a = (struct sockaddr_in *)&me,
+						   *f = (struct sockaddr_in *)&from;
+				unsigned sum = 0;
+
+				pkt[0] = 0x45; pkt[8] = 64; pkt[9] = IPPROTO_UDP;
+				pkt[3] = 20 + 8 + 4;
+				memcpy(pkt + 12, &f->sin_addr, 4);
+				memcpy(pkt + 16, &a->sin_addr, 4);
+				for (n = 0; n < 20; n += 2)
+					sum += (pkt[n] << 8) | pkt[n + 1];
+				sum = (sum & 0xffff) + (sum >> 16);
+				sum = ~((sum & 0xffff) + (sum >> 16)) & 0xffff;
+				pkt[10] = sum >> 8; pkt[11] = sum & 0xff;
+				memcpy(pkt + 20, &f->sin_port, 2);
+				memcpy(pkt + 22, &a->sin_port, 2);
+				pkt[25] = 8 + 4;	/* UDP checksum 0: none (IPv4) */
+				memcpy(pkt + 28, "ping", 4);
+				raw = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);
+				r = raw < 0 ? -1 : (int)sendto(raw, pkt, 32, 0, (struct sockaddr *)a,
+							      sizeof(*a));
+			} else if (!r) {
+				/* IPv6: a raw UDP socket bound to the forged source (IPV6_FREEBIND: not ours) */
+				struct sockaddr_in6 *a = (struct sockaddr_in6 *)&me,
+						    *f = (struct sockaddr_in6 *)&from, src = *f;
+				int one = 1;
+
+				raw = socket(AF_INET6, SOCK_RAW, IPPROTO_UDP);
+				src.sin6_port = 0;
+				if (raw >= 0)
+					setsockopt(raw, SOL_IPV6, 47 /* IPV6_FREEBIND */, &one, sizeof(one));
+				n = 6;		/* the kernel computes the UDP checksum (mandatory in IPv6) */
+				if (raw >= 0)
+					setsockopt(raw, SOL_IPV6, IPV6_CHECKSUM, &n, sizeof(n));
+				memcpy(pkt, &f->sin6_port, 2);
+				memcpy(pkt + 2, &a->sin6_port, 2);
+				pkt[5] = 8 + 4;
+				memcpy(pkt + 8, "ping", 4);
+				r = raw < 0 || bind(raw, (struct sockaddr *)&src, sizeof(src)) ? -1 :
+				    (int)sendto(raw, pkt, 12, 0, (struct sockaddr *)a, sizeof(*a));
+			}
+			report(op, arg, r < 0 ? -1 : 0, errno, NULL);
 		} else if (!strcmp(op, "hog")) {
 			long cpus = sysconf(_SC_NPROCESSORS_ONLN);
 			pthread_t t;

@@ -7,6 +7,7 @@ Each attack asserts what the application is told *and* that nothing reached
 what the policy protects (sentinel sockets on the host's loopback and
 addresses, connection attempts against anything that might listen)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -577,6 +578,26 @@ class _CpuCgroup:
         os.rmdir(self.path)
 
 
+@contextlib.contextmanager
+def _slow_attacker(sec, seconds, spinners, bind_seconds):
+    """h1-c1's attacker in a CPU cgroup of its own: `spinners` threads per
+    CPU for `seconds`, then a SCHED_IDLE thread binding 0.0.0.0:80 for
+    `bind_seconds` (each bind waits for that thread to run)."""
+    cgroup = _CpuCgroup()
+    attacker = sec.spawn("h1-c1", [sec.attack_bin, "--caps", "docker", "hog", seconds,
+                                   spinners, "idle", "bindfor", bind_seconds, "0.0.0.0:80"])
+    try:
+        cgroup.add(attacker.pid)         # (before it starts the attack binary)
+        assert read_json_line(attacker, timeout=20)["ret"] == 0        # hog
+        assert read_json_line(attacker, timeout=20)["ret"] == 0        # idle
+        yield attacker
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(timeout=10)
+        cgroup.close()
+
+
 def test_a_container_slow_to_run_never_slows_another_containers_calls(sec):
     """ADDFD returns once the target has taken the fd, i.e. once it has run.
     A container whose trapped thread is slow to be scheduled (here: its own
@@ -587,26 +608,149 @@ def test_a_container_slow_to_run_never_slows_another_containers_calls(sec):
     to hold the agent's loop lock.)"""
     configure(sec, "h1-c1", "syscall")
     configure(sec, "h1-c2", "syscall", http_port=8082)
-    cgroup = _CpuCgroup()
-    attacker = sec.spawn("h1-c1", [sec.attack_bin, "--caps", "docker", "hog", "9", "16", "idle",
-                                   "bindfor", "7", "0.0.0.0:80"])
-    try:
-        cgroup.add(attacker.pid)         # (before it starts the attack binary)
-        assert read_json_line(attacker, timeout=20)["ret"] == 0        # hog
-        assert read_json_line(attacker, timeout=20)["ret"] == 0        # idle
+    with _slow_attacker(sec, "9", "16", "7") as attacker:
         time.sleep(1.5)                 # its binds wait for its idle thread by now
         victim = _ops(attack(sec, "h1-c2", "syscall", "docker",
                              "bindfor", "3", "0.0.0.0:80"), "bindfor")[0]
         mine = read_json_line(attacker, timeout=30)
-    finally:
-        if attacker.poll() is None:
-            attacker.kill()
-            attacker.wait(timeout=10)
-        cgroup.close()
     assert mine["op"] == "bindfor" and mine["binds"] > 0 and mine["failed"] == 0, mine
     assert mine["worst_ms"] > 300, f"the attacker's binds were never slow: {mine}"
     assert victim["binds"] > 20 and victim["failed"] == 0, victim
     assert victim["worst_ms"] < 200, f"another container's wait slowed these binds: {victim}"
+
+
+def test_a_forged_request_never_opens_a_reply_path_the_policy_denies(sec):
+    """A container forges, from its own network stack (a raw socket: Docker
+    keeps CAP_NET_RAW), a datagram "from" a destination its policy denies to
+    its grafted UDP socket's host address and port. The host's conntrack
+    would take it as a request and the grafted socket's datagram to that
+    destination as its reply (established: accepted before any container's
+    policy). The node drops packets to its own addresses whose source does
+    not route back through the interface they came in on: the forged one
+    never arrives, the datagram is judged by the policy and refused."""
+    denied = 7398
+    sec.configure("h1-c1", CONFIG.format(c="h1-c1", mode="syscall", http_port=8081).replace(
+        'deny = ["deny tcp 198.18.0.2 7399"]',
+        f'deny = ["deny tcp 198.18.0.2 7399", "deny udp 198.18.0.2 {denied}"]'))
+    peer_ns = sec.plan.node("h2").netns
+    with Sentinel(peer_ns, "198.18.0.2", 7501, "udp"), \
+            Sentinel(peer_ns, "198.18.0.2", denied, "udp") as sentinel:
+        out = attack(sec, "h1-c1", "syscall", "docker", "sock", "udp4",
+                     "connect", "198.18.0.2:7501", "name", "send", f"198.18.0.2:{denied}",
+                     "spoofto", f"198.18.0.2:{denied}", "sleep", "0.5",
+                     "send", f"198.18.0.2:{denied}", "sleep", "0.5")
+    assert _ops(out, "name")[0]["local"][0] == "198.18.0.1", out      # grafted
+    assert _ops(out, "spoofto")[0]["ret"] == 0, out                   # sent, at least
+    first, second = _ops(out, "send")
+    assert first["errno"] in ("EPERM", "EACCES"), out                 # the policy
+    assert second["errno"] in ("EPERM", "EACCES"), out                # still the policy
+    assert sentinel.received == []
+
+
+def test_this_host_is_the_containers_own_loopback_in_socket_mode(sec):
+    """connect() to 0.0.0.0 / :: means "this host": after the hook the kernel
+    connects it to 127.0.0.1 / ::1 - the host's loopback, for a grafted
+    socket. Without the built-in denies (which refuse the unspecified
+    address), the socket-mode guard sends it to the container's private
+    loopback like any loopback address: the host's services on loopback are
+    never reached."""
+    h1 = sec.plan.node("h1").netns
+    sec.configure("h1-c1", CONFIG.format(c="h1-c1", mode="socket", http_port=8081).replace(
+        "[policy]\n", "[policy]\nbuiltin_denies = false\n").replace(
+        'egress = ["198.18.0.0/24=ep-out", "fd53:6700:0:1::/64=ep-out6"]',
+        'egress = ["0.0.0.0/0=ep-out", "::/0=ep-out6"]'))     # everywhere, by any rule
+    with Sentinel(h1, "127.0.0.1", 7520, "tcp") as lo4, \
+            Sentinel(h1, "::1", 7520, "tcp") as lo6:
+        out = attack(sec, "h1-c1", "socket", "docker", "sock", "tcp4", "connect",
+                     "0.0.0.0:7520", "sock", "tcp6", "connect", "[::]:7520",
+                     "sock", "tcp6", "connect", "[::ffff:0.0.0.0]:7520")
+    for step in _ops(out, "connect"):
+        assert step["errno"] == "ECONNREFUSED", out     # its own loopback: nobody there
+    assert lo4.received == [] and lo6.received == []
+
+
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_a_grafted_socket_broadcasts_to_no_host_link(sec, mode):
+    """A grafted UDP socket with SO_BROADCAST, its egress rule covering the
+    underlay's subnet: a datagram to that subnet's broadcast address (or to
+    255.255.255.255, or to a group) would reach every listener of the host's
+    link. Refused (built-in broadcast and multicast denies); nothing
+    arrives at the other host."""
+    configure(sec, "h1-c1", mode)
+    peer_ns = sec.plan.node("h2").netns
+    with Sentinel(peer_ns, "0.0.0.0", 7530, "udp") as sentinel:
+        out = attack(sec, "h1-c1", mode, "docker", "sock", "udp4", "setopt", 1, 6, 1,
+                     "connect", "198.18.0.2:7531",          # (grafted in both modes)
+                     "send", "198.18.0.255:7530", "send", "255.255.255.255:7530",
+                     "send", "224.0.0.1:7530", "send", "198.18.0.2:7530", "sleep", "0.5")
+    sends = _ops(out, "send")
+    assert [s["errno"] in ("EPERM", "EACCES") for s in sends] == [True, True, True, False], out
+    assert sentinel.received == ["198.18.0.1"], sentinel.received
+
+
+def test_a_loopback_bind_takes_no_port_the_host_keeps(sec):
+    """A socket-mode container's loopback is a private address of the host: a
+    bind there holds the port in the host's port space, so a host service
+    binding it later on every address would fail (EADDRINUSE). Ports the
+    host keeps - privileged ones, those listed in ip_local_reserved_ports -
+    are refused (EACCES); others work as before."""
+    h1 = sec.plan.node("h1").netns
+    path = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    old = netns.run_in(h1, lambda: open(path).read().strip())
+
+    def reserve(value):
+        with open(path, "w") as f:
+            f.write(value)
+    netns.run_in(h1, reserve, "7541")
+    try:
+        configure(sec, "h1-c1", "socket")
+        out = attack(sec, "h1-c1", "socket", "docker",
+                     "sock", "tcp4", "bind", "127.0.0.1:1022",
+                     "sock", "tcp6", "bind", "[::1]:53",
+                     "sock", "tcp4", "bind", "127.0.0.1:7541",
+                     "sock", "tcp4", "bind", "127.0.0.1:7540", "listen")
+    finally:
+        netns.run_in(h1, reserve, old or "")
+    binds = _ops(out, "bind")
+    assert [b["errno"] for b in binds[:3]] == ["EACCES"] * 3, out
+    assert binds[3]["ret"] == 0 and _ops(out, "listen")[0]["ret"] == 0, out
+
+
+def _waits_in_addfd(pid):
+    """Does a thread of process pid wait in a seccomp ioctl other than
+    NOTIF_RECV (i.e. ADDFD, waiting for its target to run)?"""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read() == "seccomp_notify_ioctl":
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def test_an_agent_stop_answers_every_call_it_received(sec):
+    """The agent stops while one of its threads waits in ADDFD for a
+    container's thread slow to run (SCHED_IDLE beside its own spinners), and
+    a new agent starts. The kernel hands a call out once: one received by the
+    old agent and never answered would hold its thread for good (the new
+    agent never sees it). Every bind of the container's loop is answered -
+    by the old agent before it ends, or by the new one - and the loop ends."""
+    configure(sec, "h1-c1", "syscall")
+    try:
+        with _slow_attacker(sec, "16", "4", "12") as attacker:
+            pid = sec.agents["h1"].pid
+            deadline = time.monotonic() + 8
+            while not _waits_in_addfd(pid):
+                assert time.monotonic() < deadline, "no agent thread ever waited in ADDFD"
+                time.sleep(0.002)
+            sec.stop_agent("h1")
+            sec.start_agent("h1")
+            mine = read_json_line(attacker, timeout=60)
+    finally:
+        if "h1" not in sec.agents:
+            sec.start_agent("h1")
+    assert mine["op"] == "bindfor" and mine["binds"] > 0, mine
 
 
 def test_a_lingering_socket_never_holds_the_agent(sec, answer):

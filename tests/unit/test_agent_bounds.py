@@ -49,6 +49,7 @@ def test_the_record_table_is_pruned_past_its_limit():
 
 
 def test_thread_exits_are_seen_through_pidfds_past_fd_1023():
+    from sockgraft.kernel import sockets as ksock
     """An agent serving many containers holds fds past select()'s 1023: the
     checks on its pidfds (and on its helpers' sockets) poll instead of
     raising ValueError in the loop."""
@@ -61,13 +62,17 @@ def test_thread_exits_are_seen_through_pidfds_past_fd_1023():
     me = threading.get_native_id()
     high = []
     try:
+        used = {int(f) for f in os.listdir("/proc/self/fd")}
+        free = (n for n in range(1500, 4000) if n not in used)
         for tid in (me, ended[0]):
             fd = t.pidfd(tid)
-            t.pidfds[tid] = os.dup2(fd, 1500 + len(high), inheritable=False)
+            t.pidfds[tid] = os.dup2(fd, next(free), inheritable=False)
             high.append(t.pidfds[tid])
             os.close(fd)
         go.set()
         th.join()
+        # (join returns a moment before the kernel's thread has exited)
+        assert ksock.ready(t.pidfds[ended[0]], timeout=2.0)
         assert min(high) > 1023
         assert t.exited({me, ended[0]}) == [ended[0]]
         assert ended[0] not in t.pidfds and me in t.pidfds
@@ -143,4 +148,29 @@ def test_the_loop_never_waits_for_a_containers_linger():
         assert me.closer.closed == 1
     finally:
         ksock.TargetSocket.around_close = old
+        srv.close()
+
+
+def test_a_close_that_lingers_past_the_limit_is_cut_short():
+    """A container cannot keep the closer threads (and every fd queued behind
+    them) for its SO_LINGER time: past the limit the sweep interrupts the
+    close (a pending signal ends the kernel's linger wait)."""
+    from sockgraft.agent import notifiers
+    from sockgraft.agent.loop import Closer
+    assert notifiers.install_wake_handler()          # (the agent's: a no-op handler)
+    srv, peer, copy = _lingering_copy()
+    closer = Closer(threads=1, limit=0.3, wake=notifiers.WAKE_SIGNAL)
+    try:
+        closer.close(copy.detach())
+        plain = socket.socket()
+        closer.close(plain.detach())                 # queued behind the lingering one
+        time.sleep(0.5)
+        assert closer.closed == 0                    # both wait (the peer reads nothing)
+        closer.sweep(time.monotonic())
+        deadline = time.monotonic() + 5
+        while closer.closed < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closer.closed == 2 and closer.interrupted >= 1
+    finally:
+        peer.close()
         srv.close()

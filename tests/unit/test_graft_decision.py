@@ -424,6 +424,10 @@ CONNECT_CASES = [
      Deny(errno.EACCES, "builtin:link-local", A("169.254.1.1:80"))),
     ("unspecified", BROAD, TCP4, A("0.0.0.1:80"),
      Deny(errno.EACCES, "builtin:unspecified", A("0.0.0.1:80"))),
+    ("multicast", BROAD, UDP4, A("224.0.0.251:5353"),
+     Deny(errno.EACCES, "builtin:multicast", A("224.0.0.251:5353"))),
+    ("limited-broadcast", BROAD, UDP4, A("255.255.255.255:67"),
+     Deny(errno.EACCES, "builtin:broadcast", A("255.255.255.255:67"))),
     ("allowlist-miss", ALLOWLIST, TCP4, A("10.1.9.9:80"),
      Deny(errno.EACCES, "default:allowlist", A("10.1.9.9:80"))),
     ("allowlist-wrong-proto", ALLOWLIST, UDP4, A("10.1.9.9:443"),
@@ -859,3 +863,33 @@ def test_a_rule_naming_loopback_still_wins_and_syscall_mode_is_unchanged():
     assert isinstance(decide_bind(MAIN, FRESH4, A("127.0.0.1:80"), frozenset(), None), Deny)
     assert not isinstance(decide_bind(MAIN, TCP4, A("127.0.0.1:80"), frozenset(), lo),
                           BindLoopback)                 # a container socket: the kernel's
+
+
+@pytest.mark.parametrize("addr, refused", [
+    ("127.0.0.1:22", True), ("[::1]:53", True), ("127.0.0.1:30080", True),
+    ("127.0.0.1:8080", False), ("127.0.0.1:0", False), ("[::ffff:127.0.0.1]:1023", True),
+])
+def test_a_loopback_bind_never_takes_a_port_the_host_keeps(addr, refused):
+    """A private loopback is a host address: a container's bind there would
+    make a host service's later bind of that port on every address fail
+    (EADDRINUSE). The ports the host keeps (privileged ones, the reserved
+    list) are refused; others, and an ephemeral port, go as before."""
+    from sockgraft.model.graft import BindLoopback, private_loopback
+    a = A(addr)
+    action = decide_bind(MAIN, FRESH6 if a.family == AF_INET6 else FRESH4, a, frozenset(),
+                         private_loopback(0x53470007), ((1, 1023), (30000, 32767)))
+    if refused:
+        assert action == Deny(errno.EACCES, "bind:host-reserved-port", a)
+    else:
+        assert isinstance(action, BindLoopback)
+
+
+@pytest.mark.parametrize("start, reserved, kept", [
+    ("1024\n", "\n", ((1, 1023),)),
+    ("0\n", "8080,30000-32767\n", ((8080, 8080), (30000, 32767))),
+    ("80", "5-3,x,70000,22", ((1, 79), (22, 22))),        # nonsense parts skipped
+    ("", "", ((1, 1023),)),                               # unreadable: the default
+])
+def test_the_ports_the_host_keeps_come_from_its_sysctls(start, reserved, kept):
+    from sockgraft.agent.procfs import kept_ports
+    assert kept_ports(start, reserved) == kept

@@ -61,6 +61,10 @@ table inet sockgraft {
     ip6 daddr fe80::/10 counter reject
     ip daddr 0.0.0.0/8 counter reject
     ip6 daddr ::/128 counter reject
+    ip daddr 224.0.0.0/4 counter reject
+    ip6 daddr ff00::/8 counter reject
+    ip daddr 255.255.255.255/32 counter reject
+    meta nfproto ipv4 fib daddr type broadcast counter reject
     ip daddr 10.0.0.0/8 meta l4proto tcp th dport 80-443 accept
     ip6 daddr fd00::/8 meta l4proto udp th dport 53 accept
     counter reject
@@ -71,6 +75,20 @@ table inet sockgraft {
 
 def test_golden_small_policy():
     assert plan_ruleset({0x53470001: SMALL}) == SMALL_GOLDEN
+
+
+def test_forged_sources_from_the_containers_bridges_are_dropped_before_conntrack():
+    """The antispoof chain names the bridges the containers are on (never
+    every bridge: the node's own address may live on one, where a reply may
+    come back another way than its request left), and exists only while
+    containers are registered."""
+    out = plan_ruleset({0x53470001: SMALL}, bridges=["sg-br1", "sg-br0", "sg-br0"])
+    assert ("  chain antispoof {\n"
+            "    type filter hook prerouting priority raw; policy accept;\n"
+            '    iifname { "sg-br0", "sg-br1" } fib daddr type local fib saddr . iif oif '
+            "missing counter drop\n  }\n") in out
+    assert "antispoof" not in plan_ruleset({0x53470001: SMALL})
+    assert "antispoof" not in plan_ruleset({}, bridges=["sg-br0"])
 
 
 def test_golden_no_policies():
@@ -213,7 +231,8 @@ def test_builtin_categories_follow_policy_table():
     # the renderer emits every built-in range, in BUILTIN_DENIES order
     drops = [line for line in plan_chain(Policy()) if line.endswith("counter reject")]
     assert drops == [f"{'ip' if n.version == 4 else 'ip6'} daddr {n} counter reject"
-                     for _, nets in BUILTIN_DENIES for n in nets]
+                     for _, nets in BUILTIN_DENIES for n in nets] + [
+        "meta nfproto ipv4 fib daddr type broadcast counter reject"]    # (after the last)
 
 
 def test_without_builtin_denies_no_category_drops_and_allows_keep_order():
@@ -294,6 +313,12 @@ def parse_line(line: str) -> tuple[list[tuple], bool]:
             return matches, True
         if rest == ["counter", "reject"]:
             return matches, False
+        if rest[:7] == ["meta", "nfproto", "ipv4", "fib", "daddr", "type", "broadcast"]:
+            # a subnet's broadcast address: the route knows, not the policy
+            # (decide() neither) - no address the evaluator is given is one
+            matches.append(("broadcast", None))
+            i += 7
+            continue
         if len(rest) >= 3 and rest[0] in ("ip", "ip6") and rest[1] == "daddr":
             net = ip_network(rest[2])   # strict: host bits set would raise
             if net.version != (4 if rest[0] == "ip" else 6):
@@ -327,6 +352,8 @@ def _hit(match: tuple, pkt: Packet) -> bool:
         return arg.version == pkt.family and pkt.daddr in arg
     if kind == "proto":
         return pkt.proto in arg
+    if kind == "broadcast":
+        return False
     lo, hi = arg
     return lo <= pkt.dport <= hi
 

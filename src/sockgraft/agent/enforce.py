@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping
 
 from ..errors import AgentError, SockgraftError
 from ..kernel import bpf as kbpf
-from ..kernel import nft
+from ..kernel import links, nft
 from ..model import bpfmaps, graft, redirect
 from ..model.nftpolicy import plan_ruleset
 from .store import ConfigStore
@@ -97,10 +97,16 @@ class Enforcer:
                     for mark, policy in policies.items()}
         loopbacks = {s.mark: graft.private_loopback(s.mark) for s in sessions
                      if s.graft_at == "socket"}
-        if (policies, services, redirects, loopbacks) == self._nft_applied:
+        try:
+            bridges = tuple(links.bridges_toward(sorted({a for s in sessions
+                                                         for a in s.addresses})))
+        except SockgraftError as exc:
+            log.warning("nftables: the containers' bridges (for antispoof): %s", exc)
+            bridges = ()
+        if (policies, services, redirects, loopbacks, bridges) == self._nft_applied:
             return
-        nft.apply(None, plan_ruleset(policies, services, redirects, loopbacks))
-        self._nft_applied = (policies, services, redirects, loopbacks)
+        nft.apply(None, plan_ruleset(policies, services, redirects, loopbacks, bridges))
+        self._nft_applied = (policies, services, redirects, loopbacks, bridges)
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
                  mark_held: Callable[[int], bool], rescan: bool | str = False,

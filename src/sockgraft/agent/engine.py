@@ -17,7 +17,6 @@ Never switches namespaces: it lives in the host namespace it was started in
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import gc
 import logging
@@ -29,7 +28,7 @@ import threading
 import time
 from contextlib import nullcontext
 
-from ..errors import AgentError, KernelError, NotFound, NotificationGone, SockgraftError
+from ..errors import AgentError, KernelError, NotFound, SockgraftError
 from ..kernel import bpf as kbpf
 from ..kernel import links, seccomp
 from ..kernel import sockets as ksock
@@ -62,6 +61,7 @@ def _locked(method):
     return run
 
 MAX_CLIENTS = 256
+STOP_WAIT = 5.0          # s an agent stop waits for its notifier threads to answer
 
 
 class Agent:
@@ -140,9 +140,12 @@ class Agent:
         # thread answering a call of its listener (serve_notification).
         self.lock = threading.RLock()
         self._in_notifier = threading.local()   # .serving: a notifier thread's call
-        self._in_flight = 0                     # notifier threads' calls being answered
         self.grafter.waiting_for_target = self._outside_lock
-        self.closer = Closer()
+        self.grafter.listener_of = self._listener_of
+        # (the wake signal's handler: installed with the notifier threads'
+        # when the agent starts in the main thread; else never sent)
+        self.closer = Closer(wake=notifiers.WAKE_SIGNAL if notifiers.install_wake_handler()
+                             else None)
         ksock.TargetSocket.around_close = self._close_outside_lock
         self._nft_due = False                   # reconcile nftables at the end of the turn
         self._deferred: list[tuple[socket.socket, dict]] = []   # register replies
@@ -244,13 +247,21 @@ class Agent:
         self._stop = True
 
     def close(self) -> None:
-        self._stop = True           # notifier threads hand what they receive to the loop
-        # a call a notifier thread answers may be waiting outside the lock
-        # (ADDFD, a shared socket's connect): it finishes - and answers -
-        # before the listeners close (bounded: a target that never runs)
-        deadline = time.monotonic() + 2.0
-        while self._in_flight and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._stop = True           # notifier threads let what they receive go on
+        # Every notifier thread stops and is waited for before anything
+        # closes: a call it received must be answered before the process
+        # ends (the kernel hands a notification out once - not again to the
+        # next agent: unanswered, the application's thread waits for good).
+        # A call it answers outside the lock (ADDFD waits for its target to
+        # run) finishes through the thread's own listener. Bounded: a target
+        # that never runs keeps its call past STOP_WAIT (logged).
+        with self.lock:
+            threads = self.sessions.all_threads()
+        for t in threads:
+            t.stop(timeout=0)
+        deadline = time.monotonic() + STOP_WAIT
+        for t in threads:
+            t.join(deadline)
         self._close()
 
     @_locked
@@ -312,12 +323,15 @@ class Agent:
                     self.sweep(now)
                     next_sweep = now + 1.0
 
-    def serve_notification(self, key: int, n: seccomp.Notification) -> bool:
+    def serve_notification(self, key: int, n: seccomp.Notification,
+                           listener: seccomp.Listener) -> bool:
         """A notifier thread's call that is not a socket() it answers itself
         (connect, bind, listen, sendto): answered in that thread, which the
         kernel woke on the trapping task's CPU, under the loop's lock - no
-        second wake-up of the loop per call. False: the session is gone or
-        the agent is stopping; the loop takes it."""
+        second wake-up of the loop per call - and through the thread's own
+        `listener` (open until the thread has answered, whatever the loop
+        closes meanwhile). False: the session is gone or the agent is
+        stopping; the thread lets the call go on (notifiers.Notifiers._other)."""
         with self.lock:
             if self._stop:
                 return False
@@ -325,12 +339,12 @@ class Agent:
             if sess is None:
                 return False
             self._in_notifier.serving = True
-            self._in_flight += 1
+            self._in_notifier.listener = listener
             try:
                 self.grafter.handle(sess, n)
             finally:
-                self._in_flight -= 1
                 self._in_notifier.serving = False
+                self._in_notifier.listener = None
             if self._nft_due or self._deferred or (self.fast is not None and self.fast.due):
                 # e.g. a grafted server's redirects: the loop loads them now,
                 # not at its next timeout
@@ -345,24 +359,22 @@ class Agent:
         loop's lock, so a container whose tasks are slow to be scheduled
         (its own SCHED_IDLE threads, a tight CPU quota), or that flips its
         socket to blocking, slows its own calls only, not every container's.
-        ADDFD goes through a dup of the listener (the loop may close the
-        session's fd meanwhile). The loop's own calls (threads off, or a
-        call forwarded to the loop) keep the lock."""
+        The listener is the thread's own (Grafter.listener_of): the loop may
+        drop the session meanwhile, the call is still answered. The loop's
+        own calls (threads off) keep the lock."""
         if not getattr(self._in_notifier, "serving", False):
             yield listener
             return
-        mine = seccomp.Listener(os.dup(listener.fileno())) if listener is not None else None
         state = self.lock._release_save()          # (every level of the RLock)
         try:
-            yield mine
+            yield listener
         finally:
             self.lock._acquire_restore(state)
-            if mine is not None:
-                mine.close()
-        if listener is not None and listener.closed:
-            # the session ended meanwhile (every filtered task exited): its
-            # calls are gone with it
-            raise NotificationGone("seccomp listener", errno.ENOENT, "session ended")
+
+    def _listener_of(self, sess: Session) -> seccomp.Listener:
+        """A notifier thread answers through its own listener, the loop
+        through the session's."""
+        return getattr(self._in_notifier, "listener", None) or sess.listener
 
     def _close_outside_lock(self, sock: ksock.TargetSocket, close) -> None:
         """Close the agent's copy of a target's socket: were it the last
@@ -809,7 +821,9 @@ class Agent:
     @_locked
     def sweep(self, now: float) -> None:
         """Expire connects whose application thread gave up or that time out;
-        close cached pidfds and memory fds of threads that exited."""
+        close cached pidfds and memory fds of threads that exited; cut short
+        closes that linger."""
+        self.closer.sweep(now)
         if self._trim_due and not self.grafter.connects.pending:
             # Containers went away: hand the memory their records used back to
             # the system (CPython and malloc keep freed memory otherwise).

@@ -36,7 +36,7 @@ from ..model import bpfmaps, graft
 from ..model.graft import (BindGrafted, BindLoopback, ConnectGrafted, Continue, Deny, Fail,
                            GraftBind, GraftConnect, GraftSend, Listen, SockInfo)
 from ..model.sockaddr import InetAddr
-from . import notifiers
+from . import notifiers, procfs
 from .connects import Connects
 from .inventory import GraftedSocket, Inventory, fmt
 from .sessions import Session
@@ -91,6 +91,10 @@ class Grafter:
         # listener -> a context giving the listener to use (the agent's
         # releases its loop lock there when a notifier thread calls)
         self.waiting_for_target = contextlib.nullcontext
+        # the listener a call is answered through: the session's, or (the
+        # agent's) the notifier thread's own that received it - which stays
+        # open while the thread answers, even once the session is dropped
+        self.listener_of = lambda sess: sess.listener
 
     @property
     def bpf(self) -> kbpf.Programs | None:
@@ -137,14 +141,14 @@ class Grafter:
 
     def respond(self, sess: Session, nid: int, *, val: int = 0, error: int = 0) -> None:
         try:
-            sess.listener.respond(nid, val=val, error=error)
+            self.listener_of(sess).respond(nid, val=val, error=error)
         except NotificationGone:
             pass
 
     def continue_(self, sess: Session, nid: int) -> None:
         self.inv.count(sess, "passed")
         try:
-            sess.listener.continue_(nid)
+            self.listener_of(sess).continue_(nid)
         except NotificationGone:
             pass
 
@@ -155,7 +159,7 @@ class Grafter:
         application's epoll registrations of the old socket over to it, count
         it. replaced: the agent's copy of the socket the host socket replaces
         (its close must not wait for the application's linger: unlinger)."""
-        with self.waiting_for_target(sess.listener) as listener:
+        with self.waiting_for_target(self.listener_of(sess)) as listener:
             # ADDFD returns once the target has taken the fd: as long as a
             # task slow to run (SCHED_IDLE, a tight CPU quota) makes it
             listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)
@@ -201,7 +205,7 @@ class Grafter:
         if not self.grafts_sockets(sess):
             self.continue_(sess, n.id)      # unconfigured: the container's own socket
             return
-        a = notifiers.answer_socket(sess.listener, n.id, n.pid, n.args, sess.mark, self.sockets)
+        a = notifiers.answer_socket(self.listener_of(sess), n.id, n.pid, n.args, sess.mark, self.sockets)
         if a is not None:
             self.inv.socket_answered(sess, a)
 
@@ -248,7 +252,7 @@ class Grafter:
                          "now on", sess.container, n.pid)
                 self.continue_(sess, n.id)
                 return
-            if not sess.listener.id_valid(n.id):
+            if not self.listener_of(sess).id_valid(n.id):
                 raise NotificationGone(n.id)     # (read nothing for a call gone)
             self.respond(sess, n.id, **self._psock_to_pipe(n, got, fd_out, min(length,
                                                                               waiting)))
@@ -328,7 +332,7 @@ class Grafter:
             return
         sess.tids.add(n.pid)
         data = self.targets.read(n.pid, ptr, min(alen, 128)) if alen else b""
-        if not sess.listener.id_valid(n.id):
+        if not self.listener_of(sess).id_valid(n.id):
             return      # the thread was interrupted or died while we read
         addr = graft.parse_trapped(data, alen)
         if isinstance(addr, Fail):
@@ -345,9 +349,13 @@ class Grafter:
             owned.enter_context(got)
             info, proto = self._sock_info(got, v6only=n.nr == seccomp.SYS_BIND)
             if n.nr == seccomp.SYS_BIND:
+                socket_mode = sess.graft_at == "socket"
+                to_lo = (socket_mode and isinstance(addr, InetAddr)
+                         and addr.unmapped().ip.is_loopback)
                 action = graft.decide_bind(cfg, info, addr, self.host_addrs,
                                            graft.private_loopback(sess.mark)
-                                           if sess.graft_at == "socket" else None)
+                                           if socket_mode else None,
+                                           procfs.host_reserved_ports() if to_lo else ())
             elif n.nr == seccomp.SYS_CONNECT:
                 action = graft.decide_connect(cfg, info, addr, self.publisher.services)
             else:
@@ -472,7 +480,7 @@ class Grafter:
         # our copy kept it alive, an epoll item still on it (one the host
         # socket got a copy of) told an unconnected socket's EPOLLOUT|EPOLLHUP
         t.dup.close()
-        t.sess.listener.continue_(t.n.id)
+        self.listener_of(t.sess).continue_(t.n.id)
 
     def _do_graft_send(self, t: Trapped, a: GraftSend, owned) -> None:
         host = owned.enter_context(self._host_socket(t))
@@ -480,7 +488,7 @@ class Grafter:
         self._inject(t, host, self._record(t, "sendto", a.endpoint.name, host, str(a.dest)))
         # The datagram itself goes through the kernel on the host socket; the
         # kernel judges it by the socket's mark and tag (no re-read hazard).
-        t.sess.listener.continue_(t.n.id)
+        self.listener_of(t.sess).continue_(t.n.id)
 
     # --- executor parts ------------------------------------------------------
 

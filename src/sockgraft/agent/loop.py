@@ -8,6 +8,7 @@ import queue
 import select
 import socket
 import threading
+import time
 
 log = logging.getLogger("sockgraft.agent")
 
@@ -43,17 +44,26 @@ class Closer:
     """Closes fds that may wait, in threads of its own: the agent's copy of a
     lingering socket whose application closed its fd meanwhile waits up to
     the SO_LINGER time in close(). A few threads (one waiting does not hold
-    the next close), started when needed; fds queue once all of them wait
-    (each kept until a thread gets to it). Daemon threads: at the agent's
-    exit the kernel closes what is left without lingering."""
+    the next close), started when needed. A close that waits longer than
+    `limit` seconds is interrupted (`wake` signal to its thread: the kernel's
+    linger wait ends at a pending signal; the socket goes on closing as an
+    orphan) - checked by sweep(), which the agent calls once a second - so a
+    container cannot keep the threads, and the fds queued behind them,
+    for good. Daemon threads: at the agent's exit the kernel closes what is
+    left without lingering."""
 
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self, threads: int = 4, *, limit: float = 2.0,
+                 wake: int | None = None) -> None:
         self.max_threads = threads
+        self.limit = limit
+        self.wake = wake                  # a signal with a handler installed (None: never)
         self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        self._busy: dict[int, float] = {}  # thread ident -> when its close began
         self.closed = 0                   # fds closed so far (for tests and stats)
+        self.interrupted = 0              # closes cut short by the wake signal
 
     def close(self, fd: int) -> None:
         with self._lock:
@@ -65,18 +75,46 @@ class Closer:
             queued = -self._idle
         self._q.put(fd)
         if start:
-            threading.Thread(target=self._run, name="sg-closer", daemon=True).start()
+            try:
+                threading.Thread(target=self._run, name="sg-closer", daemon=True).start()
+            except RuntimeError:          # (no thread to be had: close it here)
+                with self._lock:
+                    self._threads -= 1
+                    self._idle -= 1
+                self._take_one()
         elif queued > 0 and queued & (queued - 1) == 0:      # 1, 2, 4, ... queued
             log.warning("closer: %d threads wait in close() (SO_LINGER); %d fds queued",
                         self._threads, queued)
 
-    def _run(self) -> None:
-        while True:
-            fd = self._q.get()
+    def sweep(self, now: float) -> None:
+        """Interrupt closes waiting longer than the limit."""
+        if self.wake is None:
+            return
+        import signal
+        with self._lock:
+            late = [t for t, since in self._busy.items() if now - since > self.limit]
+        for ident in late:
             try:
-                os.close(fd)
-            except OSError:
+                signal.pthread_kill(ident, self.wake)
+                self.interrupted += 1
+            except ProcessLookupError:
                 pass
+
+    def _take_one(self) -> None:
+        fd = self._q.get()
+        me = threading.get_ident()
+        with self._lock:
+            self._busy[me] = time.monotonic()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        finally:
             with self._lock:
+                del self._busy[me]
                 self.closed += 1
                 self._idle += 1
+
+    def _run(self) -> None:
+        while True:
+            self._take_one()

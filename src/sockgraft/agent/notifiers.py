@@ -308,12 +308,13 @@ class Notifiers:
     def __init__(self, listener_fd: int, mark: int, container: str, inbox: Inbox,
                  *, threads: int = 2, enabled: Callable[[], bool] = lambda: True,
                  sockets: ksock.HostSockets | None = None, native_loop: bool = False,
-                 serve: Callable[[int, seccomp.Notification], bool] | None = None,
+                 serve: Callable[[int, seccomp.Notification, seccomp.Listener], bool]
+                 | None = None,
                  connects: Callable[[], dict | None] = lambda: None,
                  splice_map: Callable[[], int] = lambda: -1) -> None:
-        """serve(key, notification): answer a call that is not a grafted
-        socket() in this thread (the agent's loop lock taken inside); False:
-        forward it to the loop instead. connects(): the native loop's
+        """serve(key, notification, listener): answer a call that is not a
+        grafted socket() in this thread, through this thread's listener (the
+        agent's loop lock taken inside); False: the thread lets it go on. connects(): the native loop's
         parameters for grafting connect() itself (Table.configure keywords:
         eg4_fd, eg6_fd, egress_gen, sndbuf, rcvbuf), None: it does not.
         splice_map(): sg_splice's fd when the session traps splice() (the
@@ -454,10 +455,10 @@ class Notifiers:
                     continue
                 except KernelError as exc:
                     log.warning("%s pid %d socket: %s", self.container, v[1], exc)
-                    try:
-                        listener.respond(v[0], error=exc.errno or errno.EIO)
-                    except KernelError:
-                        pass
+                    _answer_quietly(listener, v[0], exc.errno or errno.EIO)
+                except Exception:
+                    _answer_quietly(listener, v[0], errno.EIO)   # (then reported)
+                    raise
         finally:
             spare.close()
             listener.close()
@@ -499,12 +500,15 @@ class Notifiers:
             if self.serve is None:
                 self.inbox.forward(self.key, n)
                 return
-            if self.serve(self.key, n):
-                return
-        try:
-            listener.continue_(n.id)
-        except KernelError:
-            pass                        # (gone meanwhile)
+            try:
+                if self.serve(self.key, n, listener):
+                    return
+            except Exception:           # noqa: BLE001 - answered below, then reported
+                log.exception("%s pid %d: answering call %d failed", self.container, n.pid,
+                              n.nr)
+                _answer_quietly(listener, n.id, errno.EIO)
+                raise
+        _answer_quietly(listener, n.id)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Interrupt the threads and join them for up to `timeout` s (each
@@ -515,24 +519,41 @@ class Notifiers:
             # from now on the native loop makes no socket (the agent may close
             # the guard map next): what it still receives goes to the loop
             self.table.configure(enabled=False, mark=self.mark, uid=-1)
+        self._wake()
+        if timeout > 0:
+            self.join(time.monotonic() + timeout)
+
+    def _wake(self) -> None:
         for t in self._threads:
             if t.is_alive():
                 try:
                     signal.pthread_kill(t.ident, WAKE_SIGNAL)
                 except ProcessLookupError:
                     pass
-        if timeout <= 0:
-            return
-        deadline = time.monotonic() + timeout
+
+    def join(self, deadline: float) -> bool:
+        """Wait (until the CLOCK_MONOTONIC `deadline`) for stopped threads to
+        end, waking them again every 50 ms (a wake-up that lands outside
+        NOTIF_RECV is not seen). A thread still answering a call finishes
+        it first. True: all ended."""
         for t in self._threads:
             while t.is_alive() and time.monotonic() < deadline:
-                try:
-                    signal.pthread_kill(t.ident, WAKE_SIGNAL)
-                except ProcessLookupError:
-                    break
+                self._wake()
                 t.join(0.05)
             if t.is_alive():
                 log.warning("%s: notifier thread %s did not stop", self.container, t.name)
+        return self.alive == 0
+
+
+def _answer_quietly(listener: seccomp.Listener, nid: int, error: int = 0) -> None:
+    """CONTINUE (error 0) or fail a call; nothing if it is gone meanwhile."""
+    try:
+        if error:
+            listener.respond(nid, error=error)
+        else:
+            listener.continue_(nid)
+    except KernelError:
+        pass
 
 
 def _hung_up(worker) -> bool:

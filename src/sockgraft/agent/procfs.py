@@ -81,6 +81,42 @@ def host_addresses() -> frozenset:
         return frozenset()
 
 
+def host_reserved_ports() -> tuple[tuple[int, int], ...]:
+    """The ports of this host's network namespace that its own services keep:
+    below net.ipv4.ip_unprivileged_port_start (sshd, DNS, ...) and those in
+    net.ipv4.ip_local_reserved_ports (where an operator lists its services'
+    ports). A socket-mode container's private loopback is a host address: a
+    bind there takes the port from a host service's later wildcard bind."""
+    def read(name: str) -> str:
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                return f.read()
+        except OSError:
+            return ""
+    return kept_ports(read("ip_unprivileged_port_start"), read("ip_local_reserved_ports"))
+
+
+def kept_ports(unprivileged_start: str, reserved: str) -> tuple[tuple[int, int], ...]:
+    """The two sysctls' text as port ranges (a start that does not parse is
+    the kernel's default, 1024; reserved: "8080,30000-32767")."""
+    out = []
+    try:
+        start = int(unprivileged_start.strip() or 1024)
+    except ValueError:
+        start = 1024
+    if start > 1:
+        out.append((1, min(start, 65536) - 1))
+    for part in reserved.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            lo_n, hi_n = int(lo), int(hi or lo)
+        except ValueError:
+            continue
+        if 0 < lo_n <= hi_n <= 65535:
+            out.append((lo_n, hi_n))
+    return tuple(out)
+
+
 def malloc_trim() -> None:
     try:
         ctypes.CDLL(None).malloc_trim(0)

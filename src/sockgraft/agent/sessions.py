@@ -126,6 +126,11 @@ class SessionTable:
         it runs)? Such a mark is not handed to another container."""
         return self.by_mark(mark) is not None
 
+    def all_threads(self) -> list[notifiers.Notifiers]:
+        """Every session's notifier threads, those of ended sessions still
+        finishing included."""
+        return list(self._threads.values()) + [t for _, t in self._ending]
+
     def threads_of(self, key: int) -> notifiers.Notifiers | None:
         return self._threads.get(key)
 

@@ -132,9 +132,15 @@ struct rule {
 	__u8 family;       /* 0 any, 4, 6 */
 	__u8 proto;        /* 0 any, IPPROTO_TCP, IPPROTO_UDP */
 	__u8 verdict;      /* V_DENY / V_ALLOW */
-	__u8 pad;
+	__u8 flags;        /* RULE_HOST_ONLY */
 	__u32 label;       /* index into the agent's rule labels (audit) */
 };
+
+/* A rule for host sockets only (the built-in multicast and broadcast denies:
+ * a host socket's datagram to a group reaches a host link), skipped by the
+ * fast path, which judges what a container sends from its own network
+ * stack - to its own link (DHCP, mDNS, IGMP). */
+#define RULE_HOST_ONLY 1
 
 struct policy {
 	__u32 flags;
@@ -584,6 +590,7 @@ struct judge_ctx {
 	__u16 port;
 	__u8 family;
 	__u8 proto;
+	__u8 fast;         /* the fast path judges: host-only rules skipped */
 	__u32 label;
 	int verdict;
 };
@@ -627,6 +634,8 @@ static long judge_block(__u64 block, void *data)
 		if (i >= c->n || i >= MAX_RULES)
 			return 1;
 		r = &c->p->rules[i & (MAX_RULES - 1)];
+		if (c->fast && (r->flags & RULE_HOST_ONLY))
+			continue;
 		if (rule_matches(c, r)) {
 			c->label = r->label;
 			c->verdict = r->verdict;
@@ -637,12 +646,13 @@ static long judge_block(__u64 block, void *data)
 }
 
 static __always_inline int judge(struct policy *p, __u8 family, const __u32 *addr,
-				 __u16 port, __u8 proto, __u32 *label)
+				 __u16 port, __u8 proto, __u32 *label, __u8 fast)
 {
 	struct judge_ctx c = {};
 	__u32 n = p->nrules;
 
 	c.p = p;
+	c.fast = fast;
 	c.addr[0] = addr[0];
 	if (family == 6) {
 		c.addr[1] = addr[1];
@@ -758,7 +768,7 @@ static __always_inline struct egress_val *admit(struct policy *p, __u32 mark, __
 	struct egress_val *e;
 	__u32 label = 0;
 
-	if (judge(p, fam, j, port, proto, &label) != V_ALLOW) {
+	if (judge(p, fam, j, port, proto, &label, 0) != V_ALLOW) {
 		count(1);
 		report(EV_DENY_POLICY, mark, op, label, fam, j, port, proto);
 		bpf_set_retval(-13 /* EACCES: one errno for a policy denial, both modes */);
@@ -873,7 +883,9 @@ static __always_inline int is_private6(const __u32 *a, __u32 mark)
  * the container's unless an egress rule names loopback (a rule inside
  * 127.0.0.0/8 or ::1/128 grafts it onto the host's, in both modes).
  * LO_OWN (socket mode): the container's own loopback (no egress rule inside
- * the loopback range) is its private loopback address on the host.
+ * the loopback range) and "this host" (0.0.0.0, ::: after the hook the
+ * kernel connects those to 127.0.0.1 / ::1 - never the host's) are its
+ * private loopback address on the host.
  * LO_KEPT (syscall mode): the agent keeps the container's own loopback and
  * "this host" (0.0.0.0, ::) in the container (model.graft._keeps_loopback);
  * the kernel re-reads the address of a call the agent continued, so a
@@ -890,16 +902,16 @@ static __always_inline int loopback_of(struct policy *p, __u32 mark, __u8 fam, c
 	struct egress_val *e;
 
 	if (fam == 4) {
-		if (!socket_mode && j[0] == 0)
-			return LO_KEPT;
+		if (j[0] == 0)		/* "this host": the kernel makes it loopback */
+			return socket_mode ? LO_OWN : LO_KEPT;
 		if (!is_lo4(j[0]))
 			return 0;
 		e = egress4(mark, p->gen, j[0], port_be);
 		if (e && e->plen >= 8)
 			return 0;
 	} else {
-		if (!socket_mode && !(a[0] | a[1] | a[2] | a[3]))
-			return LO_KEPT;
+		if (!(a[0] | a[1] | a[2] | a[3]))
+			return socket_mode ? LO_OWN : LO_KEPT;
 		if (!is_lo6(a))
 			return 0;
 		e = egress6(mark, p->gen, a, port_be);
@@ -2665,7 +2677,7 @@ static __always_inline int judge_first(struct __sk_buff *skb, struct pkt *p,
 	}
 	if (st)
 		st->misses++;
-	v.verdict = judge(pol, p->family, p->daddr, bpf_ntohs(p->dport), p->proto, &label);
+	v.verdict = judge(pol, p->family, p->daddr, bpf_ntohs(p->dport), p->proto, &label, 1);
 	v.gen = pol->gen;
 	v.origin = FL_OUT;
 	v.label = label;

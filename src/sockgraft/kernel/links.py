@@ -145,6 +145,33 @@ def _addresses_here(keep, **match) -> list:
     return out
 
 
+def bridges_toward(addrs) -> list[str]:
+    """The bridges of the calling thread's namespace that its routes to
+    `addrs` (containers' addresses) leave through, sorted by name: where
+    those containers' packets come in. Addresses without a route, or routed
+    elsewhere (a VXLAN device, a veth without a bridge), name nothing."""
+    from pyroute2 import IPRoute
+    out: set[str] = set()
+    with IPRoute() as ipr:
+        kinds = {}
+        for link in _call("link dump", "", ipr.get_links):
+            info = link.get_attr("IFLA_LINKINFO")
+            kinds[link["index"]] = (link.get_attr("IFLA_IFNAME"),
+                                    info.get_attr("IFLA_INFO_KIND") if info else None)
+        for a in addrs:
+            a = str(a).split("/")[0]
+            try:
+                ipaddress.ip_address(a)
+                routes = ipr.route("get", dst=a)
+            except (ValueError, OSError, NetlinkError):
+                continue
+            for r in routes:
+                name, kind = kinds.get(r.get_attr("RTA_OIF"), (None, None))
+                if kind == "bridge" and name:
+                    out.add(name)
+    return sorted(out)
+
+
 def own_addresses() -> list[str]:
     """Global unicast addresses of the calling thread's network namespace
     (no loopback, no link-local): what a container is reachable at."""

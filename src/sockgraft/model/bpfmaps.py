@@ -122,6 +122,13 @@ def _words(packed: bytes) -> tuple[int, int, int, int]:
     return struct.unpack("=4I", packed.ljust(16, b"\0"))
 
 
+# Rules the fast path skips (RULE_HOST_ONLY): a host socket's datagram to a
+# group or the broadcast address reaches a host link; what a container sends
+# from its own network stack reaches its own link (DHCP, mDNS, IGMP).
+RULE_HOST_ONLY = 1
+HOST_ONLY_LABELS = frozenset({"builtin:multicast", "builtin:broadcast"})
+
+
 def _rule_bytes(r: LinearRule, label: int) -> bytes:
     if r.network is None:
         addr = mask = (0, 0, 0, 0)
@@ -131,7 +138,8 @@ def _rule_bytes(r: LinearRule, label: int) -> bytes:
         mask = _words(r.network.netmask.packed)
         family = r.network.version
     return RULE.pack(*addr, *mask, r.port_lo, r.port_hi, family, PROTO_NUM[r.proto],
-                     V_ALLOW if r.allow else V_DENY, 0, label)
+                     V_ALLOW if r.allow else V_DENY,
+                     RULE_HOST_ONLY if r.label in HOST_ONLY_LABELS else 0, label)
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ def policy_entry(policy: Policy, gen: int, *, socket_mode: bool = True,
     rules, final = linearize(policy)
     if len(rules) > MAX_RULES:
         raise ConfigError(f"policy compiles to {len(rules)} rules; the in-kernel enforcer "
-                          f"holds at most {MAX_RULES} (built-in categories count 8)",
+                          f"holds at most {MAX_RULES} (built-in categories count 11)",
                           field="policy", value=len(rules))
     labels = tuple(r.label for r in rules) + (final.label,)
     body = b"".join(_rule_bytes(r, i) for i, r in enumerate(rules))

@@ -284,11 +284,15 @@ def unmatched_bind_note(cfg: GraftConfig, sock: SockInfo, addr: InetAddr) -> str
 
 
 def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
-                host_addrs: frozenset = frozenset(), loopback=None) -> Action:
+                host_addrs: frozenset = frozenset(), loopback=None,
+                reserved: tuple[tuple[int, int], ...] = ()) -> Action:
     """loopback: a socket-mode container's private loopback addresses
-    (`private_loopback`), where its loopback binds go; None otherwise."""
+    (`private_loopback`), where its loopback binds go; None otherwise.
+    reserved: port ranges the host's own services keep (a private loopback
+    is a host address: a bind there would take a port from a host service's
+    later wildcard bind) - refused to loopback binds."""
     if sock.grafted and not sock.bound:
-        return _bind_fresh_host_socket(cfg, sock, addr, loopback)
+        return _bind_fresh_host_socket(cfg, sock, addr, loopback, reserved)
     if sock.grafted:
         # Bound on the host before (by the agent), perhaps disconnected since
         # (connect(AF_UNSPEC) releases the port): it never binds again.
@@ -316,7 +320,8 @@ def decide_bind(cfg: GraftConfig | None, sock: SockInfo, addr: Sockaddr,
 
 
 def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
-                            addr: Sockaddr, loopback=None) -> Action:
+                            addr: Sockaddr, loopback=None,
+                            reserved: tuple[tuple[int, int], ...] = ()) -> Action:
     """A socket grafted at socket() lives on the host already: a bind either
     follows an ingress rule, or is an ephemeral wildcard bind (a client
     choosing no address: nothing is bound, so the socket later leaves from
@@ -338,6 +343,8 @@ def _bind_fresh_host_socket(cfg: GraftConfig | None, sock: SockInfo,
     if addr.unmapped().ip.is_unspecified and addr.port == 0:
         return BindGrafted(None, addr, addr, "bind:ephemeral")
     if loopback is not None and addr.unmapped().ip.is_loopback:
+        if any(lo <= addr.port <= hi for lo, hi in reserved):
+            return Deny(errno.EACCES, "bind:host-reserved-port", addr)
         return BindLoopback(_private_local(sock, addr, loopback), addr)
     return Deny(errno.EACCES, "bind:no-endpoint", addr)
 

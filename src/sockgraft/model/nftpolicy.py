@@ -68,8 +68,14 @@ def _dest(net: IPv4Network | IPv6Network | None) -> str:
 
 def plan_chain(policy: Policy) -> list[str]:
     rules, final = linearize(policy)
-    lines = [f"{_dest(r.network)}{_proto_match(r)}{_ports(r)}"
-             f"{'accept' if r.allow else 'counter reject'}".strip() for r in rules]
+    lines = []
+    for r in rules:
+        lines.append(f"{_dest(r.network)}{_proto_match(r)}{_ports(r)}"
+                     f"{'accept' if r.allow else 'counter reject'}".strip())
+        if r.label == "builtin:broadcast":
+            # a subnet's directed broadcast (SO_BROADCAST) reaches a host link
+            # as the limited one does: the route says which it is
+            lines.append("meta nfproto ipv4 fib daddr type broadcast counter reject")
     lines.append("accept" if final.allow else "counter reject")
     return lines
 
@@ -119,10 +125,35 @@ def _private_lines(loopbacks: Mapping[int, tuple]) -> list[str]:
     return out
 
 
+# A grafted socket's datagrams to a peer are accepted as replies when
+# conntrack holds a flow from that peer to its host address and port ("ct
+# state established" comes before any container's policy). A container can
+# forge such a "request" from its own network stack (a raw socket: Docker
+# keeps CAP_NET_RAW) with the source it wants to reach. So a packet to the
+# node's own addresses that comes in from a bridge the containers are on
+# (their packets enter the host there) is dropped, before conntrack sees it,
+# when its source does not route back through that bridge (strict reverse
+# path). Those bridges only: over the underlay (even on a bridge the node's
+# own address lives on) a reply may come back another way than its request
+# left (a routed overlay out, the underlay back). Left to the CNI
+# (docs/architecture.md): forged sources within the bridge's own subnet, and
+# containers on routed veths without a bridge.
+def antispoof_lines(bridges: Iterable[str]) -> list[str]:
+    names = ", ".join(f'"{b}"' for b in sorted(set(bridges)))
+    if not names:
+        return []
+    return ["  chain antispoof {",
+            "    type filter hook prerouting priority raw; policy accept;",
+            f"    iifname {{ {names} }} fib daddr type local fib saddr . iif oif missing "
+            "counter drop",
+            "  }"]
+
+
 def plan_ruleset(policies: dict[int, Policy],
                  services: Mapping[int, Iterable[tuple]] | None = None,
                  redirects: Iterable[Redirect] = (),
-                 loopbacks: Mapping[int, tuple] | None = None) -> str:
+                 loopbacks: Mapping[int, tuple] | None = None,
+                 bridges: Iterable[str] = ()) -> str:
     """The whole table for a node: {mark: policy}. Loaded with `nft -f`, the
     leading add+delete makes it replace any previous version atomically.
 
@@ -130,7 +161,9 @@ def plan_ruleset(policies: dict[int, Policy],
     directory may send that container's clients to (graft.followable). Their
     connect was judged on the overlay address the client asked for; the
     packets carry the host address, which that container's chain accepts
-    first - and only that container's: no other container gains anything."""
+    first - and only that container's: no other container gains anything.
+
+    bridges: those the containers' addresses route through (antispoof_lines)."""
     services = services or {}
     out = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
            f"table {FAMILY} {TABLE} {{"]
@@ -143,6 +176,8 @@ def plan_ruleset(policies: dict[int, Policy],
             out.append("  }")
     if loopbacks:
         out += _private_lines(loopbacks)
+    if policies:
+        out += antispoof_lines(bridges)
     out.append("  chain output {")
     out.append("    type filter hook output priority filter; policy accept;")
     out.append(f"    meta mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} accept")

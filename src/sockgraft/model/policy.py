@@ -81,6 +81,12 @@ BUILTIN_DENIES: tuple[tuple[str, tuple[IPv4Network | IPv6Network, ...]], ...] = 
     ("loopback", (IPv4Network("127.0.0.0/8"), IPv6Network("::1/128"))),
     ("link-local", (IPv4Network("169.254.0.0/16"), IPv6Network("fe80::/10"))),
     ("unspecified", (IPv4Network("0.0.0.0/8"), IPv6Network("::/128"))),
+    # a host socket's datagrams to a group or the limited broadcast reach
+    # every listener of a host link (the underlay, every bridge: the
+    # interface is the sender's choice - IP_MULTICAST_IF, IP_PKTINFO, a
+    # scope id)
+    ("multicast", (IPv4Network("224.0.0.0/4"), IPv6Network("ff00::/8"))),
+    ("broadcast", (IPv4Network("255.255.255.255/32"),)),
 )
 
 
