@@ -68,8 +68,20 @@ def container_name(conf: dict, cid: str) -> str:
     args = _cni_args()
     if args.get("K8S_POD_NAME"):
         ns = args.get("K8S_POD_NAMESPACE", "default")
-        return f"{ns}.{args['K8S_POD_NAME']}"[:128]
-    return cid[:128]
+        return _fit(f"{ns}.{args['K8S_POD_NAME']}")
+    return _fit(cid)
+
+
+def _fit(name: str, limit: int = 128) -> str:
+    """A name the store takes (at most `limit` characters) that stays unique:
+    a longer one keeps its start and gets a hash of the whole (two pods whose
+    long names share their first 128 characters must not share an identity -
+    its stored config, mark and grants)."""
+    if len(name) <= limit:
+        return name
+    import hashlib
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[:limit - 17]}-{digest}"
 
 
 def _ips(prev: dict) -> list[str]:
@@ -91,7 +103,7 @@ def _safe_id(cid: str) -> str:
 
 
 def state_path(state_dir: str, cid: str, ifname: str) -> str:
-    return os.path.join(state_dir, "cni", f"{_safe_id(cid)}-{ifname}.json")
+    return os.path.join(state_dir, "cni", f"{_safe_id(cid)}-{_safe_id(ifname)}.json")
 
 
 def registered(state_dir: str, prefix: str = "") -> list[dict]:
@@ -165,37 +177,54 @@ def cmd_add(conf: dict) -> dict:
     record = {"id": cid, "netns": netns, "ifname": ifname, "ips": _ips(prev),
               "container": container, "config_written": cfg is not None,
               "ports": ports or []}
+    # The record first, then the configuration: a plugin killed in between
+    # leaves a record DEL cleans up after, never a configuration (and its
+    # mark) nothing points to. A configuration stored before this ADD (by
+    # `sockgraft config`, an earlier ADD) is put back if this one fails.
     written: list[str] = []
+    previous = None
     try:
-        if cfg is not None:
-            _store(state_dir).save(cfg)
-            written.append("config")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        # (root's only: netns paths, addresses and ports of every pod)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(record, f)
         os.replace(tmp, path)
         written.append("state")
+        if cfg is not None:
+            store = _store(state_dir)
+            try:
+                previous = store.load(container)
+            except SockgraftError:
+                previous = None         # (unreadable: replaced, not put back)
+            store.save(cfg)
+            written.append("config")
         _reload(conf, state_dir, container)
     except SockgraftError as exc:
-        _undo(written, state_dir, container, path)
+        _undo(written, state_dir, container, path, previous)
         raise CniError(E_TRY_LATER, f"node agent not reachable: {exc}") from None
     except OSError as exc:
-        _undo(written, state_dir, container, path)
+        _undo(written, state_dir, container, path, previous)
         raise CniError(E_IO, f"cannot write the registration: {exc}") from None
     out = dict(prev)
     out["cniVersion"] = conf.get("cniVersion", prev.get("cniVersion", "1.0.0"))
     return out
 
 
-def _undo(written: list[str], state_dir: str, container: str, path: str) -> None:
+def _undo(written: list[str], state_dir: str, container: str, path: str,
+          previous=None) -> None:
+    """What a failed ADD wrote, taken back: its configuration (the one it
+    replaced put back), then its record."""
+    if "config" in written:
+        if previous is not None:
+            _store(state_dir).save(previous)
+        else:
+            _store(state_dir).delete(container)
     if "state" in written:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    if "config" in written:
-        _store(state_dir).delete(container)
 
 
 def cmd_del(conf: dict) -> None:

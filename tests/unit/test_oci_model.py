@@ -358,6 +358,15 @@ def test_an_application_container_finds_its_pods_sandbox():
     assert moci.sandbox_id(moci.parse_handoff(json.dumps(STATE).encode(), 1)) is None
 
 
+def test_a_sandbox_that_names_itself_reads_no_further_key():
+    """A containerd sandbox's spec names itself under the containerd key; a
+    second key (which a pod's own annotations could carry) is never read."""
+    own = moci.parse_handoff(json.dumps(STATE).encode(), 1).container_id
+    ann = {moci.SANDBOX_ID_ANNOTATIONS[0]: own, moci.SANDBOX_ID_ANNOTATIONS[1]: "victim"}
+    st = {**STATE, "state": {**STATE["state"], "annotations": ann}}
+    assert moci.sandbox_id(moci.parse_handoff(json.dumps(st).encode(), 1)) is None
+
+
 def test_untrusted_annotations_give_no_configuration():
     ann = {"sockgraft/endpoints": "ep=ipv4:10.0.0.1:80", "sockgraft/ingress": "0.0.0.0:80=ep"}
     assert moci.config_from_annotations("c", ann) is not None

@@ -94,3 +94,25 @@ def test_the_ruleset_dnats_before_the_nodes_own_port_mappings():
 def test_a_wildcard_endpoint_is_reached_at_the_address_the_packet_came_to():
     r = Redirect("tcp", 4, A("198.19.2.2"), 80, A("0.0.0.0"), 8081)
     assert nftpolicy.redirect_line(r).endswith("redirect to :8081")
+
+
+def test_a_published_host_address_must_be_the_nodes_own():
+    """A pod's hostIP is written into a DNAT rule the node applies to every
+    packet it routes or sends: only a local address may match (a hostIP of
+    169.254.169.254 would take the metadata service's connections to the
+    pod). A container address redirect names the container's own address."""
+    pub = Redirect("tcp", 4, A("169.254.169.254"), 80, A("198.18.0.2"), 8081, "published")
+    assert nftpolicy.redirect_line(pub).startswith(
+        "ip daddr 169.254.169.254 fib daddr type local tcp dport 80 ")
+    own = Redirect("tcp", 4, A("198.19.2.2"), 80, A("198.18.0.2"), 8081, "container address")
+    assert "fib" not in nftpolicy.redirect_line(own)
+
+
+def test_addresses_with_a_zone_never_reach_the_ruleset():
+    """A zone id is free text to Python's parser (spaces, braces, newlines):
+    refused in port mappings, skipped among a container's addresses."""
+    with pytest.raises(ConfigError, match="zone"):
+        parse_ports([{"hostPort": 80, "containerPort": 80,
+                      "hostIP": "fe80::1%x } chain evil { type filter hook input priority 0"}])
+    got = plan([S("::", 443, "fd53::1", 8443)], {"web": ["fd53:6700:0:2::2%eth0 }"]}, {})
+    assert got == []

@@ -5,6 +5,7 @@ again only in a new generation and never while a live session holds them
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -130,3 +131,57 @@ def test_containers_without_a_stored_config_give_their_mark_back(tmp_path):
         assert not st.release_unconfigured(f"oci{i}")           # (once)
     assert not st.release_unconfigured("kept") and st.mark("kept") == kept
     assert st.generation(m) == 9                                # a new one each time
+
+
+@pytest.mark.parametrize("name", ["web\n", "web/x", "../web", "", "-web", "w" * 129])
+def test_a_name_the_store_refuses(tmp_path, name):
+    with pytest.raises(ConfigError, match="container name"):
+        _store(tmp_path).mark(name)
+
+
+def test_two_long_pod_names_keep_two_identities(tmp_path, monkeypatch):
+    """CNI names a pod "namespace.pod": two long names that agree on their
+    first 128 characters used to be cut to one - one stored config, one
+    mark, one set of grants for two pods. A longer name keeps its start and
+    gets a hash of the whole; the store takes it."""
+    from sockgraft import cni
+    names = []
+    for last in "ab":
+        monkeypatch.setenv("CNI_ARGS", f"K8S_POD_NAMESPACE=team;K8S_POD_NAME={'p' * 150}{last}")
+        names.append(cni.container_name({}, "cid"))
+    assert names[0] != names[1] and all(len(n) == 128 for n in names)
+    assert names[0][:100] == "team." + "p" * 95
+    st = _store(tmp_path)
+    assert st.mark(names[0]) != st.mark(names[1])
+    monkeypatch.setenv("CNI_ARGS", "K8S_POD_NAMESPACE=team;K8S_POD_NAME=short")
+    assert cni.container_name({}, "cid") == "team.short"
+
+
+def test_a_failed_cni_add_leaves_what_was_there_before(tmp_path, monkeypatch):
+    """ADD with a graft configuration, the agent unreachable: the record is
+    gone again and the configuration stored before this ADD is back (it
+    used to be deleted); with none before, none after."""
+    from sockgraft import cni
+    from sockgraft.model.graftconfig import config_from_dict
+    state = str(tmp_path)
+    monkeypatch.setenv("CNI_CONTAINERID", "cid1")
+    monkeypatch.setenv("CNI_NETNS", "/var/run/netns/x")
+    monkeypatch.setenv("CNI_IFNAME", "eth0")
+    monkeypatch.setenv("CNI_ARGS", "")
+    store = cni._store(state)
+    before = config_from_dict({"container": "web", "policy": {"deny": ["deny tcp 10.0.0.1"]}},
+                              "test")
+    store.save(before)
+    conf = {"cniVersion": "1.0.0", "stateDir": state, "container": "web",
+            "agentSocket": str(tmp_path / "nobody.sock"),
+            "graft": {"policy": {"deny": ["deny tcp 10.9.9.9"]}},
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.2/24"}]}}
+    with pytest.raises(cni.CniError) as exc:
+        cni.cmd_add(conf)
+    assert exc.value.code == cni.E_TRY_LATER
+    assert store.load("web") == before
+    assert not os.path.exists(cni.state_path(state, "cid1", "eth0"))
+    store.delete("web")
+    with pytest.raises(cni.CniError):
+        cni.cmd_add(conf)
+    assert store.load("web") is None and store.containers() == []

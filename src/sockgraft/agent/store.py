@@ -26,6 +26,16 @@ from ..paths import state_dir
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 
+def check_name(container: object) -> str:
+    """A container name the store takes (a file name, a key of the mark
+    registry), or ConfigError."""
+    if not isinstance(container, str) or not _NAME.fullmatch(container):
+        raise ConfigError("container name: letters, digits, _ . + - (max 128), "
+                          "starting with a letter or digit", field="container",
+                          value=container)
+    return container
+
+
 def default_dir() -> str:
     return os.path.join(state_dir(), "containers")
 
@@ -61,11 +71,7 @@ class ConfigStore:
         self.mark_space = mark_space or mark_space_from_env()
 
     def _path(self, container: str) -> str:
-        if not _NAME.match(container):
-            raise ConfigError("container name: letters, digits, _ . + - (max 128), "
-                              "starting with a letter or digit", field="container",
-                              value=container)
-        return os.path.join(self.dir, f"{container}.toml")
+        return os.path.join(self.dir, f"{check_name(container)}.toml")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -192,7 +198,7 @@ class ConfigStore:
         the agent calls this on its loop, and only a new container's first
         mark waits for the lock, which every holder keeps for one short
         read-modify-write."""
-        known = self._read_marks().get(container)
+        known = self._read_marks().get(check_name(container))
         if known is not None:
             return MARK_BASE | known
         with self._locked():

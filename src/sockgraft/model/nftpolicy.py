@@ -92,7 +92,12 @@ def _service_lines(services: Iterable[tuple]) -> list[str]:
 
 def redirect_line(r: Redirect) -> str:
     kw = "ip" if r.version == 4 else "ip6"
-    match = f"{kw} daddr {r.daddr} " if r.daddr is not None else \
+    # A published port's host address (a pod's hostIP) is the node's own or
+    # nothing: the rule runs for every packet the node routes or sends, and
+    # would otherwise take connections to any address (the metadata
+    # service, another pod, a Service IP) to the grafted server.
+    local = "fib daddr type local " if r.why == "published" else ""
+    match = f"{kw} daddr {r.daddr} {local}" if r.daddr is not None else \
         f"meta nfproto {'ipv4' if r.version == 4 else 'ipv6'} fib daddr type local "
     if r.to_ip.is_unspecified:        # a wildcard endpoint: the address it arrived at
         return f"{match}{r.proto} dport {r.dport} counter redirect to :{r.to_port}"

@@ -127,8 +127,10 @@ def sandbox_id(h: Handoff) -> str | None:
     """The pod sandbox id the runtime wrote into a container's annotations."""
     for k in SANDBOX_ID_ANNOTATIONS:
         v = h.annotations.get(k)
-        if v and v != h.container_id:
-            return v
+        if v:
+            # the first key the runtime wrote decides: a sandbox names itself
+            # (no further key is read - a pod's own annotation could be one)
+            return v if v != h.container_id else None
     return None
 
 

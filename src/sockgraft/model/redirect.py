@@ -94,6 +94,9 @@ def parse_ports(raw: object, source: str = "port mappings") -> tuple[PortMap, ..
         except (ValueError, TypeError):
             raise ConfigError(f"port mapping {i}: host IP {hip!r} is not an address",
                               source=source, value=m) from None
+        if ip is not None and getattr(ip, "scope_id", None):
+            raise ConfigError(f"port mapping {i}: host IP {hip!r} has a zone",
+                              source=source, value=m)
         if ip is not None and ip.is_unspecified:
             ip = None
         out.append(PortMap(proto, host, cont, ip))
@@ -112,9 +115,11 @@ def plan(servers: Iterable[Server], addresses: dict[str, Iterable[str]],
         own = []
         for a in addresses.get(s.container, ()):
             try:
-                own.append(ip_address(a))
+                ip = ip_address(a)
             except ValueError:
                 continue
+            if not getattr(ip, "scope_id", None):      # (a zone is no container address)
+                own.append(ip)
         for ip in own:
             if ip.version != hv or ip.is_loopback or ip.is_link_local:
                 continue
