@@ -81,9 +81,10 @@ examples:
   sockgraft policy add --container h1-c1 allow tcp 198.18.0.0/24 1-65535
   sockgraft policy add --container h1-c1 allow udp '[fd00::/8]' 53
   sockgraft policy del --container h1-c1 deny tcp 198.18.0.2 22
-  sockgraft policy builtin --container h1-c1 off      (allow loopback/link-local/metadata)
+  sockgraft policy builtin --container h1-c1 off      (allow loopback/link-local/metadata/...)
 Rule syntax: ACTION PROTO DEST [PORTS]; built-in denies (loopback, link-local,
-cloud metadata, unspecified) apply unless an allow rule names them.
+cloud metadata, unspecified, multicast, broadcast) apply unless an allow rule
+names them.
 """
 
 CONFIG_EXAMPLES = """\
