@@ -176,6 +176,7 @@ def cmd_add(conf: dict) -> dict:
     path = state_path(state_dir, cid, ifname)
     record = {"id": cid, "netns": netns, "ifname": ifname, "ips": _ips(prev),
               "container": container, "config_written": cfg is not None,
+              "config_digest": _digest(cfg) if cfg is not None else None,
               "ports": ports or []}
     # The record first, then the configuration: a plugin killed in between
     # leaves a record DEL cleans up after, never a configuration (and its
@@ -211,6 +212,12 @@ def cmd_add(conf: dict) -> dict:
     return out
 
 
+def _digest(cfg) -> str:
+    import hashlib
+    from .model.graftconfig import dump_config
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+
+
 def _undo(written: list[str], state_dir: str, container: str, path: str,
           previous=None) -> None:
     """What a failed ADD wrote, taken back: its configuration (the one it
@@ -238,7 +245,12 @@ def cmd_del(conf: dict) -> None:
         return          # nothing registered (or already deleted): success
     if rec.get("config_written") and isinstance(rec.get("container"), str):
         try:
-            _store(state_dir).delete(rec["container"])
+            store = _store(state_dir)
+            stored = store.load(rec["container"])
+            # only the configuration this ADD wrote (an ADD killed before it
+            # wrote one left the record: the configuration there is another's)
+            if stored is not None and rec.get("config_digest") in (None, _digest(stored)):
+                store.delete(rec["container"])
         except Exception:  # noqa: BLE001 - DEL must not fail on a bad name
             pass
     try:

@@ -367,3 +367,20 @@ def test_random_policies_in_the_kernel_match_decide(ns, seed):
         allowed_seen += verdict.allowed
         denied_seen += not verdict.allowed
     assert allowed_seen > 20 and denied_seen > 20, (allowed_seen, denied_seen)
+
+
+def test_the_bridges_checked_for_forged_sources_are_the_containers_own():
+    """antispoof names the bridges the containers' addresses route through -
+    not the bridge of the node's default route (its uplink: replies may come
+    back there another way than their requests left), not a veth."""
+    from nettools import ip_in
+    from sockgraft.kernel import links
+    with scratch_ns("sgbr") as ns:
+        for br, addr in (("br-ct", "10.77.0.1/24"), ("br-up", "10.78.0.2/24")):
+            ip_in(ns, "link", "add", br, "type", "bridge")
+            ip_in(ns, "addr", "add", addr, "dev", br)
+            ip_in(ns, "link", "set", br, "up")
+        ip_in(ns, "route", "add", "default", "via", "10.78.0.1", "dev", "br-up", "onlink")
+        got = netns.run_in(ns, links.bridges_toward,
+                           ["10.77.0.5", "10.77.0.6/24", "10.99.0.1", "fe80::1%x", "bogus"])
+        assert got == ["br-ct"]

@@ -185,3 +185,31 @@ def test_a_failed_cni_add_leaves_what_was_there_before(tmp_path, monkeypatch):
     with pytest.raises(cni.CniError):
         cni.cmd_add(conf)
     assert store.load("web") is None and store.containers() == []
+
+
+def test_del_removes_only_the_configuration_its_add_wrote(tmp_path, monkeypatch):
+    """An ADD killed after its record and before its configuration leaves a
+    record saying it wrote one: DEL must not delete the configuration that
+    is there (an operator's, another interface's)."""
+    import json
+    from sockgraft import cni
+    from sockgraft.model.graftconfig import config_from_dict
+    state = str(tmp_path)
+    monkeypatch.setenv("CNI_CONTAINERID", "cid2")
+    monkeypatch.setenv("CNI_IFNAME", "eth0")
+    store = cni._store(state)
+    operators = config_from_dict({"container": "web", "policy": {"deny": ["deny tcp 10.0.0.1"]}},
+                                 "test")
+    store.save(operators)
+    mine = config_from_dict({"container": "web", "policy": {"deny": ["deny tcp 10.9.9.9"]}},
+                            "test")
+    path = cni.state_path(state, "cid2", "eth0")
+    os.makedirs(os.path.dirname(path))
+    conf = {"stateDir": state, "agentSocket": str(tmp_path / "nobody.sock")}
+    for stored, gone in ((operators, False), (mine, True)):
+        store.save(stored)
+        with open(path, "w") as f:
+            json.dump({"id": "cid2", "container": "web", "config_written": True,
+                       "config_digest": cni._digest(mine)}, f)
+        cni.cmd_del(conf)
+        assert (store.load("web") is None) == gone and not os.path.exists(path)

@@ -53,6 +53,8 @@ class Enforcer:
         self._svc: dict[bytes, bytes] = {}
         self._svc_rev: dict[bytes, bytes] = {}
         self._nft_applied: object = None
+        self._bridges_for: list[str] | None = None   # addresses the bridges were found for
+        self._bridges_found: tuple[str, ...] = ()
         self._follow: tuple[object, dict] = (None, {})   # (service table, {policy: part})
         self.redirects: tuple = ()          # the grafted servers' DNAT (model/redirect)
 
@@ -97,16 +99,25 @@ class Enforcer:
                     for mark, policy in policies.items()}
         loopbacks = {s.mark: graft.private_loopback(s.mark) for s in sessions
                      if s.graft_at == "socket"}
-        try:
-            bridges = tuple(links.bridges_toward(sorted({a for s in sessions
-                                                         for a in s.addresses})))
-        except SockgraftError as exc:
-            log.warning("nftables: the containers' bridges (for antispoof): %s", exc)
-            bridges = ()
+        bridges = self._bridges(sorted({a for s in sessions for a in s.addresses}))
         if (policies, services, redirects, loopbacks, bridges) == self._nft_applied:
             return
         nft.apply(None, plan_ruleset(policies, services, redirects, loopbacks, bridges))
         self._nft_applied = (policies, services, redirects, loopbacks, bridges)
+
+    def _bridges(self, addrs: list[str]) -> tuple[str, ...]:
+        """The bridges the containers' addresses route through (antispoof),
+        looked up again only when the set of addresses changes (a route get
+        per address); on a netlink error the last ones found stay."""
+        if addrs == self._bridges_for:
+            return self._bridges_found
+        try:
+            found = tuple(links.bridges_toward(addrs))
+        except (SockgraftError, OSError) as exc:
+            log.warning("nftables: the containers' bridges (for antispoof): %s", exc)
+            return self._bridges_found
+        self._bridges_for, self._bridges_found = addrs, found
+        return found
 
     def sync_bpf(self, sessions: Iterable, services: Mapping,
                  mark_held: Callable[[int], bool], rescan: bool | str = False,

@@ -95,8 +95,12 @@ def hold_oci(listener: int, info: dict) -> int:
     except Exception as exc:  # noqa: BLE001 - the container may already be gone
         log.warning("container %s: cannot read its namespace: %s", info["container"], exc)
         facts = {"buffers": {}, "addresses": []}
-    if not facts["addresses"]:
-        facts["addresses"] = list(info.get("cni_addresses") or [])   # what CNI assigned
+    if info.get("cni_addresses"):
+        # What CNI assigned wins over what the namespace shows: a process of
+        # the pod with CAP_NET_ADMIN could add any address to its interface
+        # (another pod's, a Service's), and a container's own addresses are
+        # redirected to its grafted servers and granted as its sources.
+        facts["addresses"] = list(info["cni_addresses"])
     hello = {**facts, "graft_at": info.get("graft_at", "syscall"),
              "inline_config": info.get("config"), "ports": info.get("cni_ports") or []}
     try:

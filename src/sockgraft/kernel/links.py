@@ -149,15 +149,23 @@ def bridges_toward(addrs) -> list[str]:
     """The bridges of the calling thread's namespace that its routes to
     `addrs` (containers' addresses) leave through, sorted by name: where
     those containers' packets come in. Addresses without a route, or routed
-    elsewhere (a VXLAN device, a veth without a bridge), name nothing."""
+    elsewhere (a VXLAN device, a veth without a bridge, the bridge of the
+    default route), name nothing."""
     from pyroute2 import IPRoute
     out: set[str] = set()
-    with IPRoute() as ipr:
+    with _call("netlink open", "", IPRoute) as ipr:
         kinds = {}
         for link in _call("link dump", "", ipr.get_links):
             info = link.get_attr("IFLA_LINKINFO")
             kinds[link["index"]] = (link.get_attr("IFLA_IFNAME"),
                                     info.get_attr("IFLA_INFO_KIND") if info else None)
+        # a bridge the node's default route leaves through is its uplink
+        # (the node's own address on br0): replies may come back there
+        # another way than their requests left - never checked
+        uplinks = set()
+        for fam in (2, 10):
+            for r in _call("route dump", "default", ipr.get_default_routes, family=fam):
+                uplinks.add(r.get_attr("RTA_OIF"))
         for a in addrs:
             a = str(a).split("/")[0]
             try:
@@ -166,8 +174,9 @@ def bridges_toward(addrs) -> list[str]:
             except (ValueError, OSError, NetlinkError):
                 continue
             for r in routes:
-                name, kind = kinds.get(r.get_attr("RTA_OIF"), (None, None))
-                if kind == "bridge" and name:
+                oif = r.get_attr("RTA_OIF")
+                name, kind = kinds.get(oif, (None, None))
+                if kind == "bridge" and name and oif not in uplinks:
                     out.add(name)
     return sorted(out)
 
