@@ -157,20 +157,28 @@ def test_two_long_pod_names_keep_two_identities(tmp_path, monkeypatch):
     assert cni.container_name({}, "cid") == "team.short"
 
 
+def _cni_env(tmp_path, monkeypatch, cid):
+    """The plugin's environment for container cid on eth0: (state dir, store)."""
+    from sockgraft import cni
+    for k, v in (("CNI_CONTAINERID", cid), ("CNI_NETNS", "/var/run/netns/x"),
+                 ("CNI_IFNAME", "eth0"), ("CNI_ARGS", "")):
+        monkeypatch.setenv(k, v)
+    return str(tmp_path), cni._store(str(tmp_path))
+
+
+def _web_config(denied):
+    from sockgraft.model.graftconfig import config_from_dict
+    return config_from_dict({"container": "web", "policy": {"deny": [f"deny tcp {denied}"]}},
+                            "test")
+
+
 def test_a_failed_cni_add_leaves_what_was_there_before(tmp_path, monkeypatch):
     """ADD with a graft configuration, the agent unreachable: the record is
     gone again and the configuration stored before this ADD is back (it
     used to be deleted); with none before, none after."""
     from sockgraft import cni
-    from sockgraft.model.graftconfig import config_from_dict
-    state = str(tmp_path)
-    monkeypatch.setenv("CNI_CONTAINERID", "cid1")
-    monkeypatch.setenv("CNI_NETNS", "/var/run/netns/x")
-    monkeypatch.setenv("CNI_IFNAME", "eth0")
-    monkeypatch.setenv("CNI_ARGS", "")
-    store = cni._store(state)
-    before = config_from_dict({"container": "web", "policy": {"deny": ["deny tcp 10.0.0.1"]}},
-                              "test")
+    state, store = _cni_env(tmp_path, monkeypatch, "cid1")
+    before = _web_config("10.0.0.1")
     store.save(before)
     conf = {"cniVersion": "1.0.0", "stateDir": state, "container": "web",
             "agentSocket": str(tmp_path / "nobody.sock"),
@@ -191,18 +199,9 @@ def test_del_removes_only_the_configuration_its_add_wrote(tmp_path, monkeypatch)
     """An ADD killed after its record and before its configuration leaves a
     record saying it wrote one: DEL must not delete the configuration that
     is there (an operator's, another interface's)."""
-    import json
     from sockgraft import cni
-    from sockgraft.model.graftconfig import config_from_dict
-    state = str(tmp_path)
-    monkeypatch.setenv("CNI_CONTAINERID", "cid2")
-    monkeypatch.setenv("CNI_IFNAME", "eth0")
-    store = cni._store(state)
-    operators = config_from_dict({"container": "web", "policy": {"deny": ["deny tcp 10.0.0.1"]}},
-                                 "test")
-    store.save(operators)
-    mine = config_from_dict({"container": "web", "policy": {"deny": ["deny tcp 10.9.9.9"]}},
-                            "test")
+    state, store = _cni_env(tmp_path, monkeypatch, "cid2")
+    operators, mine = _web_config("10.0.0.1"), _web_config("10.9.9.9")
     path = cni.state_path(state, "cid2", "eth0")
     os.makedirs(os.path.dirname(path))
     conf = {"stateDir": state, "agentSocket": str(tmp_path / "nobody.sock")}
