@@ -26,6 +26,7 @@ VERSION the versions below.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -79,7 +80,6 @@ def _fit(name: str, limit: int = 128) -> str:
     its stored config, mark and grants)."""
     if len(name) <= limit:
         return name
-    import hashlib
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{name[:limit - 17]}-{digest}"
 
@@ -213,7 +213,6 @@ def cmd_add(conf: dict) -> dict:
 
 
 def _digest(cfg) -> str:
-    import hashlib
     from .model.graftconfig import dump_config
     return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
 

@@ -129,7 +129,7 @@ class Connects:
         # (outside the agent's lock: the socket's O_NONBLOCK is the
         # application's too, and another of its threads may clear it first -
         # the connect would then wait for the handshake, up to minutes)
-        with a.waiting_for_target(None):
+        with a.waiting_for_target():
             err = sock.connect_ex(ksock.sockaddr_tuple(dest))
         if err == 0 or (err != errno.EINPROGRESS and err != errno.EAGAIN):
             if restore_blocking:

@@ -352,22 +352,22 @@ class Agent:
             return True
 
     @contextlib.contextmanager
-    def _outside_lock(self, listener: seccomp.Listener | None):
+    def _outside_lock(self):
         """Around a call a container can make slow: ADDFD (it completes when
         the target has run) and a connect() of a socket whose blocking mode
         the application shares. A notifier thread makes it without the
         loop's lock, so a container whose tasks are slow to be scheduled
         (its own SCHED_IDLE threads, a tight CPU quota), or that flips its
         socket to blocking, slows its own calls only, not every container's.
-        The listener is the thread's own (Grafter.listener_of): the loop may
-        drop the session meanwhile, the call is still answered. The loop's
-        own calls (threads off) keep the lock."""
+        The thread answers through its own listener (Grafter.listener_of):
+        the loop may drop the session meanwhile, the call is still answered.
+        The loop's own calls (threads off) keep the lock."""
         if not getattr(self._in_notifier, "serving", False):
-            yield listener
+            yield
             return
         state = self.lock._release_save()          # (every level of the RLock)
         try:
-            yield listener
+            yield
         finally:
             self.lock._acquire_restore(state)
 
@@ -384,7 +384,7 @@ class Agent:
         a socket that may linger goes to a closer thread (the loop never
         waits for a container's linger)."""
         if getattr(self._in_notifier, "serving", False):
-            with self._outside_lock(None):
+            with self._outside_lock():
                 close()
         elif ksock.may_linger(sock):
             self.closer.close(sock.detach())

@@ -87,9 +87,9 @@ class Grafter:
         self.connects = Connects(ep, self)
         self._noted: set[tuple[str, str]] = set()   # (container, note) logged once
         self.observe = None      # metrics: (syscall, seconds) of each call answered here
-        # around a kernel call that waits for the trapped task (ADDFD):
-        # listener -> a context giving the listener to use (the agent's
-        # releases its loop lock there when a notifier thread calls)
+        # around a kernel call that waits for the trapped task (ADDFD), a
+        # context (the agent's releases its loop lock there when a notifier
+        # thread calls)
         self.waiting_for_target = contextlib.nullcontext
         # the listener a call is answered through: the session's, or (the
         # agent's) the notifier thread's own that received it - which stays
@@ -159,7 +159,8 @@ class Grafter:
         application's epoll registrations of the old socket over to it, count
         it. replaced: the agent's copy of the socket the host socket replaces
         (its close must not wait for the application's linger: unlinger)."""
-        with self.waiting_for_target(self.listener_of(sess)) as listener:
+        listener = self.listener_of(sess)
+        with self.waiting_for_target():
             # ADDFD returns once the target has taken the fd: as long as a
             # task slow to run (SCHED_IDLE, a tight CPU quota) makes it
             listener.addfd(nid, host.fileno(), newfd=fd, cloexec=cloexec)

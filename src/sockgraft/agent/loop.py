@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import socket
 import threading
 import time
@@ -90,7 +91,6 @@ class Closer:
         """Interrupt closes waiting longer than the limit."""
         if self.wake is None:
             return
-        import signal
         with self._lock:
             late = [t for t, since in self._busy.items() if now - since > self.limit]
         for ident in late:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 from typing import Iterator
 
 from pyroute2 import NetNS
@@ -163,7 +164,7 @@ def bridges_toward(addrs) -> list[str]:
         # (the node's own address on br0): replies may come back there
         # another way than their requests left - never checked
         uplinks = set()
-        for fam in (2, 10):
+        for fam in (socket.AF_INET, socket.AF_INET6):
             for r in _call("route dump", "default", ipr.get_default_routes, family=fam):
                 uplinks.add(r.get_attr("RTA_OIF"))
         for a in addrs:
