@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,13 @@ def test_bench_quick_produces_everything_for_every_path(state_dir, tmp_path):
                      ("graft-remote", "host-underlay"), ("graft-remote", "vxlan"),
                      ("graft-remote", "nat"), ("graft-splice", "host-loopback"),
                      ("graft-splice", "graft-local"), ("fast-local", "bridge"),
-                     ("fast-remote", "vxlan")}
+                     ("fast-remote", "vxlan"), ("trap-floor", "host-loopback"),
+                     ("graft-local", "trap-floor")}
+    # the floor path really trapped: a socket() per connection, each answered
+    floor = (out / "raw" / "r1-crr-trap-floor.txt").read_text()
+    conns = json.loads(re.search(r'\{"conns".*\}', floor).group(0))["conns"]
+    traps = json.loads(re.search(r'\{"traps".*\}', floor).group(0))
+    assert conns > 0 and traps["traps"] >= conns and traps["status"] == 0, floor[-500:]
     assert len(list((out / "raw").iterdir())) == len(RUN) * len(PATHS)
     assert "Requests" not in (out / "raw" / "r1-iperf3-nat.txt").read_text()
     assert '"sum_received"' in (out / "raw" / "r1-iperf3-graft-remote.txt").read_text()

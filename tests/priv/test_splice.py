@@ -358,3 +358,50 @@ def test_a_look_alike_socket_never_unsplices_another_containers_connection(share
     victim.stdin.flush()
     assert read_json_line(victim, timeout=20)["got"] == v["sent"]
     victim.wait(timeout=10)
+
+
+# A blocking recv() on a TCP socket in a sockhash, interrupted by a signal
+# whose handler has SA_RESTART: plain TCP restarts the call and returns the
+# data that comes later; tcp_bpf_recvmsg returns EAGAIN at once (its wait
+# ends at any wakeup, a signal included, and it answers EAGAIN when nothing
+# came). No program is attached: being in the map is enough.
+_SIGNALLED_RECV = r"""
+import ctypes, errno, json, signal, socket, sys, threading, time
+from sockgraft.kernel import bpf
+lib = bpf.lib()
+lib.bpf_map_create.restype = ctypes.c_int
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
+c = socket.create_connection(l.getsockname()); s, _ = l.accept()
+if sys.argv[1] == "sockhash":
+    fd = lib.bpf_map_create(18, b"sg_probe", 4, 4, 4, None)      # BPF_MAP_TYPE_SOCKHASH
+    assert fd >= 0, fd
+    for key, sock in ((1, c), (2, s)):
+        k, v = ctypes.c_uint32(key), ctypes.c_uint32(sock.fileno())
+        assert lib.bpf_map_update_elem(fd, ctypes.byref(k), ctypes.byref(v), 0) == 0
+signal.signal(signal.SIGALRM, lambda *a: None)
+signal.siginterrupt(signal.SIGALRM, False)                        # SA_RESTART
+signal.setitimer(signal.ITIMER_REAL, 0.05)
+threading.Timer(0.3, lambda: s.send(b"x")).start()
+try:
+    out = {"got": c.recv(10).decode()}
+except OSError as e:
+    out = {"error": errno.errorcode[e.errno]}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("where,expected", [("tcp", {"got": "x"}),
+                                            ("sockhash", {"error": "EAGAIN"})])
+def test_why_blocking_sockets_are_never_spliced(where, expected):
+    """The kernel behaviour the rule "nothing is spliced into a blocking
+    socket" rests on (and why issue 17's targets for tools with blocking ends
+    - iperf3, sockperf, memaslap - are out of reach on this kernel). If the
+    sockhash case ever restarts like TCP, the rule can be revisited."""
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLED_RECV, where], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    import json
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected, (
+        f"{where}: {proc.stdout.strip()} - the kernel's tcp_bpf changed: revisit the "
+        "blocking-socket rule in docs/architecture.md (Splicing)")

@@ -15,7 +15,7 @@ def _runs():
     vals = {"host-loopback": [40, 30, 50], "graft-local": [38, 33, 45], "bridge": [20, 15, 25],
             "host-underlay": [24, 20, 30], "graft-remote": [23, 21, 27], "vxlan": [12, 10, 15],
             "nat": [16, 14, 20], "graft-splice": [52, 40, 60], "fast-local": [22, 18, 27],
-            "fast-remote": [15, 12, 19]}
+            "fast-remote": [15, 12, 19], "trap-floor": [30, 25, 40]}
     for path, series in vals.items():
         for rnd, v in enumerate(series, start=1):
             runs.append({"round": rnd, "workload": "iperf3", "path": path,
@@ -83,6 +83,10 @@ def test_bench_paths_ports_and_graft_configs():
     assert runs["graft-remote"].client.graft == "h1-c1"
     assert runs["graft-remote"].server.graft == "h2-c2"
     assert runs["vxlan"].server.graft is None
+    floor = harness.plan_runs(plan, "kx", 5201, "/bin/tf")["trap-floor"]
+    assert floor.client.command(["crr", "client"]) == ["/bin/tf", "crr", "client"]
+    assert floor.client.graft is None and floor.target == "127.0.0.1"
+    assert floor.server == runs["host-loopback"].server
     cfgs = {c.container: c for c in harness.graft_configs(plan, {"iperf3": 5201, "redis": 6379})}
     from sockgraft.model.sockaddr import InetAddr
     rule, ep = cfgs["h2-c2"].match_ingress(InetAddr.of("::", 6379))

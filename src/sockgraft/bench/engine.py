@@ -46,13 +46,14 @@ Progress = Callable[[str], None]
 
 
 def build_tools(dest: str) -> dict[str, str]:
-    """Compile the C workloads shipped with the package (crr, holdsocks, socklat)."""
+    """Compile the C workloads shipped with the package (crr, holdsocks, socklat,
+    trapfloor)."""
     os.makedirs(dest, exist_ok=True)
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise KernelError("build benchmark tools", 2, "no C compiler (apt-get install gcc)")
     out = {}
-    for name in ("crr", "holdsocks", "socklat"):
+    for name in ("crr", "holdsocks", "socklat", "trapfloor"):
         src = resources.files("sockgraft").joinpath(f"bench/{name}.c")
         binary = os.path.join(dest, name)
         with resources.as_file(src) as path:

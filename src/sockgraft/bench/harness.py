@@ -4,6 +4,9 @@ its own, interleaved round by round, with raw output kept for every run.
 Paths (names as in the report):
   host-loopback  h1 -> 127.0.0.1 on h1                      (same-host limit)
   host-underlay  h1 -> h2's underlay address                (cross-host limit)
+  trap-floor     host-loopback with the client's socket() calls trapped (seccomp user
+                 notification) and answered CONTINUE by a supervisor that does nothing
+                 else (bench/trapfloor.c): the least any per-connection trap costs
   bridge         h1-c1 -> h1-c2 by container IP
   nat            h1-c1 -> h2:PORT published, DNAT to h2-c1, masqueraded
   vxlan          h1-c1 -> h2-c2 by container IP over the overlay
@@ -90,7 +93,8 @@ class Run:
     overlay: bool = False       # the target is a container IP the directory must know
 
 
-def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
+def plan_runs(plan, lab: str, port: int, trapfloor: str = "trapfloor") -> dict[str, Run]:
+    """trapfloor: the path of the built bench/trapfloor.c (build_tools)."""
     h1, h2 = plan.hosts[0], plan.hosts[1]
     c11, c12 = h1.containers[0], h1.containers[1]
     c21, c22 = h2.containers[0], h2.containers[1]
@@ -103,6 +107,8 @@ def plan_runs(plan, lab: str, port: int) -> dict[str, Run]:
 
     return {
         "host-loopback": Run(at(h1), port, (h1.netns, port), at(h1), "127.0.0.1", port),
+        "trap-floor": Run(at(h1), port, (h1.netns, port),
+                          Place(h1.netns, lab=lab, wrap=(trapfloor,)), "127.0.0.1", port),
         "host-underlay": Run(at(h2), port + 1, (h2.netns, port + 1), at(h1), h2_ip, port + 1),
         "bridge": Run(at(c12), port, (c12.netns, port), at(c11), str(c12.ipv4.ip), port),
         "fast-local": Run(at(c12), port, (c12.netns, port), at(c11), str(c12.ipv4.ip), port),
@@ -290,7 +296,7 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
             for name in names:
                 wl = wmod.WORKLOADS[name].with_tools(tools)
                 order = paths if rnd % 2 else tuple(reversed(paths))
-                runs_of = plan_runs(plan, lab, PORTS[name])
+                runs_of = plan_runs(plan, lab, PORTS[name], tools["trapfloor"])
                 for path in order:
                     bar.step(f"r{rnd} {name} {path}")
                     workdir = tempfile.mkdtemp(prefix="sgbench-")

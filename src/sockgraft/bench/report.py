@@ -19,7 +19,9 @@ import statistics
 REFERENCES = (("graft-local", "host-loopback"), ("graft-remote", "host-underlay"),
               ("graft-local", "bridge"), ("graft-remote", "vxlan"), ("graft-remote", "nat"),
               ("graft-splice", "host-loopback"), ("graft-splice", "graft-local"),
-              ("fast-local", "bridge"), ("fast-remote", "vxlan"))
+              ("fast-local", "bridge"), ("fast-remote", "vxlan"),
+              # the floor of any per-connection trap, and how far above it grafting is
+              ("trap-floor", "host-loopback"), ("graft-local", "trap-floor"))
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"rtt_avg_us", "rtt_p99_us", "cpu_us_per_op"}

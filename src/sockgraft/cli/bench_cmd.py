@@ -27,8 +27,10 @@ examples:
   sockgraft bench engine                        the grafting engine's own figures
   sockgraft bench --pin 1 --out results-pinned  both ends of every measure on CPU 1
 
-Paths: host-loopback host-underlay bridge nat vxlan graft-local graft-splice graft-remote
-  fast-local fast-remote.
+Paths: host-loopback host-underlay bridge nat vxlan trap-floor graft-local graft-splice
+  graft-remote fast-local fast-remote. trap-floor is host-loopback with every socket() of
+  the client trapped and answered CONTINUE (nothing grafted): what a trap per connection
+  costs at least.
 Workloads: iperf3 sockperf-tcp sockperf-tcp-nb sockperf-udp crr http-close http-keepalive
   memcached redis.
 Writes DIR/raw/* (every tool's output), DIR/results.json, DIR/report.md, DIR/plots/*.png.

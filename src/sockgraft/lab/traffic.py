@@ -32,10 +32,11 @@ class Place:
     graft: str | None = None
     lab: str = "demo"
     graft_at: str | None = None     # None: the container's configured graft_at
+    wrap: tuple[str, ...] = ()      # a command that runs argv (bench's trapfloor), ungrafted
 
     def command(self, argv: list[str]) -> list[str]:
         if self.graft is None:
-            return argv
+            return [*self.wrap, *argv]
         extra = ["--graft-at", self.graft_at] if self.graft_at else []
         return [sys.executable, "-m", "sockgraft.cli.main", "run", "--container", self.graft,
                 "--lab", self.lab, *extra, "--"] + argv

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from .topology import LabPlan
 
 BASELINE_PATHS = ("host-loopback", "host-underlay", "bridge", "nat", "vxlan")
-# every path `sockgraft bench` measures: the baselines, then sockgraft's own
-BENCH_PATHS = BASELINE_PATHS + ("graft-local", "graft-splice", "graft-remote", "fast-local",
-                                "fast-remote")
+# every path `sockgraft bench` measures: the baselines, the trap floor, then
+# sockgraft's own
+BENCH_PATHS = BASELINE_PATHS + ("trap-floor", "graft-local", "graft-splice", "graft-remote",
+                                "fast-local", "fast-remote")
 
 
 @dataclass(frozen=True)
