@@ -67,6 +67,10 @@
 #define SYS_pidfd_getfd 438
 #endif
 
+/* TC_PRIO_INTERACTIVE: the highest SO_PRIORITY a process may set without
+ * CAP_NET_RAW / CAP_NET_ADMIN (kernel/sockets.py PRIO_UNPRIVILEGED) */
+#define PRIO_UNPRIVILEGED 6
+
 #define TYPE_MASK 0xF
 #define TYPE_FLAGS (SOCK_NONBLOCK | SOCK_CLOEXEC)
 
@@ -640,6 +644,13 @@ static void copy_options(Worker *w, int src, int dst, int family, int type, int 
 			val /= 2;	/* the kernel reports twice what was set */
 			setsockopt(dst, o->level, o->name, &val, sizeof(val));
 			continue;
+		}
+		if (o->level == SOL_SOCKET && o->name == SO_PRIORITY) {
+			int prio;
+
+			memcpy(&prio, v.v, sizeof(prio));
+			if (prio < 0 || prio > PRIO_UNPRIVILEGED)
+				continue;	/* kernel/sockets.py OptionCopier.copy */
 		}
 		setsockopt(dst, o->level, o->name, v.v, v.len);	/* refused: left (e.g. an
 								   unknown congestion control) */

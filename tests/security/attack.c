@@ -17,6 +17,7 @@
  *   listen                        listen(fd, 16)
  *   acceptwait SECONDS            poll the listener for a connection
  *   setopt LEVEL OPT VALUE        setsockopt(int)
+ *   getopt LEVEL OPT              getsockopt(int): "value"
  *   setulp NAME [LEN]             setsockopt(TCP_ULP, NAME) (LEN bytes: strlen(NAME); the
  *                                 name in a zeroed 8 KiB buffer)
  *   setopt32 LEVEL OPT VALUE      the same through the i386 ABI (int 0x80, setsockopt
@@ -25,6 +26,7 @@
  *   sendc                         send("x") on a connected socket
  *   sendpktinfo SRC ADDR:PORT     sendmsg with IP_PKTINFO / IPV6_PKTINFO source SRC
  *   sendmark MARK ADDR:PORT       sendmsg with an SO_MARK control message
+ *   sendprio PRIO ADDR:PORT       sendmsg with an SO_PRIORITY control message
  *   sendopts ADDR:PORT            sendmsg with IPv4 options (IP_RETOPTS) / an IPv6
  *                                 destination options header (IPV6_DSTOPTS)
  *   tfo ADDR:PORT                 sendto(MSG_FASTOPEN) on a TCP socket
@@ -342,6 +344,16 @@ int main(int argc, char **argv)
 			i += 3;
 			r = setsockopt(cur, level, opt, &val, sizeof(val));
 			report(op, arg, r, errno, NULL);
+		} else if (!strcmp(op, "getopt")) {
+			int level = atoi(argv[i]), opt = atoi(argv[i + 1]), val = -1;
+			socklen_t len = sizeof(val);
+			char arg[64], extra[48];
+
+			snprintf(arg, sizeof(arg), "%d/%d", level, opt);
+			i += 2;
+			r = getsockopt(cur, level, opt, &val, &len);
+			snprintf(extra, sizeof(extra), "\"value\": %d", val);
+			report(op, arg, r, errno, extra);
 		} else if (!strcmp(op, "setulp")) {
 			static char ulp[8192];
 			const char *name = argv[i++];
@@ -432,6 +444,12 @@ int main(int argc, char **argv)
 			unsigned int mark = (unsigned int)strtoul(argv[i++], NULL, 0);
 
 			do_sendmsg_cmsg(op, argv[i], argv[i], SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+			i++;
+		} else if (!strcmp(op, "sendprio")) {
+			int prio = atoi(argv[i++]);
+
+			do_sendmsg_cmsg(op, argv[i], argv[i], SOL_SOCKET, SO_PRIORITY, &prio,
+					sizeof(prio));
 			i++;
 		} else if (!strcmp(op, "recvwait")) {
 			struct pollfd p = {cur, POLLIN, 0};

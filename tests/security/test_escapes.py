@@ -619,6 +619,48 @@ def test_a_container_slow_to_run_never_slows_another_containers_calls(sec):
     assert victim["worst_ms"] < 200, f"another container's wait slowed these binds: {victim}"
 
 
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_a_grafted_socket_picks_no_host_traffic_class(sec, mode, fam):
+    """SO_PRIORITY above 6 (TC_PRIO_INTERACTIVE) needs CAP_NET_RAW in the
+    socket's namespace: a container's root (Docker keeps it, no user
+    namespace) sets it on its own socket - where it stays on its veth - but
+    on a grafted socket it would choose the host's egress traffic class (a
+    pfifo_fast band, an HTB class by handle). Refused as an option and as a
+    control message; a syscall-mode socket's own priority is not carried
+    over to the host socket; 0..6 stay the application's."""
+    f = FAM[fam]
+    configure(sec, "h1-c1", mode)
+    peer_ns = sec.plan.node(f["peer_node"]).netns
+    peer = ap(f["peer"], 7506)
+    steps = ["sock", f["sock_udp"],
+             "setopt", 1, 12, 7,                 # syscall mode: still its own socket
+             "connect", peer, "getopt", 1, 12,   # grafted: the host socket's priority
+             "setopt", 1, 12, 6, "setopt", 1, 12, 7, "setopt", 1, 12, -1,
+             "setopt", 1, 12, 0x10001,           # an HTB class handle 1:1
+             "sendprio", 7, peer, "sendprio", 0x10001, peer, "sendprio", 5, peer, "sendc"]
+    with Sentinel(peer_ns, f["peer"], 7506, "udp") as sentinel:
+        out = attack(sec, "h1-c1", mode, "docker", *steps)
+    sets = [(s["arg"], s["ret"], s["errno"]) for s in _ops(out, "setopt")]
+    assert _ops(out, "connect")[0]["ret"] == 0, out
+    # its own socket took 7 (syscall mode); a host socket never did
+    assert sets[0][1] == (0 if mode == "syscall" else -1), sets
+    assert _ops(out, "getopt")[0]["value"] == 0, out       # not carried over
+    assert sets[1][1] == 0, sets                            # 6: anybody's
+    assert [s[2] for s in sets[2:]] == ["EPERM"] * 3, sets
+    sends = _ops(out, "sendprio") + _ops(out, "sendc")
+    assert [s["errno"] for s in sends[:2]] == ["EPERM", "EPERM"], sends
+    assert [s["ret"] for s in sends[2:]] == [1, 1], sends
+    # the two refused datagrams never left (the egress guard drops them
+    # before the device's queue: cgroup egress runs in ip_finish_output)
+    assert len(sentinel.received) == 2, sentinel.received
+    kernel = [a for a in sec.audit("h1") if a.get("by") == "kernel" and
+              a["container"] == "h1-c1"]
+    assert any(a["rule"] == "sockopt:refused" and a["address"] == "SO_PRIORITY"
+               for a in kernel), kernel[-5:]
+    assert any(a["rule"] == "priority:refused" for a in kernel), kernel[-5:]
+
+
 def test_a_forged_request_never_opens_a_reply_path_the_policy_denies(sec):
     """A container forges, from its own network stack (a raw socket: Docker
     keeps CAP_NET_RAW), a datagram "from" a destination its policy denies to

@@ -238,6 +238,18 @@ def test_refused_options_are_the_ones_the_c_guard_refuses():
     assert found == bpfmaps.REFUSED_OPTIONS
 
 
+def test_the_priority_bound_is_one_number_in_every_language():
+    """TC_PRIO_INTERACTIVE (6): the BPF guard, the native copier and the
+    Python copier refuse / skip the same priorities."""
+    import re
+    from importlib import resources
+    from sockgraft.kernel import sockets as ksock
+    answer = resources.files("sockgraft").joinpath("_answer.c").read_text()
+    for src in (_c_source(), answer):
+        assert int(re.search(r"#define PRIO_UNPRIVILEGED (\d+)", src).group(1)) == 6
+    assert bpfmaps.PRIO_UNPRIVILEGED == ksock.PRIO_UNPRIVILEGED == 6
+
+
 def test_source_keys_are_the_endpoint_addresses():
     cfg = load_config('''
         container = "c"
@@ -280,6 +292,9 @@ def test_source_keys_are_the_endpoint_addresses():
     (bpfmaps.EV_DENY_SOCKOPT, 4, 36, 1, 4, b"", "SO_MARK", "sockopt:refused", 1),
     (bpfmaps.EV_DENY_SOCKOPT, 4, 75, 41, 4, b"", "IPV6_TRANSPARENT", "sockopt:refused", 1),
     (bpfmaps.EV_DENY_SOCKOPT, 4, 999, 7, 4, b"", "level 7 option 999", "sockopt:refused", 1),
+    (bpfmaps.EV_DENY_SOCKOPT, 4, 12, 1, 4, b"", "SO_PRIORITY", "sockopt:refused", 1),
+    (bpfmaps.EV_DENY_PRIORITY, 5, 7, 0, 4, bytes([198, 18, 0, 1]), "198.18.0.1",
+     "priority:refused", 1),
     (bpfmaps.EV_DENY_BIND, 3, 0, 7100, 4, bytes([127, 0, 0, 1]), "127.0.0.1:7100",
      "bind:no-endpoint", 13),
     (bpfmaps.EV_DENY_SOURCE, 5, 0x53470001, 0, 4, bytes([198, 19, 1, 1]), "198.19.1.1",

@@ -99,6 +99,8 @@
 #define EV_DENY_KEPT 11     /* syscall mode: the container's own loopback / "this host" */
 #define EV_DENY_SPOOF 12    /* fast path: label = what (SP_*), the address claimed */
 #define EV_DENY_IPOPTS 13   /* a packet with IPv4 options / IPv6 routing or option headers */
+#define EV_DENY_PRIORITY 14 /* a packet with a priority above TC_PRIO_INTERACTIVE (label) */
+#define PRIO_UNPRIVILEGED 6 /* TC_PRIO_INTERACTIVE: what SO_PRIORITY allows without a capability */
 #define SP_SOURCE 1         /* an IP source that is not the container's */
 #define SP_ARP 2            /* an ARP sender address that is not its own (a
 			     * probe: its target address) */
@@ -1376,6 +1378,26 @@ static __always_inline int ulp_allowed(struct bpf_sockopt *ctx)
 	return name[0] == 't' && name[1] == 'l' && name[2] == 's' && name[3] == 0;
 }
 
+/* SO_PRIORITY: 0..6 (TC_PRIO_BESTEFFORT..TC_PRIO_INTERACTIVE) is what any
+ * process may set; a higher or negative one needs CAP_NET_RAW or CAP_NET_ADMIN
+ * in the socket's namespace - for a grafted socket the host's, where the root
+ * of a container (Docker keeps CAP_NET_RAW; no user namespace) would pick the
+ * host's egress traffic classes: a pfifo_fast band, an mqprio class, an HTB
+ * or DRR class by its handle. (In its own namespace the priority stays on its
+ * veth: forwarding resets it from the TOS.) The kernel reads an int from the
+ * first 4 bytes. */
+static __always_inline int priority_allowed(struct bpf_sockopt *ctx)
+{
+	int *val = ctx->optval;
+
+	if (ctx->optlen < 4)
+		return 1;	/* the kernel's EINVAL */
+	/* past a page the kernel reads the caller's buffer again (see above) */
+	if (ctx->optlen > 16 || (void *)(val + 1) > ctx->optval_end)
+		return 0;
+	return *val >= 0 && *val <= PRIO_UNPRIVILEGED;
+}
+
 /* An inet socket made in the agent's cgroup by a thread with an sg_born
  * entry: the container's mark and its tag, before anybody holds it (the
  * same as SO_MARK and the sg_sock update the agent makes otherwise). */
@@ -1409,6 +1431,9 @@ int sg_setsockopt(struct bpf_sockopt *ctx)
 	if (ctx->level == SOL_TCP && ctx->optname == 31 /* TCP_ULP */) {
 		if (ulp_allowed(ctx))
 			return 1;
+	} else if (ctx->level == SOL_SOCKET && ctx->optname == 12 /* SO_PRIORITY */) {
+		if (priority_allowed(ctx))
+			return 1;
 	} else if (!option_refused(ctx->level, ctx->optname)) {
 		return 1;	/* optval untouched: the kernel uses the caller's */
 	}
@@ -1421,9 +1446,11 @@ int sg_setsockopt(struct bpf_sockopt *ctx)
 
 /* Every packet a tagged socket sends: the mark it carries must be the tag's
  * (an SO_MARK control message would relabel it for the host's routing and
- * netfilter) and its source an address one of the container's endpoints
- * grants (IP_PKTINFO and friends cannot forge it). Runs after routing and
- * netfilter; a drop fails the send with EPERM. */
+ * netfilter), its priority one any process may set (an SO_PRIORITY control
+ * message asks for more per packet: see priority_allowed) and its source an
+ * address one of the container's endpoints grants (IP_PKTINFO and friends
+ * cannot forge it). Runs after routing and netfilter; a drop fails the send
+ * with EPERM. */
 SEC("cgroup_skb/egress")
 int sg_egress(struct __sk_buff *skb)
 {
@@ -1468,6 +1495,11 @@ int sg_egress(struct __sk_buff *skb)
 		 * control message (IP_RETOPTS: source routing past the address
 		 * the hooks judged; IPV6_RTHDR, IPV6_HOPOPTS, IPV6_DSTOPTS) */
 		kind = EV_DENY_IPOPTS;
+	} else if (skb->priority > PRIO_UNPRIVILEGED) {
+		count(3);
+		/* the packet's source; label = the priority it asked for */
+		report(EV_DENY_PRIORITY, t->mark, OP_SEND, skb->priority, k.family, k.addr, 0, 0);
+		return 0;
 	} else if (skb->mark != t->mark) {
 		kind = EV_DENY_MARK;
 	} else {

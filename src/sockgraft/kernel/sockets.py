@@ -67,6 +67,14 @@ OPTIONS: tuple[tuple[int, int, int, tuple[int, ...] | None, tuple[int, ...] | No
     (IPPROTO_IPV6, 49, _I, (socket.AF_INET6,), (2,)),  # IPV6_RECVPKTINFO
 )
 _BUFFERS = {(SOL_SOCKET, SO_SNDBUF), (SOL_SOCKET, SO_RCVBUF)}
+SO_PRIORITY = 12
+# TC_PRIO_INTERACTIVE: the highest SO_PRIORITY a process may set without
+# CAP_NET_RAW / CAP_NET_ADMIN. A container's root may set more on its own
+# socket (its namespace, its veth: forwarding resets it); on the host socket
+# the agent makes (as root) it would pick the host's egress traffic classes,
+# so it is not carried over (the kernel guard refuses it on grafted sockets,
+# bpf/sockgraft.bpf.c priority_allowed; _answer.c copies the same way).
+PRIO_UNPRIVILEGED = 6
 
 
 def _get(sock: socket.socket, level: int, opt: int, size: int):
@@ -102,6 +110,8 @@ class OptionCopier:
         for lvl, opt, size, default in self.plan(family, type_, proto):
             val = _get(src, lvl, opt, size)
             if val is None or val == default:
+                continue
+            if (lvl, opt) == (SOL_SOCKET, SO_PRIORITY) and not 0 <= val <= PRIO_UNPRIVILEGED:
                 continue
             if (lvl, opt) in _BUFFERS:
                 # The kernel reports twice what was set; an unchanged container

@@ -68,6 +68,8 @@ EV_SPLICE_LEAVE = 10     # not a denial: sg_splice_leave names sockets to unspli
 EV_DENY_KEPT = 11        # syscall mode: the container's own loopback / "this host"
 EV_DENY_SPOOF = 12       # fast path: a spoofed packet (label: what), sampled 1, 2, 4, 8...
 EV_DENY_IPOPTS = 13      # a grafted socket's packet with IPv4 options / IPv6 routing headers
+EV_DENY_PRIORITY = 14    # a grafted socket's packet with a priority above 6 (label: it)
+PRIO_UNPRIVILEGED = 6    # TC_PRIO_INTERACTIVE: the highest SO_PRIORITY without a capability
 SPOOF_WHAT = {1: "spoof:source", 2: "spoof:arp", 3: "spoof:nd-target", 4: "spoof:nd-malformed",
               5: "spoof:router-advertisement", 6: "spoof:fragment", 7: "spoof:mac"}
 OP_SETSOCKOPT = 4
@@ -392,7 +394,8 @@ class Event:
                 EV_DENY_MARK: "mark:forged", EV_DENY_LISTEN: "listen:no-endpoint",
                 EV_DENY_UNKNOWN: "container:no-policy",
                 EV_DENY_KEPT: "loopback:container-own",
-                EV_DENY_IPOPTS: "ip-options:refused"}.get(self.kind, f"kind {self.kind}")
+                EV_DENY_IPOPTS: "ip-options:refused",
+                EV_DENY_PRIORITY: "priority:refused"}.get(self.kind, f"kind {self.kind}")
 
     @property
     def errno(self) -> int:
@@ -406,8 +409,9 @@ class Event:
                 EV_DENY_NO_EGRESS: 101, EV_BIND_FAILED: 99}.get(self.kind, 1)
 
 
-# Options the guard judges by their value (sg_setsockopt): TCP_ULP other than "tls".
-VALUE_CHECKED_OPTIONS = {(SOL_TCP, 31): "TCP_ULP"}
+# Options the guard judges by their value (sg_setsockopt): TCP_ULP other than "tls",
+# SO_PRIORITY outside 0..PRIO_UNPRIVILEGED.
+VALUE_CHECKED_OPTIONS = {(SOL_TCP, 31): "TCP_ULP", (SOL_SOCKET, 12): "SO_PRIORITY"}
 
 
 def option_name(level: int, opt: int) -> str:
@@ -421,7 +425,7 @@ def decode_event(raw: bytes) -> Event:
     kind, mark, op, label, addr, port_, family, proto, pid = EVENT.unpack_from(raw)
     if op == OP_SETSOCKOPT:
         a = option_name(port_, label)
-    elif kind in (EV_DENY_SOURCE, EV_DENY_MARK):
+    elif kind in (EV_DENY_SOURCE, EV_DENY_MARK, EV_DENY_PRIORITY):
         a = str(IPv4Address(addr[:4]) if family == 4 else IPv6Address(addr))
     elif family == 4:
         a = f"{IPv4Address(addr[:4])}:{port_}"
