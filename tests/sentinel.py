@@ -13,8 +13,9 @@ from sockgraft.kernel import netns
 
 
 class Sentinel:
-    def __init__(self, ns, addr, port, proto="udp"):
+    def __init__(self, ns, addr, port, proto="udp", reuseport=False):
         self.ns, self.addr, self.port, self.proto = ns, addr, port, proto
+        self.reuseport = reuseport      # a root service with SO_REUSEPORT
 
     def __enter__(self):
         r, w = os.pipe()
@@ -30,6 +31,8 @@ class Sentinel:
                     else socket.SOCK_STREAM
                 s = socket.socket(fam, kind, 136 if self.proto == "udplite" else 0)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuseport:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 s.bind((self.addr, self.port))
                 if kind == socket.SOCK_STREAM:
                     s.listen(16)

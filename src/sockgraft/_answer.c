@@ -351,9 +351,12 @@ struct tag_val {
 	uint16_t flags, gen;
 };
 
+#define T_OWNED 2	/* bpf/sockgraft.bpf.c: made under the container's socket uid */
+
 static struct tag_val tag_of(const struct config *c)
 {
-	struct tag_val v = {c->mark, (uint16_t)c->tag_flags, (uint16_t)c->gen};
+	struct tag_val v = {c->mark, (uint16_t)(c->tag_flags | (c->uid >= 0 ? T_OWNED : 0)),
+			    (uint16_t)c->gen};
 
 	return v;
 }

@@ -18,6 +18,8 @@
  *   acceptwait SECONDS            poll the listener for a connection
  *   setopt LEVEL OPT VALUE        setsockopt(int)
  *   getopt LEVEL OPT              getsockopt(int): "value"
+ *   chown UID|mark                fchown() the current socket (CAP_CHOWN): its owner,
+ *                                 sk_uid; "mark": the uid equal to its SO_MARK
  *   setulp NAME [LEN]             setsockopt(TCP_ULP, NAME) (LEN bytes: strlen(NAME); the
  *                                 name in a zeroed 8 KiB buffer)
  *   setopt32 LEVEL OPT VALUE      the same through the i386 ABI (int 0x80, setsockopt
@@ -354,6 +356,17 @@ int main(int argc, char **argv)
 			r = getsockopt(cur, level, opt, &val, &len);
 			snprintf(extra, sizeof(extra), "\"value\": %d", val);
 			report(op, arg, r, errno, extra);
+		} else if (!strcmp(op, "chown")) {
+			const char *who = argv[i++];
+			unsigned int uid = 0;
+			socklen_t len = sizeof(uid);
+
+			if (!strcmp(who, "mark"))
+				getsockopt(cur, SOL_SOCKET, SO_MARK, &uid, &len);
+			else
+				uid = (unsigned int)strtoul(who, NULL, 0);
+			r = fchown(cur, uid, (gid_t)-1);
+			report(op, who, r, errno, NULL);
 		} else if (!strcmp(op, "setulp")) {
 			static char ulp[8192];
 			const char *name = argv[i++];

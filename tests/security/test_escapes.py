@@ -132,6 +132,9 @@ def test_a_grafted_socket_cannot_undo_its_isolation(sec, mode, fam, caps):
         "setopt", 1, 25, 0,                              # SO_BINDTODEVICE
         "setopt", 0 if fam == 4 else 41, 4 if fam == 4 else 57, 0,    # source routing
         "setopt", 1, 52, 0,                              # SO_ATTACH_REUSEPORT_EBPF
+        "setopt", 1, 5, 1,                               # SO_DONTROUTE: past host routes
+        "setopt", 1, 73, 1 << 20,                        # SO_RESERVE_MEM: agent's memcg
+        "setopt", 0, 51, 7504 | 7504 << 16,              # IP_LOCAL_PORT_RANGE: pick a port
         # disconnect, then bind host addresses
         "disconnect",
         "bind", lo, "bind", ap(f["any"], 7503), "bind", ap(f["lo_alt"], 7503),
@@ -619,6 +622,56 @@ def test_a_container_slow_to_run_never_slows_another_containers_calls(sec):
     assert victim["worst_ms"] < 200, f"another container's wait slowed these binds: {victim}"
 
 
+def _connects(ns, addr, port, n, timeout=0.2):
+    """n TCP connects from namespace ns: how many were accepted."""
+    def run():
+        ok = 0
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+            s.settimeout(timeout)
+            try:
+                s.connect((addr, port))
+                ok += 1
+            except OSError:
+                pass
+            finally:
+                s.close()
+            time.sleep(0.02)
+        return ok
+    return netns.run_in(ns, run, timeout=n * (timeout + 0.1) + 10)
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_a_grafted_socket_joins_no_hosts_reuseport_group(sec, restore):
+    """The kernel lets a socket into an SO_REUSEPORT group of sockets with
+    the same owner (sk_uid); a grafted socket's owner is its container's
+    socket uid, but fchown() on the fd (CAP_CHOWN, which Docker keeps)
+    rewrites it. A container that makes its socket root's before the agent
+    binds and listens it joins a root service's group on the same address
+    and port, and would take a share of its connections - also after it
+    puts the owner back. Its socket gets none of them."""
+    configure(sec, "h1-c1", "socket")
+    h1, h2 = sec.plan.node("h1").netns, sec.plan.node("h2").netns
+    steps = ["sock", "tcp4", "setopt", 1, 15, 1,           # SO_REUSEPORT
+             "chown", 0, "bind", "0.0.0.0:80", "listen",    # ep-http: 198.18.0.1:8081
+             *(["chown", "mark"] if restore else []), "acceptwait", 6]
+    import threading
+    res = {}
+    with Sentinel(h1, "198.18.0.1", 8081, "tcp", reuseport=True) as service:
+        t = threading.Timer(2.0, lambda: res.update(ok=_connects(h2, "198.18.0.1", 8081, 40)))
+        t.start()
+        out = attack(sec, "h1-c1", "socket", "docker", *steps)
+        t.join()
+    by = {s["op"]: s for s in out}
+    assert by["bind"]["ret"] == 0 and by["listen"]["ret"] == 0, out   # it joined the group
+    assert by["acceptwait"]["accepted"] is False, "the container took a service's connection"
+    assert len(service.received) == res["ok"] > 0, (service.received, res)
+    kernel = [a for a in sec.audit("h1") if a.get("by") == "kernel" and
+              a["container"] == "h1-c1"]
+    assert any(a["rule"] == ("reuseport:foreign-group" if restore else "owner:changed")
+               for a in kernel), kernel[-5:]
+
+
 @pytest.mark.parametrize("fam", [4, 6])
 @pytest.mark.parametrize("mode", ["syscall", "socket"])
 def test_a_grafted_socket_picks_no_host_traffic_class(sec, mode, fam):
@@ -780,9 +833,10 @@ def test_an_agent_stop_answers_every_call_it_received(sec):
     by the old agent before it ends, or by the new one - and the loop ends."""
     configure(sec, "h1-c1", "syscall")
     try:
-        with _slow_attacker(sec, "16", "4", "12") as attacker:
+        with _slow_attacker(sec, "26", "4", "22") as attacker:
             pid = sec.agents["h1"].pid
-            deadline = time.monotonic() + 8
+            # (under a loaded suite the slow waits may take a while to show)
+            deadline = time.monotonic() + 18
             while not _waits_in_addfd(pid):
                 assert time.monotonic() < deadline, "no agent thread ever waited in ADDFD"
                 time.sleep(0.002)

@@ -79,6 +79,7 @@
 #define F_NO_SPLICE 2u       /* the container asked not to be spliced */
 
 #define T_INGRESS 1u        /* tag flag: bound by the agent through an ingress rule */
+#define T_OWNED 2u          /* tag flag: made under the container's socket uid (the mark) */
 
 #define LO4_NET 0x7f530000u /* 127.83.0.0/16, host order: containers' private loopback */
 #define LO6_NET 0xfd534c4fu /* fd53:4c4f::/96 */
@@ -100,6 +101,9 @@
 #define EV_DENY_SPOOF 12    /* fast path: label = what (SP_*), the address claimed */
 #define EV_DENY_IPOPTS 13   /* a packet with IPv4 options / IPv6 routing or option headers */
 #define EV_DENY_PRIORITY 14 /* a packet with a priority above TC_PRIO_INTERACTIVE (label) */
+#define EV_DENY_OWNER 15    /* a packet of a socket whose owner was changed (label: the uid) */
+#define EV_DENY_GROUP 16    /* a packet for a socket in another's SO_REUSEPORT group */
+#define REUSEPORT_SCAN 128  /* members of an SO_REUSEPORT group looked at, at most */
 #define PRIO_UNPRIVILEGED 6 /* TC_PRIO_INTERACTIVE: what SO_PRIORITY allows without a capability */
 #define SP_SOURCE 1         /* an IP source that is not the container's */
 #define SP_ARP 2            /* an ARP sender address that is not its own (a
@@ -489,7 +493,16 @@ struct socket___sg {
 	struct file___sg *file;
 } __attribute__((preserve_access_index));
 
+struct kuid___sg {
+	__u32 val;
+} __attribute__((preserve_access_index));
+
+struct sock_reuseport___sg;
+
 struct sock___sg {
+	struct kuid___sg sk_uid;
+	__u32 sk_mark;
+	struct sock_reuseport___sg *sk_reuseport_cb;
 	void *sk_user_data;
 	int sk_rcvbuf;
 	int sk_rcvlowat;
@@ -498,6 +511,11 @@ struct sock___sg {
 } __attribute__((preserve_access_index));
 
 #define O_NONBLOCK_ 04000
+
+struct sock_reuseport___sg {
+	__u16 num_socks;
+	struct sock___sg *socks[];
+} __attribute__((preserve_access_index));
 
 struct sk_psock___sg {
 	__u32 msg_tot_len;
@@ -524,6 +542,68 @@ static __always_inline int stale(struct sock_tag *t)
 	__u32 *g = bpf_map_lookup_elem(&sg_gen, &id);
 
 	return !g || *g != t->gen;
+}
+
+/* The kernel address of a socket the program holds, as a plain number (the
+ * verifier allows no arithmetic on a socket pointer; CO-RE reads of its
+ * fields go through bpf_probe_read_kernel from the number). */
+static __always_inline struct sock___sg *sk_kernel(struct bpf_sock *sk)
+{
+	__u64 addr = 0, ptr = (__u64)(void *)sk;
+
+	bpf_probe_read_kernel(&addr, sizeof(addr), &ptr);
+	return (struct sock___sg *)addr;
+}
+
+/* The uid that owns a socket made under the container's socket uid: it
+ * must still be that (kernel/sockets.socket_uid: the mark). fchown() on a
+ * socket fd (CAP_CHOWN, which Docker keeps) rewrites sk_uid, and sk_uid is
+ * what keeps SO_REUSEPORT groups apart (a container would join a root
+ * service's group and take its connections) and what uid routing rules
+ * match. 1 (and the uid found) when it is no longer the mark. Listeners and
+ * datagram sockets only: an accepted socket's owner is whoever accept()ed
+ * it (sock_graft: the application's fsuid), and a connected one is in no
+ * reuseport group. */
+static __always_inline int owner_changed(struct bpf_sock *sk, struct sock___sg *ks,
+					 struct sock_tag *t, __u32 *uid)
+{
+	if (!(t->flags & T_OWNED) || (sk->type == 1 /* SOCK_STREAM */ && sk->state != BPF_TCP_LISTEN))
+		return 0;
+	*uid = BPF_CORE_READ(ks, sk_uid.val);
+	return *uid != t->mark;
+}
+
+/* 1: sk shares an SO_REUSEPORT group with a socket that is not its
+ * container's (another mark: a host service, another container). The kernel
+ * groups sockets of the same owner (sk_uid), and a container can rewrite its
+ * socket's owner (fchown, also through /proc/self/fd/N) and put it back after
+ * joining; the mark it cannot change. A socket in such a group gets nothing:
+ * no connection or datagram meant for the others' sockets is delivered to
+ * it. A group larger than REUSEPORT_SCAN counts as foreign. */
+static __always_inline int foreign_group(struct sock___sg *ks, __u32 mark)
+{
+	struct sock_reuseport___sg *r = BPF_CORE_READ(ks, sk_reuseport_cb);
+	__u64 base;
+	__u16 n;
+
+	if (!r)
+		return 0;
+	n = BPF_CORE_READ(r, num_socks);
+	if (n <= 1)
+		return 0;
+	if (n > REUSEPORT_SCAN)
+		return 1;
+	base = (__u64)r + bpf_core_field_offset(struct sock_reuseport___sg, socks);
+	for (int i = 0; i < REUSEPORT_SCAN; i++) {
+		struct sock___sg *m = 0;
+
+		if (i >= n)
+			break;
+		if (bpf_probe_read_kernel(&m, sizeof(m), (void *)(base + i * sizeof(m))) || !m ||
+		    BPF_CORE_READ(m, sk_mark) != mark)
+			return 1;
+	}
+	return 0;
 }
 
 static __always_inline int by_agent(void)
@@ -1324,7 +1404,8 @@ static __always_inline int option_refused(int level, int opt)
 	switch (level) {
 	case SOL_SOCKET:
 		return opt == 36 /* SO_MARK */ || opt == 25 /* SO_BINDTODEVICE */ ||
-		       opt == 62 /* SO_BINDTOIFINDEX */ ||
+		       opt == 62 /* SO_BINDTOIFINDEX */ || opt == 5 /* SO_DONTROUTE */ ||
+		       opt == 73 /* SO_RESERVE_MEM */ ||
 		       opt == 51 /* SO_ATTACH_REUSEPORT_CBPF */ ||
 		       opt == 52 /* SO_ATTACH_REUSEPORT_EBPF */ ||
 		       opt == 68 /* SO_DETACH_REUSEPORT_BPF */;
@@ -1336,7 +1417,7 @@ static __always_inline int option_refused(int level, int opt)
 		       opt == 39 /* IP_ADD_SOURCE_MEMBERSHIP */ ||
 		       opt == 41 /* IP_MSFILTER */ || opt == 42 /* MCAST_JOIN_GROUP */ ||
 		       opt == 46 /* MCAST_JOIN_SOURCE_GROUP */ || opt == 48 /* MCAST_MSFILTER */ ||
-		       opt == 50 /* IP_UNICAST_IF */;
+		       opt == 50 /* IP_UNICAST_IF */ || opt == 51 /* IP_LOCAL_PORT_RANGE */;
 	case SOL_IPV6:
 		return opt == 1 /* IPV6_ADDRFORM */ || opt == 2 /* IPV6_2292PKTINFO */ ||
 		       opt == 3 /* IPV6_2292HOPOPTS */ || opt == 4 /* IPV6_2292DSTOPTS */ ||
@@ -1474,6 +1555,12 @@ int sg_egress(struct __sk_buff *skb)
 		report(EV_DENY_UNKNOWN, t->mark, OP_SEND, 0, 4, k.addr, 0, 0);
 		return 0;
 	}
+	if (owner_changed(sk, sk_kernel(sk), t, &kind)) {
+		count(3);
+		/* label = the socket's owner now */
+		report(EV_DENY_OWNER, t->mark, OP_SEND, kind, 4, k.addr, 0, 0);
+		return 0;
+	}
 	k.mark = t->mark;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		k.family = 4;
@@ -1568,7 +1655,8 @@ int sg_ingress(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
 	struct sock_tag *t;
-	__u32 none[4] = {};
+	struct sock___sg *ks;
+	__u32 none[4] = {}, uid = 0;
 
 	if (!sk)
 		return 1;
@@ -1586,6 +1674,19 @@ int sg_ingress(struct __sk_buff *skb)
 	}
 	if (!private_source_ok(skb, sk, t->mark)) {
 		count(3);
+		return 0;
+	}
+	ks = sk_kernel(sk);
+	if (owner_changed(sk, ks, t, &uid)) {
+		count(3);
+		report(EV_DENY_OWNER, t->mark, OP_LISTEN, uid, 4, none, (__u16)sk->src_port,
+		       sk->protocol);
+		return 0;
+	}
+	if (foreign_group(ks, t->mark)) {
+		count(3);
+		report(EV_DENY_GROUP, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port,
+		       sk->protocol);
 		return 0;
 	}
 	if (sk->state != BPF_TCP_LISTEN || (t->flags & T_INGRESS))

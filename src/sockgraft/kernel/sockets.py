@@ -40,6 +40,9 @@ OPTIONS: tuple[tuple[int, int, int, tuple[int, ...] | None, tuple[int, ...] | No
     (SOL_SOCKET, 15, _I, None, None),           # SO_REUSEPORT
     (SOL_SOCKET, 9, _I, None, None),            # SO_KEEPALIVE
     (SOL_SOCKET, 6, _I, None, (2,)),            # SO_BROADCAST
+    # IP_TOS sets the priority too (rt_tos2priority): the TOS first, then
+    # the priority the application ended up with
+    (IPPROTO_IP, 1, _I, (socket.AF_INET,), None),     # IP_TOS
     (SOL_SOCKET, 12, _I, None, None),           # SO_PRIORITY
     (SOL_SOCKET, 10, _I, None, (1,)),           # SO_OOBINLINE
     (SOL_SOCKET, 13, 8, None, None),            # SO_LINGER (struct linger)
@@ -56,7 +59,6 @@ OPTIONS: tuple[tuple[int, int, int, tuple[int, ...] | None, tuple[int, ...] | No
     (IPPROTO_TCP, 25, _I, None, (1,)),          # TCP_NOTSENT_LOWAT
     (IPPROTO_TCP, 9, _I, None, (1,)),           # TCP_DEFER_ACCEPT
     (IPPROTO_TCP, 13, 16, None, (1,)),          # TCP_CONGESTION (name)
-    (IPPROTO_IP, 1, _I, (socket.AF_INET,), None),     # IP_TOS
     (IPPROTO_IP, 2, _I, (socket.AF_INET,), None),     # IP_TTL
     (IPPROTO_IP, 11, _I, (socket.AF_INET,), (2,)),    # IP_RECVERR
     (IPPROTO_IP, 8, _I, (socket.AF_INET,), (2,)),     # IP_PKTINFO

@@ -70,6 +70,8 @@ EV_DENY_SPOOF = 12       # fast path: a spoofed packet (label: what), sampled 1,
 EV_DENY_IPOPTS = 13      # a grafted socket's packet with IPv4 options / IPv6 routing headers
 EV_DENY_PRIORITY = 14    # a grafted socket's packet with a priority above 6 (label: it)
 PRIO_UNPRIVILEGED = 6    # TC_PRIO_INTERACTIVE: the highest SO_PRIORITY without a capability
+EV_DENY_OWNER = 15       # a packet of a grafted socket whose owner (sk_uid) changed (label: it)
+EV_DENY_GROUP = 16       # a packet for a grafted socket in another's SO_REUSEPORT group
 SPOOF_WHAT = {1: "spoof:source", 2: "spoof:arp", 3: "spoof:nd-target", 4: "spoof:nd-malformed",
               5: "spoof:router-advertisement", 6: "spoof:fragment", 7: "spoof:mac"}
 OP_SETSOCKOPT = 4
@@ -81,14 +83,15 @@ OP_NAMES = {1: "connect", 2: "sendmsg", 3: "bind", 4: "setsockopt", 5: "send", 6
 SOL_SOCKET, SOL_IP, SOL_TCP, SOL_UDP, SOL_IPV6 = 1, 0, 6, 17, 41
 REFUSED_OPTIONS: dict[tuple[int, int], str] = {
     (SOL_SOCKET, 36): "SO_MARK", (SOL_SOCKET, 25): "SO_BINDTODEVICE",
-    (SOL_SOCKET, 62): "SO_BINDTOIFINDEX", (SOL_SOCKET, 51): "SO_ATTACH_REUSEPORT_CBPF",
+    (SOL_SOCKET, 62): "SO_BINDTOIFINDEX", (SOL_SOCKET, 5): "SO_DONTROUTE",
+    (SOL_SOCKET, 73): "SO_RESERVE_MEM", (SOL_SOCKET, 51): "SO_ATTACH_REUSEPORT_CBPF",
     (SOL_SOCKET, 52): "SO_ATTACH_REUSEPORT_EBPF", (SOL_SOCKET, 68): "SO_DETACH_REUSEPORT_BPF",
     (SOL_IP, 4): "IP_OPTIONS", (SOL_IP, 15): "IP_FREEBIND", (SOL_IP, 16): "IP_IPSEC_POLICY",
     (SOL_IP, 17): "IP_XFRM_POLICY", (SOL_IP, 19): "IP_TRANSPARENT",
     (SOL_IP, 35): "IP_ADD_MEMBERSHIP", (SOL_IP, 39): "IP_ADD_SOURCE_MEMBERSHIP",
     (SOL_IP, 41): "IP_MSFILTER", (SOL_IP, 42): "MCAST_JOIN_GROUP",
     (SOL_IP, 46): "MCAST_JOIN_SOURCE_GROUP", (SOL_IP, 48): "MCAST_MSFILTER",
-    (SOL_IP, 50): "IP_UNICAST_IF",
+    (SOL_IP, 50): "IP_UNICAST_IF", (SOL_IP, 51): "IP_LOCAL_PORT_RANGE",
     (SOL_IPV6, 1): "IPV6_ADDRFORM", (SOL_IPV6, 2): "IPV6_2292PKTINFO",
     (SOL_IPV6, 3): "IPV6_2292HOPOPTS", (SOL_IPV6, 4): "IPV6_2292DSTOPTS",
     (SOL_IPV6, 5): "IPV6_2292RTHDR", (SOL_IPV6, 6): "IPV6_2292PKTOPTIONS",
@@ -395,7 +398,9 @@ class Event:
                 EV_DENY_UNKNOWN: "container:no-policy",
                 EV_DENY_KEPT: "loopback:container-own",
                 EV_DENY_IPOPTS: "ip-options:refused",
-                EV_DENY_PRIORITY: "priority:refused"}.get(self.kind, f"kind {self.kind}")
+                EV_DENY_PRIORITY: "priority:refused",
+                EV_DENY_OWNER: "owner:changed",
+                EV_DENY_GROUP: "reuseport:foreign-group"}.get(self.kind, f"kind {self.kind}")
 
     @property
     def errno(self) -> int:
@@ -425,7 +430,8 @@ def decode_event(raw: bytes) -> Event:
     kind, mark, op, label, addr, port_, family, proto, pid = EVENT.unpack_from(raw)
     if op == OP_SETSOCKOPT:
         a = option_name(port_, label)
-    elif kind in (EV_DENY_SOURCE, EV_DENY_MARK, EV_DENY_PRIORITY):
+    elif kind in (EV_DENY_SOURCE, EV_DENY_MARK, EV_DENY_PRIORITY) or (
+            kind == EV_DENY_OWNER and op != 6):         # (a send: its source; a receive: port)
         a = str(IPv4Address(addr[:4]) if family == 4 else IPv6Address(addr))
     elif family == 4:
         a = f"{IPv4Address(addr[:4])}:{port_}"
