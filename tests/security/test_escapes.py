@@ -650,15 +650,17 @@ def test_a_grafted_socket_joins_no_hosts_reuseport_group(sec, restore):
     binds and listens it joins a root service's group on the same address
     and port, and would take a share of its connections - also after it
     puts the owner back. Its socket gets none of them."""
-    configure(sec, "h1-c1", "socket")
+    # its own port: the service's closed connections leave TIME_WAIT sockets
+    # on it, which later tests' binds of ep-http (8081) would meet
+    configure(sec, "h1-c1", "socket", http_port=8083)
     h1, h2 = sec.plan.node("h1").netns, sec.plan.node("h2").netns
     steps = ["sock", "tcp4", "setopt", 1, 15, 1,           # SO_REUSEPORT
-             "chown", 0, "bind", "0.0.0.0:80", "listen",    # ep-http: 198.18.0.1:8081
+             "chown", 0, "bind", "0.0.0.0:80", "listen",    # ep-http: 198.18.0.1:8083
              *(["chown", "mark"] if restore else []), "acceptwait", 6]
     import threading
     res = {}
-    with Sentinel(h1, "198.18.0.1", 8081, "tcp", reuseport=True) as service:
-        t = threading.Timer(2.0, lambda: res.update(ok=_connects(h2, "198.18.0.1", 8081, 40)))
+    with Sentinel(h1, "198.18.0.1", 8083, "tcp", reuseport=True) as service:
+        t = threading.Timer(2.0, lambda: res.update(ok=_connects(h2, "198.18.0.1", 8083, 40)))
         t.start()
         out = attack(sec, "h1-c1", "socket", "docker", *steps)
         t.join()
