@@ -560,17 +560,23 @@ static __always_inline struct sock___sg *sk_kernel(struct bpf_sock *sk)
  * socket fd (CAP_CHOWN, which Docker keeps) rewrites sk_uid, and sk_uid is
  * what keeps SO_REUSEPORT groups apart (a container would join a root
  * service's group and take its connections) and what uid routing rules
- * match. 1 (and the uid found) when it is no longer the mark. Listeners and
- * datagram sockets only: an accepted socket's owner is whoever accept()ed
- * it (sock_graft: the application's fsuid), and a connected one is in no
- * reuseport group. */
-static __always_inline int owner_changed(struct bpf_sock *sk, struct sock___sg *ks,
-					 struct sock_tag *t, __u32 *uid)
+ * match. 1 (and the uid found) when it is no longer the mark. Only for
+ * sockets that may_group(). */
+static __always_inline int owner_changed(struct sock___sg *ks, struct sock_tag *t, __u32 *uid)
 {
-	if (!(t->flags & T_OWNED) || (sk->type == 1 /* SOCK_STREAM */ && sk->state != BPF_TCP_LISTEN))
+	if (!(t->flags & T_OWNED))
 		return 0;
 	*uid = BPF_CORE_READ(ks, sk_uid.val);
 	return *uid != t->mark;
+}
+
+/* Listeners and datagram sockets: the only ones in SO_REUSEPORT groups, and
+ * the only ones whose owner is judged - an accepted socket's owner is
+ * whoever accept()ed it (sock_graft: the application's fsuid). Established
+ * TCP traffic, the bulk, skips the reads below. */
+static __always_inline int may_group(struct bpf_sock *sk)
+{
+	return sk->type != 1 /* SOCK_STREAM */ || sk->state == BPF_TCP_LISTEN;
 }
 
 /* 1: sk shares an SO_REUSEPORT group with a socket that is not its
@@ -1538,7 +1544,7 @@ int sg_egress(struct __sk_buff *skb)
 	struct bpf_sock *sk = skb->sk;
 	struct sock_tag *t;
 	struct src_key k = {};
-	__u32 kind;
+	__u32 kind, uid = 0;
 	__u8 hdr = 0;
 	int opts;
 
@@ -1555,10 +1561,10 @@ int sg_egress(struct __sk_buff *skb)
 		report(EV_DENY_UNKNOWN, t->mark, OP_SEND, 0, 4, k.addr, 0, 0);
 		return 0;
 	}
-	if (owner_changed(sk, sk_kernel(sk), t, &kind)) {
+	if (may_group(sk) && owner_changed(sk_kernel(sk), t, &uid)) {
 		count(3);
 		/* label = the socket's owner now */
-		report(EV_DENY_OWNER, t->mark, OP_SEND, kind, 4, k.addr, 0, 0);
+		report(EV_DENY_OWNER, t->mark, OP_SEND, uid, 4, k.addr, 0, 0);
 		return 0;
 	}
 	k.mark = t->mark;
@@ -1655,7 +1661,6 @@ int sg_ingress(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
 	struct sock_tag *t;
-	struct sock___sg *ks;
 	__u32 none[4] = {}, uid = 0;
 
 	if (!sk)
@@ -1676,18 +1681,21 @@ int sg_ingress(struct __sk_buff *skb)
 		count(3);
 		return 0;
 	}
-	ks = sk_kernel(sk);
-	if (owner_changed(sk, ks, t, &uid)) {
-		count(3);
-		report(EV_DENY_OWNER, t->mark, OP_LISTEN, uid, 4, none, (__u16)sk->src_port,
-		       sk->protocol);
-		return 0;
-	}
-	if (foreign_group(ks, t->mark)) {
-		count(3);
-		report(EV_DENY_GROUP, t->mark, OP_LISTEN, 0, 4, none, (__u16)sk->src_port,
-		       sk->protocol);
-		return 0;
+	if (may_group(sk)) {
+		struct sock___sg *ks = sk_kernel(sk);
+
+		if (owner_changed(ks, t, &uid)) {
+			count(3);
+			report(EV_DENY_OWNER, t->mark, OP_LISTEN, uid, 4, none,
+			       (__u16)sk->src_port, sk->protocol);
+			return 0;
+		}
+		if (foreign_group(ks, t->mark)) {
+			count(3);
+			report(EV_DENY_GROUP, t->mark, OP_LISTEN, 0, 4, none,
+			       (__u16)sk->src_port, sk->protocol);
+			return 0;
+		}
 	}
 	if (sk->state != BPF_TCP_LISTEN || (t->flags & T_INGRESS))
 		return 1;

@@ -34,6 +34,7 @@ import time
 from importlib import resources
 
 from ..errors import BpfUnavailable, KernelError
+from . import sockets as ksock
 
 log = logging.getLogger("sockgraft.bpf")
 
@@ -90,10 +91,10 @@ BPF_ANY = 0
 TAG = struct.Struct("=IHH")    # struct sock_tag {mark, flags, gen}
 _FD = struct.Struct("=i")      # an SK_STORAGE map's key: the socket's fd
 T_INGRESS = 1                  # bound by the agent through an ingress rule
-# made under the container's socket uid (kernel/sockets.socket_uid: the mark;
+# made under the container's socket uid (kernel/sockets.fsuid_for: the mark;
 # only a root agent switches): the guards drop the packets of such a socket
 # whose owner changed (fchown on its fd rewrites sk_uid)
-T_OWNED = 2 if os.geteuid() == 0 else 0
+T_OWNED = 2
 T_STALE = 1 << 16              # (tag_of only) tagged for an earlier holder of its mark
 
 
@@ -419,7 +420,8 @@ class Programs:
         """Tag socket fd as grafted for the container of `mark`, in the mark's
         current generation (thread-safe: notifier threads tag the sockets
         they hand out)."""
-        self.update("sg_sock", _FD.pack(fd), TAG.pack(mark, flags | T_OWNED,
+        owned = T_OWNED if ksock.fsuid_for(mark) >= 0 else 0   # (as _answer.c tag_of)
+        self.update("sg_sock", _FD.pack(fd), TAG.pack(mark, flags | owned,
                                                       self.gens.get(mark, 0)))
 
     def tag_params(self, mark: int) -> tuple[int, int]:
