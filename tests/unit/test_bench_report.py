@@ -113,6 +113,14 @@ def test_pinned_runs_say_so_in_the_report_and_wrap_argv():
     pinned = report.render(report.build(_runs(), {"rounds": 3, "seconds": 3, "pin": 1}))
     assert "wherever the scheduler puts them" in spread and "--pin 1" not in spread
     assert "on one vCPU (`--pin 1`)" in pinned
+    rr = report.render(report.build(_runs(), {"rounds": 3, "seconds": 3, "pin": None,
+                                              "pin_rr": 1}))
+    assert "(`--pin-rr 1`), bulk transfers (iperf3) on every vCPU" in rr
+
+
+def test_only_bulk_transfers_stay_unpinned_under_pin_rr():
+    from sockgraft.bench import workloads
+    assert {n for n, w in workloads.WORKLOADS.items() if w.bulk} == {"iperf3"}
 
 
 def test_pin_to_a_cpu_we_may_not_use_is_refused_before_anything_is_built(tmp_path):
@@ -121,6 +129,8 @@ def test_pin_to_a_cpu_we_may_not_use_is_refused_before_anything_is_built(tmp_pat
     bad = max(os.sched_getaffinity(0)) + 1
     with pytest.raises(ConfigError, match=f"--pin {bad}"):
         harness.run(("host-loopback",), ["iperf3"], out_dir=str(tmp_path / "out"), pin=bad)
+    with pytest.raises(ConfigError, match=f"--pin-rr {bad}"):
+        harness.run(("host-loopback",), ["iperf3"], out_dir=str(tmp_path / "out"), pin_rr=bad)
     assert not (tmp_path / "out").exists()
 
 

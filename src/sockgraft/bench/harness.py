@@ -254,12 +254,15 @@ def warm_overlay(plan, timeout: float = 5.0) -> None:
 
 def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
         out_dir: str = "bench-out", progress: Progress | None = None,
-        pin: int | None = None) -> dict:
+        pin: int | None = None, pin_rr: int | None = None) -> dict:
+    """pin: both ends of every measure on that CPU; pin_rr: the same for the
+    request/response workloads only (bulk transfers keep every CPU)."""
     from . import workloads as wmod
-    if pin is not None and pin not in os.sched_getaffinity(0):
-        from ..errors import ConfigError
-        raise ConfigError(f"--pin {pin}: not a CPU this process may use "
-                          f"({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
+    for flag, cpu in (("--pin", pin), ("--pin-rr", pin_rr)):
+        if cpu is not None and cpu not in os.sched_getaffinity(0):
+            from ..errors import ConfigError
+            raise ConfigError(f"{flag} {cpu}: not a CPU this process may use "
+                              f"({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
     names = list(workload_names or wmod.WORKLOADS)
     unknown = [n for n in names if n not in wmod.WORKLOADS] + [p for p in paths
                                                                 if p not in PATHS]
@@ -306,7 +309,9 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
                             _splice(plan, path == "graft-splice")
                         if fast:
                             _fastpath(plan, path.startswith("fast"))
-                        res = measure(wl, runs_of[path], seconds, workdir, tools, pin)
+                        res = measure(wl, runs_of[path], seconds, workdir, tools,
+                                      pin if pin is not None else
+                                      (None if wl.bulk else pin_rr))
                         runs.append({"round": rnd, "workload": name, "path": path,
                                      "metrics": res["metrics"], "raw": f"raw/{raw_name}"})
                         raw_text = res["raw"]
@@ -323,6 +328,7 @@ def run(paths=PATHS, workload_names=None, rounds: int = 3, seconds: int = 3,
             store.delete(cfg.container)
         builder.down(lab)
     results = report.build(runs, {"rounds": rounds, "seconds": seconds, "pin": pin,
+                                  "pin_rr": pin_rr if pin is None else None,
                                   "paths": list(paths),
                                   "workloads": names, "failures": failures,
                                   "duration_s": round(time.monotonic() - t0, 1)})

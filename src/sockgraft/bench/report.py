@@ -20,6 +20,10 @@ REFERENCES = (("graft-local", "host-loopback"), ("graft-remote", "host-underlay"
               ("graft-local", "bridge"), ("graft-remote", "vxlan"), ("graft-remote", "nat"),
               ("graft-splice", "host-loopback"), ("graft-splice", "graft-local"),
               ("fast-local", "bridge"), ("fast-remote", "vxlan"),
+              # the fast paths against the host's own path (their limit), and
+              # that limit against the container path: the most they can gain
+              ("fast-local", "host-loopback"), ("fast-remote", "host-underlay"),
+              ("host-loopback", "bridge"), ("host-underlay", "vxlan"),
               # the floor of any per-connection trap, and how far above it grafting is
               ("trap-floor", "host-loopback"), ("graft-local", "trap-floor"))
 log = logging.getLogger(__name__)
@@ -85,6 +89,9 @@ def render(results: dict) -> str:
              + ("Client and server of every run on one vCPU "
                 f"(`--pin {results['pin']}`): no cross-vCPU wake-ups in the figures."
                 if results.get("pin") is not None else
+                "Client and server of every request/response run on one vCPU "
+                f"(`--pin-rr {results['pin_rr']}`), bulk transfers (iperf3) on every vCPU."
+                if results.get("pin_rr") is not None else
                 "Client and server wherever the scheduler puts them."), "",
              "Only ratios within one run are stable: client, server, agent and every network "
              "stack share the same cores, and absolute figures wander between runs. Ratios "

@@ -76,6 +76,8 @@ class Workload:
     metrics: tuple[str, ...]    # headline metrics returned by parse()
     unit: str                   # unit of work behind "ops" (for cpu_us_per_op)
     udp_sendto: bool = False    # client sends UDP with sendto() on an unconnected socket
+    bulk: bool = False          # a bulk transfer (sender and receiver busy at once: --pin-rr
+                                # leaves it on every CPU)
     counters: tuple[str, ...] = ()  # informational counts parse() also returns
     packages: tuple[str, ...] = ()  # Debian packages providing server and client
     tools: tuple[tuple[str, str], ...] = ()  # (program, path) overrides; see with_tools
@@ -418,7 +420,7 @@ def parse_redis_benchmark(stdout: str, stderr: str) -> dict[str, float]:
 # --- the table ----------------------------------------------------------------------
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("iperf3", "tcp", ("gbit_per_s",), "MiB", packages=("iperf3",),
+    Workload("iperf3", "tcp", ("gbit_per_s",), "MiB", packages=("iperf3",), bulk=True,
              server_fn=_iperf3_server, client_fn=_iperf3_client, parse_fn=parse_iperf3),
     Workload("sockperf-tcp", "tcp", ("rtt_avg_us", "rtt_p99_us"), "round trip",
              counters=("dropped",), packages=("sockperf",),

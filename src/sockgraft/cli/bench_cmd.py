@@ -26,6 +26,8 @@ examples:
   sockgraft bench report results                re-render report.md and plots from results.json
   sockgraft bench engine                        the grafting engine's own figures
   sockgraft bench --pin 1 --out results-pinned  both ends of every measure on CPU 1
+  sockgraft bench --pin-rr 1 --paths bridge fast-local vxlan fast-remote
+                                                request/response on CPU 1, iperf3 on both
 
 Paths: host-loopback host-underlay bridge nat vxlan trap-floor graft-local graft-splice
   graft-remote fast-local fast-remote. trap-floor is host-loopback with every socket() of
@@ -53,6 +55,9 @@ def register(sub) -> None:
                    help="run client and server of every measure on this CPU: request/response "
                         "figures then show the network path, not the cost of waking an idle "
                         "vCPU (large on VMs without halt polling); agents are not pinned")
+    p.add_argument("--pin-rr", type=int, metavar="CPU",
+                   help="like --pin, for the request/response workloads only: bulk transfers "
+                        "(iperf3) keep every CPU, where sender and receiver run side by side")
     p.set_defaults(func=cmd_bench, needs_root=True)
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     r = bsub.add_parser("report", help="re-render report and plots from DIR/results.json",
@@ -134,7 +139,7 @@ def cmd_bench(args) -> int:
         raise ConfigError("accepted: --rounds >= 1, --seconds >= 1")
     workloads = args.workloads or (list(harness.QUICK_WORKLOADS) if args.quick else None)
     results = harness.run(tuple(args.paths or harness.PATHS), workloads, rounds, seconds,
-                          args.out, pin=args.pin)
+                          args.out, pin=args.pin, pin_rr=args.pin_rr)
     print(f"{len(results['runs'])} runs, {len(results['failures'])} failed, "
           f"{results['duration_s']:.0f} s; report: {args.out}/report.md")
     for r in results["ratios"]:
