@@ -34,6 +34,12 @@
  *   tfo ADDR:PORT                 sendto(MSG_FASTOPEN) on a TCP socket
  *   recvwait SECONDS              a datagram (or stream data) within SECONDS
  *   name                          getsockname
+ *   ifconf                        SIOCGIFCONF on the current socket: "ifaces": "name=addr,..."
+ *                                 and "need": the length a NULL buffer is told
+ *   ifreq CMD NAME [INT]          ioctl(CMD with 0xdead in the high word, raw syscall) with an
+ *                                 ifreq naming NAME (INT: ifr_ifindex / ifr_mtu): the
+ *                                 answer's "int", "addr", "mac", "name"
+ *   arp ADDR DEV                  SIOCGARP for ADDR on DEV: "mac" and "flags"
  *   spoofto SRC:PORT              from the container's own network stack (a raw
  *                                 IPPROTO_RAW socket, CAP_NET_RAW), one UDP datagram
  *                                 forged from SRC:PORT to the current socket's own
@@ -70,6 +76,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <net/if.h>
+#include <net/if_arp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -81,6 +89,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/mman.h>
@@ -119,6 +128,10 @@ static const char *ename(int e)
 	case ENETUNREACH: return "ENETUNREACH";
 	case EDESTADDRREQ: return "EDESTADDRREQ";
 	case ENOSYS: return "ENOSYS";
+	case ENODEV: return "ENODEV";
+	case ENXIO: return "ENXIO";
+	case ENOTTY: return "ENOTTY";
+	case EFAULT: return "EFAULT";
 	default: {
 		static char buf[16];
 		snprintf(buf, sizeof(buf), "%d", e);
@@ -696,6 +709,64 @@ int main(int argc, char **argv)
 			snprintf(extra, sizeof(extra), "\"events\": %u, \"mark\": %d, \"so_error\": %d",
 				 got.events, mark, soerr);
 			report(op, arg, r, r ? errno : 0, extra);
+		} else if (!strcmp(op, "ifconf")) {
+			struct ifreq rq[64];
+			struct ifconf ic = {.ifc_len = sizeof(rq), .ifc_req = rq}, q = {0};
+			char extra[4096], ab[INET_ADDRSTRLEN];
+			int r0 = ioctl(cur, SIOCGIFCONF, &q), e;
+			size_t o;
+
+			r = ioctl(cur, SIOCGIFCONF, &ic);
+			e = errno;
+			o = (size_t)snprintf(extra, sizeof(extra), "\"need\": %d, \"ifaces\": \"",
+					     r0 ? -1 : q.ifc_len);
+			for (size_t k = 0; r == 0 && k < ic.ifc_len / sizeof(struct ifreq); k++) {
+				struct sockaddr_in *sin = (struct sockaddr_in *)&rq[k].ifr_addr;
+
+				inet_ntop(AF_INET, &sin->sin_addr, ab, sizeof(ab));
+				o += (size_t)snprintf(extra + o, sizeof(extra) - o, "%s%.16s=%s",
+						      k ? "," : "", rq[k].ifr_name, ab);
+			}
+			snprintf(extra + o, sizeof(extra) - o, "\"");
+			report(op, "", r, e, extra);
+		} else if (!strcmp(op, "ifreq")) {
+			unsigned long cmd = strtoul(argv[i], NULL, 0);
+			const char *name = argv[i + 1];
+			struct ifreq q;
+			char extra[256], ab[INET6_ADDRSTRLEN] = "", arg[64];
+			unsigned char *m = (unsigned char *)q.ifr_hwaddr.sa_data;
+			struct sockaddr_in *sin = (struct sockaddr_in *)&q.ifr_addr;
+
+			i += 2;
+			memset(&q, 0, sizeof(q));
+			strncpy(q.ifr_name, name, IFNAMSIZ - 1);
+			if (i < argc && argv[i][0] >= '0' && argv[i][0] <= '9')
+				q.ifr_ifindex = atoi(argv[i++]);
+			snprintf(arg, sizeof(arg), "%#lx %s", cmd, name);
+			r = syscall(SYS_ioctl, (long)cur, (long)(cmd | 0xdeadUL << 32), &q);
+			if (sin->sin_family == AF_INET)
+				inet_ntop(AF_INET, &sin->sin_addr, ab, sizeof(ab));
+			snprintf(extra, sizeof(extra),
+				 "\"int\": %d, \"addr\": \"%s\", \"name\": \"%.16s\", "
+				 "\"mac\": \"%02x:%02x:%02x:%02x:%02x:%02x\"",
+				 q.ifr_ifindex, ab, q.ifr_name, m[0], m[1], m[2], m[3], m[4], m[5]);
+			report(op, arg, r, errno, extra);
+		} else if (!strcmp(op, "arp")) {
+			struct arpreq a;
+			struct sockaddr_in *sin = (struct sockaddr_in *)&a.arp_pa;
+			unsigned char *m = (unsigned char *)a.arp_ha.sa_data;
+			char extra[128];
+
+			memset(&a, 0, sizeof(a));
+			sin->sin_family = AF_INET;
+			inet_pton(AF_INET, argv[i], &sin->sin_addr);
+			strncpy(a.arp_dev, argv[i + 1], sizeof(a.arp_dev) - 1);
+			i += 2;
+			r = ioctl(cur, SIOCGARP, &a);
+			snprintf(extra, sizeof(extra),
+				 "\"flags\": %d, \"mac\": \"%02x:%02x:%02x:%02x:%02x:%02x\"",
+				 a.arp_flags, m[0], m[1], m[2], m[3], m[4], m[5]);
+			report(op, argv[i - 2], r, errno, extra);
 		} else if (!strcmp(op, "sleep")) {
 			usleep((useconds_t)(atof(argv[i++]) * 1e6));
 		} else {

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -878,3 +879,126 @@ def test_a_lingering_socket_never_holds_the_agent(sec, answer):
         if attacker.poll() is None:
             attacker.kill()
             attacker.wait(timeout=10)
+
+
+SIOCGIFNAME, SIOCGIFADDR, SIOCSIFMTU = 0x8910, 0x8915, 0x8922
+SIOCGIFHWADDR, SIOCGIFINDEX, SIOCETHTOOL = 0x8927, 0x8933, 0x8946
+
+
+def _links(ns):
+    out = subprocess.run(["ip", "-n", ns, "-j", "addr"], capture_output=True, text=True,
+                         check=True).stdout
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def _ipv4(link):
+    return [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
+
+
+@pytest.mark.parametrize("caps", ["docker", "keep"])
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_a_grafted_socket_reads_and_changes_only_its_own_interfaces(sec, mode, caps):
+    """The kernel answers interface, address and ARP ioctls from the
+    namespace of the socket they are called on - the host's, for a grafted
+    socket: SIOCGIFCONF listed the host's addresses, SIOCGARP read its ARP
+    table, and a container with CAP_NET_ADMIN ("keep": every capability)
+    set the MTU of a host interface. Now every such call is answered from
+    the container's own namespace (the same answers as an ungrafted
+    socket), changes need CAP_NET_ADMIN as there, and commands with
+    pointers inside (ethtool) get ENOTTY."""
+    configure(sec, "h1-c1", mode)
+    cns, h1 = sec.plan.node("h1-c1").netns, sec.plan.node("h1").netns
+    mine, hosts = _links(cns), _links(h1)
+    dev = next(n for n in mine if n != "lo")
+    host_dev = next(n for n in hosts if n != "lo" and n not in mine and _ipv4(hosts[n]))
+    host_mtu, dev_mtu = hosts[host_dev]["mtu"], mine[dev]["mtu"]
+    foreign_index = next(i for i in sorted(l["ifindex"] for l in hosts.values())
+                         if i not in {l["ifindex"] for l in mine.values()})
+    peer, peer6 = ap("198.18.0.2", 7508), ap("fd53:6700:0:1::1", 7508)
+    steps = ["sock", "udp4"]
+    if mode == "syscall":
+        steps += ["ifconf"]             # its own socket, before the graft
+    steps += ["connect", peer, "sendc", "ifconf",
+              "ifreq", SIOCGIFINDEX, dev, "ifreq", SIOCGIFINDEX, host_dev,
+              "ifreq", SIOCGIFHWADDR, dev, "ifreq", SIOCGIFADDR, host_dev,
+              "ifreq", SIOCGIFNAME, "", foreign_index,
+              "arp", "198.18.0.2", host_dev,
+              "ifreq", SIOCSIFMTU, host_dev, 1280, "ifreq", SIOCSIFMTU, dev, dev_mtu - 100,
+              "ifreq", SIOCETHTOOL, host_dev,
+              "sock", "udp6", "connect", peer6,
+              "ifreq", SIOCGIFINDEX, host_dev, "ifreq", SIOCGIFINDEX, dev]
+    try:
+        out = attack(sec, "h1-c1", mode, caps, *steps)
+        mtu_after = _links(cns)[dev]["mtu"]
+    finally:
+        subprocess.run(["ip", "-n", cns, "link", "set", dev, "mtu", str(dev_mtu)], check=True)
+    assert [s["ret"] for s in _ops(out, "connect")] == [0, 0], out
+    want = {f"{n}={a}" for n, link in mine.items() for a in _ipv4(link)}
+    for s in _ops(out, "ifconf"):
+        assert s["ret"] == 0 and set(s["ifaces"].split(",")) == want, (s, want)
+        assert s["need"] == 40 * len(want), s
+    r = _ops(out, "ifreq")
+    assert r[0]["ret"] == 0 and r[0]["int"] == mine[dev]["ifindex"], r[0]
+    assert r[1]["errno"] == "ENODEV", r[1]          # no such interface in the container
+    assert r[2]["ret"] == 0 and r[2]["mac"] == mine[dev]["address"], r[2]
+    assert r[3]["errno"] == "ENODEV", r[3]
+    assert r[4]["errno"] == "ENODEV", r[4]          # a host interface's index names nothing
+    assert _ops(out, "arp")[0]["ret"] < 0, out      # the host's ARP table is not its own
+    refused = "EPERM" if caps == "docker" else "ENODEV"
+    assert r[5]["errno"] == refused, r[5]
+    assert _links(h1)[host_dev]["mtu"] == host_mtu
+    if caps == "docker":
+        assert r[6]["errno"] == "EPERM" and mtu_after == dev_mtu, (r[6], mtu_after)
+    else:           # its own interface, as an ungrafted socket would
+        assert r[6]["ret"] == 0 and mtu_after == dev_mtu - 100, (r[6], mtu_after)
+    assert r[7]["errno"] == "ENOTTY", r[7]
+    assert r[8]["errno"] == "ENODEV" and r[9]["int"] == mine[dev]["ifindex"], r[8:]
+
+
+def _dockerish_base(path):
+    """Docker's default profile's shape: every call refused unless listed,
+    ioctl listed without conditions, one ioctl command refused (TIOCSTI)."""
+    with open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h") as f:
+        names = [line.split()[1][5:] for line in f if line.startswith("#define __NR_")]
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"},
+                         {"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                          "args": [{"index": 1, "value": 0x5412, "op": "SCMP_CMP_EQ"}]}]}
+    with open(path, "w") as f:
+        json.dump(base, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_runc_containers_read_only_their_own_interfaces(sec, mode, tmp_path):
+    """The same through runc, with a profile merged into a Docker-shaped
+    base (ioctl allowed unconditionally beside the trap of the socket
+    ioctls: libseccomp keeps both)."""
+    from runtime import DOCKER_CAPS, RuncEnv
+    env = RuncEnv(sec, tmp_path, graft_at=mode, extra_files={"attack": sec.attack_bin},
+                  profile_args=("--base", _dockerish_base(tmp_path / "base.json")))
+    cid = f"ioc-{mode[:4]}"
+    h1 = sec.plan.node("h1").netns
+    host_dev = next(n for n, link in _links(h1).items() if n != "lo" and _ipv4(link))
+    steps = ["sock", "udp4", "connect", ap("198.18.0.2", 7509), "ifconf",
+             "ifreq", SIOCGIFINDEX, host_dev, "ifreq", SIOCGIFINDEX, "eth0"]
+    ann = dict(RUNC_ANN, **({"sockgraft/graft-at": "socket"} if mode == "socket" else {}))
+    try:
+        env.start(cid, ["/bin/attack", "--caps", "keep", *map(str, steps)], ann,
+                  caps=DOCKER_CAPS)
+        deadline = time.monotonic() + 30
+        while '"done": true' not in env.output(cid):
+            assert time.monotonic() < deadline, env.output(cid)
+            time.sleep(0.1)
+        mine = _links(env.containers[cid][0])
+    finally:
+        env.close()
+    out = [json.loads(line) for line in env.output(cid).splitlines()
+           if line.startswith("{") and "op" in line]
+    assert _ops(out, "connect")[0]["ret"] == 0, out
+    want = {f"{n}={a}" for n, link in mine.items() for a in _ipv4(link)}
+    assert set(_ops(out, "ifconf")[0]["ifaces"].split(",")) == want, out
+    r = _ops(out, "ifreq")
+    assert host_dev not in mine and r[0]["errno"] == "ENODEV", r
+    assert r[1]["ret"] == 0 and r[1]["int"] == mine["eth0"]["ifindex"], r

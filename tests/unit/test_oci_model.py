@@ -374,3 +374,55 @@ def test_untrusted_annotations_give_no_configuration():
         moci.config_from_annotations("c", ann, trusted=False)
     assert moci.config_from_annotations("c", {"sockgraft/container": "c"},
                                         trusted=False) is None
+
+
+def _ioctl_rules(prof):
+    return [r for r in prof["syscalls"] if "ioctl" in r["names"]]
+
+
+TIOCSTI_REFUSED = {"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                   "args": [{"index": 1, "value": 0x5412, "op": "SCMP_CMP_EQ"}]}
+
+
+def _matches(rule, cmd):
+    return all((cmd & a["value"]) == a["valueTwo"] if a["op"] == "SCMP_CMP_MASKED_EQ"
+               else cmd == a["value"] for a in rule.get("args") or [])
+
+
+@pytest.mark.parametrize("base", [
+    None,                                                       # allow-all
+    {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [           # Docker's shape
+        {"names": ["bind", "listen", "connect", "socket", "ioctl", "read"],
+         "action": "SCMP_ACT_ALLOW"}, TIOCSTI_REFUSED]},
+])
+def test_socket_ioctls_are_trapped_beside_the_bases_ioctl_rules(base):
+    """Every ioctl command matches exactly one of: the trap (socket ioctl
+    types), the rules that stand for the base's plain "ioctl allowed"
+    (libseccomp would let a plain rule win over the trap), the base's own
+    conditional rules (TIOCSTI refused, which also keeps precedence)."""
+    prof = moci.build_profile(base, "/run/sg/oci.sock")
+    rules = _ioctl_rules(prof)
+    ours = [r for r in rules if r["action"] == "SCMP_ACT_NOTIFY"]
+    assert sorted(r["args"][0]["valueTwo"] for r in ours) == [0x8900, 0x8B00]
+    assert all(r["args"] for r in rules)            # no plain rule left to win
+    for cmd in [0x5412, 0x5401, 0x541B, 0x8912, 0x8933, 0x8B01, 0xC0208933, 0x8906, 0x4004AE01,
+                0x8800, 0x8A00, 0x8C00, 0x0, 0xFFFF, 0xFFFFFFFF] + list(range(0, 0x10000, 0x100)):
+        hit = [r["action"] for r in rules if _matches(r, cmd)]
+        trapped = (cmd & 0xFF00) in (0x8900, 0x8B00)
+        if base is None:
+            assert hit == (["SCMP_ACT_NOTIFY"] if trapped else []), hex(cmd)
+        else:
+            want = ["SCMP_ACT_NOTIFY" if trapped else "SCMP_ACT_ALLOW"]
+            assert [a for a in hit if a != "SCMP_ACT_ERRNO"] == want, (hex(cmd), hit)
+            assert ("SCMP_ACT_ERRNO" in hit) == (cmd == 0x5412), hex(cmd)
+    assert moci.build_profile(prof, "/run/sg/oci.sock") == prof      # idempotent
+    assert moci.check_profile(prof) == []
+
+
+def test_a_base_that_allows_some_ioctls_only_is_not_widened():
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["bind", "listen", "connect"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 1, "value": 0x5401, "op": "SCMP_CMP_EQ"}]}]}
+    prof = moci.build_profile(base, "/run/sg/oci.sock")
+    assert all(r["action"] != "SCMP_ACT_NOTIFY" for r in _ioctl_rules(prof))

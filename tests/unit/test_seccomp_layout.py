@@ -12,6 +12,7 @@ import pytest
 from sockgraft.errors import ConfigError
 from sockgraft.kernel import seccomp as sc
 from sockgraft.kernel import seccomp_filter as scf
+from sockgraft.model import ioctl as mioctl
 
 pytestmark = pytest.mark.unit
 
@@ -40,6 +41,8 @@ def check_program(insns) -> None:
         elif code == 0x05:  # JA
             assert pc + 1 + k < len(insns), f"JA out at {pc}"
         elif code == 0x06:  # RET K
+            pass
+        elif code == 0x54:  # ALU AND K
             pass
         else:
             raise AssertionError(f"opcode {code:#x} not expected at {pc}")
@@ -71,6 +74,8 @@ def run(insns, data: bytes, loads: list[int] | None = None) -> int:
             pc += jt if a & k else jf
         elif code == 0x05:
             pc += k
+        elif code == 0x54:
+            a &= k
         elif code == 0x06:
             return k
         else:
@@ -376,3 +381,39 @@ def test_epoll_create_is_trapped_only_when_asked():
         assert verdict(asked, nr, args=(0,) * 6) == NOTIF
     for nr in (233, 232, 281):                  # epoll_ctl, epoll_wait, epoll_pwait
         assert verdict(asked, nr, args=(0,) * 6) == ALLOW
+
+
+# --- socket ioctls (model/ioctl.py) -------------------------------------------
+
+@pytest.mark.parametrize("spec", [scf.default_graft_filter, scf.socket_graft_filter])
+@pytest.mark.parametrize("cmd,trapped", [
+    (0x8912, True),                 # SIOCGIFCONF
+    (0x8933, True),                 # SIOCGIFINDEX
+    (0x8946, True),                 # SIOCETHTOOL
+    (0x8954, True),                 # SIOCGARP
+    (0x894C, True),                 # SIOCGSKNS
+    (0x8B01, True),                 # SIOCGIWNAME (wireless)
+    (0xC0208933, True),             # type 0x89 with direction/size bits
+    (0x8906, False),                # SIOCGSTAMP: the socket's own
+    (0x80108906, False),            # SIOCGSTAMP_NEW
+    (0x8905, False),                # SIOCATMARK
+    (0x894B, False),                # SIOCOUTQNSD
+    (0x541B, False),                # FIONREAD
+    (0x5401, False),                # TCGETS
+    (0x5421, False),                # FIONBIO
+])
+def test_socket_ioctls_are_trapped_and_the_sockets_own_are_not(spec, cmd, trapped):
+    prog = scf.build_filter(spec())
+    v = verdict(prog, sc.SYS_IOCTL, args=(3, cmd, 0x7000, 0, 0, 0))
+    assert v == (NOTIF if trapped else ALLOW)
+    # the kernel's cmd is an unsigned int: garbage in the high word changes nothing
+    v_hi = verdict(prog, sc.SYS_IOCTL, args=(3, cmd | 0xDEAD << 32, 0x7000, 0, 0, 0))
+    assert v_hi == v
+    assert mioctl.trapped(cmd) == trapped
+
+
+def test_masked_match_refuses_values_outside_its_mask():
+    with pytest.raises(ConfigError, match="outside the mask"):
+        scf.build_filter(scf.FilterSpec(trap={16: scf.ArgMasked(1, 0xFF00, frozenset({0x8901}))}))
+    with pytest.raises(ConfigError, match="32-bit"):
+        scf.build_filter(scf.FilterSpec(trap={16: scf.ArgMasked(1, 0xFF00, frozenset({-1}))}))

@@ -36,7 +36,7 @@ from ..model import bpfmaps, graft
 from ..model.graft import (BindGrafted, BindLoopback, ConnectGrafted, Continue, Deny, Fail,
                            GraftBind, GraftConnect, GraftSend, Listen, SockInfo)
 from ..model.sockaddr import InetAddr
-from . import notifiers, procfs
+from . import ioctls, notifiers, procfs
 from .connects import Connects
 from .inventory import GraftedSocket, Inventory, fmt
 from .sessions import Session
@@ -50,7 +50,7 @@ SYSCALL_NAMES = {seccomp.SYS_SPLICE: "splice", seccomp.SYS_BIND: "bind",
                  seccomp.SYS_CONNECT: "connect",
                  seccomp.SYS_SENDTO: "sendto", seccomp.SYS_SOCKET: "socket",
                  seccomp.SYS_LISTEN: "listen", seccomp.SYS_EPOLL_CREATE: "epoll_create",
-                 seccomp.SYS_EPOLL_CREATE1: "epoll_create1"}
+                 seccomp.SYS_EPOLL_CREATE1: "epoll_create1", seccomp.SYS_IOCTL: "ioctl"}
 CALLS = {nr: SYSCALL_NAMES[nr]          # the calls that carry an address
          for nr in (seccomp.SYS_BIND, seccomp.SYS_CONNECT, seccomp.SYS_SENDTO)}
 
@@ -196,6 +196,8 @@ class Grafter:
             self._on_splice(sess, n)
         elif n.nr in CALLS:
             self._on_address(sess, n, name)
+        elif n.nr == seccomp.SYS_IOCTL:
+            ioctls.answer(self, sess, n)
         else:
             self.respond(sess, n.id, error=errno.ENOSYS)
 

@@ -122,3 +122,16 @@ def malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def caps_effective(tid: int) -> int | None:
+    """A thread's effective capability bits (CapEff in /proc/TID/status;
+    None if it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

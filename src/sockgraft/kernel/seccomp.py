@@ -53,6 +53,7 @@ def _restore_signals(old: ctypes.Array) -> None:
     _libc.pthread_sigmask(_SIG_SETMASK, old, None)
 
 # --- syscall numbers (x86_64) -------------------------------------------------
+SYS_IOCTL = 16
 SYS_SOCKET = 41
 SYS_CONNECT = 42
 SYS_SENDTO = 44

@@ -18,7 +18,8 @@ from .seccomp import (AUDIT_ARCH_X86_64, BPF_MAXINSNS, SOCK_FILTER_STRUCT, MAX_E
                       SECCOMP_RET_USER_NOTIF, SYS_BIND, SYS_CONNECT, SYS_IO_URING_ENTER,
                       SYS_IO_URING_REGISTER, SYS_IO_URING_SETUP, SYS_LISTEN, SYS_SENDTO,
                       SYS_SOCKET, SYS_SPLICE, SYS_EPOLL_CREATE, SYS_EPOLL_CREATE1,
-                      X32_SYSCALL_BIT)
+                      SYS_IOCTL, X32_SYSCALL_BIT)
+from ..model import ioctl as mioctl
 
 
 # classic BPF opcodes (include/uapi/linux/bpf_common.h)
@@ -32,11 +33,14 @@ BPF_JEQ = 0x10
 BPF_JGE = 0x30
 BPF_JSET = 0x40
 BPF_K = 0x00
+BPF_ALU = 0x04
+BPF_AND = 0x50
 
 _LD_W_ABS = BPF_LD | BPF_W | BPF_ABS
 _JEQ_K = BPF_JMP | BPF_JEQ | BPF_K
 _JSET_K = BPF_JMP | BPF_JSET | BPF_K
 _JA = BPF_JMP | BPF_JA
+_AND_K = BPF_ALU | BPF_AND | BPF_K
 _RET_K = BPF_RET | BPF_K
 
 _SPEC = "seccomp filter spec"
@@ -57,6 +61,18 @@ class ArgMatch:
     values: frozenset[int]
 
 
+@dataclass(frozen=True)
+class ArgMasked:
+    """Trap when (low 32 bits of args[arg_index]) & mask is one of values,
+    unless the low 32 bits are one of `allow` (let through untrapped).
+    Low word only, as ArgMatch: the arguments tested are ints."""
+
+    arg_index: int
+    mask: int
+    values: frozenset[int]
+    allow: frozenset[int] = frozenset()
+
+
 @dataclass
 class FilterSpec:
     """What the filter does; anything not named here is allowed.
@@ -66,7 +82,7 @@ class FilterSpec:
     Both default to ENOSYS - see `build_filter`.
     """
 
-    trap: dict[int, ArgMatch | None] = field(default_factory=dict)
+    trap: dict[int, ArgMatch | ArgMasked | None] = field(default_factory=dict)
     deny_errno: dict[int, int] = field(default_factory=dict)
     foreign_arch_errno: int = errno.ENOSYS
     x32_errno: int = errno.ENOSYS
@@ -99,8 +115,11 @@ def _handler(nr: int, spec: FilterSpec) -> list[bytes]:
     if match is None:
         return [_insn(_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF)]
     fld = f"trap[{nr}]"
+    if isinstance(match, ArgMasked):
+        return _masked_handler(match, fld)
     if not isinstance(match, ArgMatch):
-        raise ConfigError("must be an ArgMatch or None", source=_SPEC, field=fld, value=match)
+        raise ConfigError("must be an ArgMatch, ArgMasked or None", source=_SPEC, field=fld,
+                          value=match)
     if not isinstance(match.arg_index, int) or not 0 <= match.arg_index <= 5:
         raise ConfigError("arg_index must be 0..5", source=_SPEC, field=f"{fld}.arg_index",
                           value=match.arg_index)
@@ -116,6 +135,40 @@ def _handler(nr: int, spec: FilterSpec) -> list[bytes]:
         # number of values fits.
         out.append(_insn(_JEQ_K, 0, 1, v))
         out.append(_insn(_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
+    out.append(_insn(_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    return out
+
+
+def _u32s(values: object, fld: str) -> list[int]:
+    out = sorted(values) if isinstance(values, (set, frozenset)) else None
+    if out is None or not all(isinstance(v, int) and not isinstance(v, bool)
+                              and 0 <= v <= 0xFFFFFFFF for v in out):
+        raise ConfigError("must be a set of 32-bit unsigned ints", source=_SPEC, field=fld,
+                          value=values)
+    return out
+
+
+def _masked_handler(m: ArgMasked, fld: str) -> list[bytes]:
+    """LD arg ; per allowed value JEQ v, 0, 1 ; RET ALLOW ; AND mask ;
+    per value JEQ v, 0, 1 ; RET NOTIF ; RET ALLOW (1-step jumps only)."""
+    if not isinstance(m.arg_index, int) or not 0 <= m.arg_index <= 5:
+        raise ConfigError("arg_index must be 0..5", source=_SPEC, field=f"{fld}.arg_index",
+                          value=m.arg_index)
+    values = _u32s(m.values, f"{fld}.values")
+    allow = _u32s(m.allow, f"{fld}.allow")
+    if not values:
+        raise ConfigError("values must not be empty (the syscall would never trap)",
+                          source=_SPEC, field=f"{fld}.values", value=m.values)
+    mask = _u32s(frozenset({m.mask}) if isinstance(m.mask, int) else m.mask, f"{fld}.mask")[0]
+    if any(v & ~mask for v in values):
+        raise ConfigError("a value has bits outside the mask (it would never match)",
+                          source=_SPEC, field=f"{fld}.values", value=m.values)
+    out = [_insn(_LD_W_ABS, 0, 0, SECCOMP_DATA_ARGS + 8 * m.arg_index)]
+    for v in allow:
+        out += [_insn(_JEQ_K, 0, 1, v), _insn(_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+    out.append(_insn(_AND_K, 0, 0, mask))
+    for v in values:
+        out += [_insn(_JEQ_K, 0, 1, v), _insn(_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF)]
     out.append(_insn(_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     return out
 
@@ -177,6 +230,10 @@ def build_filter(spec: FilterSpec) -> bytes:
 
 
 _ADDRLEN_IN_IN6_STORAGE = frozenset({16, 28, 128})  # sockaddr_in, _in6, _storage
+# the socket ioctls answered from the namespace a socket belongs to (the
+# host's, for a grafted one): model/ioctl.py
+SOCKET_IOCTLS = ArgMasked(1, mioctl.IOC_TYPE_MASK, frozenset(mioctl.SOCK_IOC_TYPES),
+                          mioctl.PER_SOCKET)
 
 
 def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
@@ -196,13 +253,17 @@ def default_graft_filter(trap_sendto: bool = True) -> FilterSpec:
     bind and listen are trapped whatever their arguments (the kernel accepts
     any inet address length from 16 to 128, and both are rare calls): the
     agent makes every bind and listen of a grafted socket itself.
+    ioctl: the interface, address and ARP commands (socket ioctl types 0x89
+    and 0x8B, less those acting on the socket itself), which the kernel would
+    answer from a grafted socket's namespace, the host's (model/ioctl.py).
     io_uring would issue connect/bind without a syscall: ENOSYS makes
     libraries (liburing users, tokio, libuv) fall back to plain syscalls.
     """
-    trap: dict[int, ArgMatch | None] = {
+    trap: dict[int, ArgMatch | ArgMasked | None] = {
         SYS_BIND: None,
         SYS_CONNECT: ArgMatch(2, _ADDRLEN_IN_IN6_STORAGE),
         SYS_LISTEN: None,
+        SYS_IOCTL: SOCKET_IOCTLS,
     }
     if trap_sendto:
         trap[SYS_SENDTO] = ArgMatch(5, _ADDRLEN_IN_IN6_STORAGE)

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import graftconfig as gc
+from . import ioctl as mioctl
 from .endpoint import make_endpoint, parse_egress, parse_ingress
 from .policy import parse_policy_rule
 
@@ -236,7 +237,7 @@ def _int(text: str, item: str, src: str, fld: str) -> int:
 IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 EPOLL = ("epoll_create", "epoll_create1")
 # what a merge may have trapped (a previous merge's traps are taken out first)
-TRAPPABLE = ("bind", "listen", "connect", "socket") + EPOLL
+TRAPPABLE = ("bind", "listen", "connect", "socket", "ioctl") + EPOLL
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 # the compat ABIs of 64-bit machines: the kernel never runs the cgroup
 # setsockopt program for their setsockopt (do_sock_setsockopt: `if
@@ -266,6 +267,56 @@ def _notify(name: str, index: int | None, values: tuple[int, ...]) -> list[dict]
     return [{"names": [name], "action": "SCMP_ACT_NOTIFY",
              "args": [{"index": index, "value": LOW_WORD, "valueTwo": v,
                        "op": "SCMP_CMP_MASKED_EQ"}]} for v in values]
+
+
+def _notify_types(name: str, index: int, mask: int, values: tuple[int, ...]) -> list[dict]:
+    """Trap `name` when (args[index] & mask) is one of values (the mask
+    clears the high word: the argument is an unsigned int)."""
+    return [{"names": [name], "action": "SCMP_ACT_NOTIFY",
+             "args": [{"index": index, "value": mask, "valueTwo": v,
+                       "op": "SCMP_CMP_MASKED_EQ"}]} for v in values]
+
+
+def complement_masks(mask: int, values: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(mask, value) pairs whose MASKED_EQ conditions together match exactly
+    the arguments whose `arg & mask` is none of values (a walk down the
+    mask's bits, highest first: each branch no value shares ends in a pair)."""
+    bits = [1 << b for b in range(31, -1, -1) if mask >> b & 1]
+    out: list[tuple[int, int]] = []
+
+    def walk(i: int, pmask: int, pval: int, left: list[int]) -> None:
+        if not left:
+            out.append((pmask, pval))
+        elif i < len(bits):
+            for bit in (0, bits[i]):
+                walk(i + 1, pmask | bits[i], pval | bit, [v for v in left if v & bits[i] == bit])
+
+    walk(0, 0, 0, list(values))
+    return out
+
+
+# libseccomp lets an unconditional rule of a syscall win over its
+# conditional ones (measured with runc: a base's plain "ioctl allowed" kept
+# the trap from ever firing); a base that allows ioctl with a plain rule gets
+# these instead: every other command allowed, by its action
+IOCTL_OTHERS = [{"index": 1, "value": m, "valueTwo": v, "op": "SCMP_CMP_MASKED_EQ"}
+                for m, v in complement_masks(mioctl.IOC_TYPE_MASK, mioctl.SOCK_IOC_TYPES)]
+
+
+def _is_ioctl_others(r: dict) -> bool:
+    """One of the rules a previous merge put in for a plain "ioctl allowed"."""
+    return (r.get("names") == ["ioctl"] and r.get("action") in ALLOWING
+            and len(r.get("args") or []) == 1 and r["args"][0] in IOCTL_OTHERS)
+
+
+def _allows_unconditionally(rules: list, name: str, allowing: bool) -> bool:
+    """Does the base let calls of `name` through whatever their arguments,
+    apart from rules that refuse some of them (which keep precedence over a
+    trap: libseccomp orders ERRNO/KILL before NOTIFY)?"""
+    base = [r for r in rules if name in r["names"] and r.get("action") != "SCMP_ACT_NOTIFY"]
+    if any(not r.get("args") and r.get("action") not in ALLOWING for r in base):
+        return False
+    return allowing or any(not r.get("args") and r.get("action") in ALLOWING for r in base)
 
 
 def _lets_through(rules: list, name: str, allowing: bool) -> bool:
@@ -344,6 +395,15 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
                    if name == "socket" else "")
                 + f": allow {name} unconditionally in the base, or merge into another",
                 source=source, field="syscalls", value=name)
+    # the socket ioctls (model/ioctl.py) next to the base's own ioctl rules,
+    # where the base lets ioctl through: it may refuse some commands itself
+    # (TIOCSTI...), which stays so; a base that lists the commands it allows
+    # keeps answering them from the socket's namespace (not trapped)
+    others_before = [r for r in rules if _is_ioctl_others(r)]
+    rules = [r for r in rules if not _is_ioctl_others(r)]
+    trap_ioctl = bool(others_before) or _allows_unconditionally(rules, "ioctl", allowing)
+    # the action of the base's plain "ioctl allowed" rule (given to IOCTL_OTHERS)
+    ioctl_allow = others_before[0]["action"] if others_before else None
     trap = must + tuple(epoll)
     taken = trap + IO_URING      # the base's rules for these give way to ours
     kept: list[dict] = []
@@ -353,8 +413,11 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         # then stays allowed: that merge took it out of the base's rules)
         ours_before = [n for n in r["names"] if n in TRAPPABLE] \
             if r.get("action") == "SCMP_ACT_NOTIFY" else []
-        untrapped += [n for n in ours_before if n not in trap]
+        untrapped += [n for n in ours_before if n not in trap and n != "ioctl"]
         names = [n for n in r["names"] if n not in taken and n not in ours_before]
+        if trap_ioctl and "ioctl" in names and not r.get("args") and r.get("action") in ALLOWING:
+            names.remove("ioctl")
+            ioctl_allow = r["action"]
         if names:
             kept.append({**r, "names": names})
     if untrapped and not allowing:
@@ -368,6 +431,11 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
         ours += _notify("connect", 2 if allowing else None, INET_ADDRLEN)
     for name in epoll:
         ours += _notify(name, None, ())
+    if trap_ioctl:
+        if ioctl_allow is not None:
+            ours += [{"names": ["ioctl"], "action": ioctl_allow, "args": [a]}
+                     for a in IOCTL_OTHERS]
+        ours += _notify_types("ioctl", 1, mioctl.IOC_TYPE_MASK, mioctl.SOCK_IOC_TYPES)
     ours.append({"names": list(IO_URING), "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     prof["syscalls"] = kept + ours
     prof["architectures"] = [a for a in prof.get("architectures") or ["SCMP_ARCH_X86_64"]

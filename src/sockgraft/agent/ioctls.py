@@ -1,0 +1,120 @@
+"""A trapped socket ioctl, answered from the caller's own network namespace
+(model/ioctl.py says which commands and why).
+
+  copy the caller's fd (pidfd_getfd) -> decide (family, CapEff) ->
+  open the caller's netns, re-check the notification (the namespace was the
+  caller's) -> the caller's socket if it lives there, else a socket of its
+  family made there -> copy the argument in, ioctl, copy the answer out ->
+  answer the errno
+
+The kernel never runs a trapped command itself (no CONTINUE after looking at
+the fd: another thread could swap a grafted socket in before it ran), so
+every answer is the agent's, acting on its own copies: the fd it copied and
+the argument bytes it read."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+
+from ..errors import KernelError
+from ..kernel import sockioctl
+from ..model import ioctl as mioctl
+from . import procfs
+from .sessions import Session
+
+log = logging.getLogger("sockgraft.agent")
+
+
+def _family(fd: int) -> int | None:
+    """SO_DOMAIN of fd's socket, None if fd is no socket."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return None
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+    finally:
+        s.close()
+
+
+def answer(g, sess: Session, n) -> None:
+    """Answer one trapped ioctl(fd, cmd, arg) of sess (g: the Grafter: its
+    targets, listener, respond/continue_, inventory)."""
+    cmd = n.args[1] & 0xFFFFFFFF
+    if not mioctl.trapped(cmd):
+        # an OCI profile traps the whole type: these act on the socket
+        # itself, whichever socket the kernel finds at the fd
+        g.continue_(sess, n.id)
+        return
+    fd, arg, tid = n.args[0] & 0xFFFFFFFF, n.args[2], n.pid
+    sess.tids.add(tid)
+    try:
+        copy = g.targets.getfd(tid, fd)
+    except KernelError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+        g.respond(sess, n.id, error=errno.EBADF)
+        return
+    with contextlib.ExitStack() as owned:
+        owned.callback(os.close, copy)
+        family = _family(copy)
+        action = mioctl.decide(cmd, family, procfs.caps_effective(tid))
+        if isinstance(action, mioctl.Refuse):
+            _note(g, sess, action.why)
+            g.respond(sess, n.id, error=action.errno)
+            return
+        nsfd = os.open(f"/proc/{tid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        owned.callback(os.close, nsfd)
+        listener = g.listener_of(sess)
+        if not listener.id_valid(n.id):
+            return      # interrupted or gone: the namespace opened may not be its
+        run_fd = copy
+        if sockioctl.netns_inode(copy) != os.fstat(nsfd).st_ino:
+            # a grafted (host) socket: the same command on a socket of the
+            # caller's namespace answers what an ungrafted one would
+            run_fd = owned.enter_context(
+                sockioctl.socket_in(nsfd, family, sess.container)).fileno()
+        still = lambda: listener.id_valid(n.id)     # noqa: E731
+        try:
+            if cmd == mioctl.SIOCGIFCONF:
+                err = _ifconf(g, tid, arg, run_fd, still)
+            else:
+                data = bytearray(g.targets.read(tid, arg, action.size))
+                err = sockioctl.run(run_fd, cmd, data)
+                if not err and not action.command.sets:
+                    sockioctl.write_target(tid, arg, bytes(data), still)
+        except KernelError as exc:
+            if exc.errno != errno.EFAULT:
+                raise
+            err = errno.EFAULT      # the argument is not the caller's memory
+        g.respond(sess, n.id, error=err)
+
+
+def _ifconf(g, tid: int, arg: int, run_fd: int, still) -> int:
+    """SIOCGIFCONF: struct ifconf {int ifc_len; char *ifc_buf}: with a NULL
+    buffer the length the records need, else the records that fit."""
+    head = g.targets.read(tid, arg, mioctl.IFCONF)
+    want = int.from_bytes(head[0:4], "little", signed=True)
+    buf = int.from_bytes(head[8:16], "little")
+    length = mioctl.ifconf_length(want) if buf else 0
+    err, got, records = sockioctl.ifconf(run_fd, length, bool(buf))
+    if err:
+        return err
+    if records:
+        sockioctl.write_target(tid, buf, records, still)
+    sockioctl.write_target(tid, arg, got.to_bytes(4, "little", signed=True), still)
+    return 0
+
+
+def _note(g, sess: Session, why: str) -> None:
+    """Say once per container and reason why an ioctl was refused."""
+    key = (sess.container, "ioctl: " + why)
+    if key not in g._noted:
+        if len(g._noted) >= 4096:
+            g._noted.clear()
+        g._noted.add(key)
+        log.info("%s: ioctl refused: %s", sess.container, why)

@@ -1,0 +1,118 @@
+"""The kernel side of answering a container's socket ioctls
+(model/ioctl.py decides which, agent/ioctls.py answers): a socket's network
+namespace, a socket made in another namespace, one ioctl with a buffer,
+SIOCGIFCONF, and writing the answer into the caller's memory.
+
+Must not: decide which commands run, or for whom.
+Errors: OSError from the kernel is translated into `sockgraft.errors`; the
+ioctl itself returns its errno (the caller's answer), it does not raise."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import threading
+
+from ..errors import KernelError, NotificationGone, from_oserror
+from . import netns
+
+SIOCGSKNS = 0x894C
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+class _Ifconf(ctypes.Structure):
+    _fields_ = [("ifc_len", ctypes.c_int), ("ifc_buf", ctypes.c_void_p)]
+
+
+def netns_inode(fd: int) -> int:
+    """The inode of the network namespace a socket belongs to (SIOCGSKNS:
+    the agent has CAP_NET_ADMIN over every namespace it serves)."""
+    try:
+        nsfd = fcntl.ioctl(fd, SIOCGSKNS)
+    except OSError as exc:
+        raise from_oserror("SIOCGSKNS", exc) from None
+    try:
+        return os.fstat(nsfd).st_ino
+    finally:
+        os.close(nsfd)
+
+
+def socket_in(nsfd: int, family: int, what: str) -> socket.socket:
+    """A datagram socket of `family` in the network namespace open at nsfd,
+    made by a short-lived thread that enters it (setns moves that thread
+    only; it ends there, so no agent thread is ever left in a container's
+    namespace). Raises KernelError (EAFNOSUPPORT: no such family there)."""
+    out: list = []
+
+    def work() -> None:
+        try:
+            netns.setns_fd(nsfd, what)
+            out.append(socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+        except KernelError as exc:
+            out.append(exc)
+        except OSError as exc:
+            out.append(from_oserror("socket", exc, what))
+
+    t = threading.Thread(target=work, name="sockgraft-nssock")
+    t.start()
+    t.join()
+    got = out[0] if out else KernelError("socket", errno.EIO, what)
+    if isinstance(got, Exception):
+        raise got
+    return got
+
+
+def run(fd: int, cmd: int, buf: bytearray) -> int:
+    """ioctl(fd, cmd, buf) in place; 0 or the errno the kernel answered."""
+    try:
+        fcntl.ioctl(fd, cmd, buf, True)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
+
+
+def ifconf(fd: int, length: int, want_records: bool) -> tuple[int, int, bytes]:
+    """SIOCGIFCONF on fd: (errno, ifc_len, records). want_records False:
+    the kernel's "how many bytes" form (a NULL buffer)."""
+    buf = ctypes.create_string_buffer(max(length, 1))
+    ifc = _Ifconf(length if want_records else 0, ctypes.addressof(buf) if want_records else None)
+    if _libc.ioctl(fd, 0x8912, ctypes.byref(ifc)) != 0:
+        return ctypes.get_errno() or errno.EIO, 0, b""
+    n = max(0, min(ifc.ifc_len, length)) if want_records else 0
+    return 0, ifc.ifc_len, buf.raw[:n]
+
+
+def write_target(tid: int, addr: int, data: bytes, still_trapped) -> None:
+    """Write data at addr in tid's memory, the answer to the call it is
+    trapped in. The mem fd is opened first and `still_trapped()` (id_valid)
+    asked after: a valid notification proves the task behind tid was the
+    caller when the fd pinned its memory (a tid freed by a killed caller and
+    reused must not be written to). Raises NotificationGone (not waiting
+    any more), KernelError EFAULT (not writable)."""
+    if not data:
+        return
+    try:
+        fd = os.open(f"/proc/{tid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror("open /proc/TID/mem", exc, f"tid {tid}") from None
+    try:
+        if not still_trapped():
+            raise NotificationGone("write target memory", errno.ENOENT, f"tid {tid}")
+        try:
+            n = os.pwrite(fd, data, addr)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EFAULT):
+                raise KernelError("write target memory", errno.EFAULT,
+                                  f"tid {tid} addr {addr:#x}") from None
+            raise from_oserror("write target memory", exc, f"tid {tid}") from None
+        if n != len(data):
+            raise KernelError("write target memory", errno.EFAULT,
+                              f"tid {tid} addr {addr:#x}: {n} of {len(data)} bytes")
+    finally:
+        os.close(fd)
