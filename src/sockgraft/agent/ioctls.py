@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
 import stat
 
-from ..errors import KernelError
+from ..errors import KernelError, from_oserror
 from ..kernel import sockioctl
 from ..model import ioctl as mioctl
 from . import procfs
@@ -31,14 +32,18 @@ log = logging.getLogger("sockgraft.agent")
 
 
 def _family(fd: int) -> int | None:
-    """SO_DOMAIN of fd's socket, None if fd is no socket."""
-    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+    """SO_DOMAIN of fd's socket, None if fd is no socket (an O_PATH fd of a
+    socket inode included: no socket calls work on it)."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
         return None
-    s = socket.socket(fileno=os.dup(fd))
+    dup = os.dup(fd)
     try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return None
+    with s:
         return s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-    finally:
-        s.close()
 
 
 def answer(g, sess: Session, n) -> None:
@@ -62,29 +67,36 @@ def answer(g, sess: Session, n) -> None:
     with contextlib.ExitStack() as owned:
         owned.callback(os.close, copy)
         family = _family(copy)
-        action = mioctl.decide(cmd, family, procfs.caps_effective(tid))
+        caps = procfs.caps_effective(tid)
+        action = mioctl.decide(cmd, family, caps)
         if isinstance(action, mioctl.Refuse):
             _note(g, sess, action.why)
             g.respond(sess, n.id, error=action.errno)
             return
-        nsfd = os.open(f"/proc/{tid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            nsfd = os.open(f"/proc/{tid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_oserror("open /proc/TID/ns/net", exc, f"tid {tid}") from None
         owned.callback(os.close, nsfd)
         listener = g.listener_of(sess)
         if not listener.id_valid(n.id):
             return      # interrupted or gone: the namespace opened may not be its
-        run_fd = copy
-        if sockioctl.netns_inode(copy) != os.fstat(nsfd).st_ino:
-            # a grafted (host) socket: the same command on a socket of the
-            # caller's namespace answers what an ungrafted one would
-            run_fd = owned.enter_context(
-                sockioctl.socket_in(nsfd, family, sess.container)).fileno()
+        # the caller's own socket when it lives there (the exact native
+        # answer), else - a grafted, host socket - a socket of its family
+        # made in the caller's namespace
+        own = sockioctl.netns_inode(copy) == os.fstat(nsfd).st_ino
         still = lambda: listener.id_valid(n.id)     # noqa: E731
+        # the kernel's checks judge the caller's capabilities, not the agent's
+        keep = (caps or 0) & (1 << mioctl.CAP_NET_ADMIN)
         try:
             if cmd == mioctl.SIOCGIFCONF:
-                err = _ifconf(g, tid, arg, run_fd, still)
+                err = _ifconf(g, tid, arg, keep, nsfd, family, copy if own else None, still)
             else:
                 data = bytearray(g.targets.read(tid, arg, action.size))
-                err = sockioctl.run(run_fd, cmd, data)
+                if not still():
+                    return      # the bytes read may not be the caller's
+                err = sockioctl.run_as(keep, nsfd, family, copy if own else None,
+                                       lambda f: sockioctl.run(f, cmd, data))
                 if not err and not action.command.sets:
                     sockioctl.write_target(tid, arg, bytes(data), still)
         except KernelError as exc:
@@ -94,19 +106,27 @@ def answer(g, sess: Session, n) -> None:
         g.respond(sess, n.id, error=err)
 
 
-def _ifconf(g, tid: int, arg: int, run_fd: int, still) -> int:
+def _ifconf(g, tid: int, arg: int, keep: int, nsfd: int, family: int, own_fd: int | None,
+            still) -> int:
     """SIOCGIFCONF: struct ifconf {int ifc_len; char *ifc_buf}: with a NULL
     buffer the length the records need, else the records that fit."""
     head = g.targets.read(tid, arg, mioctl.IFCONF)
     want = int.from_bytes(head[0:4], "little", signed=True)
     buf = int.from_bytes(head[8:16], "little")
     length = mioctl.ifconf_length(want) if buf else 0
-    err, got, records = sockioctl.ifconf(run_fd, length, bool(buf))
+    got: list = []
+
+    def work(f: int) -> int:
+        got.append(sockioctl.ifconf(f, length, bool(buf)))
+        return got[0][0]
+
+    err = sockioctl.run_as(keep, nsfd, family, own_fd, work)
     if err:
         return err
+    _, total, records = got[0]
     if records:
         sockioctl.write_target(tid, buf, records, still)
-    sockioctl.write_target(tid, arg, got.to_bytes(4, "little", signed=True), still)
+    sockioctl.write_target(tid, arg, total.to_bytes(4, "little", signed=True), still)
     return 0
 
 

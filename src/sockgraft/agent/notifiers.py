@@ -48,6 +48,7 @@ from ..errors import AgentError, KernelError, NotFound, NotificationGone
 from ..kernel import seccomp
 from ..kernel import sockets as ksock
 from ..model import graft
+from ..model import ioctl as mioctl
 
 try:                        # the native answer loop (src/sockgraft/_answer.c)
     from .. import _answer as native
@@ -495,7 +496,8 @@ class Notifiers:
         the session is gone) nobody else will answer it - the kernel hands
         a notification out once, not again to the next agent - so the
         thread lets the kernel go on with it (CONTINUE: the container's own
-        call; a grafted socket's is judged by the kernel guards)."""
+        call; a grafted socket's is judged by the kernel guards) - except a
+        trapped socket ioctl, which no guard judges: refused (ENOTTY)."""
         if not self._stop:
             if self.serve is None:
                 self.inbox.forward(self.key, n)
@@ -508,7 +510,7 @@ class Notifiers:
                               n.nr)
                 _answer_quietly(listener, n.id, errno.EIO)
                 raise
-        _answer_quietly(listener, n.id)
+        _answer_quietly(listener, n.id, errno.ENOTTY if _unjudged(n) else 0)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Interrupt the threads and join them for up to `timeout` s (each
@@ -543,6 +545,12 @@ class Notifiers:
             if t.is_alive():
                 log.warning("%s: notifier thread %s did not stop", self.container, t.name)
         return self.alive == 0
+
+
+def _unjudged(n: seccomp.Notification) -> bool:
+    """A trapped call no kernel guard judges if the kernel runs it: a socket
+    ioctl (model/ioctl.py) - never CONTINUEd."""
+    return n.nr == seccomp.SYS_IOCTL and mioctl.trapped(n.args[1])
 
 
 def _answer_quietly(listener: seccomp.Listener, nid: int, error: int = 0) -> None:

@@ -24,6 +24,7 @@ SIOCGSKNS = 0x894C
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
 
 
 class _Ifconf(ctypes.Structure):
@@ -43,26 +44,61 @@ def netns_inode(fd: int) -> int:
         os.close(nsfd)
 
 
-def socket_in(nsfd: int, family: int, what: str) -> socket.socket:
-    """A datagram socket of `family` in the network namespace open at nsfd,
-    made by a short-lived thread that enters it (setns moves that thread
-    only; it ends there, so no agent thread is ever left in a container's
-    namespace). Raises KernelError (EAFNOSUPPORT: no such family there)."""
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SYS_CAPSET = 126
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _keep_only(caps: int) -> None:
+    """capset(2) the calling thread down to `caps` (effective and permitted:
+    for good - the thread ends right after). Capabilities are per thread:
+    the rest of the agent keeps its own."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        word = caps >> (32 * i) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = word
+    if _libc.syscall(_SYS_CAPSET, ctypes.byref(hdr), data) != 0:
+        raise KernelError("capset", ctypes.get_errno(), "ioctl thread")
+
+
+def run_as(caps: int, nsfd: int | None, family: int, fd: int | None, work) -> int:
+    """work(fd) -> errno, in a short-lived thread holding only the
+    capabilities `caps` (the caller's, so the kernel's own checks - and
+    dev_load()'s module loading, which asks capable() - judge the caller, not
+    the agent). fd None: on a datagram socket of `family` made in the
+    network namespace open at nsfd (the thread enters it first: setns moves
+    that thread only, and it ends there). Returns work's errno; raises
+    KernelError (setns, capset; EAFNOSUPPORT: no such family there)."""
     out: list = []
 
-    def work() -> None:
+    def thread() -> None:
         try:
-            netns.setns_fd(nsfd, what)
-            out.append(socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+            if fd is None:
+                netns.setns_fd(nsfd, "the caller's namespace")
+            _keep_only(caps)
+            if fd is not None:
+                out.append(work(fd))
+                return
+            with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                out.append(work(s.fileno()))
         except KernelError as exc:
             out.append(exc)
         except OSError as exc:
-            out.append(from_oserror("socket", exc, what))
+            out.append(from_oserror("ioctl", exc))
 
-    t = threading.Thread(target=work, name="sockgraft-nssock")
+    t = threading.Thread(target=thread, name="sockgraft-ioctl")
     t.start()
     t.join()
-    got = out[0] if out else KernelError("socket", errno.EIO, what)
+    got = out[0] if out else KernelError("ioctl", errno.EIO, "thread failed")
     if isinstance(got, Exception):
         raise got
     return got

@@ -1,0 +1,100 @@
+"""kernel/sockioctl.py and agent/ioctls.py against the real kernel: the
+thread that runs a container's socket ioctl holds only the capabilities it
+was given (the kernel's checks - and its module loading by interface name -
+judge the caller, not the agent), enters the namespace it was given, and
+leaves the agent's own threads as they were; a socket's namespace; the
+O_PATH fd of a socket inode is no socket."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+
+import pytest
+
+from sockgraft.agent import ioctls
+from sockgraft.kernel import sockioctl
+
+pytestmark = pytest.mark.priv
+
+NET_ADMIN = 1 << 12
+
+
+def _capeff() -> int:
+    with open("/proc/thread-self/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def scratch_ns():
+    name = f"sg-ioctl-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "sgx0", "type", "veth", "peer",
+                        "name", "sgx1"], check=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield name, fd
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@pytest.mark.parametrize("caps", [0, NET_ADMIN])
+def test_the_ioctl_thread_holds_only_the_callers_capabilities(caps):
+    before, fds = _capeff(), _fds()
+    assert before & NET_ADMIN and before & 1 << 16          # the agent's: NET_ADMIN, SYS_MODULE
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        seen = []
+        got = sockioctl.run_as(caps, None, socket.AF_INET, s.fileno(),
+                               lambda f: seen.append(_capeff()) or 0)
+        assert got == 0 and seen == [caps]
+        # what the kernel then says to a set: EPERM without NET_ADMIN
+        mtu = bytearray(b"lo".ljust(16, b"\0") + (65536).to_bytes(4, "little") + bytes(20))
+        err = sockioctl.run_as(caps, None, socket.AF_INET, s.fileno(),
+                               lambda f: sockioctl.run(f, 0x8922, mtu))      # SIOCSIFMTU
+        assert err == (0 if caps else errno.EPERM)
+    assert _capeff() == before and _fds() == fds            # this thread kept its own
+
+
+def test_the_ioctl_thread_runs_in_the_namespace_it_was_given(scratch_ns):
+    name, nsfd = scratch_ns
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    fds = _fds()
+    seen = []
+
+    def work(f):
+        seen.append(os.stat("/proc/thread-self/ns/net").st_ino)
+        req = bytearray(b"sgx0".ljust(16, b"\0") + bytes(24))
+        return sockioctl.run(f, 0x8933, req)                     # SIOCGIFINDEX
+
+    assert sockioctl.run_as(0, nsfd, socket.AF_INET, None, work) == 0
+    assert seen == [os.fstat(nsfd).st_ino] != [home]
+    # here (the agent's namespace) sgx0 does not exist
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        assert sockioctl.netns_inode(s.fileno()) == home
+        req = bytearray(b"sgx0".ljust(16, b"\0") + bytes(24))
+        assert sockioctl.run(s.fileno(), 0x8933, req) == errno.ENODEV
+    assert os.stat("/proc/thread-self/ns/net").st_ino == home and _fds() == fds
+
+
+def test_an_o_path_fd_of_a_socket_is_no_socket(tmp_path):
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)
+        fd = os.open(path, os.O_PATH)
+        try:
+            fds = _fds()
+            for _ in range(20):
+                assert ioctls._family(fd) is None
+            assert _fds() == fds                                # nothing leaked
+            assert ioctls._family(s.fileno()) == socket.AF_UNIX
+        finally:
+            os.close(fd)
