@@ -40,7 +40,9 @@ def test_bench_quick_produces_everything_for_every_path(state_dir, tmp_path):
                      ("graft-remote", "nat"), ("graft-splice", "host-loopback"),
                      ("graft-splice", "graft-local"), ("fast-local", "bridge"),
                      ("fast-remote", "vxlan"), ("trap-floor", "host-loopback"),
-                     ("graft-local", "trap-floor")}
+                     ("graft-local", "trap-floor"), ("fast-local", "host-loopback"),
+                     ("fast-remote", "host-underlay"), ("host-loopback", "bridge"),
+                     ("host-underlay", "vxlan")}
     # the floor path really trapped: a socket() per connection, each answered
     floor = (out / "raw" / "r1-crr-trap-floor.txt").read_text()
     conns = json.loads(re.search(r'\{"conns".*\}', floor).group(0))["conns"]
