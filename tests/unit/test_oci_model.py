@@ -426,3 +426,16 @@ def test_a_base_that_allows_some_ioctls_only_is_not_widened():
          "args": [{"index": 1, "value": 0x5401, "op": "SCMP_CMP_EQ"}]}]}
     prof = moci.build_profile(base, "/run/sg/oci.sock")
     assert all(r["action"] != "SCMP_ACT_NOTIFY" for r in _ioctl_rules(prof))
+
+
+@pytest.mark.parametrize("cond", [
+    {"index": 1, "value": 0x8912, "op": "SCMP_CMP_EQ"},            # SIOCGIFCONF itself
+    {"index": 1, "value": 0x8000, "op": "SCMP_CMP_GE"},             # a range with them
+    {"index": 0, "value": 3, "op": "SCMP_CMP_EQ"},                  # one fd, any command
+])
+def test_a_base_that_allows_socket_ioctls_conditionally_is_refused(cond):
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["bind", "listen", "connect"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [cond]}]}
+    with pytest.raises(ConfigError, match=r"allows some ioctl\(\) commands only \(syscalls\[1\]\)"):
+        moci.build_profile(base, "/run/sg/oci.sock")

@@ -319,6 +319,22 @@ def _allows_unconditionally(rules: list, name: str, allowing: bool) -> bool:
     return allowing or any(not r.get("args") and r.get("action") in ALLOWING for r in base)
 
 
+def _allows_socket_ioctls_only_some(rules: list) -> list[int]:
+    """Indexes of allowing ioctl rules with conditions that may let a socket
+    ioctl command through (one that is not pinned by an EQ of args[1] to a
+    command of another type): a base that allows ioctl only so is refused -
+    trapped, its refusals would be lost; untrapped, those commands would be
+    answered from a grafted socket's namespace, the host's."""
+    def pinned_elsewhere(r: dict) -> bool:
+        return any(a.get("index") == 1 and a.get("op") == "SCMP_CMP_EQ"
+                   and isinstance(a.get("value"), int)
+                   and (a["value"] & mioctl.IOC_TYPE_MASK) not in mioctl.SOCK_IOC_TYPES
+                   for a in r.get("args") or [])
+    return [i for i, r in enumerate(rules) if "ioctl" in r["names"] and r.get("args")
+            and r.get("action") in ALLOWING and not _is_ioctl_others(r)
+            and not pinned_elsewhere(r)]
+
+
 def _lets_through(rules: list, name: str, allowing: bool) -> bool:
     """Does the base profile let every call of `name` through, so that
     trapping it (the agent continues it) widens nothing? A previous merge's
@@ -404,6 +420,17 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
     trap_ioctl = bool(others_before) or _allows_unconditionally(rules, "ioctl", allowing)
     # the action of the base's plain "ioctl allowed" rule (given to IOCTL_OTHERS)
     ioctl_allow = others_before[0]["action"] if others_before else None
+    some = [] if trap_ioctl else _allows_socket_ioctls_only_some(rules)
+    if some:
+        raise ConfigError(
+            f"the profile allows some ioctl() commands only "
+            f"({', '.join(f'syscalls[{i}]' for i in some)}), and they may include socket "
+            f"ioctls (type 0x89/0x8B), which the kernel answers from a grafted socket's "
+            f"namespace - the host's; sockgraft traps those and answers them from the "
+            f"container's, which would undo the base's refusal of the others: allow ioctl "
+            f"unconditionally (refusing chosen commands is fine), or allow only commands of "
+            f"other types (SCMP_CMP_EQ on args[1])", source=source, field="syscalls",
+            value="ioctl")
     trap = must + tuple(epoll)
     taken = trap + IO_URING      # the base's rules for these give way to ours
     kept: list[dict] = []
