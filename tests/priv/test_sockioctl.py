@@ -1,9 +1,9 @@
-"""kernel/sockioctl.py and agent/ioctls.py against the real kernel: the
-thread that runs a container's socket ioctl holds only the capabilities it
-was given (the kernel's checks - and its module loading by interface name -
-judge the caller, not the agent), enters the namespace it was given, and
-leaves the agent's own threads as they were; a socket's namespace; the
-O_PATH fd of a socket inode is no socket."""
+"""kernel/sockioctl.py and agent/ioctls.py against the real kernel: a
+container's socket ioctl runs with only the capabilities it was given (the
+kernel's checks - and its module loading by interface name - judge the
+caller, not the agent), and the agent's thread gets its own back; a socket
+made in another namespace stays there and leaves the agent's thread where
+it was; the O_PATH fd of a socket inode is no socket."""
 
 from __future__ import annotations
 
@@ -48,39 +48,34 @@ def scratch_ns():
 
 
 @pytest.mark.parametrize("caps", [0, NET_ADMIN])
-def test_the_ioctl_thread_holds_only_the_callers_capabilities(caps):
+def test_the_ioctl_runs_with_only_the_callers_capabilities(caps):
     before, fds = _capeff(), _fds()
     assert before & NET_ADMIN and before & 1 << 16          # the agent's: NET_ADMIN, SYS_MODULE
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        seen = []
-        got = sockioctl.run_as(caps, None, socket.AF_INET, s.fileno(),
-                               lambda f: seen.append(_capeff()) or 0)
-        assert got == 0 and seen == [caps]
-        # what the kernel then says to a set: EPERM without NET_ADMIN
-        mtu = bytearray(b"lo".ljust(16, b"\0") + (65536).to_bytes(4, "little") + bytes(20))
-        err = sockioctl.run_as(caps, None, socket.AF_INET, s.fileno(),
-                               lambda f: sockioctl.run(f, 0x8922, mtu))      # SIOCSIFMTU
-        assert err == (0 if caps else errno.EPERM)
-    assert _capeff() == before and _fds() == fds            # this thread kept its own
+        with sockioctl.effective_caps(caps):
+            assert _capeff() == caps
+            # what the kernel then says to a set: EPERM without NET_ADMIN
+            mtu = bytearray(b"lo".ljust(16, b"\0") + (65536).to_bytes(4, "little") + bytes(20))
+            assert sockioctl.run(s.fileno(), 0x8922, mtu) == (0 if caps else errno.EPERM)
+        assert _capeff() == before
+        with pytest.raises(RuntimeError):
+            with sockioctl.effective_caps(0):
+                raise RuntimeError("the body fails")
+    assert _capeff() == before and _fds() == fds            # put back, also after a raise
 
 
-def test_the_ioctl_thread_runs_in_the_namespace_it_was_given(scratch_ns):
+def test_a_socket_made_in_another_namespace_stays_there(scratch_ns):
     name, nsfd = scratch_ns
     home = os.stat("/proc/thread-self/ns/net").st_ino
     fds = _fds()
-    seen = []
-
-    def work(f):
-        seen.append(os.stat("/proc/thread-self/ns/net").st_ino)
-        req = bytearray(b"sgx0".ljust(16, b"\0") + bytes(24))
-        return sockioctl.run(f, 0x8933, req)                     # SIOCGIFINDEX
-
-    assert sockioctl.run_as(0, nsfd, socket.AF_INET, None, work) == 0
-    assert seen == [os.fstat(nsfd).st_ino] != [home]
+    req = bytearray(b"sgx0".ljust(16, b"\0") + bytes(24))
+    with sockioctl.socket_in(nsfd, socket.AF_INET, name) as s:
+        assert sockioctl.netns_inode(s.fileno()) == os.fstat(nsfd).st_ino != home
+        with sockioctl.effective_caps(0):
+            assert sockioctl.run(s.fileno(), 0x8933, req) == 0      # SIOCGIFINDEX there
     # here (the agent's namespace) sgx0 does not exist
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         assert sockioctl.netns_inode(s.fileno()) == home
-        req = bytearray(b"sgx0".ljust(16, b"\0") + bytes(24))
         assert sockioctl.run(s.fileno(), 0x8933, req) == errno.ENODEV
     assert os.stat("/proc/thread-self/ns/net").st_ino == home and _fds() == fds
 

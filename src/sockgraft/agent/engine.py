@@ -804,6 +804,9 @@ class Agent:
             except SockgraftError as exc:
                 log.warning("%s: %s", sess.container, exc)
         sess.listener.close()
+        for s in sess.ioctl_socks.values():
+            s.close()
+        sess.ioctl_socks.clear()
         self.publisher.publish_node()
         for tid in sess.tids:
             self.targets.forget(tid)

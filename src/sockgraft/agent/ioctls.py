@@ -83,20 +83,22 @@ def answer(g, sess: Session, n) -> None:
             return      # interrupted or gone: the namespace opened may not be its
         # the caller's own socket when it lives there (the exact native
         # answer), else - a grafted, host socket - a socket of its family
-        # made in the caller's namespace
-        own = sockioctl.netns_inode(copy) == os.fstat(nsfd).st_ino
+        # the agent keeps in the caller's namespace
+        ns = os.fstat(nsfd).st_ino
+        run_fd = copy if sockioctl.netns_inode(copy) == ns else \
+            _ns_socket(sess, nsfd, ns, family).fileno()
         still = lambda: listener.id_valid(n.id)     # noqa: E731
         # the kernel's checks judge the caller's capabilities, not the agent's
         keep = (caps or 0) & (1 << mioctl.CAP_NET_ADMIN)
         try:
             if cmd == mioctl.SIOCGIFCONF:
-                err = _ifconf(g, tid, arg, keep, nsfd, family, copy if own else None, still)
+                err = _ifconf(g, tid, arg, keep, run_fd, still)
             else:
                 data = bytearray(g.targets.read(tid, arg, action.size))
                 if not still():
                     return      # the bytes read may not be the caller's
-                err = sockioctl.run_as(keep, nsfd, family, copy if own else None,
-                                       lambda f: sockioctl.run(f, cmd, data))
+                with sockioctl.effective_caps(keep):
+                    err = sockioctl.run(run_fd, cmd, data)
                 if not err and not action.command.sets:
                     sockioctl.write_target(tid, arg, bytes(data), still)
         except KernelError as exc:
@@ -106,24 +108,33 @@ def answer(g, sess: Session, n) -> None:
         g.respond(sess, n.id, error=err)
 
 
-def _ifconf(g, tid: int, arg: int, keep: int, nsfd: int, family: int, own_fd: int | None,
-            still) -> int:
+NS_SOCKETS = 4          # per session: its processes normally share one namespace
+
+
+def _ns_socket(sess: Session, nsfd: int, ns: int, family: int) -> socket.socket:
+    """The agent's socket of `family` in the namespace `ns` (open at nsfd)
+    of one of sess's processes, made once (a thread enters the namespace)
+    and kept with the session."""
+    s = sess.ioctl_socks.get((ns, family))
+    if s is None:
+        s = sockioctl.socket_in(nsfd, family, sess.container)
+        if len(sess.ioctl_socks) >= NS_SOCKETS:
+            sess.ioctl_socks.pop(next(iter(sess.ioctl_socks))).close()
+        sess.ioctl_socks[(ns, family)] = s
+    return s
+
+
+def _ifconf(g, tid: int, arg: int, keep: int, run_fd: int, still) -> int:
     """SIOCGIFCONF: struct ifconf {int ifc_len; char *ifc_buf}: with a NULL
     buffer the length the records need, else the records that fit."""
     head = g.targets.read(tid, arg, mioctl.IFCONF)
     want = int.from_bytes(head[0:4], "little", signed=True)
     buf = int.from_bytes(head[8:16], "little")
     length = mioctl.ifconf_length(want) if buf else 0
-    got: list = []
-
-    def work(f: int) -> int:
-        got.append(sockioctl.ifconf(f, length, bool(buf)))
-        return got[0][0]
-
-    err = sockioctl.run_as(keep, nsfd, family, own_fd, work)
+    with sockioctl.effective_caps(keep):
+        err, total, records = sockioctl.ifconf(run_fd, length, bool(buf))
     if err:
         return err
-    _, total, records = got[0]
     if records:
         sockioctl.write_target(tid, buf, records, still)
     sockioctl.write_target(tid, arg, total.to_bytes(4, "little", signed=True), still)

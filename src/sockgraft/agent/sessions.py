@@ -44,6 +44,10 @@ class Session:
     traps_splice: bool = False              # its filter traps splice(): may be spliced
     epoll_made_ns: int = 0                  # its last one the Python grafter answered
     native_table: object | None = None      # its native loop's Table (which notes its own)
+    # sockets the agent made in its network namespace(s) to answer socket
+    # ioctls of grafted sockets: (netns inode, family) -> socket; closed
+    # with the session (agent/ioctls.py)
+    ioctl_socks: dict = field(default_factory=dict)
 
     def note_epoll_made(self) -> None:
         """The session made an epoll instance: the lists of its processes'

@@ -9,6 +9,7 @@ ioctl itself returns its errno (the caller's answer), it does not raise."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -45,7 +46,7 @@ def netns_inode(fd: int) -> int:
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYS_CAPSET = 126
+_SYS_CAPGET, _SYS_CAPSET = 125, 126
 
 
 class _CapHeader(ctypes.Structure):
@@ -57,48 +58,58 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _keep_only(caps: int) -> None:
-    """capset(2) the calling thread down to `caps` (effective and permitted:
-    for good - the thread ends right after). Capabilities are per thread:
-    the rest of the agent keeps its own."""
+def _capcall(nr: int, data) -> None:
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    if _libc.syscall(nr, ctypes.byref(hdr), data) != 0:
+        raise KernelError("capget" if nr == _SYS_CAPGET else "capset", ctypes.get_errno(),
+                          "this thread")
+
+
+@contextlib.contextmanager
+def effective_caps(caps: int):
+    """Within: the calling thread's effective capabilities are `caps` (and
+    what it holds of them), so the kernel's checks in an ioctl - dev_load()'s
+    module loading by interface name among them - judge the container's
+    capabilities, not the agent's. Capabilities are per thread; the
+    permitted set is kept, and the effective set is put back on the way out
+    (also when the body raises)."""
     data = (_CapData * 2)()
+    _capcall(_SYS_CAPGET, data)
+    saved = [(d.effective, d.permitted, d.inheritable) for d in data]
+    low = (_CapData * 2)()
     for i in (0, 1):
-        word = caps >> (32 * i) & 0xFFFFFFFF
-        data[i].effective = data[i].permitted = word
-    if _libc.syscall(_SYS_CAPSET, ctypes.byref(hdr), data) != 0:
-        raise KernelError("capset", ctypes.get_errno(), "ioctl thread")
+        low[i].effective = caps >> (32 * i) & saved[i][1]
+        low[i].permitted, low[i].inheritable = saved[i][1], saved[i][2]
+    _capcall(_SYS_CAPSET, low)
+    try:
+        yield
+    finally:
+        back = (_CapData * 2)()
+        for i in (0, 1):
+            back[i].effective, back[i].permitted, back[i].inheritable = saved[i]
+        _capcall(_SYS_CAPSET, back)
 
 
-def run_as(caps: int, nsfd: int | None, family: int, fd: int | None, work) -> int:
-    """work(fd) -> errno, in a short-lived thread holding only the
-    capabilities `caps` (the caller's, so the kernel's own checks - and
-    dev_load()'s module loading, which asks capable() - judge the caller, not
-    the agent). fd None: on a datagram socket of `family` made in the
-    network namespace open at nsfd (the thread enters it first: setns moves
-    that thread only, and it ends there). Returns work's errno; raises
-    KernelError (setns, capset; EAFNOSUPPORT: no such family there)."""
+def socket_in(nsfd: int, family: int, what: str) -> socket.socket:
+    """A datagram socket of `family` in the network namespace open at nsfd,
+    made by a short-lived thread that enters it (setns moves that thread
+    only, and it ends there: no agent thread is left in a container's
+    namespace). Raises KernelError (EAFNOSUPPORT: no such family there)."""
     out: list = []
 
-    def thread() -> None:
+    def work() -> None:
         try:
-            if fd is None:
-                netns.setns_fd(nsfd, "the caller's namespace")
-            _keep_only(caps)
-            if fd is not None:
-                out.append(work(fd))
-                return
-            with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                out.append(work(s.fileno()))
+            netns.setns_fd(nsfd, what)
+            out.append(socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
         except KernelError as exc:
             out.append(exc)
         except OSError as exc:
-            out.append(from_oserror("ioctl", exc))
+            out.append(from_oserror("socket", exc, what))
 
-    t = threading.Thread(target=thread, name="sockgraft-ioctl")
+    t = threading.Thread(target=work, name="sockgraft-nssock")
     t.start()
     t.join()
-    got = out[0] if out else KernelError("ioctl", errno.EIO, "thread failed")
+    got = out[0] if out else KernelError("socket", errno.EIO, what)
     if isinstance(got, Exception):
         raise got
     return got
