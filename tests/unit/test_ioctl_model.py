@@ -64,3 +64,8 @@ def test_ifconf_length_is_bounded():
     assert m.ifconf_length(-5) == 0
     assert m.ifconf_length(400) == 400
     assert m.ifconf_length(1 << 30) == m.IFCONF_MAX
+
+
+def test_siocgskns_says_eperm_without_net_admin_as_the_kernel_does():
+    assert m.decide(0x894C, m.AF_INET, DOCKER_DEFAULT).errno == errno.EPERM
+    assert m.decide(0x894C, m.AF_INET, NET_ADMIN).errno == errno.ENOTTY     # not emulated

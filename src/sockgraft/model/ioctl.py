@@ -62,6 +62,7 @@ ARPREQ = 68         # sizeof(struct arpreq)
 IFCONF_MAX = 64 * 1024      # bytes of ifreq records handed back at most (1638 records)
 
 SIOCGIFCONF = 0x8912
+SIOCGSKNS = 0x894C
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +144,12 @@ def decide(cmd: int, family: int | None, caps_effective: int | None) -> Emulate 
     if family is None:
         return Refuse(errno.ENOTTY, "not a socket")
     c = COMMANDS.get(cmd)
+    net_admin = caps_effective is not None and bool(caps_effective >> CAP_NET_ADMIN & 1)
+    if cmd == SIOCGSKNS and not net_admin:
+        return Refuse(errno.EPERM, "SIOCGSKNS needs CAP_NET_ADMIN")     # (as natively)
     if c is None:
         return Refuse(errno.ENOTTY, f"command {cmd:#x} not answered for a grafted container")
-    if c.sets and not (caps_effective is not None and caps_effective >> CAP_NET_ADMIN & 1):
+    if c.sets and not net_admin:
         return Refuse(errno.EPERM, f"{c.name} needs CAP_NET_ADMIN")
     size = c.in6_size if family == AF_INET6 and c.in6_size else c.size
     return Emulate(cmd, c, size)
