@@ -40,6 +40,9 @@
  *                                 ifreq naming NAME (INT: ifr_ifindex / ifr_mtu): the
  *                                 answer's "int", "addr", "mac", "name"
  *   arp ADDR DEV                  SIOCGARP for ADDR on DEV: "mac" and "flags"
+ *   userns                        unshare(CLONE_NEWUSER): every capability - in a user
+ *                                 namespace of its own, which owns none of its other
+ *                                 namespaces
  *   spoofto SRC:PORT              from the container's own network stack (a raw
  *                                 IPPROTO_RAW socket, CAP_NET_RAW), one UDP datagram
  *                                 forged from SRC:PORT to the current socket's own
@@ -751,6 +754,9 @@ int main(int argc, char **argv)
 				 "\"mac\": \"%02x:%02x:%02x:%02x:%02x:%02x\"",
 				 q.ifr_ifindex, ab, q.ifr_name, m[0], m[1], m[2], m[3], m[4], m[5]);
 			report(op, arg, r, errno, extra);
+		} else if (!strcmp(op, "userns")) {
+			r = unshare(CLONE_NEWUSER);
+			report(op, "", r, errno, NULL);
 		} else if (!strcmp(op, "arp")) {
 			struct arpreq a;
 			struct sockaddr_in *sin = (struct sockaddr_in *)&a.arp_pa;

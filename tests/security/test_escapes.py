@@ -1002,3 +1002,29 @@ def test_runc_containers_read_only_their_own_interfaces(sec, mode, tmp_path):
     r = _ops(out, "ifreq")
     assert host_dev not in mine and r[0]["errno"] == "ENODEV", r
     assert r[1]["ret"] == 0 and r[1]["int"] == mine["eth0"]["ifindex"], r
+
+
+@pytest.mark.parametrize("mode", ["syscall", "socket"])
+def test_capabilities_of_its_own_user_namespace_change_no_interface(sec, mode):
+    """unshare(CLONE_NEWUSER) needs no capability and gives every one - in a
+    user namespace that owns nothing the container uses: natively it still
+    may not change its interfaces (EPERM). The agent, which runs the call
+    with its own capabilities lowered to the caller's, must count only
+    capabilities of a user namespace that owns the caller's network
+    namespace (CapEff alone said CAP_NET_ADMIN)."""
+    configure(sec, "h1-c1", mode)
+    cns = sec.plan.node("h1-c1").netns
+    mine = _links(cns)
+    dev = next(n for n in mine if n != "lo")
+    dev_mtu = mine[dev]["mtu"]
+    steps = ["userns", "sock", "udp4", "connect", ap("198.18.0.2", 7510),
+             "ifreq", SIOCSIFMTU, dev, dev_mtu - 100, "ifreq", SIOCGIFINDEX, dev]
+    try:
+        out = attack(sec, "h1-c1", mode, "docker", *steps)
+        mtu_after = _links(cns)[dev]["mtu"]
+    finally:
+        subprocess.run(["ip", "-n", cns, "link", "set", dev, "mtu", str(dev_mtu)], check=True)
+    assert _ops(out, "userns")[0]["ret"] == 0, out
+    r = _ops(out, "ifreq")
+    assert r[0]["errno"] == "EPERM" and mtu_after == dev_mtu, (r[0], mtu_after)
+    assert r[1]["ret"] == 0 and r[1]["int"] == mine[dev]["ifindex"], r[1]     # gets still work

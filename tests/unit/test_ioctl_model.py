@@ -69,3 +69,15 @@ def test_ifconf_length_is_bounded():
 def test_siocgskns_says_eperm_without_net_admin_as_the_kernel_does():
     assert m.decide(0x894C, m.AF_INET, DOCKER_DEFAULT).errno == errno.EPERM
     assert m.decide(0x894C, m.AF_INET, NET_ADMIN).errno == errno.ENOTTY     # not emulated
+
+
+def test_only_capabilities_of_a_user_namespace_owning_its_network_count():
+    full = (1 << 41) - 1
+    # the caller in the agent's (initial) user namespace: its CapEff counts
+    assert m.caps_over_netns(full, 1, 1, 1) == full
+    assert m.caps_over_netns(NET_ADMIN, 1, 7, 1) == NET_ADMIN      # any network namespace
+    # its own user namespace owns its network namespace (a userns container)
+    assert m.caps_over_netns(full, 7, 7, 1) == full
+    # unshare -U: every capability in a user namespace that owns nothing it uses
+    assert m.caps_over_netns(full, 9, 1, 1) == 0
+    assert m.caps_over_netns(None, 1, 1, 1) == 0

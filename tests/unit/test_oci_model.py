@@ -432,10 +432,27 @@ def test_a_base_that_allows_some_ioctls_only_is_not_widened():
     {"index": 1, "value": 0x8912, "op": "SCMP_CMP_EQ"},            # SIOCGIFCONF itself
     {"index": 1, "value": 0x8000, "op": "SCMP_CMP_GE"},             # a range with them
     {"index": 0, "value": 3, "op": "SCMP_CMP_EQ"},                  # one fd, any command
+    {"index": 1, "value": 0xF000, "valueTwo": 0x8000, "op": "SCMP_CMP_MASKED_EQ"},
 ])
 def test_a_base_that_allows_socket_ioctls_conditionally_is_refused(cond):
     base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
         {"names": ["bind", "listen", "connect"], "action": "SCMP_ACT_ALLOW"},
         {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [cond]}]}
     with pytest.raises(ConfigError, match=r"allows some ioctl\(\) commands only \(syscalls\[1\]\)"):
+        moci.build_profile(base, "/run/sg/oci.sock")
+
+
+def test_a_base_pinning_other_command_types_by_mask_merges():
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["bind", "listen", "connect"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 1, "value": 0xFF00, "valueTwo": 0x5400, "op": "SCMP_CMP_MASKED_EQ"}]}]}
+    prof = moci.build_profile(base, "/run/sg/oci.sock")       # terminal ioctls only: fine
+    assert all(r["action"] != "SCMP_ACT_NOTIFY" for r in _ioctl_rules(prof))
+
+
+def test_a_base_that_traces_ioctl_is_refused():
+    base = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["ioctl"], "action": "SCMP_ACT_TRACE"}]}
+    with pytest.raises(ConfigError, match="ioctl"):
         moci.build_profile(base, "/run/sg/oci.sock")

@@ -67,26 +67,32 @@ def answer(g, sess: Session, n) -> None:
     with contextlib.ExitStack() as owned:
         owned.callback(os.close, copy)
         family = _family(copy)
+        nsfd = _open_ns(owned, tid, "net")
+        userfd = _open_ns(owned, tid, "user")
         caps = procfs.caps_effective(tid)
+        listener = g.listener_of(sess)
+        if not listener.id_valid(n.id):
+            return      # interrupted or gone: what was opened and read may not be its
+        ns = os.fstat(nsfd).st_ino
+        caps = mioctl.caps_over_netns(caps, os.fstat(userfd).st_ino,
+                                      sockioctl.userns_owner(nsfd), _AGENT_USERNS)
         action = mioctl.decide(cmd, family, caps)
         if isinstance(action, mioctl.Refuse):
             _note(g, sess, action.why)
             g.respond(sess, n.id, error=action.errno)
             return
-        try:
-            nsfd = os.open(f"/proc/{tid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise from_oserror("open /proc/TID/ns/net", exc, f"tid {tid}") from None
-        owned.callback(os.close, nsfd)
-        listener = g.listener_of(sess)
-        if not listener.id_valid(n.id):
-            return      # interrupted or gone: the namespace opened may not be its
         # the caller's own socket when it lives there (the exact native
         # answer), else - a grafted, host socket - a socket of its family
         # the agent keeps in the caller's namespace
-        ns = os.fstat(nsfd).st_ino
-        run_fd = copy if sockioctl.netns_inode(copy) == ns else \
-            _ns_socket(sess, nsfd, ns, family).fileno()
+        if sockioctl.netns_inode(copy) == ns:
+            run_fd = copy
+        else:
+            try:
+                run_fd = _ns_socket(sess, nsfd, ns, family).fileno()
+            except KernelError as exc:
+                _note(g, sess, f"no socket of family {family} in its namespace: {exc}")
+                g.respond(sess, n.id, error=exc.errno or errno.EIO)
+                return
         still = lambda: listener.id_valid(n.id)     # noqa: E731
         # the kernel's checks judge the caller's capabilities, not the agent's
         keep = (caps or 0) & (1 << mioctl.CAP_NET_ADMIN)
@@ -106,6 +112,18 @@ def answer(g, sess: Session, n) -> None:
                 raise
             err = errno.EFAULT      # the argument is not the caller's memory
         g.respond(sess, n.id, error=err)
+
+
+_AGENT_USERNS = os.stat("/proc/self/ns/user").st_ino
+
+
+def _open_ns(owned: contextlib.ExitStack, tid: int, kind: str) -> int:
+    try:
+        fd = os.open(f"/proc/{tid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(f"open /proc/TID/ns/{kind}", exc, f"tid {tid}") from None
+    owned.callback(os.close, fd)
+    return fd
 
 
 NS_SOCKETS = 4          # per session: its processes normally share one namespace

@@ -45,6 +45,21 @@ def netns_inode(fd: int) -> int:
         os.close(nsfd)
 
 
+NS_GET_USERNS = 0xB701
+
+
+def userns_owner(nsfd: int) -> int:
+    """The inode of the user namespace that owns the namespace open at nsfd."""
+    try:
+        ufd = fcntl.ioctl(nsfd, NS_GET_USERNS)
+    except OSError as exc:
+        raise from_oserror("NS_GET_USERNS", exc) from None
+    try:
+        return os.fstat(ufd).st_ino
+    finally:
+        os.close(ufd)
+
+
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPGET, _SYS_CAPSET = 125, 126
 
@@ -80,8 +95,8 @@ def effective_caps(caps: int):
     for i in (0, 1):
         low[i].effective = caps >> (32 * i) & saved[i][1]
         low[i].permitted, low[i].inheritable = saved[i][1], saved[i][2]
-    _capcall(_SYS_CAPSET, low)
     try:
+        _capcall(_SYS_CAPSET, low)
         yield
     finally:
         back = (_CapData * 2)()

@@ -155,6 +155,20 @@ def decide(cmd: int, family: int | None, caps_effective: int | None) -> Emulate 
     return Emulate(cmd, c, size)
 
 
+def caps_over_netns(caps: int | None, caller_userns: int, owner_userns: int,
+                    agent_userns: int) -> int:
+    """The caller's effective capabilities (CapEff: counted in its own user
+    namespace) that count over its network namespace, whose owner is
+    owner_userns: all of them if its user namespace owns the network
+    namespace or is the agent's (the initial one, whose capabilities count
+    in every namespace), else none - a container that made a user namespace
+    of its own (unshare -U: every capability there) has none over the
+    network namespace it still sits in."""
+    if caps is None or caller_userns not in (owner_userns, agent_userns):
+        return 0
+    return caps
+
+
 def ifconf_length(requested: int) -> int:
     """Bytes of records the agent asks the kernel for, for an ifc_len the
     caller passed (negative: none, as the kernel lists none)."""

@@ -320,19 +320,30 @@ def _allows_unconditionally(rules: list, name: str, allowing: bool) -> bool:
 
 
 def _allows_socket_ioctls_only_some(rules: list) -> list[int]:
-    """Indexes of allowing ioctl rules with conditions that may let a socket
-    ioctl command through (one that is not pinned by an EQ of args[1] to a
-    command of another type): a base that allows ioctl only so is refused -
+    """Indexes of ioctl rules that allow (on conditions) or trace calls which
+    may be socket ioctl commands (not pinned by args[1] to a command of
+    another type): a base that lets ioctl through only so is refused -
     trapped, its refusals would be lost; untrapped, those commands would be
     answered from a grafted socket's namespace, the host's."""
-    def pinned_elsewhere(r: dict) -> bool:
-        return any(a.get("index") == 1 and a.get("op") == "SCMP_CMP_EQ"
-                   and isinstance(a.get("value"), int)
-                   and (a["value"] & mioctl.IOC_TYPE_MASK) not in mioctl.SOCK_IOC_TYPES
-                   for a in r.get("args") or [])
-    return [i for i, r in enumerate(rules) if "ioctl" in r["names"] and r.get("args")
-            and r.get("action") in ALLOWING and not _is_ioctl_others(r)
-            and not pinned_elsewhere(r)]
+    def pinned_elsewhere(a: dict) -> bool:
+        """args[1] held to commands of another type: equal to one, or masked
+        over the whole type byte to one"""
+        value, two = a.get("value"), a.get("valueTwo", 0)
+        if a.get("index") != 1 or not isinstance(value, int) or not isinstance(two, int):
+            return False
+        if a.get("op") == "SCMP_CMP_EQ":
+            return (value & mioctl.IOC_TYPE_MASK) not in mioctl.SOCK_IOC_TYPES
+        return (a.get("op") == "SCMP_CMP_MASKED_EQ"
+                and value & mioctl.IOC_TYPE_MASK == mioctl.IOC_TYPE_MASK
+                and (two & mioctl.IOC_TYPE_MASK) not in mioctl.SOCK_IOC_TYPES)
+
+    # TRACE too: a tracer the container runs itself (PTRACE_O_TRACESECCOMP
+    # on its own child) would let the call through untrapped
+    return [i for i, r in enumerate(rules) if "ioctl" in r["names"]
+            and r.get("action") in ALLOWING + ("SCMP_ACT_TRACE",)
+            and (r.get("args") or r.get("action") == "SCMP_ACT_TRACE")
+            and not _is_ioctl_others(r)
+            and not any(pinned_elsewhere(a) for a in r.get("args") or [])]
 
 
 def _lets_through(rules: list, name: str, allowing: bool) -> bool:
@@ -429,7 +440,8 @@ def build_profile(base: dict | None, listener: str, graft_at: str = "syscall",
             f"namespace - the host's; sockgraft traps those and answers them from the "
             f"container's, which would undo the base's refusal of the others: allow ioctl "
             f"unconditionally (refusing chosen commands is fine), or allow only commands of "
-            f"other types (SCMP_CMP_EQ on args[1])", source=source, field="syscalls",
+            f"other types (SCMP_CMP_EQ on args[1], or SCMP_CMP_MASKED_EQ over 0xff00)",
+            source=source, field="syscalls",
             value="ioctl")
     trap = must + tuple(epoll)
     taken = trap + IO_URING      # the base's rules for these give way to ours
