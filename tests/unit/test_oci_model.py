@@ -367,6 +367,26 @@ def test_a_sandbox_that_names_itself_reads_no_further_key():
     assert moci.sandbox_id(moci.parse_handoff(json.dumps(st).encode(), 1)) is None
 
 
+@pytest.mark.parametrize("first_is_the_pods", [True, False])
+def test_disagreeing_runtime_sandbox_keys_name_no_sandbox(first_is_the_pods):
+    """Under CRI-O a pod's annotations reach its containers' specs: a pod
+    writes containerd's key naming a victim's sandbox (or, under containerd
+    with pod annotations passed through, CRI-O's). Neither key is followed
+    when they disagree; when they agree, or only one is there, it is."""
+    own_sandbox, victim = "sandbox-of-this-pod", "sandbox-of-the-victim"
+    keys = moci.SANDBOX_ID_ANNOTATIONS
+    ann = {keys[0]: victim, keys[1]: own_sandbox} if first_is_the_pods else \
+        {keys[0]: own_sandbox, keys[1]: victim}
+    st = {**STATE, "state": {**STATE["state"], "annotations": ann}}
+    h = moci.parse_handoff(json.dumps(st).encode(), 1)
+    assert moci.sandbox_id(h) is None and "disagree" in moci.sandbox_conflict(h)
+    for agree in ({keys[0]: own_sandbox, keys[1]: own_sandbox}, {keys[1]: own_sandbox},
+                  {keys[0]: own_sandbox}):
+        st = {**STATE, "state": {**STATE["state"], "annotations": agree}}
+        h = moci.parse_handoff(json.dumps(st).encode(), 1)
+        assert moci.sandbox_id(h) == own_sandbox and moci.sandbox_conflict(h) == ""
+
+
 def test_untrusted_annotations_give_no_configuration():
     ann = {"sockgraft/endpoints": "ep=ipv4:10.0.0.1:80", "sockgraft/ingress": "0.0.0.0:80=ep"}
     assert moci.config_from_annotations("c", ann) is not None

@@ -178,6 +178,10 @@ def start_holder(agent_path: str, store, h: moci.Handoff, listener: int,
     from ..paths import state_dir
     regs = cni.registrations(state_dir(), h.container_id)
     sandbox = moci.sandbox_id(h)
+    conflict = moci.sandbox_conflict(h)
+    if conflict:
+        log.warning("OCI container %s: %s", h.container_id, conflict)
+        audit(h.container_id, h.pid, "oci", h.container_id, "reject", conflict)
     if not regs and sandbox:
         # an application container of a pod: its network is its sandbox's
         regs = cni.registrations(state_dir(), sandbox)

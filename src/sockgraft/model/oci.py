@@ -119,20 +119,35 @@ def parse_handoff(data: bytes, nfds: int) -> Handoff:
 
 # Where CRI runtimes name the pod sandbox of an application container: the
 # CNI plugin ran (and registered the name) for the sandbox's id, not for the
-# application container's. Set by the runtime itself (after the pod's own
-# annotations: a pod cannot override them).
+# application container's. Each runtime sets its own key itself (after the
+# pod's own annotations: a pod cannot override it) - but not the other
+# runtime's: CRI-O copies a pod's annotations into its containers' specs, so
+# under CRI-O a pod can write containerd's key (and under containerd, with
+# pod annotations passed through, CRI-O's).
 SANDBOX_ID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID")
 
 
+def sandbox_conflict(h: Handoff) -> str:
+    """Why the runtimes' sandbox keys are not followed ('' if they agree):
+    both present and different - one of them is the pod's own."""
+    vals = [h.annotations.get(k) for k in SANDBOX_ID_ANNOTATIONS]
+    if all(vals) and vals[0] != vals[1]:
+        return (f"annotations {SANDBOX_ID_ANNOTATIONS[0]}={vals[0]!r} and "
+                f"{SANDBOX_ID_ANNOTATIONS[1]}={vals[1]!r} disagree: one is the pod's own "
+                f"(a runtime writes only its key); neither is followed")
+    return ""
+
+
 def sandbox_id(h: Handoff) -> str | None:
-    """The pod sandbox id the runtime wrote into a container's annotations."""
-    for k in SANDBOX_ID_ANNOTATIONS:
-        v = h.annotations.get(k)
-        if v:
-            # the first key the runtime wrote decides: a sandbox names itself
-            # (no further key is read - a pod's own annotation could be one)
-            return v if v != h.container_id else None
-    return None
+    """The pod sandbox id the runtime wrote into a container's annotations
+    (None: a sandbox names itself, there is none, or the two runtimes' keys
+    disagree - sandbox_conflict says why: whichever was read first, a pod
+    could otherwise name a victim's sandbox and take its network's name,
+    configuration and grants)."""
+    if sandbox_conflict(h):
+        return None
+    v = next((h.annotations[k] for k in SANDBOX_ID_ANNOTATIONS if h.annotations.get(k)), None)
+    return v if v and v != h.container_id else None
 
 
 def container_name(h: Handoff, cni_name: str | None = None, *, trusted: bool = True) -> str:
