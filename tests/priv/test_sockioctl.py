@@ -11,10 +11,11 @@ import errno
 import os
 import socket
 import subprocess
+import threading
 
 import pytest
 
-from sockgraft.agent import ioctls
+from sockgraft.agent.targets import Targets
 from sockgraft.kernel import sockioctl
 
 pytestmark = pytest.mark.priv
@@ -81,15 +82,26 @@ def test_a_socket_made_in_another_namespace_stays_there(scratch_ns):
 
 
 def test_an_o_path_fd_of_a_socket_is_no_socket(tmp_path):
+    """What ioctls.answer copies a target's fd with (Targets.dup_socket):
+    an O_PATH fd of a socket inode is ENOTSOCK (answered ENOTTY), and the
+    copy does not leak."""
+    targets = Targets()
+    tid = threading.get_native_id()
     path = str(tmp_path / "s")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.bind(path)
-        fd = os.open(path, os.O_PATH)
-        try:
-            fds = _fds()
-            for _ in range(20):
-                assert ioctls._family(fd) is None
-            assert _fds() == fds                                # nothing leaked
-            assert ioctls._family(s.fileno()) == socket.AF_UNIX
-        finally:
-            os.close(fd)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(path)
+            fd = os.open(path, os.O_PATH)
+            try:
+                targets.pidfd(tid)
+                fds = _fds()
+                for _ in range(20):
+                    assert targets.dup_socket(tid, fd) == errno.ENOTSOCK
+                assert _fds() == fds                                # nothing leaked
+                with targets.dup_socket(tid, s.fileno()) as copy:
+                    assert copy.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == \
+                        socket.AF_UNIX
+            finally:
+                os.close(fd)
+    finally:
+        targets.close()

@@ -139,6 +139,16 @@ class Grafter:
             log.exception("%s pid %d %s: internal error", sess.container, n.pid, name)
             self.respond(sess, n.id, error=errno.EIO)
 
+    def note_once(self, container: str, reason: str) -> bool:
+        """True the first time (container, reason) is noted: what is said of
+        it is said once (bounded: the set starts over at 4096)."""
+        if (container, reason) in self._noted:
+            return False
+        if len(self._noted) >= 4096:
+            self._noted.clear()
+        self._noted.add((container, reason))
+        return True
+
     def respond(self, sess: Session, nid: int, *, val: int = 0, error: int = 0) -> None:
         try:
             self.listener_of(sess).respond(nid, val=val, error=error)
@@ -400,11 +410,8 @@ class Grafter:
     # --- one executor per action ----------------------------------------------
 
     def _do_continue(self, t: Trapped, a: Continue, owned) -> None:
-        if a.note and (t.sess.container, a.reason) not in self._noted:
+        if a.note and self.note_once(t.sess.container, a.reason):
             # a bind a rule could have meant: say why it stays in the container, once
-            if len(self._noted) >= 4096:
-                self._noted.clear()
-            self._noted.add((t.sess.container, a.reason))
             log.warning("%s pid %d: %s", t.sess.container, t.n.pid, a.reason)
         self.continue_(t.sess, t.n.id)
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import socket
-import stat
 
 from ..errors import KernelError, from_oserror
 from ..kernel import sockioctl
@@ -29,21 +27,6 @@ from . import procfs
 from .sessions import Session
 
 log = logging.getLogger("sockgraft.agent")
-
-
-def _family(fd: int) -> int | None:
-    """SO_DOMAIN of fd's socket, None if fd is no socket (an O_PATH fd of a
-    socket inode included: no socket calls work on it)."""
-    if not stat.S_ISSOCK(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
-        return None
-    dup = os.dup(fd)
-    try:
-        s = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return None
-    with s:
-        return s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
 
 
 def answer(g, sess: Session, n) -> None:
@@ -57,16 +40,16 @@ def answer(g, sess: Session, n) -> None:
         return
     fd, arg, tid = n.args[0] & 0xFFFFFFFF, n.args[2], n.pid
     sess.tids.add(tid)
-    try:
-        copy = g.targets.getfd(tid, fd)
-    except KernelError as exc:
-        if exc.errno != errno.EBADF:
-            raise
+    # the agent's copy (a TargetSocket: its close never waits for the
+    # application's SO_LINGER under the loop lock); ENOTSOCK: no socket, an
+    # O_PATH fd of a socket inode included
+    got = g.targets.dup_socket(tid, fd)
+    if got == errno.EBADF:
         g.respond(sess, n.id, error=errno.EBADF)
         return
     with contextlib.ExitStack() as owned:
-        owned.callback(os.close, copy)
-        family = _family(copy)
+        copy = None if isinstance(got, int) else owned.enter_context(got)
+        family = None if copy is None else copy.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
         nsfd = _open_ns(owned, tid, "net")
         userfd = _open_ns(owned, tid, "user")
         caps = procfs.caps_effective(tid)
@@ -84,8 +67,8 @@ def answer(g, sess: Session, n) -> None:
         # the caller's own socket when it lives there (the exact native
         # answer), else - a grafted, host socket - a socket of its family
         # the agent keeps in the caller's namespace
-        if sockioctl.netns_inode(copy) == ns:
-            run_fd = copy
+        if sockioctl.netns_inode(copy.fileno()) == ns:
+            run_fd = copy.fileno()
         else:
             try:
                 run_fd = _ns_socket(sess, nsfd, ns, family).fileno()
@@ -161,9 +144,5 @@ def _ifconf(g, tid: int, arg: int, keep: int, run_fd: int, still) -> int:
 
 def _note(g, sess: Session, why: str) -> None:
     """Say once per container and reason why an ioctl was refused."""
-    key = (sess.container, "ioctl: " + why)
-    if key not in g._noted:
-        if len(g._noted) >= 4096:
-            g._noted.clear()
-        g._noted.add(key)
+    if g.note_once(sess.container, "ioctl: " + why):
         log.info("%s: ioctl refused: %s", sess.container, why)

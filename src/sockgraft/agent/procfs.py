@@ -57,14 +57,8 @@ def socket_fds(pid: int) -> dict[int, int]:
 
 def tgid(tid: int) -> int:
     """The process (thread group) a thread id belongs to; tid itself if gone."""
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return tid
+    value = _status_field(tid, b"Tgid:")
+    return int(value) if value is not None else tid
 
 
 def host_addresses() -> frozenset:
@@ -127,11 +121,19 @@ def malloc_trim() -> None:
 def caps_effective(tid: int) -> int | None:
     """A thread's effective capability bits (CapEff in /proc/TID/status;
     None if it is gone or unreadable)."""
+    value = _status_field(tid, b"CapEff:")
+    return int(value, 16) if value is not None else None
+
+
+def _status_field(tid: int, name: bytes) -> bytes | None:
+    """The value of one field of /proc/TID/status (None: gone, unreadable,
+    or no such field)."""
     try:
-        with open(f"/proc/{tid}/status") as f:
+        with open(f"/proc/{tid}/status", "rb") as f:
             for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
+                if line.startswith(name):
+                    parts = line.split()
+                    return parts[1] if len(parts) > 1 else None
+    except OSError:
         return None
     return None

@@ -32,17 +32,23 @@ class _Ifconf(ctypes.Structure):
     _fields_ = [("ifc_len", ctypes.c_int), ("ifc_buf", ctypes.c_void_p)]
 
 
+def _inode_of_returned_fd(fd: int, request: int, op: str) -> int:
+    """The inode of the namespace whose fd ioctl(fd, request) returns (the
+    returned fd closed again)."""
+    try:
+        got = fcntl.ioctl(fd, request)
+    except OSError as exc:
+        raise from_oserror(op, exc) from None
+    try:
+        return os.fstat(got).st_ino
+    finally:
+        os.close(got)
+
+
 def netns_inode(fd: int) -> int:
     """The inode of the network namespace a socket belongs to (SIOCGSKNS:
     the agent has CAP_NET_ADMIN over every namespace it serves)."""
-    try:
-        nsfd = fcntl.ioctl(fd, SIOCGSKNS)
-    except OSError as exc:
-        raise from_oserror("SIOCGSKNS", exc) from None
-    try:
-        return os.fstat(nsfd).st_ino
-    finally:
-        os.close(nsfd)
+    return _inode_of_returned_fd(fd, SIOCGSKNS, "SIOCGSKNS")
 
 
 NS_GET_USERNS = 0xB701
@@ -50,14 +56,7 @@ NS_GET_USERNS = 0xB701
 
 def userns_owner(nsfd: int) -> int:
     """The inode of the user namespace that owns the namespace open at nsfd."""
-    try:
-        ufd = fcntl.ioctl(nsfd, NS_GET_USERNS)
-    except OSError as exc:
-        raise from_oserror("NS_GET_USERNS", exc) from None
-    try:
-        return os.fstat(ufd).st_ino
-    finally:
-        os.close(ufd)
+    return _inode_of_returned_fd(nsfd, NS_GET_USERNS, "NS_GET_USERNS")
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
